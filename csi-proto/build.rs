@@ -1,0 +1,17 @@
+//! Generates the CSI bindings from `proto/csi.proto` at build time.
+//!
+//! protoc comes from the `protoc-bin-vendored` crate, so building needs no system
+//! protobuf compiler.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let protoc = protoc_bin_vendored::protoc_bin_path()?;
+    // Edition 2021: set_var is safe; build scripts run single-threaded.
+    std::env::set_var("PROTOC", protoc);
+    let include = protoc_bin_vendored::include_path()?;
+    println!("cargo:rerun-if-changed=proto/csi.proto");
+    tonic_prost_build::configure()
+        .build_server(true)
+        .build_client(true)
+        .compile_protos(&[std::path::PathBuf::from("proto/csi.proto")], &[std::path::PathBuf::from("proto"), include])?;
+    Ok(())
+}

@@ -1,0 +1,1 @@
+//! The Tessera CSI node plugin (filled by the data-path work).
