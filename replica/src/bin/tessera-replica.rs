@@ -1,1 +1,270 @@
-fn main() {}
+//! `tessera-replica`: the replica daemon. Stores the replicas of volumes in a data
+//! directory and serves the control gRPC API (and, later, the data plane).
+//!
+//! Start-up order matters to supervisors and tests: the data directory is locked and
+//! loaded first (so a second daemon on the same directory fails before binding any
+//! port), then every listener is bound, then `--ready-file` is written. Its JSON is
+//! `{"control":"host:port","data":"host:port","metrics":"host:port"|null}` with
+//! dialable (advertised) addresses.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use tessera_replica::capacity::parse_size;
+use tessera_replica::catalog::{Catalog, CatalogConfig};
+use tessera_replica::control_proto::replica_control_server::ReplicaControlServer;
+use tessera_replica::control_service::{ControlService, NodeInfo};
+use tessera_replica::health;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_stream::wrappers::TcpListenerStream;
+use tracing::{error, info, warn};
+
+/// Tessera replica daemon: keeps replicas of block volumes on local disk and serves
+/// them to the controller (control gRPC) and to engines (data plane).
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// Directory for volume records and data; created if missing. Only one daemon may
+    /// use a directory at a time.
+    #[arg(long, env = "TESSERA_DATA_DIR")]
+    data_dir: PathBuf,
+
+    /// HOST:PORT for the control gRPC API.
+    #[arg(long, default_value = "0.0.0.0:7400")]
+    listen: String,
+
+    /// HOST:PORT for the data plane (block I/O protocol).
+    #[arg(long, default_value = "0.0.0.0:7401")]
+    data_listen: String,
+
+    /// Node id reported to the controller [default: the hostname].
+    #[arg(long, env = "TESSERA_NODE_ID")]
+    node_id: Option<String>,
+
+    /// Topology zone of this node ("" when the cluster has none).
+    #[arg(long, default_value = "")]
+    zone: String,
+
+    /// Bytes offered to volumes, e.g. 500Gi or 2T (Ki/Mi/Gi/Ti = 1024^n,
+    /// K/M/G/T = 1000^n) [default: size of the data directory's filesystem].
+    #[arg(long, value_parser = parse_capacity)]
+    capacity: Option<u64>,
+
+    /// HOST:PORT for HTTP /healthz and /metrics; disabled when unset.
+    #[arg(long)]
+    metrics_listen: Option<String>,
+
+    /// Host (name or IP) peers use to reach this daemon, when listening on a wildcard
+    /// address [default: the bound IP, or 127.0.0.1 for 0.0.0.0 / ::].
+    #[arg(long, env = "TESSERA_ADVERTISE_HOST")]
+    advertise_host: Option<String>,
+
+    /// Log as JSON lines instead of human-readable text.
+    #[arg(long)]
+    log_json: bool,
+
+    /// Once every listener is bound, atomically write their dialable addresses here as
+    /// JSON: {"control":..,"data":..,"metrics":..|null}. Removed at clean shutdown.
+    #[arg(long)]
+    ready_file: Option<PathBuf>,
+}
+
+fn parse_capacity(s: &str) -> Result<u64, String> {
+    parse_size(s).map_err(|e| e.to_string())
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    init_tracing(args.log_json);
+    match run(args).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!(error = format!("{e:#}"), "tessera-replica failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn run(args: Args) -> Result<()> {
+    if let Some(path) = &args.ready_file {
+        // A stale file from an earlier run must not be mistaken for this one.
+        match std::fs::remove_file(path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("removing stale {}", path.display())),
+        }
+    }
+    let node_id = match args.node_id.clone() {
+        Some(id) => id,
+        None => nix::unistd::gethostname()
+            .context("reading the hostname for --node-id")?
+            .to_string_lossy()
+            .into_owned(),
+    };
+
+    let config = CatalogConfig {
+        data_dir: args.data_dir.clone(),
+        capacity_bytes: args.capacity,
+    };
+    let catalog = tokio::task::spawn_blocking(move || Catalog::open(config))
+        .await
+        .context("catalog loader panicked")??;
+    let catalog = Arc::new(catalog);
+
+    let control_listener = bind(&args.listen, "--listen").await?;
+    // The data-plane server is plugged in here later; until then the port is held so
+    // the advertised address is reserved and stable.
+    let data_listener = bind(&args.data_listen, "--data-listen").await?;
+    let metrics_listener = match &args.metrics_listen {
+        Some(addr) => Some(bind(addr, "--metrics-listen").await?),
+        None => None,
+    };
+
+    let host = args.advertise_host.as_deref();
+    let control_addr = advertised(control_listener.local_addr()?, host);
+    let data_addr = advertised(data_listener.local_addr()?, host);
+    let metrics_addr = match &metrics_listener {
+        Some(l) => Some(advertised(l.local_addr()?, host)),
+        None => None,
+    };
+    if host.is_none() && data_listener.local_addr()?.ip().is_unspecified() {
+        warn!(
+            data_address = %data_addr,
+            "listening on a wildcard address without --advertise-host; other nodes cannot dial the advertised address"
+        );
+    }
+
+    let service = ControlService::new(
+        Arc::clone(&catalog),
+        NodeInfo {
+            node_id: node_id.clone(),
+            zone: args.zone.clone(),
+            data_address: data_addr.clone(),
+        },
+    );
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        match wait_for_signal().await {
+            Ok(name) => info!(signal = name, "shutting down"),
+            Err(e) => error!(error = %e, "cannot listen for signals; shutting down"),
+        }
+        let _ = stop_tx.send(true);
+    });
+
+    let metrics_task = metrics_listener.map(|listener| {
+        let probe = Arc::new(service.clone());
+        tokio::spawn(health::serve(listener, probe, stopped(stop_rx.clone())))
+    });
+
+    if let Some(path) = &args.ready_file {
+        let ready = serde_json::json!({
+            "control": control_addr,
+            "data": data_addr,
+            "metrics": metrics_addr,
+        });
+        write_atomically(path, ready.to_string().as_bytes())
+            .with_context(|| format!("writing ready file {}", path.display()))?;
+    }
+    info!(
+        node_id = %node_id,
+        control = %control_addr,
+        data = %data_addr,
+        metrics = metrics_addr.as_deref().unwrap_or("disabled"),
+        version = env!("CARGO_PKG_VERSION"),
+        "tessera-replica ready"
+    );
+
+    let served = tonic::transport::Server::builder()
+        .add_service(ReplicaControlServer::new(service))
+        .serve_with_incoming_shutdown(
+            TcpListenerStream::new(control_listener),
+            stopped(stop_rx.clone()),
+        )
+        .await;
+    drop(data_listener);
+    if let Some(task) = metrics_task {
+        match tokio::time::timeout(Duration::from_secs(5), task).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => warn!(error = %e, "metrics server failed"),
+            Ok(Err(e)) => warn!(error = %e, "metrics server task failed"),
+            Err(_) => warn!("metrics server did not stop in time"),
+        }
+    }
+    if let Some(path) = &args.ready_file {
+        let _ = std::fs::remove_file(path);
+    }
+    served.context("control gRPC server failed")?;
+    info!("stopped");
+    Ok(())
+}
+
+async fn bind(addr: &str, flag: &str) -> Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {flag} {addr}"))
+}
+
+/// The address peers should dial for a listener bound at `bound`.
+fn advertised(bound: SocketAddr, host: Option<&str>) -> String {
+    match host {
+        Some(h) if h.contains(':') && !h.starts_with('[') => format!("[{h}]:{}", bound.port()),
+        Some(h) => format!("{h}:{}", bound.port()),
+        None if bound.ip().is_unspecified() => format!("127.0.0.1:{}", bound.port()),
+        None => bound.to_string(),
+    }
+}
+
+/// Completes once shutdown has been requested (or the sender is gone).
+async fn stopped(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|stop| *stop).await;
+}
+
+async fn wait_for_signal() -> std::io::Result<&'static str> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    })
+}
+
+/// Writes `bytes` to `path` via a temp file and rename, so readers never see a
+/// partial file.
+fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".tmp.{}", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}

@@ -1,0 +1,1289 @@
+//! The volume catalog: every volume this replica stores, on disk and in memory.
+//!
+//! Layout under the data directory:
+//!
+//! ```text
+//! <data-dir>/lock                         flock held by the running daemon (holds its pid)
+//! <data-dir>/volumes/<volume_id>/record   volume record (see crate::record)
+//! <data-dir>/volumes/<volume_id>/data     sparse data file, size_bytes long
+//! <data-dir>/volumes/.creating-<id>/      a create in progress (removed at start)
+//! <data-dir>/volumes/.deleting-<id>/      a delete in progress (removed at start)
+//! ```
+//!
+//! *Crash safety.* A volume is built inside `.creating-<id>` and renamed into place
+//! only when its data file and record are durable, so a crash leaves either no volume
+//! or a whole one. A delete first renames the directory to `.deleting-<id>` (that
+//! rename is the commit point) and then removes it. Record updates are atomic file
+//! replacements. Every mutation is durable (fsynced, directory included) before the
+//! method returns.
+//!
+//! *Concurrency.* Mutations are serialised by one mutex held across their disk I/O.
+//! Reads ([`Catalog::get`], [`Catalog::list`]) only take a read lock on the in-memory
+//! map, which mutations hold for a pointer swap, so a slow fsync never delays them.
+//!
+//! *Epochs.* Each volume's fencing epoch also lives in an `Arc<AtomicU64>` that the
+//! data plane shares ([`Catalog::epoch_handle`]); a raise stores it only after the
+//! record holding it is durable.
+//!
+//! *Corruption.* A volume whose record cannot be read at start is *quarantined*: logged
+//! at error level, left untouched on disk, counted against capacity, not listed, and
+//! refused by create until an operator (or an explicit delete) resolves it.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Seek, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use nix::errno::Errno;
+use nix::fcntl::{Flock, FlockArg};
+use tracing::{error, info, warn};
+
+use crate::block_io::BLOCK_SIZE;
+use crate::capacity;
+use crate::control_proto as proto;
+use crate::record::{self, Attachment, ReplicaRef, VolumeRecord};
+
+/// Name of the per-volume record file.
+pub const RECORD_FILE: &str = "record";
+/// Name of the per-volume sparse data file.
+pub const DATA_FILE: &str = "data";
+/// Directory (under the data dir) holding one directory per volume.
+pub const VOLUMES_DIR: &str = "volumes";
+/// Lock file (under the data dir) that keeps two daemons off one directory.
+pub const LOCK_FILE: &str = "lock";
+/// Prefix of a volume directory under construction.
+pub const CREATING_PREFIX: &str = ".creating-";
+/// Prefix of a volume directory being removed.
+pub const DELETING_PREFIX: &str = ".deleting-";
+/// Longest accepted volume id, keeping directory names well under NAME_MAX.
+pub const MAX_VOLUME_ID_LEN: usize = 128;
+
+/// Why a catalog operation failed. Each variant maps to one gRPC status code in the
+/// control service, so callers can tell their own mistakes from the replica's state.
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    /// The volume id is empty, too long, starts with '.', or has a character outside
+    /// `[A-Za-z0-9._-]`.
+    #[error("invalid volume id {id:?}: {reason}")]
+    InvalidVolumeId {
+        /// The id as given.
+        id: String,
+        /// Which rule it breaks.
+        reason: &'static str,
+    },
+    /// The size is zero or not a multiple of the block size.
+    #[error("size_bytes {size} must be a positive multiple of {BLOCK_SIZE}")]
+    InvalidSize {
+        /// The size as given.
+        size: u64,
+    },
+    /// A fencing raise that does not increase the epoch.
+    #[error("new_epoch {new} must be greater than expected_epoch {expected}")]
+    EpochNotIncreasing {
+        /// expected_epoch of the request.
+        expected: u64,
+        /// new_epoch of the request.
+        new: u64,
+    },
+    /// A create for an existing id whose immutable fields differ.
+    #[error("volume {volume_id} already exists with {difference}")]
+    Conflict {
+        /// The volume.
+        volume_id: String,
+        /// Which fields differ, stored value first.
+        difference: String,
+    },
+    /// Thick accounting (or the filesystem's free space) leaves too little room.
+    #[error("volume {volume_id} needs {needed} bytes, {free} free")]
+    NoCapacity {
+        /// The volume being created.
+        volume_id: String,
+        /// Bytes it needs.
+        needed: u64,
+        /// Bytes free on this replica.
+        free: u64,
+    },
+    /// The backing filesystem ran out of space (ENOSPC/EDQUOT) during a mutation;
+    /// nothing was changed.
+    #[error("backing filesystem is full while trying to {op} volume {volume_id}")]
+    DiskFull {
+        /// The volume.
+        volume_id: String,
+        /// What was being done.
+        op: &'static str,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// No volume with this id is stored here.
+    #[error("volume {0} not found on this replica")]
+    NotFound(String),
+    /// UpdateVolume compare-and-set lost.
+    #[error("volume {volume_id}: current generation is {current}, expected {expected}")]
+    GenerationMismatch {
+        /// The volume.
+        volume_id: String,
+        /// expected_generation of the request.
+        expected: u64,
+        /// Stored generation.
+        current: u64,
+    },
+    /// RaiseEpoch compare-and-set lost.
+    #[error("volume {volume_id}: current epoch is {current}, expected {expected}")]
+    EpochMismatch {
+        /// The volume.
+        volume_id: String,
+        /// expected_epoch of the request.
+        expected: u64,
+        /// Stored epoch.
+        current: u64,
+    },
+    /// The volume's record was unreadable at start; it is left for an operator.
+    #[error("volume {volume_id} is quarantined on this replica ({reason}); inspect {path}")]
+    Quarantined {
+        /// The volume.
+        volume_id: String,
+        /// Why it was quarantined.
+        reason: String,
+        /// Its directory.
+        path: PathBuf,
+    },
+    /// Another process holds the data directory's lock.
+    #[error("data directory {path} is in use by another tessera-replica{holder}")]
+    Locked {
+        /// The data directory.
+        path: PathBuf,
+        /// " (pid N)" when the holder's pid is known, else "".
+        holder: String,
+    },
+    /// Any other filesystem failure.
+    #[error("cannot {op} {path}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The file or directory involved.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Settings for [`Catalog::open`].
+#[derive(Debug, Clone)]
+pub struct CatalogConfig {
+    /// The daemon's data directory; created if missing.
+    pub data_dir: PathBuf,
+    /// Bytes offered to volumes; `None` means the backing filesystem's size.
+    pub capacity_bytes: Option<u64>,
+}
+
+/// The fields of a new volume, as the controller sends them in CreateVolume.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NewVolume {
+    /// Volume id (validated by [`validate_volume_id`]).
+    pub volume_id: String,
+    /// CSI name.
+    pub name: String,
+    /// Size in bytes, a positive multiple of [`BLOCK_SIZE`].
+    pub size_bytes: u64,
+    /// Number of replicas.
+    pub replication_factor: u32,
+    /// Replica set chosen by the controller.
+    pub replicas: Vec<ReplicaRef>,
+    /// StorageClass parameters.
+    pub parameters: BTreeMap<String, String>,
+    /// Creation time; 0 means "now".
+    pub created_unix_nanos: i64,
+    /// "block", "mount" or "".
+    pub access_type: String,
+}
+
+impl From<proto::CreateVolumeRequest> for NewVolume {
+    fn from(r: proto::CreateVolumeRequest) -> Self {
+        NewVolume {
+            volume_id: r.volume_id,
+            name: r.name,
+            size_bytes: r.size_bytes,
+            replication_factor: r.replication_factor,
+            replicas: r.replicas.into_iter().map(Into::into).collect(),
+            parameters: r.parameters.into_iter().collect(),
+            created_unix_nanos: r.created_unix_nanos,
+            access_type: r.access_type,
+        }
+    }
+}
+
+/// Result of [`Catalog::create`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CreateOutcome {
+    /// The stored record (new, or the existing one for an idempotent repeat).
+    pub record: VolumeRecord,
+    /// False when the volume already existed with the same parameters.
+    pub created: bool,
+}
+
+/// Capacity figures reported by GetInfo and /metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CapacityReport {
+    /// Bytes offered to volumes.
+    pub capacity_bytes: u64,
+    /// Sum of the sizes of all volumes (quarantined ones by their data file size).
+    pub used_bytes: u64,
+    /// `capacity - used`, capped by the backing filesystem's free space.
+    pub free_bytes: u64,
+    /// Number of (healthy) volumes.
+    pub volume_count: u32,
+    /// Number of quarantined volumes.
+    pub quarantined_count: u32,
+}
+
+/// A volume skipped at start because its directory could not be loaded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuarantinedVolume {
+    /// Directory name (the volume id).
+    pub volume_id: String,
+    /// Why it was skipped.
+    pub reason: String,
+    /// Size of its data file, counted against capacity.
+    pub data_bytes: u64,
+}
+
+struct Entry {
+    record: VolumeRecord,
+    epoch: Arc<AtomicU64>,
+}
+
+impl Entry {
+    fn snapshot(&self) -> VolumeRecord {
+        self.record.clone()
+    }
+}
+
+/// All volumes of one data directory. Cheap to share behind an `Arc`; every method
+/// takes `&self`. Blocking: mutations do synchronous disk I/O (call them from
+/// `spawn_blocking` in async code); reads are in-memory.
+pub struct Catalog {
+    data_dir: PathBuf,
+    volumes_dir: PathBuf,
+    capacity_bytes: u64,
+    /// Held for the catalog's lifetime; dropping it releases the directory.
+    _lock: Flock<File>,
+    /// Serialises mutations, held across their disk I/O.
+    mutation: Mutex<()>,
+    volumes: RwLock<BTreeMap<String, Entry>>,
+    quarantined: RwLock<BTreeMap<String, QuarantinedVolume>>,
+}
+
+/// Checks a volume id against the rules in the control API: 1..=128 characters of
+/// `[A-Za-z0-9._-]`, not starting with '.'. Ids become directory names, so this is
+/// also what keeps `..`, `/` and the catalog's own hidden entries out.
+pub fn validate_volume_id(id: &str) -> Result<(), CatalogError> {
+    let bad = |reason| {
+        Err(CatalogError::InvalidVolumeId {
+            id: id.to_string(),
+            reason,
+        })
+    };
+    if id.is_empty() {
+        return bad("must not be empty");
+    }
+    if id.len() > MAX_VOLUME_ID_LEN {
+        return bad("must be at most 128 characters");
+    }
+    if id.starts_with('.') {
+        return bad("must not start with '.'");
+    }
+    if !id
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    {
+        return bad("may only contain A-Z, a-z, 0-9, '.', '_' and '-'");
+    }
+    Ok(())
+}
+
+// `u64::is_multiple_of` needs Rust 1.87; the workspace declares 1.85.
+#[allow(clippy::manual_is_multiple_of)]
+fn validate_size(size: u64) -> Result<(), CatalogError> {
+    if size == 0 || size % BLOCK_SIZE != 0 {
+        return Err(CatalogError::InvalidSize { size });
+    }
+    Ok(())
+}
+
+fn is_disk_full(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
+}
+
+/// Maps an I/O error of a mutation, turning a full disk into [`CatalogError::DiskFull`].
+fn mutation_error(
+    volume_id: &str,
+    op: &'static str,
+    path: &Path,
+) -> impl FnOnce(io::Error) -> CatalogError {
+    let volume_id = volume_id.to_string();
+    let path = path.to_path_buf();
+    move |source| {
+        if is_disk_full(&source) {
+            CatalogError::DiskFull {
+                volume_id,
+                op,
+                source,
+            }
+        } else {
+            CatalogError::Io { op, path, source }
+        }
+    }
+}
+
+fn io_error(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> CatalogError {
+    let path = path.to_path_buf();
+    move |source| CatalogError::Io { op, path, source }
+}
+
+fn now_unix_nanos() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+impl Catalog {
+    /// Opens (creating if needed) a data directory: takes its lock, removes leftovers
+    /// of interrupted creates and deletes, and loads every volume record.
+    ///
+    /// Fails with [`CatalogError::Locked`] if another process holds the directory.
+    pub fn open(config: CatalogConfig) -> Result<Catalog, CatalogError> {
+        let data_dir = config.data_dir;
+        fs::create_dir_all(&data_dir).map_err(io_error("create data directory", &data_dir))?;
+        let lock = lock_data_dir(&data_dir)?;
+
+        let volumes_dir = data_dir.join(VOLUMES_DIR);
+        fs::create_dir_all(&volumes_dir)
+            .map_err(io_error("create volumes directory", &volumes_dir))?;
+        record::sync_dir(&data_dir).map_err(io_error("sync", &data_dir))?;
+
+        let capacity_bytes = match config.capacity_bytes {
+            Some(c) => c,
+            None => {
+                capacity::fs_space(&data_dir)
+                    .map_err(io_error("measure filesystem of", &data_dir))?
+                    .total_bytes
+            }
+        };
+
+        let (volumes, quarantined) = scan_volumes(&volumes_dir)?;
+        info!(
+            data_dir = %data_dir.display(),
+            volumes = volumes.len(),
+            quarantined = quarantined.len(),
+            capacity_bytes,
+            "volume catalog loaded"
+        );
+        Ok(Catalog {
+            data_dir,
+            volumes_dir,
+            capacity_bytes,
+            _lock: lock,
+            mutation: Mutex::new(()),
+            volumes: RwLock::new(volumes),
+            quarantined: RwLock::new(quarantined),
+        })
+    }
+
+    /// The data directory this catalog owns.
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// Directory of a volume (whether or not it exists).
+    pub fn volume_dir(&self, volume_id: &str) -> PathBuf {
+        self.volumes_dir.join(volume_id)
+    }
+
+    /// Path of a stored volume's data file, for the block store; `None` if unknown.
+    pub fn data_path(&self, volume_id: &str) -> Option<PathBuf> {
+        self.read_volumes()
+            .contains_key(volume_id)
+            .then(|| self.volume_dir(volume_id).join(DATA_FILE))
+    }
+
+    /// The live epoch of a stored volume, shared with the data plane; `None` if unknown.
+    /// The same `Arc` is returned for the volume's whole life in this process.
+    pub fn epoch_handle(&self, volume_id: &str) -> Option<Arc<AtomicU64>> {
+        self.read_volumes()
+            .get(volume_id)
+            .map(|e| Arc::clone(&e.epoch))
+    }
+
+    /// The record of a stored volume.
+    pub fn get(&self, volume_id: &str) -> Result<VolumeRecord, CatalogError> {
+        validate_volume_id(volume_id)?;
+        self.read_volumes()
+            .get(volume_id)
+            .map(Entry::snapshot)
+            .ok_or_else(|| CatalogError::NotFound(volume_id.to_string()))
+    }
+
+    /// All stored records, ordered by volume id.
+    pub fn list(&self) -> Vec<VolumeRecord> {
+        self.read_volumes().values().map(Entry::snapshot).collect()
+    }
+
+    /// Volumes skipped at start because they could not be loaded.
+    pub fn quarantined(&self) -> Vec<QuarantinedVolume> {
+        self.read_quarantined().values().cloned().collect()
+    }
+
+    /// Capacity, use and free space (free is capped by the backing filesystem).
+    pub fn capacity(&self) -> Result<CapacityReport, CatalogError> {
+        let (used_bytes, volume_count) = {
+            let volumes = self.read_volumes();
+            let used: u64 = volumes.values().map(|e| e.record.size_bytes).sum();
+            (used, volumes.len())
+        };
+        let (q_bytes, quarantined_count) = {
+            let q = self.read_quarantined();
+            (q.values().map(|v| v.data_bytes).sum::<u64>(), q.len())
+        };
+        let used_bytes = used_bytes.saturating_add(q_bytes);
+        let fs = capacity::fs_space(&self.data_dir)
+            .map_err(io_error("measure filesystem of", &self.data_dir))?;
+        Ok(CapacityReport {
+            capacity_bytes: self.capacity_bytes,
+            used_bytes,
+            free_bytes: self
+                .capacity_bytes
+                .saturating_sub(used_bytes)
+                .min(fs.available_bytes),
+            volume_count: u32::try_from(volume_count).unwrap_or(u32::MAX),
+            quarantined_count: u32::try_from(quarantined_count).unwrap_or(u32::MAX),
+        })
+    }
+
+    /// Creates a volume: a sparse data file of `size_bytes` and its record, durable
+    /// before this returns. Repeating a create with the same name, size and
+    /// replication factor returns the stored record; any difference is
+    /// [`CatalogError::Conflict`]. On failure nothing is left on disk.
+    pub fn create(&self, new: NewVolume) -> Result<CreateOutcome, CatalogError> {
+        validate_volume_id(&new.volume_id)?;
+        validate_size(new.size_bytes)?;
+        let _guard = self.lock_mutations();
+        let id = new.volume_id.clone();
+
+        if let Some(q) = self.read_quarantined().get(&id) {
+            return Err(self.quarantined_error(q));
+        }
+        if let Some(existing) = self.read_volumes().get(&id) {
+            return compare_existing(&existing.record, &new).map(|()| CreateOutcome {
+                record: existing.snapshot(),
+                created: false,
+            });
+        }
+        let free = self.capacity()?.free_bytes;
+        if new.size_bytes > free {
+            return Err(CatalogError::NoCapacity {
+                volume_id: id,
+                needed: new.size_bytes,
+                free,
+            });
+        }
+
+        let record = VolumeRecord {
+            volume_id: id.clone(),
+            name: new.name,
+            size_bytes: new.size_bytes,
+            replication_factor: new.replication_factor,
+            replicas: new.replicas,
+            parameters: new.parameters,
+            epoch: 0,
+            generation: 1,
+            created_unix_nanos: if new.created_unix_nanos == 0 {
+                now_unix_nanos()
+            } else {
+                new.created_unix_nanos
+            },
+            attachments: Vec::new(),
+            access_type: new.access_type,
+        };
+        self.build_volume_dir(&record)?;
+        info!(volume_id = %id, size_bytes = record.size_bytes, "volume created");
+        self.write_volumes().insert(
+            id,
+            Entry {
+                epoch: Arc::new(AtomicU64::new(record.epoch)),
+                record: record.clone(),
+            },
+        );
+        Ok(CreateOutcome {
+            record,
+            created: true,
+        })
+    }
+
+    /// Writes the volume's directory under its staging name and renames it into place.
+    fn build_volume_dir(&self, record: &VolumeRecord) -> Result<(), CatalogError> {
+        let id = record.volume_id.as_str();
+        let staging = self.volumes_dir.join(format!("{CREATING_PREFIX}{id}"));
+        let target = self.volume_dir(id);
+        if staging.exists() {
+            // Only possible if an earlier cleanup in this process failed.
+            fs::remove_dir_all(&staging).map_err(io_error("remove stale", &staging))?;
+        }
+        let staged = (|| {
+            fs::create_dir(&staging).map_err(mutation_error(id, "create", &staging))?;
+            let data = staging.join(DATA_FILE);
+            let file = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&data)
+                .map_err(mutation_error(id, "create", &data))?;
+            file.set_len(record.size_bytes)
+                .map_err(mutation_error(id, "create", &data))?;
+            file.sync_all()
+                .map_err(mutation_error(id, "create", &data))?;
+            let rec = staging.join(RECORD_FILE);
+            // write_file also fsyncs `staging`, covering the data file's entry.
+            record::write_file(&rec, record).map_err(mutation_error(id, "create", &rec))?;
+            fs::rename(&staging, &target).map_err(mutation_error(id, "create", &target))
+        })();
+        if let Err(e) = staged {
+            if let Err(cleanup) = fs::remove_dir_all(&staging) {
+                if cleanup.kind() != io::ErrorKind::NotFound {
+                    warn!(path = %staging.display(), error = %cleanup,
+                        "cannot remove staging directory of a failed create; it is removed at next start");
+                }
+            }
+            return Err(e);
+        }
+        if let Err(e) = record::sync_dir(&self.volumes_dir) {
+            // The rename may not be durable: undo it rather than answer success.
+            let _ = fs::remove_dir_all(&target);
+            return Err(mutation_error(id, "create", &self.volumes_dir)(e));
+        }
+        Ok(())
+    }
+
+    /// Deletes a volume's record and data. Returns whether it existed; an unknown id
+    /// is not an error. A quarantined volume is deleted too (the caller asked for it).
+    pub fn delete(&self, volume_id: &str) -> Result<bool, CatalogError> {
+        validate_volume_id(volume_id)?;
+        let _guard = self.lock_mutations();
+        let known = self.read_volumes().contains_key(volume_id)
+            || self.read_quarantined().contains_key(volume_id);
+        if !known {
+            return Ok(false);
+        }
+        let dir = self.volume_dir(volume_id);
+        let doomed = self
+            .volumes_dir
+            .join(format!("{DELETING_PREFIX}{volume_id}"));
+        if doomed.exists() {
+            fs::remove_dir_all(&doomed).map_err(io_error("remove stale", &doomed))?;
+        }
+        fs::rename(&dir, &doomed).map_err(io_error("rename for deletion", &dir))?;
+        if let Err(e) = record::sync_dir(&self.volumes_dir) {
+            // Not durable: put it back so memory and disk agree, and report.
+            if let Err(back) = fs::rename(&doomed, &dir) {
+                error!(volume_id, error = %back,
+                    "cannot restore volume directory after a failed delete; it is removed at next start");
+                self.forget(volume_id);
+            }
+            return Err(io_error("sync", &self.volumes_dir)(e));
+        }
+        // Committed: the .deleting- directory is removed at start if we crash now.
+        self.forget(volume_id);
+        if let Err(e) = fs::remove_dir_all(&doomed) {
+            warn!(volume_id, path = %doomed.display(), error = %e,
+                "cannot remove deleted volume's files; they are removed at next start");
+        }
+        info!(volume_id, "volume deleted");
+        Ok(true)
+    }
+
+    fn forget(&self, volume_id: &str) {
+        self.write_volumes().remove(volume_id);
+        self.quarantined
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(volume_id);
+    }
+
+    /// Replaces a volume's attachments and parameters if its generation equals
+    /// `expected_generation`; returns the new record (generation + 1).
+    pub fn update(
+        &self,
+        volume_id: &str,
+        expected_generation: u64,
+        attachments: Vec<Attachment>,
+        parameters: BTreeMap<String, String>,
+    ) -> Result<VolumeRecord, CatalogError> {
+        validate_volume_id(volume_id)?;
+        let _guard = self.lock_mutations();
+        let mut record = self.get(volume_id)?;
+        if record.generation != expected_generation {
+            return Err(CatalogError::GenerationMismatch {
+                volume_id: volume_id.to_string(),
+                expected: expected_generation,
+                current: record.generation,
+            });
+        }
+        record.attachments = attachments;
+        record.parameters = parameters;
+        record.generation += 1;
+        self.persist(&record, "update")?;
+        self.replace_record(record.clone());
+        info!(volume_id, generation = record.generation, "volume updated");
+        Ok(record)
+    }
+
+    /// Fencing compare-and-set: sets the epoch to `new_epoch` if it equals
+    /// `expected_epoch` (and `new_epoch > expected_epoch`). Returns the new epoch.
+    pub fn raise_epoch(
+        &self,
+        volume_id: &str,
+        expected_epoch: u64,
+        new_epoch: u64,
+    ) -> Result<u64, CatalogError> {
+        validate_volume_id(volume_id)?;
+        if new_epoch <= expected_epoch {
+            return Err(CatalogError::EpochNotIncreasing {
+                expected: expected_epoch,
+                new: new_epoch,
+            });
+        }
+        let _guard = self.lock_mutations();
+        let record = self.get(volume_id)?;
+        if record.epoch != expected_epoch {
+            return Err(CatalogError::EpochMismatch {
+                volume_id: volume_id.to_string(),
+                expected: expected_epoch,
+                current: record.epoch,
+            });
+        }
+        self.set_epoch(record, new_epoch)?;
+        info!(volume_id, epoch = new_epoch, "volume epoch raised");
+        Ok(new_epoch)
+    }
+
+    /// Stores a higher epoch presented by an engine (the data plane's
+    /// `VolumeRegistry::adopt_epoch`). Never lowers the epoch; returns the stored one.
+    pub fn adopt_epoch(&self, volume_id: &str, epoch: u64) -> Result<u64, CatalogError> {
+        validate_volume_id(volume_id)?;
+        let _guard = self.lock_mutations();
+        let record = self.get(volume_id)?;
+        if epoch <= record.epoch {
+            return Ok(record.epoch);
+        }
+        self.set_epoch(record, epoch)?;
+        info!(volume_id, epoch, "volume epoch adopted from an engine");
+        Ok(epoch)
+    }
+
+    /// Persists `record` with `epoch`, then publishes it to memory and the data plane.
+    /// Caller holds the mutation lock.
+    fn set_epoch(&self, mut record: VolumeRecord, epoch: u64) -> Result<(), CatalogError> {
+        record.epoch = epoch;
+        self.persist(&record, "raise the epoch of")?;
+        let mut volumes = self.write_volumes();
+        if let Some(entry) = volumes.get_mut(&record.volume_id) {
+            entry.epoch.store(epoch, Ordering::SeqCst);
+            entry.record = record;
+        }
+        Ok(())
+    }
+
+    fn persist(&self, record: &VolumeRecord, op: &'static str) -> Result<(), CatalogError> {
+        let path = self.volume_dir(&record.volume_id).join(RECORD_FILE);
+        record::write_file(&path, record).map_err(mutation_error(&record.volume_id, op, &path))
+    }
+
+    fn replace_record(&self, record: VolumeRecord) {
+        if let Some(entry) = self.write_volumes().get_mut(&record.volume_id) {
+            entry.record = record;
+        }
+    }
+
+    fn quarantined_error(&self, q: &QuarantinedVolume) -> CatalogError {
+        CatalogError::Quarantined {
+            volume_id: q.volume_id.clone(),
+            reason: q.reason.clone(),
+            path: self.volume_dir(&q.volume_id),
+        }
+    }
+
+    fn lock_mutations(&self) -> MutexGuard<'_, ()> {
+        // A panic while holding the lock cannot leave memory inconsistent with disk:
+        // memory is only updated after the disk write succeeded.
+        self.mutation.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn read_volumes(&self) -> RwLockReadGuard<'_, BTreeMap<String, Entry>> {
+        self.volumes.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn write_volumes(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, Entry>> {
+        self.volumes.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn read_quarantined(&self) -> RwLockReadGuard<'_, BTreeMap<String, QuarantinedVolume>> {
+        self.quarantined
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Returns `Ok(())` if a repeated create matches the stored volume, else the conflict.
+fn compare_existing(stored: &VolumeRecord, new: &NewVolume) -> Result<(), CatalogError> {
+    let mut diffs = Vec::new();
+    if stored.size_bytes != new.size_bytes {
+        diffs.push(format!(
+            "size_bytes {} (requested {})",
+            stored.size_bytes, new.size_bytes
+        ));
+    }
+    if stored.name != new.name {
+        diffs.push(format!("name {:?} (requested {:?})", stored.name, new.name));
+    }
+    if stored.replication_factor != new.replication_factor {
+        diffs.push(format!(
+            "replication_factor {} (requested {})",
+            stored.replication_factor, new.replication_factor
+        ));
+    }
+    if diffs.is_empty() {
+        Ok(())
+    } else {
+        Err(CatalogError::Conflict {
+            volume_id: stored.volume_id.clone(),
+            difference: diffs.join(", "),
+        })
+    }
+}
+
+/// Takes the exclusive lock on `<data_dir>/lock` and writes our pid into it.
+fn lock_data_dir(data_dir: &Path) -> Result<Flock<File>, CatalogError> {
+    let path = data_dir.join(LOCK_FILE);
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(io_error("open lock file", &path))?;
+    let mut lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => lock,
+        Err((mut file, Errno::EWOULDBLOCK)) => {
+            let mut pid = String::new();
+            let holder = match file.read_to_string(&mut pid) {
+                Ok(_) if !pid.trim().is_empty() => format!(" (pid {})", pid.trim()),
+                _ => String::new(),
+            };
+            return Err(CatalogError::Locked {
+                path: data_dir.to_path_buf(),
+                holder,
+            });
+        }
+        Err((_, errno)) => return Err(io_error("lock", &path)(io::Error::from(errno))),
+    };
+    // The pid is only for the error message above; failing to write it is harmless
+    // but worth knowing.
+    let written = (|| {
+        lock.set_len(0)?;
+        lock.rewind()?;
+        writeln!(lock, "{}", std::process::id())?;
+        lock.sync_all()
+    })();
+    if let Err(e) = written {
+        warn!(path = %path.display(), error = %e, "cannot record pid in lock file");
+    }
+    Ok(lock)
+}
+
+type Scanned = (BTreeMap<String, Entry>, BTreeMap<String, QuarantinedVolume>);
+
+/// Loads every volume directory, cleaning leftovers of interrupted operations.
+fn scan_volumes(volumes_dir: &Path) -> Result<Scanned, CatalogError> {
+    let mut volumes = BTreeMap::new();
+    let mut quarantined = BTreeMap::new();
+    let entries = fs::read_dir(volumes_dir).map_err(io_error("read", volumes_dir))?;
+    let mut cleaned = false;
+    for entry in entries {
+        let entry = entry.map_err(io_error("read", volumes_dir))?;
+        let path = entry.path();
+        let Some(name) = entry.file_name().to_str().map(str::to_string) else {
+            warn!(path = %path.display(), "ignoring entry with a non-UTF-8 name in volumes directory");
+            continue;
+        };
+        if name.starts_with(CREATING_PREFIX) || name.starts_with(DELETING_PREFIX) {
+            fs::remove_dir_all(&path).map_err(io_error("remove leftover", &path))?;
+            warn!(path = %path.display(), "removed leftover of an interrupted create or delete");
+            cleaned = true;
+            continue;
+        }
+        if validate_volume_id(&name).is_err() || !path.is_dir() {
+            warn!(path = %path.display(), "ignoring unexpected entry in volumes directory");
+            continue;
+        }
+        match load_volume(&path, &name) {
+            Ok(record) => {
+                let epoch = Arc::new(AtomicU64::new(record.epoch));
+                volumes.insert(name, Entry { record, epoch });
+            }
+            Err(reason) => {
+                error!(volume_id = %name, path = %path.display(), %reason,
+                    "volume skipped: its directory cannot be loaded; left untouched for an operator");
+                let data_bytes = fs::metadata(path.join(DATA_FILE))
+                    .map(|m| m.len())
+                    .unwrap_or(0);
+                quarantined.insert(
+                    name.clone(),
+                    QuarantinedVolume {
+                        volume_id: name,
+                        reason,
+                        data_bytes,
+                    },
+                );
+            }
+        }
+    }
+    if cleaned {
+        record::sync_dir(volumes_dir).map_err(io_error("sync", volumes_dir))?;
+    }
+    Ok((volumes, quarantined))
+}
+
+/// Loads one volume directory; the error is a human-readable reason.
+fn load_volume(dir: &Path, name: &str) -> Result<VolumeRecord, String> {
+    let mut tmp = dir.join(RECORD_FILE).into_os_string();
+    tmp.push(record::TEMP_SUFFIX);
+    let tmp = PathBuf::from(tmp);
+    if tmp.exists() {
+        // An interrupted record update: the rename never happened, so `record` still
+        // holds the previous, complete version.
+        match fs::remove_file(&tmp) {
+            Ok(()) => warn!(path = %tmp.display(), "removed leftover temp record"),
+            Err(e) => warn!(path = %tmp.display(), error = %e, "cannot remove temp record"),
+        }
+    }
+    let record = record::read_file(&dir.join(RECORD_FILE)).map_err(|e| {
+        let mut reason = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(s) = source {
+            reason.push_str(": ");
+            reason.push_str(&s.to_string());
+            source = s.source();
+        }
+        reason
+    })?;
+    if record.volume_id != name {
+        return Err(format!(
+            "record names volume {:?}, not its directory",
+            record.volume_id
+        ));
+    }
+    match fs::metadata(dir.join(DATA_FILE)) {
+        Ok(m) if m.is_file() => Ok(record),
+        Ok(_) => Err("data is not a regular file".to_string()),
+        Err(e) => Err(format!("cannot stat data file: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    fn open(dir: &Path, capacity: Option<u64>) -> Catalog {
+        Catalog::open(CatalogConfig {
+            data_dir: dir.to_path_buf(),
+            capacity_bytes: capacity,
+        })
+        .expect("open catalog")
+    }
+
+    fn new_volume(id: &str, size: u64) -> NewVolume {
+        NewVolume {
+            volume_id: id.to_string(),
+            name: format!("pv-{id}"),
+            size_bytes: size,
+            replication_factor: 3,
+            parameters: [("fsType".to_string(), "ext4".to_string())].into(),
+            ..NewVolume::default()
+        }
+    }
+
+    fn dir_names(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(dir)
+            .expect("read_dir")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn volume_ids_are_validated() {
+        for ok in ["a", "pvc-1234", "A.b_c-9", &"x".repeat(128)] {
+            assert!(validate_volume_id(ok).is_ok(), "{ok:?} rejected");
+        }
+        for bad in [
+            "",
+            ".hidden",
+            "..",
+            "a/b",
+            "a b",
+            "é",
+            &"x".repeat(129),
+            "a\0",
+        ] {
+            assert!(
+                matches!(
+                    validate_volume_id(bad),
+                    Err(CatalogError::InvalidVolumeId { .. })
+                ),
+                "{bad:?} accepted"
+            );
+        }
+    }
+
+    #[test]
+    fn create_makes_sparse_data_and_record() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let cat = open(tmp.path(), Some(100 * MIB));
+        let out = cat.create(new_volume("v1", 8 * MIB)).expect("create");
+        assert!(out.created);
+        assert_eq!(out.record.generation, 1);
+        assert_eq!(out.record.epoch, 0);
+        assert!(out.record.created_unix_nanos > 0);
+        let dir = tmp.path().join("volumes/v1");
+        let data = fs::metadata(dir.join("data")).expect("data");
+        assert_eq!(data.len(), 8 * MIB);
+        use std::os::unix::fs::MetadataExt;
+        assert!(data.blocks() * 512 < MIB, "data file is not sparse");
+        assert_eq!(
+            record::read_file(&dir.join("record")).expect("record"),
+            out.record
+        );
+        assert_eq!(dir_names(&tmp.path().join("volumes")), vec!["v1"]);
+        assert_eq!(cat.data_path("v1"), Some(dir.join("data")));
+    }
+
+    #[test]
+    fn create_rejects_bad_sizes_and_ids() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let cat = open(tmp.path(), Some(100 * MIB));
+        for size in [0, 1, 4095, 4097] {
+            assert!(matches!(
+                cat.create(new_volume("v", size)),
+                Err(CatalogError::InvalidSize { .. })
+            ));
+        }
+        assert!(matches!(
+            cat.create(new_volume(".creating-x", 4096)),
+            Err(CatalogError::InvalidVolumeId { .. })
+        ));
+        assert!(dir_names(&tmp.path().join("volumes")).is_empty());
+    }
+
+    #[test]
+    fn create_is_idempotent_and_conflicts_name_the_difference() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let cat = open(tmp.path(), Some(100 * MIB));
+        let first = cat.create(new_volume("v1", MIB)).expect("create");
+        let again = cat.create(new_volume("v1", MIB)).expect("repeat");
+        assert!(!again.created);
+        assert_eq!(again.record, first.record);
+
+        let err = cat.create(new_volume("v1", 2 * MIB)).expect_err("conflict");
+        assert!(matches!(err, CatalogError::Conflict { .. }));
+        assert!(err.to_string().contains("size_bytes 1048576"), "{err}");
+
+        let mut other = new_volume("v1", MIB);
+        other.name = "someone-else".into();
+        other.replication_factor = 2;
+        let msg = cat.create(other).expect_err("conflict").to_string();
+        assert!(
+            msg.contains("name") && msg.contains("replication_factor"),
+            "{msg}"
+        );
+        assert_eq!(cat.list().len(), 1);
+    }
+
+    #[test]
+    fn delete_removes_everything_and_is_idempotent() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let cat = open(tmp.path(), Some(100 * MIB));
+        cat.create(new_volume("v1", MIB)).expect("create");
+        assert!(cat.delete("v1").expect("delete"));
+        assert!(!cat.delete("v1").expect("delete again"));
+        assert!(!cat.delete("never").expect("delete unknown"));
+        assert!(matches!(cat.get("v1"), Err(CatalogError::NotFound(_))));
+        assert!(dir_names(&tmp.path().join("volumes")).is_empty());
+        // The id can be reused.
+        cat.create(new_volume("v1", 2 * MIB)).expect("recreate");
+    }
+
+    #[test]
+    fn update_is_a_generation_cas() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let cat = open(tmp.path(), Some(100 * MIB));
+        cat.create(new_volume("v1", MIB)).expect("create");
+        let att = vec![Attachment {
+            node_id: "n1".into(),
+            readonly: false,
+        }];
+        let params: BTreeMap<_, _> = [("maxIOPS".to_string(), "100".to_string())].into();
+        let rec = cat
+            .update("v1", 1, att.clone(), params.clone())
+            .expect("update");
+        assert_eq!(rec.generation, 2);
+        assert_eq!(rec.attachments, att);
+        assert_eq!(rec.parameters, params);
+
+        let err = cat
+            .update("v1", 1, Vec::new(), BTreeMap::new())
+            .expect_err("stale generation");
+        assert!(matches!(
+            err,
+            CatalogError::GenerationMismatch { current: 2, .. }
+        ));
+        assert!(err.to_string().contains("current generation is 2"), "{err}");
+        assert_eq!(cat.get("v1").expect("get"), rec);
+        assert!(matches!(
+            cat.update("nope", 1, Vec::new(), BTreeMap::new()),
+            Err(CatalogError::NotFound(_))
+        ));
+    }
+
+    #[test]
+    fn raise_epoch_is_a_cas_shared_with_the_data_plane() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let cat = open(tmp.path(), Some(100 * MIB));
+        cat.create(new_volume("v1", MIB)).expect("create");
+        let handle = cat.epoch_handle("v1").expect("handle");
+        assert_eq!(cat.raise_epoch("v1", 0, 3).expect("raise"), 3);
+        assert_eq!(handle.load(Ordering::SeqCst), 3);
+        assert_eq!(cat.get("v1").expect("get").epoch, 3);
+
+        let err = cat.raise_epoch("v1", 0, 4).expect_err("stale");
+        assert!(err.to_string().contains("current epoch is 3"), "{err}");
+        assert!(matches!(
+            cat.raise_epoch("v1", 3, 3),
+            Err(CatalogError::EpochNotIncreasing { .. })
+        ));
+        assert!(matches!(
+            cat.raise_epoch("v1", 5, 2),
+            Err(CatalogError::EpochNotIncreasing { .. })
+        ));
+        assert!(matches!(
+            cat.raise_epoch("nope", 0, 1),
+            Err(CatalogError::NotFound(_))
+        ));
+
+        // Adopting never lowers, and raises durably.
+        assert_eq!(cat.adopt_epoch("v1", 2).expect("adopt lower"), 3);
+        assert_eq!(cat.adopt_epoch("v1", 9).expect("adopt higher"), 9);
+        assert_eq!(handle.load(Ordering::SeqCst), 9);
+        // A raise does not touch the update CAS token.
+        assert_eq!(cat.get("v1").expect("get").generation, 1);
+        // The handle is the same Arc after an update.
+        cat.update("v1", 1, Vec::new(), BTreeMap::new())
+            .expect("update");
+        assert!(Arc::ptr_eq(&handle, &cat.epoch_handle("v1").expect("h")));
+    }
+
+    #[test]
+    fn state_survives_reopen() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let expected = {
+            let cat = open(tmp.path(), Some(100 * MIB));
+            cat.create(new_volume("b", MIB)).expect("create b");
+            cat.create(new_volume("a", MIB)).expect("create a");
+            cat.create(new_volume("c", MIB)).expect("create c");
+            cat.delete("c").expect("delete c");
+            cat.raise_epoch("a", 0, 5).expect("raise");
+            cat.update(
+                "b",
+                1,
+                vec![Attachment {
+                    node_id: "n".into(),
+                    readonly: true,
+                }],
+                BTreeMap::new(),
+            )
+            .expect("update");
+            cat.list()
+        };
+        let cat = open(tmp.path(), Some(100 * MIB));
+        let listed = cat.list();
+        assert_eq!(listed, expected);
+        let ids: Vec<_> = listed.iter().map(|r| r.volume_id.as_str()).collect();
+        assert_eq!(ids, vec!["a", "b"]);
+        assert_eq!(cat.epoch_handle("a").expect("a").load(Ordering::SeqCst), 5);
+    }
+
+    #[test]
+    fn second_open_of_a_locked_dir_fails_clearly() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let first = open(tmp.path(), Some(MIB));
+        let err = Catalog::open(CatalogConfig {
+            data_dir: tmp.path().to_path_buf(),
+            capacity_bytes: Some(MIB),
+        })
+        .err()
+        .expect("second open must fail");
+        assert!(matches!(err, CatalogError::Locked { .. }));
+        let msg = err.to_string();
+        assert!(msg.contains("in use by another tessera-replica"), "{msg}");
+        assert!(
+            msg.contains(&format!("pid {}", std::process::id())),
+            "{msg}"
+        );
+        drop(first);
+        open(tmp.path(), Some(MIB));
+    }
+
+    #[test]
+    fn leftovers_of_interrupted_operations_are_removed_at_open() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        {
+            let cat = open(tmp.path(), Some(100 * MIB));
+            cat.create(new_volume("keep", MIB)).expect("create");
+        }
+        let vols = tmp.path().join("volumes");
+        fs::create_dir_all(vols.join(".creating-half/sub")).expect("mkdir");
+        fs::write(vols.join(".creating-half/data"), b"x").expect("write");
+        fs::create_dir_all(vols.join(".deleting-gone")).expect("mkdir");
+        fs::write(vols.join("keep/record.tmp"), b"partial").expect("write");
+
+        let cat = open(tmp.path(), Some(100 * MIB));
+        assert_eq!(dir_names(&vols), vec!["keep"]);
+        assert_eq!(dir_names(&vols.join("keep")), vec!["data", "record"]);
+        assert_eq!(cat.list().len(), 1);
+    }
+
+    #[test]
+    fn corrupt_record_is_quarantined_not_deleted() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        {
+            let cat = open(tmp.path(), Some(100 * MIB));
+            cat.create(new_volume("good", MIB)).expect("create");
+            cat.create(new_volume("bad", 2 * MIB)).expect("create");
+        }
+        let rec = tmp.path().join("volumes/bad/record");
+        let mut bytes = fs::read(&rec).expect("read");
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0xff;
+        fs::write(&rec, &bytes).expect("corrupt");
+
+        let cat = open(tmp.path(), Some(100 * MIB));
+        assert_eq!(cat.list().len(), 1);
+        let q = cat.quarantined();
+        assert_eq!(q.len(), 1);
+        assert_eq!(q[0].volume_id, "bad");
+        assert!(q[0].reason.contains("checksum"), "{}", q[0].reason);
+        assert_eq!(fs::read(&rec).expect("still there"), bytes);
+        assert!(matches!(cat.get("bad"), Err(CatalogError::NotFound(_))));
+        assert!(matches!(
+            cat.create(new_volume("bad", 2 * MIB)),
+            Err(CatalogError::Quarantined { .. })
+        ));
+        let report = cat.capacity().expect("capacity");
+        assert_eq!(report.used_bytes, 3 * MIB);
+        assert_eq!(report.quarantined_count, 1);
+
+        // An explicit delete resolves it.
+        assert!(cat.delete("bad").expect("delete"));
+        assert!(cat.quarantined().is_empty());
+        assert_eq!(dir_names(&tmp.path().join("volumes")), vec!["good"]);
+    }
+
+    #[test]
+    fn truncated_record_or_missing_data_is_quarantined() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        {
+            let cat = open(tmp.path(), Some(100 * MIB));
+            cat.create(new_volume("short", MIB)).expect("create");
+            cat.create(new_volume("nodata", MIB)).expect("create");
+        }
+        let rec = tmp.path().join("volumes/short/record");
+        let bytes = fs::read(&rec).expect("read");
+        fs::write(&rec, &bytes[..bytes.len() / 2]).expect("truncate");
+        fs::remove_file(tmp.path().join("volumes/nodata/data")).expect("rm");
+
+        let cat = open(tmp.path(), Some(100 * MIB));
+        assert!(cat.list().is_empty());
+        let q: Vec<_> = cat.quarantined().into_iter().map(|q| q.volume_id).collect();
+        assert_eq!(q, vec!["nodata", "short"]);
+    }
+
+    #[test]
+    fn capacity_is_thick_accounted() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let cat = open(tmp.path(), Some(4 * MIB));
+        let fs_free = capacity::fs_space(tmp.path())
+            .expect("statvfs")
+            .available_bytes;
+        assert!(fs_free > 4 * MIB, "test needs more than 4 MiB free");
+
+        let r = cat.capacity().expect("capacity");
+        assert_eq!(
+            (r.capacity_bytes, r.used_bytes, r.free_bytes, r.volume_count),
+            (4 * MIB, 0, 4 * MIB, 0)
+        );
+        cat.create(new_volume("a", 3 * MIB)).expect("create");
+        let err = cat.create(new_volume("b", 2 * MIB)).expect_err("full");
+        assert!(matches!(err, CatalogError::NoCapacity { .. }));
+        assert_eq!(
+            err.to_string(),
+            format!("volume b needs {} bytes, {} free", 2 * MIB, MIB)
+        );
+        assert!(!tmp.path().join("volumes/b").exists());
+        // Exactly the remaining space fits; a repeat of an existing create needs none.
+        cat.create(new_volume("b", MIB)).expect("fits exactly");
+        cat.create(new_volume("a", 3 * MIB))
+            .expect("idempotent when full");
+        assert_eq!(cat.capacity().expect("capacity").free_bytes, 0);
+        cat.delete("a").expect("delete");
+        let r = cat.capacity().expect("capacity");
+        assert_eq!(
+            (r.used_bytes, r.free_bytes, r.volume_count),
+            (MIB, 3 * MIB, 1)
+        );
+    }
+
+    #[test]
+    fn default_capacity_is_the_filesystem_size() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let cat = open(tmp.path(), None);
+        let fs = capacity::fs_space(tmp.path()).expect("statvfs");
+        let r = cat.capacity().expect("capacity");
+        assert_eq!(r.capacity_bytes, fs.total_bytes);
+        assert!(r.free_bytes <= r.capacity_bytes);
+    }
+
+    #[test]
+    fn concurrent_creates_of_one_id_create_once() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let cat = Arc::new(open(tmp.path(), Some(100 * MIB)));
+        let handles: Vec<_> = (0..8)
+            .map(|_| {
+                let cat = Arc::clone(&cat);
+                std::thread::spawn(move || cat.create(new_volume("same", MIB)))
+            })
+            .collect();
+        let created = handles
+            .into_iter()
+            .map(|h| h.join().expect("thread").expect("create"))
+            .filter(|o| o.created)
+            .count();
+        assert_eq!(created, 1);
+        assert_eq!(cat.capacity().expect("capacity").used_bytes, MIB);
+    }
+}

@@ -1,0 +1,463 @@
+//! The control gRPC service (`tessera.replica.v1.ReplicaControl`) over a [`Catalog`].
+//!
+//! This layer only translates: requests into catalog calls, [`CatalogError`]s into
+//! status codes (the mapping is the contract in `proto/replica_control.proto`), and it
+//! counts requests for `/metrics`. Catalog mutations block on fsync, so they run on
+//! tokio's blocking pool; reads are in-memory and run inline.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use tonic::{Code, Request, Response, Status};
+use tracing::{error, warn};
+
+use crate::catalog::{Catalog, CatalogError};
+use crate::control_proto as proto;
+use crate::control_proto::replica_control_server::ReplicaControl;
+use crate::health::Probe;
+
+/// Identity of this daemon as reported by GetInfo.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeInfo {
+    /// Node id (the Kubernetes node name, by default the hostname).
+    pub node_id: String,
+    /// Topology zone, "" when unknown.
+    pub zone: String,
+    /// Dialable host:port of the data-plane listener.
+    pub data_address: String,
+}
+
+/// Request counters by method and status code, rendered on `/metrics`.
+#[derive(Debug, Default)]
+pub struct ControlMetrics {
+    /// Keyed by method and `Code as i32` (`Code` is not `Ord`).
+    requests: Mutex<BTreeMap<(&'static str, i32), u64>>,
+}
+
+impl ControlMetrics {
+    fn record(&self, method: &'static str, code: Code) {
+        *self
+            .requests
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry((method, code as i32))
+            .or_insert(0) += 1;
+    }
+
+    /// How many `method` calls ended with `code` (for tests and diagnostics).
+    pub fn count(&self, method: &str, code: Code) -> u64 {
+        self.requests
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .filter(|((m, c), _)| *m == method && *c == code as i32)
+            .map(|(_, n)| *n)
+            .sum()
+    }
+
+    fn render(&self, out: &mut String) {
+        let _ = writeln!(
+            out,
+            "# HELP tessera_replica_control_requests_total Control gRPC requests by method and status code.\n\
+             # TYPE tessera_replica_control_requests_total counter"
+        );
+        let requests = self.requests.lock().unwrap_or_else(PoisonError::into_inner);
+        for ((method, code), n) in requests.iter() {
+            let code = Code::from_i32(*code);
+            let _ = writeln!(
+                out,
+                "tessera_replica_control_requests_total{{method=\"{method}\",code=\"{code:?}\"}} {n}"
+            );
+        }
+    }
+}
+
+/// The control gRPC service. Cheap to clone; clones share the catalog and counters.
+#[derive(Clone)]
+pub struct ControlService {
+    catalog: Arc<Catalog>,
+    info: Arc<NodeInfo>,
+    metrics: Arc<ControlMetrics>,
+}
+
+impl ControlService {
+    /// Serves `catalog`, reporting `info` from GetInfo.
+    pub fn new(catalog: Arc<Catalog>, info: NodeInfo) -> Self {
+        ControlService {
+            catalog,
+            info: Arc::new(info),
+            metrics: Arc::new(ControlMetrics::default()),
+        }
+    }
+
+    /// The request counters (shared with every clone).
+    pub fn metrics(&self) -> &Arc<ControlMetrics> {
+        &self.metrics
+    }
+
+    /// Runs a catalog call on the blocking pool, since mutations fsync.
+    async fn blocking<T, F>(&self, f: F) -> Result<T, Status>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Catalog) -> Result<T, CatalogError> + Send + 'static,
+    {
+        let catalog = Arc::clone(&self.catalog);
+        match tokio::task::spawn_blocking(move || f(&catalog)).await {
+            Ok(result) => result.map_err(Status::from),
+            Err(join) => {
+                error!(error = %join, "catalog task failed");
+                Err(Status::internal("catalog task failed"))
+            }
+        }
+    }
+
+    fn finish<T>(
+        &self,
+        method: &'static str,
+        result: Result<T, Status>,
+    ) -> Result<Response<T>, Status> {
+        let code = match &result {
+            Ok(_) => Code::Ok,
+            Err(s) => s.code(),
+        };
+        self.metrics.record(method, code);
+        result.map(Response::new)
+    }
+}
+
+/// Joins an error and its sources into one sentence for a status message.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        source = s.source();
+    }
+    msg
+}
+
+impl From<CatalogError> for Status {
+    fn from(e: CatalogError) -> Self {
+        let code = match &e {
+            CatalogError::InvalidVolumeId { .. }
+            | CatalogError::InvalidSize { .. }
+            | CatalogError::EpochNotIncreasing { .. } => Code::InvalidArgument,
+            CatalogError::Conflict { .. } => Code::AlreadyExists,
+            CatalogError::NoCapacity { .. } | CatalogError::DiskFull { .. } => {
+                Code::ResourceExhausted
+            }
+            CatalogError::NotFound(_) => Code::NotFound,
+            CatalogError::GenerationMismatch { .. } | CatalogError::EpochMismatch { .. } => {
+                Code::Aborted
+            }
+            CatalogError::Quarantined { .. } => Code::FailedPrecondition,
+            CatalogError::Locked { .. } => Code::Unavailable,
+            CatalogError::Io { .. } => Code::Internal,
+        };
+        let msg = chain(&e);
+        match code {
+            // The replica's own failure: an operator has to look, so log it here,
+            // where it is handled.
+            Code::Internal => error!(error = %msg, "control request failed"),
+            Code::ResourceExhausted | Code::FailedPrecondition => {
+                warn!(error = %msg, "control request refused")
+            }
+            _ => {}
+        }
+        Status::new(code, msg)
+    }
+}
+
+#[tonic::async_trait]
+impl ReplicaControl for ControlService {
+    async fn get_info(
+        &self,
+        _request: Request<proto::GetInfoRequest>,
+    ) -> Result<Response<proto::ReplicaInfo>, Status> {
+        let info = Arc::clone(&self.info);
+        let result = self
+            .blocking(|c| c.capacity())
+            .await
+            .map(|cap| proto::ReplicaInfo {
+                node_id: info.node_id.clone(),
+                zone: info.zone.clone(),
+                data_address: info.data_address.clone(),
+                capacity_bytes: cap.capacity_bytes,
+                free_bytes: cap.free_bytes,
+                volume_count: cap.volume_count,
+                version: env!("CARGO_PKG_VERSION").to_string(),
+            });
+        self.finish("GetInfo", result)
+    }
+
+    async fn create_volume(
+        &self,
+        request: Request<proto::CreateVolumeRequest>,
+    ) -> Result<Response<proto::VolumeRecord>, Status> {
+        let new = request.into_inner().into();
+        let result = self
+            .blocking(move |c| c.create(new))
+            .await
+            .map(|out| out.record.into());
+        self.finish("CreateVolume", result)
+    }
+
+    async fn delete_volume(
+        &self,
+        request: Request<proto::DeleteVolumeRequest>,
+    ) -> Result<Response<proto::DeleteVolumeResponse>, Status> {
+        let id = request.into_inner().volume_id;
+        let result = self
+            .blocking(move |c| c.delete(&id))
+            .await
+            .map(|existed| proto::DeleteVolumeResponse { existed });
+        self.finish("DeleteVolume", result)
+    }
+
+    async fn get_volume(
+        &self,
+        request: Request<proto::GetVolumeRequest>,
+    ) -> Result<Response<proto::VolumeRecord>, Status> {
+        let result = self
+            .catalog
+            .get(&request.into_inner().volume_id)
+            .map(Into::into)
+            .map_err(Status::from);
+        self.finish("GetVolume", result)
+    }
+
+    async fn list_volumes(
+        &self,
+        _request: Request<proto::ListVolumesRequest>,
+    ) -> Result<Response<proto::ListVolumesResponse>, Status> {
+        let volumes = self.catalog.list().into_iter().map(Into::into).collect();
+        self.finish("ListVolumes", Ok(proto::ListVolumesResponse { volumes }))
+    }
+
+    async fn update_volume(
+        &self,
+        request: Request<proto::UpdateVolumeRequest>,
+    ) -> Result<Response<proto::VolumeRecord>, Status> {
+        let req = request.into_inner();
+        let attachments = req.attachments.into_iter().map(Into::into).collect();
+        let parameters = req.parameters.into_iter().collect();
+        let result = self
+            .blocking(move |c| {
+                c.update(
+                    &req.volume_id,
+                    req.expected_generation,
+                    attachments,
+                    parameters,
+                )
+            })
+            .await
+            .map(Into::into);
+        self.finish("UpdateVolume", result)
+    }
+
+    async fn raise_epoch(
+        &self,
+        request: Request<proto::RaiseEpochRequest>,
+    ) -> Result<Response<proto::RaiseEpochResponse>, Status> {
+        let req = request.into_inner();
+        let result = self
+            .blocking(move |c| c.raise_epoch(&req.volume_id, req.expected_epoch, req.new_epoch))
+            .await
+            .map(|epoch| proto::RaiseEpochResponse { epoch });
+        self.finish("RaiseEpoch", result)
+    }
+}
+
+impl Probe for ControlService {
+    fn healthy(&self) -> Result<(), String> {
+        // statvfs on the data directory: fails when the backing disk is gone.
+        self.catalog.capacity().map(|_| ()).map_err(|e| chain(&e))
+    }
+
+    fn metrics(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "# HELP tessera_replica_build_info Build version and node of this replica daemon.\n\
+             # TYPE tessera_replica_build_info gauge\n\
+             tessera_replica_build_info{{version=\"{}\",node_id=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION"),
+            escape_label(&self.info.node_id)
+        );
+        if let Ok(cap) = self.catalog.capacity() {
+            let gauges: [(&str, &str, u64); 5] = [
+                (
+                    "tessera_replica_capacity_bytes",
+                    "Bytes this daemon offers to volumes.",
+                    cap.capacity_bytes,
+                ),
+                (
+                    "tessera_replica_used_bytes",
+                    "Sum of the sizes of the volumes stored here (thick accounting).",
+                    cap.used_bytes,
+                ),
+                (
+                    "tessera_replica_free_bytes",
+                    "Bytes still available to new volumes.",
+                    cap.free_bytes,
+                ),
+                (
+                    "tessera_replica_volumes",
+                    "Volumes stored on this daemon.",
+                    u64::from(cap.volume_count),
+                ),
+                (
+                    "tessera_replica_quarantined_volumes",
+                    "Volumes skipped at start because their record is unreadable.",
+                    u64::from(cap.quarantined_count),
+                ),
+            ];
+            for (name, help, value) in gauges {
+                let _ = writeln!(
+                    out,
+                    "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
+                );
+            }
+        }
+        self.metrics.render(&mut out);
+        out
+    }
+}
+
+/// Escapes a Prometheus label value.
+fn escape_label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::CatalogConfig;
+
+    fn service(dir: &std::path::Path) -> ControlService {
+        let catalog = Catalog::open(CatalogConfig {
+            data_dir: dir.to_path_buf(),
+            capacity_bytes: Some(1 << 30),
+        })
+        .expect("open");
+        ControlService::new(
+            Arc::new(catalog),
+            NodeInfo {
+                node_id: "n1".into(),
+                zone: "z".into(),
+                data_address: "127.0.0.1:7401".into(),
+            },
+        )
+    }
+
+    fn create(id: &str, size: u64) -> Request<proto::CreateVolumeRequest> {
+        Request::new(proto::CreateVolumeRequest {
+            volume_id: id.into(),
+            name: id.into(),
+            size_bytes: size,
+            replication_factor: 3,
+            ..Default::default()
+        })
+    }
+
+    #[tokio::test]
+    async fn errors_map_to_the_contracted_codes() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let svc = service(tmp.path());
+        let code = |r: Result<Response<proto::VolumeRecord>, Status>| {
+            r.err().map(|s| s.code()).unwrap_or(Code::Ok)
+        };
+        assert_eq!(code(svc.create_volume(create("a", 4096)).await), Code::Ok);
+        assert_eq!(code(svc.create_volume(create("a", 4096)).await), Code::Ok);
+        assert_eq!(
+            code(svc.create_volume(create("a", 8192)).await),
+            Code::AlreadyExists
+        );
+        assert_eq!(
+            code(svc.create_volume(create("a", 100)).await),
+            Code::InvalidArgument
+        );
+        assert_eq!(
+            code(svc.create_volume(create(".a", 4096)).await),
+            Code::InvalidArgument
+        );
+        assert_eq!(
+            code(svc.create_volume(create("big", 2 << 30)).await),
+            Code::ResourceExhausted
+        );
+        let get = |id: &str| {
+            Request::new(proto::GetVolumeRequest {
+                volume_id: id.into(),
+            })
+        };
+        assert_eq!(code(svc.get_volume(get("nope")).await), Code::NotFound);
+        let upd = Request::new(proto::UpdateVolumeRequest {
+            volume_id: "a".into(),
+            expected_generation: 7,
+            ..Default::default()
+        });
+        let err = svc.update_volume(upd).await.expect_err("stale generation");
+        assert_eq!(err.code(), Code::Aborted);
+        assert!(err.message().contains("current generation is 1"));
+
+        let raise = |expected, new| {
+            Request::new(proto::RaiseEpochRequest {
+                volume_id: "a".into(),
+                expected_epoch: expected,
+                new_epoch: new,
+            })
+        };
+        assert_eq!(
+            svc.raise_epoch(raise(0, 2))
+                .await
+                .expect("raise")
+                .get_ref()
+                .epoch,
+            2
+        );
+        let err = svc.raise_epoch(raise(0, 3)).await.expect_err("stale epoch");
+        assert_eq!(err.code(), Code::Aborted);
+        assert!(
+            err.message().contains("current epoch is 2"),
+            "{}",
+            err.message()
+        );
+        let err = svc.raise_epoch(raise(2, 2)).await.expect_err("not raised");
+        assert_eq!(err.code(), Code::InvalidArgument);
+
+        assert_eq!(svc.metrics().count("CreateVolume", Code::Ok), 2);
+        assert_eq!(svc.metrics().count("RaiseEpoch", Code::Aborted), 1);
+        let text = svc.metrics();
+        assert!(text.count("CreateVolume", Code::AlreadyExists) == 1);
+        let rendered = Probe::metrics(&svc);
+        assert!(rendered.contains("tessera_replica_volumes 1"), "{rendered}");
+        assert!(rendered.contains(
+            "tessera_replica_control_requests_total{method=\"CreateVolume\",code=\"Ok\"} 2"
+        ));
+    }
+
+    #[tokio::test]
+    async fn get_info_reports_identity_and_capacity() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let svc = service(tmp.path());
+        svc.create_volume(create("a", 1 << 20))
+            .await
+            .expect("create");
+        let info = svc
+            .get_info(Request::new(proto::GetInfoRequest {}))
+            .await
+            .expect("info")
+            .into_inner();
+        assert_eq!(info.node_id, "n1");
+        assert_eq!(info.zone, "z");
+        assert_eq!(info.data_address, "127.0.0.1:7401");
+        assert_eq!(info.capacity_bytes, 1 << 30);
+        assert!(info.free_bytes <= (1 << 30) - (1 << 20));
+        assert_eq!(info.volume_count, 1);
+        assert_eq!(info.version, env!("CARGO_PKG_VERSION"));
+    }
+}
