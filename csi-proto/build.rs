@@ -12,6 +12,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)
-        .compile_protos(&[std::path::PathBuf::from("proto/csi.proto")], &[std::path::PathBuf::from("proto"), include])?;
+        .compile_protos(
+            &[std::path::PathBuf::from("proto/csi.proto")],
+            &[std::path::PathBuf::from("proto"), include],
+        )?;
     Ok(())
 }

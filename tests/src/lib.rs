@@ -1,1 +1,31 @@
 //! Harness for tests that start real Tessera processes.
+//!
+//! Tests in `tests/tests/` run the real `tessera-replica`, `tessera-controller` and
+//! `tessera-node` binaries and talk to them over their public APIs (CSI on unix
+//! sockets, the replica control gRPC on TCP), the way Kubernetes and the sidecars do.
+//!
+//! Layout:
+//! * [`cluster`]: [`ClusterBuilder`] / [`Cluster`]: a directory of its own, N replica
+//!   daemons, a controller and a node plugin; kill -9 and restart any of them.
+//! * [`process`]: [`Daemon`], one child process in its own process group, logging to
+//!   a file, killed (group-wide) on drop.
+//! * [`csi`]: gRPC clients over unix sockets and TCP.
+//! * [`fixtures`]: CSI request builders and list-everything helpers for tests.
+//! * [`binaries`]: where the binaries under test are found (`TESSERA_BIN_DIR`).
+//! * [`wait`]: [`wait_until`] / [`poll_until`]: poll a condition with a timeout;
+//!   tests never sleep to synchronise.
+//!
+//! The harness depends only on the public protocol crates (`tessera-csi-proto`,
+//! `tessera-replica`'s generated client), never on daemon internals, so what it
+//! tests is what a real client sees.
+
+pub mod binaries;
+pub mod cluster;
+pub mod csi;
+pub mod fixtures;
+pub mod process;
+pub mod wait;
+
+pub use cluster::{Cluster, ClusterBuilder, Replica};
+pub use process::Daemon;
+pub use wait::{poll_until, wait_until, TimedOut};

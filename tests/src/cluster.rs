@@ -1,0 +1,767 @@
+//! A throw-away Tessera cluster of real processes.
+//!
+//! [`ClusterBuilder::start`] creates a unique directory, starts the replica daemons
+//! (each with its own data directory, listening on port 0 and reporting its ports
+//! through a ready file), then the controller and the node plugin on unix sockets in
+//! that directory, and returns once every daemon answers. Any daemon can be killed
+//! with SIGKILL and started again on the same data directory and ports.
+//!
+//! Dropping the [`Cluster`] kills every process group and removes the directory
+//! (kept when `TESSERA_KEEP_TEST_DIR` is set). When the drop happens because a test
+//! panicked, the tail of every daemon's log is printed first, so the test output
+//! shows what the daemons said.
+
+use std::cell::RefCell;
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Context};
+use serde::Deserialize;
+use tessera_csi_proto::v1::ProbeRequest;
+
+use crate::binaries;
+use crate::csi::{
+    connect_tcp, connect_unix, ControllerClient, IdentityClient, NodeClient, ReplicaClient,
+};
+use crate::process::Daemon;
+use crate::wait::poll_until;
+
+/// Keeps the cluster directory after the test when set (to any value).
+pub const KEEP_DIR_ENV: &str = "TESSERA_KEEP_TEST_DIR";
+
+/// Default time a daemon gets to become ready.
+const DEFAULT_STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Log lines printed per daemon when a test fails.
+const LOG_TAIL_LINES: usize = 60;
+
+/// Listen address for a daemon's first start: loopback, any free port.
+const ANY_LOOPBACK_PORT: &str = "127.0.0.1:0";
+
+/// Ports a replica daemon reports in its ready file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub struct ReplicaAddrs {
+    /// Control gRPC listener.
+    pub control: SocketAddr,
+    /// Data-plane listener.
+    pub data: SocketAddr,
+}
+
+/// The ready file as written by `tessera-replica --ready-file`.
+#[derive(Debug, Deserialize)]
+struct ReadyFile {
+    control: SocketAddr,
+    data: SocketAddr,
+    #[allow(dead_code)] // Part of the contract; no test scrapes metrics yet.
+    metrics: Option<String>,
+}
+
+/// Configures and starts a [`Cluster`].
+#[derive(Debug, Clone)]
+pub struct ClusterBuilder {
+    replicas: usize,
+    zones: usize,
+    replica_capacity: String,
+    controller: bool,
+    node: bool,
+    node_id: String,
+    extra_nodes: Vec<String>,
+    extra_controller_args: Vec<String>,
+    dir: Option<PathBuf>,
+    startup_timeout: Duration,
+}
+
+impl Default for ClusterBuilder {
+    fn default() -> Self {
+        Self {
+            replicas: 3,
+            zones: 1,
+            replica_capacity: "100Gi".to_owned(),
+            controller: true,
+            node: true,
+            node_id: "n1".to_owned(),
+            extra_nodes: Vec::new(),
+            extra_controller_args: Vec::new(),
+            dir: None,
+            startup_timeout: DEFAULT_STARTUP_TIMEOUT,
+        }
+    }
+}
+
+impl ClusterBuilder {
+    /// Three replica daemons, a controller and a node plugin.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Number of replica daemons; they get node ids `n1`, `n2`, ...
+    pub fn replicas(mut self, count: usize) -> Self {
+        self.replicas = count;
+        self
+    }
+
+    /// Spreads the replica daemons round-robin over zones `z1`..`z<count>`.
+    pub fn zones(mut self, count: usize) -> Self {
+        self.zones = count.max(1);
+        self
+    }
+
+    /// `--capacity` of every replica daemon (e.g. `100Gi`).
+    pub fn replica_capacity(mut self, capacity: impl Into<String>) -> Self {
+        self.replica_capacity = capacity.into();
+        self
+    }
+
+    /// Whether to start the controller (default yes).
+    pub fn controller(mut self, start: bool) -> Self {
+        self.controller = start;
+        self
+    }
+
+    /// Whether to start the node plugin (default yes).
+    pub fn node(mut self, start: bool) -> Self {
+        self.node = start;
+        self
+    }
+
+    /// Node id of the node plugin (default `n1`, the node of the first replica).
+    pub fn node_id(mut self, node_id: impl Into<String>) -> Self {
+        self.node_id = node_id.into();
+        self
+    }
+
+    /// Nodes without a replica daemon that the controller accepts as publish targets.
+    pub fn extra_nodes<I, S>(mut self, nodes: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.extra_nodes = nodes.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Further arguments appended to the controller's command line.
+    pub fn controller_args<I, S>(mut self, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.extra_controller_args = args.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Uses `dir` (created if missing, never removed) instead of a fresh temp dir.
+    pub fn dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.dir = Some(dir.into());
+        self
+    }
+
+    /// How long each daemon gets to become ready (default 30 s).
+    pub fn startup_timeout(mut self, timeout: Duration) -> Self {
+        self.startup_timeout = timeout;
+        self
+    }
+
+    /// Starts the daemons and waits until all of them answer.
+    ///
+    /// On error everything started so far is killed again.
+    pub async fn start(self) -> anyhow::Result<Cluster> {
+        let replica_bin = binaries::locate(binaries::REPLICA)?;
+        let controller_bin = if self.controller {
+            Some(binaries::locate(binaries::CONTROLLER)?)
+        } else {
+            None
+        };
+        let node_bin = if self.node {
+            Some(binaries::locate(binaries::NODE)?)
+        } else {
+            None
+        };
+
+        let dir = match &self.dir {
+            Some(path) => {
+                std::fs::create_dir_all(path)
+                    .with_context(|| format!("creating cluster dir {}", path.display()))?;
+                ClusterDir::Given(path.clone())
+            }
+            None => ClusterDir::Temp(Some(
+                tempfile::Builder::new()
+                    .prefix("tessera-test-")
+                    .tempdir()
+                    .context("creating cluster temp dir")?,
+            )),
+        };
+        let root = dir.path().to_path_buf();
+        let mut cluster = Cluster {
+            replicas: Vec::new(),
+            controller: None,
+            node: None,
+            startup_timeout: self.startup_timeout,
+            dir,
+        };
+
+        for index in 0..self.replicas {
+            let node_id = format!("n{}", index + 1);
+            let zone = format!("z{}", index % self.zones + 1);
+            let home = root.join(format!("replica-{node_id}"));
+            let data_dir = home.join("data");
+            std::fs::create_dir_all(&data_dir)
+                .with_context(|| format!("creating {}", data_dir.display()))?;
+            let mut replica = Replica {
+                daemon: Daemon::new(
+                    format!("replica-{node_id}"),
+                    &replica_bin,
+                    Vec::new(),
+                    root.join(format!("replica-{node_id}.log")),
+                ),
+                ready_file: home.join("ready.json"),
+                node_id,
+                zone,
+                data_dir,
+                capacity: self.replica_capacity.clone(),
+                addrs: None,
+            };
+            replica.start(self.startup_timeout).await?;
+            cluster.replicas.push(replica);
+        }
+
+        if let Some(bin) = controller_bin {
+            let socket = root.join("controller.sock");
+            let mut args: Vec<OsString> = vec![
+                "--endpoint".into(),
+                endpoint_of(&socket).into(),
+                "--replicas".into(),
+                cluster
+                    .replica_control_addrs()
+                    .iter()
+                    .map(SocketAddr::to_string)
+                    .collect::<Vec<_>>()
+                    .join(",")
+                    .into(),
+            ];
+            if !self.extra_nodes.is_empty() {
+                args.push("--extra-nodes".into());
+                args.push(self.extra_nodes.join(",").into());
+            }
+            args.extend(self.extra_controller_args.iter().map(OsString::from));
+            let daemon = Daemon::new("controller", bin, args, root.join("controller.log"));
+            let plugin = cluster.controller.insert(CsiPlugin { daemon, socket });
+            plugin.start(self.startup_timeout).await?;
+        }
+
+        if let Some(bin) = node_bin {
+            let socket = root.join("node.sock");
+            let args: Vec<OsString> = vec![
+                "--endpoint".into(),
+                endpoint_of(&socket).into(),
+                "--node-id".into(),
+                self.node_id.clone().into(),
+            ];
+            let daemon = Daemon::new("node", bin, args, root.join("node.log"));
+            let plugin = cluster.node.insert(CsiPlugin { daemon, socket });
+            plugin.start(self.startup_timeout).await?;
+        }
+
+        Ok(cluster)
+    }
+}
+
+/// `unix://` endpoint URL of a socket path.
+pub fn endpoint_of(socket: &Path) -> String {
+    format!("unix://{}", socket.display())
+}
+
+/// Where the cluster lives on disk.
+#[derive(Debug)]
+enum ClusterDir {
+    /// Ours: removed on drop unless [`KEEP_DIR_ENV`] is set.
+    Temp(Option<tempfile::TempDir>),
+    /// The caller's: left in place.
+    Given(PathBuf),
+}
+
+impl ClusterDir {
+    fn path(&self) -> &Path {
+        match self {
+            ClusterDir::Temp(Some(dir)) => dir.path(),
+            ClusterDir::Temp(None) => Path::new(""),
+            ClusterDir::Given(path) => path,
+        }
+    }
+}
+
+/// A running set of Tessera daemons; see the module docs.
+#[derive(Debug)]
+pub struct Cluster {
+    replicas: Vec<Replica>,
+    controller: Option<CsiPlugin>,
+    node: Option<CsiPlugin>,
+    startup_timeout: Duration,
+    dir: ClusterDir,
+}
+
+impl Cluster {
+    /// Starts the default cluster: 3 replica daemons, controller, node plugin.
+    pub async fn start_default() -> anyhow::Result<Self> {
+        ClusterBuilder::new().start().await
+    }
+
+    /// The cluster's directory (sockets, logs, replica data).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// All replica daemons, in start order (`n1` first).
+    pub fn replicas(&self) -> &[Replica] {
+        &self.replicas
+    }
+
+    /// Replica daemon `index` (0-based). Panics if there is no such daemon.
+    pub fn replica(&self, index: usize) -> &Replica {
+        &self.replicas[index]
+    }
+
+    /// Control addresses of all replica daemons, in start order.
+    pub fn replica_control_addrs(&self) -> Vec<SocketAddr> {
+        self.replicas.iter().map(Replica::control_addr).collect()
+    }
+
+    /// SIGKILLs replica daemon `index` (its data stays).
+    pub fn kill_replica(&mut self, index: usize) -> anyhow::Result<()> {
+        self.replicas[index].daemon.kill()
+    }
+
+    /// Starts a killed replica daemon again on the same data dir and ports.
+    pub async fn start_replica(&mut self, index: usize) -> anyhow::Result<()> {
+        let timeout = self.startup_timeout;
+        self.replicas[index].start(timeout).await
+    }
+
+    /// SIGKILLs replica daemon `index` and starts it again on the same data dir and
+    /// ports; returns once it is ready.
+    pub async fn restart_replica(&mut self, index: usize) -> anyhow::Result<()> {
+        self.kill_replica(index)?;
+        self.start_replica(index).await
+    }
+
+    /// The controller's CSI endpoint (`unix://...`).
+    pub fn controller_endpoint(&self) -> anyhow::Result<String> {
+        Ok(endpoint_of(&self.controller_plugin()?.socket))
+    }
+
+    /// The node plugin's CSI endpoint (`unix://...`).
+    pub fn node_endpoint(&self) -> anyhow::Result<String> {
+        Ok(endpoint_of(&self.node_plugin()?.socket))
+    }
+
+    /// A fresh CSI Controller client (a new connection, so it works after restarts).
+    pub async fn controller(&self) -> anyhow::Result<ControllerClient> {
+        let channel = self.controller_plugin()?.connect().await?;
+        Ok(ControllerClient::new(channel))
+    }
+
+    /// A fresh CSI Identity client for the controller.
+    pub async fn controller_identity(&self) -> anyhow::Result<IdentityClient> {
+        let channel = self.controller_plugin()?.connect().await?;
+        Ok(IdentityClient::new(channel))
+    }
+
+    /// A fresh CSI Node client.
+    pub async fn node(&self) -> anyhow::Result<NodeClient> {
+        let channel = self.node_plugin()?.connect().await?;
+        Ok(NodeClient::new(channel))
+    }
+
+    /// A fresh CSI Identity client for the node plugin.
+    pub async fn node_identity(&self) -> anyhow::Result<IdentityClient> {
+        let channel = self.node_plugin()?.connect().await?;
+        Ok(IdentityClient::new(channel))
+    }
+
+    /// SIGKILLs the controller.
+    pub fn kill_controller(&mut self) -> anyhow::Result<()> {
+        self.controller_plugin_mut()?.daemon.kill()
+    }
+
+    /// Starts the (killed) controller again; returns once its Probe says ready.
+    pub async fn start_controller(&mut self) -> anyhow::Result<()> {
+        let timeout = self.startup_timeout;
+        self.controller_plugin_mut()?.start(timeout).await
+    }
+
+    /// SIGKILLs the controller and starts it again.
+    pub async fn restart_controller(&mut self) -> anyhow::Result<()> {
+        self.kill_controller()?;
+        self.start_controller().await
+    }
+
+    /// SIGKILLs the node plugin.
+    pub fn kill_node(&mut self) -> anyhow::Result<()> {
+        self.node_plugin_mut()?.daemon.kill()
+    }
+
+    /// Starts the (killed) node plugin again; returns once its Probe says ready.
+    pub async fn start_node(&mut self) -> anyhow::Result<()> {
+        let timeout = self.startup_timeout;
+        self.node_plugin_mut()?.start(timeout).await
+    }
+
+    /// SIGKILLs the node plugin and starts it again.
+    pub async fn restart_node(&mut self) -> anyhow::Result<()> {
+        self.kill_node()?;
+        self.start_node().await
+    }
+
+    /// Process ids (= process group ids) of every running daemon.
+    pub fn pids(&self) -> Vec<u32> {
+        self.daemons().filter_map(Daemon::pid).collect()
+    }
+
+    /// Log files of all daemons, labelled.
+    pub fn log_files(&self) -> Vec<(String, PathBuf)> {
+        self.daemons()
+            .map(|d| (d.name().to_owned(), d.log_path().to_path_buf()))
+            .collect()
+    }
+
+    /// The last `lines` log lines of every daemon, one block per daemon.
+    pub fn log_tails(&self, lines: usize) -> String {
+        let mut out = String::new();
+        for daemon in self.daemons() {
+            out.push_str(&format!(
+                "==== {} (last {lines} lines of {})\n{}\n",
+                daemon.name(),
+                daemon.log_path().display(),
+                daemon.log_tail(lines)
+            ));
+        }
+        out
+    }
+
+    fn daemons(&self) -> impl Iterator<Item = &Daemon> {
+        self.replicas
+            .iter()
+            .map(|r| &r.daemon)
+            .chain(self.controller.iter().map(|p| &p.daemon))
+            .chain(self.node.iter().map(|p| &p.daemon))
+    }
+
+    fn controller_plugin(&self) -> anyhow::Result<&CsiPlugin> {
+        self.controller
+            .as_ref()
+            .ok_or_else(|| anyhow!("this cluster was built without a controller"))
+    }
+
+    fn controller_plugin_mut(&mut self) -> anyhow::Result<&mut CsiPlugin> {
+        self.controller
+            .as_mut()
+            .ok_or_else(|| anyhow!("this cluster was built without a controller"))
+    }
+
+    fn node_plugin(&self) -> anyhow::Result<&CsiPlugin> {
+        self.node
+            .as_ref()
+            .ok_or_else(|| anyhow!("this cluster was built without a node plugin"))
+    }
+
+    fn node_plugin_mut(&mut self) -> anyhow::Result<&mut CsiPlugin> {
+        self.node
+            .as_mut()
+            .ok_or_else(|| anyhow!("this cluster was built without a node plugin"))
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "tessera-tests: test failed; daemon logs (cluster dir {}):\n{}",
+                self.dir().display(),
+                self.log_tails(LOG_TAIL_LINES)
+            );
+        }
+        // Kill everything before the directory goes away.
+        self.node = None;
+        self.controller = None;
+        self.replicas.clear();
+        if let ClusterDir::Temp(dir) = &mut self.dir {
+            if std::env::var_os(KEEP_DIR_ENV).is_some() {
+                if let Some(dir) = dir.take() {
+                    eprintln!("tessera-tests: keeping {}", dir.keep().display());
+                }
+            }
+        }
+    }
+}
+
+/// One replica daemon of a [`Cluster`].
+#[derive(Debug)]
+pub struct Replica {
+    daemon: Daemon,
+    node_id: String,
+    zone: String,
+    data_dir: PathBuf,
+    ready_file: PathBuf,
+    capacity: String,
+    /// Ports of the first start, reused by every restart.
+    addrs: Option<ReplicaAddrs>,
+}
+
+impl Replica {
+    /// `--node-id` of this daemon.
+    pub fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
+    /// `--zone` of this daemon.
+    pub fn zone(&self) -> &str {
+        &self.zone
+    }
+
+    /// `--data-dir` of this daemon.
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// Control gRPC address (stable across restarts).
+    pub fn control_addr(&self) -> SocketAddr {
+        self.addrs
+            .map(|a| a.control)
+            .expect("a Replica is only handed out after its first start reported its ports")
+    }
+
+    /// Data-plane address (stable across restarts).
+    pub fn data_addr(&self) -> SocketAddr {
+        self.addrs
+            .map(|a| a.data)
+            .expect("a Replica is only handed out after its first start reported its ports")
+    }
+
+    /// A fresh control-API client.
+    pub async fn client(&self) -> anyhow::Result<ReplicaClient> {
+        let addr = self.control_addr();
+        let channel = connect_tcp(addr)
+            .await
+            .with_context(|| format!("connecting to replica {} at {addr}", self.node_id))?;
+        Ok(ReplicaClient::new(channel))
+    }
+
+    /// Directory names under `<data dir>/volumes` (one per volume), sorted. A
+    /// missing `volumes` directory counts as empty.
+    pub fn volume_dirs_on_disk(&self) -> anyhow::Result<Vec<String>> {
+        let volumes = self.data_dir.join("volumes");
+        let entries = match std::fs::read_dir(&volumes) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e).with_context(|| format!("listing {}", volumes.display())),
+        };
+        let mut names = Vec::new();
+        for entry in entries {
+            let entry = entry.with_context(|| format!("listing {}", volumes.display()))?;
+            names.push(entry.file_name().to_string_lossy().into_owned());
+        }
+        names.sort();
+        Ok(names)
+    }
+
+    /// Directory holding the record and data of `volume_id` on this daemon.
+    pub fn volume_dir(&self, volume_id: &str) -> PathBuf {
+        self.data_dir.join("volumes").join(volume_id)
+    }
+
+    fn args(&self) -> Vec<OsString> {
+        let (listen, data_listen) = match self.addrs {
+            Some(a) => (a.control.to_string(), a.data.to_string()),
+            None => (ANY_LOOPBACK_PORT.to_owned(), ANY_LOOPBACK_PORT.to_owned()),
+        };
+        [
+            "--data-dir".into(),
+            self.data_dir.clone().into_os_string(),
+            "--listen".into(),
+            listen.into(),
+            "--data-listen".into(),
+            data_listen.into(),
+            "--node-id".into(),
+            self.node_id.clone().into(),
+            "--zone".into(),
+            self.zone.clone().into(),
+            "--capacity".into(),
+            self.capacity.clone().into(),
+            "--ready-file".into(),
+            self.ready_file.clone().into_os_string(),
+        ]
+        .into()
+    }
+
+    /// Starts the daemon and waits for its ready file.
+    ///
+    /// A restart asks for the ports of the first start. If the daemon exits before
+    /// it is ready (the old port may still be held for a moment), it is started
+    /// again until `timeout` runs out.
+    async fn start(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match std::fs::remove_file(&self.ready_file) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(e)
+                        .with_context(|| format!("removing {}", self.ready_file.display()))
+                }
+            }
+            self.daemon.set_args(self.args());
+            self.daemon.start()?;
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            match self.wait_ready(remaining).await {
+                Ok(addrs) => {
+                    if let Some(expected) = self.addrs {
+                        anyhow::ensure!(
+                            expected == addrs,
+                            "{} came back on {addrs:?} instead of {expected:?}",
+                            self.daemon.name()
+                        );
+                    }
+                    self.addrs = Some(addrs);
+                    return Ok(());
+                }
+                Err(ReadyError::Exited(status))
+                    if self.addrs.is_some() && Instant::now() < deadline =>
+                {
+                    eprintln!(
+                        "tessera-tests: {} exited ({status}) while restarting; retrying",
+                        self.daemon.name()
+                    );
+                    // Back off briefly before asking for the same ports again.
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => {
+                    let _ = self.daemon.kill();
+                    return Err(anyhow!(
+                        "{} did not become ready: {e}\n{}",
+                        self.daemon.name(),
+                        self.daemon.log_tail(LOG_TAIL_LINES)
+                    ));
+                }
+            }
+        }
+    }
+
+    async fn wait_ready(&mut self, timeout: Duration) -> Result<ReplicaAddrs, ReadyError> {
+        let ready_file = self.ready_file.clone();
+        let daemon = &mut self.daemon;
+        let last_problem = RefCell::new(String::from("no ready file yet"));
+        let outcome = poll_until(timeout, || {
+            let result = if let Some(status) = daemon.exit_status() {
+                Some(Err(ReadyError::Exited(status)))
+            } else {
+                match std::fs::read(&ready_file) {
+                    Ok(bytes) => match serde_json::from_slice::<ReadyFile>(&bytes) {
+                        Ok(ready) => Some(Ok(ReplicaAddrs {
+                            control: ready.control,
+                            data: ready.data,
+                        })),
+                        Err(e) => {
+                            *last_problem.borrow_mut() = format!("unparsable ready file: {e}");
+                            None
+                        }
+                    },
+                    Err(_) => None,
+                }
+            };
+            std::future::ready(result)
+        })
+        .await;
+        match outcome {
+            Ok(result) => result,
+            Err(timed_out) => Err(ReadyError::TimedOut(format!(
+                "{timed_out} ({})",
+                last_problem.borrow()
+            ))),
+        }
+    }
+}
+
+/// Why a daemon did not become ready.
+#[derive(Debug, thiserror::Error)]
+enum ReadyError {
+    #[error("the process exited with {0}")]
+    Exited(std::process::ExitStatus),
+    #[error("{0}")]
+    TimedOut(String),
+}
+
+/// The controller or node plugin: a daemon serving CSI on a unix socket.
+#[derive(Debug)]
+struct CsiPlugin {
+    daemon: Daemon,
+    socket: PathBuf,
+}
+
+impl CsiPlugin {
+    async fn connect(&self) -> anyhow::Result<tonic::transport::Channel> {
+        connect_unix(&self.socket).await.with_context(|| {
+            format!(
+                "connecting to {} at {}",
+                self.daemon.name(),
+                self.socket.display()
+            )
+        })
+    }
+
+    /// Starts the daemon and waits until Probe answers ready.
+    async fn start(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        self.daemon.start()?;
+        let socket = self.socket.clone();
+        let daemon = &mut self.daemon;
+        let last_problem = RefCell::new(String::from("socket not answering yet"));
+        let problem = &last_problem;
+        let outcome = poll_until(timeout, || {
+            let exited = daemon.exit_status();
+            let socket = socket.clone();
+            async move {
+                if let Some(status) = exited {
+                    return Some(Err(ReadyError::Exited(status)));
+                }
+                match probe(&socket).await {
+                    Ok(true) => Some(Ok(())),
+                    Ok(false) => {
+                        *problem.borrow_mut() = "Probe answered ready=false".to_owned();
+                        None
+                    }
+                    Err(e) => {
+                        *problem.borrow_mut() = format!("{e:#}");
+                        None
+                    }
+                }
+            }
+        })
+        .await;
+        let result = match outcome {
+            Ok(result) => result,
+            Err(timed_out) => Err(ReadyError::TimedOut(format!(
+                "{timed_out} (last: {})",
+                last_problem.borrow()
+            ))),
+        };
+        result.map_err(|e| {
+            let _ = self.daemon.kill();
+            anyhow!(
+                "{} did not become ready: {e}\n{}",
+                self.daemon.name(),
+                self.daemon.log_tail(LOG_TAIL_LINES)
+            )
+        })
+    }
+}
+
+/// Whether the CSI plugin at `socket` answers Probe with ready (unset means ready).
+async fn probe(socket: &Path) -> anyhow::Result<bool> {
+    let channel = connect_unix(socket).await?;
+    let response = IdentityClient::new(channel)
+        .probe(ProbeRequest {})
+        .await?
+        .into_inner();
+    Ok(response.ready.unwrap_or(true))
+}

@@ -1,0 +1,51 @@
+//! gRPC clients for the daemons under test.
+//!
+//! CSI is served on unix sockets, which tonic does not dial by itself: the channel
+//! gets a connector that opens the socket and wraps it for hyper. The replica
+//! control API is plain gRPC over TCP.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use tokio::net::UnixStream;
+use tonic::transport::{Channel, Endpoint, Uri};
+use tower::service_fn;
+
+/// CSI Identity client.
+pub type IdentityClient = tessera_csi_proto::v1::identity_client::IdentityClient<Channel>;
+/// CSI Controller client.
+pub type ControllerClient = tessera_csi_proto::v1::controller_client::ControllerClient<Channel>;
+/// CSI Node client.
+pub type NodeClient = tessera_csi_proto::v1::node_client::NodeClient<Channel>;
+/// Replica daemon control-API client.
+pub type ReplicaClient =
+    tessera_replica::control_proto::replica_control_client::ReplicaControlClient<Channel>;
+
+/// How long connecting to a daemon may take before the attempt fails.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Opens a gRPC channel to the unix socket at `path`.
+///
+/// The connection is made eagerly, so an error here means the socket does not
+/// answer right now.
+pub async fn connect_unix(path: &Path) -> Result<Channel, tonic::transport::Error> {
+    let path: PathBuf = path.to_path_buf();
+    // The URI only satisfies the HTTP layer; the connector ignores it.
+    Endpoint::from_static("http://tessera.csi.invalid")
+        .connect_timeout(CONNECT_TIMEOUT)
+        .connect_with_connector(service_fn(move |_: Uri| {
+            let path = path.clone();
+            async move { UnixStream::connect(path).await.map(TokioIo::new) }
+        }))
+        .await
+}
+
+/// Opens a gRPC channel to `addr` over TCP.
+pub async fn connect_tcp(addr: SocketAddr) -> Result<Channel, tonic::transport::Error> {
+    Endpoint::from_shared(format!("http://{addr}"))?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .connect()
+        .await
+}
