@@ -1,0 +1,492 @@
+//! The engine's side of the data plane: one pipelined connection to one replica for
+//! one volume.
+//!
+//! Calls from many tasks share the connection. Each call registers a oneshot under a
+//! fresh request id and queues its frame to a writer task; one reader task routes
+//! replies by id. When the connection breaks, every pending call fails at once with
+//! [`ClientError::Disconnected`] and later calls fail immediately: nothing ever waits
+//! for a reply that can no longer come. The client does not reconnect by itself;
+//! the engine decides (new epoch? replica down?) and connects again.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::io::{AsyncWriteExt, BufReader, BufWriter};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpStream, ToSocketAddrs};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+
+use super::error::{ClientError, ErrorCode, RemoteError};
+use super::frame::{Frame, Header, Opcode, MAX_PAYLOAD, RESPONSE_BIT};
+use super::message::{
+    decode_error_payload, Hello, HelloReply, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+};
+use super::stream::{read_frame, write_frame, ReadError};
+
+/// Client settings.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// Bound on TCP connect plus HELLO round trip.
+    pub connect_timeout: Duration,
+    /// Per-call bound on waiting for a reply; `None` waits until the reply or the
+    /// connection's end (which always comes: a dead connection fails every call).
+    pub request_timeout: Option<Duration>,
+    /// Frames queued for the writer before callers wait (backpressure on callers).
+    pub max_queued: usize,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        ClientConfig {
+            connect_timeout: Duration::from_secs(5),
+            request_timeout: None,
+            max_queued: 1024,
+        }
+    }
+}
+
+/// What the replica reported at handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VolumeInfo {
+    /// Protocol version in use.
+    pub protocol_version: u16,
+    /// Volume size in bytes at handshake time.
+    pub size: u64,
+    /// Block size; offsets and lengths must be multiples of it.
+    pub block_size: u32,
+    /// The replica's epoch after the handshake (equal to the client's).
+    pub epoch: u64,
+}
+
+type ReplyTx = oneshot::Sender<Result<Frame, ClientError>>;
+
+struct Pending {
+    calls: HashMap<u64, ReplyTx>,
+    /// Set once the connection is dead; new calls fail with it.
+    closed: Option<String>,
+}
+
+struct Shared {
+    pending: Mutex<Pending>,
+    next_id: AtomicU64,
+    epoch: u64,
+    tx: mpsc::Sender<(Header, Bytes)>,
+    config: ClientConfig,
+    info: VolumeInfo,
+    /// Flipped to true by [`Shared::fail_all`]; stops the writer even if it is
+    /// blocked on a socket nobody reads any more.
+    closed_signal: watch::Sender<bool>,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Pending> {
+        // A poisoned lock only means another caller panicked while holding it; the
+        // map itself is still consistent (every operation on it is a single call).
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Marks the connection dead and fails every pending call.
+    fn fail_all(&self, reason: String) {
+        let calls = {
+            let mut p = self.lock();
+            if p.closed.is_none() {
+                p.closed = Some(reason.clone());
+            }
+            std::mem::take(&mut p.calls)
+        };
+        self.closed_signal.send_replace(true);
+        for (_, tx) in calls {
+            let _ = tx.send(Err(ClientError::Disconnected {
+                reason: reason.clone(),
+            }));
+        }
+    }
+}
+
+/// Aborts the connection's tasks (closing the socket) when the last client clone drops.
+struct Tasks {
+    reader: JoinHandle<()>,
+    writer: JoinHandle<()>,
+}
+
+impl Drop for Tasks {
+    fn drop(&mut self) {
+        self.reader.abort();
+        self.writer.abort();
+    }
+}
+
+/// A pipelined data-plane connection to one replica of one volume.
+///
+/// Cheap to clone; clones share the connection. All methods may be called
+/// concurrently from many tasks; replies are matched by request id, so a slow request
+/// does not hold up others.
+#[derive(Clone)]
+pub struct ReplicaDataClient {
+    shared: Arc<Shared>,
+    _tasks: Arc<Tasks>,
+}
+
+impl std::fmt::Debug for ReplicaDataClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplicaDataClient")
+            .field("info", &self.shared.info)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Removes a call's pending entry if the call is abandoned (timeout, dropped future)
+/// before its reply arrives, so the map cannot grow with dead entries.
+struct PendingGuard<'a> {
+    shared: &'a Shared,
+    id: u64,
+    armed: bool,
+}
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.shared.lock().calls.remove(&self.id);
+        }
+    }
+}
+
+impl ReplicaDataClient {
+    /// Connects to the replica at `addr` for `volume_id` as an engine of `epoch`, with
+    /// default settings. Fails with the replica's error code if it refuses (unknown
+    /// volume, stale epoch, unsupported version).
+    pub async fn connect(
+        addr: impl ToSocketAddrs,
+        volume_id: &str,
+        epoch: u64,
+    ) -> Result<Self, ClientError> {
+        Self::connect_with(addr, volume_id, epoch, ClientConfig::default()).await
+    }
+
+    /// [`Self::connect`] with explicit settings.
+    pub async fn connect_with(
+        addr: impl ToSocketAddrs,
+        volume_id: &str,
+        epoch: u64,
+        config: ClientConfig,
+    ) -> Result<Self, ClientError> {
+        tokio::time::timeout(config.connect_timeout, async {
+            let socket = TcpStream::connect(addr)
+                .await
+                .map_err(ClientError::Connect)?;
+            socket.set_nodelay(true).map_err(ClientError::Connect)?;
+            let (rd, wr) = socket.into_split();
+            let mut rd = BufReader::with_capacity(64 * 1024, rd);
+            let mut wr = BufWriter::with_capacity(64 * 1024, wr);
+            let info = handshake(&mut rd, &mut wr, volume_id, epoch).await?;
+            Ok(Self::start(rd, wr, epoch, info, config.clone()))
+        })
+        .await
+        .map_err(|_| ClientError::HandshakeTimeout)?
+    }
+
+    fn start(
+        rd: BufReader<OwnedReadHalf>,
+        wr: BufWriter<OwnedWriteHalf>,
+        epoch: u64,
+        info: VolumeInfo,
+        config: ClientConfig,
+    ) -> Self {
+        let (tx, rx) = mpsc::channel(config.max_queued.max(1));
+        let shared = Arc::new(Shared {
+            pending: Mutex::new(Pending {
+                calls: HashMap::new(),
+                closed: None,
+            }),
+            next_id: AtomicU64::new(1),
+            epoch,
+            tx,
+            config,
+            info,
+            closed_signal: watch::Sender::new(false),
+        });
+        let reader = tokio::spawn(reader_task(rd, Arc::clone(&shared)));
+        let writer = tokio::spawn(writer_task(wr, rx, Arc::clone(&shared)));
+        ReplicaDataClient {
+            shared,
+            _tasks: Arc::new(Tasks { reader, writer }),
+        }
+    }
+
+    /// What the replica reported at handshake.
+    pub fn info(&self) -> VolumeInfo {
+        self.shared.info
+    }
+
+    /// Whether the connection has ended; every call will fail if so.
+    pub fn is_closed(&self) -> bool {
+        self.shared.lock().closed.is_some()
+    }
+
+    /// Reads `len` bytes at `offset` (both multiples of the block size).
+    pub async fn read(&self, offset: u64, len: u32) -> Result<Vec<u8>, ClientError> {
+        if len as usize > MAX_PAYLOAD {
+            return Err(ClientError::InvalidArgument(format!(
+                "read of {len} bytes exceeds the {MAX_PAYLOAD}-byte frame limit"
+            )));
+        }
+        let reply = self
+            .call(Opcode::Read, offset, u64::from(len), 0, Bytes::new())
+            .await?;
+        if reply.payload.len() != len as usize {
+            return Err(ClientError::Protocol(format!(
+                "{}-byte reply to a {len}-byte read",
+                reply.payload.len()
+            )));
+        }
+        Ok(reply.payload)
+    }
+
+    /// Writes `data` at `offset` tagged with `seq`. Takes [`Bytes`] so an engine can
+    /// send one buffer to every replica without copying it.
+    pub async fn write(
+        &self,
+        offset: u64,
+        data: impl Into<Bytes>,
+        seq: u64,
+    ) -> Result<(), ClientError> {
+        let data = data.into();
+        if data.len() > MAX_PAYLOAD {
+            return Err(ClientError::InvalidArgument(format!(
+                "write of {} bytes exceeds the {MAX_PAYLOAD}-byte frame limit",
+                data.len()
+            )));
+        }
+        self.call(Opcode::Write, offset, data.len() as u64, seq, data)
+            .await
+            .map(drop)
+    }
+
+    /// Makes every write this replica acknowledged before the call durable.
+    pub async fn flush(&self) -> Result<(), ClientError> {
+        self.call(Opcode::Flush, 0, 0, 0, Bytes::new())
+            .await
+            .map(drop)
+    }
+
+    /// Discards `len` bytes at `offset` (they read as zeros afterwards), tagged with `seq`.
+    pub async fn trim(&self, offset: u64, len: u64, seq: u64) -> Result<(), ClientError> {
+        self.call(Opcode::Trim, offset, len, seq, Bytes::new())
+            .await
+            .map(drop)
+    }
+
+    async fn call(
+        &self,
+        op: Opcode,
+        offset: u64,
+        length: u64,
+        seq: u64,
+        payload: Bytes,
+    ) -> Result<Frame, ClientError> {
+        let shared = &*self.shared;
+        let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let (reply_tx, mut reply_rx) = oneshot::channel();
+        {
+            let mut p = shared.lock();
+            if let Some(reason) = &p.closed {
+                return Err(ClientError::Disconnected {
+                    reason: reason.clone(),
+                });
+            }
+            p.calls.insert(id, reply_tx);
+        }
+        let mut guard = PendingGuard {
+            shared,
+            id,
+            armed: true,
+        };
+        let header = Header {
+            opcode: op as u8,
+            flags: 0,
+            status: 0,
+            request_id: id,
+            epoch: shared.epoch,
+            offset,
+            length,
+            seq,
+        };
+        // While waiting for queue space, also watch for the reply: if the connection
+        // dies meanwhile, fail_all answers us and we must not keep waiting on the queue.
+        tokio::select! {
+            sent = shared.tx.send((header, payload)) => {
+                if sent.is_err() {
+                    return Err(ClientError::Disconnected {
+                        reason: "writer task ended".into(),
+                    });
+                }
+            }
+            early = &mut reply_rx => {
+                guard.armed = false;
+                return match early {
+                    Ok(r) => r.and(Err(ClientError::Protocol("reply before request was sent".into()))),
+                    Err(_) => Err(ClientError::Disconnected { reason: "connection tasks ended".into() }),
+                };
+            }
+        }
+        let reply = match shared.config.request_timeout {
+            Some(d) => tokio::time::timeout(d, reply_rx)
+                .await
+                .map_err(|_| ClientError::Timeout)?,
+            None => reply_rx.await,
+        };
+        // The reader removed the entry when it answered (or fail_all took it).
+        guard.armed = false;
+        match reply {
+            Ok(r) => r,
+            Err(_) => Err(ClientError::Disconnected {
+                reason: "connection tasks ended".into(),
+            }),
+        }
+    }
+}
+
+async fn handshake(
+    rd: &mut BufReader<OwnedReadHalf>,
+    wr: &mut BufWriter<OwnedWriteHalf>,
+    volume_id: &str,
+    epoch: u64,
+) -> Result<VolumeInfo, ClientError> {
+    let hello = Hello {
+        min_version: MIN_PROTOCOL_VERSION,
+        max_version: PROTOCOL_VERSION,
+        volume_id: volume_id.to_owned(),
+    };
+    let header = Header {
+        opcode: Opcode::Hello as u8,
+        epoch,
+        ..Header::default()
+    };
+    write_frame(wr, &header, &hello.encode())
+        .await
+        .map_err(ClientError::Connect)?;
+    wr.flush().await.map_err(ClientError::Connect)?;
+    let reply = match read_frame(rd).await {
+        Ok(Some(f)) => f,
+        Ok(None) => {
+            return Err(ClientError::Disconnected {
+                reason: "replica closed the connection during the handshake".into(),
+            })
+        }
+        Err(ReadError::Io(e)) => return Err(ClientError::Connect(e)),
+        Err(ReadError::Frame(e)) => return Err(ClientError::Frame(e)),
+    };
+    if reply.header.opcode != Opcode::Hello as u8 | RESPONSE_BIT {
+        return Err(ClientError::Protocol(format!(
+            "handshake answered with opcode {:#04x}",
+            reply.header.opcode
+        )));
+    }
+    if reply.header.status != 0 {
+        return Err(remote_error(&reply).into_client_error());
+    }
+    let r = HelloReply::decode(&reply.payload)
+        .ok_or_else(|| ClientError::Protocol("malformed HELLO reply".into()))?;
+    Ok(VolumeInfo {
+        protocol_version: r.version,
+        size: r.volume_size,
+        block_size: r.block_size,
+        epoch: reply.header.epoch,
+    })
+}
+
+/// An error reply decoded, or a protocol violation if its code is unknown.
+enum Decoded {
+    Remote(RemoteError),
+    Unknown(u16),
+}
+
+impl Decoded {
+    fn into_client_error(self) -> ClientError {
+        match self {
+            Decoded::Remote(r) => ClientError::Remote(r),
+            Decoded::Unknown(c) => ClientError::Protocol(format!("unknown error code {c}")),
+        }
+    }
+}
+
+fn remote_error(f: &Frame) -> Decoded {
+    let (detail, message) = decode_error_payload(&f.payload);
+    match ErrorCode::from_u16(f.header.status) {
+        Some(code) => Decoded::Remote(RemoteError {
+            code,
+            detail,
+            message,
+        }),
+        None => Decoded::Unknown(f.header.status),
+    }
+}
+
+async fn reader_task(mut rd: BufReader<OwnedReadHalf>, shared: Arc<Shared>) {
+    let reason = loop {
+        let frame = match read_frame(&mut rd).await {
+            Ok(Some(f)) => f,
+            Ok(None) => break "replica closed the connection".to_owned(),
+            Err(ReadError::Io(e)) => break format!("reading from the replica failed: {e}"),
+            Err(ReadError::Frame(e)) => break format!("corrupt frame from the replica: {e}"),
+        };
+        let tx = shared.lock().calls.remove(&frame.header.request_id);
+        let result = if frame.header.status == 0 {
+            Ok(frame)
+        } else {
+            Err(remote_error(&frame).into_client_error())
+        };
+        match tx {
+            Some(tx) => {
+                let _ = tx.send(result);
+            }
+            None => {
+                // A reply to a call that timed out or was dropped, or BAD_FRAME for a
+                // request id we never sent (the server closes after it anyway).
+                tracing::debug!(
+                    request_id = frame_id(&result),
+                    "data plane client: reply without a waiting call"
+                );
+            }
+        }
+    };
+    shared.fail_all(reason);
+}
+
+fn frame_id(r: &Result<Frame, ClientError>) -> u64 {
+    r.as_ref().map(|f| f.header.request_id).unwrap_or(0)
+}
+
+async fn writer_task(
+    mut wr: BufWriter<OwnedWriteHalf>,
+    mut rx: mpsc::Receiver<(Header, Bytes)>,
+    shared: Arc<Shared>,
+) {
+    let mut closed = shared.closed_signal.subscribe();
+    let work = async {
+        while let Some((h, p)) = rx.recv().await {
+            write_frame(&mut wr, &h, &p).await?;
+            while let Ok((h, p)) = rx.try_recv() {
+                write_frame(&mut wr, &h, &p).await?;
+            }
+            wr.flush().await?;
+        }
+        std::io::Result::Ok(())
+    };
+    tokio::select! {
+        r = work => {
+            if let Err(e) = r {
+                shared.fail_all(format!("writing to the replica failed: {e}"));
+            }
+        }
+        _ = closed.wait_for(|c| *c) => {}
+    }
+    // Dropping `rx` makes queued and future sends fail instead of waiting; dropping
+    // `wr` half-closes the socket (no flush: the peer may not be reading).
+    drop(rx);
+    drop(wr);
+}

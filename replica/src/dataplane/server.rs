@@ -1,0 +1,507 @@
+//! The data-plane server: accepts engine connections and executes their requests
+//! against a [`VolumeRegistry`].
+//!
+//! Per connection: one reader loop that parses frames and spawns one task per request,
+//! and one writer that sends responses in completion order, batching whatever is ready
+//! into one flush. Memory is bounded per connection by two semaphores (requests in
+//! flight, payload bytes in flight) whose permits are held until the response has been
+//! written, so a client that sends without reading stalls only itself.
+//!
+//! Dropping the [`serve`] future aborts every connection and request task and closes
+//! every socket (they live in `JoinSet`s it owns); resolving the shutdown future instead
+//! stops accepting, lets each connection finish the requests it has read, and returns
+//! once all are answered.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncWriteExt, BufReader, BufWriter};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+
+use crate::block_io::{OpenVolume, VolumeBlocks, VolumeRegistry, BLOCK_SIZE};
+
+use super::error::{ErrorCode, RemoteError};
+use super::frame::{FrameError, Header, Opcode, MAX_PAYLOAD};
+use super::message::{encode_error, response_header, Hello, HelloReply, Request};
+use super::stream::{read_body, read_frame, read_head, write_frame, ReadError};
+
+/// Limits of a data-plane server. The defaults suit one replica daemon serving a few
+/// hundred engine connections.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Connections served at once; further connections wait in the listen backlog.
+    pub max_connections: usize,
+    /// Requests in flight per connection (read but not yet answered).
+    pub max_in_flight_requests: usize,
+    /// Payload bytes in flight per connection (write payloads held plus read replies
+    /// pending). Raised to at least one maximum frame payload.
+    pub max_in_flight_bytes: usize,
+    /// Time a new connection has to complete HELLO before it is dropped.
+    pub handshake_timeout: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            max_connections: 1024,
+            max_in_flight_requests: 256,
+            max_in_flight_bytes: 64 * 1024 * 1024,
+            handshake_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Why a connection ended abnormally (logged by the accept loop, never sent).
+#[derive(Debug, thiserror::Error)]
+enum ConnectionError {
+    #[error("socket I/O failed")]
+    Io(#[from] std::io::Error),
+    #[error("reading a frame failed")]
+    Read(#[from] ReadError),
+    #[error("no HELLO within {0:?}")]
+    HandshakeTimeout(Duration),
+    #[error("handshake rejected: {0}")]
+    Rejected(RemoteError),
+    #[error("client sent a corrupt frame")]
+    BadFrame(#[source] FrameError),
+}
+
+/// Serves the data plane on `listener` with [`ServerConfig::default`] until `shutdown`
+/// resolves. See [`serve_with_config`].
+pub async fn serve<R: VolumeRegistry>(
+    listener: TcpListener,
+    registry: Arc<R>,
+    shutdown: impl Future<Output = ()>,
+) {
+    serve_with_config(listener, registry, ServerConfig::default(), shutdown).await
+}
+
+/// Serves the data plane on an already-bound `listener` until `shutdown` resolves,
+/// then drains: no new connections or requests, in-flight requests are answered, and
+/// the function returns when every connection is closed. Taking a bound listener lets
+/// tests use port 0 and the daemon own address choice and socket options.
+pub async fn serve_with_config<R: VolumeRegistry>(
+    listener: TcpListener,
+    registry: Arc<R>,
+    mut config: ServerConfig,
+    shutdown: impl Future<Output = ()>,
+) {
+    config.max_in_flight_bytes = config.max_in_flight_bytes.max(MAX_PAYLOAD);
+    config.max_in_flight_requests = config.max_in_flight_requests.max(1);
+    let config = Arc::new(config);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let conn_limit = Arc::new(Semaphore::new(config.max_connections.max(1)));
+    let mut conns = JoinSet::new();
+    let mut backoff = Duration::from_millis(5);
+    tokio::pin!(shutdown);
+    loop {
+        while conns.try_join_next().is_some() {}
+        let permit = tokio::select! {
+            _ = &mut shutdown => break,
+            p = Arc::clone(&conn_limit).acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
+        let accepted = tokio::select! {
+            _ = &mut shutdown => break,
+            a = listener.accept() => a,
+        };
+        let (socket, peer) = match accepted {
+            Ok(a) => {
+                backoff = Duration::from_millis(5);
+                a
+            }
+            Err(e) => {
+                // Usually EMFILE/ENFILE: back off instead of spinning; shutdown still wins.
+                tracing::warn!(error = %e, "data plane: accept failed");
+                tokio::select! {
+                    _ = &mut shutdown => break,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
+        let registry = Arc::clone(&registry);
+        let config = Arc::clone(&config);
+        let stop = stop_rx.clone();
+        conns.spawn(async move {
+            let _permit = permit;
+            match handle_connection(socket, registry, config, stop).await {
+                Ok(()) => tracing::debug!(%peer, "data plane: connection closed"),
+                Err(e) => tracing::info!(%peer, error = %e, "data plane: connection ended"),
+            }
+        });
+    }
+    drop(listener);
+    let _ = stop_tx.send(true);
+    while conns.join_next().await.is_some() {}
+}
+
+/// A response on its way to the writer, with the permits it keeps until written.
+struct Outgoing {
+    header: Header,
+    payload: Vec<u8>,
+    _permits: Option<InFlight>,
+}
+
+/// Budget held by one request from the moment its frame is read until its response
+/// is written.
+struct InFlight {
+    _request: OwnedSemaphorePermit,
+    _bytes: Option<OwnedSemaphorePermit>,
+}
+
+fn error_reply(req: &Header, e: &RemoteError, permits: Option<InFlight>) -> Outgoing {
+    let payload = encode_error(e);
+    Outgoing {
+        header: response_header(req, e.code as u16, payload.len()),
+        payload,
+        _permits: permits,
+    }
+}
+
+async fn handle_connection<R: VolumeRegistry>(
+    socket: TcpStream,
+    registry: Arc<R>,
+    config: Arc<ServerConfig>,
+    stop: watch::Receiver<bool>,
+) -> Result<(), ConnectionError> {
+    socket.set_nodelay(true)?;
+    let (rd, wr) = socket.into_split();
+    let mut rd = BufReader::with_capacity(64 * 1024, rd);
+    let mut wr = BufWriter::with_capacity(64 * 1024, wr);
+
+    let hello = match tokio::time::timeout(config.handshake_timeout, read_frame(&mut rd)).await {
+        Err(_) => return Err(ConnectionError::HandshakeTimeout(config.handshake_timeout)),
+        Ok(Ok(None)) => return Ok(()),
+        Ok(Ok(Some(f))) => f,
+        Ok(Err(ReadError::Frame(e))) => {
+            let id_hdr = match &e {
+                FrameError::BadCrc { header, .. } => *header,
+                _ => Header::default(),
+            };
+            let r = RemoteError::new(ErrorCode::BadFrame, 0, e.to_string());
+            let out = error_reply(&id_hdr, &r, None);
+            write_frame(&mut wr, &out.header, &out.payload).await?;
+            wr.shutdown().await?;
+            return Err(ConnectionError::BadFrame(e));
+        }
+        Ok(Err(e)) => return Err(e.into()),
+    };
+    let session = match handshake(&registry, &hello.header, &hello.payload).await {
+        Ok((session, reply)) => {
+            let payload = reply.encode();
+            let mut h = response_header(&hello.header, 0, payload.len());
+            h.epoch = session.epoch;
+            write_frame(&mut wr, &h, &payload).await?;
+            wr.flush().await?;
+            session
+        }
+        Err(r) => {
+            let out = error_reply(&hello.header, &r, None);
+            write_frame(&mut wr, &out.header, &out.payload).await?;
+            wr.shutdown().await?;
+            return Err(ConnectionError::Rejected(r));
+        }
+    };
+    tracing::debug!(volume = %session.volume_id, epoch = session.epoch, "data plane: handshake done");
+
+    let (tx, rx) = mpsc::unbounded_channel();
+    let (read_result, write_result) =
+        tokio::join!(read_loop(rd, session, tx, config, stop), write_loop(wr, rx));
+    read_result?;
+    write_result?;
+    Ok(())
+}
+
+/// What a connection is bound to after HELLO.
+struct Session<V> {
+    volume_id: String,
+    volume: OpenVolume<V>,
+    /// The epoch the client presented (after adoption, never below the replica's at
+    /// handshake time). Every request must carry it.
+    epoch: u64,
+}
+
+async fn handshake<R: VolumeRegistry>(
+    registry: &Arc<R>,
+    h: &Header,
+    payload: &[u8],
+) -> Result<(Session<R::Blocks>, HelloReply), RemoteError> {
+    let invalid = |e: super::message::InvalidMessage| {
+        RemoteError::new(ErrorCode::InvalidRequest, 0, e.to_string())
+    };
+    if Opcode::from_u8(h.opcode) != Some(Opcode::Hello) {
+        return Err(invalid(super::message::InvalidMessage::HandshakeOrder));
+    }
+    let hello = Hello::decode(payload).map_err(invalid)?;
+    let version = hello.negotiate().ok_or_else(|| {
+        RemoteError::new(
+            ErrorCode::UnsupportedVersion,
+            u64::from(super::message::PROTOCOL_VERSION),
+            format!(
+                "client speaks {}..={}, replica speaks {}..={}",
+                hello.min_version,
+                hello.max_version,
+                super::message::MIN_PROTOCOL_VERSION,
+                super::message::PROTOCOL_VERSION
+            ),
+        )
+    })?;
+    let volume = registry
+        .open(&hello.volume_id)
+        .map_err(|e| RemoteError::from_block_io(&e))?;
+    let wanted = h.epoch;
+    let current = volume.epoch.load(std::sync::atomic::Ordering::Acquire);
+    if wanted > current {
+        // Persist first, then publish: a crash between the two leaves the durable
+        // epoch ahead of memory, which is safe (memory is reloaded from disk).
+        let reg = Arc::clone(registry);
+        let id = hello.volume_id.clone();
+        tokio::task::spawn_blocking(move || reg.adopt_epoch(&id, wanted))
+            .await
+            .map_err(|e| RemoteError::new(ErrorCode::IoError, 0, format!("adopting epoch: {e}")))?
+            .map_err(|e| RemoteError::from_block_io(&e))?;
+        volume
+            .epoch
+            .fetch_max(wanted, std::sync::atomic::Ordering::AcqRel);
+    }
+    // Re-read: the control plane may have raised it while we adopted.
+    let current = volume.epoch.load(std::sync::atomic::Ordering::Acquire);
+    if wanted < current {
+        return Err(stale(wanted, current));
+    }
+    let reply = HelloReply {
+        version,
+        block_size: BLOCK_SIZE as u32,
+        volume_size: volume.blocks.size(),
+    };
+    Ok((
+        Session {
+            volume_id: hello.volume_id,
+            volume,
+            epoch: wanted,
+        },
+        reply,
+    ))
+}
+
+fn stale(wanted: u64, current: u64) -> RemoteError {
+    RemoteError::new(
+        ErrorCode::StaleEpoch,
+        current,
+        format!("epoch {wanted} is older than the replica's epoch {current}"),
+    )
+}
+
+/// Checks done before a request reaches the block store, in this order: fencing
+/// epoch, handshake epoch, alignment, bounds.
+fn precheck<V: VolumeBlocks>(
+    session: &Session<V>,
+    h: &Header,
+    req: &Request,
+) -> Result<(), RemoteError> {
+    let current = session
+        .volume
+        .epoch
+        .load(std::sync::atomic::Ordering::Acquire);
+    if h.epoch < current {
+        return Err(stale(h.epoch, current));
+    }
+    if h.epoch != session.epoch {
+        return Err(RemoteError::new(
+            ErrorCode::InvalidRequest,
+            session.epoch,
+            format!(
+                "request epoch {} differs from the handshake epoch {}",
+                h.epoch, session.epoch
+            ),
+        ));
+    }
+    if let Some((offset, len)) = req.range() {
+        // BLOCK_SIZE is a power of two; written with a mask to stay within the MSRV.
+        if (offset | len) & (BLOCK_SIZE - 1) != 0 {
+            return Err(RemoteError::new(
+                ErrorCode::Unaligned,
+                0,
+                format!("range {offset}+{len} is not aligned to {BLOCK_SIZE} bytes"),
+            ));
+        }
+        let size = session.volume.blocks.size();
+        if offset.checked_add(len).is_none_or(|end| end > size) {
+            return Err(RemoteError::new(
+                ErrorCode::OutOfRange,
+                size,
+                format!("range {offset}+{len} is outside the volume of {size} bytes"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+async fn execute<V: VolumeBlocks>(blocks: &V, req: Request) -> Result<Vec<u8>, RemoteError> {
+    let r = match req {
+        Request::Read { offset, len } => {
+            let data = blocks.read(offset, len).await;
+            return match data {
+                Ok(d) if d.len() == len as usize => Ok(d),
+                Ok(d) => Err(RemoteError::new(
+                    ErrorCode::IoError,
+                    0,
+                    format!("store returned {} bytes for a {len}-byte read", d.len()),
+                )),
+                Err(e) => Err(RemoteError::from_block_io(&e)),
+            };
+        }
+        Request::Write { offset, data, seq } => blocks.write(offset, data, seq).await,
+        Request::Flush => blocks.flush().await,
+        Request::Trim { offset, len, seq } => blocks.trim(offset, len, seq).await,
+    };
+    r.map(|()| Vec::new())
+        .map_err(|e| RemoteError::from_block_io(&e))
+}
+
+/// Stops when the connection should stop reading: server shutdown or writer gone.
+async fn stopped(stop: &mut watch::Receiver<bool>, tx: &mpsc::UnboundedSender<Outgoing>) {
+    tokio::select! {
+        _ = stop.wait_for(|s| *s) => {}
+        _ = tx.closed() => {}
+    }
+}
+
+async fn read_loop<V: VolumeBlocks>(
+    mut rd: BufReader<OwnedReadHalf>,
+    session: Session<V>,
+    tx: mpsc::UnboundedSender<Outgoing>,
+    config: Arc<ServerConfig>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), ConnectionError> {
+    let requests = Arc::new(Semaphore::new(config.max_in_flight_requests));
+    let bytes = Arc::new(Semaphore::new(config.max_in_flight_bytes));
+    let mut tasks = JoinSet::new();
+    let result = loop {
+        while tasks.try_join_next().is_some() {}
+        // Take a request slot before reading, so a full pipeline pushes back on TCP.
+        let request_permit = tokio::select! {
+            _ = stopped(&mut stop, &tx) => break Ok(()),
+            p = Arc::clone(&requests).acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break Ok(()),
+            },
+        };
+        let head = tokio::select! {
+            _ = stopped(&mut stop, &tx) => break Ok(()),
+            h = read_head(&mut rd) => h,
+        };
+        let head = match head {
+            Ok(Some(h)) => h,
+            Ok(None) => break Ok(()),
+            Err(ReadError::Frame(e)) => {
+                // Oversized or undersized: the length can't be trusted, so neither can
+                // the request id; answer id 0 and close.
+                let r = RemoteError::new(ErrorCode::BadFrame, 0, e.to_string());
+                let _ = tx.send(error_reply(&Header::default(), &r, None));
+                break Err(ConnectionError::BadFrame(e));
+            }
+            Err(e) => break Err(e.into()),
+        };
+        // Budget for the payload we are about to allocate and for the data a READ will
+        // return, both already capped at MAX_PAYLOAD <= max_in_flight_bytes.
+        let read_len = if Opcode::from_u8(head.header.opcode) == Some(Opcode::Read) {
+            head.header.length.min(MAX_PAYLOAD as u64) as usize
+        } else {
+            0
+        };
+        let cost = head.payload_len.max(read_len);
+        let bytes_permit = if cost > 0 {
+            // Cannot truncate: cost <= MAX_PAYLOAD < u32::MAX.
+            let p = tokio::select! {
+                _ = stopped(&mut stop, &tx) => break Ok(()),
+                p = Arc::clone(&bytes).acquire_many_owned(cost as u32) => p,
+            };
+            match p {
+                Ok(p) => Some(p),
+                Err(_) => break Ok(()),
+            }
+        } else {
+            None
+        };
+        let permits = InFlight {
+            _request: request_permit,
+            _bytes: bytes_permit,
+        };
+        let body = tokio::select! {
+            _ = stopped(&mut stop, &tx) => break Ok(()),
+            b = read_body(&mut rd, &head) => b,
+        };
+        let payload = match body {
+            Ok(p) => p,
+            Err(ReadError::Frame(e)) => {
+                // The header parsed but the crc failed: answer BAD_FRAME to the id it
+                // claims (best effort) and stop reading; requests already read finish.
+                let id_hdr = match &e {
+                    FrameError::BadCrc { header, .. } => *header,
+                    _ => Header::default(),
+                };
+                let r = RemoteError::new(ErrorCode::BadFrame, 0, e.to_string());
+                let _ = tx.send(error_reply(&id_hdr, &r, Some(permits)));
+                break Err(ConnectionError::BadFrame(e));
+            }
+            Err(e) => break Err(e.into()),
+        };
+        let h = head.header;
+        let req = match Request::parse(&h, payload) {
+            Ok(r) => r,
+            Err(e) => {
+                let r = RemoteError::new(ErrorCode::InvalidRequest, 0, e.to_string());
+                let _ = tx.send(error_reply(&h, &r, Some(permits)));
+                continue;
+            }
+        };
+        if let Err(r) = precheck(&session, &h, &req) {
+            let _ = tx.send(error_reply(&h, &r, Some(permits)));
+            continue;
+        }
+        let blocks = Arc::clone(&session.volume.blocks);
+        let tx = tx.clone();
+        tasks.spawn(async move {
+            let out = match execute(&*blocks, req).await {
+                Ok(payload) => Outgoing {
+                    header: response_header(&h, 0, payload.len()),
+                    payload,
+                    _permits: Some(permits),
+                },
+                Err(r) => error_reply(&h, &r, Some(permits)),
+            };
+            // Fails only if the writer is gone, i.e. the connection is dead anyway.
+            let _ = tx.send(out);
+        });
+    };
+    // Answer everything already read before the writer is allowed to finish.
+    drop(tx);
+    while tasks.join_next().await.is_some() {}
+    result
+}
+
+async fn write_loop(
+    mut wr: BufWriter<OwnedWriteHalf>,
+    mut rx: mpsc::UnboundedReceiver<Outgoing>,
+) -> Result<(), ConnectionError> {
+    while let Some(out) = rx.recv().await {
+        write_frame(&mut wr, &out.header, &out.payload).await?;
+        drop(out);
+        // Batch whatever else is ready into the same flush.
+        while let Ok(out) = rx.try_recv() {
+            write_frame(&mut wr, &out.header, &out.payload).await?;
+        }
+        wr.flush().await?;
+    }
+    wr.shutdown().await?;
+    Ok(())
+}

@@ -1,0 +1,690 @@
+//! Data-plane server and client over real TCP on 127.0.0.1.
+//!
+//! The backend is `FileBackedVolumes`: one plain sparse file per volume, read and
+//! written with pread/pwrite. It is a real (if unchecksummed) store, not a protocol
+//! mock; it adds hooks the tests need: a gate that holds reads of one offset until
+//! released, injected corrupt blocks, and a high-water mark of concurrent operations.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tessera_replica::block_io::{
+    BlockIoError, OpenVolume, VolumeBlocks, VolumeRegistry, BLOCK_SIZE,
+};
+use tessera_replica::dataplane::frame::{self, Header, Opcode, RESPONSE_BIT};
+use tessera_replica::dataplane::message::{decode_error_payload, Hello, HelloReply};
+use tessera_replica::dataplane::stream::read_frame;
+use tessera_replica::dataplane::{serve, ClientError, ErrorCode, ReplicaDataClient};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{oneshot, Notify};
+use tokio::task::JoinHandle;
+
+/// Bound for "must not hang" assertions; never used to wait for an event.
+const NO_HANG: Duration = Duration::from_secs(10);
+
+/// Holds reads at one offset until released, and says when one arrived.
+struct Gate {
+    offset: u64,
+    entered: Arc<Notify>,
+    release: Arc<Notify>,
+}
+
+struct FileBlocks {
+    file: Arc<std::fs::File>,
+    size: u64,
+    gate: Mutex<Option<Gate>>,
+    corrupt: Mutex<HashSet<u64>>,
+    active: AtomicUsize,
+    max_active: AtomicUsize,
+}
+
+/// Counts an operation as active for its lifetime.
+struct Active<'a>(&'a FileBlocks);
+
+impl<'a> Active<'a> {
+    fn new(b: &'a FileBlocks) -> Self {
+        let now = b.active.fetch_add(1, Ordering::SeqCst) + 1;
+        b.max_active.fetch_max(now, Ordering::SeqCst);
+        Active(b)
+    }
+}
+
+impl Drop for Active<'_> {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl FileBlocks {
+    fn check(&self, offset: u64, len: u64) -> Result<(), BlockIoError> {
+        if (offset | len) & (BLOCK_SIZE - 1) != 0 {
+            return Err(BlockIoError::Unaligned { offset, len });
+        }
+        if offset.checked_add(len).is_none_or(|e| e > self.size) {
+            return Err(BlockIoError::OutOfRange {
+                offset,
+                len,
+                size: self.size,
+            });
+        }
+        Ok(())
+    }
+
+    fn set_gate(&self, offset: u64) -> (Arc<Notify>, Arc<Notify>) {
+        let entered = Arc::new(Notify::new());
+        let release = Arc::new(Notify::new());
+        *self.gate.lock().unwrap() = Some(Gate {
+            offset,
+            entered: Arc::clone(&entered),
+            release: Arc::clone(&release),
+        });
+        (entered, release)
+    }
+}
+
+impl VolumeBlocks for FileBlocks {
+    async fn read(&self, offset: u64, len: u32) -> Result<Vec<u8>, BlockIoError> {
+        let _a = Active::new(self);
+        self.check(offset, u64::from(len))?;
+        let gate = self
+            .gate
+            .lock()
+            .unwrap()
+            .as_ref()
+            .filter(|g| g.offset == offset)
+            .map(|g| (Arc::clone(&g.entered), Arc::clone(&g.release)));
+        if let Some((entered, release)) = gate {
+            entered.notify_one();
+            release.notified().await;
+        }
+        let first = offset / BLOCK_SIZE;
+        let last = first + u64::from(len) / BLOCK_SIZE;
+        if let Some(b) = (first..last).find(|b| self.corrupt.lock().unwrap().contains(b)) {
+            return Err(BlockIoError::Corrupt { block: b });
+        }
+        let file = Arc::clone(&self.file);
+        tokio::task::spawn_blocking(move || {
+            let mut buf = vec![0u8; len as usize];
+            file.read_exact_at(&mut buf, offset).map(|()| buf)
+        })
+        .await
+        .map_err(|e| BlockIoError::Io(std::io::Error::other(e)))?
+        .map_err(BlockIoError::from)
+    }
+
+    async fn write(&self, offset: u64, data: Vec<u8>, _seq: u64) -> Result<(), BlockIoError> {
+        let _a = Active::new(self);
+        self.check(offset, data.len() as u64)?;
+        let file = Arc::clone(&self.file);
+        tokio::task::spawn_blocking(move || file.write_all_at(&data, offset))
+            .await
+            .map_err(|e| BlockIoError::Io(std::io::Error::other(e)))?
+            .map_err(BlockIoError::from)
+    }
+
+    async fn flush(&self) -> Result<(), BlockIoError> {
+        let file = Arc::clone(&self.file);
+        tokio::task::spawn_blocking(move || file.sync_data())
+            .await
+            .map_err(|e| BlockIoError::Io(std::io::Error::other(e)))?
+            .map_err(BlockIoError::from)
+    }
+
+    async fn trim(&self, offset: u64, len: u64, _seq: u64) -> Result<(), BlockIoError> {
+        self.check(offset, len)?;
+        // Plain zero-fill; a real store punches holes.
+        let file = Arc::clone(&self.file);
+        tokio::task::spawn_blocking(move || {
+            let zeros = vec![0u8; BLOCK_SIZE as usize];
+            let mut at = offset;
+            while at < offset + len {
+                file.write_all_at(&zeros, at)?;
+                at += BLOCK_SIZE;
+            }
+            Ok::<(), std::io::Error>(())
+        })
+        .await
+        .map_err(|e| BlockIoError::Io(std::io::Error::other(e)))?
+        .map_err(BlockIoError::from)
+    }
+
+    fn size(&self) -> u64 {
+        self.size
+    }
+}
+
+/// One sparse file per volume plus an `<id>.epoch` file holding its durable epoch.
+struct FileBackedVolumes {
+    dir: tempfile::TempDir,
+    volumes: Mutex<HashMap<String, OpenVolume<FileBlocks>>>,
+}
+
+impl FileBackedVolumes {
+    fn new() -> Arc<Self> {
+        Arc::new(FileBackedVolumes {
+            dir: tempfile::tempdir().unwrap(),
+            volumes: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn create(&self, id: &str, blocks: u64, epoch: u64) -> OpenVolume<FileBlocks> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(self.dir.path().join(id))
+            .unwrap();
+        let size = blocks * BLOCK_SIZE;
+        file.set_len(size).unwrap();
+        std::fs::write(self.epoch_path(id), epoch.to_string()).unwrap();
+        let v = OpenVolume {
+            blocks: Arc::new(FileBlocks {
+                file: Arc::new(file),
+                size,
+                gate: Mutex::new(None),
+                corrupt: Mutex::new(HashSet::new()),
+                active: AtomicUsize::new(0),
+                max_active: AtomicUsize::new(0),
+            }),
+            epoch: Arc::new(AtomicU64::new(epoch)),
+        };
+        self.volumes.lock().unwrap().insert(id.into(), v.clone());
+        v
+    }
+
+    fn epoch_path(&self, id: &str) -> std::path::PathBuf {
+        self.dir.path().join(format!("{id}.epoch"))
+    }
+
+    fn durable_epoch(&self, id: &str) -> u64 {
+        std::fs::read_to_string(self.epoch_path(id))
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
+}
+
+impl VolumeRegistry for FileBackedVolumes {
+    type Blocks = FileBlocks;
+
+    fn open(&self, volume_id: &str) -> Result<OpenVolume<FileBlocks>, BlockIoError> {
+        self.volumes
+            .lock()
+            .unwrap()
+            .get(volume_id)
+            .cloned()
+            .ok_or_else(|| BlockIoError::UnknownVolume(volume_id.into()))
+    }
+
+    fn adopt_epoch(&self, volume_id: &str, epoch: u64) -> Result<(), BlockIoError> {
+        self.open(volume_id)?;
+        let cur = self.durable_epoch(volume_id);
+        if epoch > cur {
+            let tmp = self.dir.path().join(format!("{volume_id}.epoch.tmp"));
+            let f = std::fs::File::create(&tmp)?;
+            f.write_all_at(epoch.to_string().as_bytes(), 0)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, self.epoch_path(volume_id))?;
+        }
+        Ok(())
+    }
+}
+
+struct Server {
+    addr: SocketAddr,
+    task: JoinHandle<()>,
+    stop: Option<oneshot::Sender<()>>,
+}
+
+async fn start(reg: &Arc<FileBackedVolumes>) -> Server {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(serve(listener, Arc::clone(reg), async {
+        let _ = stopped.await;
+    }));
+    Server {
+        addr,
+        task,
+        stop: Some(stop),
+    }
+}
+
+fn pattern(block: u64) -> Vec<u8> {
+    (0..BLOCK_SIZE)
+        .map(|i| (block.wrapping_mul(31).wrapping_add(i * 7) % 251) as u8)
+        .collect()
+}
+
+fn remote_code(r: Result<impl std::fmt::Debug, ClientError>) -> (ErrorCode, u64) {
+    match r {
+        Err(ClientError::Remote(e)) => (e.code, e.detail),
+        other => panic!("expected an error reply, got {other:?}"),
+    }
+}
+
+async fn raw_connect(
+    addr: SocketAddr,
+    vol: &str,
+    epoch: u64,
+    versions: (u16, u16),
+) -> (TcpStream, frame::Frame) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let hello = Hello {
+        min_version: versions.0,
+        max_version: versions.1,
+        volume_id: vol.into(),
+    };
+    let h = Header {
+        opcode: Opcode::Hello as u8,
+        epoch,
+        ..Header::default()
+    };
+    s.write_all(&frame::encode(&h, &hello.encode()).unwrap())
+        .await
+        .unwrap();
+    let reply = read_frame(&mut s).await.unwrap().unwrap();
+    (s, reply)
+}
+
+fn request(op: Opcode, id: u64, epoch: u64, offset: u64, length: u64) -> Header {
+    Header {
+        opcode: op as u8,
+        request_id: id,
+        epoch,
+        offset,
+        length,
+        ..Header::default()
+    }
+}
+
+#[tokio::test]
+async fn write_then_read_back_flush_and_trim() {
+    let reg = FileBackedVolumes::new();
+    let vol = reg.create("v1", 16, 1);
+    let srv = start(&reg).await;
+    let c = ReplicaDataClient::connect(srv.addr, "v1", 1).await.unwrap();
+    let info = c.info();
+    assert_eq!(
+        (
+            info.size,
+            info.block_size,
+            info.epoch,
+            info.protocol_version
+        ),
+        (16 * BLOCK_SIZE, 4096, 1, 1)
+    );
+
+    let mut data = pattern(1);
+    data.extend(pattern(2));
+    c.write(BLOCK_SIZE, data.clone(), 1 << 40).await.unwrap();
+    c.flush().await.unwrap();
+    let back = c.read(0, 3 * BLOCK_SIZE as u32).await.unwrap();
+    assert_eq!(&back[..4096], &[0u8; 4096][..]);
+    assert_eq!(&back[4096..], &data[..]);
+
+    // The bytes really are in the backing file.
+    let mut on_disk = vec![0u8; 8192];
+    vol.blocks
+        .file
+        .read_exact_at(&mut on_disk, BLOCK_SIZE)
+        .unwrap();
+    assert_eq!(on_disk, data);
+
+    c.trim(BLOCK_SIZE, BLOCK_SIZE, (1 << 40) + 1).await.unwrap();
+    let back = c.read(BLOCK_SIZE, 2 * BLOCK_SIZE as u32).await.unwrap();
+    assert_eq!(&back[..4096], &[0u8; 4096][..]);
+    assert_eq!(&back[4096..], &pattern(2)[..]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousand_pipelined_requests_on_one_connection() {
+    let reg = FileBackedVolumes::new();
+    let vol = reg.create("v", 1000, 1);
+    let srv = start(&reg).await;
+    let c = ReplicaDataClient::connect(srv.addr, "v", 1).await.unwrap();
+
+    let writes: Vec<_> = (0..1000u64)
+        .map(|b| {
+            let c = c.clone();
+            tokio::spawn(async move { c.write(b * BLOCK_SIZE, pattern(b), b).await })
+        })
+        .collect();
+    for w in writes {
+        w.await.unwrap().unwrap();
+    }
+    let reads: Vec<_> = (0..1000u64)
+        .map(|b| {
+            let c = c.clone();
+            tokio::spawn(async move { (b, c.read(b * BLOCK_SIZE, BLOCK_SIZE as u32).await) })
+        })
+        .collect();
+    for r in reads {
+        let (b, data) = r.await.unwrap();
+        assert_eq!(data.unwrap(), pattern(b), "block {b}");
+    }
+    let max = vol.blocks.max_active.load(Ordering::SeqCst);
+    eprintln!("max concurrent store operations: {max}");
+    assert!(max <= 256, "server exceeded its in-flight bound: {max}");
+    assert!(!c.is_closed());
+}
+
+#[tokio::test]
+async fn slow_request_is_overtaken_on_the_wire() {
+    let reg = FileBackedVolumes::new();
+    let vol = reg.create("v", 16, 2);
+    vol.blocks
+        .file
+        .write_all_at(&pattern(6), 6 * BLOCK_SIZE)
+        .unwrap();
+    let (entered, release) = vol.blocks.set_gate(5 * BLOCK_SIZE);
+    let srv = start(&reg).await;
+    let (mut s, reply) = raw_connect(srv.addr, "v", 2, (1, 1)).await;
+    assert_eq!(reply.header.status, 0);
+
+    let mut batch = frame::encode(
+        &request(Opcode::Read, 1, 2, 5 * BLOCK_SIZE, BLOCK_SIZE),
+        &[],
+    )
+    .unwrap();
+    batch.extend(
+        frame::encode(
+            &request(Opcode::Read, 2, 2, 6 * BLOCK_SIZE, BLOCK_SIZE),
+            &[],
+        )
+        .unwrap(),
+    );
+    s.write_all(&batch).await.unwrap();
+    entered.notified().await;
+
+    // Request 1 is parked in the store, so request 2's reply must come first.
+    let first = read_frame(&mut s).await.unwrap().unwrap();
+    assert_eq!(first.header.request_id, 2);
+    assert_eq!(first.header.opcode, Opcode::Read as u8 | RESPONSE_BIT);
+    assert_eq!(first.payload, pattern(6));
+    release.notify_one();
+    let second = read_frame(&mut s).await.unwrap().unwrap();
+    assert_eq!(second.header.request_id, 1);
+    assert_eq!(second.header.status, 0);
+    assert_eq!(second.payload, vec![0u8; 4096]);
+}
+
+#[tokio::test]
+async fn client_completes_calls_out_of_order() {
+    let reg = FileBackedVolumes::new();
+    let vol = reg.create("v", 16, 1);
+    let (entered, release) = vol.blocks.set_gate(5 * BLOCK_SIZE);
+    let srv = start(&reg).await;
+    let c = ReplicaDataClient::connect(srv.addr, "v", 1).await.unwrap();
+
+    let c2 = c.clone();
+    let slow = tokio::spawn(async move { c2.read(5 * BLOCK_SIZE, 4096).await });
+    entered.notified().await;
+    c.write(6 * BLOCK_SIZE, pattern(6), 1).await.unwrap();
+    assert_eq!(c.read(6 * BLOCK_SIZE, 4096).await.unwrap(), pattern(6));
+    assert!(!slow.is_finished(), "the gated read cannot have completed");
+    release.notify_one();
+    assert_eq!(slow.await.unwrap().unwrap(), vec![0u8; 4096]);
+}
+
+#[tokio::test]
+async fn raised_epoch_fences_a_live_connection() {
+    let reg = FileBackedVolumes::new();
+    let vol = reg.create("v", 16, 5);
+    let srv = start(&reg).await;
+    let c = ReplicaDataClient::connect(srv.addr, "v", 5).await.unwrap();
+    c.write(0, pattern(0), 5 << 40).await.unwrap();
+
+    // The control plane raises the epoch while the connection stays open.
+    vol.epoch.fetch_max(6, Ordering::SeqCst);
+    assert_eq!(
+        remote_code(c.write(0, pattern(9), (5 << 40) + 1).await),
+        (ErrorCode::StaleEpoch, 6)
+    );
+    assert_eq!(remote_code(c.read(0, 4096).await).0, ErrorCode::StaleEpoch);
+    assert_eq!(remote_code(c.flush().await).0, ErrorCode::StaleEpoch);
+    assert!(!c.is_closed(), "STALE_EPOCH keeps the connection");
+
+    // The fenced write changed nothing.
+    let new = ReplicaDataClient::connect(srv.addr, "v", 6).await.unwrap();
+    assert_eq!(new.read(0, 4096).await.unwrap(), pattern(0));
+}
+
+#[tokio::test]
+async fn higher_epoch_at_hello_is_adopted_durably() {
+    let reg = FileBackedVolumes::new();
+    let vol = reg.create("v", 16, 3);
+    let srv = start(&reg).await;
+    let old = ReplicaDataClient::connect(srv.addr, "v", 3).await.unwrap();
+    old.write(0, pattern(0), 3 << 40).await.unwrap();
+
+    let new = ReplicaDataClient::connect(srv.addr, "v", 7).await.unwrap();
+    assert_eq!(new.info().epoch, 7);
+    assert_eq!(vol.epoch.load(Ordering::SeqCst), 7);
+    assert_eq!(reg.durable_epoch("v"), 7);
+
+    assert_eq!(
+        remote_code(old.write(0, pattern(1), (3 << 40) + 1).await),
+        (ErrorCode::StaleEpoch, 7)
+    );
+    match ReplicaDataClient::connect(srv.addr, "v", 3).await {
+        Err(ClientError::Remote(e)) => assert_eq!((e.code, e.detail), (ErrorCode::StaleEpoch, 7)),
+        other => panic!("expected STALE_EPOCH at HELLO, got {other:?}"),
+    }
+    new.write(0, pattern(2), 7 << 40).await.unwrap();
+    assert_eq!(new.read(0, 4096).await.unwrap(), pattern(2));
+}
+
+#[tokio::test]
+async fn range_and_alignment_errors_keep_the_connection() {
+    let reg = FileBackedVolumes::new();
+    reg.create("v", 16, 1);
+    let srv = start(&reg).await;
+    let c = ReplicaDataClient::connect(srv.addr, "v", 1).await.unwrap();
+    let size = 16 * BLOCK_SIZE;
+
+    assert_eq!(
+        remote_code(c.read(size, 4096).await),
+        (ErrorCode::OutOfRange, size)
+    );
+    assert_eq!(
+        remote_code(c.write(size - 4096, vec![1u8; 8192], 1).await).0,
+        ErrorCode::OutOfRange
+    );
+    assert_eq!(
+        remote_code(c.trim(u64::MAX - 4095, 8192, 1).await).0,
+        ErrorCode::OutOfRange,
+        "offset + length overflowing u64 is out of range, not a wrap"
+    );
+    assert_eq!(remote_code(c.read(100, 4096).await).0, ErrorCode::Unaligned);
+    assert_eq!(remote_code(c.read(0, 100).await).0, ErrorCode::Unaligned);
+    assert_eq!(
+        remote_code(c.write(4096, vec![1u8; 512], 1).await).0,
+        ErrorCode::Unaligned
+    );
+    assert_eq!(remote_code(c.read(0, 0).await).0, ErrorCode::InvalidRequest);
+    // Still usable afterwards.
+    c.write(size - 4096, pattern(15), 2).await.unwrap();
+    assert_eq!(c.read(size - 4096, 4096).await.unwrap(), pattern(15));
+}
+
+#[tokio::test]
+async fn corrupt_block_is_reported_with_its_index() {
+    let reg = FileBackedVolumes::new();
+    let vol = reg.create("v", 16, 1);
+    vol.blocks.corrupt.lock().unwrap().insert(9);
+    let srv = start(&reg).await;
+    let c = ReplicaDataClient::connect(srv.addr, "v", 1).await.unwrap();
+    assert_eq!(
+        remote_code(c.read(8 * BLOCK_SIZE, 4 * 4096).await),
+        (ErrorCode::CorruptBlock, 9)
+    );
+    assert_eq!(c.read(0, 4096).await.unwrap(), vec![0u8; 4096]);
+}
+
+#[tokio::test]
+async fn unknown_volume_and_unsupported_version_are_refused() {
+    let reg = FileBackedVolumes::new();
+    reg.create("v", 16, 1);
+    let srv = start(&reg).await;
+    match ReplicaDataClient::connect(srv.addr, "nope", 1).await {
+        Err(e) => assert_eq!(e.code(), Some(ErrorCode::UnknownVolume)),
+        Ok(_) => panic!("connected to an unknown volume"),
+    }
+
+    let (mut s, reply) = raw_connect(srv.addr, "v", 1, (7, 9)).await;
+    assert_eq!(reply.header.status, ErrorCode::UnsupportedVersion as u16);
+    assert_eq!(
+        decode_error_payload(&reply.payload).0,
+        1,
+        "detail is the replica's max version"
+    );
+    let mut rest = Vec::new();
+    let n = tokio::time::timeout(NO_HANG, s.read_to_end(&mut rest))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(n, 0, "connection closed after a refused HELLO");
+
+    // A version range that includes 1 is accepted and reports the volume.
+    let (_s, ok) = raw_connect(srv.addr, "v", 1, (1, 9)).await;
+    let r = HelloReply::decode(&ok.payload).unwrap();
+    assert_eq!((r.version, r.volume_size), (1, 16 * BLOCK_SIZE));
+}
+
+#[tokio::test]
+async fn corrupt_frame_gets_bad_frame_and_close_while_others_continue() {
+    let reg = FileBackedVolumes::new();
+    reg.create("v", 16, 1);
+    let srv = start(&reg).await;
+    let bystander = ReplicaDataClient::connect(srv.addr, "v", 1).await.unwrap();
+
+    let (mut s, reply) = raw_connect(srv.addr, "v", 1, (1, 1)).await;
+    assert_eq!(reply.header.status, 0);
+    let mut h = request(Opcode::Write, 42, 1, 0, BLOCK_SIZE);
+    h.seq = 1;
+    let mut bytes = frame::encode(&h, &pattern(0)).unwrap();
+    bytes[100] ^= 0x01; // one payload bit
+    s.write_all(&bytes).await.unwrap();
+
+    let answer = read_frame(&mut s).await.unwrap().unwrap();
+    assert_eq!(answer.header.request_id, 42);
+    assert_eq!(answer.header.status, ErrorCode::BadFrame as u16);
+    let mut rest = Vec::new();
+    let n = tokio::time::timeout(NO_HANG, s.read_to_end(&mut rest))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(n, 0, "server closes after BAD_FRAME");
+
+    // The corrupt write was not applied; other connections are unaffected.
+    assert_eq!(bystander.read(0, 4096).await.unwrap(), vec![0u8; 4096]);
+    let fresh = ReplicaDataClient::connect(srv.addr, "v", 1).await.unwrap();
+    fresh.write(0, pattern(3), 2).await.unwrap();
+    assert_eq!(bystander.read(0, 4096).await.unwrap(), pattern(3));
+}
+
+#[tokio::test]
+async fn oversized_frame_is_refused_without_allocating() {
+    let reg = FileBackedVolumes::new();
+    reg.create("v", 16, 1);
+    let srv = start(&reg).await;
+    let (mut s, _) = raw_connect(srv.addr, "v", 1, (1, 1)).await;
+    // Claims a 4 GiB frame; the server must answer from the prefix alone.
+    let mut bytes = u32::MAX.to_le_bytes().to_vec();
+    bytes.extend_from_slice(&[0u8; 44]);
+    s.write_all(&bytes).await.unwrap();
+    let answer = read_frame(&mut s).await.unwrap().unwrap();
+    assert_eq!(answer.header.status, ErrorCode::BadFrame as u16);
+    assert_eq!(answer.header.request_id, 0);
+    let mut rest = Vec::new();
+    assert_eq!(
+        tokio::time::timeout(NO_HANG, s.read_to_end(&mut rest))
+            .await
+            .unwrap()
+            .unwrap(),
+        0
+    );
+}
+
+#[tokio::test]
+async fn server_dropped_mid_request_fails_calls_promptly() {
+    let reg = FileBackedVolumes::new();
+    let vol = reg.create("v", 16, 1);
+    let (entered, _release) = vol.blocks.set_gate(0);
+    let srv = start(&reg).await;
+    let c = ReplicaDataClient::connect(srv.addr, "v", 1).await.unwrap();
+    let c2 = c.clone();
+    let pending = tokio::spawn(async move { c2.read(0, 4096).await });
+    entered.notified().await;
+
+    srv.task.abort();
+    let r = tokio::time::timeout(NO_HANG, pending)
+        .await
+        .expect("call hung")
+        .unwrap();
+    assert!(
+        matches!(r, Err(ClientError::Disconnected { .. })),
+        "got {r:?}"
+    );
+    assert!(c.is_closed());
+    let later = tokio::time::timeout(NO_HANG, c.write(4096, pattern(1), 1))
+        .await
+        .expect("call after close hung");
+    assert!(matches!(later, Err(ClientError::Disconnected { .. })));
+}
+
+#[tokio::test]
+async fn shutdown_answers_in_flight_requests_then_returns() {
+    let reg = FileBackedVolumes::new();
+    let vol = reg.create("v", 16, 1);
+    vol.blocks
+        .file
+        .write_all_at(&pattern(2), 2 * BLOCK_SIZE)
+        .unwrap();
+    let (entered, release) = vol.blocks.set_gate(2 * BLOCK_SIZE);
+    let mut srv = start(&reg).await;
+    let c = ReplicaDataClient::connect(srv.addr, "v", 1).await.unwrap();
+    let c2 = c.clone();
+    let pending = tokio::spawn(async move { c2.read(2 * BLOCK_SIZE, 4096).await });
+    entered.notified().await;
+
+    srv.stop.take().unwrap().send(()).unwrap();
+    release.notify_one();
+    assert_eq!(pending.await.unwrap().unwrap(), pattern(2));
+    tokio::time::timeout(NO_HANG, srv.task)
+        .await
+        .expect("serve did not return after shutdown")
+        .unwrap();
+    let after = tokio::time::timeout(NO_HANG, c.read(0, 4096))
+        .await
+        .unwrap();
+    assert!(matches!(after, Err(ClientError::Disconnected { .. })));
+}
+
+#[tokio::test]
+async fn request_timeout_fails_only_that_call() {
+    let reg = FileBackedVolumes::new();
+    let vol = reg.create("v", 16, 1);
+    let (entered, release) = vol.blocks.set_gate(0);
+    let srv = start(&reg).await;
+    let cfg = tessera_replica::dataplane::ClientConfig {
+        request_timeout: Some(Duration::from_millis(200)),
+        ..Default::default()
+    };
+    let c = ReplicaDataClient::connect_with(srv.addr, "v", 1, cfg)
+        .await
+        .unwrap();
+    let r = c.read(0, 4096).await;
+    assert!(matches!(r, Err(ClientError::Timeout)), "got {r:?}");
+    entered.notified().await;
+    release.notify_one();
+    // The late reply is discarded; the connection keeps working.
+    assert_eq!(c.read(4096, 4096).await.unwrap(), vec![0u8; 4096]);
+    assert!(!c.is_closed());
+}
