@@ -1,1 +1,40 @@
-//! The Tessera CSI controller.
+//! The Tessera CSI controller: volume life cycle, placement and fencing.
+//!
+//! The controller owns no state of its own: each replica daemon stores the records of
+//! its volumes, and this crate keeps an index of them rebuilt at start, so the process
+//! can be restarted (or replaced by another leader) at any moment.
+//!
+//! Layout:
+//! * [`identity`]: CSI Identity (name, capabilities, readiness).
+//! * [`controller_service`]: CSI Controller; quorum reads and compare-and-set writes on
+//!   the replicas of a volume.
+//! * [`parameters`], [`capabilities`], [`capacity`]: validation of StorageClass
+//!   parameters, volume capabilities and capacity ranges.
+//! * [`placement`]: pure weighted rendezvous hashing of replicas over daemons.
+//! * [`publish`]: pure publish/unpublish decisions and publish_context.
+//! * [`replica_pool`]: discovery, liveness and deadline-bounded calls to daemons.
+//! * [`volume_index`]: the in-memory record index, volume ids and page tokens.
+//! * [`locks`]: per-volume async locks serialising concurrent calls.
+//! * [`metrics`]: Prometheus counters and the `/metrics` + `/healthz` HTTP server.
+//! * [`endpoint`], [`error`]: the `--endpoint` flag and the CSI error mapping.
+//!
+//! Depends on `tessera-csi-proto` (CSI) and `tessera-replica` (control-API client);
+//! must not depend on the node crate.
+
+pub mod capabilities;
+pub mod capacity;
+pub mod controller_service;
+pub mod endpoint;
+pub mod error;
+pub mod identity;
+pub mod locks;
+pub mod metrics;
+pub mod parameters;
+pub mod placement;
+pub mod publish;
+pub mod replica_pool;
+pub mod volume_index;
+
+pub use controller_service::{load_index, ControllerConfig, ControllerService};
+pub use identity::IdentityService;
+pub use replica_pool::{PoolConfig, ReplicaPool};

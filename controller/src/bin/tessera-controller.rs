@@ -1,1 +1,205 @@
-fn main() {}
+//! `tessera-controller`: the CSI controller plugin process.
+//!
+//! Discovers the replica daemons, loads the volume index from their records, then
+//! serves CSI Identity + Controller on the `--endpoint` socket until SIGINT/SIGTERM.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use tessera_controller::endpoint::CsiEndpoint;
+use tessera_controller::metrics::{serve_http, Metrics};
+use tessera_controller::{
+    load_index, ControllerConfig, ControllerService, IdentityService, PoolConfig, ReplicaPool,
+};
+use tessera_csi_proto::v1::controller_server::ControllerServer;
+use tessera_csi_proto::v1::identity_server::IdentityServer;
+use tokio::sync::watch;
+
+/// Tessera CSI controller plugin (Identity + Controller services).
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// CSI endpoint: unix:///path/to/csi.sock (a stale socket file is removed first),
+    /// or tcp://host:port for debugging.
+    #[arg(long, env = "CSI_ENDPOINT")]
+    endpoint: String,
+
+    /// Control addresses of replica daemons, comma-separated host:port.
+    #[arg(long, value_delimiter = ',')]
+    replicas: Vec<String>,
+
+    /// DNS name:port resolving to the replica daemons (e.g. a headless Service),
+    /// re-resolved on every refresh.
+    #[arg(long)]
+    replicas_dns: Option<String>,
+
+    /// Node ids volumes may be published to besides the replica daemons' nodes,
+    /// comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    extra_nodes: Vec<String>,
+
+    /// Log as JSON lines instead of human-readable text.
+    #[arg(long)]
+    log_json: bool,
+
+    /// Serve /healthz and /metrics over HTTP on this HOST:PORT.
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
+
+    /// Deadline of every RPC to a replica daemon, in milliseconds.
+    #[arg(long, default_value_t = 5000)]
+    rpc_timeout_ms: u64,
+
+    /// How often daemons are re-discovered and asked for their info, in seconds.
+    #[arg(long, default_value_t = 10)]
+    refresh_interval_secs: u64,
+}
+
+fn init_logging(json: bool) {
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn shutdown_signal(mut rx: watch::Receiver<bool>) {
+    // Either the sender flipped the flag or it is gone; both mean stop.
+    let _ = rx.wait_for(|stop| *stop).await;
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    init_logging(args.log_json);
+    let endpoint: CsiEndpoint = args.endpoint.parse()?;
+    let statics: Vec<String> = args
+        .replicas
+        .iter()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect();
+    if statics.is_empty() && args.replicas_dns.is_none() {
+        bail!("no replica daemons configured: pass --replicas and/or --replicas-dns");
+    }
+    let extra_nodes: BTreeSet<String> = args
+        .extra_nodes
+        .iter()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect();
+
+    let pool = Arc::new(ReplicaPool::new(PoolConfig {
+        static_addresses: statics,
+        dns: args.replicas_dns.clone(),
+        rpc_timeout: Duration::from_millis(args.rpc_timeout_ms.max(1)),
+    }));
+    pool.refresh().await;
+    let live = pool.live().len();
+    let (index, unlisted) = load_index(&pool).await;
+    tracing::info!(
+        daemons = pool.daemons().len(),
+        live,
+        unlisted,
+        volumes = index.len(),
+        "volume index loaded from replica daemons"
+    );
+    let index = Arc::new(index);
+    let ready = Arc::new(AtomicBool::new(true));
+    let metrics = Arc::new(Metrics::default());
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn({
+        let pool = pool.clone();
+        let stop = shutdown_signal(stop_rx.clone());
+        let interval = Duration::from_secs(args.refresh_interval_secs.max(1));
+        async move { pool.run_refresher(interval, stop).await }
+    });
+    if let Some(addr) = args.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding metrics listener {addr}"))?;
+        tracing::info!(address = %listener.local_addr()?, "serving /metrics and /healthz");
+        let (m, p, i) = (metrics.clone(), pool.clone(), index.clone());
+        tokio::spawn(serve_http(
+            listener,
+            move || m.render(&p, &i),
+            shutdown_signal(stop_rx.clone()),
+        ));
+    }
+    let identity = IdentityService::new(ready.clone());
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutting down");
+        ready.store(false, Ordering::Release);
+        let _ = stop_tx.send(true);
+    });
+
+    let controller = ControllerService::new(pool, index, ControllerConfig { extra_nodes }, metrics);
+    let router = tonic::transport::Server::builder()
+        .add_service(IdentityServer::new(identity))
+        .add_service(ControllerServer::new(controller));
+    match endpoint {
+        CsiEndpoint::Unix(path) => {
+            match std::fs::remove_file(&path) {
+                Ok(()) => tracing::info!(path = %path.display(), "removed stale socket"),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(e)
+                        .with_context(|| format!("removing stale socket {}", path.display()))
+                }
+            }
+            let listener = tokio::net::UnixListener::bind(&path)
+                .with_context(|| format!("binding CSI socket {}", path.display()))?;
+            tracing::info!(endpoint = %path.display(), "serving CSI Identity and Controller");
+            router
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::UnixListenerStream::new(listener),
+                    shutdown_signal(stop_rx),
+                )
+                .await?;
+            let _ = std::fs::remove_file(&path);
+        }
+        CsiEndpoint::Tcp(addr) => {
+            let listener = tokio::net::TcpListener::bind(&addr)
+                .await
+                .with_context(|| format!("binding CSI endpoint {addr}"))?;
+            tracing::info!(endpoint = %listener.local_addr()?, "serving CSI Identity and Controller over TCP");
+            router
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    shutdown_signal(stop_rx),
+                )
+                .await?;
+        }
+    }
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+}

@@ -1,0 +1,497 @@
+//! StorageClass parameters: parsing, validation and the normalised form stored in
+//! volume records.
+//!
+//! Users write parameters by hand in a StorageClass, so every key and value is checked
+//! here once, at CreateVolume / GetCapacity time, and turned into [`VolumeParameters`].
+//! The normalised map ([`VolumeParameters::to_map`]) is what the volume record and the
+//! volume context carry, and what an idempotent CreateVolume retry is compared against,
+//! so two spellings of the same setting (`"1Mi"` and `"1048576"`) are the same volume.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::time::Duration;
+
+/// Parameter key: number of replicas (1..=7).
+pub const KEY_REPLICATION_FACTOR: &str = "replicationFactor";
+/// Parameter key: filesystem for mount volumes (`ext4` or `xfs`).
+pub const KEY_FS_TYPE: &str = "fsType";
+/// Parameter key: IOPS limit per volume (0 or absent = unlimited).
+pub const KEY_MAX_IOPS: &str = "maxIOPS";
+/// Parameter key: IOPS reservation honoured under contention.
+pub const KEY_MIN_IOPS: &str = "minIOPS";
+/// Parameter key: bandwidth limit in bytes per second.
+pub const KEY_MAX_BANDWIDTH: &str = "maxBandwidth";
+/// Parameter key: how long a volume may burst above its limits.
+pub const KEY_BURST_DURATION: &str = "burstDuration";
+/// Parameter key: block checksum algorithm (only `crc32c`).
+pub const KEY_CHECKSUM: &str = "checksum";
+/// Parameter key: whether to place a replica on the consuming node.
+pub const KEY_DATA_LOCALITY: &str = "dataLocality";
+/// Prefix of the keys external-provisioner adds with `--extra-create-metadata`; accepted
+/// and not stored as parameters.
+pub const CSI_METADATA_PREFIX: &str = "csi.storage.k8s.io/";
+
+/// Largest replication factor accepted; more replicas than this only cost latency.
+pub const MAX_REPLICATION_FACTOR: u32 = 7;
+/// Replication factor used when the StorageClass does not set one.
+pub const DEFAULT_REPLICATION_FACTOR: u32 = 3;
+
+/// Why a parameter map was rejected; always names the offending key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ParameterError {
+    /// A key Tessera does not know (typo or a parameter of another driver).
+    #[error("unknown parameter {key:?}")]
+    UnknownKey {
+        /// The key as given.
+        key: String,
+    },
+    /// A known key with a value that does not parse or is out of range.
+    #[error("invalid value {value:?} for parameter {key:?}: {reason}")]
+    InvalidValue {
+        /// The key as given.
+        key: &'static str,
+        /// The value as given.
+        value: String,
+        /// What is expected instead.
+        reason: &'static str,
+    },
+    /// Two parameters that are each valid but contradict each other.
+    #[error("conflicting parameters: {0}")]
+    Conflict(&'static str),
+}
+
+/// Filesystem created on mount volumes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FsType {
+    /// ext4, the default.
+    #[default]
+    Ext4,
+    /// XFS.
+    Xfs,
+}
+
+impl FsType {
+    /// Parses the names used in StorageClasses and mount capabilities.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "ext4" => Some(Self::Ext4),
+            "xfs" => Some(Self::Xfs),
+            _ => None,
+        }
+    }
+
+    /// The name as mkfs and the node plugin expect it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ext4 => "ext4",
+            Self::Xfs => "xfs",
+        }
+    }
+}
+
+impl fmt::Display for FsType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Whether placement tries to put a replica on the node that will use the volume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DataLocality {
+    /// Pure hash placement.
+    #[default]
+    Disabled,
+    /// One replica on the first preferred node when a daemon there fits.
+    BestEffort,
+}
+
+impl DataLocality {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Disabled => "disabled",
+            Self::BestEffort => "best-effort",
+        }
+    }
+}
+
+/// Validated StorageClass parameters of one volume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeParameters {
+    /// Number of replicas, 1..=7.
+    pub replication_factor: u32,
+    /// Filesystem if the StorageClass named one; `None` lets the mount capability or
+    /// the default decide.
+    pub fs_type: Option<FsType>,
+    /// IOPS limit; `None` = unlimited.
+    pub max_iops: Option<u64>,
+    /// IOPS reservation; `None` = none.
+    pub min_iops: Option<u64>,
+    /// Bytes-per-second limit; `None` = unlimited.
+    pub max_bandwidth: Option<u64>,
+    /// Burst allowance above the limits.
+    pub burst_duration: Option<Duration>,
+    /// Data locality preference.
+    pub data_locality: DataLocality,
+}
+
+impl Default for VolumeParameters {
+    fn default() -> Self {
+        Self {
+            replication_factor: DEFAULT_REPLICATION_FACTOR,
+            fs_type: None,
+            max_iops: None,
+            min_iops: None,
+            max_bandwidth: None,
+            burst_duration: None,
+            data_locality: DataLocality::Disabled,
+        }
+    }
+}
+
+impl VolumeParameters {
+    /// Parses and validates a CreateVolume / GetCapacity parameter map.
+    pub fn parse(params: &HashMap<String, String>) -> Result<Self, ParameterError> {
+        let mut p = Self::default();
+        // Sorted so the error for a map with several bad keys is deterministic.
+        let sorted: BTreeMap<&String, &String> = params.iter().collect();
+        for (key, value) in sorted {
+            let v = value.as_str();
+            match key.as_str() {
+                KEY_REPLICATION_FACTOR => {
+                    let rf = parse_uint(v)
+                        .filter(|rf| (1..=u64::from(MAX_REPLICATION_FACTOR)).contains(rf));
+                    let rf = rf.ok_or_else(|| {
+                        invalid(KEY_REPLICATION_FACTOR, v, "an integer from 1 to 7")
+                    })?;
+                    // In range 1..=7 checked above.
+                    p.replication_factor = rf as u32;
+                }
+                KEY_FS_TYPE => {
+                    p.fs_type = Some(
+                        FsType::parse(v).ok_or_else(|| invalid(KEY_FS_TYPE, v, "ext4 or xfs"))?,
+                    );
+                }
+                KEY_MAX_IOPS => {
+                    p.max_iops = nonzero(
+                        parse_uint(v)
+                            .ok_or_else(|| invalid(KEY_MAX_IOPS, v, "a non-negative integer"))?,
+                    );
+                }
+                KEY_MIN_IOPS => {
+                    p.min_iops = nonzero(
+                        parse_uint(v)
+                            .ok_or_else(|| invalid(KEY_MIN_IOPS, v, "a non-negative integer"))?,
+                    );
+                }
+                KEY_MAX_BANDWIDTH => {
+                    let bw = parse_bytes(v).ok_or_else(|| {
+                        invalid(KEY_MAX_BANDWIDTH, v, "bytes per second, an integer with optional K, M, G, T, Ki, Mi, Gi or Ti suffix")
+                    })?;
+                    p.max_bandwidth = nonzero(bw);
+                }
+                KEY_BURST_DURATION => {
+                    p.burst_duration = Some(parse_duration(v).ok_or_else(|| {
+                        invalid(KEY_BURST_DURATION, v, "a duration such as 500ms, 2s or 1m")
+                    })?);
+                }
+                KEY_CHECKSUM => {
+                    if v != "crc32c" {
+                        return Err(invalid(KEY_CHECKSUM, v, "crc32c"));
+                    }
+                }
+                KEY_DATA_LOCALITY => {
+                    p.data_locality = match v {
+                        "disabled" => DataLocality::Disabled,
+                        "best-effort" => DataLocality::BestEffort,
+                        _ => return Err(invalid(KEY_DATA_LOCALITY, v, "disabled or best-effort")),
+                    };
+                }
+                k if k.starts_with(CSI_METADATA_PREFIX) => {}
+                k => return Err(ParameterError::UnknownKey { key: k.to_string() }),
+            }
+        }
+        if let (Some(min), Some(max)) = (p.min_iops, p.max_iops) {
+            if min > max {
+                return Err(ParameterError::Conflict("minIOPS must not exceed maxIOPS"));
+            }
+        }
+        let has_limit = p.max_iops.is_some() || p.max_bandwidth.is_some();
+        if has_limit && p.burst_duration == Some(Duration::ZERO) {
+            return Err(ParameterError::Conflict(
+                "burstDuration must be greater than zero when maxIOPS or maxBandwidth is set",
+            ));
+        }
+        Ok(p)
+    }
+
+    /// The normalised map stored in the volume record and volume context.
+    ///
+    /// `fs_type` is the effective filesystem (see [`VolumeParameters::fs_type`]); only
+    /// set limits appear, as plain integers (bytes, milliseconds), so equal settings
+    /// always produce equal maps.
+    pub fn to_map(&self, fs_type: FsType) -> HashMap<String, String> {
+        let mut m = HashMap::new();
+        m.insert(
+            KEY_REPLICATION_FACTOR.to_string(),
+            self.replication_factor.to_string(),
+        );
+        m.insert(KEY_FS_TYPE.to_string(), fs_type.as_str().to_string());
+        m.insert(KEY_CHECKSUM.to_string(), "crc32c".to_string());
+        m.insert(
+            KEY_DATA_LOCALITY.to_string(),
+            self.data_locality.as_str().to_string(),
+        );
+        if let Some(v) = self.max_iops {
+            m.insert(KEY_MAX_IOPS.to_string(), v.to_string());
+        }
+        if let Some(v) = self.min_iops {
+            m.insert(KEY_MIN_IOPS.to_string(), v.to_string());
+        }
+        if let Some(v) = self.max_bandwidth {
+            m.insert(KEY_MAX_BANDWIDTH.to_string(), v.to_string());
+        }
+        if let Some(d) = self.burst_duration {
+            m.insert(
+                KEY_BURST_DURATION.to_string(),
+                format!("{}ms", d.as_millis()),
+            );
+        }
+        m
+    }
+}
+
+fn invalid(key: &'static str, value: &str, reason: &'static str) -> ParameterError {
+    ParameterError::InvalidValue {
+        key,
+        value: value.to_string(),
+        reason,
+    }
+}
+
+fn nonzero(v: u64) -> Option<u64> {
+    (v != 0).then_some(v)
+}
+
+/// Digits only: no sign, no spaces, no empty string.
+fn parse_uint(s: &str) -> Option<u64> {
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse().ok()
+}
+
+/// An integer with an optional decimal (K, M, G, T) or binary (Ki, Mi, Gi, Ti) suffix.
+fn parse_bytes(s: &str) -> Option<u64> {
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (digits, suffix) = s.split_at(split);
+    let n = parse_uint(digits)?;
+    let mult: u64 = match suffix {
+        "" => 1,
+        "K" => 1_000,
+        "M" => 1_000_000,
+        "G" => 1_000_000_000,
+        "T" => 1_000_000_000_000,
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        "Ti" => 1 << 40,
+        _ => return None,
+    };
+    n.checked_mul(mult)
+}
+
+/// One or more `<integer><unit>` terms (units ms, s, m, h), e.g. `500ms`, `1m30s`.
+fn parse_duration(s: &str) -> Option<Duration> {
+    if s.is_empty() {
+        return None;
+    }
+    let mut rest = s;
+    let mut total_ms: u64 = 0;
+    while !rest.is_empty() {
+        let digits_end = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let n = parse_uint(&rest[..digits_end])?;
+        rest = &rest[digits_end..];
+        let unit_end = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let per_unit: u64 = match &rest[..unit_end] {
+            "ms" => 1,
+            "s" => 1_000,
+            "m" => 60_000,
+            "h" => 3_600_000,
+            _ => return None,
+        };
+        rest = &rest[unit_end..];
+        total_ms = total_ms.checked_add(n.checked_mul(per_unit)?)?;
+    }
+    Some(Duration::from_millis(total_ms))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(kv: &[(&str, &str)]) -> HashMap<String, String> {
+        kv.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn empty_map_gives_defaults() {
+        let p = VolumeParameters::parse(&HashMap::new()).unwrap();
+        assert_eq!(p, VolumeParameters::default());
+        assert_eq!(p.replication_factor, 3);
+        let m = p.to_map(FsType::Ext4);
+        assert_eq!(m.get("fsType").map(String::as_str), Some("ext4"));
+        assert_eq!(m.get("replicationFactor").map(String::as_str), Some("3"));
+        assert!(!m.contains_key("maxIOPS"));
+    }
+
+    #[test]
+    fn all_keys_parse() {
+        let p = VolumeParameters::parse(&map(&[
+            ("replicationFactor", "5"),
+            ("fsType", "xfs"),
+            ("maxIOPS", "1000"),
+            ("minIOPS", "100"),
+            ("maxBandwidth", "100Mi"),
+            ("burstDuration", "1s500ms"),
+            ("checksum", "crc32c"),
+            ("dataLocality", "best-effort"),
+            ("csi.storage.k8s.io/pvc/name", "data"),
+        ]))
+        .unwrap();
+        assert_eq!(p.replication_factor, 5);
+        assert_eq!(p.fs_type, Some(FsType::Xfs));
+        assert_eq!(p.max_iops, Some(1000));
+        assert_eq!(p.min_iops, Some(100));
+        assert_eq!(p.max_bandwidth, Some(100 << 20));
+        assert_eq!(p.burst_duration, Some(Duration::from_millis(1500)));
+        assert_eq!(p.data_locality, DataLocality::BestEffort);
+        let m = p.to_map(FsType::Xfs);
+        assert_eq!(m.get("maxBandwidth").map(String::as_str), Some("104857600"));
+        assert_eq!(m.get("burstDuration").map(String::as_str), Some("1500ms"));
+        assert!(m.keys().all(|k| !k.starts_with(CSI_METADATA_PREFIX)));
+    }
+
+    #[test]
+    fn equal_settings_normalise_equal() {
+        let a = VolumeParameters::parse(&map(&[
+            ("maxBandwidth", "1Mi"),
+            ("burstDuration", "1s"),
+            ("maxIOPS", "0"),
+        ]))
+        .unwrap();
+        let b = VolumeParameters::parse(&map(&[
+            ("maxBandwidth", "1048576"),
+            ("burstDuration", "1000ms"),
+        ]))
+        .unwrap();
+        assert_eq!(a.to_map(FsType::Ext4), b.to_map(FsType::Ext4));
+    }
+
+    #[test]
+    fn replication_factor_bounds() {
+        for bad in [
+            "0",
+            "8",
+            "-1",
+            "+3",
+            "three",
+            "",
+            " 3",
+            "99999999999999999999999",
+        ] {
+            let err = VolumeParameters::parse(&map(&[("replicationFactor", bad)])).unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    ParameterError::InvalidValue {
+                        key: "replicationFactor",
+                        ..
+                    }
+                ),
+                "{bad}: {err}"
+            );
+            assert!(err.to_string().contains("replicationFactor"));
+        }
+        for good in 1..=7 {
+            let p =
+                VolumeParameters::parse(&map(&[("replicationFactor", &good.to_string())])).unwrap();
+            assert_eq!(p.replication_factor, good);
+        }
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = VolumeParameters::parse(&map(&[("replicas", "3")])).unwrap_err();
+        assert_eq!(
+            err,
+            ParameterError::UnknownKey {
+                key: "replicas".into()
+            }
+        );
+        assert!(err.to_string().contains("replicas"));
+    }
+
+    #[test]
+    fn invalid_values_name_key_and_value() {
+        let cases = [
+            ("fsType", "btrfs"),
+            ("maxIOPS", "-5"),
+            ("minIOPS", "1.5"),
+            ("maxBandwidth", "10Xi"),
+            ("maxBandwidth", "Mi"),
+            ("maxBandwidth", "99999999999Ti"),
+            ("burstDuration", "5"),
+            ("burstDuration", "1.5s"),
+            ("burstDuration", "ms"),
+            ("checksum", "md5"),
+            ("dataLocality", "strict"),
+        ];
+        for (k, v) in cases {
+            let err = VolumeParameters::parse(&map(&[(k, v)])).unwrap_err();
+            let msg = err.to_string();
+            assert!(msg.contains(k) && msg.contains(v), "{k}={v}: {msg}");
+        }
+    }
+
+    #[test]
+    fn min_iops_above_max_is_rejected() {
+        let err =
+            VolumeParameters::parse(&map(&[("minIOPS", "200"), ("maxIOPS", "100")])).unwrap_err();
+        assert!(matches!(err, ParameterError::Conflict(_)));
+        // Unlimited max (0) does not bound min.
+        assert!(VolumeParameters::parse(&map(&[("minIOPS", "200"), ("maxIOPS", "0")])).is_ok());
+        assert!(VolumeParameters::parse(&map(&[("minIOPS", "100"), ("maxIOPS", "100")])).is_ok());
+    }
+
+    #[test]
+    fn zero_burst_with_limit_is_rejected() {
+        assert!(
+            VolumeParameters::parse(&map(&[("burstDuration", "0s"), ("maxIOPS", "10")])).is_err()
+        );
+        assert!(
+            VolumeParameters::parse(&map(&[("burstDuration", "0ms"), ("maxBandwidth", "1M")]))
+                .is_err()
+        );
+        assert!(VolumeParameters::parse(&map(&[("burstDuration", "0s")])).is_ok());
+        assert!(
+            VolumeParameters::parse(&map(&[("burstDuration", "2m"), ("maxIOPS", "10")])).is_ok()
+        );
+    }
+
+    #[test]
+    fn byte_suffixes() {
+        assert_eq!(parse_bytes("1K"), Some(1000));
+        assert_eq!(parse_bytes("1Ki"), Some(1024));
+        assert_eq!(parse_bytes("3G"), Some(3_000_000_000));
+        assert_eq!(parse_bytes("2Gi"), Some(2 << 30));
+        assert_eq!(parse_bytes("7"), Some(7));
+        assert_eq!(parse_bytes("1k"), None);
+        assert_eq!(parse_bytes(""), None);
+    }
+}

@@ -1,0 +1,157 @@
+//! Publish / unpublish decisions and quorum arithmetic, kept free of I/O so the rules
+//! of the CSI spec (idempotent republish, ALREADY_EXISTS, FAILED_PRECONDITION) are
+//! unit-tested on their own.
+
+use std::collections::HashMap;
+
+use tessera_replica::control_proto::{Attachment, ReplicaRef};
+
+/// publish_context key: the fencing epoch the engine must use.
+pub const CTX_EPOCH: &str = "epoch";
+/// publish_context key: `node_id=data_address,...` of the volume's replicas.
+pub const CTX_REPLICAS: &str = "replicas";
+/// publish_context key: volume size in bytes.
+pub const CTX_SIZE_BYTES: &str = "sizeBytes";
+
+/// What ControllerPublishVolume must do, given the current attachments.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PublishDecision {
+    /// Already published to this node with the same readonly flag: answer again,
+    /// without raising the epoch.
+    AlreadyPublished,
+    /// Published to this node with the other readonly flag (ALREADY_EXISTS).
+    IncompatibleRepublish,
+    /// Published to another node; Tessera volumes are single-node
+    /// (FAILED_PRECONDITION naming that node).
+    PublishedElsewhere(String),
+    /// Not published: raise the epoch and record the attachment.
+    Attach,
+}
+
+/// Decides a publish of the volume to `node_id` with `readonly`.
+pub fn decide_publish(
+    attachments: &[Attachment],
+    node_id: &str,
+    readonly: bool,
+) -> PublishDecision {
+    if let Some(a) = attachments.iter().find(|a| a.node_id == node_id) {
+        return if a.readonly == readonly {
+            PublishDecision::AlreadyPublished
+        } else {
+            PublishDecision::IncompatibleRepublish
+        };
+    }
+    match attachments.first() {
+        Some(other) => PublishDecision::PublishedElsewhere(other.node_id.clone()),
+        None => PublishDecision::Attach,
+    }
+}
+
+/// Attachments after unpublishing `node_id` (`""` = from every node), or `None` when
+/// nothing changes (the idempotent case).
+pub fn after_unpublish(attachments: &[Attachment], node_id: &str) -> Option<Vec<Attachment>> {
+    let kept: Vec<Attachment> = attachments
+        .iter()
+        .filter(|a| !node_id.is_empty() && a.node_id != node_id)
+        .cloned()
+        .collect();
+    (kept.len() != attachments.len()).then_some(kept)
+}
+
+/// Smallest number of replicas that is a majority of `n`.
+pub fn majority(n: usize) -> usize {
+    n / 2 + 1
+}
+
+/// The publish_context handed to the node plugin.
+pub fn publish_context(
+    epoch: u64,
+    replicas: &[ReplicaRef],
+    size_bytes: u64,
+) -> HashMap<String, String> {
+    let list: Vec<String> = replicas
+        .iter()
+        .map(|r| format!("{}={}", r.node_id, r.data_address))
+        .collect();
+    HashMap::from([
+        (CTX_EPOCH.to_string(), epoch.to_string()),
+        (CTX_REPLICAS.to_string(), list.join(",")),
+        (CTX_SIZE_BYTES.to_string(), size_bytes.to_string()),
+    ])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn att(node: &str, ro: bool) -> Attachment {
+        Attachment {
+            node_id: node.into(),
+            readonly: ro,
+        }
+    }
+
+    #[test]
+    fn publish_decisions() {
+        assert_eq!(decide_publish(&[], "n1", false), PublishDecision::Attach);
+        assert_eq!(
+            decide_publish(&[att("n1", false)], "n1", false),
+            PublishDecision::AlreadyPublished
+        );
+        assert_eq!(
+            decide_publish(&[att("n1", true)], "n1", true),
+            PublishDecision::AlreadyPublished
+        );
+        assert_eq!(
+            decide_publish(&[att("n1", false)], "n1", true),
+            PublishDecision::IncompatibleRepublish
+        );
+        assert_eq!(
+            decide_publish(&[att("n1", false)], "n2", false),
+            PublishDecision::PublishedElsewhere("n1".into())
+        );
+    }
+
+    #[test]
+    fn unpublish_is_idempotent() {
+        assert_eq!(after_unpublish(&[], "n1"), None);
+        assert_eq!(after_unpublish(&[att("n2", false)], "n1"), None);
+        assert_eq!(after_unpublish(&[att("n1", false)], "n1"), Some(vec![]));
+        assert_eq!(
+            after_unpublish(&[att("n1", false), att("n2", true)], "n1"),
+            Some(vec![att("n2", true)])
+        );
+        assert_eq!(
+            after_unpublish(&[att("n1", false), att("n2", true)], ""),
+            Some(vec![])
+        );
+        assert_eq!(after_unpublish(&[], ""), None);
+    }
+
+    #[test]
+    fn majorities() {
+        assert_eq!(majority(1), 1);
+        assert_eq!(majority(2), 2);
+        assert_eq!(majority(3), 2);
+        assert_eq!(majority(4), 3);
+        assert_eq!(majority(5), 3);
+        assert_eq!(majority(7), 4);
+    }
+
+    #[test]
+    fn context_lists_replicas_in_record_order() {
+        let r = |n: &str, d: &str| ReplicaRef {
+            node_id: n.into(),
+            data_address: d.into(),
+            ..Default::default()
+        };
+        let ctx = publish_context(
+            7,
+            &[r("n2", "10.0.0.2:9000"), r("n1", "10.0.0.1:9000")],
+            4096,
+        );
+        assert_eq!(ctx[CTX_EPOCH], "7");
+        assert_eq!(ctx[CTX_REPLICAS], "n2=10.0.0.2:9000,n1=10.0.0.1:9000");
+        assert_eq!(ctx[CTX_SIZE_BYTES], "4096");
+    }
+}

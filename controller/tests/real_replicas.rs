@@ -1,0 +1,278 @@
+//! The `tessera-controller` binary against three real `tessera-replica` daemons, over
+//! its unix socket: create, publish, restart the controller, republish, unpublish,
+//! delete, and placement after a daemon dies.
+//!
+//! Skipped (with a note) when `target/debug/tessera-replica` has not been built; the
+//! full cross-process suite lives in the `tests/` crate.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use hyper_util::rt::TokioIo;
+use tessera_csi_proto::v1::controller_client::ControllerClient;
+use tessera_csi_proto::v1::identity_client::IdentityClient;
+use tessera_csi_proto::v1::volume_capability::access_mode::Mode;
+use tessera_csi_proto::v1::volume_capability::{AccessMode, AccessType, MountVolume};
+use tessera_csi_proto::v1::*;
+use tokio::net::UnixStream;
+use tokio::process::{Child, Command};
+use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::Code;
+
+const DEADLINE: Duration = Duration::from_secs(30);
+
+fn replica_binary() -> Option<PathBuf> {
+    let ctl = PathBuf::from(env!("CARGO_BIN_EXE_tessera-controller"));
+    let p = ctl.parent()?.join("tessera-replica");
+    p.exists().then_some(p)
+}
+
+/// Polls `f` until it returns `Some` or the deadline passes.
+async fn wait_for<T, F, Fut>(what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(start.elapsed() < DEADLINE, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn start_replica(bin: &Path, dir: &Path, node: &str) -> (Child, String) {
+    let data = dir.join(node);
+    let ready = dir.join(format!("{node}.ready"));
+    let child = Command::new(bin)
+        .args(["--data-dir", data.to_str().unwrap_or_default()])
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--data-listen",
+            "127.0.0.1:0",
+            "--node-id",
+            node,
+            "--zone",
+            "",
+        ])
+        .args([
+            "--capacity",
+            "10Gi",
+            "--ready-file",
+            ready.to_str().unwrap_or_default(),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn tessera-replica");
+    let control = wait_for("replica ready file", || {
+        let ready = ready.clone();
+        async move {
+            let text = std::fs::read_to_string(&ready).ok()?;
+            let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+            v.get("control")?.as_str().map(str::to_string)
+        }
+    })
+    .await;
+    (child, control)
+}
+
+fn start_controller(sock: &Path, replicas: &[String]) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_tessera-controller"))
+        .arg("--endpoint")
+        .arg(format!("unix://{}", sock.display()))
+        .arg("--replicas")
+        .arg(replicas.join(","))
+        .args(["--extra-nodes", "compute-1", "--rpc-timeout-ms", "2000"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn tessera-controller")
+}
+
+async fn connect(sock: &Path) -> Channel {
+    let path = sock.to_path_buf();
+    wait_for("controller socket", || {
+        let path = path.clone();
+        async move {
+            let channel = Endpoint::from_static("http://controller.invalid")
+                .connect_with_connector(tower::service_fn(move |_: Uri| {
+                    let path = path.clone();
+                    async move { UnixStream::connect(path).await.map(TokioIo::new) }
+                }))
+                .await
+                .ok()?;
+            let probe = IdentityClient::new(channel.clone())
+                .probe(ProbeRequest {})
+                .await
+                .ok()?;
+            (probe.into_inner().ready == Some(true)).then_some(channel)
+        }
+    })
+    .await
+}
+
+fn mount_cap() -> VolumeCapability {
+    VolumeCapability {
+        access_mode: Some(AccessMode {
+            mode: Mode::SingleNodeWriter as i32,
+        }),
+        access_type: Some(AccessType::Mount(MountVolume::default())),
+    }
+}
+
+fn publish(id: &str, node: &str) -> ControllerPublishVolumeRequest {
+    ControllerPublishVolumeRequest {
+        volume_id: id.into(),
+        node_id: node.into(),
+        volume_capability: Some(mount_cap()),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn controller_binary_against_real_replicas() {
+    let Some(bin) = replica_binary() else {
+        eprintln!(
+            "skipped: build tessera-replica (cargo build -p tessera-replica) to run this test"
+        );
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut daemons = Vec::new();
+    let mut addrs = Vec::new();
+    for n in ["n1", "n2", "n3"] {
+        let (child, control) = start_replica(&bin, dir.path(), n).await;
+        daemons.push(child);
+        addrs.push(control);
+    }
+    let sock = dir.path().join("csi.sock");
+    // A stale socket file must not stop the controller from starting.
+    std::fs::write(&sock, b"stale").expect("stale socket");
+    let mut controller = start_controller(&sock, &addrs);
+    let mut ctl = ControllerClient::new(connect(&sock).await);
+
+    let info = IdentityClient::new(connect(&sock).await)
+        .get_plugin_info(GetPluginInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.name, "tessera.csi.dev");
+
+    let vol = ctl
+        .create_volume(CreateVolumeRequest {
+            name: "pvc-real".into(),
+            capacity_range: Some(CapacityRange {
+                required_bytes: 64 << 20,
+                limit_bytes: 0,
+            }),
+            volume_capabilities: vec![mount_cap()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(vol.capacity_bytes, 64 << 20);
+    let id = vol.volume_id.clone();
+    let ctx = ctl
+        .controller_publish_volume(publish(&id, "compute-1"))
+        .await
+        .unwrap()
+        .into_inner()
+        .publish_context;
+    assert_eq!(ctx["epoch"], "1");
+    assert_eq!(ctx["replicas"].split(',').count(), 3);
+
+    // Restart the controller: the volume and its attachment come back from the records.
+    controller.kill().await.expect("kill controller");
+    controller = start_controller(&sock, &addrs);
+    let mut ctl = ControllerClient::new(connect(&sock).await);
+    let list = ctl
+        .list_volumes(ListVolumesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(list.entries.len(), 1);
+    assert_eq!(
+        list.entries[0].status.as_ref().unwrap().published_node_ids,
+        vec!["compute-1".to_string()]
+    );
+    let again = ctl
+        .controller_publish_volume(publish(&id, "compute-1"))
+        .await
+        .unwrap()
+        .into_inner()
+        .publish_context;
+    assert_eq!(again["epoch"], "1", "republish is idempotent");
+
+    let del = ctl
+        .delete_volume(DeleteVolumeRequest {
+            volume_id: id.clone(),
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(del.unwrap_err().code(), Code::FailedPrecondition);
+    ctl.controller_unpublish_volume(ControllerUnpublishVolumeRequest {
+        volume_id: id.clone(),
+        node_id: "compute-1".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let moved = ctl
+        .controller_publish_volume(publish(&id, "n2"))
+        .await
+        .unwrap()
+        .into_inner()
+        .publish_context;
+    assert_eq!(moved["epoch"], "2");
+    ctl.controller_unpublish_volume(ControllerUnpublishVolumeRequest {
+        volume_id: id.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    ctl.delete_volume(DeleteVolumeRequest {
+        volume_id: id.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert!(ctl
+        .list_volumes(ListVolumesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .entries
+        .is_empty());
+
+    // With one daemon dead, three replicas cannot be placed; two can.
+    daemons[2].kill().await.expect("kill replica");
+    let create = |name: &str, rf: &str| CreateVolumeRequest {
+        name: name.into(),
+        capacity_range: Some(CapacityRange {
+            required_bytes: 4096,
+            limit_bytes: 0,
+        }),
+        volume_capabilities: vec![mount_cap()],
+        parameters: [("replicationFactor".to_string(), rf.to_string())].into(),
+        ..Default::default()
+    };
+    assert_eq!(
+        ctl.create_volume(create("rf3", "3"))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::OutOfRange
+    );
+    ctl.create_volume(create("rf2", "2")).await.unwrap();
+    controller.kill().await.expect("kill controller");
+}
