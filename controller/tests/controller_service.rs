@@ -1,19 +1,26 @@
-//! The controller service end to end over gRPC against in-memory replica daemons
-//! (`common::FakeDaemon`), covering the CSI error codes and the replica protocol use.
+//! The CSI controller service end to end: the real `tessera-controller` binary over
+//! its unix socket, in front of real `tessera-replica` daemons on loopback
+//! (`support::Cluster`). Covers the CSI error codes, placement, publish fencing and
+//! the replica protocol as the daemons actually store it; faults are real process
+//! states (SIGKILL for a down daemon, SIGSTOP for a silent one).
+//!
+//! Needs `target/debug/tessera-replica` (`cargo build -p tessera-replica`); the test
+//! fails with that hint when the binary is missing.
 
-mod common;
+mod support;
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
+use std::time::Duration;
 
-use common::{Cluster, GIB};
+use support::{Cluster, NodeSpec, GIB};
+use tessera_controller::replica_pool::join_all;
 use tessera_controller::volume_index::volume_id_for_name;
-use tessera_csi_proto::v1::controller_server::Controller;
 use tessera_csi_proto::v1::volume_capability::access_mode::Mode;
 use tessera_csi_proto::v1::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume};
 use tessera_csi_proto::v1::*;
 use tessera_csi_proto::{TOPOLOGY_NODE_KEY, TOPOLOGY_ZONE_KEY};
-use tessera_replica::control_proto::{ReplicaRef, VolumeRecord};
-use tonic::{Code, Request};
+use tessera_replica::control_proto::CreateVolumeRequest as ReplicaCreateRequest;
+use tonic::Code;
 
 fn mount_cap(fs: &str) -> VolumeCapability {
     VolumeCapability {
@@ -62,21 +69,41 @@ fn publish_req(id: &str, node: &str, readonly: bool) -> ControllerPublishVolumeR
     }
 }
 
+fn unpublish_req(id: &str, node: &str) -> ControllerUnpublishVolumeRequest {
+    ControllerUnpublishVolumeRequest {
+        volume_id: id.into(),
+        node_id: node.into(),
+        ..Default::default()
+    }
+}
+
+fn delete_req(id: &str) -> DeleteVolumeRequest {
+    DeleteVolumeRequest {
+        volume_id: id.into(),
+        ..Default::default()
+    }
+}
+
+fn get_req(id: &str) -> ControllerGetVolumeRequest {
+    ControllerGetVolumeRequest {
+        volume_id: id.into(),
+    }
+}
+
+const THREE_NODES: &[NodeSpec<'static>] = &[
+    ("n1", "", 10 * GIB),
+    ("n2", "", 10 * GIB),
+    ("n3", "", 10 * GIB),
+];
+
 async fn three_nodes() -> Cluster {
-    Cluster::start(
-        &[
-            ("n1", "", 10 * GIB),
-            ("n2", "", 10 * GIB),
-            ("n3", "", 10 * GIB),
-        ],
-        &["compute-1"],
-    )
-    .await
+    Cluster::start(THREE_NODES, &["compute-1"]).await
 }
 
 async fn create(c: &Cluster, req: CreateVolumeRequest) -> Result<Volume, tonic::Status> {
-    c.controller
-        .create_volume(Request::new(req))
+    c.ctl()
+        .await
+        .create_volume(req)
         .await
         .map(|r| r.into_inner().volume.expect("volume"))
 }
@@ -107,9 +134,12 @@ async fn create_is_idempotent_and_detects_incompatible_duplicates() {
         Some("ext4")
     );
     // Every daemon holds the record, each replica on a distinct node.
-    for d in &c.daemons {
-        let rec = d.volume(&v.volume_id).expect("replica record");
+    for d in &c.replicas {
+        let rec = d.volume(&v.volume_id).await.expect("replica record");
         assert_eq!(rec.replicas.len(), 3);
+        assert_eq!(rec.size_bytes, 8192);
+        let nodes: BTreeSet<&str> = rec.replicas.iter().map(|r| r.node_id.as_str()).collect();
+        assert_eq!(nodes, BTreeSet::from(["n1", "n2", "n3"]));
     }
     // Accessible from every replica node and the extra node.
     let nodes: Vec<&str> = v
@@ -140,6 +170,10 @@ async fn create_is_idempotent_and_detects_incompatible_duplicates() {
     let mut block = create_req("pvc-a", 5000, &[("maxBandwidth", "1Mi")]);
     block.volume_capabilities = vec![block_cap()];
     assert_eq!(code(create(&c, block).await), Code::AlreadyExists);
+    // The refused duplicates changed nothing on the daemons.
+    for d in &c.replicas {
+        assert_eq!(d.volume_count().await, 1, "records on {}", d.node_id());
+    }
 }
 
 #[tokio::test]
@@ -188,6 +222,10 @@ async fn create_validates_its_arguments() {
         )),
     });
     assert_eq!(code(create(&c, clone).await), Code::InvalidArgument);
+    // Nothing reached the daemons before the first valid request.
+    for d in &c.replicas {
+        assert_eq!(d.volume_count().await, 0, "records on {}", d.node_id());
+    }
     // Keys of external-provisioner's extra metadata are accepted.
     let ok = create(
         &c,
@@ -205,7 +243,9 @@ async fn create_validates_its_arguments() {
         .keys()
         .any(|k| k.starts_with("csi.storage.k8s.io/")));
     // Nothing was created by the rejected calls.
-    assert_eq!(c.daemons[0].volume_count(), 1);
+    for d in &c.replicas {
+        assert_eq!(d.volume_count().await, 1, "records on {}", d.node_id());
+    }
 }
 
 #[tokio::test]
@@ -253,17 +293,23 @@ async fn placement_failures_map_to_out_of_range_or_resource_exhausted() {
         1,
         "requisite topology is returned as is"
     );
-    assert!(c.daemon("n3").volume(&v.volume_id).is_none());
-    assert!(
-        c.daemon("n1").volume(&v.volume_id).is_some()
-            && c.daemon("n2").volume(&v.volume_id).is_some()
-    );
+    assert_eq!(c.holders(&v.volume_id).await, vec!["n1", "n2"]);
+    // The refused requests left nothing on any daemon.
+    for d in &c.replicas {
+        let ids: Vec<String> = d.volumes().await.into_iter().map(|r| r.volume_id).collect();
+        let expected: Vec<String> = if d.zone() == "z1" {
+            vec![v.volume_id.clone()]
+        } else {
+            vec![]
+        };
+        assert_eq!(ids, expected, "records on {}", d.node_id());
+    }
 }
 
 #[tokio::test]
 async fn data_locality_puts_a_replica_on_the_preferred_node() {
-    let nodes: Vec<(String, u64)> = (1..=6).map(|i| (format!("n{i}"), 10 * GIB)).collect();
-    let spec: Vec<(&str, &str, u64)> = nodes.iter().map(|(n, c)| (n.as_str(), "", *c)).collect();
+    let nodes: Vec<String> = (1..=6).map(|i| format!("n{i}")).collect();
+    let spec: Vec<NodeSpec<'_>> = nodes.iter().map(|n| (n.as_str(), "", 10 * GIB)).collect();
     let c = Cluster::start(&spec, &[]).await;
     for i in 0..6 {
         let mut r = create_req(
@@ -278,9 +324,11 @@ async fn data_locality_puts_a_replica_on_the_preferred_node() {
             }],
         });
         let v = create(&c, r).await.unwrap();
+        let holders = c.holders(&v.volume_id).await;
+        assert_eq!(holders.len(), 2, "volume {i} is on {holders:?}");
         assert!(
-            c.daemon("n5").volume(&v.volume_id).is_some(),
-            "volume {i} has no replica on n5"
+            holders.iter().any(|n| n == "n5"),
+            "volume {i} has no replica on n5: {holders:?}"
         );
     }
 }
@@ -290,18 +338,18 @@ async fn publish_raises_the_epoch_once_and_follows_the_spec() {
     let c = three_nodes().await;
     let v = create(&c, create_req("pub", 0, &[])).await.unwrap();
     let id = v.volume_id.clone();
-    let ctl = &c.controller;
+    let mut ctl = c.ctl().await;
 
     assert_eq!(
         code(
-            ctl.controller_publish_volume(Request::new(publish_req("", "n1", false)))
+            ctl.controller_publish_volume(publish_req("", "n1", false))
                 .await
         ),
         Code::InvalidArgument
     );
     assert_eq!(
         code(
-            ctl.controller_publish_volume(Request::new(publish_req(&id, "", false)))
+            ctl.controller_publish_volume(publish_req(&id, "", false))
                 .await
         ),
         Code::InvalidArgument
@@ -309,27 +357,32 @@ async fn publish_raises_the_epoch_once_and_follows_the_spec() {
     let mut no_cap = publish_req(&id, "n1", false);
     no_cap.volume_capability = None;
     assert_eq!(
-        code(ctl.controller_publish_volume(Request::new(no_cap)).await),
+        code(ctl.controller_publish_volume(no_cap).await),
         Code::InvalidArgument
     );
     let ghost = volume_id_for_name("ghost");
     assert_eq!(
         code(
-            ctl.controller_publish_volume(Request::new(publish_req(&ghost, "n1", false)))
+            ctl.controller_publish_volume(publish_req(&ghost, "n1", false))
                 .await
         ),
         Code::NotFound
     );
     assert_eq!(
         code(
-            ctl.controller_publish_volume(Request::new(publish_req(&id, "nowhere", false)))
+            ctl.controller_publish_volume(publish_req(&id, "nowhere", false))
                 .await
         ),
         Code::NotFound
     );
+    // None of the refused calls touched the records.
+    for d in &c.replicas {
+        let rec = d.volume(&id).await.unwrap();
+        assert_eq!((rec.epoch, rec.attachments.len()), (0, 0));
+    }
 
     let ctx = ctl
-        .controller_publish_volume(Request::new(publish_req(&id, "compute-1", false)))
+        .controller_publish_volume(publish_req(&id, "compute-1", false))
         .await
         .unwrap()
         .into_inner()
@@ -338,48 +391,53 @@ async fn publish_raises_the_epoch_once_and_follows_the_spec() {
     assert_eq!(ctx["sizeBytes"], GIB.to_string());
     let mut listed: Vec<&str> = ctx["replicas"].split(',').collect();
     listed.sort();
-    assert_eq!(
-        listed,
-        vec!["n1=data-n1:7001", "n2=data-n2:7001", "n3=data-n3:7001"]
-    );
-    for d in &c.daemons {
-        let rec = d.volume(&id).unwrap();
+    let mut expected: Vec<String> = c
+        .replicas
+        .iter()
+        .map(|d| format!("{}={}", d.node_id(), d.data_addr()))
+        .collect();
+    expected.sort();
+    assert_eq!(listed, expected, "node=data address of every daemon");
+    for d in &c.replicas {
+        let rec = d.volume(&id).await.unwrap();
         assert_eq!(rec.epoch, 1);
         assert_eq!(rec.attachments.len(), 1);
+        assert_eq!(rec.attachments[0].node_id, "compute-1");
+        assert!(!rec.attachments[0].readonly);
     }
 
     // Idempotent: same answer, no new epoch.
     let again = ctl
-        .controller_publish_volume(Request::new(publish_req(&id, "compute-1", false)))
+        .controller_publish_volume(publish_req(&id, "compute-1", false))
         .await
         .unwrap()
         .into_inner();
     assert_eq!(again.publish_context, ctx);
-    assert!(c.daemons.iter().all(|d| d.volume(&id).unwrap().epoch == 1));
+    for d in &c.replicas {
+        assert_eq!(d.volume(&id).await.unwrap().epoch, 1, "on {}", d.node_id());
+    }
     assert_eq!(
         code(
-            ctl.controller_publish_volume(Request::new(publish_req(&id, "compute-1", true)))
+            ctl.controller_publish_volume(publish_req(&id, "compute-1", true))
                 .await
         ),
         Code::AlreadyExists
     );
     let err = ctl
-        .controller_publish_volume(Request::new(publish_req(&id, "n2", false)))
+        .controller_publish_volume(publish_req(&id, "n2", false))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
     assert!(err.message().contains("compute-1"));
 
     // Published volumes cannot be deleted; listing shows where it is published.
-    let del = ctl
-        .delete_volume(Request::new(DeleteVolumeRequest {
-            volume_id: id.clone(),
-            ..Default::default()
-        }))
-        .await;
-    assert_eq!(code(del), Code::FailedPrecondition);
+    assert_eq!(
+        code(ctl.delete_volume(delete_req(&id)).await),
+        Code::FailedPrecondition
+    );
+    assert_eq!(c.holders(&id).await, vec!["n1", "n2", "n3"]);
     let list = ctl
-        .list_volumes(Request::new(ListVolumesRequest::default()))
+        .list_volumes(ListVolumesRequest::default())
         .await
         .unwrap()
         .into_inner();
@@ -390,65 +448,60 @@ async fn publish_raises_the_epoch_once_and_follows_the_spec() {
 
     // Unpublish (twice: idempotent; unknown volume and node are fine too).
     for _ in 0..2 {
-        ctl.controller_unpublish_volume(Request::new(ControllerUnpublishVolumeRequest {
-            volume_id: id.clone(),
-            node_id: "compute-1".into(),
-            ..Default::default()
-        }))
+        ctl.controller_unpublish_volume(unpublish_req(&id, "compute-1"))
+            .await
+            .unwrap();
+    }
+    ctl.controller_unpublish_volume(unpublish_req(&ghost, "x"))
         .await
         .unwrap();
-    }
-    ctl.controller_unpublish_volume(Request::new(ControllerUnpublishVolumeRequest {
-        volume_id: ghost.clone(),
-        node_id: "x".into(),
-        ..Default::default()
-    }))
-    .await
-    .unwrap();
     assert_eq!(
         code(
-            ctl.controller_unpublish_volume(Request::new(
-                ControllerUnpublishVolumeRequest::default()
-            ))
-            .await
+            ctl.controller_unpublish_volume(ControllerUnpublishVolumeRequest::default())
+                .await
         ),
         Code::InvalidArgument
     );
-    assert!(c
-        .daemons
-        .iter()
-        .all(|d| d.volume(&id).unwrap().attachments.is_empty()));
+    for d in &c.replicas {
+        let rec = d.volume(&id).await.unwrap();
+        assert!(rec.attachments.is_empty(), "on {}", d.node_id());
+        assert_eq!(rec.epoch, 1, "unpublish does not raise the epoch");
+    }
 
     // Moving to another node fences the old one with a higher epoch.
     let ctx2 = ctl
-        .controller_publish_volume(Request::new(publish_req(&id, "n2", true)))
+        .controller_publish_volume(publish_req(&id, "n2", true))
         .await
         .unwrap()
         .into_inner()
         .publish_context;
     assert_eq!(ctx2["epoch"], "2");
+    for d in &c.replicas {
+        assert_eq!(d.volume(&id).await.unwrap().epoch, 2, "on {}", d.node_id());
+    }
 }
 
 #[tokio::test]
 async fn a_minority_down_is_tolerated_a_majority_is_unavailable() {
-    let c = three_nodes().await;
+    let mut c = three_nodes().await;
     let id = create(&c, create_req("deg", 0, &[]))
         .await
         .unwrap()
         .volume_id;
-    let ctl = &c.controller;
-    c.daemon("n3").set_down(true);
+    let mut ctl = c.ctl().await;
+    c.replica_mut("n3").kill();
     let ctx = ctl
-        .controller_publish_volume(Request::new(publish_req(&id, "n1", false)))
+        .controller_publish_volume(publish_req(&id, "n1", false))
         .await
         .unwrap()
         .into_inner()
         .publish_context;
     assert_eq!(ctx["epoch"], "1");
+    for n in ["n1", "n2"] {
+        assert_eq!(c.replica(n).volume(&id).await.unwrap().epoch, 1, "on {n}");
+    }
     let got = ctl
-        .controller_get_volume(Request::new(ControllerGetVolumeRequest {
-            volume_id: id.clone(),
-        }))
+        .controller_get_volume(get_req(&id))
         .await
         .unwrap()
         .into_inner();
@@ -458,85 +511,105 @@ async fn a_minority_down_is_tolerated_a_majority_is_unavailable() {
         "{cond:?}"
     );
 
-    c.daemon("n2").set_down(true);
+    c.replica_mut("n2").kill();
     let got = ctl
-        .controller_get_volume(Request::new(ControllerGetVolumeRequest {
-            volume_id: id.clone(),
-        }))
+        .controller_get_volume(get_req(&id))
         .await
         .unwrap()
         .into_inner();
     assert!(got.status.unwrap().volume_condition.unwrap().abnormal);
-    let unpub = ctl
-        .controller_unpublish_volume(Request::new(ControllerUnpublishVolumeRequest {
-            volume_id: id.clone(),
-            node_id: "n1".into(),
-            ..Default::default()
-        }))
-        .await;
-    assert_eq!(code(unpub), Code::Unavailable);
+    assert_eq!(
+        code(
+            ctl.controller_unpublish_volume(unpublish_req(&id, "n1"))
+                .await
+        ),
+        Code::Unavailable
+    );
     // A new volume cannot be placed on three nodes with only one live.
     assert_eq!(
         code(create(&c, create_req("more", 0, &[])).await),
         Code::OutOfRange
     );
+    assert_eq!(c.replica("n1").volume_count().await, 1, "nothing created");
 
-    c.daemon("n2").set_down(false);
-    ctl.controller_unpublish_volume(Request::new(ControllerUnpublishVolumeRequest {
-        volume_id: id.clone(),
-        node_id: "n1".into(),
-        ..Default::default()
-    }))
-    .await
-    .unwrap();
+    c.replica_mut("n2").restart().await;
+    ctl.controller_unpublish_volume(unpublish_req(&id, "n1"))
+        .await
+        .unwrap();
+    for n in ["n1", "n2"] {
+        let rec = c.replica(n).volume(&id).await.unwrap();
+        assert!(rec.attachments.is_empty(), "on {n}");
+    }
     // Delete with n3 still down: UNAVAILABLE and the volume stays listed.
-    let del = ctl
-        .delete_volume(Request::new(DeleteVolumeRequest {
-            volume_id: id.clone(),
-            ..Default::default()
-        }))
-        .await;
-    assert_eq!(code(del), Code::Unavailable);
+    assert_eq!(
+        code(ctl.delete_volume(delete_req(&id)).await),
+        Code::Unavailable
+    );
     let list = ctl
-        .list_volumes(Request::new(ListVolumesRequest::default()))
+        .list_volumes(ListVolumesRequest::default())
         .await
         .unwrap()
         .into_inner();
     assert_eq!(list.entries.len(), 1);
-    c.daemon("n3").set_down(false);
-    ctl.delete_volume(Request::new(DeleteVolumeRequest {
-        volume_id: id.clone(),
-        ..Default::default()
-    }))
-    .await
-    .unwrap();
-    assert!(c.daemons.iter().all(|d| d.volume(&id).is_none()));
+    c.replica_mut("n3").restart().await;
+    assert!(
+        c.replica("n3").volume(&id).await.is_some(),
+        "n3 was down: its replica is still there"
+    );
+    ctl.delete_volume(delete_req(&id)).await.unwrap();
+    assert!(c.holders(&id).await.is_empty());
     let list = ctl
-        .list_volumes(Request::new(ListVolumesRequest::default()))
+        .list_volumes(ListVolumesRequest::default())
         .await
         .unwrap()
         .into_inner();
     assert!(list.entries.is_empty());
     // Deleting again, or an id that never existed, is fine.
-    ctl.delete_volume(Request::new(DeleteVolumeRequest {
-        volume_id: id.clone(),
-        ..Default::default()
-    }))
-    .await
-    .unwrap();
-    ctl.delete_volume(Request::new(DeleteVolumeRequest {
-        volume_id: "garbage".into(),
-        ..Default::default()
-    }))
-    .await
-    .unwrap();
+    ctl.delete_volume(delete_req(&id)).await.unwrap();
+    ctl.delete_volume(delete_req("garbage")).await.unwrap();
     assert_eq!(
-        code(
-            ctl.delete_volume(Request::new(DeleteVolumeRequest::default()))
-                .await
-        ),
+        code(ctl.delete_volume(DeleteVolumeRequest::default()).await),
         Code::InvalidArgument
     );
+}
+
+#[tokio::test]
+async fn a_silent_replica_costs_a_call_the_deadline_not_a_hang() {
+    // A SIGSTOPped daemon accepts connections (the kernel does) and never answers.
+    let mut c = Cluster::start_with(THREE_NODES, &[], &["--rpc-timeout-ms", "500"]).await;
+    let id = create(&c, create_req("quiet", 0, &[]))
+        .await
+        .unwrap()
+        .volume_id;
+    let mut ctl = c.ctl().await;
+    c.replica_mut("n3").freeze();
+    let bound = Duration::from_secs(30);
+    let ctx = tokio::time::timeout(
+        bound,
+        ctl.controller_publish_volume(publish_req(&id, "n1", false)),
+    )
+    .await
+    .expect("publish with a silent minority finishes")
+    .unwrap()
+    .into_inner()
+    .publish_context;
+    assert_eq!(ctx["epoch"], "1");
+    let got = tokio::time::timeout(bound, ctl.controller_get_volume(get_req(&id)))
+        .await
+        .expect("get-volume with a silent minority finishes")
+        .unwrap()
+        .into_inner();
+    let cond = got.status.unwrap().volume_condition.unwrap();
+    assert!(
+        !cond.abnormal && cond.message.contains("degraded") && cond.message.contains("n3"),
+        "{cond:?}"
+    );
+    // Once it answers again, it missed the publish: the others moved on without it.
+    c.replica_mut("n3").thaw();
+    assert_eq!(c.replica("n3").volume(&id).await.unwrap().epoch, 0);
+    for n in ["n1", "n2"] {
+        assert_eq!(c.replica(n).volume(&id).await.unwrap().epoch, 1, "on {n}");
+    }
 }
 
 #[tokio::test]
@@ -551,21 +624,23 @@ async fn a_restarted_controller_loses_no_volume_and_pages_through_them() {
                 .volume_id,
         );
     }
-    c.controller
-        .controller_publish_volume(Request::new(publish_req(&ids[0], "n1", false)))
+    c.ctl()
+        .await
+        .controller_publish_volume(publish_req(&ids[0], "n1", false))
         .await
         .unwrap();
+    // SIGKILL: the controller keeps no state of its own, the records are on the daemons.
     c.restart_controller().await;
-    let ctl = &c.controller;
+    let mut ctl = c.ctl().await;
 
     let mut seen = Vec::new();
     let mut token = String::new();
     loop {
         let page = ctl
-            .list_volumes(Request::new(ListVolumesRequest {
+            .list_volumes(ListVolumesRequest {
                 max_entries: 2,
                 starting_token: token.clone(),
-            }))
+            })
             .await
             .unwrap()
             .into_inner();
@@ -585,20 +660,20 @@ async fn a_restarted_controller_loses_no_volume_and_pages_through_them() {
     assert_eq!(seen, want);
     assert_eq!(
         code(
-            ctl.list_volumes(Request::new(ListVolumesRequest {
+            ctl.list_volumes(ListVolumesRequest {
                 max_entries: 0,
                 starting_token: "invalid-token".into()
-            }))
+            })
             .await
         ),
         Code::Aborted
     );
     assert_eq!(
         code(
-            ctl.list_volumes(Request::new(ListVolumesRequest {
+            ctl.list_volumes(ListVolumesRequest {
                 max_entries: -1,
                 starting_token: String::new()
-            }))
+            })
             .await
         ),
         Code::InvalidArgument
@@ -606,15 +681,23 @@ async fn a_restarted_controller_loses_no_volume_and_pages_through_them() {
 
     // The attachment survived the restart: republishing is idempotent, moving is refused.
     let ctx = ctl
-        .controller_publish_volume(Request::new(publish_req(&ids[0], "n1", false)))
+        .controller_publish_volume(publish_req(&ids[0], "n1", false))
         .await
         .unwrap()
         .into_inner()
         .publish_context;
     assert_eq!(ctx["epoch"], "1");
+    for d in &c.replicas {
+        assert_eq!(
+            d.volume(&ids[0]).await.unwrap().epoch,
+            1,
+            "on {}",
+            d.node_id()
+        );
+    }
     assert_eq!(
         code(
-            ctl.controller_publish_volume(Request::new(publish_req(&ids[0], "n2", false)))
+            ctl.controller_publish_volume(publish_req(&ids[0], "n2", false))
                 .await
         ),
         Code::FailedPrecondition
@@ -625,22 +708,9 @@ async fn a_restarted_controller_loses_no_volume_and_pages_through_them() {
 async fn a_create_interrupted_after_one_replica_is_completed_by_the_retry() {
     let c = three_nodes().await;
     // A previous controller placed the volume on n1..n3 but crashed after creating it
-    // on n2 only.
+    // on n2 only: that record is created on n2 directly, through its control API.
     let name = "half-done";
     let id = volume_id_for_name(name);
-    let replicas: Vec<ReplicaRef> = c
-        .daemons
-        .iter()
-        .map(|d| {
-            let info = d.state.lock().unwrap().info.clone();
-            ReplicaRef {
-                node_id: info.node_id,
-                zone: info.zone,
-                control_address: d.address.clone(),
-                data_address: info.data_address,
-            }
-        })
-        .collect();
     let params: HashMap<String, String> = [
         ("replicationFactor", "3"),
         ("fsType", "ext4"),
@@ -650,62 +720,77 @@ async fn a_create_interrupted_after_one_replica_is_completed_by_the_retry() {
     .iter()
     .map(|(k, v)| (k.to_string(), v.to_string()))
     .collect();
-    let rec = VolumeRecord {
-        volume_id: id.clone(),
-        name: name.into(),
-        size_bytes: GIB,
-        replication_factor: 3,
-        replicas,
-        parameters: params,
-        generation: 1,
-        access_type: "mount".into(),
-        ..Default::default()
-    };
-    c.daemon("n2")
-        .state
-        .lock()
-        .unwrap()
-        .volumes
-        .insert(id.clone(), rec);
+    let planted = c
+        .replica("n2")
+        .client()
+        .await
+        .create_volume(ReplicaCreateRequest {
+            volume_id: id.clone(),
+            name: name.into(),
+            size_bytes: GIB,
+            replication_factor: 3,
+            replicas: c.replicas.iter().map(|d| d.replica_ref()).collect(),
+            parameters: params,
+            created_unix_nanos: 1,
+            access_type: "mount".into(),
+        })
+        .await
+        .expect("CreateVolume on n2")
+        .into_inner();
+    assert_eq!(c.holders(&id).await, vec!["n2"]);
 
     let v = create(&c, create_req(name, GIB as i64, &[])).await.unwrap();
     assert_eq!(v.volume_id, id);
-    assert!(
-        c.daemons.iter().all(|d| d.volume(&id).is_some()),
+    assert_eq!(
+        c.holders(&id).await,
+        vec!["n1", "n2", "n3"],
         "retry completed the replica set"
     );
+    for d in &c.replicas {
+        let rec = d.volume(&id).await.unwrap();
+        assert_eq!(
+            rec.replicas,
+            planted.replicas,
+            "replica set on {}",
+            d.node_id()
+        );
+        assert_eq!(rec.created_unix_nanos, 1, "the first attempt's record");
+    }
 }
 
 #[tokio::test]
 async fn capacity_validate_and_get_volume() {
+    // Sizes in units far below any disk's free space: a daemon reports
+    // min(capacity - used, free space of its filesystem) as free.
+    const U: u64 = 64 << 20;
     let c = Cluster::start(
         &[
-            ("n1", "z1", 10 * GIB),
-            ("n2", "z1", 20 * GIB),
-            ("n3", "z2", 30 * GIB),
+            ("n1", "z1", 10 * U),
+            ("n2", "z1", 20 * U),
+            ("n3", "z2", 30 * U),
         ],
         &[],
     )
     .await;
-    let ctl = &c.controller;
+    let mut ctl = c.ctl().await;
     let cap = ctl
-        .get_capacity(Request::new(GetCapacityRequest::default()))
+        .get_capacity(GetCapacityRequest::default())
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(cap.available_capacity, (60 * GIB) as i64);
-    assert_eq!(cap.maximum_volume_size, Some((10 * GIB) as i64));
+    assert_eq!(cap.available_capacity, (60 * U) as i64);
+    assert_eq!(cap.maximum_volume_size, Some((10 * U) as i64));
     let rf1 = GetCapacityRequest {
         parameters: HashMap::from([("replicationFactor".to_string(), "1".to_string())]),
         ..Default::default()
     };
     assert_eq!(
-        ctl.get_capacity(Request::new(rf1))
+        ctl.get_capacity(rf1)
             .await
             .unwrap()
             .into_inner()
             .maximum_volume_size,
-        Some((30 * GIB) as i64)
+        Some((30 * U) as i64)
     );
     let z1 = GetCapacityRequest {
         accessible_topology: Some(Topology {
@@ -713,12 +798,8 @@ async fn capacity_validate_and_get_volume() {
         }),
         ..Default::default()
     };
-    let cap = ctl
-        .get_capacity(Request::new(z1))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(cap.available_capacity, (30 * GIB) as i64);
+    let cap = ctl.get_capacity(z1).await.unwrap().into_inner();
+    assert_eq!(cap.available_capacity, (30 * U) as i64);
     assert_eq!(
         cap.maximum_volume_size,
         Some(0),
@@ -728,18 +809,15 @@ async fn capacity_validate_and_get_volume() {
         parameters: HashMap::from([("bogus".to_string(), "1".to_string())]),
         ..Default::default()
     };
-    assert_eq!(
-        code(ctl.get_capacity(Request::new(bad)).await),
-        Code::InvalidArgument
-    );
+    assert_eq!(code(ctl.get_capacity(bad).await), Code::InvalidArgument);
 
-    let v = create(&c, create_req("val", 0, &[])).await.unwrap();
+    let v = create(&c, create_req("val", U as i64, &[])).await.unwrap();
     let cap = ctl
-        .get_capacity(Request::new(GetCapacityRequest::default()))
+        .get_capacity(GetCapacityRequest::default())
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(cap.available_capacity, (57 * GIB) as i64);
+    assert_eq!(cap.available_capacity, (57 * U) as i64);
 
     let validate = |caps: Vec<VolumeCapability>, id: &str| ValidateVolumeCapabilitiesRequest {
         volume_id: id.into(),
@@ -747,29 +825,26 @@ async fn capacity_validate_and_get_volume() {
         ..Default::default()
     };
     let ok = ctl
-        .validate_volume_capabilities(Request::new(validate(
-            vec![mount_cap("ext4")],
-            &v.volume_id,
-        )))
+        .validate_volume_capabilities(validate(vec![mount_cap("ext4")], &v.volume_id))
         .await
         .unwrap()
         .into_inner();
     assert!(ok.confirmed.is_some());
     let xfs = ctl
-        .validate_volume_capabilities(Request::new(validate(vec![mount_cap("xfs")], &v.volume_id)))
+        .validate_volume_capabilities(validate(vec![mount_cap("xfs")], &v.volume_id))
         .await
         .unwrap()
         .into_inner();
     assert!(xfs.confirmed.is_none() && !xfs.message.is_empty());
     let blk = ctl
-        .validate_volume_capabilities(Request::new(validate(vec![block_cap()], &v.volume_id)))
+        .validate_volume_capabilities(validate(vec![block_cap()], &v.volume_id))
         .await
         .unwrap()
         .into_inner();
     assert!(blk.confirmed.is_none());
     assert_eq!(
         code(
-            ctl.validate_volume_capabilities(Request::new(validate(vec![], &v.volume_id)))
+            ctl.validate_volume_capabilities(validate(vec![], &v.volume_id))
                 .await
         ),
         Code::InvalidArgument
@@ -777,28 +852,21 @@ async fn capacity_validate_and_get_volume() {
     let ghost = volume_id_for_name("ghost");
     assert_eq!(
         code(
-            ctl.validate_volume_capabilities(Request::new(validate(vec![mount_cap("")], &ghost)))
+            ctl.validate_volume_capabilities(validate(vec![mount_cap("")], &ghost))
                 .await
         ),
         Code::NotFound
     );
 
     let got = ctl
-        .controller_get_volume(Request::new(ControllerGetVolumeRequest {
-            volume_id: v.volume_id.clone(),
-        }))
+        .controller_get_volume(get_req(&v.volume_id))
         .await
         .unwrap()
         .into_inner();
     assert_eq!(got.volume.unwrap().volume_id, v.volume_id);
     assert!(!got.status.unwrap().volume_condition.unwrap().abnormal);
     assert_eq!(
-        code(
-            ctl.controller_get_volume(Request::new(ControllerGetVolumeRequest {
-                volume_id: ghost
-            }))
-            .await
-        ),
+        code(ctl.controller_get_volume(get_req(&ghost)).await),
         Code::NotFound
     );
 }
@@ -806,10 +874,18 @@ async fn capacity_validate_and_get_volume() {
 #[tokio::test]
 async fn concurrent_creates_of_one_name_make_one_volume() {
     let c = three_nodes().await;
-    let calls = (0..8).map(|_| create(&c, create_req("race", 0, &[])));
-    let results = tessera_controller::replica_pool::join_all(calls).await;
-    let ids: std::collections::BTreeSet<String> =
-        results.into_iter().map(|r| r.unwrap().volume_id).collect();
+    let ctl = c.ctl().await;
+    let calls = (0..8).map(|_| {
+        let mut ctl = ctl.clone();
+        async move { ctl.create_volume(create_req("race", 0, &[])).await }
+    });
+    let results = join_all(calls).await;
+    let ids: BTreeSet<String> = results
+        .into_iter()
+        .map(|r| r.unwrap().into_inner().volume.unwrap().volume_id)
+        .collect();
     assert_eq!(ids.len(), 1);
-    assert!(c.daemons.iter().all(|d| d.volume_count() == 1));
+    for d in &c.replicas {
+        assert_eq!(d.volume_count().await, 1, "records on {}", d.node_id());
+    }
 }

@@ -2,8 +2,9 @@
 //! its unix socket: create, publish, restart the controller, republish, unpublish,
 //! delete, and placement after a daemon dies.
 //!
-//! Skipped (with a note) when `target/debug/tessera-replica` has not been built; the
-//! full cross-process suite lives in the `tests/` crate.
+//! Needs `target/debug/tessera-replica` (`cargo build -p tessera-replica`, which the
+//! test command runs first): without it the test fails saying so, it never passes
+//! without running. The full cross-process suite lives in the `tests/` crate.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -22,10 +23,10 @@ use tonic::Code;
 
 const DEADLINE: Duration = Duration::from_secs(30);
 
-fn replica_binary() -> Option<PathBuf> {
-    let ctl = PathBuf::from(env!("CARGO_BIN_EXE_tessera-controller"));
-    let p = ctl.parent()?.join("tessera-replica");
-    p.exists().then_some(p)
+/// The replica daemon binary; panics saying how to build it when it is missing.
+fn replica_binary() -> PathBuf {
+    use tessera_tests::binaries;
+    binaries::locate(binaries::REPLICA).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 /// Polls `f` until it returns `Some` or the deadline passes.
@@ -138,12 +139,7 @@ fn publish(id: &str, node: &str) -> ControllerPublishVolumeRequest {
 
 #[tokio::test]
 async fn controller_binary_against_real_replicas() {
-    let Some(bin) = replica_binary() else {
-        eprintln!(
-            "skipped: build tessera-replica (cargo build -p tessera-replica) to run this test"
-        );
-        return;
-    };
+    let bin = replica_binary();
     let dir = tempfile::tempdir().expect("tempdir");
     let mut daemons = Vec::new();
     let mut addrs = Vec::new();
