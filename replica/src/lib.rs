@@ -8,6 +8,15 @@
 //! Layout:
 //! * [`control_proto`]: generated control-API messages, client and server.
 //! * [`block_io`]: the trait seam between the data-plane server and the block store.
+//! * [`dataplane`]: the framed TCP data-plane protocol, its server and its client.
+//! * [`record`]: the volume record and its checksummed on-disk format.
+//! * [`capacity`]: size parsing (`10Gi`) and backing-filesystem space.
+//! * [`catalog`]: the volumes of a data directory, crash-safe on disk, with CAS updates.
+//! * [`control_service`]: the control gRPC service over the catalog.
+//! * [`health`]: a minimal HTTP server for `/healthz` and `/metrics`.
+//! * [`scheduler`]: the per-device I/O scheduler (EDF deadlines, per-volume token
+//!   buckets, io_uring engine with a sync reference engine).
+//! * [`store`]: the checksummed, layered (snapshot-capable) block store of one replica.
 //!
 //! This crate must not depend on the controller or node crates: they depend on it.
 
@@ -18,3 +27,11 @@ pub mod control_proto {
 }
 
 pub mod block_io;
+pub mod capacity;
+pub mod catalog;
+pub mod control_service;
+pub mod dataplane;
+pub mod health;
+pub mod record;
+pub mod scheduler;
+pub mod store;

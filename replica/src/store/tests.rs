@@ -1,0 +1,952 @@
+//! Unit tests of the layered store: checksums, torn writes, layers, reopen, and a
+//! proptest against an in-memory model.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use proptest::prelude::*;
+
+use super::format::{self, Entry, ENTRY_SIZE, META_HEADER_SIZE};
+use super::*;
+use crate::block_io::{BlockIoError, VolumeBlocks};
+
+const B: u64 = BLOCK_SIZE;
+
+/// Content unique to (block, version): a reader can tell every version apart.
+fn pattern(block: u64, version: u64) -> Vec<u8> {
+    let mut v = Vec::with_capacity(BS);
+    let mut x =
+        block.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ version.wrapping_mul(0xD1B5_4A32_D192_ED03);
+    while v.len() < BS {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v[..8].copy_from_slice(&block.to_le_bytes());
+    v[8..16].copy_from_slice(&version.to_le_bytes());
+    v
+}
+
+fn new_store(blocks: u64) -> (tempfile::TempDir, LayeredStore) {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let store = LayeredStore::create(&tmp.path().join("vol"), blocks * B).expect("create");
+    (tmp, store)
+}
+
+fn layer_file(store: &LayeredStore, layer: LayerId, name: &str) -> PathBuf {
+    store
+        .dir()
+        .join("layers")
+        .join(layer.to_string())
+        .join(name)
+}
+
+fn poke(path: &Path, offset: u64, bytes: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .expect("open for poke");
+    f.write_all_at(bytes, offset).expect("poke");
+}
+
+fn is_corrupt_at(r: Result<Vec<u8>, StoreError>, block: u64) -> bool {
+    matches!(r, Err(StoreError::Corrupt { block: b, .. }) if b == block)
+}
+
+#[test]
+fn unwritten_reads_zero_and_writes_round_trip() {
+    let (_t, s) = new_store(8);
+    assert_eq!(s.read(0, 8 * B).expect("read"), vec![0u8; 8 * BS]);
+    s.write(2 * B, &[pattern(2, 1), pattern(3, 1)].concat(), 1)
+        .expect("write");
+    assert_eq!(s.read(2 * B, B).expect("read"), pattern(2, 1));
+    assert_eq!(s.read(3 * B, B).expect("read"), pattern(3, 1));
+    assert_eq!(s.read(4 * B, B).expect("read"), vec![0u8; BS]);
+    assert_eq!(s.block_seq(2).expect("seq"), Some(1));
+    assert_eq!(s.block_seq(4).expect("seq"), None);
+}
+
+#[test]
+fn bad_ranges_are_rejected_and_change_nothing() {
+    let (_t, s) = new_store(4);
+    assert!(matches!(s.read(1, B), Err(StoreError::Unaligned { .. })));
+    assert!(matches!(
+        s.write(0, &[0u8; 100], 1),
+        Err(StoreError::Unaligned { .. })
+    ));
+    assert!(matches!(
+        s.read(3 * B, 2 * B),
+        Err(StoreError::OutOfRange { .. })
+    ));
+    assert!(matches!(
+        s.write(4 * B, &pattern(4, 1), 1),
+        Err(StoreError::OutOfRange { .. })
+    ));
+    assert!(matches!(
+        s.trim(u64::MAX - B + 1, B, 1),
+        Err(StoreError::OutOfRange { .. })
+    ));
+    assert!(matches!(
+        s.snapshot(""),
+        Err(StoreError::InvalidSnapshotId { .. })
+    ));
+    assert!(matches!(
+        s.expand(3 * B),
+        Err(StoreError::InvalidSize { .. })
+    ));
+    assert!(matches!(
+        s.expand(5 * B + 1),
+        Err(StoreError::InvalidSize { .. })
+    ));
+    assert_eq!(s.read(0, 4 * B).expect("read"), vec![0u8; 4 * BS]);
+    assert_eq!(s.space_used().expect("space").layers[0].blocks, 0);
+}
+
+#[test]
+fn flipped_data_byte_is_corrupt_for_exactly_that_block() {
+    let (_t, s) = new_store(8);
+    for b in 0..8 {
+        s.write(b * B, &pattern(b, 1), 1).expect("write");
+    }
+    s.flush().expect("flush");
+    let data = layer_file(&s, 1, "data");
+    poke(&data, 5 * B + 100, &[pattern(5, 1)[100] ^ 0x01]);
+    assert!(is_corrupt_at(s.read(5 * B, B), 5));
+    assert!(
+        is_corrupt_at(s.read(0, 8 * B), 5),
+        "a range covering it fails too"
+    );
+    for b in (0..8).filter(|&b| b != 5) {
+        assert_eq!(s.read(b * B, B).expect("read"), pattern(b, 1));
+    }
+    assert!(matches!(
+        s.block_seq(5),
+        Err(StoreError::Corrupt { block: 5, .. })
+    ));
+    let bad = s.verify().expect("verify");
+    assert_eq!(
+        bad,
+        vec![CorruptBlock {
+            layer: 1,
+            snapshot_id: None,
+            block: 5
+        }]
+    );
+    // The data plane sees the distinct protocol error.
+    let e: BlockIoError = StoreError::Corrupt { layer: 1, block: 5 }.into();
+    assert!(matches!(e, BlockIoError::Corrupt { block: 5 }));
+}
+
+#[test]
+fn damaged_entry_is_corrupt() {
+    let (_t, s) = new_store(4);
+    s.write(B, &pattern(1, 1), 7).expect("write");
+    let meta = layer_file(&s, 1, "meta");
+    // Flip a bit of the stored seq: the crc covers it.
+    poke(&meta, META_HEADER_SIZE + ENTRY_SIZE + 8, &[6]);
+    assert!(is_corrupt_at(s.read(B, B), 1));
+    // Garbage flags.
+    poke(&meta, META_HEADER_SIZE + ENTRY_SIZE + 4, &[9, 9, 9, 9]);
+    assert!(is_corrupt_at(s.read(B, B), 1));
+}
+
+#[test]
+fn torn_new_data_without_entry_is_detected_or_old() {
+    let (_t, s) = new_store(4);
+    s.write(0, &pattern(0, 1), 1).expect("write");
+    s.write(B, &pattern(1, 1), 1).expect("write");
+    s.snapshot("s").expect("snapshot");
+    s.write(0, &pattern(0, 2), 2).expect("write");
+    s.flush().expect("flush");
+    drop(s);
+    let dir = _t.path().join("vol");
+    // Block 0 has an entry in the head: new bytes under it must read as corrupt.
+    poke(&dir.join("layers/2/data"), 0, &pattern(0, 3));
+    // Block 1 has no entry in the head: new bytes there must be ignored (old-valid).
+    poke(&dir.join("layers/2/data"), B, &pattern(1, 3));
+    let s = LayeredStore::open(&dir).expect("open");
+    assert!(is_corrupt_at(s.read(0, B), 0));
+    assert_eq!(s.read(B, B).expect("read"), pattern(1, 1));
+}
+
+#[test]
+fn torn_new_entry_without_data_is_detected() {
+    let (t, s) = new_store(4);
+    s.write(0, &pattern(0, 1), 1).expect("write");
+    s.flush().expect("flush");
+    drop(s);
+    let dir = t.path().join("vol");
+    let entry = Entry::for_data(0, 2, &pattern(0, 2));
+    poke(
+        &dir.join("layers/1/meta"),
+        META_HEADER_SIZE,
+        &entry.encode(),
+    );
+    // Also an entry for a never-written block whose data never landed.
+    let entry = Entry::for_data(3, 2, &pattern(3, 2));
+    poke(
+        &dir.join("layers/1/meta"),
+        META_HEADER_SIZE + 3 * ENTRY_SIZE,
+        &entry.encode(),
+    );
+    let s = LayeredStore::open(&dir).expect("open");
+    assert!(is_corrupt_at(s.read(0, B), 0));
+    assert!(is_corrupt_at(s.read(3 * B, B), 3));
+    assert_eq!(s.read(B, 2 * B).expect("read"), vec![0u8; 2 * BS]);
+}
+
+/// Injects write failures into every file it opens, to simulate a crash between the
+/// data write and the entry write.
+#[derive(Debug, Default)]
+struct Faults {
+    fail_meta: AtomicBool,
+    fail_data: AtomicBool,
+}
+
+#[derive(Debug)]
+struct FaultyFactory(Arc<Faults>);
+
+#[derive(Debug)]
+struct FaultyFile {
+    inner: Arc<dyn BlockFile>,
+    is_meta: bool,
+    faults: Arc<Faults>,
+}
+
+impl BlockFile for FaultyFile {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let flag = if self.is_meta {
+            &self.faults.fail_meta
+        } else {
+            &self.faults.fail_data
+        };
+        if flag.load(Ordering::SeqCst) {
+            return Err(io::Error::other("injected write failure"));
+        }
+        self.inner.write_at(buf, offset)
+    }
+    fn sync_data(&self) -> io::Result<()> {
+        self.inner.sync_data()
+    }
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.inner.punch_hole(offset, len)
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.inner.set_len(len)
+    }
+    fn allocated_bytes(&self) -> io::Result<u64> {
+        self.inner.allocated_bytes()
+    }
+}
+
+impl BlockFileFactory for FaultyFactory {
+    fn open(&self, path: &Path, create: bool) -> io::Result<Arc<dyn BlockFile>> {
+        Ok(Arc::new(FaultyFile {
+            inner: StdFileFactory.open(path, create)?,
+            is_meta: path.file_name().is_some_and(|n| n == "meta"),
+            faults: Arc::clone(&self.0),
+        }))
+    }
+}
+
+#[test]
+fn failed_entry_write_leaves_old_or_detectably_torn() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("vol");
+    let faults = Arc::new(Faults::default());
+    let s = LayeredStore::create_with(&dir, 4 * B, Arc::new(FaultyFactory(Arc::clone(&faults))))
+        .expect("create");
+    s.write(0, &pattern(0, 1), 1).expect("write");
+    faults.fail_meta.store(true, Ordering::SeqCst);
+    assert!(matches!(
+        s.write(0, &[pattern(0, 2), pattern(1, 2)].concat(), 2),
+        Err(StoreError::Io { .. })
+    ));
+    drop(s);
+    let s = LayeredStore::open(&dir).expect("reopen");
+    // Block 0's old entry no longer matches its overwritten bytes; block 1 never got an
+    // entry, so it is still unwritten. Neither returns the new bytes as if valid.
+    assert!(is_corrupt_at(s.read(0, B), 0));
+    assert_eq!(s.read(B, B).expect("read"), vec![0u8; BS]);
+    // Rebuild repairs the torn block even with an older seq.
+    assert_eq!(
+        s.write_if_newer(0, &pattern(0, 1), 1).expect("repair"),
+        vec![WriteOutcome::Applied]
+    );
+    assert_eq!(s.read(0, B).expect("read"), pattern(0, 1));
+}
+
+#[test]
+fn failed_data_write_changes_nothing() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("vol");
+    let faults = Arc::new(Faults::default());
+    let s = LayeredStore::create_with(&dir, 4 * B, Arc::new(FaultyFactory(Arc::clone(&faults))))
+        .expect("create");
+    s.write(0, &pattern(0, 1), 1).expect("write");
+    faults.fail_data.store(true, Ordering::SeqCst);
+    assert!(s.write(0, &pattern(0, 2), 2).is_err());
+    assert_eq!(s.read(0, B).expect("read"), pattern(0, 1));
+    assert_eq!(s.block_seq(0).expect("seq"), Some(1));
+}
+
+#[test]
+fn write_if_newer_skips_older_and_equal_seqs() {
+    let (_t, s) = new_store(4);
+    s.write(0, &pattern(0, 10), 10).expect("write");
+    let two = [pattern(0, 5), pattern(1, 5)].concat();
+    assert_eq!(
+        s.write_if_newer(0, &two, 5).expect("wif"),
+        vec![WriteOutcome::Skipped, WriteOutcome::Applied]
+    );
+    assert_eq!(s.read(0, B).expect("read"), pattern(0, 10));
+    assert_eq!(s.read(B, B).expect("read"), pattern(1, 5));
+    assert_eq!(
+        s.write_if_newer(0, &pattern(0, 99), 10).expect("wif"),
+        vec![WriteOutcome::Skipped]
+    );
+    assert_eq!(
+        s.write_if_newer(0, &pattern(0, 11), 11).expect("wif"),
+        vec![WriteOutcome::Applied]
+    );
+    assert_eq!(s.read(0, B).expect("read"), pattern(0, 11));
+    // A trim's seq also wins against older writes.
+    s.trim(2 * B, B, 20).expect("trim");
+    assert_eq!(
+        s.write_if_newer(2 * B, &pattern(2, 15), 15).expect("wif"),
+        vec![WriteOutcome::Skipped]
+    );
+    assert_eq!(s.read(2 * B, B).expect("read"), vec![0u8; BS]);
+    assert_eq!(s.block_seq(2).expect("seq"), Some(20));
+    // And it compares against the version in an older layer too.
+    s.snapshot("s").expect("snapshot");
+    assert_eq!(
+        s.write_if_newer(0, &pattern(0, 3), 3).expect("wif"),
+        vec![WriteOutcome::Skipped]
+    );
+}
+
+#[test]
+fn trim_reads_zeros_hides_older_layers_and_frees_space() {
+    let (_t, s) = new_store(64);
+    let all: Vec<u8> = (0..64).flat_map(|b| pattern(b, 1)).collect();
+    s.write(0, &all, 1).expect("write");
+    s.flush().expect("flush");
+    s.snapshot("s1").expect("snap");
+    s.write(0, &all[..32 * BS], 2).expect("write");
+    s.flush().expect("flush");
+    let before = s.space_used().expect("space").layers[1].allocated_bytes;
+    s.trim(0, 64 * B, 3).expect("trim");
+    s.flush().expect("flush");
+    assert_eq!(s.read(0, 64 * B).expect("read"), vec![0u8; 64 * BS]);
+    assert_eq!(s.read_snapshot("s1", 0, 64 * B).expect("read"), all);
+    assert_eq!(s.allocated_ranges(None).expect("alloc"), vec![]);
+    assert_eq!(
+        s.allocated_ranges(Some("s1")).expect("alloc"),
+        vec![0..64 * B]
+    );
+    let after = s.space_used().expect("space").layers[1].allocated_bytes;
+    assert!(after < before, "trim freed nothing: {before} -> {after}");
+    // Survives reopen.
+    let dir = s.dir().to_path_buf();
+    drop(s);
+    let s = LayeredStore::open(&dir).expect("open");
+    assert_eq!(s.read(0, 64 * B).expect("read"), vec![0u8; 64 * BS]);
+    assert_eq!(s.allocated_ranges(None).expect("alloc"), vec![]);
+}
+
+#[test]
+fn snapshot_keeps_old_data_and_head_gets_new() {
+    let (_t, s) = new_store(16);
+    for b in 0..16 {
+        s.write(b * B, &pattern(b, 1), 1).expect("write");
+    }
+    let l1 = s.snapshot("a").expect("snap");
+    assert_eq!(s.snapshot("a").expect("retry"), l1, "retry is idempotent");
+    let usage = s.space_used().expect("space");
+    assert_eq!(usage.layers.len(), 2);
+    assert_eq!(usage.layers[1].blocks, 0, "the new head starts empty");
+    for b in (0..16).step_by(2) {
+        s.write(b * B, &pattern(b, 2), 2).expect("write");
+    }
+    for b in 0..16 {
+        let v = if b & 1 == 0 { 2 } else { 1 };
+        assert_eq!(s.read(b * B, B).expect("read"), pattern(b, v));
+        assert_eq!(s.read_snapshot("a", b * B, B).expect("read"), pattern(b, 1));
+    }
+    let evens: Vec<_> = (0..16).step_by(2).map(|b| b * B..(b + 1) * B).collect();
+    assert_eq!(s.changed_ranges("a", None).expect("changed"), evens);
+    assert_eq!(
+        s.snapshots(),
+        vec![SnapshotInfo {
+            id: "a".into(),
+            layer: l1,
+            size_bytes: 16 * B
+        }]
+    );
+    assert!(matches!(
+        s.read_snapshot("nope", 0, B),
+        Err(StoreError::SnapshotNotFound(_))
+    ));
+}
+
+#[test]
+fn reopen_preserves_data_snapshots_and_seqs() {
+    let (t, s) = new_store(8);
+    s.write(0, &pattern(0, 1), 11).expect("write");
+    s.snapshot("a").expect("snap");
+    s.write(B, &pattern(1, 2), 12).expect("write");
+    s.trim(0, B, 13).expect("trim");
+    s.expand(12 * B).expect("expand");
+    s.write(11 * B, &pattern(11, 3), 14).expect("write");
+    s.flush().expect("flush");
+    drop(s);
+    let s = LayeredStore::open(&t.path().join("vol")).expect("open");
+    assert_eq!(s.size(), 12 * B);
+    assert_eq!(s.read(0, B).expect("read"), vec![0u8; BS]);
+    assert_eq!(s.read(B, B).expect("read"), pattern(1, 2));
+    assert_eq!(s.read(11 * B, B).expect("read"), pattern(11, 3));
+    assert_eq!(s.read_snapshot("a", 0, B).expect("read"), pattern(0, 1));
+    assert_eq!(s.block_seq(0).expect("seq"), Some(13));
+    assert_eq!(s.block_seq(11).expect("seq"), Some(14));
+    assert_eq!(s.snapshots().len(), 1);
+    assert!(s.verify().expect("verify").is_empty());
+}
+
+#[test]
+fn expansion_grows_head_and_snapshots_keep_their_size() {
+    let (_t, s) = new_store(4);
+    s.snapshot("small").expect("snap");
+    s.expand(8 * B).expect("expand");
+    s.expand(8 * B).expect("same size is a no-op");
+    assert_eq!(s.size(), 8 * B);
+    s.write(7 * B, &pattern(7, 1), 1).expect("write");
+    assert_eq!(s.read(7 * B, B).expect("read"), pattern(7, 1));
+    assert!(matches!(
+        s.read_snapshot("small", 4 * B, B),
+        Err(StoreError::OutOfRange { .. })
+    ));
+    assert_eq!(s.snapshots()[0].size_bytes, 4 * B);
+    assert_eq!(
+        s.changed_ranges("small", None).expect("changed"),
+        vec![7 * B..8 * B]
+    );
+}
+
+#[test]
+fn snapshots_outlive_the_volume() {
+    let (t, s) = new_store(4);
+    s.write(0, &pattern(0, 1), 1).expect("write");
+    s.snapshot("a").expect("snap");
+    s.write(B, &pattern(1, 2), 2).expect("write");
+    s.snapshot("b").expect("snap");
+    s.write(0, &pattern(0, 3), 3).expect("write");
+    assert_eq!(
+        s.delete_volume().expect("delete"),
+        VolumeRemoval::Retained { snapshots: 2 }
+    );
+    assert!(matches!(s.read(0, B), Err(StoreError::VolumeDeleted)));
+    assert!(matches!(
+        s.write(0, &pattern(0, 4), 4),
+        Err(StoreError::VolumeDeleted)
+    ));
+    assert_eq!(
+        s.read_snapshot("b", 0, 2 * B).expect("read"),
+        [pattern(0, 1), pattern(1, 2)].concat()
+    );
+    drop(s);
+    let dir = t.path().join("vol");
+    let s = LayeredStore::open(&dir).expect("open");
+    assert_eq!(
+        s.delete_volume().expect("again"),
+        VolumeRemoval::Retained { snapshots: 2 }
+    );
+    s.delete_snapshot("a").expect("delete a");
+    assert_eq!(
+        s.read_snapshot("b", 0, 2 * B).expect("read"),
+        [pattern(0, 1), pattern(1, 2)].concat()
+    );
+    s.delete_snapshot("b").expect("delete b");
+    assert!(!dir.exists(), "last user gone, space freed");
+    assert_eq!(s.delete_volume().expect("after"), VolumeRemoval::Removed);
+}
+
+#[test]
+fn deleting_a_volume_without_snapshots_removes_it() {
+    let (t, s) = new_store(4);
+    s.write(0, &pattern(0, 1), 1).expect("write");
+    assert_eq!(s.delete_volume().expect("delete"), VolumeRemoval::Removed);
+    assert!(!t.path().join("vol").exists());
+}
+
+#[test]
+fn delete_snapshot_merges_while_io_continues() {
+    const N: u64 = 512;
+    let (_t, s) = new_store(N);
+    let v1: Vec<u8> = (0..N).flat_map(|b| pattern(b, 1)).collect();
+    s.write(0, &v1, 1).expect("write");
+    s.trim(11 * B, B, 2).expect("trim");
+    s.snapshot("s1").expect("snap");
+    for b in (0..N).step_by(2) {
+        s.write(b * B, &pattern(b, 2), 3).expect("write");
+    }
+    s.snapshot("s2").expect("snap");
+    for b in (0..N).step_by(4) {
+        s.write(b * B, &pattern(b, 3), 4).expect("write");
+    }
+    let in_s2 = |b: u64| -> Vec<u8> {
+        if b & 1 == 0 {
+            pattern(b, 2)
+        } else if b == 11 {
+            vec![0; BS]
+        } else {
+            pattern(b, 1)
+        }
+    };
+    let in_head = |b: u64| if b & 3 == 0 { pattern(b, 3) } else { in_s2(b) };
+    let changed_before = s.changed_ranges("s1", None).expect("changed");
+    let stop = AtomicBool::new(false);
+    let s2_going = AtomicBool::new(false);
+    let reads = AtomicU64::new(0);
+    let writes = AtomicU64::new(0);
+    std::thread::scope(|scope| {
+        let reader = scope.spawn(|| {
+            // Readers of both views see the same bytes throughout the merges.
+            while !stop.load(Ordering::SeqCst) {
+                for b in (0..N / 2).step_by(7) {
+                    match s.read_snapshot("s2", b * B, B) {
+                        Ok(got) => assert_eq!(got, in_s2(b)),
+                        Err(StoreError::SnapshotNotFound(_)) if s2_going.load(Ordering::SeqCst) => {
+                        }
+                        Err(e) => panic!("read s2: {e}"),
+                    }
+                    assert_eq!(s.read(b * B, B).expect("read head"), in_head(b));
+                }
+                reads.fetch_add(1, Ordering::SeqCst);
+            }
+        });
+        let writer = scope.spawn(|| {
+            // A writer keeps changing the upper half of the head.
+            let mut v = 100;
+            while !stop.load(Ordering::SeqCst) {
+                for b in N / 2..N {
+                    s.write(b * B, &pattern(b, v), v).expect("write");
+                }
+                writes.fetch_add(1, Ordering::SeqCst);
+                v += 1;
+            }
+        });
+        let running = || !reader.is_finished() && !writer.is_finished();
+        // Wait until both threads are going, without sleeping blindly.
+        while running() && (reads.load(Ordering::SeqCst) == 0 || writes.load(Ordering::SeqCst) == 0)
+        {
+            std::thread::yield_now();
+        }
+        s.delete_snapshot("s1").expect("delete s1");
+        let r = reads.load(Ordering::SeqCst);
+        while running() && reads.load(Ordering::SeqCst) < r + 2 {
+            std::thread::yield_now();
+        }
+        s2_going.store(true, Ordering::SeqCst);
+        s.delete_snapshot("s2").expect("delete s2");
+        let r = reads.load(Ordering::SeqCst);
+        while running() && reads.load(Ordering::SeqCst) < r + 2 {
+            std::thread::yield_now();
+        }
+        stop.store(true, Ordering::SeqCst);
+    });
+    assert!(s.snapshots().is_empty());
+    assert_eq!(s.space_used().expect("space").layers.len(), 1);
+    for b in 0..N / 2 {
+        assert_eq!(s.read(b * B, B).expect("read"), in_head(b), "block {b}");
+    }
+    // The upper half holds one complete version per block from the writer.
+    for b in N / 2..N {
+        let got = s.read(b * B, B).expect("read");
+        let mut ver = [0u8; 8];
+        ver.copy_from_slice(&got[8..16]);
+        assert_eq!(got, pattern(b, u64::from_le_bytes(ver)));
+    }
+    assert!(!changed_before.is_empty());
+    assert!(s.verify().expect("verify").is_empty());
+    // The trim merged down from s1 still reads as zeros and keeps its seq.
+    assert!(s.read(11 * B, B).expect("read").iter().all(|&x| x == 0));
+    assert_eq!(s.block_seq(11).expect("seq"), Some(2));
+}
+
+#[test]
+fn deleting_a_middle_snapshot_keeps_other_views_and_deltas() {
+    let (_t, s) = new_store(8);
+    s.write(0, &pattern(0, 1), 1).expect("write");
+    s.snapshot("a").expect("snap");
+    s.write(B, &pattern(1, 2), 2).expect("write");
+    s.trim(0, B, 3).expect("trim");
+    s.snapshot("b").expect("snap");
+    s.write(2 * B, &pattern(2, 4), 4).expect("write");
+    s.snapshot("c").expect("snap");
+    s.delete_snapshot("b").expect("delete b");
+    assert_eq!(s.read_snapshot("a", 0, B).expect("read"), pattern(0, 1));
+    assert_eq!(
+        s.read_snapshot("c", 0, 3 * B).expect("read"),
+        [vec![0u8; BS], pattern(1, 2), pattern(2, 4)].concat()
+    );
+    assert_eq!(
+        s.changed_ranges("a", Some("c")).expect("changed"),
+        vec![0..3 * B]
+    );
+    assert!(matches!(
+        s.changed_ranges("c", Some("a")),
+        Err(StoreError::SnapshotOrder { .. })
+    ));
+    assert!(matches!(
+        s.delete_snapshot("b"),
+        Err(StoreError::SnapshotNotFound(_))
+    ));
+}
+
+#[test]
+fn interrupted_deletion_resumes_at_open_and_orphans_go() {
+    let (t, s) = new_store(4);
+    s.write(0, &pattern(0, 1), 1).expect("write");
+    s.snapshot("a").expect("snap");
+    s.write(B, &pattern(1, 2), 2).expect("write");
+    s.flush().expect("flush");
+    drop(s);
+    let dir = t.path().join("vol");
+    // Crash after marking the deletion, before any merge.
+    let raw = std::fs::read(dir.join("MANIFEST")).expect("manifest");
+    let mut m = format::decode_manifest(&raw).expect("decode");
+    m.layers[1].deleting = true;
+    std::fs::write(
+        dir.join("MANIFEST"),
+        format::encode_manifest(&m).expect("encode"),
+    )
+    .expect("write manifest");
+    // And a layer from a snapshot that never reached the manifest.
+    std::fs::create_dir(dir.join("layers/77")).expect("orphan");
+    let s = LayeredStore::open(&dir).expect("open");
+    assert!(s.snapshots().is_empty());
+    assert!(!dir.join("layers/1").exists());
+    assert!(!dir.join("layers/77").exists());
+    assert_eq!(
+        s.read(0, 2 * B).expect("read"),
+        [pattern(0, 1), pattern(1, 2)].concat()
+    );
+}
+
+#[test]
+fn damaged_manifest_is_refused() {
+    let (t, s) = new_store(4);
+    drop(s);
+    let dir = t.path().join("vol");
+    assert!(matches!(
+        LayeredStore::create(&dir, 4 * B),
+        Err(StoreError::AlreadyExists(_))
+    ));
+    poke(&dir.join("MANIFEST"), 30, b"X");
+    assert!(matches!(
+        LayeredStore::open(&dir),
+        Err(StoreError::BadManifest { .. })
+    ));
+    assert!(matches!(
+        LayeredStore::open(&t.path().join("none")),
+        Err(StoreError::BadManifest { .. })
+    ));
+}
+
+#[test]
+fn concurrent_writes_and_reads_never_mix() {
+    let (_t, s) = new_store(64);
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let writers: Vec<_> = (0..2u64)
+            .map(|w| {
+                let s = &s;
+                scope.spawn(move || {
+                    // One writer rewrites blocks 0..2 as one range; the other block 1
+                    // alone and a moving block elsewhere.
+                    for v in 1..300u64 {
+                        let seq = v * 2 + w;
+                        if w == 0 {
+                            s.write(0, &[pattern(0, seq), pattern(1, seq)].concat(), seq)
+                                .expect("write");
+                        } else {
+                            s.write(B, &pattern(1, seq), seq).expect("write");
+                            let b = 2 + v % 60;
+                            s.write(b * B, &pattern(b, seq), seq).expect("write");
+                        }
+                    }
+                })
+            })
+            .collect();
+        let reader = scope.spawn(|| {
+            let mut rounds = 0u64;
+            while !stop.load(Ordering::SeqCst) {
+                let got = s.read(0, 2 * B).expect("read");
+                for (i, chunk) in got.chunks(BS).enumerate() {
+                    if chunk.iter().all(|&x| x == 0) {
+                        continue;
+                    }
+                    let mut ver = [0u8; 8];
+                    ver.copy_from_slice(&chunk[8..16]);
+                    assert_eq!(chunk, pattern(i as u64, u64::from_le_bytes(ver)).as_slice());
+                }
+                rounds += 1;
+            }
+            rounds
+        });
+        for w in writers {
+            w.join().expect("writer");
+        }
+        stop.store(true, Ordering::SeqCst);
+        assert!(reader.join().expect("reader") > 0);
+    });
+    assert_eq!(s.block_seq(0).expect("seq"), Some(598));
+    assert!(s.verify().expect("verify").is_empty());
+}
+
+#[test]
+fn handle_serves_the_data_plane() {
+    let (_t, s) = new_store(4);
+    let h = StoreHandle::new(Arc::new(s));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        h.write(B, pattern(1, 1), 1).await.expect("write");
+        h.flush().await.expect("flush");
+        assert_eq!(h.read(B, B as u32).await.expect("read"), pattern(1, 1));
+        h.trim(B, B, 2).await.expect("trim");
+        assert_eq!(h.read(B, B as u32).await.expect("read"), vec![0u8; BS]);
+        assert!(matches!(
+            h.read(4 * B, B as u32).await,
+            Err(BlockIoError::OutOfRange { .. })
+        ));
+        assert_eq!(h.size(), 4 * B);
+    });
+}
+
+// ---- model-based test ----
+
+#[derive(Debug, Clone)]
+enum Op {
+    Write { block: u64, len: u64 },
+    WriteIfNewer { block: u64, len: u64, back: u64 },
+    Trim { block: u64, len: u64 },
+    Snapshot,
+    DeleteSnapshot(usize),
+    Expand(u64),
+    Flush,
+    Reopen,
+}
+
+fn op_strategy() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        5 => (0u64..40, 1u64..4).prop_map(|(block, len)| Op::Write { block, len }),
+        2 => (0u64..40, 1u64..4, 0u64..40)
+            .prop_map(|(block, len, back)| Op::WriteIfNewer { block, len, back }),
+        2 => (0u64..40, 1u64..6).prop_map(|(block, len)| Op::Trim { block, len }),
+        2 => Just(Op::Snapshot),
+        1 => (0usize..8).prop_map(Op::DeleteSnapshot),
+        1 => (1u64..8).prop_map(Op::Expand),
+        1 => Just(Op::Flush),
+        1 => Just(Op::Reopen),
+    ]
+}
+
+/// A block's version in the model: `None` unwritten; `(seq, true)` data written at
+/// seq (content `pattern(block, seq)`); `(seq, false)` trimmed at seq.
+type Version = Option<(u64, bool)>;
+
+#[derive(Debug)]
+struct ModelSnap {
+    id: String,
+    blocks: Vec<Version>,
+    /// Epoch (number of snapshots taken before it).
+    epoch: u64,
+}
+
+fn expected(blocks: &[Version]) -> Vec<u8> {
+    blocks
+        .iter()
+        .enumerate()
+        .flat_map(|(b, v)| match v {
+            Some((seq, true)) => pattern(b as u64, *seq),
+            _ => vec![0u8; BS],
+        })
+        .collect()
+}
+
+fn to_ranges(set: &[bool]) -> Vec<Range<u64>> {
+    let mut out: Vec<Range<u64>> = Vec::new();
+    for (b, _) in set.iter().enumerate().filter(|(_, &x)| x) {
+        let start = b as u64 * B;
+        match out.last_mut() {
+            Some(r) if r.end == start => r.end += B,
+            _ => out.push(start..start + B),
+        }
+    }
+    out
+}
+
+fn check_against_model(
+    s: &LayeredStore,
+    head: &[Version],
+    snaps: &[ModelSnap],
+    changes: &BTreeMap<u64, Vec<u64>>,
+    epoch: u64,
+) {
+    assert_eq!(s.size(), head.len() as u64 * B);
+    assert_eq!(
+        s.read(0, head.len() as u64 * B).expect("read head"),
+        expected(head)
+    );
+    let alloc: Vec<bool> = head.iter().map(|v| matches!(v, Some((_, true)))).collect();
+    assert_eq!(s.allocated_ranges(None).expect("alloc"), to_ranges(&alloc));
+    for (b, v) in head.iter().enumerate() {
+        assert_eq!(s.block_seq(b as u64).expect("seq"), v.map(|(q, _)| q));
+    }
+    let listed: Vec<String> = s.snapshots().into_iter().map(|i| i.id).collect();
+    let model_ids: Vec<String> = snaps.iter().map(|m| m.id.clone()).collect();
+    assert_eq!(listed, model_ids);
+    let changed_between = |from: u64, to: u64, n: usize| -> Vec<Range<u64>> {
+        let mut set = vec![false; n];
+        for (_, blocks) in changes.range(from + 1..=to) {
+            for &b in blocks {
+                if (b as usize) < n {
+                    set[b as usize] = true;
+                }
+            }
+        }
+        to_ranges(&set)
+    };
+    for (i, m) in snaps.iter().enumerate() {
+        let n = m.blocks.len();
+        assert_eq!(
+            s.read_snapshot(&m.id, 0, n as u64 * B).expect("read snap"),
+            expected(&m.blocks),
+            "snapshot {}",
+            m.id
+        );
+        let alloc: Vec<bool> = m
+            .blocks
+            .iter()
+            .map(|v| matches!(v, Some((_, true))))
+            .collect();
+        assert_eq!(
+            s.allocated_ranges(Some(&m.id)).expect("alloc"),
+            to_ranges(&alloc)
+        );
+        assert_eq!(
+            s.changed_ranges(&m.id, None).expect("changed to head"),
+            changed_between(m.epoch, epoch, head.len())
+        );
+        if let Some(next) = snaps.get(i + 1) {
+            assert_eq!(
+                s.changed_ranges(&m.id, Some(&next.id)).expect("changed"),
+                changed_between(m.epoch, next.epoch, next.blocks.len())
+            );
+        }
+    }
+}
+
+fn run_model(ops: Vec<Op>) {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("vol");
+    let mut s = LayeredStore::create(&dir, 16 * B).expect("create");
+    let mut head: Vec<Version> = vec![None; 16];
+    let mut snaps: Vec<ModelSnap> = Vec::new();
+    // Mutated blocks per epoch; epoch e's changes live in the layer sealed by the
+    // snapshot taken at epoch e (or the head).
+    let mut changes: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
+    let mut epoch = 0u64;
+    let mut seq = 1000u64;
+    let mut next_snap = 0;
+    for op in ops {
+        seq += 10;
+        let n = head.len() as u64;
+        match op {
+            Op::Write { block, len } | Op::WriteIfNewer { block, len, .. } if block + len > n => {}
+            Op::Trim { block, len } if block + len > n => {}
+            Op::Write { block, len } => {
+                let data: Vec<u8> = (block..block + len).flat_map(|b| pattern(b, seq)).collect();
+                s.write(block * B, &data, seq).expect("write");
+                for b in block..block + len {
+                    head[b as usize] = Some((seq, true));
+                    changes.entry(epoch).or_default().push(b);
+                }
+            }
+            Op::WriteIfNewer { block, len, back } => {
+                let q = seq - back * 5;
+                let data: Vec<u8> = (block..block + len).flat_map(|b| pattern(b, q)).collect();
+                let got = s.write_if_newer(block * B, &data, q).expect("wif");
+                for (k, b) in (block..block + len).enumerate() {
+                    let apply = head[b as usize].is_none_or(|(cur, _)| cur < q);
+                    let want = if apply {
+                        WriteOutcome::Applied
+                    } else {
+                        WriteOutcome::Skipped
+                    };
+                    assert_eq!(got[k], want, "block {b} seq {q}");
+                    if apply {
+                        head[b as usize] = Some((q, true));
+                        changes.entry(epoch).or_default().push(b);
+                    }
+                }
+            }
+            Op::Trim { block, len } => {
+                s.trim(block * B, len * B, seq).expect("trim");
+                for b in block..block + len {
+                    head[b as usize] = Some((seq, false));
+                    changes.entry(epoch).or_default().push(b);
+                }
+            }
+            Op::Snapshot => {
+                let id = format!("snap-{next_snap}");
+                next_snap += 1;
+                s.snapshot(&id).expect("snapshot");
+                snaps.push(ModelSnap {
+                    id,
+                    blocks: head.clone(),
+                    epoch,
+                });
+                epoch += 1;
+            }
+            Op::DeleteSnapshot(i) => {
+                if !snaps.is_empty() {
+                    let m = snaps.remove(i % snaps.len());
+                    s.delete_snapshot(&m.id).expect("delete snapshot");
+                }
+            }
+            Op::Expand(more) => {
+                s.expand((n + more) * B).expect("expand");
+                head.resize((n + more) as usize, None);
+            }
+            Op::Flush => s.flush().expect("flush"),
+            Op::Reopen => {
+                s.flush().expect("flush");
+                drop(s);
+                s = LayeredStore::open(&dir).expect("reopen");
+            }
+        }
+        check_against_model(&s, &head, &snaps, &changes, epoch);
+    }
+    assert!(s.verify().expect("verify").is_empty());
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 40, ..ProptestConfig::default() })]
+
+    #[test]
+    fn store_matches_model(ops in proptest::collection::vec(op_strategy(), 1..40)) {
+        run_model(ops);
+    }
+}
