@@ -1,0 +1,63 @@
+{{/* Object names: "tessera-<component>" for release "tessera", else "<release>-tessera-<component>". */}}
+{{- define "tessera.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 40 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 40 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "tessera.labels" -}}
+app.kubernetes.io/part-of: tessera
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+{{- end -}}
+
+{{/* Selector labels of one component: (dict "ctx" $ "component" "replica") */}}
+{{- define "tessera.selector" -}}
+app.kubernetes.io/name: tessera
+app.kubernetes.io/instance: {{ .ctx.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{- define "tessera.image" -}}
+{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{- end -}}
+
+{{- define "tessera.pullSecrets" -}}
+{{- with .Values.imagePullSecrets }}
+imagePullSecrets:
+{{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end -}}
+
+{{- define "tessera.hostNetwork" -}}
+{{- if .Values.hostNetwork }}
+hostNetwork: true
+dnsPolicy: ClusterFirstWithHostNet
+{{- end }}
+{{- end -}}
+
+{{/* env entries pointing in-cluster config at .Values.apiServer */}}
+{{- define "tessera.apiServerEnv" -}}
+{{- if and .Values.apiServer.host .Values.apiServer.port }}
+env:
+  - name: KUBERNETES_SERVICE_HOST
+    value: {{ .Values.apiServer.host | quote }}
+  - name: KUBERNETES_SERVICE_PORT
+    value: {{ .Values.apiServer.port | quote }}
+{{- end }}
+{{- end -}}
+
+{{- define "tessera.restricted" -}}
+securityContext:
+  allowPrivilegeEscalation: false
+  readOnlyRootFilesystem: true
+  capabilities:
+    drop: ["ALL"]
+{{- end -}}
+
+{{- define "tessera.pluginDir" -}}
+{{ .Values.kubeletDir }}/plugins/{{ .Values.driverName }}
+{{- end -}}
