@@ -5,17 +5,26 @@
 //! ```text
 //! <data-dir>/lock                         flock held by the running daemon (holds its pid)
 //! <data-dir>/volumes/<volume_id>/record   volume record (see crate::record)
-//! <data-dir>/volumes/<volume_id>/data     sparse data file, size_bytes long
+//! <data-dir>/volumes/<volume_id>/store/   the volume's blocks: a crate::store::LayeredStore
 //! <data-dir>/volumes/.creating-<id>/      a create in progress (removed at start)
 //! <data-dir>/volumes/.deleting-<id>/      a delete in progress (removed at start)
 //! ```
 //!
 //! *Crash safety.* A volume is built inside `.creating-<id>` and renamed into place
-//! only when its data file and record are durable, so a crash leaves either no volume
-//! or a whole one. A delete first renames the directory to `.deleting-<id>` (that
-//! rename is the commit point) and then removes it. Record updates are atomic file
-//! replacements. Every mutation is durable (fsynced, directory included) before the
-//! method returns.
+//! only when its block store and record are durable, so a crash leaves either no
+//! volume or a whole one. A delete first renames the directory to `.deleting-<id>`
+//! (that rename is the commit point) and then removes it. Record updates are atomic
+//! file replacements. Every mutation is durable (fsynced, directory included) before
+//! the method returns.
+//!
+//! *Block stores.* Every healthy volume's store is opened when the catalog loads (so a
+//! damaged store is found at start, not at an engine's first I/O) and stays open until
+//! the volume is deleted; the data plane gets it through [`Catalog::open_store`]. A
+//! delete first *retires* the open store ([`LayeredStore::retire`]): it waits for the
+//! I/O in flight, and every later request of a connection still holding it fails, so
+//! nothing is written into a deleted volume and no write is acknowledged after the
+//! delete committed. Capacity stays thick (the sum of volume sizes); the space the
+//! stores really allocate is reported separately ([`Catalog::allocated_bytes`]).
 //!
 //! *Concurrency.* Mutations are serialised by one mutex held across their disk I/O.
 //! Reads ([`Catalog::get`], [`Catalog::list`]) only take a read lock on the in-memory
@@ -25,9 +34,10 @@
 //! data plane shares ([`Catalog::epoch_handle`]); a raise stores it only after the
 //! record holding it is durable.
 //!
-//! *Corruption.* A volume whose record cannot be read at start is *quarantined*: logged
-//! at error level, left untouched on disk, counted against capacity, not listed, and
-//! refused by create until an operator (or an explicit delete) resolves it.
+//! *Corruption.* A volume whose record cannot be read, or whose block store cannot be
+//! opened, at start is *quarantined*: logged at error level, left untouched on disk,
+//! counted against capacity, not listed, not served on the data plane, and refused by
+//! create until an operator (or an explicit delete) resolves it.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
@@ -45,11 +55,12 @@ use crate::block_io::BLOCK_SIZE;
 use crate::capacity;
 use crate::control_proto as proto;
 use crate::record::{self, Attachment, ReplicaRef, VolumeRecord};
+use crate::store::{LayeredStore, StoreError};
 
 /// Name of the per-volume record file.
 pub const RECORD_FILE: &str = "record";
-/// Name of the per-volume sparse data file.
-pub const DATA_FILE: &str = "data";
+/// Name of the per-volume block-store directory.
+pub const STORE_DIR: &str = "store";
 /// Directory (under the data dir) holding one directory per volume.
 pub const VOLUMES_DIR: &str = "volumes";
 /// Lock file (under the data dir) that keeps two daemons off one directory.
@@ -151,6 +162,18 @@ pub enum CatalogError {
         /// Its directory.
         path: PathBuf,
     },
+    /// The volume's block store failed (other than a full disk, which is
+    /// [`CatalogError::DiskFull`]).
+    #[error("cannot {op} the block store of volume {volume_id}")]
+    Store {
+        /// The volume.
+        volume_id: String,
+        /// What was being done.
+        op: &'static str,
+        /// The store's error.
+        #[source]
+        source: StoreError,
+    },
     /// Another process holds the data directory's lock.
     #[error("data directory {path} is in use by another tessera-replica{holder}")]
     Locked {
@@ -231,7 +254,8 @@ pub struct CreateOutcome {
 pub struct CapacityReport {
     /// Bytes offered to volumes.
     pub capacity_bytes: u64,
-    /// Sum of the sizes of all volumes (quarantined ones by their data file size).
+    /// Sum of the sizes of all volumes (quarantined ones by their recorded size, or
+    /// their store's size when the record is unreadable).
     pub used_bytes: u64,
     /// `capacity - used`, capped by the backing filesystem's free space.
     pub free_bytes: u64,
@@ -248,13 +272,16 @@ pub struct QuarantinedVolume {
     pub volume_id: String,
     /// Why it was skipped.
     pub reason: String,
-    /// Size of its data file, counted against capacity.
+    /// Its size as far as it can be read, counted against capacity.
     pub data_bytes: u64,
 }
 
 struct Entry {
     record: VolumeRecord,
     epoch: Arc<AtomicU64>,
+    /// Open for the volume's whole life in this process; shared with data-plane
+    /// connections, retired on delete.
+    store: Arc<LayeredStore>,
 }
 
 impl Entry {
@@ -340,6 +367,41 @@ fn mutation_error(
     }
 }
 
+/// Maps a store error of a mutation, turning a full disk into [`CatalogError::DiskFull`]
+/// so the controller sees RESOURCE_EXHAUSTED whether the record or the store hit it.
+fn store_error(volume_id: &str, op: &'static str) -> impl FnOnce(StoreError) -> CatalogError {
+    let volume_id = volume_id.to_string();
+    move |source| match source {
+        StoreError::NoSpace => CatalogError::DiskFull {
+            volume_id,
+            op,
+            source: io::Error::from_raw_os_error(libc::ENOSPC),
+        },
+        StoreError::Io { source, .. } if is_disk_full(&source) => CatalogError::DiskFull {
+            volume_id,
+            op,
+            source,
+        },
+        source => CatalogError::Store {
+            volume_id,
+            op,
+            source,
+        },
+    }
+}
+
+/// An error and its sources as one line, for logs and quarantine reasons.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut reason = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        reason.push_str(": ");
+        reason.push_str(&s.to_string());
+        source = s.source();
+    }
+    reason
+}
+
 fn io_error(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> CatalogError {
     let path = path.to_path_buf();
     move |source| CatalogError::Io { op, path, source }
@@ -354,7 +416,9 @@ fn now_unix_nanos() -> i64 {
 
 impl Catalog {
     /// Opens (creating if needed) a data directory: takes its lock, removes leftovers
-    /// of interrupted creates and deletes, and loads every volume record.
+    /// of interrupted creates and deletes, loads every volume record and opens every
+    /// volume's block store (finishing any interrupted snapshot deletion in it). A
+    /// volume whose record or store fails is quarantined, not fatal.
     ///
     /// Fails with [`CatalogError::Locked`] if another process holds the directory.
     pub fn open(config: CatalogConfig) -> Result<Catalog, CatalogError> {
@@ -405,11 +469,81 @@ impl Catalog {
         self.volumes_dir.join(volume_id)
     }
 
-    /// Path of a stored volume's data file, for the block store; `None` if unknown.
-    pub fn data_path(&self, volume_id: &str) -> Option<PathBuf> {
+    /// Directory of a stored volume's block store; `None` if unknown.
+    pub fn store_dir(&self, volume_id: &str) -> Option<PathBuf> {
         self.read_volumes()
             .contains_key(volume_id)
-            .then(|| self.volume_dir(volume_id).join(DATA_FILE))
+            .then(|| self.volume_dir(volume_id).join(STORE_DIR))
+    }
+
+    /// The open block store and live epoch of a stored volume, for a data-plane
+    /// connection. Both are looked up together so a connection never pairs one
+    /// incarnation's store with another's epoch. The store stays usable until the
+    /// volume is deleted (then every call on it fails).
+    pub fn open_store(
+        &self,
+        volume_id: &str,
+    ) -> Result<(Arc<LayeredStore>, Arc<AtomicU64>), CatalogError> {
+        validate_volume_id(volume_id)?;
+        if let Some(e) = self.read_volumes().get(volume_id) {
+            return Ok((Arc::clone(&e.store), Arc::clone(&e.epoch)));
+        }
+        match self.read_quarantined().get(volume_id) {
+            Some(q) => Err(self.quarantined_error(q)),
+            None => Err(CatalogError::NotFound(volume_id.to_string())),
+        }
+    }
+
+    /// Makes every write to every open store durable (clean shutdown). Tries all of
+    /// them; returns the first failure after logging each.
+    pub fn flush_all(&self) -> Result<(), CatalogError> {
+        let stores: Vec<(String, Arc<LayeredStore>)> = self
+            .read_volumes()
+            .iter()
+            .map(|(id, e)| (id.clone(), Arc::clone(&e.store)))
+            .collect();
+        let mut first = None;
+        for (id, store) in stores {
+            match store.flush() {
+                Ok(()) => {}
+                // Deleted since the list was taken: nothing left to make durable.
+                Err(StoreError::VolumeDeleted) => {}
+                Err(e) => {
+                    error!(volume_id = %id, error = %error_chain(&e), "flushing volume failed");
+                    first.get_or_insert(CatalogError::Store {
+                        volume_id: id,
+                        op: "flush",
+                        source: e,
+                    });
+                }
+            }
+        }
+        first.map_or(Ok(()), Err)
+    }
+
+    /// Disk space the stores of all healthy volumes really allocate (sparse files, all
+    /// layers), as opposed to the thick accounting of [`Catalog::capacity`].
+    pub fn allocated_bytes(&self) -> Result<u64, CatalogError> {
+        let stores: Vec<(String, Arc<LayeredStore>)> = self
+            .read_volumes()
+            .iter()
+            .map(|(id, e)| (id.clone(), Arc::clone(&e.store)))
+            .collect();
+        let mut total = 0u64;
+        for (id, store) in stores {
+            match store.space_used() {
+                Ok(u) => total = total.saturating_add(u.allocated_bytes),
+                Err(StoreError::VolumeDeleted) => {}
+                Err(source) => {
+                    return Err(CatalogError::Store {
+                        volume_id: id,
+                        op: "measure",
+                        source,
+                    })
+                }
+            }
+        }
+        Ok(total)
     }
 
     /// The live epoch of a stored volume, shared with the data plane; `None` if unknown.
@@ -465,7 +599,7 @@ impl Catalog {
         })
     }
 
-    /// Creates a volume: a sparse data file of `size_bytes` and its record, durable
+    /// Creates a volume: an empty block store of `size_bytes` and its record, durable
     /// before this returns. Repeating a create with the same name, size and
     /// replication factor returns the stored record; any difference is
     /// [`CatalogError::Conflict`]. On failure nothing is left on disk.
@@ -510,13 +644,14 @@ impl Catalog {
             attachments: Vec::new(),
             access_type: new.access_type,
         };
-        self.build_volume_dir(&record)?;
+        let store = self.build_volume_dir(&record)?;
         info!(volume_id = %id, size_bytes = record.size_bytes, "volume created");
         self.write_volumes().insert(
             id,
             Entry {
                 epoch: Arc::new(AtomicU64::new(record.epoch)),
                 record: record.clone(),
+                store: Arc::new(store),
             },
         );
         Ok(CreateOutcome {
@@ -525,8 +660,9 @@ impl Catalog {
         })
     }
 
-    /// Writes the volume's directory under its staging name and renames it into place.
-    fn build_volume_dir(&self, record: &VolumeRecord) -> Result<(), CatalogError> {
+    /// Writes the volume's directory under its staging name, renames it into place and
+    /// opens its store there.
+    fn build_volume_dir(&self, record: &VolumeRecord) -> Result<LayeredStore, CatalogError> {
         let id = record.volume_id.as_str();
         let staging = self.volumes_dir.join(format!("{CREATING_PREFIX}{id}"));
         let target = self.volume_dir(id);
@@ -536,18 +672,15 @@ impl Catalog {
         }
         let staged = (|| {
             fs::create_dir(&staging).map_err(mutation_error(id, "create", &staging))?;
-            let data = staging.join(DATA_FILE);
-            let file = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&data)
-                .map_err(mutation_error(id, "create", &data))?;
-            file.set_len(record.size_bytes)
-                .map_err(mutation_error(id, "create", &data))?;
-            file.sync_all()
-                .map_err(mutation_error(id, "create", &data))?;
+            // The store is durable (manifest and its directory fsynced) when create
+            // returns. It is closed again at once: it remembers the staging path, and
+            // is reopened below under the final one.
+            drop(
+                LayeredStore::create(&staging.join(STORE_DIR), record.size_bytes)
+                    .map_err(store_error(id, "create"))?,
+            );
             let rec = staging.join(RECORD_FILE);
-            // write_file also fsyncs `staging`, covering the data file's entry.
+            // write_file also fsyncs `staging`, covering the store directory's entry.
             record::write_file(&rec, record).map_err(mutation_error(id, "create", &rec))?;
             fs::rename(&staging, &target).map_err(mutation_error(id, "create", &target))
         })();
@@ -560,12 +693,21 @@ impl Catalog {
             }
             return Err(e);
         }
-        if let Err(e) = record::sync_dir(&self.volumes_dir) {
-            // The rename may not be durable: undo it rather than answer success.
-            let _ = fs::remove_dir_all(&target);
-            return Err(mutation_error(id, "create", &self.volumes_dir)(e));
+        let opened = record::sync_dir(&self.volumes_dir)
+            .map_err(mutation_error(id, "create", &self.volumes_dir))
+            .and_then(|()| {
+                LayeredStore::open(&target.join(STORE_DIR)).map_err(store_error(id, "open"))
+            });
+        if opened.is_err() {
+            // Not durable or not servable: undo rather than answer success. Should the
+            // removal not happen, the next start loads (or quarantines) the volume, and
+            // the controller's retried create finds it.
+            if let Err(e) = fs::remove_dir_all(&target) {
+                warn!(path = %target.display(), error = %e,
+                    "cannot remove volume directory of a failed create");
+            }
         }
-        Ok(())
+        opened
     }
 
     /// Deletes a volume's record and data. Returns whether it existed; an unknown id
@@ -573,8 +715,11 @@ impl Catalog {
     pub fn delete(&self, volume_id: &str) -> Result<bool, CatalogError> {
         validate_volume_id(volume_id)?;
         let _guard = self.lock_mutations();
-        let known = self.read_volumes().contains_key(volume_id)
-            || self.read_quarantined().contains_key(volume_id);
+        let store = self
+            .read_volumes()
+            .get(volume_id)
+            .map(|e| Arc::clone(&e.store));
+        let known = store.is_some() || self.read_quarantined().contains_key(volume_id);
         if !known {
             return Ok(false);
         }
@@ -585,13 +730,23 @@ impl Catalog {
         if doomed.exists() {
             fs::remove_dir_all(&doomed).map_err(io_error("remove stale", &doomed))?;
         }
-        fs::rename(&dir, &doomed).map_err(io_error("rename for deletion", &dir))?;
+        // Fence the data plane before the directory moves: requests in flight finish,
+        // later ones on open connections fail.
+        if let Some(store) = &store {
+            store.retire();
+        }
+        if let Err(e) = fs::rename(&dir, &doomed) {
+            self.reopen_after_failed_delete(volume_id);
+            return Err(io_error("rename for deletion", &dir)(e));
+        }
         if let Err(e) = record::sync_dir(&self.volumes_dir) {
             // Not durable: put it back so memory and disk agree, and report.
             if let Err(back) = fs::rename(&doomed, &dir) {
                 error!(volume_id, error = %back,
                     "cannot restore volume directory after a failed delete; it is removed at next start");
                 self.forget(volume_id);
+            } else {
+                self.reopen_after_failed_delete(volume_id);
             }
             return Err(io_error("sync", &self.volumes_dir)(e));
         }
@@ -603,6 +758,37 @@ impl Catalog {
         }
         info!(volume_id, "volume deleted");
         Ok(true)
+    }
+
+    /// A delete retired the volume's store but did not happen: serve the volume again
+    /// from a freshly opened store, or quarantine it if the store no longer opens.
+    /// Caller holds the mutation lock.
+    fn reopen_after_failed_delete(&self, volume_id: &str) {
+        let mut volumes = self.write_volumes();
+        let Some(entry) = volumes.get_mut(volume_id) else {
+            return; // quarantined: there was no store to retire
+        };
+        match LayeredStore::open(&self.volume_dir(volume_id).join(STORE_DIR)) {
+            Ok(store) => entry.store = Arc::new(store),
+            Err(e) => {
+                let reason = format!("block store cannot be reopened: {}", error_chain(&e));
+                error!(volume_id, %reason, "volume quarantined after a failed delete");
+                let data_bytes = entry.record.size_bytes;
+                volumes.remove(volume_id);
+                drop(volumes);
+                self.quarantined
+                    .write()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .insert(
+                        volume_id.to_string(),
+                        QuarantinedVolume {
+                            volume_id: volume_id.to_string(),
+                            reason,
+                            data_bytes,
+                        },
+                    );
+            }
+        }
     }
 
     fn forget(&self, volume_id: &str) {
@@ -830,16 +1016,21 @@ fn scan_volumes(volumes_dir: &Path) -> Result<Scanned, CatalogError> {
             continue;
         }
         match load_volume(&path, &name) {
-            Ok(record) => {
+            Ok((record, store)) => {
                 let epoch = Arc::new(AtomicU64::new(record.epoch));
-                volumes.insert(name, Entry { record, epoch });
+                volumes.insert(
+                    name,
+                    Entry {
+                        record,
+                        epoch,
+                        store: Arc::new(store),
+                    },
+                );
             }
             Err(reason) => {
                 error!(volume_id = %name, path = %path.display(), %reason,
                     "volume skipped: its directory cannot be loaded; left untouched for an operator");
-                let data_bytes = fs::metadata(path.join(DATA_FILE))
-                    .map(|m| m.len())
-                    .unwrap_or(0);
+                let data_bytes = quarantined_size(&path);
                 quarantined.insert(
                     name.clone(),
                     QuarantinedVolume {
@@ -857,8 +1048,25 @@ fn scan_volumes(volumes_dir: &Path) -> Result<Scanned, CatalogError> {
     Ok((volumes, quarantined))
 }
 
-/// Loads one volume directory; the error is a human-readable reason.
-fn load_volume(dir: &Path, name: &str) -> Result<VolumeRecord, String> {
+/// What a quarantined volume is charged against capacity: its recorded size, else the
+/// size its store reports, else nothing (logged, since capacity is then overstated).
+fn quarantined_size(dir: &Path) -> u64 {
+    if let Ok(record) = record::read_file(&dir.join(RECORD_FILE)) {
+        return record.size_bytes;
+    }
+    match LayeredStore::open(&dir.join(STORE_DIR)) {
+        Ok(store) => store.size(),
+        Err(_) => {
+            warn!(path = %dir.display(),
+                "size of quarantined volume unknown; it is not counted against capacity");
+            0
+        }
+    }
+}
+
+/// Loads one volume directory and opens its store; the error is a human-readable
+/// reason.
+fn load_volume(dir: &Path, name: &str) -> Result<(VolumeRecord, LayeredStore), String> {
     let mut tmp = dir.join(RECORD_FILE).into_os_string();
     tmp.push(record::TEMP_SUFFIX);
     let tmp = PathBuf::from(tmp);
@@ -870,27 +1078,23 @@ fn load_volume(dir: &Path, name: &str) -> Result<VolumeRecord, String> {
             Err(e) => warn!(path = %tmp.display(), error = %e, "cannot remove temp record"),
         }
     }
-    let record = record::read_file(&dir.join(RECORD_FILE)).map_err(|e| {
-        let mut reason = e.to_string();
-        let mut source = std::error::Error::source(&e);
-        while let Some(s) = source {
-            reason.push_str(": ");
-            reason.push_str(&s.to_string());
-            source = s.source();
-        }
-        reason
-    })?;
+    let record = record::read_file(&dir.join(RECORD_FILE)).map_err(|e| error_chain(&e))?;
     if record.volume_id != name {
         return Err(format!(
             "record names volume {:?}, not its directory",
             record.volume_id
         ));
     }
-    match fs::metadata(dir.join(DATA_FILE)) {
-        Ok(m) if m.is_file() => Ok(record),
-        Ok(_) => Err("data is not a regular file".to_string()),
-        Err(e) => Err(format!("cannot stat data file: {e}")),
+    let store = LayeredStore::open(&dir.join(STORE_DIR))
+        .map_err(|e| format!("block store cannot be opened: {}", error_chain(&e)))?;
+    if store.size() != record.size_bytes {
+        return Err(format!(
+            "block store holds {} bytes but the record says {}",
+            store.size(),
+            record.size_bytes
+        ));
     }
+    Ok((record, store))
 }
 
 #[cfg(test)]
@@ -953,7 +1157,7 @@ mod tests {
     }
 
     #[test]
-    fn create_makes_sparse_data_and_record() {
+    fn create_makes_an_empty_store_and_record() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let cat = open(tmp.path(), Some(100 * MIB));
         let out = cat.create(new_volume("v1", 8 * MIB)).expect("create");
@@ -962,16 +1166,94 @@ mod tests {
         assert_eq!(out.record.epoch, 0);
         assert!(out.record.created_unix_nanos > 0);
         let dir = tmp.path().join("volumes/v1");
-        let data = fs::metadata(dir.join("data")).expect("data");
-        assert_eq!(data.len(), 8 * MIB);
-        use std::os::unix::fs::MetadataExt;
-        assert!(data.blocks() * 512 < MIB, "data file is not sparse");
+        assert_eq!(dir_names(&dir), vec!["record", "store"]);
         assert_eq!(
             record::read_file(&dir.join("record")).expect("record"),
             out.record
         );
         assert_eq!(dir_names(&tmp.path().join("volumes")), vec!["v1"]);
-        assert_eq!(cat.data_path("v1"), Some(dir.join("data")));
+        assert_eq!(cat.store_dir("v1"), Some(dir.join("store")));
+
+        let (store, epoch) = cat.open_store("v1").expect("store");
+        assert_eq!(store.size(), 8 * MIB);
+        assert_eq!(store.dir(), dir.join("store"));
+        assert!(Arc::ptr_eq(&epoch, &cat.epoch_handle("v1").expect("epoch")));
+        assert!(
+            cat.allocated_bytes().expect("allocated") < MIB,
+            "a new store must be sparse"
+        );
+        // The store is the one a reopen finds.
+        store.write(4096, &[7u8; 4096], 1).expect("write");
+        cat.flush_all().expect("flush");
+        drop((store, epoch));
+        drop(cat);
+        let cat = open(tmp.path(), Some(100 * MIB));
+        let (store, _) = cat.open_store("v1").expect("store");
+        assert_eq!(store.read(4096, 4096).expect("read"), vec![7u8; 4096]);
+        assert!(matches!(
+            cat.open_store("nope"),
+            Err(CatalogError::NotFound(_))
+        ));
+    }
+
+    #[test]
+    fn delete_retires_the_open_store() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let cat = open(tmp.path(), Some(100 * MIB));
+        cat.create(new_volume("v1", MIB)).expect("create");
+        let (store, _) = cat.open_store("v1").expect("store");
+        store.write(0, &[1u8; 4096], 1).expect("write");
+        assert!(cat.delete("v1").expect("delete"));
+        assert!(matches!(
+            store.write(0, &[2u8; 4096], 2),
+            Err(StoreError::VolumeDeleted)
+        ));
+        assert!(matches!(
+            store.read(0, 4096),
+            Err(StoreError::VolumeDeleted)
+        ));
+        assert!(matches!(store.flush(), Err(StoreError::VolumeDeleted)));
+        assert!(dir_names(&tmp.path().join("volumes")).is_empty());
+        assert!(matches!(
+            cat.open_store("v1"),
+            Err(CatalogError::NotFound(_))
+        ));
+        // A new volume under the same id gets a new store; the old handle stays dead.
+        cat.create(new_volume("v1", MIB)).expect("recreate");
+        let (fresh, _) = cat.open_store("v1").expect("store");
+        assert_eq!(fresh.read(0, 4096).expect("read"), vec![0u8; 4096]);
+        assert!(store.read(0, 4096).is_err());
+        cat.flush_all().expect("flush");
+    }
+
+    #[test]
+    fn unopenable_store_is_quarantined() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        {
+            let cat = open(tmp.path(), Some(100 * MIB));
+            cat.create(new_volume("good", MIB)).expect("create");
+            cat.create(new_volume("bad", 2 * MIB)).expect("create");
+        }
+        let manifest = tmp.path().join("volumes/bad/store/MANIFEST");
+        let mut bytes = fs::read(&manifest).expect("read");
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0xff;
+        fs::write(&manifest, &bytes).expect("corrupt");
+
+        let cat = open(tmp.path(), Some(100 * MIB));
+        let ids: Vec<_> = cat.list().into_iter().map(|r| r.volume_id).collect();
+        assert_eq!(ids, vec!["good"]);
+        let q = cat.quarantined();
+        assert_eq!(q.len(), 1);
+        assert!(q[0].reason.contains("block store"), "{}", q[0].reason);
+        assert_eq!(q[0].data_bytes, 2 * MIB);
+        assert!(matches!(
+            cat.open_store("bad"),
+            Err(CatalogError::Quarantined { .. })
+        ));
+        assert_eq!(fs::read(&manifest).expect("kept"), bytes);
+        assert!(cat.delete("bad").expect("delete"));
+        assert_eq!(dir_names(&tmp.path().join("volumes")), vec!["good"]);
     }
 
     #[test]
@@ -1164,7 +1446,7 @@ mod tests {
 
         let cat = open(tmp.path(), Some(100 * MIB));
         assert_eq!(dir_names(&vols), vec!["keep"]);
-        assert_eq!(dir_names(&vols.join("keep")), vec!["data", "record"]);
+        assert_eq!(dir_names(&vols.join("keep")), vec!["record", "store"]);
         assert_eq!(cat.list().len(), 1);
     }
 
@@ -1205,7 +1487,7 @@ mod tests {
     }
 
     #[test]
-    fn truncated_record_or_missing_data_is_quarantined() {
+    fn truncated_record_or_missing_store_is_quarantined() {
         let tmp = tempfile::tempdir().expect("tempdir");
         {
             let cat = open(tmp.path(), Some(100 * MIB));
@@ -1215,7 +1497,7 @@ mod tests {
         let rec = tmp.path().join("volumes/short/record");
         let bytes = fs::read(&rec).expect("read");
         fs::write(&rec, &bytes[..bytes.len() / 2]).expect("truncate");
-        fs::remove_file(tmp.path().join("volumes/nodata/data")).expect("rm");
+        fs::remove_dir_all(tmp.path().join("volumes/nodata/store")).expect("rm");
 
         let cat = open(tmp.path(), Some(100 * MIB));
         assert!(cat.list().is_empty());

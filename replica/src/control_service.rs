@@ -154,7 +154,7 @@ impl From<CatalogError> for Status {
             }
             CatalogError::Quarantined { .. } => Code::FailedPrecondition,
             CatalogError::Locked { .. } => Code::Unavailable,
-            CatalogError::Io { .. } => Code::Internal,
+            CatalogError::Io { .. } | CatalogError::Store { .. } => Code::Internal,
         };
         let msg = chain(&e);
         match code {
@@ -321,6 +321,16 @@ impl Probe for ControlService {
                 );
             }
         }
+        // Real use of the backing disk (thin), next to the thick figure above; it
+        // stats every layer file, so it is computed per scrape, not kept.
+        if let Ok(bytes) = self.catalog.allocated_bytes() {
+            let name = "tessera_replica_allocated_bytes";
+            let _ = writeln!(
+                out,
+                "# HELP {name} Disk space the volumes' block stores allocate (all layers).\n\
+                 # TYPE {name} gauge\n{name} {bytes}"
+            );
+        }
         self.metrics.render(&mut out);
         out
     }
@@ -435,6 +445,12 @@ mod tests {
         assert!(text.count("CreateVolume", Code::AlreadyExists) == 1);
         let rendered = Probe::metrics(&svc);
         assert!(rendered.contains("tessera_replica_volumes 1"), "{rendered}");
+        assert!(
+            rendered.contains(
+                "# TYPE tessera_replica_allocated_bytes gauge\ntessera_replica_allocated_bytes "
+            ),
+            "{rendered}"
+        );
         assert!(rendered.contains(
             "tessera_replica_control_requests_total{method=\"CreateVolume\",code=\"Ok\"} 2"
         ));

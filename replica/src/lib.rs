@@ -1,7 +1,7 @@
 //! The Tessera replica daemon and the client side of its protocols.
 //!
 //! A replica daemon owns the replicas of many volumes on one node: their volume
-//! records (the cluster's source of truth), their data files, and all disk I/O.
+//! records (the cluster's source of truth), their block stores, and all disk I/O.
 //! The controller talks to it over the control gRPC API; engines talk to it over
 //! the data-plane protocol.
 //!
@@ -17,6 +17,8 @@
 //! * [`scheduler`]: the per-device I/O scheduler (EDF deadlines, per-volume token
 //!   buckets, io_uring engine with a sync reference engine).
 //! * [`store`]: the checksummed, layered (snapshot-capable) block store of one replica.
+//! * [`volume_registry`]: the catalog's volumes (their stores and epochs) served to the
+//!   data plane.
 //!
 //! This crate must not depend on the controller or node crates: they depend on it.
 
@@ -35,3 +37,4 @@ pub mod health;
 pub mod record;
 pub mod scheduler;
 pub mod store;
+pub mod volume_registry;

@@ -2,198 +2,21 @@
 //! (SIGKILL) and restart, the data-directory lock, and a full disk on a small tmpfs.
 //!
 //! Every daemon runs in its own process group and is killed in `Drop`; every test
-//! works in its own temp directory; waits poll with a deadline, never a fixed sleep.
+//! works in its own temp directory; waits poll with a deadline, never a fixed sleep
+//! (the harness is in `daemon_support`, shared with `daemon_dataplane.rs`).
+
+mod daemon_support;
 
 use std::fs;
 use std::io::Write;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
 
+use daemon_support::{
+    create_req, entries, get_req, pgid, spawn, wait_exit, workdir, Daemon, START_TIMEOUT,
+};
 use nix::sys::signal::{killpg, Signal};
-use nix::unistd::Pid;
 use tessera_replica::control_proto as proto;
-use tessera_replica::control_proto::replica_control_client::ReplicaControlClient;
-use tonic::transport::Channel;
 use tonic::Code;
-
-const START_TIMEOUT: Duration = Duration::from_secs(30);
-const EXIT_TIMEOUT: Duration = Duration::from_secs(15);
-const POLL: Duration = Duration::from_millis(20);
-
-static STARTS: AtomicUsize = AtomicUsize::new(0);
-
-/// Polls `f` until it returns `Some`, or gives up after `timeout`.
-async fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f() {
-            return Some(v);
-        }
-        if Instant::now() >= deadline {
-            return None;
-        }
-        tokio::time::sleep(POLL).await;
-    }
-}
-
-/// A running daemon; killed (whole process group) and reaped on drop.
-struct Daemon {
-    child: Child,
-    control: String,
-    data: String,
-    metrics: Option<String>,
-    log: PathBuf,
-    ready_file: PathBuf,
-}
-
-/// Starts the daemon, returning it and its log path; or the exit status and log if it
-/// exits before becoming ready.
-fn spawn(work: &Path, data_dir: &Path, extra: &[&str]) -> (Child, PathBuf, PathBuf) {
-    let n = STARTS.fetch_add(1, Ordering::SeqCst);
-    let log = work.join(format!("daemon-{n}.log"));
-    let ready = work.join(format!("ready-{n}.json"));
-    let log_file = fs::File::create(&log).expect("create log file");
-    let log_err = log_file.try_clone().expect("clone log fd");
-    let child = Command::new(env!("CARGO_BIN_EXE_tessera-replica"))
-        .arg("--data-dir")
-        .arg(data_dir)
-        .args(["--listen", "127.0.0.1:0", "--data-listen", "127.0.0.1:0"])
-        .args(["--node-id", "test-node", "--zone", "z1"])
-        .arg("--ready-file")
-        .arg(&ready)
-        .args(extra)
-        .stdin(Stdio::null())
-        .stdout(log_file)
-        .stderr(log_err)
-        .process_group(0)
-        .spawn()
-        .expect("spawn tessera-replica");
-    (child, log, ready)
-}
-
-fn pgid(child: &Child) -> Pid {
-    Pid::from_raw(i32::try_from(child.id()).expect("pid fits i32"))
-}
-
-async fn wait_exit(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
-    wait_for(timeout, || child.try_wait().ok().flatten()).await
-}
-
-impl Daemon {
-    async fn start(work: &Path, data_dir: &Path, extra: &[&str]) -> Daemon {
-        let (mut child, log, ready_file) = spawn(work, data_dir, extra);
-        let ready = wait_for(START_TIMEOUT, || {
-            if let Ok(Some(status)) = child.try_wait() {
-                return Some(Err(status));
-            }
-            let text = fs::read_to_string(&ready_file).ok()?;
-            serde_json::from_str::<serde_json::Value>(&text)
-                .ok()
-                .map(Ok)
-        })
-        .await;
-        let ready = match ready {
-            Some(Ok(v)) => v,
-            Some(Err(status)) => panic!(
-                "daemon exited with {status} before ready:\n{}",
-                fs::read_to_string(&log).unwrap_or_default()
-            ),
-            None => {
-                let _ = killpg(pgid(&child), Signal::SIGKILL);
-                let _ = child.wait();
-                panic!(
-                    "daemon not ready within {START_TIMEOUT:?}:\n{}",
-                    fs::read_to_string(&log).unwrap_or_default()
-                )
-            }
-        };
-        let field = |k: &str| ready[k].as_str().map(str::to_string);
-        let daemon = Daemon {
-            control: field("control").expect("ready file has control"),
-            data: field("data").expect("ready file has data"),
-            metrics: field("metrics"),
-            child,
-            log,
-            ready_file,
-        };
-        assert!(
-            ready.get("metrics").is_some(),
-            "ready file lacks the metrics key"
-        );
-        daemon
-    }
-
-    async fn client(&self) -> ReplicaControlClient<Channel> {
-        ReplicaControlClient::connect(format!("http://{}", self.control))
-            .await
-            .expect("connect to control API")
-    }
-
-    fn log(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// SIGKILL, like a crash or the OOM killer; waits until reaped.
-    async fn kill9(mut self) {
-        killpg(pgid(&self.child), Signal::SIGKILL).expect("kill -9");
-        let status = wait_exit(&mut self.child, EXIT_TIMEOUT).await;
-        assert!(status.is_some(), "daemon survived SIGKILL");
-    }
-
-    /// SIGTERM and wait for a clean exit.
-    async fn terminate(mut self) -> ExitStatus {
-        killpg(pgid(&self.child), Signal::SIGTERM).expect("SIGTERM");
-        match wait_exit(&mut self.child, EXIT_TIMEOUT).await {
-            Some(status) => status,
-            None => panic!("daemon ignored SIGTERM:\n{}", self.log()),
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = killpg(pgid(&self.child), Signal::SIGKILL);
-        }
-        let _ = self.child.wait();
-    }
-}
-
-fn workdir() -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix("tessera-daemon-test-")
-        .tempdir()
-        .expect("create temp dir")
-}
-
-fn create_req(id: &str, size: u64) -> proto::CreateVolumeRequest {
-    proto::CreateVolumeRequest {
-        volume_id: id.into(),
-        name: format!("pv-{id}"),
-        size_bytes: size,
-        replication_factor: 3,
-        access_type: "mount".into(),
-        ..Default::default()
-    }
-}
-
-fn get_req(id: &str) -> proto::GetVolumeRequest {
-    proto::GetVolumeRequest {
-        volume_id: id.into(),
-    }
-}
-
-fn entries(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> = fs::read_dir(dir)
-        .expect("read_dir")
-        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
-        .collect();
-    names.sort();
-    names
-}
 
 async fn http_get(addr: &str, path: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -314,11 +137,11 @@ async fn volume_lifecycle_over_grpc() {
 
     let volumes = data_dir.join("volumes");
     assert_eq!(entries(&volumes), vec!["vol-a", "vol-b"]);
-    assert_eq!(entries(&volumes.join("vol-b")), vec!["data", "record"]);
-    let data_len = fs::metadata(volumes.join("vol-b/data"))
-        .expect("data file")
-        .len();
-    assert_eq!(data_len, 8 << 20);
+    assert_eq!(entries(&volumes.join("vol-b")), vec!["record", "store"]);
+    assert!(
+        volumes.join("vol-b/store/MANIFEST").is_file(),
+        "the volume's block store is missing"
+    );
 
     let del = c
         .delete_volume(proto::DeleteVolumeRequest {

@@ -152,8 +152,8 @@ async fn create_volume_is_idempotent_by_name_and_lands_on_three_daemons() {
                     dir.display()
                 );
                 assert!(
-                    dir.join("data").is_file(),
-                    "{} has no data file",
+                    dir.join("store/MANIFEST").is_file(),
+                    "{} has no block store",
                     dir.display()
                 );
                 holders.insert(replica.node_id().to_owned());
@@ -268,7 +268,10 @@ async fn delete_removes_records_and_files_on_every_daemon() {
     let kept = create(&cluster, create_request("pvc-kept", GIB)).await;
     assert_ne!(doomed.volume_id, kept.volume_id);
     for replica in cluster.replicas() {
-        assert!(replica.volume_dir(&doomed.volume_id).join("data").is_file());
+        assert!(replica
+            .volume_dir(&doomed.volume_id)
+            .join("store/MANIFEST")
+            .is_file());
     }
 
     let mut controller = cluster.controller().await.expect("controller answers");

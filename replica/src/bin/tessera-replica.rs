@@ -1,11 +1,18 @@
 //! `tessera-replica`: the replica daemon. Stores the replicas of volumes in a data
-//! directory and serves the control gRPC API (and, later, the data plane).
+//! directory and serves the control gRPC API and the data plane (block I/O for
+//! engines) over the volumes' checksummed block stores.
 //!
 //! Start-up order matters to supervisors and tests: the data directory is locked and
 //! loaded first (so a second daemon on the same directory fails before binding any
 //! port), then every listener is bound, then `--ready-file` is written. Its JSON is
 //! `{"control":"host:port","data":"host:port","metrics":"host:port"|null}` with
 //! dialable (advertised) addresses.
+//!
+//! Shutdown (SIGTERM/SIGINT, or the control server failing): every listener stops
+//! accepting, the data plane answers the requests it has already read, then every
+//! open block store is flushed, so writes acknowledged before the signal survive even
+//! without the engine's own FLUSH. A kill -9 loses only unflushed writes, as the
+//! protocol allows.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -19,11 +26,16 @@ use tessera_replica::capacity::parse_size;
 use tessera_replica::catalog::{Catalog, CatalogConfig};
 use tessera_replica::control_proto::replica_control_server::ReplicaControlServer;
 use tessera_replica::control_service::{ControlService, NodeInfo};
+use tessera_replica::dataplane;
 use tessera_replica::health;
+use tessera_replica::volume_registry::CatalogRegistry;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
 use tracing::{error, info, warn};
+
+/// Longest a clean shutdown waits for data-plane requests in flight.
+const DATA_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Tessera replica daemon: keeps replicas of block volumes on local disk and serves
 /// them to the controller (control gRPC) and to engines (data plane).
@@ -132,8 +144,6 @@ async fn run(args: Args) -> Result<()> {
     let catalog = Arc::new(catalog);
 
     let control_listener = bind(&args.listen, "--listen").await?;
-    // The data-plane server is plugged in here later; until then the port is held so
-    // the advertised address is reserved and stable.
     let data_listener = bind(&args.data_listen, "--data-listen").await?;
     let metrics_listener = match &args.metrics_listen {
         Some(addr) => Some(bind(addr, "--metrics-listen").await?),
@@ -163,19 +173,31 @@ async fn run(args: Args) -> Result<()> {
         },
     );
 
+    // Shared so that both a signal and a failing control server can stop the rest.
     let (stop_tx, stop_rx) = watch::channel(false);
-    tokio::spawn(async move {
-        match wait_for_signal().await {
-            Ok(name) => info!(signal = name, "shutting down"),
-            Err(e) => error!(error = %e, "cannot listen for signals; shutting down"),
-        }
-        let _ = stop_tx.send(true);
-    });
+    let stop_tx = Arc::new(stop_tx);
+    {
+        let stop_tx = Arc::clone(&stop_tx);
+        tokio::spawn(async move {
+            match wait_for_signal().await {
+                Ok(name) => info!(signal = name, "shutting down"),
+                Err(e) => error!(error = %e, "cannot listen for signals; shutting down"),
+            }
+            let _ = stop_tx.send(true);
+        });
+    }
 
     let metrics_task = metrics_listener.map(|listener| {
         let probe = Arc::new(service.clone());
         tokio::spawn(health::serve(listener, probe, stopped(stop_rx.clone())))
     });
+
+    let registry = Arc::new(CatalogRegistry::new(Arc::clone(&catalog)));
+    let data_task = tokio::spawn(dataplane::serve(
+        data_listener,
+        registry,
+        stopped(stop_rx.clone()),
+    ));
 
     if let Some(path) = &args.ready_file {
         let ready = serde_json::json!({
@@ -202,7 +224,28 @@ async fn run(args: Args) -> Result<()> {
             stopped(stop_rx.clone()),
         )
         .await;
-    drop(data_listener);
+    // Whatever ended the control server ends the daemon.
+    let _ = stop_tx.send(true);
+    // The data plane drains: requests already read are answered. An engine that keeps
+    // its connection open without sending does not hold shutdown up (the server stops
+    // reading at shutdown); the bound is for a disk that stopped answering.
+    let data_abort = data_task.abort_handle();
+    match tokio::time::timeout(DATA_DRAIN_TIMEOUT, data_task).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => warn!(error = %e, "data-plane server task failed"),
+        Err(_) => {
+            warn!(timeout = ?DATA_DRAIN_TIMEOUT, "data plane did not drain in time; closing its connections");
+            data_abort.abort();
+        }
+    }
+    let flushed = {
+        let catalog = Arc::clone(&catalog);
+        tokio::task::spawn_blocking(move || catalog.flush_all()).await
+    };
+    let flushed = match flushed {
+        Ok(r) => r.context("flushing volumes at shutdown"),
+        Err(e) => Err(anyhow::anyhow!("flush task failed: {e}")),
+    };
     if let Some(task) = metrics_task {
         match tokio::time::timeout(Duration::from_secs(5), task).await {
             Ok(Ok(Ok(()))) => {}
@@ -215,6 +258,7 @@ async fn run(args: Args) -> Result<()> {
         let _ = std::fs::remove_file(path);
     }
     served.context("control gRPC server failed")?;
+    flushed?;
     info!("stopped");
     Ok(())
 }

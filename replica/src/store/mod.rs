@@ -925,6 +925,23 @@ impl LayeredStore {
         fs::remove_dir_all(&self.dir).map_err(io_error("remove volume directory", &self.dir))
     }
 
+    /// Closes this store for good without touching disk: waits for the data and control
+    /// operations in flight, drops every layer (closing its files), and from then on
+    /// every read, write, trim and flush through this value fails with
+    /// [`StoreError::VolumeDeleted`].
+    ///
+    /// The replica catalog calls it before it removes (or moves) the directory, so a
+    /// data-plane connection still holding the store can neither write into a deleted
+    /// volume nor report success for I/O the deletion discarded. The files are left
+    /// as they are; [`Self::open`] on the directory serves them again.
+    pub fn retire(&self) {
+        let _control = self.control();
+        let mut state = self.state_write();
+        state.layers.clear();
+        state.volume_deleted = true;
+        state.removed = true;
+    }
+
     /// Deletes the volume itself. Its snapshots stay readable and deletable; the last
     /// snapshot's deletion frees the rest. Repeating the call is harmless.
     pub fn delete_volume(&self) -> Result<VolumeRemoval, StoreError> {
