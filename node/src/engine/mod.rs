@@ -1,0 +1,1064 @@
+//! The per-volume engine: the quorum coordinator between the kernel's block I/O and
+//! the volume's replicas.
+//!
+//! One [`Engine`] serves one staged volume with one fencing epoch. It is the single
+//! writer of the volume: every write gets a sequence number
+//! `seq = epoch << 40 | counter` (counter from 1, strictly increasing) and goes to
+//! every in-sync replica at once; it is acknowledged when a majority of the *whole*
+//! replica set acknowledged it.
+//!
+//! Layout:
+//! * [`config`]: [`EngineConfig`], also built from the controller's `publish_context`.
+//! * [`error`]: [`EngineError`] and its [`EngineErrorKind`] (which errno).
+//! * [`status`]: [`EngineStatus`], per-replica state and counters.
+//! * [`target`]: [`EngineTarget`], the [`crate::frontend::BlockTarget`] adapter that
+//!   lets FUSE worker threads call the async engine.
+//! * `inflight`: the table of writes some replica has not finished, which orders
+//!   overlapping writes, picks replicas for reads and scopes flushes.
+//!
+//! # Behaviour
+//!
+//! * **Open** connects to every replica in parallel, each bounded by the request
+//!   timeout, and needs a majority connected. Replicas that cannot be reached start
+//!   out stale. All connected replicas must report the same size (and the size the
+//!   controller recorded, when given); the engine refuses to guess otherwise. A
+//!   replica that answers `STALE_EPOCH` at HELLO means the volume has already moved:
+//!   open fails with [`EngineError::Fenced`].
+//! * **Writes and trims** are sent to every in-sync replica in parallel (one shared
+//!   [`Bytes`] buffer, no copy per replica) and complete at a majority. The rest of
+//!   the acknowledgements are collected in the background. A replica that errors or
+//!   does not answer within the request timeout is marked stale: it gets no further
+//!   reads or writes, and the reason and time are kept for [`Engine::status`]. An
+//!   acknowledgement from a replica that is already stale does not count, because a
+//!   stale replica may have missed earlier writes. If a majority cannot be reached the
+//!   write fails, within one request timeout of being issued. Two overlapping writes
+//!   in flight at once are sent to each replica in issue order (the later one waits
+//!   for the earlier one to finish on that replica), so the copies cannot end up
+//!   holding different data.
+//! * **Flush** sends FLUSH to a replica only after that replica finished every write
+//!   issued before the flush, so the replica's FLUSH covers them; it completes when a
+//!   majority flushed. So after a flush, every write acknowledged before it is durable
+//!   on a majority (DESIGN.md invariant 1).
+//! * **Reads** go to one in-sync replica with no unfinished overlapping write,
+//!   preferring the one on this node, otherwise the least loaded. A replica that
+//!   errors or times out is marked stale and another is tried. Reads also require a
+//!   majority in sync: a minority could belong to an engine that has lost the volume
+//!   to a newer one, and reading it could return data older than that engine's writes
+//!   (invariant 2). A replica that reports `CORRUPT_BLOCK` is not marked stale; the
+//!   read is served from another replica and the bad copy is rewritten in the
+//!   background (*self-healing read*). The repair waits until no write overlaps the
+//!   range, then registers itself in the in-flight table so new overlapping writes
+//!   reach that replica only after the repair, re-reads a good copy and writes it with
+//!   a fresh seq. If every copy is corrupt the read fails and the block index is
+//!   logged.
+//! * **Fencing**: `STALE_EPOCH` from any replica, on any request, means a newer
+//!   engine owns the volume. This engine then fails that and every later operation
+//!   with [`EngineError::Fenced`] (invariant 3 is enforced by the replicas; the engine
+//!   just stops trying).
+//!
+//! # Not done yet
+//!
+//! A stale replica stays stale for the life of the engine: it is neither reconnected
+//! nor resynced. Bringing it back needs the activity-log resync of DESIGN.md
+//! "Recovery" (copying the regions it missed with newer-seq-wins writes), which is a
+//! later issue; until then the volume runs degraded, and below quorum it fails all I/O
+//! until it is reopened with a new epoch. For the same reason a new engine does not
+//! yet reconcile blocks an old engine left on only some replicas. The volume size is
+//! fixed at open (no online expansion).
+//!
+//! # Cost per I/O
+//!
+//! The engine shares two cores with three replica daemons in tests, so the hot path
+//! avoids work: one task per write or trim (it outlives the caller to collect the last
+//! acknowledgements), a short mutex section on the in-flight table (never held across
+//! an await), relaxed atomic counters, no logging.
+
+pub mod config;
+pub mod error;
+mod inflight;
+pub mod status;
+pub mod target;
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use tessera_replica::block_io::BLOCK_SIZE;
+use tessera_replica::dataplane::frame::MAX_PAYLOAD;
+use tessera_replica::dataplane::{ClientConfig, ClientError, ErrorCode, ReplicaDataClient};
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+pub use config::{ConfigError, EngineConfig, ReplicaEndpoint};
+pub use error::{EngineError, EngineErrorKind, IoOp};
+pub use status::{EngineCounters, EngineStatus, ReplicaState, ReplicaStatus};
+pub use target::EngineTarget;
+
+use inflight::{Inflight, Op};
+use status::Counters;
+
+/// Largest single read, write or trim payload the engine accepts (the data-plane
+/// frame limit); [`EngineTarget`] splits larger requests.
+pub const MAX_IO_BYTES: usize = MAX_PAYLOAD;
+
+/// Bits of `seq` below the epoch.
+const COUNTER_BITS: u32 = 40;
+
+/// One replica from the engine's point of view.
+struct Replica {
+    node_id: String,
+    address: String,
+    /// `None` once the engine is closed, or if it never connected.
+    client: Mutex<Option<ReplicaDataClient>>,
+    /// Fast check on the hot path; [`Replica::stale_info`] has the details.
+    stale: AtomicBool,
+    stale_info: Mutex<Option<(String, SystemTime)>>,
+    /// Reads in flight, for least-loaded replica choice.
+    reads_in_flight: AtomicUsize,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every critical section here is a single assignment or clone, so a panic while
+    // holding the lock cannot leave the value half-updated.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Replica {
+    fn is_stale(&self) -> bool {
+        self.stale.load(Ordering::SeqCst)
+    }
+
+    fn client(&self) -> Option<ReplicaDataClient> {
+        lock(&self.client).clone()
+    }
+}
+
+/// Who fenced the engine.
+#[derive(Clone)]
+struct FenceInfo {
+    replica_epoch: u64,
+    node_id: String,
+}
+
+struct Inner {
+    volume_id: String,
+    epoch: u64,
+    size: u64,
+    quorum: usize,
+    local: Option<usize>,
+    replicas: Vec<Replica>,
+    timeout: Duration,
+    counter: AtomicU64,
+    inflight: Inflight,
+    fenced: AtomicBool,
+    fence_info: Mutex<Option<FenceInfo>>,
+    closed: AtomicBool,
+    round_robin: AtomicUsize,
+    counters: Counters,
+}
+
+/// The replicated volume served by one engine. Cheap to clone (clones share the
+/// engine); all methods may be called concurrently from many tasks.
+///
+/// Methods must be called from within a tokio runtime (they spawn tasks); from plain
+/// threads, use [`EngineTarget`].
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("volume_id", &self.inner.volume_id)
+            .field("epoch", &self.inner.epoch)
+            .field("size", &self.inner.size)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How one replica's part of a write, trim or flush ended.
+enum Outcome {
+    Acked,
+    /// The replica answered with an error or the connection failed.
+    Failed(ClientError),
+    /// No answer within the request timeout.
+    TimedOut,
+    /// The replica was already stale (or disconnected) when its turn came.
+    Skipped,
+}
+
+/// What a replicated operation carries to each replica.
+#[derive(Clone)]
+enum Payload {
+    Data(Bytes),
+    Trim,
+}
+
+/// Collects per-replica outcomes of a replicated operation and decides it.
+struct Tally {
+    acked: usize,
+    outstanding: usize,
+    failures: String,
+    no_space: bool,
+    fenced: Option<EngineError>,
+}
+
+impl Tally {
+    fn new(outstanding: usize, failures: String) -> Self {
+        Tally {
+            acked: 0,
+            outstanding,
+            failures,
+            no_space: false,
+            fenced: None,
+        }
+    }
+}
+
+fn describe(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(cause) = src {
+        let _ = write!(s, ": {cause}");
+        src = cause.source();
+    }
+    s
+}
+
+fn bits(mask: u32) -> impl Iterator<Item = usize> {
+    (0..32).filter(move |i| mask & (1 << i) != 0)
+}
+
+impl Engine {
+    /// Connects to the volume's replicas and returns a ready engine, or fails if a
+    /// majority cannot be reached, a replica holds a newer epoch, or the replicas
+    /// disagree on the size. Takes at most about one request timeout.
+    pub async fn open(config: EngineConfig) -> Result<Engine, EngineError> {
+        config.validate()?;
+        let client_config = ClientConfig {
+            connect_timeout: config.request_timeout,
+            // The engine bounds every request itself (including time spent waiting for
+            // an earlier overlapping write), so the client waits for the reply.
+            request_timeout: None,
+            ..ClientConfig::default()
+        };
+        let connects = config.replicas.iter().map(|r| {
+            ReplicaDataClient::connect_with(
+                r.data_address.as_str(),
+                &config.volume_id,
+                config.epoch,
+                client_config.clone(),
+            )
+        });
+        let results = futures_util::future::join_all(connects).await;
+
+        let now = SystemTime::now();
+        let mut replicas = Vec::with_capacity(results.len());
+        let mut failures = String::new();
+        let mut sizes = Vec::new();
+        for (ep, result) in config.replicas.iter().zip(results) {
+            let (client, stale) = match result {
+                Ok(c) if u64::from(c.info().block_size) != BLOCK_SIZE => (
+                    None,
+                    Some(format!(
+                        "replica uses {}-byte blocks, the engine {BLOCK_SIZE}",
+                        c.info().block_size
+                    )),
+                ),
+                Ok(c) => {
+                    sizes.push((ep.node_id.clone(), c.info().size));
+                    (Some(c), None)
+                }
+                Err(e) if e.code() == Some(ErrorCode::StaleEpoch) => {
+                    let replica_epoch = match &e {
+                        ClientError::Remote(r) => r.detail,
+                        _ => 0,
+                    };
+                    return Err(EngineError::Fenced {
+                        volume_id: config.volume_id.clone(),
+                        epoch: config.epoch,
+                        replica_epoch,
+                        node_id: ep.node_id.clone(),
+                    });
+                }
+                Err(e) => (None, Some(format!("connecting failed: {}", describe(&e)))),
+            };
+            if let Some(reason) = &stale {
+                let _ = write!(failures, "{}{}: {reason}", sep(&failures), ep.node_id);
+            }
+            replicas.push(Replica {
+                node_id: ep.node_id.clone(),
+                address: ep.data_address.clone(),
+                client: Mutex::new(client),
+                stale: AtomicBool::new(stale.is_some()),
+                stale_info: Mutex::new(stale.map(|r| (r, now))),
+                reads_in_flight: AtomicUsize::new(0),
+            });
+        }
+        let total = replicas.len();
+        let quorum = total / 2 + 1;
+        if sizes.len() < quorum {
+            return Err(EngineError::OpenQuorum {
+                volume_id: config.volume_id,
+                connected: sizes.len(),
+                total,
+                needed: quorum,
+                failures,
+            });
+        }
+        let size = sizes[0].1;
+        let agree = sizes.iter().all(|(_, s)| *s == size);
+        if !agree || config.expected_size.is_some_and(|e| e != size) {
+            let mut list: Vec<String> = sizes.iter().map(|(n, s)| format!("{n}={s}")).collect();
+            if let Some(e) = config.expected_size {
+                list.push(format!("expected={e}"));
+            }
+            return Err(EngineError::SizeMismatch {
+                volume_id: config.volume_id,
+                sizes: list.join(", "),
+            });
+        }
+        for r in replicas.iter().filter(|r| r.is_stale()) {
+            if let Some((reason, _)) = &*lock(&r.stale_info) {
+                tracing::warn!(volume = %config.volume_id, node = %r.node_id, address = %r.address, %reason, "replica stale at open");
+            }
+        }
+        let local = replicas
+            .iter()
+            .position(|r| r.node_id == config.local_node_id);
+        Ok(Engine {
+            inner: Arc::new(Inner {
+                volume_id: config.volume_id,
+                epoch: config.epoch,
+                size,
+                quorum,
+                local,
+                replicas,
+                timeout: config.request_timeout,
+                counter: AtomicU64::new(0),
+                inflight: Inflight::default(),
+                fenced: AtomicBool::new(false),
+                fence_info: Mutex::new(None),
+                closed: AtomicBool::new(false),
+                round_robin: AtomicUsize::new(0),
+                counters: Counters::default(),
+            }),
+        })
+    }
+
+    /// Volume size in bytes (fixed at open).
+    pub fn size(&self) -> u64 {
+        self.inner.size
+    }
+
+    /// The volume id.
+    pub fn volume_id(&self) -> &str {
+        &self.inner.volume_id
+    }
+
+    /// The engine's fencing epoch.
+    pub fn epoch(&self) -> u64 {
+        self.inner.epoch
+    }
+
+    /// Reads `len` bytes at `offset` (multiples of 4096, `len` ≤ [`MAX_IO_BYTES`]).
+    /// Never returns data older than the last write acknowledged before the call.
+    pub async fn read(&self, offset: u64, len: u32) -> Result<Vec<u8>, EngineError> {
+        let inner = &self.inner;
+        let result = async {
+            inner.check(IoOp::Read, offset, u64::from(len))?;
+            let (data, corrupt) = inner.read_any(offset, len, 0).await?;
+            for (r, block) in corrupt {
+                // Repair from the first corrupt block to the end of the read; blocks
+                // before it were verified by the replica. A detail outside the range
+                // (a confused replica) repairs the whole range.
+                let end = offset + u64::from(len);
+                let start = block
+                    .checked_mul(BLOCK_SIZE)
+                    .filter(|s| (offset..end).contains(s))
+                    .unwrap_or(offset);
+                tokio::spawn(Inner::repair(Arc::clone(inner), r, start, end - start));
+            }
+            Ok(data)
+        }
+        .await;
+        match &result {
+            Ok(_) => {
+                Counters::add(&inner.counters.reads, 1);
+                Counters::add(&inner.counters.bytes_read, u64::from(len));
+            }
+            Err(_) => Counters::add(&inner.counters.failed_ops, 1),
+        }
+        result
+    }
+
+    /// Writes `data` at `offset` (multiples of 4096, at most [`MAX_IO_BYTES`]);
+    /// returns once a majority of the replica set acknowledged it.
+    pub async fn write(&self, offset: u64, data: Bytes) -> Result<(), EngineError> {
+        let len = data.len() as u64;
+        let result = match self.inner.check(IoOp::Write, offset, len) {
+            Ok(()) => {
+                self.replicate(IoOp::Write, offset, len, Payload::Data(data))
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        self.count(&result, &self.inner.counters.writes, len);
+        result
+    }
+
+    /// Discards `len` bytes at `offset` (multiples of 4096) on every replica; they
+    /// read back as zeros. Replicated and acknowledged like a write.
+    pub async fn trim(&self, offset: u64, len: u64) -> Result<(), EngineError> {
+        let result = match self.inner.check_range(IoOp::Trim, offset, len) {
+            Ok(()) => self.replicate(IoOp::Trim, offset, len, Payload::Trim).await,
+            Err(e) => Err(e),
+        };
+        self.count(&result, &self.inner.counters.trims, 0);
+        result
+    }
+
+    /// Makes every write acknowledged before the call durable on a majority.
+    pub async fn flush(&self) -> Result<(), EngineError> {
+        let result = self.inner.flush().await;
+        self.count(&result, &self.inner.counters.flushes, 0);
+        result
+    }
+
+    /// The engine's state: replicas, quorum, fencing, counters.
+    pub fn status(&self) -> EngineStatus {
+        let inner = &self.inner;
+        let replicas: Vec<ReplicaStatus> = inner
+            .replicas
+            .iter()
+            .enumerate()
+            .map(|(i, r)| ReplicaStatus {
+                node_id: r.node_id.clone(),
+                address: r.address.clone(),
+                local: inner.local == Some(i),
+                state: match &*lock(&r.stale_info) {
+                    Some((reason, since)) if r.is_stale() => ReplicaState::Stale {
+                        reason: reason.clone(),
+                        since: *since,
+                    },
+                    _ => ReplicaState::InSync,
+                },
+            })
+            .collect();
+        let in_sync = replicas
+            .iter()
+            .filter(|r| r.state == ReplicaState::InSync)
+            .count();
+        EngineStatus {
+            volume_id: inner.volume_id.clone(),
+            epoch: inner.epoch,
+            size: inner.size,
+            quorum: inner.quorum,
+            in_sync,
+            below_quorum: in_sync < inner.quorum,
+            fenced: inner.fenced.load(Ordering::SeqCst),
+            closed: inner.closed.load(Ordering::SeqCst),
+            inflight_ops: inner.inflight.len(),
+            counters: inner.counters.snapshot(),
+            replicas,
+        }
+    }
+
+    /// Flushes, then stops serving and drops the replica connections (they close
+    /// once background work holding them finishes). Later calls fail with
+    /// [`EngineError::Closed`]; closing again returns `Ok`. Returns the flush's error
+    /// if it failed: the connections are dropped either way.
+    pub async fn close(&self) -> Result<(), EngineError> {
+        let inner = &self.inner;
+        if inner.closed.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let flushed = if inner.fenced.load(Ordering::SeqCst) {
+            Ok(())
+        } else {
+            self.flush().await
+        };
+        inner.closed.store(true, Ordering::SeqCst);
+        for r in &inner.replicas {
+            lock(&r.client).take();
+        }
+        flushed
+    }
+
+    fn count(&self, result: &Result<(), EngineError>, ok: &AtomicU64, bytes: u64) {
+        let c = &self.inner.counters;
+        match result {
+            Ok(()) => {
+                Counters::add(ok, 1);
+                if bytes > 0 {
+                    Counters::add(&c.bytes_written, bytes);
+                }
+            }
+            Err(_) => Counters::add(&c.failed_ops, 1),
+        }
+    }
+
+    /// Sends a write or trim to every in-sync replica and waits for a majority.
+    async fn replicate(
+        &self,
+        op: IoOp,
+        offset: u64,
+        len: u64,
+        payload: Payload,
+    ) -> Result<(), EngineError> {
+        let inner = &self.inner;
+        let counter = inner.counter.fetch_add(1, Ordering::Relaxed) + 1;
+        if counter >= 1 << COUNTER_BITS {
+            return Err(inner.no_quorum(
+                op,
+                offset,
+                len,
+                0,
+                "sequence counter exhausted; reopen the volume with a new epoch".into(),
+                false,
+            ));
+        }
+        let seq = (inner.epoch << COUNTER_BITS) | counter;
+        let targets = inner.in_sync_mask();
+        if (targets.count_ones() as usize) < inner.quorum {
+            return Err(inner.no_quorum(op, offset, len, 0, inner.stale_summary(), false));
+        }
+        let mut preds = Vec::new();
+        let entry = inner.inflight.register(offset, len, targets, &mut preds);
+        let (tx, rx) = oneshot::channel();
+        tokio::spawn(Inner::drive(
+            Arc::clone(inner),
+            entry,
+            preds,
+            op,
+            offset,
+            len,
+            payload,
+            seq,
+            tx,
+        ));
+        match rx.await {
+            Ok(r) => r,
+            // The task always answers before it ends; this only happens if the
+            // runtime is shutting down and dropped it.
+            Err(_) => Err(inner.no_quorum(op, offset, len, 0, "engine task ended".into(), false)),
+        }
+    }
+}
+
+fn sep(s: &str) -> &'static str {
+    if s.is_empty() {
+        ""
+    } else {
+        "; "
+    }
+}
+
+impl Inner {
+    fn check(&self, op: IoOp, offset: u64, len: u64) -> Result<(), EngineError> {
+        if len > MAX_IO_BYTES as u64 {
+            return Err(EngineError::Unaligned {
+                volume_id: self.volume_id.clone(),
+                op,
+                offset,
+                len,
+            });
+        }
+        self.check_range(op, offset, len)
+    }
+
+    fn check_range(&self, op: IoOp, offset: u64, len: u64) -> Result<(), EngineError> {
+        self.check_usable()?;
+        if len == 0 || !(offset | len).is_multiple_of(BLOCK_SIZE) {
+            return Err(EngineError::Unaligned {
+                volume_id: self.volume_id.clone(),
+                op,
+                offset,
+                len,
+            });
+        }
+        if offset.checked_add(len).is_none_or(|end| end > self.size) {
+            return Err(EngineError::OutOfRange {
+                volume_id: self.volume_id.clone(),
+                op,
+                offset,
+                len,
+                size: self.size,
+            });
+        }
+        Ok(())
+    }
+
+    fn check_usable(&self) -> Result<(), EngineError> {
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(EngineError::Closed {
+                volume_id: self.volume_id.clone(),
+            });
+        }
+        if self.fenced.load(Ordering::SeqCst) {
+            return Err(self.fenced_error());
+        }
+        Ok(())
+    }
+
+    fn fenced_error(&self) -> EngineError {
+        let info = lock(&self.fence_info).clone();
+        let (replica_epoch, node_id) =
+            info.map_or((0, String::new()), |i| (i.replica_epoch, i.node_id));
+        EngineError::Fenced {
+            volume_id: self.volume_id.clone(),
+            epoch: self.epoch,
+            replica_epoch,
+            node_id,
+        }
+    }
+
+    /// Records that replica `r` reported a newer epoch; returns the error to fail with.
+    fn fence(&self, r: usize, err: &ClientError) -> EngineError {
+        let replica_epoch = match err {
+            ClientError::Remote(e) => e.detail,
+            _ => 0,
+        };
+        {
+            let mut info = lock(&self.fence_info);
+            if info.is_none() {
+                *info = Some(FenceInfo {
+                    replica_epoch,
+                    node_id: self.replicas[r].node_id.clone(),
+                });
+                tracing::error!(volume = %self.volume_id, epoch = self.epoch, replica_epoch, node = %self.replicas[r].node_id, "engine fenced: the volume has a newer epoch; failing all I/O");
+            }
+        }
+        self.fenced.store(true, Ordering::SeqCst);
+        self.fenced_error()
+    }
+
+    /// Marks replica `r` stale (once; later reasons are dropped).
+    fn mark_stale(&self, r: usize, reason: String) {
+        let rep = &self.replicas[r];
+        let mut info = lock(&rep.stale_info);
+        if !rep.stale.swap(true, Ordering::SeqCst) {
+            tracing::warn!(volume = %self.volume_id, node = %rep.node_id, address = %rep.address, %reason, "replica marked stale");
+            *info = Some((reason, SystemTime::now()));
+        }
+    }
+
+    fn in_sync_mask(&self) -> u32 {
+        self.replicas
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| !r.is_stale())
+            .fold(0, |m, (i, _)| m | 1 << i)
+    }
+
+    fn stale_summary(&self) -> String {
+        let mut s = String::new();
+        for r in self.replicas.iter().filter(|r| r.is_stale()) {
+            let reason = lock(&r.stale_info)
+                .as_ref()
+                .map_or_else(String::new, |(reason, _)| reason.clone());
+            let _ = write!(s, "{}{}: stale ({reason})", sep(&s), r.node_id);
+        }
+        s
+    }
+
+    fn no_quorum(
+        &self,
+        op: IoOp,
+        offset: u64,
+        len: u64,
+        acked: usize,
+        failures: String,
+        no_space: bool,
+    ) -> EngineError {
+        EngineError::NoQuorum {
+            volume_id: self.volume_id.clone(),
+            op,
+            offset,
+            len,
+            acked,
+            needed: if op == IoOp::Read { 1 } else { self.quorum },
+            failures,
+            no_space,
+        }
+    }
+
+    /// Turns one replica's outcome into tally updates, marking it stale or fencing
+    /// the engine as needed. Returns whether the replica acknowledged (and counts).
+    fn settle(&self, r: usize, outcome: Outcome, tally: &mut Tally) -> bool {
+        tally.outstanding -= 1;
+        let node = &self.replicas[r].node_id;
+        let acked = match outcome {
+            Outcome::Acked if !self.replicas[r].is_stale() => true,
+            Outcome::Acked | Outcome::Skipped => {
+                let _ = write!(tally.failures, "{}{node}: stale", sep(&tally.failures));
+                false
+            }
+            Outcome::Failed(e) if e.code() == Some(ErrorCode::StaleEpoch) => {
+                tally.fenced = Some(self.fence(r, &e));
+                false
+            }
+            Outcome::Failed(e) => {
+                tally.no_space |= e.code() == Some(ErrorCode::NoSpace);
+                let reason = describe(&e);
+                let _ = write!(tally.failures, "{}{node}: {reason}", sep(&tally.failures));
+                self.mark_stale(r, reason);
+                false
+            }
+            Outcome::TimedOut => {
+                let reason = format!("no reply within {:?}", self.timeout);
+                let _ = write!(tally.failures, "{}{node}: {reason}", sep(&tally.failures));
+                self.mark_stale(r, reason);
+                false
+            }
+        };
+        if acked {
+            tally.acked += 1;
+        }
+        acked
+    }
+
+    /// Decides a replicated operation once the tally allows: `Some` when fenced, a
+    /// majority acknowledged, or a majority can no longer be reached.
+    fn decide(
+        &self,
+        op: IoOp,
+        offset: u64,
+        len: u64,
+        tally: &mut Tally,
+    ) -> Option<Result<(), EngineError>> {
+        if let Some(e) = tally.fenced.take() {
+            return Some(Err(e));
+        }
+        if tally.acked >= self.quorum {
+            return Some(Ok(()));
+        }
+        if tally.acked + tally.outstanding < self.quorum {
+            return Some(Err(self.no_quorum(
+                op,
+                offset,
+                len,
+                tally.acked,
+                std::mem::take(&mut tally.failures),
+                tally.no_space,
+            )));
+        }
+        None
+    }
+
+    /// Runs one write or trim to completion on every target replica, answering the
+    /// caller through `tx` as soon as the outcome is decided.
+    #[allow(clippy::too_many_arguments)]
+    async fn drive(
+        self: Arc<Self>,
+        entry: Arc<Op>,
+        preds: Vec<Arc<Op>>,
+        op: IoOp,
+        offset: u64,
+        len: u64,
+        payload: Payload,
+        seq: u64,
+        tx: oneshot::Sender<Result<(), EngineError>>,
+    ) {
+        let targets = entry.pending();
+        let mut sends: FuturesUnordered<_> = bits(targets)
+            .map(|r| {
+                let this = &self;
+                let preds = &preds;
+                let payload = payload.clone();
+                async move {
+                    let outcome = this.send_one(r, preds, offset, len, payload, seq).await;
+                    (r, outcome)
+                }
+            })
+            .collect();
+        let mut tally = Tally::new(targets.count_ones() as usize, String::new());
+        let mut tx = Some(tx);
+        while let Some((r, outcome)) = sends.next().await {
+            let acked = self.settle(r, outcome, &mut tally);
+            entry.finish(r, acked);
+            if tx.is_some() {
+                if let Some(result) = self.decide(op, offset, len, &mut tally) {
+                    if let Some(tx) = tx.take() {
+                        let _ = tx.send(result);
+                    }
+                }
+            }
+        }
+        self.inflight.remove(&entry);
+    }
+
+    /// One replica's part of a write or trim: wait for earlier overlapping writes to
+    /// finish on it, then send, all within one request timeout.
+    async fn send_one(
+        &self,
+        r: usize,
+        preds: &[Arc<Op>],
+        offset: u64,
+        len: u64,
+        payload: Payload,
+        seq: u64,
+    ) -> Outcome {
+        let rep = &self.replicas[r];
+        let work = async {
+            for p in preds {
+                p.wait_done_on(r).await;
+            }
+            let Some(client) = rep.client().filter(|_| !rep.is_stale()) else {
+                return Outcome::Skipped;
+            };
+            let sent = match payload {
+                Payload::Data(data) => client.write(offset, data, seq).await,
+                Payload::Trim => client.trim(offset, len, seq).await,
+            };
+            match sent {
+                Ok(()) => Outcome::Acked,
+                Err(e) => Outcome::Failed(e),
+            }
+        };
+        tokio::time::timeout(self.timeout, work)
+            .await
+            .unwrap_or(Outcome::TimedOut)
+    }
+
+    async fn flush(&self) -> Result<(), EngineError> {
+        self.check_usable()?;
+        let earlier = self.inflight.snapshot();
+        let targets = self.in_sync_mask();
+        if (targets.count_ones() as usize) < self.quorum {
+            return Err(self.no_quorum(IoOp::Flush, 0, 0, 0, self.stale_summary(), false));
+        }
+        let mut flushes: FuturesUnordered<_> = bits(targets)
+            .map(|r| {
+                let earlier = &earlier;
+                async move {
+                    let rep = &self.replicas[r];
+                    let work = async {
+                        for op in earlier {
+                            op.wait_done_on(r).await;
+                        }
+                        let Some(client) = rep.client().filter(|_| !rep.is_stale()) else {
+                            return Outcome::Skipped;
+                        };
+                        match client.flush().await {
+                            Ok(()) => Outcome::Acked,
+                            Err(e) => Outcome::Failed(e),
+                        }
+                    };
+                    let outcome = tokio::time::timeout(self.timeout, work)
+                        .await
+                        .unwrap_or(Outcome::TimedOut);
+                    (r, outcome)
+                }
+            })
+            .collect();
+        let mut tally = Tally::new(targets.count_ones() as usize, String::new());
+        while let Some((r, outcome)) = flushes.next().await {
+            self.settle(r, outcome, &mut tally);
+            if let Some(result) = self.decide(IoOp::Flush, 0, 0, &mut tally) {
+                // Flushes still out on other replicas are dropped: their result no
+                // longer changes the answer.
+                return result;
+            }
+        }
+        // Unreachable in practice (decide answers once nothing is outstanding), but
+        // answer rather than assume.
+        Err(self.no_quorum(
+            IoOp::Flush,
+            0,
+            0,
+            tally.acked,
+            tally.failures,
+            tally.no_space,
+        ))
+    }
+
+    /// Chooses among `eligible` replicas: the local one if eligible, otherwise the one
+    /// with the fewest reads in flight, ties broken round-robin.
+    fn pick(&self, eligible: u32) -> usize {
+        if let Some(l) = self.local.filter(|l| eligible & (1 << l) != 0) {
+            return l;
+        }
+        let n = self.replicas.len();
+        let start = self.round_robin.fetch_add(1, Ordering::Relaxed);
+        let mut best = None;
+        for k in 0..n {
+            let i = (start + k) % n;
+            if eligible & (1 << i) == 0 {
+                continue;
+            }
+            let load = self.replicas[i].reads_in_flight.load(Ordering::Relaxed);
+            if best.is_none_or(|(_, l)| load < l) {
+                best = Some((i, load));
+            }
+        }
+        // `eligible` is nonzero whenever this is called.
+        best.map_or(0, |(i, _)| i)
+    }
+
+    /// Reads the range from some in-sync replica not in `exclude` that has no
+    /// unfinished overlapping write. Returns the data and the replicas that reported
+    /// a corrupt block on the way (replica, block index).
+    async fn read_any(
+        &self,
+        offset: u64,
+        len: u32,
+        exclude: u32,
+    ) -> Result<(Vec<u8>, Vec<(usize, u64)>), EngineError> {
+        let op = IoOp::Read;
+        let span = u64::from(len);
+        let wait_deadline = Instant::now() + self.timeout;
+        let mut tried = exclude;
+        let mut corrupt = Vec::new();
+        let mut failures = String::new();
+        loop {
+            self.check_usable()?;
+            let in_sync = self.in_sync_mask();
+            if (in_sync.count_ones() as usize) < self.quorum {
+                let _ = write!(failures, "{}{}", sep(&failures), self.stale_summary());
+                return Err(self.no_quorum(op, offset, span, 0, failures, false));
+            }
+            let (busy, blocker) = self.inflight.busy_replicas(offset, span);
+            let candidates = in_sync & !tried;
+            let eligible = candidates & !busy;
+            if eligible == 0 {
+                if let (Some(blocker), true) = (blocker, candidates != 0) {
+                    // Every untried replica is still working on an overlapping write;
+                    // wait for one of them to finish it (bounded).
+                    let before = blocker.pending() & candidates;
+                    let waited = tokio::time::timeout_at(
+                        wait_deadline,
+                        blocker.wait_until(|o| o.pending() & candidates != before),
+                    )
+                    .await;
+                    if waited.is_ok() {
+                        continue;
+                    }
+                    let _ = write!(
+                        failures,
+                        "{}overlapping writes did not finish within {:?}",
+                        sep(&failures),
+                        self.timeout
+                    );
+                }
+                if let Some(&(_, block)) = corrupt.first() {
+                    tracing::error!(volume = %self.volume_id, block, offset, len, "no intact copy of the block on any replica tried");
+                    return Err(EngineError::AllCopiesCorrupt {
+                        volume_id: self.volume_id.clone(),
+                        offset,
+                        len: span,
+                        block,
+                        failures,
+                    });
+                }
+                return Err(self.no_quorum(op, offset, span, 0, failures, false));
+            }
+            let r = self.pick(eligible);
+            tried |= 1 << r;
+            let rep = &self.replicas[r];
+            let Some(client) = rep.client() else {
+                continue;
+            };
+            rep.reads_in_flight.fetch_add(1, Ordering::Relaxed);
+            let result = tokio::time::timeout(self.timeout, client.read(offset, len)).await;
+            rep.reads_in_flight.fetch_sub(1, Ordering::Relaxed);
+            let node = &rep.node_id;
+            match result {
+                Ok(Ok(data)) => return Ok((data, corrupt)),
+                Ok(Err(e)) if e.code() == Some(ErrorCode::StaleEpoch) => {
+                    return Err(self.fence(r, &e));
+                }
+                Ok(Err(ClientError::Remote(e))) if e.code == ErrorCode::CorruptBlock => {
+                    let _ = write!(
+                        failures,
+                        "{}{node}: corrupt block {}",
+                        sep(&failures),
+                        e.detail
+                    );
+                    corrupt.push((r, e.detail));
+                }
+                Ok(Err(e)) => {
+                    let reason = describe(&e);
+                    let _ = write!(failures, "{}{node}: {reason}", sep(&failures));
+                    self.mark_stale(r, reason);
+                }
+                Err(_) => {
+                    let reason = format!("no reply within {:?}", self.timeout);
+                    let _ = write!(failures, "{}{node}: {reason}", sep(&failures));
+                    self.mark_stale(r, reason);
+                }
+            }
+        }
+    }
+
+    /// Rewrites `len` bytes at `start` on replica `r`, whose copy failed its checksum,
+    /// from a good copy. Runs in the background after the read was answered.
+    async fn repair(self: Arc<Self>, r: usize, start: u64, len: u64) {
+        match self.try_repair(r, start, len).await {
+            Ok(()) => {
+                Counters::add(&self.counters.repairs, 1);
+                tracing::info!(volume = %self.volume_id, node = %self.replicas[r].node_id, offset = start, len, "repaired corrupt copy from another replica");
+            }
+            Err(reason) => {
+                Counters::add(&self.counters.repair_failures, 1);
+                tracing::warn!(volume = %self.volume_id, node = %self.replicas[r].node_id, offset = start, len, %reason, "could not repair corrupt copy");
+            }
+        }
+    }
+
+    async fn try_repair(&self, r: usize, start: u64, len: u64) -> Result<(), String> {
+        let deadline = Instant::now() + self.timeout;
+        let span = u32::try_from(len).map_err(|_| "range too long".to_owned())?;
+        // Hold off while any write overlaps: the good copy read now could be older
+        // than that write, and the repair must never land after a newer write.
+        let entry = loop {
+            if self.replicas[r].is_stale() || self.fenced.load(Ordering::SeqCst) {
+                return Err("replica became stale or engine fenced".into());
+            }
+            match self.inflight.register_exclusive(start, len, 1 << r) {
+                Ok(entry) => break entry,
+                Err(blocker) => tokio::time::timeout_at(deadline, blocker.wait_done())
+                    .await
+                    .map_err(|_| "overlapping writes kept the range busy".to_owned())?,
+            }
+        };
+        // From here on, new overlapping writes reach replica r only after the repair
+        // finished there; they may reach the others, so the copy read below is either
+        // older than such a write (which then overwrites the repair) or includes it.
+        let result = async {
+            let (data, _) = self
+                .read_any(start, span, 1 << r)
+                .await
+                .map_err(|e| format!("no good copy: {}", describe(&e)))?;
+            let client = self.replicas[r]
+                .client()
+                .ok_or_else(|| "engine closed".to_owned())?;
+            let counter = self.counter.fetch_add(1, Ordering::Relaxed) + 1;
+            let seq = (self.epoch << COUNTER_BITS) | counter;
+            match tokio::time::timeout(self.timeout, client.write(start, data, seq)).await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) if e.code() == Some(ErrorCode::StaleEpoch) => {
+                    Err(describe(&self.fence(r, &e)))
+                }
+                Ok(Err(e)) => {
+                    let reason = format!("repair write failed: {}", describe(&e));
+                    self.mark_stale(r, reason.clone());
+                    Err(reason)
+                }
+                Err(_) => {
+                    let reason = format!("repair write: no reply within {:?}", self.timeout);
+                    self.mark_stale(r, reason.clone());
+                    Err(reason)
+                }
+            }
+        }
+        .await;
+        entry.finish(r, result.is_ok());
+        self.inflight.remove(&entry);
+        result
+    }
+}

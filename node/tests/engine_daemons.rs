@@ -1,0 +1,353 @@
+//! The engine against three real `tessera-replica` processes (data plane over the
+//! checksummed store), volumes created through the control gRPC API.
+//!
+//! The daemon binary is not built by this package's tests: build it first
+//! (`cargo build -p tessera-replica`, or `cargo build --workspace`), or point
+//! `TESSERA_BIN_DIR` at the directory holding it. Each daemon runs in its own process
+//! group and is killed with SIGKILL in `Drop`; waits poll with deadlines.
+
+use std::os::unix::fs::FileExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+use tessera_node::engine::{Engine, EngineConfig, EngineErrorKind, ReplicaEndpoint, ReplicaState};
+use tessera_replica::control_proto as proto;
+use tessera_replica::control_proto::replica_control_client::ReplicaControlClient;
+use tessera_replica::dataplane::ReplicaDataClient;
+
+const BS: u64 = 4096;
+const MIB: u64 = 1 << 20;
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+const NO_HANG: Duration = Duration::from_secs(20);
+const SHORT: Duration = Duration::from_millis(500);
+
+fn replica_binary() -> PathBuf {
+    let dir = if let Some(d) = std::env::var_os("TESSERA_BIN_DIR") {
+        PathBuf::from(d)
+    } else {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .expect("node crate has a parent")
+            .to_path_buf();
+        match std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from) {
+            Some(t) if t.is_absolute() => t.join("debug"),
+            Some(t) => root.join(t).join("debug"),
+            None => root.join("target/debug"),
+        }
+    };
+    let bin = dir.join("tessera-replica");
+    assert!(
+        bin.is_file(),
+        "{} not found: run `cargo build -p tessera-replica` first or set TESSERA_BIN_DIR",
+        bin.display()
+    );
+    bin
+}
+
+/// Polls `f` until it returns `Some`; panics with `what` after `limit`.
+async fn poll<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// One replica daemon process; SIGKILLed (whole group) and reaped on drop.
+struct Daemon {
+    node_id: String,
+    child: Child,
+    control: String,
+    data: String,
+    data_dir: PathBuf,
+    log: PathBuf,
+}
+
+impl Daemon {
+    async fn start(work: &Path, node_id: &str) -> Daemon {
+        let data_dir = work.join(node_id);
+        let ready = work.join(format!("{node_id}.ready.json"));
+        let log = work.join(format!("{node_id}.log"));
+        let out = std::fs::File::create(&log).unwrap();
+        let err = out.try_clone().unwrap();
+        let mut child = Command::new(replica_binary())
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .args(["--listen", "127.0.0.1:0", "--data-listen", "127.0.0.1:0"])
+            .args(["--node-id", node_id, "--zone", "z1", "--capacity", "1Gi"])
+            .arg("--ready-file")
+            .arg(&ready)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .process_group(0)
+            .spawn()
+            .expect("spawn tessera-replica");
+        let json: serde_json::Value = poll("ready file", START_TIMEOUT, || {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!(
+                    "daemon exited with {status}: {}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            serde_json::from_str(&std::fs::read_to_string(&ready).ok()?).ok()
+        })
+        .await;
+        let field = |k: &str| json[k].as_str().expect("ready file field").to_owned();
+        Daemon {
+            node_id: node_id.to_owned(),
+            control: field("control"),
+            data: field("data"),
+            child,
+            data_dir,
+            log,
+        }
+    }
+
+    async fn create_volume(&self, id: &str, size: u64) {
+        let mut c = ReplicaControlClient::connect(format!("http://{}", self.control))
+            .await
+            .expect("control connect");
+        c.create_volume(proto::CreateVolumeRequest {
+            volume_id: id.into(),
+            name: format!("pv-{id}"),
+            size_bytes: size,
+            replication_factor: 3,
+            access_type: "block".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("create volume on {}: {e}", self.node_id));
+    }
+
+    /// SIGKILL and reap.
+    async fn kill9(&mut self) {
+        let pid = Pid::from_raw(i32::try_from(self.child.id()).unwrap());
+        killpg(pid, Signal::SIGKILL).expect("kill -9");
+        let child = &mut self.child;
+        poll("exit after SIGKILL", NO_HANG, || {
+            child.try_wait().ok().flatten()
+        })
+        .await;
+    }
+
+    /// Flips one byte of block `b` in the volume's head-layer data file.
+    fn corrupt_on_disk(&self, volume: &str, b: u64) {
+        let layers = self
+            .data_dir
+            .join("volumes")
+            .join(volume)
+            .join("store/layers");
+        let heads: Vec<PathBuf> = std::fs::read_dir(&layers)
+            .unwrap_or_else(|e| panic!("{}: {e}", layers.display()))
+            .map(|e| e.unwrap().path())
+            .collect();
+        assert_eq!(heads.len(), 1, "only the head layer: {heads:?}");
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(heads[0].join("data"))
+            .unwrap();
+        let mut byte = [0u8];
+        f.read_exact_at(&mut byte, b * BS + 9).unwrap();
+        byte[0] ^= 0xff;
+        f.write_all_at(&byte, b * BS + 9).unwrap();
+        f.sync_all().unwrap();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            if let Ok(pid) = i32::try_from(self.child.id()) {
+                let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+            }
+        }
+        let _ = self.child.wait();
+    }
+}
+
+struct Cluster {
+    _work: tempfile::TempDir,
+    daemons: Vec<Daemon>,
+    volume: String,
+    size: u64,
+}
+
+impl Cluster {
+    async fn start(size: u64) -> Cluster {
+        let work = tempfile::Builder::new()
+            .prefix("tessera-engine-daemons-")
+            .tempdir()
+            .unwrap();
+        let mut daemons = Vec::new();
+        for i in 0..3 {
+            daemons.push(Daemon::start(work.path(), &format!("node-{i}")).await);
+        }
+        let volume = "vol-engine".to_owned();
+        for d in &daemons {
+            d.create_volume(&volume, size).await;
+        }
+        Cluster {
+            _work: work,
+            daemons,
+            volume,
+            size,
+        }
+    }
+
+    fn config(&self, epoch: u64, local: &str, timeout: Duration) -> EngineConfig {
+        let eps = self
+            .daemons
+            .iter()
+            .map(|d| ReplicaEndpoint {
+                node_id: d.node_id.clone(),
+                data_address: d.data.clone(),
+            })
+            .collect();
+        let mut c = EngineConfig::new(&self.volume, epoch, eps, local);
+        c.request_timeout = timeout;
+        c.expected_size = Some(self.size);
+        c
+    }
+}
+
+fn pattern(i: u64) -> Vec<u8> {
+    (0..BS)
+        .map(|k| (k as u8) ^ (i as u8).wrapping_mul(37) ^ ((i >> 8) as u8))
+        .collect()
+}
+
+fn is_stale(engine: &Engine, node: &str) -> bool {
+    engine
+        .status()
+        .replicas
+        .iter()
+        .any(|r| r.node_id == node && matches!(r.state, ReplicaState::Stale { .. }))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_one_daemon_during_a_write_stream_then_a_second() {
+    let mut cluster = Cluster::start(64 * MIB).await;
+    let engine = Engine::open(cluster.config(1, "node-0", Duration::from_secs(2)))
+        .await
+        .unwrap();
+    let mut tasks = Vec::new();
+    let written = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    for t in 0..8u64 {
+        let engine = engine.clone();
+        let written = written.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in (t..500).step_by(8) {
+                engine
+                    .write(i * BS, Bytes::from(pattern(i)))
+                    .await
+                    .unwrap_or_else(|e| panic!("write {i}: {e}"));
+                written.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        }));
+    }
+    poll("100 writes", NO_HANG, || {
+        (written.load(std::sync::atomic::Ordering::SeqCst) >= 100).then_some(())
+    })
+    .await;
+    cluster.daemons[2].kill9().await;
+    for t in tasks {
+        t.await.unwrap();
+    }
+    engine.flush().await.unwrap();
+    for i in 0..500 {
+        let got = engine.read(i * BS, BS as u32).await.unwrap();
+        assert!(got == pattern(i), "block {i} differs");
+    }
+    assert!(is_stale(&engine, "node-2"));
+    let st = engine.status();
+    assert_eq!((st.in_sync, st.below_quorum), (2, false));
+    assert_eq!(st.counters.failed_ops, 0);
+
+    // A second daemon dies: I/O fails with EIO-kind errors, promptly.
+    cluster.daemons[1].kill9().await;
+    let t = Instant::now();
+    let e = engine
+        .write(0, Bytes::from(pattern(9999)))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), EngineErrorKind::Io, "{e}");
+    let e = engine.read(0, BS as u32).await.unwrap_err();
+    assert_eq!(e.kind(), EngineErrorKind::Io, "{e}");
+    assert!(
+        t.elapsed() < 2 * Duration::from_secs(2),
+        "took {:?}",
+        t.elapsed()
+    );
+    assert!(engine.status().below_quorum);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_byte_on_disk_is_healed_through_the_engine() {
+    let cluster = Cluster::start(16 * MIB).await;
+    let engine = Engine::open(cluster.config(1, "node-1", NO_HANG))
+        .await
+        .unwrap();
+    let data: Vec<u8> = (0..8).flat_map(|i| pattern(100 + i)).collect();
+    engine
+        .write(32 * BS, Bytes::from(data.clone()))
+        .await
+        .unwrap();
+    engine.flush().await.unwrap();
+    poll("background acks", NO_HANG, || {
+        (engine.status().inflight_ops == 0).then_some(())
+    })
+    .await;
+    let bad = &cluster.daemons[1];
+    bad.corrupt_on_disk(&cluster.volume, 35);
+    let direct = ReplicaDataClient::connect(bad.data.as_str(), &cluster.volume, 1)
+        .await
+        .unwrap();
+    assert!(
+        direct.read(35 * BS, BS as u32).await.is_err(),
+        "damage detected"
+    );
+
+    // node-1 is local, so the engine reads the damaged copy first.
+    assert!(engine.read(32 * BS, 8 * BS as u32).await.unwrap() == data);
+    poll("repair", NO_HANG, || {
+        (engine.status().counters.repairs == 1).then_some(())
+    })
+    .await;
+    let healed = direct.read(32 * BS, 8 * BS as u32).await.expect("repaired");
+    assert!(healed == data, "repaired copy holds the good data");
+    assert_eq!(engine.status().in_sync, 3);
+    let log = std::fs::read_to_string(&bad.log).unwrap_or_default();
+    assert!(!log.contains("panicked"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newer_engine_fences_the_old_one_on_real_daemons() {
+    let cluster = Cluster::start(16 * MIB).await;
+    let old = Engine::open(cluster.config(1, "node-0", SHORT))
+        .await
+        .unwrap();
+    old.write(0, Bytes::from(pattern(1))).await.unwrap();
+    old.flush().await.unwrap();
+    let new = Engine::open(cluster.config(2, "node-1", SHORT))
+        .await
+        .unwrap();
+    let e = old.write(BS, Bytes::from(pattern(2))).await.unwrap_err();
+    assert_eq!(e.kind(), EngineErrorKind::Fenced, "{e}");
+    assert!(new.read(0, BS as u32).await.unwrap() == pattern(1));
+    new.write(BS, Bytes::from(pattern(3))).await.unwrap();
+    assert!(new.read(BS, BS as u32).await.unwrap() == pattern(3));
+    assert_eq!(
+        old.read(0, BS as u32).await.unwrap_err().kind(),
+        EngineErrorKind::Fenced
+    );
+}
