@@ -1,13 +1,19 @@
 //! CSI Identity service of the node plugin.
 //!
-//! The node plugin advertises no plugin capabilities: it serves no Controller
-//! service, and topology is reported through NodeGetInfo by the node and through
-//! the controller's own Identity service.
+//! Plugin capabilities describe the *plugin* (the Tessera driver as a whole), not the
+//! one process answering, so the node plugin advertises the same ones as the
+//! controller: CONTROLLER_SERVICE (served by `tessera-controller` on its own endpoint)
+//! and VOLUME_ACCESSIBILITY_CONSTRAINTS. Kubernetes reads them only from the
+//! controller's endpoint; tools that look at the node endpoint alone (csi-sanity's
+//! Node specs) learn from them that volumes go through ControllerPublishVolume, whose
+//! `publish_context` NodeStageVolume needs.
 
 use tessera_csi_proto::v1::identity_server::Identity;
+use tessera_csi_proto::v1::plugin_capability::service::Type as ServiceType;
+use tessera_csi_proto::v1::plugin_capability::{Service, Type as CapType};
 use tessera_csi_proto::v1::{
     GetPluginCapabilitiesRequest, GetPluginCapabilitiesResponse, GetPluginInfoRequest,
-    GetPluginInfoResponse, ProbeRequest, ProbeResponse,
+    GetPluginInfoResponse, PluginCapability, ProbeRequest, ProbeResponse,
 };
 use tessera_csi_proto::DRIVER_NAME;
 use tonic::{Request, Response, Status};
@@ -33,8 +39,17 @@ impl Identity for IdentityService {
         &self,
         _request: Request<GetPluginCapabilitiesRequest>,
     ) -> Result<Response<GetPluginCapabilitiesResponse>, Status> {
+        let capabilities = [
+            ServiceType::ControllerService,
+            ServiceType::VolumeAccessibilityConstraints,
+        ]
+        .into_iter()
+        .map(|t| PluginCapability {
+            r#type: Some(CapType::Service(Service { r#type: t as i32 })),
+        })
+        .collect();
         Ok(Response::new(GetPluginCapabilitiesResponse {
-            capabilities: Vec::new(),
+            capabilities,
         }))
     }
 
@@ -44,5 +59,34 @@ impl Identity for IdentityService {
     ) -> Result<Response<ProbeResponse>, Status> {
         // Nothing to warm up yet: once the socket is served the plugin is ready.
         Ok(Response::new(ProbeResponse { ready: Some(true) }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn advertises_the_drivers_plugin_capabilities() {
+        let caps = IdentityService
+            .get_plugin_capabilities(Request::new(GetPluginCapabilitiesRequest {}))
+            .await
+            .expect("never fails")
+            .into_inner()
+            .capabilities;
+        let types: Vec<i32> = caps
+            .iter()
+            .filter_map(|c| match c.r#type {
+                Some(CapType::Service(s)) => Some(s.r#type),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            types,
+            vec![
+                ServiceType::ControllerService as i32,
+                ServiceType::VolumeAccessibilityConstraints as i32
+            ]
+        );
     }
 }

@@ -5,17 +5,26 @@
 //!
 //! Layout:
 //! * [`identity`]: the CSI Identity service (plugin name, capabilities, readiness).
-//! * [`node_service`]: the CSI Node service. Today it answers NodeGetInfo and
-//!   NodeGetCapabilities; the staging and publishing RPCs return UNIMPLEMENTED until
-//!   the engine and the FUSE/loop frontend are built.
+//! * [`engine`]: the per-volume quorum coordinator that replicates block I/O to the
+//!   volume's replicas, and its [`frontend::BlockTarget`] adapter.
+//! * [`engine_host`]: the per-node process that hosts every volume's engine, FUSE
+//!   file and loop device, and its API (attach, detach, list, status) on a unix socket.
+//! * [`node_service`]: the CSI Node service: stages (mkfs + mount, or a block device),
+//!   publishes (bind mounts), reports stats; asks the engine-host to attach and detach.
+//! * [`mount`], [`mkfs`]: mount-table queries, mount/bind/unmount, statvfs, and the
+//!   probe-before-format rule.
 //! * [`serve`]: runs both services on an already-bound unix listener until a
 //!   shutdown future completes.
 //!
 //! This crate depends on `tessera-csi-proto` for the wire types and will depend on
 //! `tessera-replica` for the data-plane client; it must not depend on the controller.
 
+pub mod engine;
+pub mod engine_host;
 pub mod frontend;
 pub mod identity;
+pub mod mkfs;
+pub mod mount;
 pub mod node_service;
 
 use std::future::Future;

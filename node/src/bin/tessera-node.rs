@@ -1,37 +1,99 @@
-//! `tessera-node`: the CSI node plugin daemon.
+//! `tessera-node`: the CSI node plugin and the node's engine-host, one binary.
 //!
-//! Serves CSI Identity and Node on a unix socket. The kubelet (or csi-sanity) is
-//! the client.
+//! * `tessera-node plugin --endpoint ... --node-id ...` (also without the `plugin`
+//!   word, as older scripts call it): serves CSI Identity and Node on a unix socket;
+//!   the kubelet (or csi-sanity) is the client.
+//! * `tessera-node engine-host --state-dir DIR`: the long-lived process that hosts
+//!   every volume engine of the node and serves the engine-host API on
+//!   `DIR/engine-host.sock`; the node plugin is its client.
 
 use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{bail, Context};
-use clap::Parser;
+use clap::{Args, Parser, Subcommand};
+use tessera_node::engine_host::{self, EngineHost, VolumeSource, SOCKET_NAME};
+use tessera_node::frontend::FuseOptions;
 use tessera_node::node_service::DEFAULT_MAX_VOLUMES_PER_NODE;
 use tessera_node::NodeConfig;
 use tokio::net::UnixListener;
-use tracing::info;
+use tracing::{error, info, warn};
 
-/// Tessera CSI node plugin.
+/// Default state directory of both the plugin and the engine-host.
+const DEFAULT_STATE_DIR: &str = "/var/lib/tessera/node";
+
+/// Tessera node: CSI node plugin (default) or engine-host.
 #[derive(Debug, Parser)]
-#[command(version, about)]
-struct Args {
+#[command(version, about, args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+
+    /// Plugin flags, accepted without the `plugin` subcommand too.
+    #[command(flatten)]
+    plugin: PluginArgs,
+
+    /// Log as JSON lines instead of human-readable text.
+    #[arg(long, global = true)]
+    log_json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve the CSI Identity and Node services (the node plugin).
+    Plugin(PluginArgs),
+    /// Host the engines of every volume attached on this node.
+    EngineHost(EngineHostArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+struct PluginArgs {
     /// CSI endpoint to serve, `unix:///path/to/csi.sock` (a plain path is accepted too).
     #[arg(long, env = "CSI_ENDPOINT")]
-    endpoint: String,
+    endpoint: Option<String>,
 
     /// Id of the node this plugin runs on (the Kubernetes node name).
     #[arg(long, env = "NODE_ID")]
-    node_id: String,
+    node_id: Option<String>,
 
     /// Most volumes that may be published to this node at once.
     #[arg(long, default_value_t = DEFAULT_MAX_VOLUMES_PER_NODE)]
     max_volumes_per_node: i64,
 
-    /// Log as JSON lines instead of human-readable text.
+    /// State directory shared with the engine-host; its socket is found there.
+    #[arg(long, env = "TESSERA_NODE_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
+    state_dir: PathBuf,
+
+    /// Engine-host socket (default `<state-dir>/engine-host.sock`).
     #[arg(long)]
-    log_json: bool,
+    engine_host_socket: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Args)]
+struct EngineHostArgs {
+    /// State directory: FUSE mountpoints live under `<state-dir>/volumes`.
+    #[arg(long, env = "TESSERA_NODE_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
+    state_dir: PathBuf,
+
+    /// Socket to serve the engine-host API on (default `<state-dir>/engine-host.sock`).
+    #[arg(long)]
+    socket: Option<PathBuf>,
+
+    /// Serve `/healthz` and `/metrics` over HTTP on this address (e.g. `0.0.0.0:9810`).
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
+
+    /// FUSE worker threads per volume.
+    #[arg(long, default_value_t = FuseOptions::default().threads)]
+    fuse_threads: usize,
+
+    /// TESTS ONLY: serve every volume from a sparse local file `<DIR>/<volume_id>.img`
+    /// instead of a replicated engine. No replication, no fencing by replicas.
+    #[arg(long, hide = true, value_name = "DIR")]
+    file_backed_targets_for_tests: Option<PathBuf>,
 }
 
 /// Turns a CSI endpoint into a socket path.
@@ -74,41 +136,49 @@ async fn shutdown_signal() {
             }
         }
         Err(e) => {
-            tracing::warn!(error = %e, "cannot watch SIGTERM; only SIGINT stops the plugin");
+            warn!(error = %e, "cannot watch SIGTERM; only SIGINT stops the process");
             let _ = tokio::signal::ctrl_c().await;
         }
     }
     info!("shutting down");
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+fn init_logging(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let subscriber = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
-    if args.log_json {
+    if json {
         subscriber.json().init();
     } else {
         subscriber.init();
     }
+}
 
-    if args.node_id.is_empty() {
-        bail!("--node-id must not be empty");
+async fn run_plugin(args: PluginArgs) -> anyhow::Result<()> {
+    let Some(endpoint) = args.endpoint else {
+        bail!("--endpoint is required");
+    };
+    let node_id = args.node_id.unwrap_or_default();
+    if node_id.is_empty() {
+        bail!("--node-id is required and must not be empty");
     }
     if args.max_volumes_per_node < 0 {
         bail!("--max-volumes-per-node must not be negative");
     }
-    let path = socket_path(&args.endpoint)?;
+    let path = socket_path(&endpoint)?;
     let listener = bind(&path)?;
-    info!(socket = %path.display(), node_id = %args.node_id, "serving CSI Identity and Node");
+    let engine_host_socket = args
+        .engine_host_socket
+        .unwrap_or_else(|| args.state_dir.join(SOCKET_NAME));
+    info!(socket = %path.display(), node_id = %node_id, engine_host = %engine_host_socket.display(), "serving CSI Identity and Node");
 
     let config = NodeConfig {
-        node_id: args.node_id,
+        node_id,
         max_volumes_per_node: args.max_volumes_per_node,
+        engine_host_socket,
     };
     tessera_node::serve(listener, config, shutdown_signal())
         .await
@@ -117,9 +187,108 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `/healthz` and `/metrics` of the engine-host.
+struct HostProbe(Arc<EngineHost>);
+
+impl tessera_replica::health::Probe for HostProbe {
+    fn healthy(&self) -> Result<(), String> {
+        if self.0.is_shutting_down() {
+            Err("shutting down".to_owned())
+        } else {
+            Ok(())
+        }
+    }
+
+    fn metrics(&self) -> String {
+        self.0.metrics_text()
+    }
+}
+
+async fn run_engine_host(args: EngineHostArgs) -> anyhow::Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        warn!("not running as root: mounting FUSE files and attaching loop devices will fail");
+    }
+    let source = match args.file_backed_targets_for_tests {
+        Some(dir) => {
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {dir:?}"))?;
+            warn!(dir = %dir.display(), "TEST MODE: volumes are served from local files, not replicated");
+            VolumeSource::TestFiles(dir)
+        }
+        None => VolumeSource::Engines,
+    };
+    let fuse = FuseOptions {
+        threads: args.fuse_threads,
+        ..FuseOptions::default()
+    };
+    let state_dir = args.state_dir.clone();
+    let (host, report) = tokio::task::block_in_place(|| EngineHost::new(&state_dir, source, fuse))
+        .context("starting the engine-host")?;
+    info!(
+        ?report,
+        "cleaned up what an earlier engine-host left behind"
+    );
+    let host = Arc::new(host);
+
+    let socket = args
+        .socket
+        .unwrap_or_else(|| host.state_dir().join(SOCKET_NAME));
+    let listener = bind(&socket)?;
+    // Only root (the node plugin) may attach and detach volumes.
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("restricting {socket:?}"))?;
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let metrics_task = match args.metrics_listen {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding --metrics-listen {addr}"))?;
+            let probe = Arc::new(HostProbe(Arc::clone(&host)));
+            let mut rx = stop_rx.clone();
+            Some(tokio::spawn(tessera_replica::health::serve(
+                listener,
+                probe,
+                async move {
+                    let _ = rx.wait_for(|stop| *stop).await;
+                },
+            )))
+        }
+        None => None,
+    };
+    info!(socket = %socket.display(), source = host.source_name(), state_dir = %host.state_dir().display(), "engine-host ready");
+
+    let served = engine_host::serve(listener, Arc::clone(&host), shutdown_signal()).await;
+    let attached = host.list();
+    if !attached.is_empty() {
+        error!(volumes = ?attached.iter().map(|v| v.volume_id.as_str()).collect::<Vec<_>>(), "engine-host stopping with volumes attached: flushing and tearing them down; I/O on their mounts will fail until they are staged again");
+    }
+    host.shutdown().await;
+    let _ = stop_tx.send(true);
+    if let Some(task) = metrics_task {
+        match task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => warn!(error = %e, "metrics server failed"),
+            Err(e) => warn!(error = %e, "metrics server task failed"),
+        }
+    }
+    let _ = std::fs::remove_file(&socket);
+    served.context("serving the engine-host API")
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_logging(cli.log_json);
+    match cli.command {
+        Some(Command::EngineHost(args)) => run_engine_host(args).await,
+        Some(Command::Plugin(args)) => run_plugin(args).await,
+        None => run_plugin(cli.plugin).await,
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::socket_path;
+    use super::*;
 
     #[test]
     fn endpoint_forms() {
@@ -133,5 +302,39 @@ mod tests {
         );
         assert!(socket_path("tcp://127.0.0.1:1").is_err());
         assert!(socket_path("unix://").is_err());
+    }
+
+    #[test]
+    fn plugin_flags_work_with_and_without_the_subcommand() {
+        let bare = Cli::try_parse_from(["tessera-node", "--endpoint", "/s", "--node-id", "n1"])
+            .expect("legacy form");
+        assert!(bare.command.is_none());
+        assert_eq!(bare.plugin.node_id.as_deref(), Some("n1"));
+        let sub = Cli::try_parse_from([
+            "tessera-node",
+            "plugin",
+            "--endpoint",
+            "/s",
+            "--node-id",
+            "n1",
+            "--state-dir",
+            "/x",
+        ])
+        .expect("subcommand form");
+        assert!(
+            matches!(sub.command, Some(Command::Plugin(ref p)) if p.state_dir == Path::new("/x"))
+        );
+        let eh = Cli::try_parse_from([
+            "tessera-node",
+            "engine-host",
+            "--state-dir",
+            "/x",
+            "--file-backed-targets-for-tests",
+            "/y",
+        ])
+        .expect("engine-host");
+        assert!(
+            matches!(eh.command, Some(Command::EngineHost(ref a)) if a.file_backed_targets_for_tests.is_some())
+        );
     }
 }
