@@ -5,7 +5,6 @@
 //! can be restarted (or replaced by another leader) at any moment.
 //!
 //! Layout:
-//! * [`identity`]: CSI Identity (name, capabilities, readiness).
 //! * [`controller_service`]: CSI Controller; quorum reads and compare-and-set writes on
 //!   the replicas of a volume.
 //! * [`parameters`], [`capabilities`], [`capacity`]: validation of StorageClass
@@ -26,7 +25,6 @@ pub mod capacity;
 pub mod controller_service;
 pub mod endpoint;
 pub mod error;
-pub mod identity;
 pub mod locks;
 pub mod metrics;
 pub mod parameters;
@@ -36,5 +34,5 @@ pub mod replica_pool;
 pub mod volume_index;
 
 pub use controller_service::{load_index, ControllerConfig, ControllerService};
-pub use identity::IdentityService;
+pub use tessera_csi_proto::identity::IdentityService;
 pub use replica_pool::{PoolConfig, ReplicaPool};

@@ -6,15 +6,20 @@
 //!
 //! Layout:
 //! * [`v1`]: the code generated from `proto/csi.proto` (package `csi.v1`), unchanged.
+//! * [`identity`]: the CSI Identity service both plugins serve (the driver's name and
+//!   plugin capabilities are the same whichever process answers).
 //! * [`DRIVER_NAME`], [`TOPOLOGY_NODE_KEY`]: names every component must agree on.
 //!
-//! This crate must stay slim: no Tessera logic, no dependency on other Tessera crates.
+//! This crate must stay slim: wire types and driver-wide identity only, no dependency on
+//! other Tessera crates.
 
 /// Generated CSI v1 messages, clients and servers.
 #[allow(clippy::all, missing_docs)]
 pub mod v1 {
     tonic::include_proto!("csi.v1");
 }
+
+pub mod identity;
 
 /// The CSI driver name: the CSIDriver object, StorageClass provisioner and
 /// GetPluginInfo all use it, so it lives in one place.

@@ -4,7 +4,7 @@
 //! on and, once the data path exists, to stage and publish volumes there.
 //!
 //! Layout:
-//! * [`identity`]: the CSI Identity service (plugin name, capabilities, readiness).
+//! * CSI Identity comes from `tessera_csi_proto::identity` (shared with the controller).
 //! * [`engine`]: the per-volume quorum coordinator that replicates block I/O to the
 //!   volume's replicas, and its [`frontend::BlockTarget`] adapter.
 //! * [`engine_host`]: the per-node process that hosts every volume's engine, FUSE
@@ -22,7 +22,6 @@
 pub mod engine;
 pub mod engine_host;
 pub mod frontend;
-pub mod identity;
 pub mod mkfs;
 pub mod mount;
 pub mod node_service;
@@ -34,7 +33,7 @@ use tessera_csi_proto::v1::node_server::NodeServer;
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
 
-pub use identity::IdentityService;
+pub use tessera_csi_proto::identity::IdentityService;
 pub use node_service::{NodeConfig, NodeService};
 
 /// Serves CSI Identity and Node on `listener` until `shutdown` completes.
@@ -47,7 +46,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
     tonic::transport::Server::builder()
-        .add_service(IdentityServer::new(IdentityService))
+        .add_service(IdentityServer::new(IdentityService::always_ready()))
         .add_service(NodeServer::new(NodeService::new(config)))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await
