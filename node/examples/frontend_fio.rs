@@ -1,7 +1,7 @@
 //! fio comparison of loop-on-FUSE-on-[`FileTarget`] against loop on the plain file.
 //!
-//! Ignored by default (it takes minutes and needs root and fio). Run with
-//! `cargo test --release -p tessera-node --test frontend_bench -- --ignored --nocapture`.
+//! It takes minutes and needs root and fio. Run with
+//! `cargo run --release -p tessera-node --example frontend_fio`.
 //! `TESSERA_BENCH_SECONDS` sets the runtime per job (default 20) and
 //! `TESSERA_BENCH_THREADS` the FUSE worker threads (default: [`FuseOptions`] default).
 //! It prints a table and asserts only that every job ran and moved data.
@@ -129,9 +129,7 @@ fn fio(device: &Path, job: &Job, seconds: u32) -> (f64, f64, f64) {
     (iops, bw, lat)
 }
 
-#[test]
-#[ignore = "benchmark: minutes of fio, run explicitly"]
-fn frontend_fio_comparison() {
+fn main() {
     assert!(nix::unistd::geteuid().is_root(), "needs root");
     let seconds: u32 = std::env::var("TESSERA_BENCH_SECONDS")
         .ok()
