@@ -1,0 +1,115 @@
+//! gRPC channels to the Tessera daemons.
+//!
+//! CSI plugins serve on unix sockets, which tonic cannot dial by itself: the channel
+//! gets a connector that opens the socket path and ignores the (dummy) URI. The
+//! replica control API is plain gRPC over TCP.
+//!
+//! Every channel carries a per-RPC deadline, so a wedged daemon turns into an error
+//! the CLI can report instead of a hang.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use hyper_util::rt::TokioIo;
+use tessera_csi_proto::v1::ProbeRequest;
+use tokio::net::UnixStream;
+use tonic::transport::{Channel, Endpoint, Uri};
+use tower::service_fn;
+
+/// CSI Identity client.
+pub type IdentityClient = tessera_csi_proto::v1::identity_client::IdentityClient<Channel>;
+/// CSI Controller client.
+pub type ControllerClient = tessera_csi_proto::v1::controller_client::ControllerClient<Channel>;
+/// CSI Node client.
+pub type NodeClient = tessera_csi_proto::v1::node_client::NodeClient<Channel>;
+/// Replica daemon control-API client.
+pub type ReplicaClient =
+    tessera_replica::control_proto::replica_control_client::ReplicaControlClient<Channel>;
+
+/// How long opening a connection may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The socket path of a CSI endpoint: `unix:///path` or a plain path.
+pub fn socket_of(endpoint: &str) -> anyhow::Result<PathBuf> {
+    let path = match endpoint.strip_prefix("unix://") {
+        Some(rest) => rest,
+        None if endpoint.contains("://") => {
+            bail!("unsupported CSI endpoint {endpoint:?}: only unix:// sockets are supported")
+        }
+        None => endpoint,
+    };
+    if path.is_empty() {
+        bail!("CSI endpoint {endpoint:?} names no socket path");
+    }
+    Ok(PathBuf::from(path))
+}
+
+/// The `unix://` endpoint URL of a socket path, as the daemons' `--endpoint` expects.
+pub fn endpoint_of(socket: &Path) -> String {
+    format!("unix://{}", socket.display())
+}
+
+/// Connects to the unix socket at `path`; every RPC on the channel fails after
+/// `rpc_timeout`.
+pub async fn connect_unix(path: &Path, rpc_timeout: Duration) -> anyhow::Result<Channel> {
+    let owned = path.to_path_buf();
+    // The URI only satisfies the HTTP layer; the connector ignores it.
+    Endpoint::from_static("http://tessera.local.invalid")
+        .connect_timeout(CONNECT_TIMEOUT)
+        .timeout(rpc_timeout)
+        .connect_with_connector(service_fn(move |_: Uri| {
+            let path = owned.clone();
+            async move { UnixStream::connect(path).await.map(TokioIo::new) }
+        }))
+        .await
+        .with_context(|| format!("connecting to {}", path.display()))
+}
+
+/// Connects to `addr` (`host:port`) over TCP with the given per-RPC deadline.
+pub async fn connect_tcp(addr: &str, rpc_timeout: Duration) -> anyhow::Result<Channel> {
+    Endpoint::from_shared(format!("http://{addr}"))
+        .with_context(|| format!("invalid address {addr:?}"))?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .timeout(rpc_timeout)
+        .connect()
+        .await
+        .with_context(|| format!("connecting to {addr}"))
+}
+
+/// Replica control client for `addr`.
+pub async fn replica(addr: &str, rpc_timeout: Duration) -> anyhow::Result<ReplicaClient> {
+    Ok(ReplicaClient::new(connect_tcp(addr, rpc_timeout).await?))
+}
+
+/// Whether the CSI plugin on `socket` answers Probe with ready (an unset `ready` means
+/// ready, per the CSI spec). Any error counts as not ready: callers poll.
+pub async fn probe_ready(socket: &Path) -> bool {
+    let Ok(channel) = connect_unix(socket, Duration::from_secs(2)).await else {
+        return false;
+    };
+    match IdentityClient::new(channel).probe(ProbeRequest {}).await {
+        Ok(resp) => resp.into_inner().ready.unwrap_or(true),
+        Err(_) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoint_forms() {
+        assert_eq!(
+            socket_of("unix:///run/x.sock").expect("valid"),
+            PathBuf::from("/run/x.sock")
+        );
+        assert_eq!(
+            socket_of("/tmp/y.sock").expect("valid"),
+            PathBuf::from("/tmp/y.sock")
+        );
+        assert!(socket_of("tcp://127.0.0.1:1").is_err());
+        assert!(socket_of("unix://").is_err());
+        assert_eq!(endpoint_of(Path::new("/a/b.sock")), "unix:///a/b.sock");
+    }
+}

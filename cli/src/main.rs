@@ -1,0 +1,155 @@
+//! `tessera`: the operator CLI.
+//!
+//! * `tessera up`: runs the whole system on this machine (replica daemons,
+//!   controller, engine-host, node plugin), demonstrates a volume's life through CSI
+//!   and tears everything down on Ctrl-C. See [`up`].
+//! * `tessera volumes`, `tessera replicas`: read-only views of a running cluster.
+//!
+//! Modules: [`up`] orchestrates and [`teardown`] undoes it, [`local_cluster`]
+//! supervises processes (found by [`binaries`], placed by [`layout`]), [`demo`] is the
+//! CSI walk-through with [`demo_files`] its file I/O, [`leftovers`] finds and removes
+//! what a crashed run left, [`csi_client`] dials the daemons, [`signals`] turns Ctrl-C
+//! into an orderly stop, [`wait`] polls with deadlines, [`commands`] holds the small
+//! read-only subcommands.
+
+mod binaries;
+mod commands;
+mod csi_client;
+mod demo;
+mod demo_files;
+mod layout;
+mod leftovers;
+mod local_cluster;
+mod signals;
+mod teardown;
+mod up;
+mod wait;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::bail;
+use clap::{Parser, Subcommand};
+
+/// Default directory of `tessera up`, relative to the current directory.
+const DEFAULT_DIR: &str = ".tessera-local";
+
+/// Tessera operator CLI.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run replica daemons, controller, engine-host and node plugin on this machine,
+    /// demo a volume through CSI, and tear down on Ctrl-C.
+    Up {
+        /// Directory for data, sockets and logs (kept across runs; replica data survives).
+        #[arg(long, default_value = DEFAULT_DIR)]
+        dir: PathBuf,
+        /// Number of replica daemons.
+        #[arg(long, default_value_t = 3)]
+        replicas: usize,
+        /// Capacity of each replica daemon (e.g. 20Gi).
+        #[arg(long, default_value = "20Gi")]
+        capacity: String,
+        /// Start the daemons but skip the demo volume.
+        #[arg(long)]
+        no_demo: bool,
+        /// Do not delete the demo volume at teardown.
+        #[arg(long)]
+        keep_volumes: bool,
+        /// Directory holding tessera-replica, tessera-controller and tessera-node
+        /// (default: next to this binary, then PATH).
+        #[arg(long)]
+        bin_dir: Option<PathBuf>,
+    },
+    /// List volumes through the controller (CSI ListVolumes).
+    Volumes {
+        /// Controller CSI endpoint (unix:///path); default: the one of `tessera up --dir`.
+        #[arg(long)]
+        controller: Option<String>,
+        /// Replica control addresses to read volume names from (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        replicas: Vec<String>,
+        /// Directory of a running `tessera up`, for the defaults.
+        #[arg(long, default_value = DEFAULT_DIR)]
+        dir: PathBuf,
+    },
+    /// Show each replica daemon's node, zone, capacity and volumes (GetInfo).
+    Replicas {
+        /// Replica control addresses (comma-separated host:port); default: those of
+        /// `tessera up --dir`.
+        #[arg(long, value_delimiter = ',')]
+        replicas: Vec<String>,
+        /// Directory of a running `tessera up`, for the defaults.
+        #[arg(long, default_value = DEFAULT_DIR)]
+        dir: PathBuf,
+    },
+}
+
+async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Up {
+            dir,
+            replicas,
+            capacity,
+            no_demo,
+            keep_volumes,
+            bin_dir,
+        } => {
+            up::run(up::UpOptions {
+                dir,
+                replicas,
+                capacity,
+                no_demo,
+                keep_volumes,
+                bin_dir,
+            })
+            .await
+        }
+        Command::Volumes {
+            controller,
+            mut replicas,
+            dir,
+        } => {
+            let controller = match controller {
+                Some(c) => c,
+                None => {
+                    let endpoints = up::Endpoints::read(&dir)?;
+                    if replicas.is_empty() {
+                        replicas = endpoints.replicas;
+                    }
+                    endpoints.controller
+                }
+            };
+            commands::volumes(&controller, &replicas).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Replicas { mut replicas, dir } => {
+            if replicas.is_empty() {
+                replicas = up::Endpoints::read(&dir)?.replicas;
+            }
+            if replicas.is_empty() {
+                bail!("no replica daemons given: pass --replicas host:port,...");
+            }
+            commands::replicas(&replicas).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match dispatch(cli).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("tessera: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
