@@ -9,7 +9,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     std::env::set_var("PROTOC", protoc);
     let include = protoc_bin_vendored::include_path()?;
     println!("cargo:rerun-if-changed=proto/csi.proto");
+    let out_dir = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     tonic_prost_build::configure()
+        // Kept so a test can prove the schema is wire-identical to CSI v1.12.0.
+        .file_descriptor_set_path(out_dir.join("csi_descriptor.bin"))
         .build_server(true)
         .build_client(true)
         .compile_protos(

@@ -30,3 +30,100 @@ pub const TOPOLOGY_NODE_KEY: &str = "topology.tessera.csi.dev/node";
 
 /// Topology segment key naming the zone (failure domain above the node).
 pub const TOPOLOGY_ZONE_KEY: &str = "topology.tessera.csi.dev/zone";
+
+#[cfg(test)]
+mod wire_identity {
+    use sha2::{Digest, Sha256};
+
+    /// sha256 of the CSI v1.12.0 `csi.proto` file descriptor as protoc serialises it,
+    /// with the file renamed `csi.proto` and source positions and comments removed;
+    /// computed once from the upstream file. Any change to a package, service, message,
+    /// field number, type or custom option changes it; comments do not.
+    const CSI_V1_12_0_DESCRIPTOR_SHA256: &str =
+        "ac15e6dd86e78cf779a76826b1f43b34aa245f8136f23703031fecf57991a815";
+
+    fn varint(buf: &[u8], pos: &mut usize) -> u64 {
+        let mut value = 0u64;
+        for shift in (0..64).step_by(7) {
+            let byte = buf[*pos];
+            *pos += 1;
+            value |= u64::from(byte & 0x7f) << shift;
+            if byte & 0x80 == 0 {
+                break;
+            }
+        }
+        value
+    }
+
+    fn put_varint(out: &mut Vec<u8>, mut value: u64) {
+        while value >= 0x80 {
+            out.push((value as u8) | 0x80);
+            value >>= 7;
+        }
+        out.push(value as u8);
+    }
+
+    /// Splits a message into (field number, whole encoded field) without decoding it,
+    /// so extensions (the CSI custom options) survive untouched.
+    fn fields(buf: &[u8]) -> Vec<(u64, &[u8], &[u8])> {
+        let mut out = Vec::new();
+        let mut pos = 0;
+        while pos < buf.len() {
+            let start = pos;
+            let key = varint(buf, &mut pos);
+            let body_start;
+            match key & 7 {
+                0 => {
+                    varint(buf, &mut pos);
+                    body_start = pos;
+                }
+                2 => {
+                    let len = varint(buf, &mut pos) as usize;
+                    body_start = pos;
+                    pos += len;
+                }
+                1 => {
+                    body_start = pos;
+                    pos += 8;
+                }
+                5 => {
+                    body_start = pos;
+                    pos += 4;
+                }
+                other => panic!("unexpected wire type {other} in a descriptor"),
+            }
+            out.push((key >> 3, &buf[start..pos], &buf[body_start..pos]));
+        }
+        out
+    }
+
+    #[test]
+    fn schema_is_wire_identical_to_csi_v1_12_0() {
+        let set = include_bytes!(concat!(env!("OUT_DIR"), "/csi_descriptor.bin"));
+        // FileDescriptorSet.file = 1; FileDescriptorProto.name = 1, .package = 2,
+        // .source_code_info = 9.
+        let file = fields(set)
+            .into_iter()
+            .map(|(_, _, body)| body)
+            .find(|body| {
+                fields(body)
+                    .iter()
+                    .any(|(n, _, v)| *n == 2 && *v == b"csi.v1")
+            })
+            .expect("the descriptor set holds package csi.v1");
+        let mut canonical = Vec::new();
+        for (number, whole, _) in fields(file) {
+            match number {
+                1 => {
+                    canonical.push(0x0a);
+                    put_varint(&mut canonical, "csi.proto".len() as u64);
+                    canonical.extend_from_slice(b"csi.proto");
+                }
+                9 => {}
+                _ => canonical.extend_from_slice(whole),
+            }
+        }
+        let digest = hex::encode(Sha256::digest(&canonical));
+        assert_eq!(digest, CSI_V1_12_0_DESCRIPTOR_SHA256);
+    }
+}
