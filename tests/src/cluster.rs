@@ -2,14 +2,29 @@
 //!
 //! [`ClusterBuilder::start`] creates a unique directory, starts the replica daemons
 //! (each with its own data directory, listening on port 0 and reporting its ports
-//! through a ready file), then the controller and the node plugin on unix sockets in
-//! that directory, and returns once every daemon answers. Any daemon can be killed
-//! with SIGKILL and started again on the same data directory and ports.
+//! through a ready file), then the controller, then per node an engine-host
+//! (`tessera-node engine-host`, real quorum engines) and a node plugin on unix
+//! sockets in that directory, and returns once every daemon answers. Any daemon can
+//! be killed with SIGKILL and started again on the same data directory and ports.
 //!
-//! Dropping the [`Cluster`] kills every process group and removes the directory
-//! (kept when `TESSERA_KEEP_TEST_DIR` is set). When the drop happens because a test
-//! panicked, the tail of every daemon's log is printed first, so the test output
-//! shows what the daemons said.
+//! Nodes: by default one, `n1`, the node of the first replica daemon.
+//! [`ClusterBuilder::nodes`] asks for several (e.g. `["n1", "n2"]`), each with its
+//! own engine-host, node plugin and state directory, so a volume can move from one
+//! node to another. Node ids that are not replica daemons' node ids are passed to the
+//! controller with `--extra-nodes`. The first node keeps the short names
+//! (`node.sock`, `node-state/`, `node.log`, `engine-host.log`); further nodes add
+//! `-<node id>` (`node-n2.sock`, `node-n2-state/`, ...).
+//!
+//! Dropping the [`Cluster`] tears everything down in the order a drained node does:
+//! mounts a test (the "kubelet") left outside the node state directories are lazily
+//! unmounted, the engine-hosts get SIGTERM (they flush their engines and detach their
+//! loop devices and FUSE mounts; SIGKILL after 30 s), then every other process group
+//! is killed, and finally a safety net ([`crate::mounts::cleanup_under`]) removes any
+//! mount or loop device still left under the directory, so a failing test never
+//! leaks mounts. The directory is then removed (kept when `TESSERA_KEEP_TEST_DIR` is
+//! set, and never removed while something is still mounted below it). When the drop
+//! happens because a test panicked, the tail of every daemon's log is printed first,
+//! so the test output shows what the daemons said.
 
 use std::cell::RefCell;
 use std::ffi::OsString;
@@ -25,8 +40,10 @@ use crate::binaries;
 use crate::csi::{
     connect_tcp, connect_unix, ControllerClient, IdentityClient, NodeClient, ReplicaClient,
 };
+use crate::mounts::{self, CleanupReport};
 use crate::process::Daemon;
 use crate::wait::poll_until;
+use nix::sys::signal::Signal;
 
 /// Keeps the cluster directory after the test when set (to any value).
 pub const KEEP_DIR_ENV: &str = "TESSERA_KEEP_TEST_DIR";
@@ -36,6 +53,9 @@ const DEFAULT_STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Log lines printed per daemon when a test fails.
 const LOG_TAIL_LINES: usize = 60;
+
+/// How long an engine-host gets to flush and tear its volumes down after SIGTERM.
+pub const ENGINE_HOST_STOP_GRACE: Duration = Duration::from_secs(30);
 
 /// Listen address for a daemon's first start: loopback, any free port.
 const ANY_LOOPBACK_PORT: &str = "127.0.0.1:0";
@@ -66,7 +86,7 @@ pub struct ClusterBuilder {
     replica_capacity: String,
     controller: bool,
     node: bool,
-    node_id: String,
+    nodes: Vec<String>,
     extra_nodes: Vec<String>,
     extra_controller_args: Vec<String>,
     dir: Option<PathBuf>,
@@ -81,7 +101,7 @@ impl Default for ClusterBuilder {
             replica_capacity: "100Gi".to_owned(),
             controller: true,
             node: true,
-            node_id: "n1".to_owned(),
+            nodes: vec!["n1".to_owned()],
             extra_nodes: Vec::new(),
             extra_controller_args: Vec::new(),
             dir: None,
@@ -91,7 +111,7 @@ impl Default for ClusterBuilder {
 }
 
 impl ClusterBuilder {
-    /// Three replica daemons, a controller and a node plugin.
+    /// Three replica daemons, a controller, and node `n1` (engine-host + node plugin).
     pub fn new() -> Self {
         Self::default()
     }
@@ -120,15 +140,27 @@ impl ClusterBuilder {
         self
     }
 
-    /// Whether to start the node plugin (default yes).
+    /// Whether to start the nodes' engine-hosts and node plugins (default yes).
     pub fn node(mut self, start: bool) -> Self {
         self.node = start;
         self
     }
 
-    /// Node id of the node plugin (default `n1`, the node of the first replica).
+    /// One node with this id (default `n1`, the node of the first replica).
     pub fn node_id(mut self, node_id: impl Into<String>) -> Self {
-        self.node_id = node_id.into();
+        self.nodes = vec![node_id.into()];
+        self
+    }
+
+    /// Several nodes, each with an engine-host and a node plugin of its own; the
+    /// first one is what [`Cluster::node`] and friends talk to. Ids must be
+    /// distinct and usable in file names.
+    pub fn nodes<I, S>(mut self, node_ids: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.nodes = node_ids.into_iter().map(Into::into).collect();
         self
     }
 
@@ -175,6 +207,17 @@ impl ClusterBuilder {
             None
         };
         let node_bin = if self.node {
+            anyhow::ensure!(!self.nodes.is_empty(), "no node ids given");
+            for (i, id) in self.nodes.iter().enumerate() {
+                anyhow::ensure!(
+                    !id.is_empty()
+                        && id
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.'),
+                    "node id {id:?} cannot name a file"
+                );
+                anyhow::ensure!(!self.nodes[..i].contains(id), "node id {id:?} given twice");
+            }
             Some(binaries::locate(binaries::NODE)?)
         } else {
             None
@@ -197,7 +240,7 @@ impl ClusterBuilder {
         let mut cluster = Cluster {
             replicas: Vec::new(),
             controller: None,
-            node: None,
+            nodes: Vec::new(),
             startup_timeout: self.startup_timeout,
             dir,
         };
@@ -241,9 +284,19 @@ impl ClusterBuilder {
                     .join(",")
                     .into(),
             ];
-            if !self.extra_nodes.is_empty() {
+            // Node plugins on nodes without a replica daemon must be publish targets.
+            let mut extra_nodes = self.extra_nodes.clone();
+            if self.node {
+                for id in &self.nodes {
+                    let has_replica = cluster.replicas.iter().any(|r| &r.node_id == id);
+                    if !has_replica && !extra_nodes.contains(id) {
+                        extra_nodes.push(id.clone());
+                    }
+                }
+            }
+            if !extra_nodes.is_empty() {
                 args.push("--extra-nodes".into());
-                args.push(self.extra_nodes.join(",").into());
+                args.push(extra_nodes.join(",").into());
             }
             args.extend(self.extra_controller_args.iter().map(OsString::from));
             let daemon = Daemon::new("controller", bin, args, root.join("controller.log"));
@@ -252,16 +305,17 @@ impl ClusterBuilder {
         }
 
         if let Some(bin) = node_bin {
-            let socket = root.join("node.sock");
-            let args: Vec<OsString> = vec![
-                "--endpoint".into(),
-                endpoint_of(&socket).into(),
-                "--node-id".into(),
-                self.node_id.clone().into(),
-            ];
-            let daemon = Daemon::new("node", bin, args, root.join("node.log"));
-            let plugin = cluster.node.insert(CsiPlugin { daemon, socket });
-            plugin.start(self.startup_timeout).await?;
+            for (index, node_id) in self.nodes.iter().enumerate() {
+                let mut node = NodeHost::new(&root, &bin, node_id, index == 0)?;
+                node.start_engine_host(self.startup_timeout).await?;
+                // Pushed before the plugin starts, so a failing start still tears the
+                // engine-host down gracefully in Drop.
+                cluster.nodes.push(node);
+                let timeout = self.startup_timeout;
+                if let Some(node) = cluster.nodes.last_mut() {
+                    node.plugin.start(timeout).await?;
+                }
+            }
         }
 
         Ok(cluster)
@@ -297,13 +351,13 @@ impl ClusterDir {
 pub struct Cluster {
     replicas: Vec<Replica>,
     controller: Option<CsiPlugin>,
-    node: Option<CsiPlugin>,
+    nodes: Vec<NodeHost>,
     startup_timeout: Duration,
     dir: ClusterDir,
 }
 
 impl Cluster {
-    /// Starts the default cluster: 3 replica daemons, controller, node plugin.
+    /// Starts the default cluster: 3 replica daemons, controller, node `n1`.
     pub async fn start_default() -> anyhow::Result<Self> {
         ClusterBuilder::new().start().await
     }
@@ -351,9 +405,9 @@ impl Cluster {
         Ok(endpoint_of(&self.controller_plugin()?.socket))
     }
 
-    /// The node plugin's CSI endpoint (`unix://...`).
+    /// The first node plugin's CSI endpoint (`unix://...`).
     pub fn node_endpoint(&self) -> anyhow::Result<String> {
-        Ok(endpoint_of(&self.node_plugin()?.socket))
+        Ok(self.first_node()?.endpoint())
     }
 
     /// A fresh CSI Controller client (a new connection, so it works after restarts).
@@ -368,16 +422,84 @@ impl Cluster {
         Ok(IdentityClient::new(channel))
     }
 
-    /// A fresh CSI Node client.
+    /// A fresh CSI Node client of the first node plugin.
     pub async fn node(&self) -> anyhow::Result<NodeClient> {
-        let channel = self.node_plugin()?.connect().await?;
-        Ok(NodeClient::new(channel))
+        self.first_node()?.client().await
     }
 
-    /// A fresh CSI Identity client for the node plugin.
+    /// A fresh CSI Identity client for the first node plugin.
     pub async fn node_identity(&self) -> anyhow::Result<IdentityClient> {
-        let channel = self.node_plugin()?.connect().await?;
+        let channel = self.first_node()?.plugin.connect().await?;
         Ok(IdentityClient::new(channel))
+    }
+
+    /// Every node (engine-host + node plugin), in the order given to the builder.
+    pub fn nodes(&self) -> &[NodeHost] {
+        &self.nodes
+    }
+
+    /// Node `node_id`.
+    pub fn node_host(&self, node_id: &str) -> anyhow::Result<&NodeHost> {
+        self.nodes
+            .iter()
+            .find(|n| n.node_id == node_id)
+            .ok_or_else(|| anyhow!("this cluster has no node {node_id:?}"))
+    }
+
+    fn node_host_mut(&mut self, node_id: &str) -> anyhow::Result<&mut NodeHost> {
+        self.nodes
+            .iter_mut()
+            .find(|n| n.node_id == node_id)
+            .ok_or_else(|| anyhow!("this cluster has no node {node_id:?}"))
+    }
+
+    /// A fresh CSI Node client of the node plugin on `node_id`.
+    pub async fn node_client(&self, node_id: &str) -> anyhow::Result<NodeClient> {
+        self.node_host(node_id)?.client().await
+    }
+
+    /// SIGKILLs the node plugin on `node_id` (its engine-host keeps running).
+    pub fn kill_node_plugin(&mut self, node_id: &str) -> anyhow::Result<()> {
+        self.node_host_mut(node_id)?.plugin.daemon.kill()
+    }
+
+    /// Starts the (killed) node plugin on `node_id` again; returns once its Probe
+    /// says ready.
+    pub async fn start_node_plugin(&mut self, node_id: &str) -> anyhow::Result<()> {
+        let timeout = self.startup_timeout;
+        self.node_host_mut(node_id)?.plugin.start(timeout).await
+    }
+
+    /// SIGKILLs the engine-host on `node_id`: its FUSE files die with it, so I/O
+    /// on the node's volumes fails until they are staged again.
+    pub fn kill_engine_host(&mut self, node_id: &str) -> anyhow::Result<()> {
+        self.node_host_mut(node_id)?.engine_host.kill()
+    }
+
+    /// Stops the engine-host on `node_id` gracefully (SIGTERM: flush and tear down
+    /// every volume), SIGKILL after [`ENGINE_HOST_STOP_GRACE`]. Returns whether it
+    /// exited by itself.
+    pub fn stop_engine_host(&mut self, node_id: &str) -> anyhow::Result<bool> {
+        self.node_host_mut(node_id)?
+            .engine_host
+            .terminate(ENGINE_HOST_STOP_GRACE)
+    }
+
+    /// Starts the (stopped) engine-host on `node_id` again; returns once its socket
+    /// accepts connections.
+    pub async fn start_engine_host(&mut self, node_id: &str) -> anyhow::Result<()> {
+        let timeout = self.startup_timeout;
+        self.node_host_mut(node_id)?
+            .start_engine_host(timeout)
+            .await
+    }
+
+    /// Process ids of the engine-hosts that run (each also its process group id).
+    pub fn engine_host_pids(&self) -> Vec<u32> {
+        self.nodes
+            .iter()
+            .filter_map(|n| n.engine_host.pid())
+            .collect()
     }
 
     /// SIGKILLs the controller.
@@ -397,18 +519,19 @@ impl Cluster {
         self.start_controller().await
     }
 
-    /// SIGKILLs the node plugin.
+    /// SIGKILLs the first node plugin.
     pub fn kill_node(&mut self) -> anyhow::Result<()> {
-        self.node_plugin_mut()?.daemon.kill()
+        let id = self.first_node()?.node_id.clone();
+        self.kill_node_plugin(&id)
     }
 
-    /// Starts the (killed) node plugin again; returns once its Probe says ready.
+    /// Starts the (killed) first node plugin again; returns once its Probe says ready.
     pub async fn start_node(&mut self) -> anyhow::Result<()> {
-        let timeout = self.startup_timeout;
-        self.node_plugin_mut()?.start(timeout).await
+        let id = self.first_node()?.node_id.clone();
+        self.start_node_plugin(&id).await
     }
 
-    /// SIGKILLs the node plugin and starts it again.
+    /// SIGKILLs the first node plugin and starts it again.
     pub async fn restart_node(&mut self) -> anyhow::Result<()> {
         self.kill_node()?;
         self.start_node().await
@@ -445,7 +568,11 @@ impl Cluster {
             .iter()
             .map(|r| &r.daemon)
             .chain(self.controller.iter().map(|p| &p.daemon))
-            .chain(self.node.iter().map(|p| &p.daemon))
+            .chain(
+                self.nodes
+                    .iter()
+                    .flat_map(|n| [&n.engine_host, &n.plugin.daemon]),
+            )
     }
 
     fn controller_plugin(&self) -> anyhow::Result<&CsiPlugin> {
@@ -460,16 +587,73 @@ impl Cluster {
             .ok_or_else(|| anyhow!("this cluster was built without a controller"))
     }
 
-    fn node_plugin(&self) -> anyhow::Result<&CsiPlugin> {
-        self.node
-            .as_ref()
+    fn first_node(&self) -> anyhow::Result<&NodeHost> {
+        self.nodes
+            .first()
             .ok_or_else(|| anyhow!("this cluster was built without a node plugin"))
     }
 
-    fn node_plugin_mut(&mut self) -> anyhow::Result<&mut CsiPlugin> {
-        self.node
-            .as_mut()
-            .ok_or_else(|| anyhow!("this cluster was built without a node plugin"))
+    /// The teardown described in the module docs; returns whether the directory
+    /// may be removed (nothing is mounted below it any more).
+    fn teardown(&mut self) -> bool {
+        let root = self.dir().to_path_buf();
+        if root.as_os_str().is_empty() {
+            self.nodes.clear();
+            self.controller = None;
+            self.replicas.clear();
+            return true;
+        }
+        // 1. What the "kubelet" (the test) mounted: staging and target paths.
+        let state_dirs: Vec<PathBuf> = self.nodes.iter().map(|n| canonical(&n.state_dir)).collect();
+        let mut report = CleanupReport::default();
+        mounts::unmount_under(
+            &root,
+            |m| !state_dirs.iter().any(|s| m.mountpoint.starts_with(s)),
+            &mut report,
+        );
+        // 2. Engine-hosts flush and detach, all at once.
+        for node in &self.nodes {
+            node.engine_host.signal(Signal::SIGTERM);
+        }
+        for node in &mut self.nodes {
+            if let Err(e) = node.engine_host.terminate(ENGINE_HOST_STOP_GRACE) {
+                eprintln!("tessera-tests: stopping {}: {e:#}", node.engine_host.name());
+            }
+        }
+        // 3. Everything else.
+        self.nodes.clear();
+        self.controller = None;
+        self.replicas.clear();
+        // 4. Safety net.
+        let net = mounts::cleanup_under(&root);
+        if !net.is_empty() {
+            eprintln!(
+                "tessera-tests: left under {} after the engine-hosts stopped: unmounted {:?}, \
+                 detached {:?}, failures {:?}",
+                root.display(),
+                net.unmounted,
+                net.detached,
+                net.failures
+            );
+        }
+        match mounts::mounts_under(&root) {
+            Ok(left) if left.is_empty() => true,
+            Ok(left) => {
+                eprintln!(
+                    "tessera-tests: still mounted under {}, not removing it: {:?}",
+                    root.display(),
+                    left.iter().map(|m| &m.mountpoint).collect::<Vec<_>>()
+                );
+                false
+            }
+            Err(e) => {
+                eprintln!(
+                    "tessera-tests: cannot read the mount table, not removing {}: {e}",
+                    root.display()
+                );
+                false
+            }
+        }
     }
 }
 
@@ -482,12 +666,11 @@ impl Drop for Cluster {
                 self.log_tails(LOG_TAIL_LINES)
             );
         }
-        // Kill everything before the directory goes away.
-        self.node = None;
-        self.controller = None;
-        self.replicas.clear();
+        // Stop everything before the directory goes away.
+        let removable = self.teardown();
         if let ClusterDir::Temp(dir) = &mut self.dir {
-            if std::env::var_os(KEEP_DIR_ENV).is_some() {
+            let keep = std::env::var_os(KEEP_DIR_ENV).is_some();
+            if keep || !removable {
                 if let Some(dir) = dir.take() {
                     eprintln!("tessera-tests: keeping {}", dir.keep().display());
                 }
@@ -754,6 +937,151 @@ impl CsiPlugin {
             )
         })
     }
+}
+
+/// One node: an engine-host and the node plugin that drives it, sharing a state
+/// directory (the engine-host's socket is `<state dir>/engine-host.sock`).
+#[derive(Debug)]
+pub struct NodeHost {
+    node_id: String,
+    state_dir: PathBuf,
+    engine_host: Daemon,
+    plugin: CsiPlugin,
+}
+
+impl NodeHost {
+    /// Prepares the node's daemons without starting them. The first node uses the
+    /// short file names (see the module docs).
+    fn new(root: &Path, bin: &Path, node_id: &str, first: bool) -> anyhow::Result<Self> {
+        let suffix = if first {
+            String::new()
+        } else {
+            format!("-{node_id}")
+        };
+        let state_dir = root.join(format!("node{suffix}-state"));
+        std::fs::create_dir_all(&state_dir)
+            .with_context(|| format!("creating {}", state_dir.display()))?;
+        let state_dir = canonical(&state_dir);
+        let engine_host = Daemon::new(
+            format!("engine-host{suffix}"),
+            bin,
+            vec![
+                "engine-host".into(),
+                "--state-dir".into(),
+                state_dir.clone().into_os_string(),
+            ],
+            root.join(format!("engine-host{suffix}.log")),
+        );
+        let socket = root.join(format!("node{suffix}.sock"));
+        let plugin = CsiPlugin {
+            daemon: Daemon::new(
+                format!("node{suffix}"),
+                bin,
+                vec![
+                    "plugin".into(),
+                    "--endpoint".into(),
+                    endpoint_of(&socket).into(),
+                    "--node-id".into(),
+                    node_id.into(),
+                    "--state-dir".into(),
+                    state_dir.clone().into_os_string(),
+                ],
+                root.join(format!("node{suffix}.log")),
+            ),
+            socket,
+        };
+        Ok(NodeHost {
+            node_id: node_id.to_owned(),
+            state_dir,
+            engine_host,
+            plugin,
+        })
+    }
+
+    /// The node id the plugin reports (`--node-id`).
+    pub fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
+    /// The state directory shared by the engine-host and the plugin.
+    pub fn state_dir(&self) -> &Path {
+        &self.state_dir
+    }
+
+    /// The engine-host API socket.
+    pub fn engine_host_socket(&self) -> PathBuf {
+        self.state_dir.join(ENGINE_HOST_SOCKET_NAME)
+    }
+
+    /// The node plugin's CSI endpoint (`unix://...`).
+    pub fn endpoint(&self) -> String {
+        endpoint_of(&self.plugin.socket)
+    }
+
+    /// Process id of the running engine-host.
+    pub fn engine_host_pid(&self) -> Option<u32> {
+        self.engine_host.pid()
+    }
+
+    /// Process id of the running node plugin.
+    pub fn plugin_pid(&self) -> Option<u32> {
+        self.plugin.daemon.pid()
+    }
+
+    /// A fresh CSI Node client (a new connection, so it works after restarts).
+    pub async fn client(&self) -> anyhow::Result<NodeClient> {
+        Ok(NodeClient::new(self.plugin.connect().await?))
+    }
+
+    /// Starts the engine-host and waits until its socket accepts connections (it
+    /// binds only after cleaning up what an earlier instance left behind).
+    async fn start_engine_host(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        let socket = self.engine_host_socket();
+        // A socket file left by a killed instance must not count as ready.
+        match std::fs::remove_file(&socket) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("removing {}", socket.display())),
+        }
+        self.engine_host.start()?;
+        let daemon = &mut self.engine_host;
+        let outcome = poll_until(timeout, || {
+            let exited = daemon.exit_status();
+            let socket = socket.clone();
+            async move {
+                if let Some(status) = exited {
+                    return Some(Err(ReadyError::Exited(status)));
+                }
+                tokio::net::UnixStream::connect(&socket)
+                    .await
+                    .ok()
+                    .map(|_| Ok(()))
+            }
+        })
+        .await;
+        let result = match outcome {
+            Ok(result) => result,
+            Err(timed_out) => Err(ReadyError::TimedOut(format!(
+                "{timed_out} (socket {} not accepting connections)",
+                socket.display()
+            ))),
+        };
+        result.map_err(|e| {
+            let _ = self.engine_host.kill();
+            anyhow!(
+                "{} did not become ready: {e}\n{}",
+                self.engine_host.name(),
+                self.engine_host.log_tail(LOG_TAIL_LINES)
+            )
+        })
+    }
+}
+
+/// File name of the engine-host socket inside a node's state directory.
+pub const ENGINE_HOST_SOCKET_NAME: &str = "engine-host.sock";
+
+fn canonical(path: &Path) -> PathBuf {
+    path.canonicalize().unwrap_or_else(|_| path.to_owned())
 }
 
 /// Whether the CSI plugin at `socket` answers Probe with ready (unset means ready).

@@ -6,11 +6,16 @@
 //!
 //! Layout:
 //! * [`cluster`]: [`ClusterBuilder`] / [`Cluster`]: a directory of its own, N replica
-//!   daemons, a controller and a node plugin; kill -9 and restart any of them.
+//!   daemons, a controller and one or more nodes (engine-host + node plugin); kill -9
+//!   and restart any of them; nothing (processes, mounts, loop devices) outlives it.
+//! * [`mounts`]: mounts and loop devices below a directory, and the safety net that
+//!   removes them.
 //! * [`process`]: [`Daemon`], one child process in its own process group, logging to
 //!   a file, killed (group-wide) on drop.
 //! * [`csi`]: gRPC clients over unix sockets and TCP.
 //! * [`fixtures`]: CSI request builders and list-everything helpers for tests.
+//! * [`lifecycle`]: ControllerPublish + NodeStage + NodePublish of a volume on a node,
+//!   and the way back, as the attacher and the kubelet call them.
 //! * [`binaries`]: where the binaries under test are found (`TESSERA_BIN_DIR`).
 //! * [`wait`]: [`wait_until`] / [`poll_until`]: poll a condition with a timeout;
 //!   tests never sleep to synchronise.
@@ -23,9 +28,11 @@ pub mod binaries;
 pub mod cluster;
 pub mod csi;
 pub mod fixtures;
+pub mod lifecycle;
+pub mod mounts;
 pub mod process;
 pub mod wait;
 
-pub use cluster::{Cluster, ClusterBuilder, Replica};
+pub use cluster::{Cluster, ClusterBuilder, NodeHost, Replica};
 pub use process::Daemon;
 pub use wait::{poll_until, wait_until, TimedOut};

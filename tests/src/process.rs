@@ -12,6 +12,7 @@ use std::io::Write;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::Duration;
 
 use anyhow::Context;
 use nix::errno::Errno;
@@ -151,6 +152,51 @@ impl Daemon {
             .wait()
             .with_context(|| format!("reaping {}", self.name))?;
         Ok(())
+    }
+
+    /// Sends `signal` to the process group without waiting. A no-op when not running.
+    pub fn signal(&self, signal: Signal) {
+        let Some(pid) = self.pid().and_then(|p| i32::try_from(p).ok()) else {
+            return;
+        };
+        if pid <= 0 {
+            return;
+        }
+        match killpg(Pid::from_raw(pid), signal) {
+            Ok(()) | Err(Errno::ESRCH) => {}
+            Err(e) => eprintln!("tessera-tests: sending {signal} to {}: {e}", self.name),
+        }
+    }
+
+    /// Waits up to `timeout` for the process to exit by itself and reaps it. Returns
+    /// its exit status, or `None` if it is still running (or was not started).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        self.child.as_ref()?;
+        let mut status = None;
+        let _ = crate::wait::wait_until(timeout, || {
+            status = self.exit_status();
+            status.is_some() || self.child.is_none()
+        });
+        status
+    }
+
+    /// Stops the process gracefully: SIGTERM to its group, up to `grace` to exit,
+    /// then SIGKILL. Returns whether it exited within the grace period. A no-op
+    /// (returning true) when not running.
+    pub fn terminate(&mut self, grace: Duration) -> anyhow::Result<bool> {
+        if !self.is_running() {
+            return Ok(true);
+        }
+        self.signal(Signal::SIGTERM);
+        if self.wait_exit(grace).is_some() || self.child.is_none() {
+            return Ok(true);
+        }
+        eprintln!(
+            "tessera-tests: {} did not exit within {grace:?} of SIGTERM; killing it",
+            self.name
+        );
+        self.kill()?;
+        Ok(false)
     }
 
     fn kill_group_of(&self, pid: u32) {

@@ -89,7 +89,12 @@ async fn replicas_and_node_start_restart_and_are_reaped() {
         .expect("NodeGetInfo after restart");
 
     let pids = cluster.pids();
-    assert_eq!(pids.len(), 3, "two replicas and the node plugin: {pids:?}");
+    assert_eq!(
+        pids.len(),
+        4,
+        "two replicas, the engine-host and the node plugin: {pids:?}"
+    );
+    assert_eq!(cluster.engine_host_pids().len(), 1);
     assert_ne!(pids, old_pids, "restarts run new processes");
     for pid in old_pids.iter().filter(|p| !pids.contains(p)) {
         assert!(!process_exists(*pid), "killed process {pid} still exists");
@@ -97,6 +102,7 @@ async fn replicas_and_node_start_restart_and_are_reaped() {
 
     let dir = cluster.dir().to_path_buf();
     assert!(dir.join("node.sock").exists());
+    assert!(dir.join("node-state").join("engine-host.sock").exists());
     drop(cluster);
     for pid in pids {
         wait_until(Duration::from_secs(5), || !process_exists(pid))
@@ -114,4 +120,104 @@ fn missing_binary_is_a_clear_error() {
     let message = format!("{err:#}");
     assert!(message.contains("cargo build --workspace"), "{message}");
     assert!(message.contains("tessera-no-such-binary"), "{message}");
+}
+
+fn privileged() -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    if std::env::var_os("TESSERA_SKIP_PRIVILEGED_TESTS").is_some() {
+        eprintln!("skipping: needs root");
+        return false;
+    }
+    panic!("this test needs root (set TESSERA_SKIP_PRIVILEGED_TESTS=1 to skip)");
+}
+
+/// Two nodes, one of them without a replica daemon: both get an engine-host and a
+/// plugin of their own, the controller accepts both as publish targets, and a mount
+/// the test leaves behind is removed when the cluster is dropped.
+#[tokio::test]
+async fn two_nodes_and_leftover_mounts_are_cleaned_up() {
+    use tessera_tests::fixtures::{create_request, publish_request, GIB};
+    if !privileged() {
+        return;
+    }
+    let mut cluster = ClusterBuilder::new()
+        .nodes(["n1", "edge"])
+        .start()
+        .await
+        .expect("cluster starts");
+    assert_eq!(cluster.nodes().len(), 2);
+    assert_eq!(cluster.engine_host_pids().len(), 2);
+    let edge = cluster.node_host("edge").expect("node edge");
+    assert_ne!(
+        edge.state_dir(),
+        cluster.node_host("n1").expect("n1").state_dir()
+    );
+    assert!(edge.engine_host_socket().exists());
+    let info = cluster
+        .node_client("edge")
+        .await
+        .expect("edge plugin answers")
+        .node_get_info(NodeGetInfoRequest {})
+        .await
+        .expect("NodeGetInfo")
+        .into_inner();
+    assert_eq!(info.node_id, "edge");
+
+    let mut controller = cluster.controller().await.expect("controller");
+    let volume = controller
+        .create_volume(create_request("harness-two-nodes", GIB))
+        .await
+        .expect("create")
+        .into_inner()
+        .volume
+        .expect("volume");
+    controller
+        .controller_publish_volume(publish_request(&volume.volume_id, "edge"))
+        .await
+        .expect("a node without a replica daemon is a publish target");
+
+    // Plugin and engine-host restart independently.
+    let old = cluster.node_host("edge").expect("edge").engine_host_pid();
+    cluster.kill_node_plugin("edge").expect("kill plugin");
+    assert!(cluster.stop_engine_host("edge").expect("stop engine-host"));
+    cluster
+        .start_engine_host("edge")
+        .await
+        .expect("engine-host restarts");
+    cluster
+        .start_node_plugin("edge")
+        .await
+        .expect("plugin restarts");
+    assert_ne!(
+        cluster.node_host("edge").expect("edge").engine_host_pid(),
+        old
+    );
+
+    // A mount the test forgot: the drop must remove it before removing the directory.
+    let dir = cluster.dir().to_path_buf();
+    let forgotten = dir.join("forgotten");
+    std::fs::create_dir_all(&forgotten).expect("mkdir");
+    nix::mount::mount(
+        Some("tmpfs"),
+        &forgotten,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        Some("size=1m"),
+    )
+    .expect("mount tmpfs");
+    assert_eq!(
+        tessera_tests::mounts::mounts_under(&dir)
+            .expect("mountinfo")
+            .len(),
+        1
+    );
+    drop(cluster);
+    assert!(tessera_tests::mounts::mounts_under(&dir)
+        .expect("mountinfo")
+        .is_empty());
+    if std::env::var_os(tessera_tests::cluster::KEEP_DIR_ENV).is_none() {
+        assert!(!dir.exists(), "{} was not removed", dir.display());
+    }
 }

@@ -1,12 +1,17 @@
 //! `tessera-test-cluster`: runs a local Tessera cluster until told to stop.
 //!
-//! Used by `scripts/csi-sanity` (and handy by hand): starts N replica daemons, the
-//! controller and the node plugin in `--dir`, writes their endpoints as shell
-//! variable assignments to the env file once every daemon answers, and keeps them
-//! running until SIGTERM/SIGINT, when it kills every process group it started.
+//! Used by `scripts/csi-sanity` and `bench/data-path-fio` (and handy by hand):
+//! starts N replica daemons, the controller and, per node, an engine-host and a node
+//! plugin in `--dir`, writes their endpoints as shell variable assignments to the env
+//! file once every daemon answers, and keeps them running until SIGTERM/SIGINT. Then
+//! it tears the cluster down like the test harness does: mounts outside the node
+//! state directories are unmounted, the engine-hosts get SIGTERM (flush, detach loop
+//! devices and FUSE mounts), every other process group is killed, and whatever is
+//! still mounted or bound under `--dir` is removed.
 //!
-//! The env file also lists `TESSERA_CLUSTER_PIDS` (each a process group id), so a
-//! caller can still clean up should this process itself be killed with SIGKILL.
+//! The env file also lists `TESSERA_CLUSTER_PIDS` (each a process group id) and,
+//! among them, `ENGINE_HOST_PIDS`, so a caller can still clean up (engine-hosts
+//! first, with SIGTERM) should this process itself be killed with SIGKILL.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -16,7 +21,7 @@ use clap::Parser;
 use tessera_tests::ClusterBuilder;
 use tokio::signal::unix::{signal, SignalKind};
 
-/// Runs replica daemons, controller and node plugin until SIGTERM/SIGINT.
+/// Runs replica daemons, controller, engine-hosts and node plugins until SIGTERM/SIGINT.
 #[derive(Debug, Parser)]
 #[command(about)]
 struct Args {
@@ -32,9 +37,20 @@ struct Args {
     #[arg(long, default_value = "100Gi")]
     capacity: String,
 
-    /// Node id of the node plugin.
-    #[arg(long, default_value = "n1")]
-    node_id: String,
+    /// Node ids to run an engine-host and a node plugin for (comma-separated or
+    /// repeated); ids without a replica daemon are passed to the controller as
+    /// `--extra-nodes`. The first node's endpoint is `NODE_ENDPOINT`.
+    #[arg(
+        long = "nodes",
+        alias = "node-id",
+        value_delimiter = ',',
+        default_value = "n1"
+    )]
+    nodes: Vec<String>,
+
+    /// Extra arguments for the controller (repeatable, e.g. `--controller-arg=--foo`).
+    #[arg(long = "controller-arg", allow_hyphen_values = true)]
+    controller_args: Vec<String>,
 
     /// Where to write the endpoints once ready (default `<dir>/cluster.env`).
     #[arg(long)]
@@ -56,7 +72,8 @@ async fn main() -> anyhow::Result<()> {
     let start = ClusterBuilder::new()
         .replicas(args.replicas)
         .replica_capacity(&args.capacity)
-        .node_id(&args.node_id)
+        .nodes(args.nodes.iter().cloned())
+        .controller_args(args.controller_args.iter().cloned())
         .dir(&args.dir)
         .start();
     let cluster = tokio::select! {
@@ -72,6 +89,17 @@ async fn main() -> anyhow::Result<()> {
     var("TESSERA_CLUSTER_DIR", &args.dir.display().to_string());
     var("CONTROLLER_ENDPOINT", &cluster.controller_endpoint()?);
     var("NODE_ENDPOINT", &cluster.node_endpoint()?);
+    let first = cluster.nodes().first().context("the cluster has no node")?;
+    var("NODE_ID", first.node_id());
+    var("NODE_STATE_DIR", &first.state_dir().display().to_string());
+    var(
+        "ENGINE_HOST_SOCKET",
+        &first.engine_host_socket().display().to_string(),
+    );
+    let node_ids: Vec<&str> = cluster.nodes().iter().map(|n| n.node_id()).collect();
+    var("NODE_IDS", &node_ids.join(" "));
+    let endpoints: Vec<String> = cluster.nodes().iter().map(|n| n.endpoint()).collect();
+    var("NODE_ENDPOINTS", &endpoints.join(" "));
     let replicas: Vec<String> = cluster
         .replica_control_addrs()
         .iter()
@@ -80,6 +108,12 @@ async fn main() -> anyhow::Result<()> {
     var("REPLICA_CONTROL_ADDRS", &replicas.join(","));
     let pids: Vec<String> = cluster.pids().iter().map(ToString::to_string).collect();
     var("TESSERA_CLUSTER_PIDS", &pids.join(" "));
+    let engine_hosts: Vec<String> = cluster
+        .engine_host_pids()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    var("ENGINE_HOST_PIDS", &engine_hosts.join(" "));
 
     let env_file = args
         .env_file

@@ -1,0 +1,842 @@
+//! The data path end to end, with real processes and real mounts (issue 3, "How it
+//! must be shown", items a–f).
+//!
+//! Every test starts its own cluster: three `tessera-replica` daemons (nodes n1, n2,
+//! n3), the controller, and two nodes, n1 and n2, each with an engine-host (real
+//! quorum engines, FUSE files, loop devices) and a node plugin. Volumes go through
+//! the CSI calls Kubernetes makes (CreateVolume, ControllerPublishVolume,
+//! NodeStageVolume, NodePublishVolume and back); the tests then do I/O on the
+//! published paths the way a pod would, and kill processes with SIGKILL where the
+//! item asks for it. Waiting is on progress (counters, channels, polls with
+//! timeouts), never on fixed sleeps.
+//!
+//! Blocking I/O that may fail or hang (the point of items d and e) runs on threads
+//! the test times out on, so a broken data path fails the test instead of hanging
+//! it. Cleanup never depends on the test passing: the [`Cluster`] drop unmounts what
+//! the test mounted, stops the engine-hosts gracefully, kills the rest and removes
+//! any mount or loop device left under its directory.
+//!
+//! The tests run one at a time (they share two cores with six daemons each, and the
+//! engines' request timeouts must not fire because of CPU starvation). They need
+//! root, `/dev/fuse`, `/dev/loop-control`, `mkfs.ext4` and `mkfs.xfs`; without root
+//! they fail, unless `TESSERA_SKIP_PRIVILEGED_TESTS=1` is set.
+
+use std::fs;
+use std::io::{Read, Write};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+use tessera_csi_proto::v1::{NodeGetVolumeStatsRequest, Volume, VolumeCondition};
+use tessera_tests::csi::{ControllerClient, NodeClient};
+use tessera_tests::fixtures::create_request_with;
+use tessera_tests::lifecycle::{self, attach, block_capability, filesystem_capability, Attachment};
+use tessera_tests::{mounts, wait_until, Cluster, ClusterBuilder};
+
+const KIB: usize = 1 << 10;
+const MIB: usize = 1 << 20;
+/// Direct I/O alignment (and the volumes' block size).
+const ALIGN: usize = 4 * KIB;
+/// Longest a test waits for a write stream or a single I/O.
+const IO_TIMEOUT: Duration = Duration::from_secs(120);
+/// Item d: I/O below quorum must fail within this bound.
+const BELOW_QUORUM_BOUND: Duration = Duration::from_secs(30);
+
+/// One data-path test at a time, across the test threads of this binary.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn privileged() -> bool {
+    let ok = nix::unistd::geteuid().is_root()
+        && Path::new("/dev/fuse").exists()
+        && Path::new("/dev/loop-control").exists();
+    if ok {
+        return true;
+    }
+    if std::env::var_os("TESSERA_SKIP_PRIVILEGED_TESTS").is_some() {
+        eprintln!("skipping: needs root, /dev/fuse and /dev/loop-control");
+        return false;
+    }
+    panic!(
+        "data-path tests need root, /dev/fuse and /dev/loop-control \
+         (set TESSERA_SKIP_PRIVILEGED_TESTS=1 to skip)"
+    );
+}
+
+/// Replica daemons n1..n3, the controller, nodes n1 and n2.
+async fn two_node_cluster() -> Cluster {
+    ClusterBuilder::new()
+        .nodes(["n1", "n2"])
+        .start()
+        .await
+        .expect("cluster starts")
+}
+
+/// Kubelet-style paths for `name` on `node`: (staging dir, publish target).
+fn kubelet_paths(cluster: &Cluster, node: &str, name: &str, block: bool) -> (PathBuf, PathBuf) {
+    let base = cluster.dir().join("kubelet").join(node);
+    let staging = base.join("staging").join(name);
+    let pod = base.join("pods").join(name);
+    let target = if block {
+        pod.join("dev")
+    } else {
+        pod.join("mount")
+    };
+    (staging, target)
+}
+
+async fn create_volume(
+    controller: &mut ControllerClient,
+    name: &str,
+    size: usize,
+    params: &[(&str, &str)],
+    block: bool,
+) -> Volume {
+    let mut request =
+        create_request_with(name, i64::try_from(size).expect("size fits i64"), params);
+    if block {
+        request.volume_capabilities = vec![block_capability()];
+    }
+    controller
+        .create_volume(request)
+        .await
+        .unwrap_or_else(|s| panic!("CreateVolume {name}: {s}"))
+        .into_inner()
+        .volume
+        .expect("CreateVolume returns the volume")
+}
+
+async fn condition(node: &mut NodeClient, a: &Attachment) -> VolumeCondition {
+    node.node_get_volume_stats(NodeGetVolumeStatsRequest {
+        volume_id: a.volume_id.clone(),
+        volume_path: a.target.to_string_lossy().into_owned(),
+        staging_target_path: a.staging.to_string_lossy().into_owned(),
+    })
+    .await
+    .unwrap_or_else(|s| panic!("NodeGetVolumeStats {} on {}: {s}", a.volume_id, a.node_id))
+    .into_inner()
+    .volume_condition
+    .expect("NodeGetVolumeStats reports a volume condition")
+}
+
+/// Nothing of `a` is left on its node: no mount at or below its staging and target
+/// paths, nothing mounted below the node's state dir, no loop device backed by a
+/// file below it.
+fn assert_node_clean(cluster: &Cluster, a: &Attachment) {
+    let state = cluster
+        .node_host(&a.node_id)
+        .expect("node of the attachment")
+        .state_dir()
+        .to_path_buf();
+    for dir in [&a.staging, &a.target, &state] {
+        let left = mounts::mounts_under(dir).expect("mountinfo");
+        assert!(
+            left.is_empty(),
+            "still mounted under {}: {left:?}",
+            dir.display()
+        );
+    }
+    let loops = mounts::loop_devices_under(&state).expect("loop devices");
+    assert!(
+        loops.is_empty(),
+        "loop devices left on {}: {loops:?}",
+        a.node_id
+    );
+}
+
+/// Deterministic pseudo-random bytes (xorshift64*), different for every seed.
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        out.extend_from_slice(&state.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// A heap buffer whose usable part starts on an [`ALIGN`] boundary, for O_DIRECT.
+struct AlignedBuf {
+    raw: Vec<u8>,
+    start: usize,
+    len: usize,
+}
+
+impl AlignedBuf {
+    fn zeroed(len: usize) -> AlignedBuf {
+        assert_eq!(
+            len % ALIGN,
+            0,
+            "direct I/O lengths are multiples of {ALIGN}"
+        );
+        let raw = vec![0u8; len + ALIGN];
+        let start = raw.as_ptr().align_offset(ALIGN);
+        AlignedBuf { raw, start, len }
+    }
+
+    fn from_slice(data: &[u8]) -> AlignedBuf {
+        let mut buf = AlignedBuf::zeroed(data.len());
+        buf.as_mut().copy_from_slice(data);
+        buf
+    }
+
+    fn as_ref(&self) -> &[u8] {
+        &self.raw[self.start..self.start + self.len]
+    }
+
+    fn as_mut(&mut self) -> &mut [u8] {
+        &mut self.raw[self.start..self.start + self.len]
+    }
+}
+
+fn open_direct(path: &Path, write: bool) -> std::io::Result<fs::File> {
+    fs::OpenOptions::new()
+        .read(true)
+        .write(write)
+        .custom_flags(nix::libc::O_DIRECT)
+        .open(path)
+}
+
+/// Writes `data` at `offset` with O_DIRECT (and O_DSYNC semantics via fdatasync).
+fn direct_write(path: &Path, offset: u64, data: &[u8]) -> std::io::Result<()> {
+    let file = open_direct(path, true)?;
+    let buf = AlignedBuf::from_slice(data);
+    file.write_all_at(buf.as_ref(), offset)?;
+    file.sync_data()
+}
+
+/// Reads `len` bytes at `offset` with O_DIRECT.
+fn direct_read(path: &Path, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
+    let file = open_direct(path, false)?;
+    let mut buf = AlignedBuf::zeroed(len);
+    file.read_exact_at(buf.as_mut(), offset)?;
+    Ok(buf.as_ref().to_vec())
+}
+
+/// Runs `f` on a thread of its own and waits at most `timeout` for it. `None` means
+/// it did not finish in time (the thread is left to finish or fail on its own; the
+/// cluster's teardown unblocks it).
+fn run_bounded<T: Send + 'static>(
+    timeout: Duration,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Option<(T, Duration)> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let started = Instant::now();
+        let out = f();
+        let _ = tx.send((out, started.elapsed()));
+    });
+    rx.recv_timeout(timeout).ok()
+}
+
+/// A writer thread streaming `chunks` MiB of [`pattern`]`(seed + i)` chunks into
+/// one file, each chunk followed by fdatasync; `progress` counts finished chunks.
+struct WriteStream {
+    progress: Arc<AtomicU64>,
+    done: mpsc::Receiver<std::io::Result<()>>,
+    path: PathBuf,
+    seed: u64,
+    chunks: u64,
+}
+
+impl WriteStream {
+    fn start(path: PathBuf, seed: u64, chunks: u64) -> WriteStream {
+        let progress = Arc::new(AtomicU64::new(0));
+        let (tx, done) = mpsc::channel();
+        let (counter, file_path) = (Arc::clone(&progress), path.clone());
+        std::thread::spawn(move || {
+            let run = || -> std::io::Result<()> {
+                let mut f = fs::File::create(&file_path)?;
+                for i in 0..chunks {
+                    f.write_all(&pattern(seed + i, MIB))?;
+                    f.sync_data()?;
+                    counter.fetch_add(1, Ordering::SeqCst);
+                }
+                f.sync_all()
+            };
+            let _ = tx.send(run());
+        });
+        WriteStream {
+            progress,
+            done,
+            path,
+            seed,
+            chunks,
+        }
+    }
+
+    fn written(&self) -> u64 {
+        self.progress.load(Ordering::SeqCst)
+    }
+
+    /// Waits until at least `n` chunks are written (fails if the stream ends first).
+    fn wait_for(&self, n: u64) {
+        wait_until(IO_TIMEOUT, || self.written() >= n).unwrap_or_else(|_| {
+            panic!(
+                "the write stream did not reach {n} MiB within {IO_TIMEOUT:?} (at {})",
+                self.written()
+            )
+        });
+    }
+
+    fn finish(self) -> (std::io::Result<()>, PathBuf, u64, u64) {
+        let result = self
+            .done
+            .recv_timeout(IO_TIMEOUT)
+            .unwrap_or_else(|_| panic!("the write stream hung (at {} MiB)", self.written()));
+        (result, self.path, self.seed, self.chunks)
+    }
+}
+
+/// Reads a stream's file back with O_DIRECT (so it comes from the replicas, not the
+/// page cache) and compares every chunk.
+fn verify_stream_file(path: &Path, seed: u64, chunks: u64) {
+    let len = fs::metadata(path).expect("stat stream file").len();
+    assert_eq!(len, chunks * MIB as u64, "stream file size");
+    for i in 0..chunks {
+        let got = direct_read(path, i * MIB as u64, MIB)
+            .unwrap_or_else(|e| panic!("reading chunk {i} of {}: {e}", path.display()));
+        assert!(
+            got == pattern(seed + i, MIB),
+            "chunk {i} of {} differs",
+            path.display()
+        );
+    }
+}
+
+/// Item (a), one filesystem: 200 MiB of files with known sha256 written on n1,
+/// unstaged and ControllerUnpublished, published to n2 with a new epoch, staged
+/// through n2's node plugin, every file verified.
+async fn files_survive_a_move(cluster: &Cluster, fs_type: &str) {
+    const FILES: usize = 50;
+    const FILE_SIZE: usize = 4 * MIB;
+    let mut controller = cluster.controller().await.expect("controller");
+    let mut n1 = cluster.node_client("n1").await.expect("n1 plugin");
+    let mut n2 = cluster.node_client("n2").await.expect("n2 plugin");
+    let name = format!("files-{fs_type}");
+    let volume = create_volume(
+        &mut controller,
+        &name,
+        512 * MIB,
+        &[("fsType", fs_type)],
+        false,
+    )
+    .await;
+
+    let (staging, target) = kubelet_paths(cluster, "n1", &name, false);
+    let on_n1 = attach(
+        &mut controller,
+        &mut n1,
+        &volume,
+        "n1",
+        filesystem_capability(fs_type),
+        &staging,
+        &target,
+    )
+    .await
+    .unwrap_or_else(|e| panic!("attach on n1: {e:#}"));
+    let mounted = mounts::mounts_under(&target).expect("mountinfo");
+    assert!(
+        mounted.iter().any(|m| m.fs_type == fs_type),
+        "{} is not an {fs_type} mount: {mounted:?}",
+        target.display()
+    );
+
+    let dir = target.clone();
+    let seed_base = if fs_type == "xfs" { 1_000 } else { 2_000 };
+    let written: Vec<(String, String)> = tokio::task::spawn_blocking(move || {
+        let mut out = Vec::new();
+        for i in 0..FILES {
+            let name = format!("file-{i:03}.bin");
+            let data = pattern(seed_base + i as u64, FILE_SIZE);
+            let mut f = fs::File::create(dir.join(&name)).expect("create file");
+            f.write_all(&data).expect("write file");
+            f.sync_all().expect("fsync file");
+            out.push((name, sha256_hex(&data)));
+        }
+        out
+    })
+    .await
+    .expect("writer task");
+    let total: usize = written.len() * FILE_SIZE;
+    assert_eq!(total, 200 * MIB);
+
+    lifecycle::detach(&mut controller, &mut n1, &on_n1)
+        .await
+        .unwrap_or_else(|e| panic!("detach from n1: {e:#}"));
+    assert_node_clean(cluster, &on_n1);
+
+    let (staging2, target2) = kubelet_paths(cluster, "n2", &name, false);
+    let on_n2 = attach(
+        &mut controller,
+        &mut n2,
+        &volume,
+        "n2",
+        filesystem_capability(fs_type),
+        &staging2,
+        &target2,
+    )
+    .await
+    .unwrap_or_else(|e| panic!("attach on n2: {e:#}"));
+    assert!(
+        on_n2.epoch() > on_n1.epoch(),
+        "the move raised no epoch: {} -> {}",
+        on_n1.epoch(),
+        on_n2.epoch()
+    );
+
+    let dir = target2.clone();
+    let expected = written.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut names: Vec<String> = fs::read_dir(&dir)
+            .expect("list files on n2")
+            .map(|e| {
+                e.expect("dir entry")
+                    .file_name()
+                    .to_string_lossy()
+                    .into_owned()
+            })
+            .filter(|n| n != "lost+found")
+            .collect();
+        names.sort();
+        let want: Vec<String> = expected.iter().map(|(n, _)| n.clone()).collect();
+        assert_eq!(names, want, "file names on n2");
+        for (name, sha) in &expected {
+            let mut data = Vec::with_capacity(FILE_SIZE);
+            fs::File::open(dir.join(name))
+                .and_then(|mut f| f.read_to_end(&mut data))
+                .unwrap_or_else(|e| panic!("reading {name} on n2: {e}"));
+            assert_eq!(data.len(), FILE_SIZE, "size of {name}");
+            assert_eq!(&sha256_hex(&data), sha, "sha256 of {name} on n2");
+        }
+    })
+    .await
+    .expect("verifier task");
+
+    let cond = condition(&mut n2, &on_n2).await;
+    assert!(!cond.abnormal, "{cond:?}");
+    lifecycle::detach(&mut controller, &mut n2, &on_n2)
+        .await
+        .unwrap_or_else(|e| panic!("detach from n2: {e:#}"));
+    assert_node_clean(cluster, &on_n2);
+}
+
+/// (a) ext4 and xfs: files written on one node read back intact on another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_files_verify_after_moving_to_another_node() {
+    if !privileged() {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let cluster = two_node_cluster().await;
+    files_survive_a_move(&cluster, "ext4").await;
+    files_survive_a_move(&cluster, "xfs").await;
+}
+
+/// (b) Raw block: a pattern written with O_DIRECT through the device published on
+/// n1 reads back through the device published on n2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn b_raw_block_pattern_reads_back_on_the_other_node() {
+    if !privileged() {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let cluster = two_node_cluster().await;
+    let mut controller = cluster.controller().await.expect("controller");
+    let mut n1 = cluster.node_client("n1").await.expect("n1 plugin");
+    let mut n2 = cluster.node_client("n2").await.expect("n2 plugin");
+    const SIZE: usize = 256 * MIB;
+    let volume = create_volume(&mut controller, "raw-block", SIZE, &[], true).await;
+    let (staging, target) = kubelet_paths(&cluster, "n1", "raw-block", true);
+    let on_n1 = attach(
+        &mut controller,
+        &mut n1,
+        &volume,
+        "n1",
+        block_capability(),
+        &staging,
+        &target,
+    )
+    .await
+    .unwrap_or_else(|e| panic!("attach on n1: {e:#}"));
+
+    // 4 MiB at the start, 4 MiB straddling the middle, the last 4 MiB, and one
+    // lone 4 KiB block: (offset, seed, len).
+    let extents: Vec<(u64, u64, usize)> = vec![
+        (0, 1, 4 * MIB),
+        ((SIZE / 2 - 2 * MIB) as u64, 2, 4 * MIB),
+        ((SIZE - 4 * MIB) as u64, 3, 4 * MIB),
+        ((100 * MIB + 12 * KIB) as u64, 4, 4 * KIB),
+    ];
+    let device = target.clone();
+    let to_write = extents.clone();
+    tokio::task::spawn_blocking(move || {
+        let size = fs::File::open(&device)
+            .and_then(|mut f| std::io::Seek::seek(&mut f, std::io::SeekFrom::End(0)))
+            .expect("device size");
+        assert_eq!(size, SIZE as u64, "published device size");
+        for (offset, seed, len) in to_write {
+            direct_write(&device, offset, &pattern(seed, len))
+                .unwrap_or_else(|e| panic!("O_DIRECT write at {offset}: {e}"));
+        }
+    })
+    .await
+    .expect("writer task");
+
+    lifecycle::detach(&mut controller, &mut n1, &on_n1)
+        .await
+        .unwrap_or_else(|e| panic!("detach from n1: {e:#}"));
+    assert_node_clean(&cluster, &on_n1);
+
+    let (staging2, target2) = kubelet_paths(&cluster, "n2", "raw-block", true);
+    let on_n2 = attach(
+        &mut controller,
+        &mut n2,
+        &volume,
+        "n2",
+        block_capability(),
+        &staging2,
+        &target2,
+    )
+    .await
+    .unwrap_or_else(|e| panic!("attach on n2: {e:#}"));
+    assert!(on_n2.epoch() > on_n1.epoch());
+    let device = target2.clone();
+    tokio::task::spawn_blocking(move || {
+        for (offset, seed, len) in extents {
+            let got = direct_read(&device, offset, len)
+                .unwrap_or_else(|e| panic!("O_DIRECT read at {offset} on n2: {e}"));
+            assert!(got == pattern(seed, len), "data at {offset} differs on n2");
+        }
+        // Never written: reads as zeros.
+        let hole = direct_read(&device, (50 * MIB) as u64, 64 * KIB).expect("read a hole");
+        assert!(
+            hole.iter().all(|b| *b == 0),
+            "unwritten blocks are not zero"
+        );
+    })
+    .await
+    .expect("verifier task");
+
+    lifecycle::detach(&mut controller, &mut n2, &on_n2)
+        .await
+        .unwrap_or_else(|e| panic!("detach from n2: {e:#}"));
+    assert_node_clean(&cluster, &on_n2);
+}
+
+/// (c) kill -9 one of three replica daemons (the one local to the writer's node,
+/// so reads must fall back too) halfway through a 64 MiB fsynced write stream: the
+/// stream completes, the data verifies, and the killed replica is reported stale.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn c_one_replica_killed_during_writes() {
+    if !privileged() {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let mut cluster = two_node_cluster().await;
+    let mut controller = cluster.controller().await.expect("controller");
+    let mut n1 = cluster.node_client("n1").await.expect("n1 plugin");
+    let volume = create_volume(&mut controller, "kill-one", 256 * MIB, &[], false).await;
+    let (staging, target) = kubelet_paths(&cluster, "n1", "kill-one", false);
+    let a = attach(
+        &mut controller,
+        &mut n1,
+        &volume,
+        "n1",
+        filesystem_capability("ext4"),
+        &staging,
+        &target,
+    )
+    .await
+    .unwrap_or_else(|e| panic!("attach: {e:#}"));
+    let before = condition(&mut n1, &a).await;
+    assert!(!before.abnormal, "{before:?}");
+
+    const CHUNKS: u64 = 64;
+    let stream = WriteStream::start(target.join("stream.bin"), 7_000, CHUNKS);
+    stream.wait_for(CHUNKS / 2);
+    let victim = cluster.replica(0).node_id().to_owned();
+    assert_eq!(victim, "n1", "the killed replica is the writer's local one");
+    cluster.kill_replica(0).expect("kill -9 replica n1");
+    let at_kill = stream.written();
+    let (result, path, seed, chunks) = stream.finish();
+    result.unwrap_or_else(|e| {
+        panic!("the write stream failed after the kill (at {at_kill} MiB): {e}")
+    });
+    assert!(
+        at_kill < CHUNKS,
+        "the kill came after the stream had finished"
+    );
+
+    let file = path.clone();
+    tokio::task::spawn_blocking(move || verify_stream_file(&file, seed, chunks))
+        .await
+        .expect("verifier task");
+
+    let after = condition(&mut n1, &a).await;
+    assert!(
+        after.abnormal,
+        "the killed replica is not reported: {after:?}"
+    );
+    assert!(
+        after.message.contains(&victim) && after.message.contains("stale"),
+        "the condition does not name the stale replica {victim}: {after:?}"
+    );
+    assert!(
+        !after.message.contains("below quorum"),
+        "one replica down must not be below quorum: {after:?}"
+    );
+
+    // Two of three replicas still make a quorum: unstaging flushes and detaches.
+    lifecycle::detach(&mut controller, &mut n1, &a)
+        .await
+        .unwrap_or_else(|e| panic!("detach: {e:#}"));
+    assert_node_clean(&cluster, &a);
+}
+
+/// (d) kill -9 two of three replica daemons: a direct write and a direct read on
+/// the block device fail within a bound instead of hanging.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn d_two_replicas_killed_io_fails_in_bounded_time() {
+    if !privileged() {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let mut cluster = two_node_cluster().await;
+    let mut controller = cluster.controller().await.expect("controller");
+    let mut n1 = cluster.node_client("n1").await.expect("n1 plugin");
+    let volume = create_volume(&mut controller, "kill-two", 64 * MIB, &[], true).await;
+    let (staging, target) = kubelet_paths(&cluster, "n1", "kill-two", true);
+    let a = attach(
+        &mut controller,
+        &mut n1,
+        &volume,
+        "n1",
+        block_capability(),
+        &staging,
+        &target,
+    )
+    .await
+    .unwrap_or_else(|e| panic!("attach: {e:#}"));
+    let device = target.clone();
+    let (first, _) = run_bounded(IO_TIMEOUT, move || {
+        direct_write(&device, 0, &pattern(1, MIB))
+    })
+    .expect("a write with all replicas up finishes");
+    first.expect("a write with all replicas up succeeds");
+
+    cluster.kill_replica(1).expect("kill -9 replica n2");
+    cluster.kill_replica(2).expect("kill -9 replica n3");
+
+    let device = target.clone();
+    let (write, took) = run_bounded(BELOW_QUORUM_BOUND * 2, move || {
+        direct_write(&device, MIB as u64, &pattern(2, MIB))
+    })
+    .expect("the write below quorum hung");
+    let err = write.expect_err("a write with one of three replicas up succeeded");
+    assert!(
+        took <= BELOW_QUORUM_BOUND,
+        "the failing write took {took:?}"
+    );
+    eprintln!("write below quorum failed after {took:?}: {err}");
+    assert_eq!(err.raw_os_error(), Some(nix::libc::EIO), "{err}");
+
+    let device = target.clone();
+    let (read, took) = run_bounded(BELOW_QUORUM_BOUND * 2, move || direct_read(&device, 0, MIB))
+        .expect("the read below quorum hung");
+    let err = read.expect_err("a read with one of three replicas up succeeded");
+    assert!(took <= BELOW_QUORUM_BOUND, "the failing read took {took:?}");
+    assert_eq!(err.raw_os_error(), Some(nix::libc::EIO), "{err}");
+
+    let cond = condition(&mut n1, &a).await;
+    assert!(
+        cond.abnormal && cond.message.contains("below quorum"),
+        "{cond:?}"
+    );
+    // The volume cannot flush any more, so it stays attached; the cluster's teardown
+    // (engine-host SIGTERM) removes it.
+}
+
+/// (e) An engine whose epoch is old gets its writes refused once the volume was
+/// published elsewhere; what the new owner wrote stays intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn e_old_epoch_writes_are_refused_after_a_move() {
+    if !privileged() {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let cluster = two_node_cluster().await;
+    let mut controller = cluster.controller().await.expect("controller");
+    let mut n1 = cluster.node_client("n1").await.expect("n1 plugin");
+    let mut n2 = cluster.node_client("n2").await.expect("n2 plugin");
+    let volume = create_volume(&mut controller, "fenced", 64 * MIB, &[], true).await;
+    let (staging, target) = kubelet_paths(&cluster, "n1", "fenced", true);
+    let on_n1 = attach(
+        &mut controller,
+        &mut n1,
+        &volume,
+        "n1",
+        block_capability(),
+        &staging,
+        &target,
+    )
+    .await
+    .unwrap_or_else(|e| panic!("attach on n1: {e:#}"));
+    const A: u64 = 0;
+    const B: u64 = 8 * MIB as u64;
+    let dev1 = target.clone();
+    tokio::task::spawn_blocking(move || {
+        direct_write(&dev1, A, &pattern(10, MIB)).expect("n1 writes A before the move");
+        direct_write(&dev1, B, &pattern(11, MIB)).expect("n1 writes B before the move");
+    })
+    .await
+    .expect("writer task");
+
+    // The node never unstages (it is unreachable, say): the CO force-detaches and
+    // publishes the volume to n2, which raises the epoch.
+    lifecycle::controller_unpublish(&mut controller, &on_n1)
+        .await
+        .unwrap_or_else(|e| panic!("ControllerUnpublish from n1: {e:#}"));
+    let (staging2, target2) = kubelet_paths(&cluster, "n2", "fenced", true);
+    let on_n2 = attach(
+        &mut controller,
+        &mut n2,
+        &volume,
+        "n2",
+        block_capability(),
+        &staging2,
+        &target2,
+    )
+    .await
+    .unwrap_or_else(|e| panic!("attach on n2: {e:#}"));
+    assert!(on_n2.epoch() > on_n1.epoch());
+    let dev2 = target2.clone();
+    tokio::task::spawn_blocking(move || {
+        direct_write(&dev2, A, &pattern(20, MIB)).expect("n2 writes A");
+    })
+    .await
+    .expect("writer task");
+
+    // n1 still has the device and tries to write both regions.
+    for (offset, seed) in [(A, 30), (B, 31)] {
+        let dev1 = target.clone();
+        let (result, took) = run_bounded(IO_TIMEOUT, move || {
+            direct_write(&dev1, offset, &pattern(seed, MIB))
+        })
+        .expect("the fenced write hung");
+        let err = result.expect_err("a write with the old epoch succeeded");
+        assert_eq!(
+            err.raw_os_error(),
+            Some(nix::libc::EIO),
+            "{err} after {took:?}"
+        );
+    }
+    let cond = condition(&mut n1, &on_n1).await;
+    assert!(cond.abnormal && cond.message.contains("fenced"), "{cond:?}");
+
+    let dev2 = target2.clone();
+    tokio::task::spawn_blocking(move || {
+        let a = direct_read(&dev2, A, MIB).expect("n2 reads A");
+        assert!(a == pattern(20, MIB), "n2's data at A was overwritten");
+        let b = direct_read(&dev2, B, MIB).expect("n2 reads B");
+        assert!(
+            b == pattern(11, MIB),
+            "the data n1 wrote before the move is lost"
+        );
+    })
+    .await
+    .expect("verifier task");
+
+    // The fenced node can still clean up (nothing of it is durable any more anyway).
+    lifecycle::unpublish_and_unstage(&mut n1, &on_n1)
+        .await
+        .unwrap_or_else(|e| panic!("unstage on the fenced node: {e:#}"));
+    assert_node_clean(&cluster, &on_n1);
+    lifecycle::detach(&mut controller, &mut n2, &on_n2)
+        .await
+        .unwrap_or_else(|e| panic!("detach from n2: {e:#}"));
+    assert_node_clean(&cluster, &on_n2);
+}
+
+/// (f) kill -9 the node plugin during a write stream: the stream sees no error, a
+/// new plugin instance adopts the running engine, and unpublish + unstage through it
+/// leave nothing behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn f_node_plugin_killed_during_writes() {
+    if !privileged() {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let mut cluster = two_node_cluster().await;
+    let mut controller = cluster.controller().await.expect("controller");
+    let mut n1 = cluster.node_client("n1").await.expect("n1 plugin");
+    let volume = create_volume(&mut controller, "plugin-kill", 256 * MIB, &[], false).await;
+    let (staging, target) = kubelet_paths(&cluster, "n1", "plugin-kill", false);
+    let a = attach(
+        &mut controller,
+        &mut n1,
+        &volume,
+        "n1",
+        filesystem_capability("ext4"),
+        &staging,
+        &target,
+    )
+    .await
+    .unwrap_or_else(|e| panic!("attach: {e:#}"));
+    drop(n1);
+    let host = cluster.node_host("n1").expect("n1");
+    let (engine_host_pid, old_plugin) = (host.engine_host_pid(), host.plugin_pid());
+
+    const CHUNKS: u64 = 64;
+    let stream = WriteStream::start(target.join("stream.bin"), 9_000, CHUNKS);
+    stream.wait_for(CHUNKS / 2);
+    cluster
+        .kill_node_plugin("n1")
+        .expect("kill -9 the node plugin");
+    let at_kill = stream.written();
+    // Writes go on while no plugin runs at all.
+    stream.wait_for((at_kill + 4).min(CHUNKS));
+    cluster
+        .start_node_plugin("n1")
+        .await
+        .expect("a new node plugin starts");
+    let host = cluster.node_host("n1").expect("n1");
+    assert_ne!(host.plugin_pid(), old_plugin, "a new plugin process");
+    assert_eq!(
+        host.engine_host_pid(),
+        engine_host_pid,
+        "the engine-host kept running"
+    );
+
+    let (result, path, seed, chunks) = stream.finish();
+    result
+        .unwrap_or_else(|e| panic!("the write stream saw an error (killed at {at_kill} MiB): {e}"));
+    let file = path.clone();
+    tokio::task::spawn_blocking(move || verify_stream_file(&file, seed, chunks))
+        .await
+        .expect("verifier task");
+
+    let mut n1 = cluster.node_client("n1").await.expect("new n1 plugin");
+    let cond = condition(&mut n1, &a).await;
+    assert!(
+        !cond.abnormal,
+        "the adopted engine is not healthy: {cond:?}"
+    );
+    lifecycle::detach(&mut controller, &mut n1, &a)
+        .await
+        .unwrap_or_else(|e| panic!("detach through the new plugin: {e:#}"));
+    assert_node_clean(&cluster, &a);
+    assert!(!a.target.exists(), "NodeUnpublish left the target path");
+}
