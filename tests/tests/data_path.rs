@@ -665,8 +665,13 @@ async fn d_two_replicas_killed_io_fails_in_bounded_time() {
         cond.abnormal && cond.message.contains("below quorum"),
         "{cond:?}"
     );
-    // The volume cannot flush any more, so it stays attached; the cluster's teardown
-    // (engine-host SIGTERM) removes it.
+    // Below quorum the volume can never flush again; unstaging must still succeed
+    // (the kubelet would otherwise retry forever) and leave nothing behind.
+    // (ControllerUnpublish needs a majority of the records, so only the node side.)
+    lifecycle::unpublish_and_unstage(&mut n1, &a)
+        .await
+        .unwrap_or_else(|e| panic!("unstage below quorum: {e:#}"));
+    assert_node_clean(&cluster, &a);
 }
 
 /// (e) An engine whose epoch is old gets its writes refused once the volume was

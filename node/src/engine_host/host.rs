@@ -365,14 +365,24 @@ impl EngineHost {
             }
             detach_loop(volume_id, &mut attached.loop_dev)?;
         }
-        attached
-            .opened
-            .flush()
-            .await
-            .map_err(|source| EngineHostError::Flush {
-                volume_id: volume_id.to_owned(),
-                source,
-            })?;
+        if let Err(source) = attached.opened.flush().await {
+            // An engine below quorum can never flush again (stale replicas are not
+            // reconnected), so refusing would make NodeUnstage fail forever. Its
+            // acknowledged writes reached a majority before they were acknowledged;
+            // only their durability on those replicas is unconfirmed. Any other
+            // failure keeps the volume so a retry flushes again.
+            let below_quorum = attached
+                .opened
+                .engine_status()
+                .is_some_and(|s| s.below_quorum);
+            if !below_quorum {
+                return Err(EngineHostError::Flush {
+                    volume_id: volume_id.to_owned(),
+                    source,
+                });
+            }
+            tracing::error!(volume = %volume_id, error = %chain(&source), "volume is below quorum and cannot be flushed; detaching anyway: acknowledged writes are on a majority of replicas, their durability there is unconfirmed");
+        }
         if let Some(attached) = guard.attached.take() {
             lock(&self.listed).remove(volume_id);
             self.teardown(attached, false).await?;
