@@ -26,7 +26,7 @@ use crate::capacity::{self, BLOCK_SIZE};
 use crate::error::ControllerError;
 use crate::locks::KeyedLocks;
 use crate::metrics::Metrics;
-use crate::parameters::{DataLocality, VolumeParameters};
+use crate::parameters::{self, DataLocality, VolumeParameters};
 use crate::placement::{self, Candidate, PlacementRequest};
 use crate::publish::{self, majority, PublishDecision};
 use crate::replica_pool::{join_all, ReplicaPool};
@@ -321,7 +321,16 @@ impl ControllerService {
                 "volume_content_source is not supported: Tessera cannot create volumes from snapshots or clones yet".into(),
             ));
         }
-        let params = VolumeParameters::parse(&req.parameters)?;
+        // A VolumeAttributesClass's parameters arrive as mutable_parameters and win over
+        // the StorageClass's for the keys they name.
+        let params = if req.mutable_parameters.is_empty() {
+            VolumeParameters::parse(&req.parameters)?
+        } else {
+            parameters::check_mutable(&req.mutable_parameters)?;
+            let mut merged = req.parameters.clone();
+            merged.extend(req.mutable_parameters.clone());
+            VolumeParameters::parse(&merged)?
+        };
         let fs_type = match (params.fs_type, access.fs_type) {
             (Some(p), Some(c)) if p != c => {
                 return Err(ControllerError::InvalidArgument(format!(
@@ -721,21 +730,38 @@ impl ControllerService {
     where
         F: Fn(&[Attachment]) -> Option<Vec<Attachment>>,
     {
+        self.update_record(rec, |cur| {
+            Ok(change(&cur.attachments).map(|att| (att, cur.parameters.clone())))
+        })
+        .await
+    }
+
+    /// Sets a volume's attachments and parameters to `change(current record)` on a
+    /// majority of replicas with compare-and-set on each replica's generation.
+    /// `change` returning `Ok(None)` means "keep", which still repairs replicas that
+    /// lag behind the majority view; an error aborts before anything is written.
+    async fn update_record<F>(&self, rec: &VolumeRecord, change: F) -> Result<VolumeRecord>
+    where
+        F: Fn(&VolumeRecord) -> Result<Option<(Vec<Attachment>, HashMap<String, String>)>>,
+    {
         let need = majority(rec.replicas.len());
         for _ in 0..CAS_ATTEMPTS {
             let reads = self.read_replicas(rec).await;
             let cur = self.quorum_record(rec, &reads)?;
-            let target = change(&cur.attachments);
+            let target = change(&cur)?;
             let changing = target.is_some();
-            let target = target.unwrap_or_else(|| cur.attachments.clone());
-            let in_sync = reads.ok().filter(|(_, r)| r.attachments == target).count();
+            let (target, target_params) =
+                target.unwrap_or_else(|| (cur.attachments.clone(), cur.parameters.clone()));
+            let matches =
+                |r: &VolumeRecord| r.attachments == target && r.parameters == target_params;
+            let in_sync = reads.ok().filter(|(_, r)| matches(r)).count();
             if !changing && in_sync >= need {
                 self.index().upsert(cur.clone());
                 return Ok(cur);
             }
             let writes: Vec<(&ReplicaRef, UpdateVolumeRequest)> = reads
                 .ok()
-                .filter(|(_, r)| changing || r.attachments != target)
+                .filter(|(_, r)| changing || !matches(r))
                 .map(|(rr, r)| {
                     (
                         rr,
@@ -743,7 +769,7 @@ impl ControllerService {
                             volume_id: rec.volume_id.clone(),
                             expected_generation: r.generation,
                             attachments: target.clone(),
-                            parameters: cur.parameters.clone(),
+                            parameters: target_params.clone(),
                         },
                     )
                 })
@@ -840,6 +866,43 @@ impl ControllerService {
             "raising the epoch of volume {} kept losing races; retry",
             rec.volume_id
         )))
+    }
+
+    /// ControllerModifyVolume: changes the mutable QoS parameters of a volume, live.
+    /// The new record reaches a majority of replicas through the same generation
+    /// compare-and-set as publish; each replica daemon applies the new QoS to the
+    /// volume's I/O scheduler registration when it stores the record, so an attached
+    /// engine keeps its connections. Keys absent from the request keep their values
+    /// (as the spec demands); `0` removes a limit.
+    async fn do_modify(
+        &self,
+        req: csi::ControllerModifyVolumeRequest,
+    ) -> Result<csi::ControllerModifyVolumeResponse> {
+        required("volume_id", &req.volume_id)?;
+        if req.mutable_parameters.is_empty() {
+            return Err(ControllerError::InvalidArgument(
+                "mutable_parameters is required".into(),
+            ));
+        }
+        // Keys and values are checked before the volume is looked at, so a bad request
+        // is INVALID_ARGUMENT whatever the volume's state.
+        parameters::check_mutable(&req.mutable_parameters)?;
+        let _guard = self.inner.locks.lock(&req.volume_id).await;
+        let rec = self
+            .lookup(&req.volume_id)
+            .await
+            .ok_or_else(|| ControllerError::VolumeNotFound(req.volume_id.clone()))?;
+        let changes = req.mutable_parameters;
+        let updated = self
+            .update_record(&rec, |cur| {
+                let target = parameters::apply_mutable(&cur.parameters, &changes)?;
+                Ok((target != cur.parameters).then(|| (cur.attachments.clone(), target)))
+            })
+            .await?;
+        if updated.parameters != rec.parameters {
+            tracing::info!(volume = %rec.volume_id, changes = ?changes, "volume parameters modified");
+        }
+        Ok(csi::ControllerModifyVolumeResponse {})
     }
 
     async fn do_validate(
@@ -1068,6 +1131,7 @@ pub fn controller_capabilities() -> Vec<csi::ControllerServiceCapability> {
         RpcType::GetVolume,
         RpcType::VolumeCondition,
         RpcType::SingleNodeMultiWriter,
+        RpcType::ModifyVolume,
     ]
     .into_iter()
     .map(|t| csi::ControllerServiceCapability {
@@ -1195,9 +1259,10 @@ impl Controller for ControllerService {
 
     async fn controller_modify_volume(
         &self,
-        _request: Request<csi::ControllerModifyVolumeRequest>,
+        request: Request<csi::ControllerModifyVolumeRequest>,
     ) -> std::result::Result<Response<csi::ControllerModifyVolumeResponse>, Status> {
-        Err(unimplemented("ControllerModifyVolume"))
+        let r = self.do_modify(request.into_inner()).await;
+        self.finish("ControllerModifyVolume", r)
     }
 }
 
@@ -1253,18 +1318,18 @@ mod tests {
     }
 
     #[test]
-    fn capabilities_advertise_no_snapshot_or_clone() {
+    fn capabilities_advertise_modify_but_no_snapshot_or_clone() {
         let caps = controller_capabilities();
         let types: Vec<i32> = caps
             .iter()
             .filter_map(|c| c.r#type.map(|CapType::Rpc(r)| r.r#type))
             .collect();
         assert!(types.contains(&(RpcType::CreateDeleteVolume as i32)));
+        assert!(types.contains(&(RpcType::ModifyVolume as i32)));
         for absent in [
             RpcType::CreateDeleteSnapshot,
             RpcType::CloneVolume,
             RpcType::ExpandVolume,
-            RpcType::ModifyVolume,
         ] {
             assert!(!types.contains(&(absent as i32)));
         }

@@ -34,5 +34,5 @@ pub mod replica_pool;
 pub mod volume_index;
 
 pub use controller_service::{load_index, ControllerConfig, ControllerService};
-pub use tessera_csi_proto::identity::IdentityService;
 pub use replica_pool::{PoolConfig, ReplicaPool};
+pub use tessera_csi_proto::identity::IdentityService;

@@ -58,6 +58,70 @@ pub enum ParameterError {
     /// Two parameters that are each valid but contradict each other.
     #[error("conflicting parameters: {0}")]
     Conflict(&'static str),
+    /// A known parameter that ControllerModifyVolume (or a VolumeAttributesClass)
+    /// cannot change.
+    #[error("parameter {key:?} cannot be modified; mutable parameters are maxIOPS, minIOPS, maxBandwidth and burstDuration")]
+    NotMutable {
+        /// The key as given.
+        key: String,
+    },
+}
+
+/// Keys a live volume's parameters may change (ControllerModifyVolume,
+/// VolumeAttributesClass): the QoS settings, which the replica daemons apply to the
+/// volume's I/O scheduler without detaching it. Everything else decides where and how
+/// the data is laid out.
+pub const MUTABLE_KEYS: [&str; 4] = [
+    KEY_MAX_IOPS,
+    KEY_MIN_IOPS,
+    KEY_MAX_BANDWIDTH,
+    KEY_BURST_DURATION,
+];
+
+const KNOWN_KEYS: [&str; 8] = [
+    KEY_REPLICATION_FACTOR,
+    KEY_FS_TYPE,
+    KEY_MAX_IOPS,
+    KEY_MIN_IOPS,
+    KEY_MAX_BANDWIDTH,
+    KEY_BURST_DURATION,
+    KEY_CHECKSUM,
+    KEY_DATA_LOCALITY,
+];
+
+/// Checks that a set of mutable parameters names only [`MUTABLE_KEYS`] and that each
+/// value parses on its own (conflicts with the volume's other settings are found by
+/// [`apply_mutable`]). The first offending key in key order is named.
+pub fn check_mutable(changes: &HashMap<String, String>) -> Result<(), ParameterError> {
+    let sorted: BTreeMap<&String, &String> = changes.iter().collect();
+    for (key, value) in sorted {
+        if !MUTABLE_KEYS.contains(&key.as_str()) {
+            return Err(if KNOWN_KEYS.contains(&key.as_str()) {
+                ParameterError::NotMutable { key: key.clone() }
+            } else {
+                ParameterError::UnknownKey { key: key.clone() }
+            });
+        }
+        VolumeParameters::parse(&HashMap::from([(key.clone(), value.clone())]))?;
+    }
+    Ok(())
+}
+
+/// The normalised parameters of a volume after `changes` (mutable keys only) are
+/// applied to its stored normalised parameters `stored`. Keys absent from `changes`
+/// keep their values; a limit of 0 removes it. Fails without side effects when a key
+/// is not mutable, a value is invalid, or the result contradicts itself (minIOPS above
+/// maxIOPS, a zero burst with a limit).
+pub fn apply_mutable(
+    stored: &HashMap<String, String>,
+    changes: &HashMap<String, String>,
+) -> Result<HashMap<String, String>, ParameterError> {
+    check_mutable(changes)?;
+    let mut merged = stored.clone();
+    merged.extend(changes.iter().map(|(k, v)| (k.clone(), v.clone())));
+    let params = VolumeParameters::parse(&merged)?;
+    let fs_type = params.fs_type.unwrap_or_default();
+    Ok(params.to_map(fs_type))
 }
 
 /// Filesystem created on mount volumes.
@@ -482,6 +546,57 @@ mod tests {
         assert!(
             VolumeParameters::parse(&map(&[("burstDuration", "2m"), ("maxIOPS", "10")])).is_ok()
         );
+    }
+
+    #[test]
+    fn mutable_parameters_merge_and_normalise() {
+        let stored = VolumeParameters::parse(&map(&[("maxIOPS", "100"), ("fsType", "xfs")]))
+            .unwrap()
+            .to_map(FsType::Xfs);
+        let out = apply_mutable(
+            &stored,
+            &map(&[("maxBandwidth", "1Mi"), ("burstDuration", "2s")]),
+        )
+        .unwrap();
+        assert_eq!(out.get("maxIOPS").map(String::as_str), Some("100"), "kept");
+        assert_eq!(out.get("maxBandwidth").map(String::as_str), Some("1048576"));
+        assert_eq!(out.get("burstDuration").map(String::as_str), Some("2000ms"));
+        assert_eq!(out.get("fsType").map(String::as_str), Some("xfs"));
+        let unlimited = apply_mutable(&out, &map(&[("maxIOPS", "0")])).unwrap();
+        assert!(!unlimited.contains_key("maxIOPS"), "0 removes the limit");
+        // Idempotent: applying the same change again gives the same map.
+        assert_eq!(
+            apply_mutable(&unlimited, &map(&[("maxIOPS", "0")])).unwrap(),
+            unlimited
+        );
+    }
+
+    #[test]
+    fn immutable_unknown_and_invalid_mutable_parameters_are_named() {
+        let stored = VolumeParameters::default().to_map(FsType::Ext4);
+        let err = apply_mutable(&stored, &map(&[("replicationFactor", "5")])).unwrap_err();
+        assert_eq!(
+            err,
+            ParameterError::NotMutable {
+                key: "replicationFactor".into()
+            }
+        );
+        assert!(err.to_string().contains("replicationFactor"));
+        let err = apply_mutable(&stored, &map(&[("iops", "5")])).unwrap_err();
+        assert!(matches!(err, ParameterError::UnknownKey { .. }));
+        assert!(err.to_string().contains("iops"));
+        let err = apply_mutable(&stored, &map(&[("maxIOPS", "-5")])).unwrap_err();
+        assert!(err.to_string().contains("maxIOPS") && err.to_string().contains("-5"));
+        // Valid alone, conflicting with what is stored.
+        let capped = apply_mutable(&stored, &map(&[("maxIOPS", "100")])).unwrap();
+        assert!(matches!(
+            apply_mutable(&capped, &map(&[("minIOPS", "200")])),
+            Err(ParameterError::Conflict(_))
+        ));
+        assert!(matches!(
+            apply_mutable(&capped, &map(&[("burstDuration", "0ms")])),
+            Err(ParameterError::Conflict(_))
+        ));
     }
 
     #[test]

@@ -26,6 +26,20 @@
 //! delete committed. Capacity stays thick (the sum of volume sizes); the space the
 //! stores really allocate is reported separately ([`Catalog::allocated_bytes`]).
 //!
+//! *I/O scheduling and QoS.* A catalog opened with a [`CatalogIo`] (the daemon's)
+//! registers every healthy volume with the backing directory's I/O [`Scheduler`] when
+//! it loads or creates the volume, with the [`Qos`] its record's parameters ask for
+//! ([`qos_from_parameters`]), and opens the volume's store over that registration
+//! ([`ScheduledFileFactory`]): all block I/O of the volume is then scheduled. An update
+//! that changes the parameters applies the new QoS to the live registration right
+//! after the record is durable, without closing the store; a delete releases the
+//! registration once it committed. Invalid QoS parameters are refused by create and
+//! update (INVALID_ARGUMENT, nothing changes). A record that already holds invalid
+//! ones when it loads (written by hand, or by an older version) is not quarantined,
+//! since its data is fine: the volume runs unlimited, the error is logged and shown on
+//! `/metrics` until an update fixes the parameters. A catalog without a [`CatalogIo`]
+//! (tests, tools) uses plain std file I/O and only validates.
+//!
 //! *Concurrency.* Mutations are serialised by one mutex held across their disk I/O.
 //! Reads ([`Catalog::get`], [`Catalog::list`]) only take a read lock on the in-memory
 //! map, which mutations hold for a pointer swap, so a slow fsync never delays them.
@@ -55,7 +69,9 @@ use crate::block_io::BLOCK_SIZE;
 use crate::capacity;
 use crate::control_proto as proto;
 use crate::record::{self, Attachment, ReplicaRef, VolumeRecord};
-use crate::store::{LayeredStore, StoreError};
+use crate::scheduler::params::{qos_from_parameters, QosParamError};
+use crate::scheduler::{Qos, Scheduler, SchedulerError, VolumeHandle, VolumeStats};
+use crate::store::{BlockFileFactory, LayeredStore, ScheduledFileFactory, StoreError};
 
 /// Name of the per-volume record file.
 pub const RECORD_FILE: &str = "record";
@@ -84,6 +100,27 @@ pub enum CatalogError {
         id: String,
         /// Which rule it breaks.
         reason: &'static str,
+    },
+    /// The QoS parameters (maxIOPS, minIOPS, maxBandwidth, burstDuration) cannot be
+    /// applied.
+    #[error("volume {volume_id}: invalid QoS parameters")]
+    InvalidQos {
+        /// The volume.
+        volume_id: String,
+        /// Which key and value, and why.
+        #[source]
+        source: QosParamError,
+    },
+    /// The I/O scheduler refused to register the volume or to change its QoS.
+    #[error("volume {volume_id}: the I/O scheduler refused to {op} it")]
+    Scheduler {
+        /// The volume.
+        volume_id: String,
+        /// What was being done.
+        op: &'static str,
+        /// The scheduler's error.
+        #[source]
+        source: SchedulerError,
     },
     /// The size is zero or not a multiple of the block size.
     #[error("size_bytes {size} must be a positive multiple of {BLOCK_SIZE}")]
@@ -276,12 +313,84 @@ pub struct QuarantinedVolume {
     pub data_bytes: u64,
 }
 
+/// The I/O scheduler a catalog registers its volumes with (one per backing
+/// directory), and how their data files are opened.
+#[derive(Clone)]
+pub struct CatalogIo {
+    /// The backing directory's scheduler.
+    pub scheduler: Arc<Scheduler>,
+    /// Open data files `O_DIRECT` (the default in the daemon).
+    pub direct: bool,
+}
+
+impl std::fmt::Debug for CatalogIo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CatalogIo")
+            .field("engine", &self.scheduler.engine_name())
+            .field("direct", &self.direct)
+            .finish()
+    }
+}
+
+/// One volume's scheduler registration and the factory its store opens files with.
+struct VolumeIo {
+    handle: VolumeHandle,
+    factory: Arc<ScheduledFileFactory>,
+    /// Why the record's QoS parameters could not be applied (the volume then runs
+    /// unlimited); `None` when they were.
+    qos_error: Option<String>,
+}
+
+impl VolumeIo {
+    /// Registers `volume_id` with `qos`; the returned factory opens its store's files.
+    fn register(
+        io: &CatalogIo,
+        volume_id: &str,
+        qos: Qos,
+        qos_error: Option<String>,
+    ) -> Result<VolumeIo, CatalogError> {
+        let handle = io
+            .scheduler
+            .register_volume(volume_id, qos)
+            .map_err(|source| CatalogError::Scheduler {
+                volume_id: volume_id.to_string(),
+                op: "register",
+                source,
+            })?;
+        Ok(VolumeIo {
+            factory: Arc::new(ScheduledFileFactory::new(handle.clone(), io.direct)),
+            handle,
+            qos_error,
+        })
+    }
+
+    fn open_store(&self, dir: &Path) -> Result<LayeredStore, StoreError> {
+        let factory: Arc<dyn BlockFileFactory> = Arc::clone(&self.factory) as _;
+        LayeredStore::open_with(dir, factory)
+    }
+}
+
+/// A volume's QoS and scheduler counters, for `/metrics`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeIoReport {
+    /// The volume.
+    pub volume_id: String,
+    /// The QoS in force in the scheduler.
+    pub qos: Qos,
+    /// The scheduler's counters of the volume.
+    pub stats: VolumeStats,
+    /// Set when the record's QoS parameters are invalid and the volume runs unlimited.
+    pub qos_error: Option<String>,
+}
+
 struct Entry {
     record: VolumeRecord,
     epoch: Arc<AtomicU64>,
     /// Open for the volume's whole life in this process; shared with data-plane
     /// connections, retired on delete.
     store: Arc<LayeredStore>,
+    /// The scheduler registration; `None` for a catalog with std file I/O.
+    io: Option<VolumeIo>,
 }
 
 impl Entry {
@@ -303,6 +412,7 @@ pub struct Catalog {
     mutation: Mutex<()>,
     volumes: RwLock<BTreeMap<String, Entry>>,
     quarantined: RwLock<BTreeMap<String, QuarantinedVolume>>,
+    io: Option<CatalogIo>,
 }
 
 /// Checks a volume id against the rules in the control API: 1..=128 characters of
@@ -422,6 +532,15 @@ impl Catalog {
     ///
     /// Fails with [`CatalogError::Locked`] if another process holds the directory.
     pub fn open(config: CatalogConfig) -> Result<Catalog, CatalogError> {
+        Self::open_with_io(config, None)
+    }
+
+    /// [`Catalog::open`], registering every volume with `io`'s scheduler and serving
+    /// its blocks through it (see the module doc); `None` uses std file I/O.
+    pub fn open_with_io(
+        config: CatalogConfig,
+        io: Option<CatalogIo>,
+    ) -> Result<Catalog, CatalogError> {
         let data_dir = config.data_dir;
         fs::create_dir_all(&data_dir).map_err(io_error("create data directory", &data_dir))?;
         let lock = lock_data_dir(&data_dir)?;
@@ -440,7 +559,7 @@ impl Catalog {
             }
         };
 
-        let (volumes, quarantined) = scan_volumes(&volumes_dir)?;
+        let (volumes, quarantined) = scan_volumes(&volumes_dir, io.as_ref())?;
         info!(
             data_dir = %data_dir.display(),
             volumes = volumes.len(),
@@ -456,7 +575,37 @@ impl Catalog {
             mutation: Mutex::new(()),
             volumes: RwLock::new(volumes),
             quarantined: RwLock::new(quarantined),
+            io,
         })
+    }
+
+    /// The scheduler volumes are registered with; `None` with std file I/O.
+    pub fn io(&self) -> Option<&CatalogIo> {
+        self.io.as_ref()
+    }
+
+    /// QoS and scheduler counters of every healthy volume (empty with std file I/O),
+    /// ordered by volume id.
+    pub fn io_reports(&self) -> Vec<VolumeIoReport> {
+        self.read_volumes()
+            .iter()
+            .filter_map(|(id, e)| {
+                e.io.as_ref().map(|io| VolumeIoReport {
+                    volume_id: id.clone(),
+                    qos: io.handle.qos(),
+                    stats: io.handle.stats(),
+                    qos_error: io.qos_error.clone(),
+                })
+            })
+            .collect()
+    }
+
+    /// The scheduler registration of a stored volume, for tools and benchmarks that
+    /// drive its I/O in-process; `None` if unknown or with std file I/O.
+    pub fn volume_handle(&self, volume_id: &str) -> Option<VolumeHandle> {
+        self.read_volumes()
+            .get(volume_id)
+            .and_then(|e| e.io.as_ref().map(|io| io.handle.clone()))
     }
 
     /// The data directory this catalog owns.
@@ -606,6 +755,11 @@ impl Catalog {
     pub fn create(&self, new: NewVolume) -> Result<CreateOutcome, CatalogError> {
         validate_volume_id(&new.volume_id)?;
         validate_size(new.size_bytes)?;
+        let qos =
+            qos_from_parameters(&new.parameters).map_err(|source| CatalogError::InvalidQos {
+                volume_id: new.volume_id.clone(),
+                source,
+            })?;
         let _guard = self.lock_mutations();
         let id = new.volume_id.clone();
 
@@ -644,7 +798,11 @@ impl Catalog {
             attachments: Vec::new(),
             access_type: new.access_type,
         };
-        let store = self.build_volume_dir(&record)?;
+        let io = match &self.io {
+            Some(io) => Some(VolumeIo::register(io, &id, qos, None)?),
+            None => None,
+        };
+        let store = self.build_volume_dir(&record, io.as_ref())?;
         info!(volume_id = %id, size_bytes = record.size_bytes, "volume created");
         self.write_volumes().insert(
             id,
@@ -652,6 +810,7 @@ impl Catalog {
                 epoch: Arc::new(AtomicU64::new(record.epoch)),
                 record: record.clone(),
                 store: Arc::new(store),
+                io,
             },
         );
         Ok(CreateOutcome {
@@ -662,7 +821,11 @@ impl Catalog {
 
     /// Writes the volume's directory under its staging name, renames it into place and
     /// opens its store there.
-    fn build_volume_dir(&self, record: &VolumeRecord) -> Result<LayeredStore, CatalogError> {
+    fn build_volume_dir(
+        &self,
+        record: &VolumeRecord,
+        io: Option<&VolumeIo>,
+    ) -> Result<LayeredStore, CatalogError> {
         let id = record.volume_id.as_str();
         let staging = self.volumes_dir.join(format!("{CREATING_PREFIX}{id}"));
         let target = self.volume_dir(id);
@@ -696,7 +859,12 @@ impl Catalog {
         let opened = record::sync_dir(&self.volumes_dir)
             .map_err(mutation_error(id, "create", &self.volumes_dir))
             .and_then(|()| {
-                LayeredStore::open(&target.join(STORE_DIR)).map_err(store_error(id, "open"))
+                let dir = target.join(STORE_DIR);
+                match io {
+                    Some(io) => io.open_store(&dir),
+                    None => LayeredStore::open(&dir),
+                }
+                .map_err(store_error(id, "open"))
             });
         if opened.is_err() {
             // Not durable or not servable: undo rather than answer success. Should the
@@ -744,14 +912,21 @@ impl Catalog {
             if let Err(back) = fs::rename(&doomed, &dir) {
                 error!(volume_id, error = %back,
                     "cannot restore volume directory after a failed delete; it is removed at next start");
-                self.forget(volume_id);
+                if let Some(io) = self.forget(volume_id) {
+                    io.factory.release();
+                }
             } else {
                 self.reopen_after_failed_delete(volume_id);
             }
             return Err(io_error("sync", &self.volumes_dir)(e));
         }
         // Committed: the .deleting- directory is removed at start if we crash now.
-        self.forget(volume_id);
+        // Forgetting the entry drops its scheduler handle; the store was retired (its
+        // files are closed), so releasing the factory's handle ends the registration
+        // even while a connection still holds the retired store.
+        if let Some(io) = self.forget(volume_id) {
+            io.factory.release();
+        }
         if let Err(e) = fs::remove_dir_all(&doomed) {
             warn!(volume_id, path = %doomed.display(), error = %e,
                 "cannot remove deleted volume's files; they are removed at next start");
@@ -768,13 +943,20 @@ impl Catalog {
         let Some(entry) = volumes.get_mut(volume_id) else {
             return; // quarantined: there was no store to retire
         };
-        match LayeredStore::open(&self.volume_dir(volume_id).join(STORE_DIR)) {
+        let dir = self.volume_dir(volume_id).join(STORE_DIR);
+        let reopened = match &entry.io {
+            Some(io) => io.open_store(&dir),
+            None => LayeredStore::open(&dir),
+        };
+        match reopened {
             Ok(store) => entry.store = Arc::new(store),
             Err(e) => {
                 let reason = format!("block store cannot be reopened: {}", error_chain(&e));
                 error!(volume_id, %reason, "volume quarantined after a failed delete");
                 let data_bytes = entry.record.size_bytes;
-                volumes.remove(volume_id);
+                if let Some(io) = volumes.remove(volume_id).and_then(|e| e.io) {
+                    io.factory.release();
+                }
                 drop(volumes);
                 self.quarantined
                     .write()
@@ -791,12 +973,14 @@ impl Catalog {
         }
     }
 
-    fn forget(&self, volume_id: &str) {
-        self.write_volumes().remove(volume_id);
+    /// Drops a volume from memory; returns its scheduler registration, if any.
+    fn forget(&self, volume_id: &str) -> Option<VolumeIo> {
+        let entry = self.write_volumes().remove(volume_id);
         self.quarantined
             .write()
             .unwrap_or_else(PoisonError::into_inner)
             .remove(volume_id);
+        entry.and_then(|e| e.io)
     }
 
     /// Replaces a volume's attachments and parameters if its generation equals
@@ -818,13 +1002,45 @@ impl Catalog {
                 current: record.generation,
             });
         }
+        // Checked before anything is written: a record whose QoS cannot be applied is
+        // refused rather than stored and then ignored.
+        let qos = qos_from_parameters(&parameters).map_err(|source| CatalogError::InvalidQos {
+            volume_id: volume_id.to_string(),
+            source,
+        })?;
+        let qos_changed = record.parameters != parameters;
         record.attachments = attachments;
         record.parameters = parameters;
         record.generation += 1;
         self.persist(&record, "update")?;
         self.replace_record(record.clone());
+        if qos_changed {
+            self.apply_qos(volume_id, qos);
+        }
         info!(volume_id, generation = record.generation, "volume updated");
         Ok(record)
+    }
+
+    /// Applies a new QoS to the live registration of a volume whose record now asks
+    /// for it. Cannot fail in practice (the values were validated); should the
+    /// scheduler refuse, the record is durable already, so the error is logged and
+    /// shown on `/metrics` rather than failing the update.
+    fn apply_qos(&self, volume_id: &str, qos: Qos) {
+        let mut volumes = self.write_volumes();
+        let Some(io) = volumes.get_mut(volume_id).and_then(|e| e.io.as_mut()) else {
+            return;
+        };
+        match io.handle.set_qos(qos.clone()) {
+            Ok(()) => {
+                io.qos_error = None;
+                info!(volume_id, ?qos, "volume QoS applied");
+            }
+            Err(e) => {
+                let reason = error_chain(&e);
+                error!(volume_id, %reason, "cannot apply the volume's new QoS; the previous one stays in force");
+                io.qos_error = Some(reason);
+            }
+        }
     }
 
     /// Fencing compare-and-set: sets the epoch to `new_epoch` if it equals
@@ -993,7 +1209,7 @@ fn lock_data_dir(data_dir: &Path) -> Result<Flock<File>, CatalogError> {
 type Scanned = (BTreeMap<String, Entry>, BTreeMap<String, QuarantinedVolume>);
 
 /// Loads every volume directory, cleaning leftovers of interrupted operations.
-fn scan_volumes(volumes_dir: &Path) -> Result<Scanned, CatalogError> {
+fn scan_volumes(volumes_dir: &Path, io: Option<&CatalogIo>) -> Result<Scanned, CatalogError> {
     let mut volumes = BTreeMap::new();
     let mut quarantined = BTreeMap::new();
     let entries = fs::read_dir(volumes_dir).map_err(io_error("read", volumes_dir))?;
@@ -1015,8 +1231,8 @@ fn scan_volumes(volumes_dir: &Path) -> Result<Scanned, CatalogError> {
             warn!(path = %path.display(), "ignoring unexpected entry in volumes directory");
             continue;
         }
-        match load_volume(&path, &name) {
-            Ok((record, store)) => {
+        match load_volume(&path, &name, io) {
+            Ok((record, store, io)) => {
                 let epoch = Arc::new(AtomicU64::new(record.epoch));
                 volumes.insert(
                     name,
@@ -1024,6 +1240,7 @@ fn scan_volumes(volumes_dir: &Path) -> Result<Scanned, CatalogError> {
                         record,
                         epoch,
                         store: Arc::new(store),
+                        io,
                     },
                 );
             }
@@ -1064,9 +1281,13 @@ fn quarantined_size(dir: &Path) -> u64 {
     }
 }
 
-/// Loads one volume directory and opens its store; the error is a human-readable
-/// reason.
-fn load_volume(dir: &Path, name: &str) -> Result<(VolumeRecord, LayeredStore), String> {
+/// Loads one volume directory, registers it with the scheduler (if any) and opens its
+/// store; the error is a human-readable reason.
+fn load_volume(
+    dir: &Path,
+    name: &str,
+    io: Option<&CatalogIo>,
+) -> Result<(VolumeRecord, LayeredStore, Option<VolumeIo>), String> {
     let mut tmp = dir.join(RECORD_FILE).into_os_string();
     tmp.push(record::TEMP_SUFFIX);
     let tmp = PathBuf::from(tmp);
@@ -1085,8 +1306,27 @@ fn load_volume(dir: &Path, name: &str) -> Result<(VolumeRecord, LayeredStore), S
             record.volume_id
         ));
     }
-    let store = LayeredStore::open(&dir.join(STORE_DIR))
-        .map_err(|e| format!("block store cannot be opened: {}", error_chain(&e)))?;
+    let volume_io = match io {
+        Some(io) => {
+            let (qos, qos_error) = match qos_from_parameters(&record.parameters) {
+                Ok(qos) => (qos, None),
+                Err(e) => {
+                    let reason = e.to_string();
+                    error!(volume_id = name, %reason,
+                        "volume record has invalid QoS parameters; serving the volume without limits until an update fixes them");
+                    (Qos::unlimited(), Some(reason))
+                }
+            };
+            Some(VolumeIo::register(io, name, qos, qos_error).map_err(|e| error_chain(&e))?)
+        }
+        None => None,
+    };
+    let store_dir = dir.join(STORE_DIR);
+    let store = match &volume_io {
+        Some(vio) => vio.open_store(&store_dir),
+        None => LayeredStore::open(&store_dir),
+    }
+    .map_err(|e| format!("block store cannot be opened: {}", error_chain(&e)))?;
     if store.size() != record.size_bytes {
         return Err(format!(
             "block store holds {} bytes but the record says {}",
@@ -1094,7 +1334,7 @@ fn load_volume(dir: &Path, name: &str) -> Result<(VolumeRecord, LayeredStore), S
             record.size_bytes
         ));
     }
-    Ok((record, store))
+    Ok((record, store, volume_io))
 }
 
 #[cfg(test)]

@@ -143,6 +143,7 @@ impl From<CatalogError> for Status {
         let code = match &e {
             CatalogError::InvalidVolumeId { .. }
             | CatalogError::InvalidSize { .. }
+            | CatalogError::InvalidQos { .. }
             | CatalogError::EpochNotIncreasing { .. } => Code::InvalidArgument,
             CatalogError::Conflict { .. } => Code::AlreadyExists,
             CatalogError::NoCapacity { .. } | CatalogError::DiskFull { .. } => {
@@ -154,7 +155,9 @@ impl From<CatalogError> for Status {
             }
             CatalogError::Quarantined { .. } => Code::FailedPrecondition,
             CatalogError::Locked { .. } => Code::Unavailable,
-            CatalogError::Io { .. } | CatalogError::Store { .. } => Code::Internal,
+            CatalogError::Io { .. }
+            | CatalogError::Store { .. }
+            | CatalogError::Scheduler { .. } => Code::Internal,
         };
         let msg = chain(&e);
         match code {
@@ -331,8 +334,122 @@ impl Probe for ControlService {
                  # TYPE {name} gauge\n{name} {bytes}"
             );
         }
+        render_volume_io(&self.catalog, &mut out);
         self.metrics.render(&mut out);
         out
+    }
+}
+
+/// Per-volume QoS and I/O scheduler counters (only when the catalog schedules I/O).
+/// Why these: queued and in-flight show load, throttled time shows a volume's own
+/// limits at work, deadline misses show the device (or its neighbours) failing it, and
+/// the QoS gauges show what the scheduler enforces right now (0 = unlimited), which is
+/// how a ControllerModifyVolume can be seen to have reached this replica.
+fn render_volume_io(catalog: &Catalog, out: &mut String) {
+    let Some(io) = catalog.io() else {
+        return;
+    };
+    let scheduler = &io.scheduler;
+    let _ = writeln!(
+        out,
+        "# HELP tessera_replica_io_in_flight Requests in the I/O engine across all volumes.\n\
+         # TYPE tessera_replica_io_in_flight gauge\n\
+         tessera_replica_io_in_flight{{engine=\"{}\"}} {}",
+        scheduler.engine_name(),
+        scheduler.in_flight()
+    );
+    let reports = catalog.io_reports();
+    type Getter = fn(&crate::catalog::VolumeIoReport) -> String;
+    let series: [(&str, &str, &str, Getter); 13] = [
+        (
+            "tessera_replica_volume_io_queued",
+            "gauge",
+            "Requests waiting in the volume's scheduler queues.",
+            |r| r.stats.queued.to_string(),
+        ),
+        (
+            "tessera_replica_volume_io_in_flight",
+            "gauge",
+            "Requests of the volume in the I/O engine.",
+            |r| r.stats.in_flight.to_string(),
+        ),
+        (
+            "tessera_replica_volume_io_throttled_seconds_total",
+            "counter",
+            "Time the volume had queued requests its token buckets did not admit.",
+            |r| format!("{:.6}", r.stats.throttled.as_secs_f64()),
+        ),
+        (
+            "tessera_replica_volume_io_deadline_misses_total",
+            "counter",
+            "Requests of the volume that completed after their class deadline.",
+            |r| r.stats.deadline_misses.to_string(),
+        ),
+        (
+            "tessera_replica_volume_io_completed_total",
+            "counter",
+            "Requests of the volume completed successfully.",
+            |r| r.stats.completed_ops.to_string(),
+        ),
+        (
+            "tessera_replica_volume_io_completed_bytes_total",
+            "counter",
+            "Bytes read or written by the volume's completed requests.",
+            |r| r.stats.completed_bytes.to_string(),
+        ),
+        (
+            "tessera_replica_volume_io_failed_total",
+            "counter",
+            "Requests of the volume that failed.",
+            |r| r.stats.failed_ops.to_string(),
+        ),
+        (
+            "tessera_replica_volume_io_cancelled_total",
+            "counter",
+            "Queued requests of the volume dropped before dispatch.",
+            |r| r.stats.cancelled_ops.to_string(),
+        ),
+        (
+            "tessera_replica_volume_qos_max_iops",
+            "gauge",
+            "IOPS limit in force (0 = unlimited).",
+            |r| r.qos.max_iops.unwrap_or(0).to_string(),
+        ),
+        (
+            "tessera_replica_volume_qos_min_iops",
+            "gauge",
+            "IOPS reservation in force (0 = none).",
+            |r| r.qos.min_iops.unwrap_or(0).to_string(),
+        ),
+        (
+            "tessera_replica_volume_qos_max_bandwidth_bytes",
+            "gauge",
+            "Bandwidth limit in force in bytes per second (0 = unlimited).",
+            |r| r.qos.max_bandwidth.unwrap_or(0).to_string(),
+        ),
+        (
+            "tessera_replica_volume_qos_burst_seconds",
+            "gauge",
+            "Burst allowance in force.",
+            |r| format!("{:.3}", r.qos.burst_duration.as_secs_f64()),
+        ),
+        (
+            "tessera_replica_volume_qos_invalid",
+            "gauge",
+            "1 when the record's QoS parameters are invalid and the volume runs unlimited.",
+            |r| u8::from(r.qos_error.is_some()).to_string(),
+        ),
+    ];
+    for (name, kind, help, get) in series {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for r in &reports {
+            let _ = writeln!(
+                out,
+                "{name}{{volume_id=\"{}\"}} {}",
+                escape_label(&r.volume_id),
+                get(r)
+            );
+        }
     }
 }
 

@@ -8,6 +8,12 @@
 //! `{"control":"host:port","data":"host:port","metrics":"host:port"|null}` with
 //! dialable (advertised) addresses.
 //!
+//! Disk I/O: one I/O scheduler serves the data directory (one backing device), on
+//! io_uring by default (`--io-engine sync` selects the thread-pool reference engine).
+//! Every volume registers with it at load or create, with the QoS of its record, and
+//! its data files are opened `O_DIRECT` (see `tessera_replica::store` for the meta
+//! files and the blocking-thread design).
+//!
 //! Shutdown (SIGTERM/SIGINT, or the control server failing): every listener stops
 //! accepting, the data plane answers the requests it has already read, then every
 //! open block store is flushed, so writes acknowledged before the signal survive even
@@ -23,11 +29,14 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::Parser;
 use tessera_replica::capacity::parse_size;
-use tessera_replica::catalog::{Catalog, CatalogConfig};
+use tessera_replica::catalog::{Catalog, CatalogConfig, CatalogIo};
 use tessera_replica::control_proto::replica_control_server::ReplicaControlServer;
 use tessera_replica::control_service::{ControlService, NodeInfo};
 use tessera_replica::dataplane;
 use tessera_replica::health;
+use tessera_replica::scheduler::{
+    DeadlineBudgets, EngineKind, Scheduler, SchedulerConfig, DEFAULT_QUEUE_DEPTH,
+};
 use tessera_replica::volume_registry::CatalogRegistry;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -85,6 +94,84 @@ struct Args {
     /// JSON: {"control":..,"data":..,"metrics":..|null}. Removed at clean shutdown.
     #[arg(long)]
     ready_file: Option<PathBuf>,
+
+    /// Engine executing disk I/O: `uring` (io_uring, one ring thread) or `sync`
+    /// (blocking system calls on a thread pool; the reference, and a fallback where
+    /// io_uring is unavailable).
+    #[arg(long, value_enum, default_value_t = IoEngineArg::Uring)]
+    io_engine: IoEngineArg,
+
+    /// Most disk requests in flight at once across all volumes (1..=4096); deep enough
+    /// to keep the device busy, shallow enough that deadlines, not the device queue,
+    /// order requests.
+    #[arg(long, default_value_t = DEFAULT_QUEUE_DEPTH, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    queue_depth: u32,
+
+    /// Worker threads of `--io-engine sync` (each runs one request at a time).
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    sync_io_threads: u16,
+
+    /// Deadline budget of foreground reads, in milliseconds after arrival.
+    #[arg(long, default_value_t = default_budgets().foreground_read.as_millis() as u64)]
+    deadline_read_ms: u64,
+
+    /// Deadline budget of foreground writes, flushes and trims, in milliseconds.
+    #[arg(long, default_value_t = default_budgets().foreground_write.as_millis() as u64)]
+    deadline_write_ms: u64,
+
+    /// Deadline budget of background I/O (resync, rebuild, scrub), in milliseconds.
+    #[arg(long, default_value_t = default_budgets().background.as_millis() as u64)]
+    deadline_background_ms: u64,
+
+    /// Open data files with buffered I/O instead of O_DIRECT (for filesystems without
+    /// O_DIRECT, and for comparisons; the page cache then holds volume data).
+    #[arg(long, hide = true)]
+    buffered_io: bool,
+}
+
+/// `--io-engine` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum IoEngineArg {
+    /// io_uring.
+    Uring,
+    /// Blocking system calls on worker threads.
+    Sync,
+}
+
+fn default_budgets() -> DeadlineBudgets {
+    DeadlineBudgets::default()
+}
+
+/// The scheduler configuration the flags ask for.
+fn scheduler_config(args: &Args) -> Result<SchedulerConfig> {
+    let budgets = DeadlineBudgets {
+        foreground_read: Duration::from_millis(args.deadline_read_ms),
+        foreground_write: Duration::from_millis(args.deadline_write_ms),
+        background: Duration::from_millis(args.deadline_background_ms),
+    };
+    if budgets.foreground_read > budgets.foreground_write
+        || budgets.foreground_write > budgets.background
+    {
+        anyhow::bail!(
+            "deadline budgets must satisfy --deadline-read-ms <= --deadline-write-ms <= --deadline-background-ms"
+        );
+    }
+    let name = args
+        .data_dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "data".into());
+    Ok(SchedulerConfig {
+        name,
+        engine: match args.io_engine {
+            IoEngineArg::Uring => EngineKind::IoUring,
+            IoEngineArg::Sync => EngineKind::Sync {
+                threads: usize::from(args.sync_io_threads),
+            },
+        },
+        queue_depth: args.queue_depth,
+        deadlines: budgets,
+    })
 }
 
 fn parse_capacity(s: &str) -> Result<u64, String> {
@@ -134,11 +221,26 @@ async fn run(args: Args) -> Result<()> {
             .into_owned(),
     };
 
+    let sched_config = scheduler_config(&args)?;
+    let scheduler = Scheduler::new(sched_config.clone())
+        .with_context(|| format!("starting the {:?} I/O engine", args.io_engine))?;
+    info!(
+        engine = scheduler.engine_name(),
+        queue_depth = sched_config.queue_depth,
+        deadlines = ?sched_config.deadlines,
+        direct = !args.buffered_io,
+        "I/O scheduler started"
+    );
+    let io = CatalogIo {
+        scheduler: Arc::new(scheduler),
+        direct: !args.buffered_io,
+    };
     let config = CatalogConfig {
         data_dir: args.data_dir.clone(),
         capacity_bytes: args.capacity,
     };
-    let catalog = tokio::task::spawn_blocking(move || Catalog::open(config))
+    // Blocking pool: opening the stores does scheduled I/O, which parks its thread.
+    let catalog = tokio::task::spawn_blocking(move || Catalog::open_with_io(config, Some(io)))
         .await
         .context("catalog loader panicked")??;
     let catalog = Arc::new(catalog);

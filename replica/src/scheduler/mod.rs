@@ -33,14 +33,20 @@
 //! submitted, which is what the engine's write/flush protocol relies on. Picking costs
 //! O(volumes) per dispatch (see the `edf` module).
 //!
+//! *Blocking callers.* Code that runs on a blocking thread (the block store) uses
+//! [`VolumeHandle::submit_blocking`]: the request is queued the same way and the thread
+//! parks until the completion callback resolves it. Never call it on a tokio worker
+//! thread: a throttled request is released by the timer task, which then may not run.
+//!
 //! Layout: [`aligned_buf`] (O_DIRECT buffers), [`clock`], [`token_bucket`], `edf`
 //! (pure policy), [`engine`] (the engine trait), [`uring`] and [`sync_engine`] (the two
-//! engines), [`stats`].
+//! engines), [`stats`], [`params`] (QoS from volume-record parameters).
 
 pub mod aligned_buf;
 pub mod clock;
 mod edf;
 pub mod engine;
+pub mod params;
 pub mod stats;
 pub mod sync_engine;
 pub mod token_bucket;
@@ -770,6 +776,19 @@ impl VolumeHandle {
         }
     }
 
+    /// Queues `request` and waits for its outcome on the calling thread, for code that
+    /// runs on blocking threads (the block store behind `spawn_blocking`). The thread
+    /// parks until the completion callback resolves the request, so it costs one
+    /// wake-up, no polling. Must not run on a tokio worker thread (see the module doc).
+    pub fn submit_blocking(
+        &self,
+        class: IoClass,
+        request: IoRequest,
+    ) -> Result<IoCompletion, SchedulerError> {
+        let rx = self.enqueue(class, request)?;
+        wait_on_thread(rx).unwrap_or(Err(SchedulerError::ShutDown))
+    }
+
     fn enqueue(
         &self,
         class: IoClass,
@@ -839,6 +858,42 @@ impl VolumeHandle {
                 .snapshot(st.edf.queued(slot), st.edf.throttled(slot, now))
         })
     }
+}
+
+/// Wakes a parked thread; the waker of [`wait_on_thread`].
+struct ThreadWaker(std::thread::Thread);
+
+impl std::task::Wake for ThreadWaker {
+    fn wake(self: Arc<Self>) {
+        self.0.unpark();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.0.unpark();
+    }
+}
+
+thread_local! {
+    /// One waker per thread, so a blocking wait allocates nothing.
+    static THREAD_WAKER: std::task::Waker =
+        std::task::Waker::from(Arc::new(ThreadWaker(std::thread::current())));
+}
+
+/// Drives `fut` to completion on the calling thread, parking between polls. Unlike
+/// tokio's `blocking_recv`, it never panics inside a runtime context; the caller is
+/// responsible for not calling it on a worker thread.
+fn wait_on_thread<F: Future>(fut: F) -> F::Output {
+    let mut fut = std::pin::pin!(fut);
+    THREAD_WAKER.with(|waker| {
+        let mut cx = std::task::Context::from_waker(waker);
+        loop {
+            if let std::task::Poll::Ready(v) = fut.as_mut().poll(&mut cx) {
+                return v;
+            }
+            // Spurious unparks just poll again.
+            std::thread::park();
+        }
+    })
 }
 
 /// A file of one volume with `std`-like async methods, for the block store: it maps

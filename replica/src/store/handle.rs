@@ -8,8 +8,9 @@ use crate::block_io::{BlockIoError, VolumeBlocks};
 
 /// A shareable handle that serves a [`LayeredStore`] to the data-plane server.
 ///
-/// The store's file I/O blocks, so every call runs on tokio's blocking pool instead of
-/// stalling the runtime's worker threads (the io_uring scheduler will replace this hop).
+/// The store's file I/O blocks (with the scheduler, the thread parks until its request
+/// completes), so every call runs on tokio's blocking pool instead of stalling the
+/// runtime's worker threads, and always at foreground priority.
 #[derive(Debug, Clone)]
 pub struct StoreHandle {
     store: Arc<LayeredStore>,

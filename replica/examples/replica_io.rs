@@ -1,0 +1,890 @@
+//! The replica I/O benchmark of issue 4 ("How it must be shown" (a), (b), (c)), in one
+//! run, printed as a markdown table with the commands behind every figure.
+//!
+//! * (a) 4 KiB random write and read at QD32 through one real `tessera-replica` daemon
+//!   (its data plane, driven by [`ReplicaDataClient`] with 32 requests in flight; fio
+//!   cannot speak the protocol) against fio with io_uring on a raw file in the same
+//!   directory (same filesystem).
+//! * (b) fairness: two volumes on that daemon, one created with `maxIOPS=1000`, the
+//!   other unlimited, both driven with 4 KiB random writes at QD32 at the same time.
+//! * (c) a background-class stream next to a foreground QD1 4 KiB random-write workload:
+//!   foreground latency alone and with the stream. Run in-process (this binary links
+//!   the replica library: one [`Scheduler`], two [`LayeredStore`]s over
+//!   [`ScheduledFileFactory`], exactly the daemon's I/O stack minus the network),
+//!   because the data plane has no way to ask for background I/O: the stream is 1 MiB
+//!   sequential writes to a second volume (a rebuild's pattern) at
+//!   `IoPriority::Background`, and once more at foreground priority for contrast.
+//! * (d) the cost of the store's blocking design: 4 KiB random writes at QD32 through the
+//!   scheduler submitted from async tasks, submitted from 32 blocking threads, and
+//!   through the whole store from 32 blocking threads.
+//!
+//! Run it through `bench/replica-io` (builds in release mode first). Arguments:
+//! `--dir DIR` (default /var/tmp; needs ~3 GiB), `--secs N` (default 20 per run),
+//! `--replica-bin PATH` (default: `tessera-replica` next to this example's directory),
+//! `--fio PATH` (default `fio`), `--io-engine uring|sync`.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use bytes::Bytes;
+use tessera_replica::control_proto::replica_control_client::ReplicaControlClient;
+use tessera_replica::control_proto::CreateVolumeRequest;
+use tessera_replica::dataplane::ReplicaDataClient;
+use tessera_replica::scheduler::{
+    AlignedBuf, EngineKind, IoClass, IoRequest, Qos, Scheduler, SchedulerConfig, VolumeHandle,
+};
+use tessera_replica::store::{
+    with_io_priority, BlockFileFactory, IoPriority, LayeredStore, ScheduledFileFactory,
+};
+
+const BLOCK: u64 = 4096;
+const QD: usize = 32;
+const VOLUME_BYTES: u64 = 1 << 30;
+const STREAM_CHUNK: usize = 1 << 20;
+const STREAM_THREADS: usize = 8;
+
+/// xorshift64*: enough randomness for offsets, no dependency.
+#[derive(Clone)]
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Self {
+        Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) % n
+    }
+}
+
+/// Operations and per-operation latencies (µs) of one measured run.
+#[derive(Debug, Default)]
+struct Load {
+    ops: u64,
+    secs: f64,
+    lat_us: Vec<u32>,
+}
+
+impl Load {
+    fn merge(&mut self, other: Load) {
+        self.ops += other.ops;
+        self.lat_us.extend(other.lat_us);
+    }
+
+    fn iops(&self) -> f64 {
+        self.ops as f64 / self.secs.max(1e-9)
+    }
+
+    fn pct(&mut self, p: f64) -> f64 {
+        if self.lat_us.is_empty() {
+            return f64::NAN;
+        }
+        self.lat_us.sort_unstable();
+        let i = ((self.lat_us.len() - 1) as f64 * p / 100.0).round() as usize;
+        f64::from(self.lat_us[i.min(self.lat_us.len() - 1)])
+    }
+}
+
+fn micros(d: Duration) -> u32 {
+    u32::try_from(d.as_micros()).unwrap_or(u32::MAX)
+}
+
+struct Args {
+    dir: PathBuf,
+    secs: u64,
+    replica_bin: PathBuf,
+    fio: String,
+    io_engine: String,
+}
+
+fn parse_args() -> Result<Args> {
+    let exe = std::env::current_exe().context("locating this binary")?;
+    // target/<profile>/examples/replica_io -> target/<profile>/tessera-replica
+    let default_bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|p| p.join("tessera-replica"))
+        .ok_or_else(|| anyhow!("cannot derive the replica binary's path from {exe:?}"))?;
+    let mut args = Args {
+        dir: PathBuf::from("/var/tmp"),
+        secs: 20,
+        replica_bin: default_bin,
+        fio: "fio".into(),
+        io_engine: "uring".into(),
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().ok_or_else(|| anyhow!("{flag} needs a value"));
+        match flag.as_str() {
+            "--dir" => args.dir = PathBuf::from(value()?),
+            "--secs" => args.secs = value()?.parse().context("--secs")?,
+            "--replica-bin" => args.replica_bin = PathBuf::from(value()?),
+            "--fio" => args.fio = value()?,
+            "--io-engine" => args.io_engine = value()?,
+            other => bail!("unknown argument {other}"),
+        }
+    }
+    Ok(args)
+}
+
+/// One row of the output table.
+struct Row {
+    part: &'static str,
+    what: String,
+    iops: String,
+    p50: String,
+    p99: String,
+    note: String,
+}
+
+fn row(
+    part: &'static str,
+    what: impl Into<String>,
+    load: &mut Load,
+    note: impl Into<String>,
+) -> Row {
+    Row {
+        part,
+        what: what.into(),
+        iops: format!("{:.0}", load.iops()),
+        p50: format!("{:.0}", load.pct(50.0)),
+        p99: format!("{:.0}", load.pct(99.0)),
+        note: note.into(),
+    }
+}
+
+fn main() -> Result<()> {
+    let args = parse_args()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let work = tempfile::Builder::new()
+        .prefix("tessera-replica-io-")
+        .tempdir_in(&args.dir)
+        .with_context(|| format!("creating a work directory in {}", args.dir.display()))?;
+    let dur = Duration::from_secs(args.secs);
+    let mut rows = Vec::new();
+    let mut commands = Vec::new();
+
+    // (a) baseline: fio on a raw file of the same filesystem.
+    let raw = work.path().join("raw.dat");
+    let mut fio_raw = HashMap::new();
+    for rw in ["randwrite", "randread"] {
+        let cmd = fio_command(&args.fio, &raw, rw, args.secs);
+        commands.push(cmd.join(" "));
+        eprintln!("running {}", cmd.join(" "));
+        let (iops, p50, p99) = run_fio(&cmd).with_context(|| format!("fio {rw}"))?;
+        fio_raw.insert(rw, iops);
+        rows.push(Row {
+            part: "a",
+            what: format!("fio raw file, io_uring direct, 4k {rw} QD32"),
+            iops: format!("{iops:.0}"),
+            p50: format!("{p50:.0}"),
+            p99: format!("{p99:.0}"),
+            note: "baseline".into(),
+        });
+    }
+    std::fs::remove_file(&raw).context("removing the fio file")?;
+
+    // (a) and (b) through a real daemon.
+    let daemon = Daemon::start(&args, work.path())?;
+    commands.push(daemon.command.clone());
+    let (a_rows, b_rows, metrics) = rt.block_on(async {
+        let a = daemon_part_a(&daemon, dur, &fio_raw).await?;
+        let b = daemon_part_b(&daemon, dur).await?;
+        let metrics = scrape(&daemon.metrics).await.unwrap_or_default();
+        anyhow::Ok((a, b, metrics))
+    })?;
+    rows.extend(a_rows);
+    rows.extend(b_rows);
+    daemon.stop();
+
+    // (c) and (d) in-process.
+    let inproc = work.path().join("inproc");
+    std::fs::create_dir_all(&inproc)?;
+    rows.extend(rt.block_on(part_c(&inproc, dur.min(Duration::from_secs(8)), &args))?);
+    rows.extend(rt.block_on(part_d(&inproc, Duration::from_secs(5), &args))?);
+
+    println!(
+        "\n## Replica I/O benchmark ({} s per run, io engine {})\n",
+        args.secs, args.io_engine
+    );
+    println!("| part | workload | IOPS | p50 µs | p99 µs | notes |");
+    println!("|---|---|---:|---:|---:|---|");
+    for r in &rows {
+        println!(
+            "| {} | {} | {} | {} | {} | {} |",
+            r.part, r.what, r.iops, r.p50, r.p99, r.note
+        );
+    }
+    println!("\nCommands:\n");
+    for c in &commands {
+        println!("* `{c}`");
+    }
+    println!(
+        "* (a)/(b) load: `replica_io` with `ReplicaDataClient`, {QD} requests in flight per volume, 4 KiB, volumes of 1 GiB (read test after a sequential 1 MiB fill)"
+    );
+    println!("* (c)/(d): in-process `Scheduler` ({} engine, depth 128) and `LayeredStore` over `ScheduledFileFactory` (O_DIRECT), stream = {STREAM_THREADS} threads x 1 MiB sequential writes", args.io_engine);
+    println!("\nScheduler counters of the daemon at the end of (b):\n");
+    println!("```");
+    for line in metrics.lines().filter(|l| {
+        l.starts_with("tessera_replica_volume_io_")
+            || l.starts_with("tessera_replica_volume_qos_max_iops")
+    }) {
+        println!("{line}");
+    }
+    println!("```");
+    Ok(())
+}
+
+fn fio_command(fio: &str, file: &Path, rw: &str, secs: u64) -> Vec<String> {
+    [
+        fio,
+        "--name=raw",
+        &format!("--filename={}", file.display()),
+        "--ioengine=io_uring",
+        "--direct=1",
+        &format!("--rw={rw}"),
+        "--bs=4k",
+        "--iodepth=32",
+        "--size=1G",
+        &format!("--runtime={secs}"),
+        "--time_based",
+        "--output-format=json",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// Runs fio and returns (IOPS, p50 µs, p99 µs) of its only job.
+fn run_fio(cmd: &[String]) -> Result<(f64, f64, f64)> {
+    let out = Command::new(&cmd[0])
+        .args(&cmd[1..])
+        .output()
+        .with_context(|| format!("running {}", cmd[0]))?;
+    if !out.status.success() {
+        bail!("fio failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    // fio may print notes before the JSON document.
+    let start = text
+        .find('{')
+        .ok_or_else(|| anyhow!("no JSON in fio output"))?;
+    let v: serde_json::Value = serde_json::from_str(&text[start..]).context("fio JSON")?;
+    let job = &v["jobs"][0];
+    let side = if job["write"]["iops"].as_f64().unwrap_or(0.0) > 0.0 {
+        &job["write"]
+    } else {
+        &job["read"]
+    };
+    let iops = side["iops"]
+        .as_f64()
+        .ok_or_else(|| anyhow!("fio JSON has no iops"))?;
+    let pct = |p: &str| {
+        side["clat_ns"]["percentile"][p]
+            .as_f64()
+            .unwrap_or(f64::NAN)
+            / 1000.0
+    };
+    Ok((iops, pct("50.000000"), pct("99.000000")))
+}
+
+/// The daemon under test, in a process group of its own; stopped with SIGTERM.
+struct Daemon {
+    child: Option<Child>,
+    control: String,
+    data: String,
+    metrics: String,
+    command: String,
+}
+
+impl Daemon {
+    fn start(args: &Args, work: &Path) -> Result<Daemon> {
+        if !args.replica_bin.exists() {
+            bail!(
+                "{} not found: build it with `cargo build --release -p tessera-replica`",
+                args.replica_bin.display()
+            );
+        }
+        let data = work.join("daemon");
+        let ready = work.join("daemon.ready");
+        let log = File::create(work.join("daemon.log"))?;
+        let argv: Vec<String> = vec![
+            "--data-dir".into(),
+            data.display().to_string(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--data-listen".into(),
+            "127.0.0.1:0".into(),
+            "--metrics-listen".into(),
+            "127.0.0.1:0".into(),
+            "--node-id".into(),
+            "bench".into(),
+            "--capacity".into(),
+            "8Gi".into(),
+            "--io-engine".into(),
+            args.io_engine.clone(),
+            "--ready-file".into(),
+            ready.display().to_string(),
+        ];
+        let command = format!("{} {}", args.replica_bin.display(), argv.join(" "));
+        let child = Command::new(&args.replica_bin)
+            .args(&argv)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .process_group(0)
+            .spawn()
+            .context("starting tessera-replica")?;
+        let mut daemon = Daemon {
+            child: Some(child),
+            control: String::new(),
+            data: String::new(),
+            metrics: String::new(),
+            command,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(c) = daemon.child.as_mut() {
+                if let Some(status) = c.try_wait()? {
+                    bail!(
+                        "tessera-replica exited with {status}; see {}",
+                        work.join("daemon.log").display()
+                    );
+                }
+            }
+            if let Ok(text) = std::fs::read_to_string(&ready) {
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
+                    let field = |k: &str| v[k].as_str().map(str::to_string);
+                    if let (Some(c), Some(d), Some(m)) =
+                        (field("control"), field("data"), field("metrics"))
+                    {
+                        daemon.control = c;
+                        daemon.data = d;
+                        daemon.metrics = m;
+                        return Ok(daemon);
+                    }
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("tessera-replica not ready within 30 s");
+            }
+            // Polling a file written once; there is no event to wait on.
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn stop(mut self) {
+        self.terminate();
+    }
+
+    fn terminate(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            if let Ok(pid) = i32::try_from(child.id()) {
+                let _ = nix::sys::signal::killpg(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGTERM,
+                );
+            }
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.terminate();
+    }
+}
+
+async fn create_volume(daemon: &Daemon, id: &str, params: &[(&str, &str)]) -> Result<()> {
+    let mut c = ReplicaControlClient::connect(format!("http://{}", daemon.control)).await?;
+    c.create_volume(CreateVolumeRequest {
+        volume_id: id.into(),
+        name: id.into(),
+        size_bytes: VOLUME_BYTES,
+        replication_factor: 1,
+        parameters: params
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        access_type: "block".into(),
+        ..Default::default()
+    })
+    .await
+    .with_context(|| format!("creating volume {id}"))?;
+    Ok(())
+}
+
+async fn connect(daemon: &Daemon, id: &str) -> Result<ReplicaDataClient> {
+    ReplicaDataClient::connect(&daemon.data, id, 0)
+        .await
+        .map_err(|e| anyhow!("data-plane connect to {id}: {e:?}"))
+}
+
+/// 4 KiB random writes (`write`) or reads at `qd` requests in flight for `dur`.
+async fn drive(
+    client: &ReplicaDataClient,
+    write: bool,
+    qd: usize,
+    dur: Duration,
+    seed: u64,
+) -> Result<Load> {
+    let seq = Arc::new(AtomicU64::new(1 << 20));
+    let payload = Bytes::from(vec![0x5au8; BLOCK as usize]);
+    let blocks = VOLUME_BYTES / BLOCK;
+    let start = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for t in 0..qd {
+        let client = client.clone();
+        let seq = Arc::clone(&seq);
+        let payload = payload.clone();
+        tasks.spawn(async move {
+            let mut rng = Rng::new(seed ^ (t as u64 + 1));
+            let mut load = Load::default();
+            while start.elapsed() < dur {
+                let off = rng.below(blocks) * BLOCK;
+                let t0 = Instant::now();
+                if write {
+                    let s = seq.fetch_add(1, Ordering::Relaxed);
+                    client.write(off, payload.clone(), s).await?;
+                } else {
+                    client.read(off, BLOCK as u32).await?;
+                }
+                load.lat_us.push(micros(t0.elapsed()));
+                load.ops += 1;
+            }
+            anyhow::Ok(load)
+        });
+    }
+    let mut total = Load::default();
+    while let Some(r) = tasks.join_next().await {
+        total.merge(
+            r.map_err(|e| anyhow!("load task: {e}"))?
+                .map_err(|e| anyhow!("I/O: {e:?}"))?,
+        );
+    }
+    total.secs = start.elapsed().as_secs_f64();
+    Ok(total)
+}
+
+/// Writes the whole volume once with 1 MiB writes, so random reads find data.
+async fn fill(client: &ReplicaDataClient) -> Result<()> {
+    let chunk = Bytes::from(vec![0xa5u8; 1 << 20]);
+    let next = Arc::new(AtomicU64::new(0));
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..4 {
+        let (client, chunk, next) = (client.clone(), chunk.clone(), Arc::clone(&next));
+        tasks.spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= VOLUME_BYTES >> 20 {
+                    return anyhow::Ok(());
+                }
+                client
+                    .write(i << 20, chunk.clone(), 1)
+                    .await
+                    .map_err(|e| anyhow!("{e:?}"))?;
+            }
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r??;
+    }
+    client.flush().await.map_err(|e| anyhow!("{e:?}"))?;
+    Ok(())
+}
+
+async fn daemon_part_a(
+    daemon: &Daemon,
+    dur: Duration,
+    raw: &HashMap<&str, f64>,
+) -> Result<Vec<Row>> {
+    create_volume(daemon, "bench-a", &[]).await?;
+    let client = connect(daemon, "bench-a").await?;
+    eprintln!("(a) filling the volume");
+    fill(&client).await?;
+    let mut rows = Vec::new();
+    // Reads of never-written blocks touch no disk (the store answers zeros from its
+    // index): the ceiling of the protocol, TCP and blocking-pool path on this machine.
+    create_volume(daemon, "bench-null", &[]).await?;
+    let null = connect(daemon, "bench-null").await?;
+    eprintln!("(a) daemon 4k read of never-written blocks QD{QD}");
+    let mut load = drive(&null, false, QD, dur.min(Duration::from_secs(10)), 5).await?;
+    rows.push(row(
+        "a",
+        format!("tessera-replica data plane, 4k randread of unwritten blocks QD{QD}"),
+        &mut load,
+        "no disk I/O: protocol + TCP + task/blocking-pool ceiling",
+    ));
+    for (write, rw, goal) in [(true, "randwrite", 60.0), (false, "randread", 85.0)] {
+        eprintln!("(a) daemon 4k {rw} QD{QD}");
+        let mut load = drive(&client, write, QD, dur, 7).await?;
+        let ratio = 100.0 * load.iops() / raw.get(rw).copied().unwrap_or(f64::NAN);
+        rows.push(row(
+            "a",
+            format!("tessera-replica data plane, 4k {rw} QD{QD}"),
+            &mut load,
+            format!("{ratio:.0} % of raw (goal ≥ {goal:.0} %)"),
+        ));
+    }
+    Ok(rows)
+}
+
+async fn daemon_part_b(daemon: &Daemon, dur: Duration) -> Result<Vec<Row>> {
+    create_volume(daemon, "fair-capped", &[("maxIOPS", "1000")]).await?;
+    create_volume(daemon, "fair-free", &[]).await?;
+    let capped = connect(daemon, "fair-capped").await?;
+    let free = connect(daemon, "fair-free").await?;
+    // Filled first, as in (a): random O_DIRECT writes into holes allocate blocks, which
+    // ext4 serialises per file, and that would measure the filesystem, not the
+    // scheduler. (The capped volume's fill is throttled too: a 1 MiB write is one
+    // operation, so 1024 of them take about a second.)
+    eprintln!("(b) filling both volumes");
+    fill(&capped).await?;
+    fill(&free).await?;
+    eprintln!("(b) two volumes, QD{QD} each");
+    let (c, f) = tokio::join!(
+        drive(&capped, true, QD, dur, 11),
+        drive(&free, true, QD, dur, 13)
+    );
+    let (mut c, mut f) = (c?, f?);
+    let dev = 100.0 * (c.iops() - 1000.0) / 1000.0;
+    Ok(vec![
+        row(
+            "b",
+            format!("volume maxIOPS=1000, 4k randwrite QD{QD}"),
+            &mut c,
+            format!("{dev:+.1} % from 1000 (goal ±10 %)"),
+        ),
+        row(
+            "b",
+            format!("volume unlimited, same time, 4k randwrite QD{QD}"),
+            &mut f,
+            "gets the rest",
+        ),
+    ])
+}
+
+async fn scrape(addr: &str) -> Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: bench\r\n\r\n")
+        .await?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).await?;
+    Ok(out)
+}
+
+fn engine_kind(name: &str) -> Result<EngineKind> {
+    match name {
+        "uring" => Ok(EngineKind::IoUring),
+        "sync" => Ok(EngineKind::Sync { threads: 16 }),
+        other => bail!("unknown io engine {other}"),
+    }
+}
+
+fn open_store(dir: &Path, volume: &VolumeHandle) -> Result<LayeredStore> {
+    let factory: Arc<dyn BlockFileFactory> =
+        Arc::new(ScheduledFileFactory::new(volume.clone(), true));
+    Ok(LayeredStore::create_with(dir, VOLUME_BYTES, factory)?)
+}
+
+/// Writes every block of `store` once (1 MiB writes from 4 threads), so later random
+/// writes overwrite allocated blocks as in a long-lived volume.
+fn fill_store(store: &Arc<LayeredStore>) -> Result<()> {
+    let next = Arc::new(AtomicU64::new(0));
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            let (store, next) = (Arc::clone(store), Arc::clone(&next));
+            std::thread::spawn(move || {
+                let chunk = vec![0xa5u8; STREAM_CHUNK];
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= VOLUME_BYTES / STREAM_CHUNK as u64 {
+                        return anyhow::Ok(());
+                    }
+                    store.write(i * STREAM_CHUNK as u64, &chunk, 1)?;
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().map_err(|_| anyhow!("fill thread panicked"))??;
+    }
+    store.flush()?;
+    Ok(())
+}
+
+/// Foreground QD1 4 KiB random writes on `store` for `dur`, on a plain thread (the
+/// store blocks, as on the daemon's blocking pool).
+fn foreground_qd1(
+    store: Arc<LayeredStore>,
+    dur: Duration,
+) -> std::thread::JoinHandle<Result<Load>> {
+    std::thread::spawn(move || {
+        let data = vec![0x3cu8; BLOCK as usize];
+        let mut rng = Rng::new(99);
+        let mut load = Load::default();
+        let start = Instant::now();
+        let mut seq = 1u64;
+        while start.elapsed() < dur {
+            let off = rng.below(VOLUME_BYTES / BLOCK) * BLOCK;
+            let t0 = Instant::now();
+            store.write(off, &data, seq)?;
+            load.lat_us.push(micros(t0.elapsed()));
+            load.ops += 1;
+            seq += 1;
+        }
+        load.secs = start.elapsed().as_secs_f64();
+        Ok(load)
+    })
+}
+
+/// A stream of 1 MiB sequential writes to `store` from several threads at `priority`
+/// until `stop`; returns the bytes written.
+fn stream(
+    store: Arc<LayeredStore>,
+    priority: IoPriority,
+    stop: Arc<AtomicBool>,
+) -> Vec<std::thread::JoinHandle<Result<u64>>> {
+    let next = Arc::new(AtomicU64::new(0));
+    (0..STREAM_THREADS)
+        .map(|_| {
+            let (store, stop, next) = (Arc::clone(&store), Arc::clone(&stop), Arc::clone(&next));
+            std::thread::spawn(move || {
+                let chunk = vec![0x77u8; STREAM_CHUNK];
+                let mut bytes = 0u64;
+                with_io_priority(priority, || {
+                    while !stop.load(Ordering::Relaxed) {
+                        let i = next.fetch_add(1, Ordering::Relaxed)
+                            % (VOLUME_BYTES / STREAM_CHUNK as u64);
+                        store.write(i * STREAM_CHUNK as u64, &chunk, 1)?;
+                        bytes += STREAM_CHUNK as u64;
+                    }
+                    anyhow::Ok(bytes)
+                })
+            })
+        })
+        .collect()
+}
+
+async fn part_c(dir: &Path, dur: Duration, args: &Args) -> Result<Vec<Row>> {
+    let mut rows = Vec::new();
+    for depth in [128u32, 4] {
+        rows.extend(part_c_at_depth(&dir.join(format!("qd{depth}")), dur, args, depth).await?);
+    }
+    Ok(rows)
+}
+
+async fn part_c_at_depth(dir: &Path, dur: Duration, args: &Args, depth: u32) -> Result<Vec<Row>> {
+    let sched = Scheduler::new(SchedulerConfig {
+        name: "bench".into(),
+        engine: engine_kind(&args.io_engine)?,
+        queue_depth: depth,
+        ..SchedulerConfig::default()
+    })?;
+    let fg_vol = sched.register_volume("fg", Qos::unlimited())?;
+    let bg_vol = sched.register_volume("bg", Qos::unlimited())?;
+    std::fs::create_dir_all(dir)?;
+    let fg = Arc::new(open_store(&dir.join("fg"), &fg_vol)?);
+    let bg = Arc::new(open_store(&dir.join("bg"), &bg_vol)?);
+    {
+        let (fg, bg) = (Arc::clone(&fg), Arc::clone(&bg));
+        tokio::task::spawn_blocking(move || fill_store(&fg).and_then(|()| fill_store(&bg)))
+            .await??;
+    }
+    let mut rows = Vec::new();
+    for (label, priority) in [
+        (None, IoPriority::Background),
+        (Some("background-class"), IoPriority::Background),
+        (Some("foreground-class (contrast)"), IoPriority::Foreground),
+    ] {
+        eprintln!("(c) foreground QD1, stream: {label:?}");
+        let stop = Arc::new(AtomicBool::new(false));
+        let streams = match label {
+            Some(_) => stream(Arc::clone(&bg), priority, Arc::clone(&stop)),
+            None => Vec::new(),
+        };
+        let fg_run = foreground_qd1(Arc::clone(&fg), dur);
+        let mut load = tokio::task::spawn_blocking(move || fg_run.join())
+            .await?
+            .map_err(|_| anyhow!("foreground thread panicked"))??;
+        stop.store(true, Ordering::Relaxed);
+        let mut bytes = 0u64;
+        for s in streams {
+            bytes += s.join().map_err(|_| anyhow!("stream thread panicked"))??;
+        }
+        let note = match label {
+            None => "no stream".to_string(),
+            Some(l) => format!("{l} stream {:.0} MB/s", bytes as f64 / load.secs / 1e6),
+        };
+        rows.push(row(
+            "c",
+            format!(
+                "scheduler depth {depth}: fg 4k randwrite QD1{}",
+                if label.is_some() {
+                    " + 1 MiB seq write stream"
+                } else {
+                    ""
+                }
+            ),
+            &mut load,
+            note,
+        ));
+    }
+    Ok(rows)
+}
+
+async fn part_d(dir: &Path, dur: Duration, args: &Args) -> Result<Vec<Row>> {
+    let sched = Scheduler::new(SchedulerConfig {
+        name: "bench-d".into(),
+        engine: engine_kind(&args.io_engine)?,
+        ..SchedulerConfig::default()
+    })?;
+    let vol = sched.register_volume("d", Qos::unlimited())?;
+    let path = dir.join("d.dat");
+    let file = Arc::new(
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&path)?,
+    );
+    {
+        // Allocate every block (see `fill_store`).
+        use std::os::unix::fs::FileExt;
+        let chunk = AlignedBuf::from_slice(&vec![0xa5u8; STREAM_CHUNK])?;
+        for i in 0..VOLUME_BYTES / STREAM_CHUNK as u64 {
+            file.write_all_at(chunk.as_slice(), i * STREAM_CHUNK as u64)?;
+        }
+        file.sync_all()?;
+    }
+    let blocks = VOLUME_BYTES / BLOCK;
+    let mut rows = Vec::new();
+
+    eprintln!("(d) scheduler, async submit");
+    let start = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for t in 0..QD {
+        let (vol, file) = (vol.clone(), Arc::clone(&file));
+        tasks.spawn(async move {
+            let mut rng = Rng::new(t as u64 + 1);
+            let mut buf = Some(AlignedBuf::from_slice(&[0x5a; BLOCK as usize])?);
+            let mut load = Load::default();
+            while start.elapsed() < dur {
+                let Some(b) = buf.take() else { break };
+                let t0 = Instant::now();
+                let req = IoRequest::Write {
+                    file: Arc::clone(&file),
+                    offset: rng.below(blocks) * BLOCK,
+                    buf: b,
+                };
+                buf = vol.submit(IoClass::ForegroundWrite, req).await?.buf;
+                load.lat_us.push(micros(t0.elapsed()));
+                load.ops += 1;
+            }
+            anyhow::Ok(load)
+        });
+    }
+    let mut load = Load::default();
+    while let Some(r) = tasks.join_next().await {
+        load.merge(r??);
+    }
+    load.secs = start.elapsed().as_secs_f64();
+    rows.push(row(
+        "d",
+        format!("scheduler only, async submit, 4k randwrite QD{QD}"),
+        &mut load,
+        "tokio tasks await the completion",
+    ));
+
+    eprintln!("(d) scheduler, blocking submit");
+    let start = Instant::now();
+    let threads: Vec<_> = (0..QD)
+        .map(|t| {
+            let (vol, file) = (vol.clone(), Arc::clone(&file));
+            std::thread::spawn(move || {
+                let mut rng = Rng::new(t as u64 + 1);
+                let mut buf = Some(AlignedBuf::from_slice(&[0x5a; BLOCK as usize])?);
+                let mut load = Load::default();
+                while start.elapsed() < dur {
+                    let Some(b) = buf.take() else { break };
+                    let t0 = Instant::now();
+                    let req = IoRequest::Write {
+                        file: Arc::clone(&file),
+                        offset: rng.below(blocks) * BLOCK,
+                        buf: b,
+                    };
+                    buf = vol.submit_blocking(IoClass::ForegroundWrite, req)?.buf;
+                    load.lat_us.push(micros(t0.elapsed()));
+                    load.ops += 1;
+                }
+                anyhow::Ok(load)
+            })
+        })
+        .collect();
+    let mut load = Load::default();
+    for t in threads {
+        load.merge(t.join().map_err(|_| anyhow!("thread panicked"))??);
+    }
+    load.secs = start.elapsed().as_secs_f64();
+    rows.push(row(
+        "d",
+        format!("scheduler only, blocking submit, 4k randwrite QD{QD}"),
+        &mut load,
+        "32 threads park on the completion",
+    ));
+
+    eprintln!("(d) store over the scheduler");
+    let store = Arc::new(open_store(&dir.join("d-store"), &vol)?);
+    {
+        let store = Arc::clone(&store);
+        tokio::task::spawn_blocking(move || fill_store(&store)).await??;
+    }
+    let start = Instant::now();
+    let threads: Vec<_> = (0..QD)
+        .map(|t| {
+            let store = Arc::clone(&store);
+            std::thread::spawn(move || {
+                let mut rng = Rng::new(t as u64 + 1);
+                let data = vec![0x5au8; BLOCK as usize];
+                let mut load = Load::default();
+                while start.elapsed() < dur {
+                    let t0 = Instant::now();
+                    store.write(rng.below(blocks) * BLOCK, &data, 1)?;
+                    load.lat_us.push(micros(t0.elapsed()));
+                    load.ops += 1;
+                }
+                anyhow::Ok(load)
+            })
+        })
+        .collect();
+    let mut load = Load::default();
+    for t in threads {
+        load.merge(t.join().map_err(|_| anyhow!("thread panicked"))??);
+    }
+    load.secs = start.elapsed().as_secs_f64();
+    rows.push(row(
+        "d",
+        format!("LayeredStore over the scheduler, 4k randwrite QD{QD}"),
+        &mut load,
+        "crc + data (scheduled) + meta entry (buffered)",
+    ));
+    Ok(rows)
+}
