@@ -33,8 +33,8 @@ use tessera_csi_proto::v1::node_server::NodeServer;
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
 
-pub use tessera_csi_proto::identity::IdentityService;
 pub use node_service::{NodeConfig, NodeService};
+pub use tessera_csi_proto::identity::IdentityService;
 
 /// Serves CSI Identity and Node on `listener` until `shutdown` completes.
 ///

@@ -91,18 +91,27 @@ impl Rng {
     }
 }
 
-/// Appends the 4096 bytes a write with `seq` puts into `block`: block and seq (LE),
-/// then an xorshift stream seeded by both.
-fn push_content(out: &mut Vec<u8>, block: u64, seq: u64) {
-    out.extend_from_slice(&block.to_le_bytes());
-    out.extend_from_slice(&seq.to_le_bytes());
+/// Fills `out` (one block) with the bytes a write with `seq` puts into `block`: block
+/// and seq (LE), then an xorshift stream seeded by both.
+fn fill_content(out: &mut [u8], block: u64, seq: u64) {
+    out[..8].copy_from_slice(&block.to_le_bytes());
+    out[8..16].copy_from_slice(&seq.to_le_bytes());
     let mut x = mix(block.rotate_left(29) ^ seq) | 1;
-    for _ in 0..(BS as usize - 16) / 8 {
+    for word in out[16..].chunks_exact_mut(8) {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
+        word.copy_from_slice(&x.to_le_bytes());
     }
+}
+
+/// The payload of a write of `count` blocks from `first` with `seq`.
+fn payload(first: u64, count: u64, seq: u64) -> Vec<u8> {
+    let mut data = vec![0u8; (count * BS) as usize];
+    for (i, block) in data.chunks_exact_mut(BS as usize).enumerate() {
+        fill_content(block, first + i as u64, seq);
+    }
+    data
 }
 
 /// What one block reads as.
@@ -115,7 +124,8 @@ enum Seen {
 
 /// Decodes one block's bytes; `Err` means bytes no write produced for this block.
 fn classify(block: u64, data: &[u8]) -> Result<Seen, String> {
-    if data.iter().all(|&x| x == 0) {
+    const ZEROS: [u8; BS as usize] = [0; BS as usize];
+    if data == ZEROS {
         return Ok(Seen::Zeros);
     }
     let word = |i: usize| u64::from_le_bytes(data[i..i + 8].try_into().expect("8 bytes"));
@@ -125,11 +135,13 @@ fn classify(block: u64, data: &[u8]) -> Result<Seen, String> {
             "block {block} holds bytes naming block {named} seq {seq:#x}"
         ));
     }
-    let mut want = Vec::with_capacity(BS as usize);
-    push_content(&mut want, block, seq);
-    if let Some(i) = want.iter().zip(data).position(|(a, b)| a != b) {
+    let mut want = [0u8; BS as usize];
+    fill_content(&mut want, block, seq);
+    if data != want {
+        let i = want.iter().zip(data).position(|(a, b)| a != b);
         return Err(format!(
-            "block {block} names seq {seq:#x} but differs from that write's bytes at byte {i}"
+            "block {block} names seq {seq:#x} but differs from that write's bytes \
+             (first difference at byte {i:?})"
         ));
     }
     Ok(Seen::Seq(seq))
@@ -373,13 +385,12 @@ async fn stream_and_kill(
                 break;
             };
             let seq = model.next_seq(epoch);
-            let mut data = Vec::with_capacity((count * BS) as usize);
             for b in first..first + count {
                 let blk = model.block(b);
                 blk.busy = true;
                 blk.issued.push(seq);
-                push_content(&mut data, b, seq);
             }
+            let data = payload(first, count, seq);
             let c = client.clone();
             ops.spawn(async move {
                 let res = c.write(first * BS, data, seq).await;
@@ -457,7 +468,9 @@ async fn stream_and_kill(
         }
     }
     if !killed {
-        return Err(format!("the stream ran dry after {acked} acked writes, before the kill"));
+        return Err(format!(
+            "the stream ran dry after {acked} acked writes, before the kill"
+        ));
     }
     assert_eq!(writes_in_flight, 0);
     if unanswered > 0 {
@@ -495,6 +508,7 @@ async fn read_all(client: &ReplicaDataClient) -> Result<Vec<Seen>, String> {
     let mut seen = Vec::with_capacity(BLOCKS as usize);
     for (chunk, res) in results.into_iter().enumerate() {
         let first = chunk as u64 * VERIFY_CHUNK_BLOCKS;
+        let end = first + VERIFY_CHUNK_BLOCKS;
         match res.expect("every chunk was read") {
             Ok(data) => {
                 for (i, bytes) in data.chunks_exact(BS as usize).enumerate() {
@@ -502,29 +516,71 @@ async fn read_all(client: &ReplicaDataClient) -> Result<Vec<Seen>, String> {
                 }
             }
             Err(ClientError::Remote(r)) if r.code == ErrorCode::CorruptBlock => {
-                if !(first..first + VERIFY_CHUNK_BLOCKS).contains(&r.detail) {
-                    return Err(format!(
-                        "CORRUPT_BLOCK for blocks {first}+{VERIFY_CHUNK_BLOCKS} names block {}",
-                        r.detail
-                    ));
-                }
-                for b in first..first + VERIFY_CHUNK_BLOCKS {
-                    seen.push(match client.read(b * BS, BS as u32).await {
-                        Ok(data) => classify(b, &data)?,
-                        Err(ClientError::Remote(r))
-                            if r.code == ErrorCode::CorruptBlock && r.detail == b =>
-                        {
-                            Seen::Corrupt
-                        }
-                        Err(e) => return Err(format!("read of block {b} failed: {e}")),
-                    });
-                }
+                read_around_corrupt(client, first, end, r.detail, &mut seen).await?;
             }
-            Err(e) => return Err(format!("read of blocks {first}+{VERIFY_CHUNK_BLOCKS}: {e}")),
+            Err(e) => return Err(format!("read of blocks {first}..{end}: {e}")),
         }
     }
     println!("TIMING classify {:?}", tc.elapsed());
     Ok(seen)
+}
+
+/// Classifies blocks `lo..end` into `seen`, given that reading them reported
+/// CORRUPT_BLOCK for block `bad`: the blocks before `bad` are re-read as one range,
+/// `bad` alone (it must report itself corrupt), and the rest as a range, repeatedly.
+async fn read_around_corrupt(
+    client: &ReplicaDataClient,
+    mut lo: u64,
+    end: u64,
+    mut bad: u64,
+    seen: &mut Vec<Seen>,
+) -> Result<(), String> {
+    loop {
+        if !(lo..end).contains(&bad) {
+            return Err(format!(
+                "CORRUPT_BLOCK for blocks {lo}..{end} names block {bad}"
+            ));
+        }
+        if bad > lo {
+            match client.read(lo * BS, ((bad - lo) * BS) as u32).await {
+                Ok(data) => {
+                    for (i, bytes) in data.chunks_exact(BS as usize).enumerate() {
+                        seen.push(classify(lo + i as u64, bytes)?);
+                    }
+                }
+                Err(e) => {
+                    return Err(format!(
+                        "blocks {lo}..{bad}, before the first corrupt one, failed: {e}"
+                    ))
+                }
+            }
+        }
+        match client.read(bad * BS, BS as u32).await {
+            Err(ClientError::Remote(r)) if r.code == ErrorCode::CorruptBlock && r.detail == bad => {
+                seen.push(Seen::Corrupt)
+            }
+            other => {
+                return Err(format!(
+                    "block {bad}, reported corrupt in a range, read alone gives {:?}",
+                    other.map(|d| classify(bad, &d))
+                ))
+            }
+        }
+        lo = bad + 1;
+        if lo == end {
+            return Ok(());
+        }
+        match client.read(lo * BS, ((end - lo) * BS) as u32).await {
+            Ok(data) => {
+                for (i, bytes) in data.chunks_exact(BS as usize).enumerate() {
+                    seen.push(classify(lo + i as u64, bytes)?);
+                }
+                return Ok(());
+            }
+            Err(ClientError::Remote(r)) if r.code == ErrorCode::CorruptBlock => bad = r.detail,
+            Err(e) => return Err(format!("read of blocks {lo}..{end}: {e}")),
+        }
+    }
 }
 
 async fn connect(daemon: &Daemon, epoch: u64) -> ReplicaDataClient {
@@ -589,7 +645,11 @@ async fn kill9_mid_write_stream_twenty_times_loses_no_flushed_write() {
 
     for round in 1..=ROUNDS {
         let kill_after = rng.pick(KILL_AFTER);
-        let before = (stats.torn, stats.newer_than_durable, stats.unanswered_writes);
+        let before = (
+            stats.torn,
+            stats.newer_than_durable,
+            stats.unanswered_writes,
+        );
         let t0 = Instant::now();
         let streamed = tokio::time::timeout(
             PHASE_TIMEOUT,
@@ -637,7 +697,12 @@ async fn kill9_mid_write_stream_twenty_times_loses_no_flushed_write() {
                 model.acks.push((b, 1, seq));
             }
         }
-        println!("TIMING stream {:?} restart {:?} verify {:?}", t1-t0, t2-t1, t2.elapsed());
+        println!(
+            "TIMING stream {:?} restart {:?} verify {:?}",
+            t1 - t0,
+            t2 - t1,
+            t2.elapsed()
+        );
         println!(
             "daemon_crash: round {round}: kill after {kill_after} acked writes, \
              {} writes unanswered, {} blocks torn, {} newer than durable",
@@ -655,10 +720,8 @@ async fn kill9_mid_write_stream_twenty_times_loses_no_flushed_write() {
     for &b in &torn {
         let seq = model.next_seq(epoch);
         model.block(b).issued.push(seq);
-        let mut data = Vec::with_capacity(BS as usize);
-        push_content(&mut data, b, seq);
         client
-            .write(b * BS, data, seq)
+            .write(b * BS, payload(b, 1, seq), seq)
             .await
             .expect("rewrite torn block");
         model.ack(b, 1, seq);
