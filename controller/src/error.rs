@@ -36,6 +36,9 @@ pub enum ControllerError {
     /// The volume does not exist (NOT_FOUND).
     #[error("volume {0} does not exist")]
     VolumeNotFound(String),
+    /// The snapshot does not exist (NOT_FOUND).
+    #[error("snapshot {0} does not exist")]
+    SnapshotNotFound(String),
     /// The node is neither a replica daemon node nor an extra node (NOT_FOUND).
     #[error("node {0:?} is not a known node (not a replica daemon node and not in --extra-nodes)")]
     NodeNotFound(String),
@@ -45,6 +48,9 @@ pub enum ControllerError {
     /// The volume is in a state that forbids the call (FAILED_PRECONDITION).
     #[error("{0}")]
     FailedPrecondition(String),
+    /// A size outside what the volume can become, e.g. a shrink (OUT_OF_RANGE).
+    #[error("{0}")]
+    OutOfRange(String),
     /// Not enough space on the replicas (RESOURCE_EXHAUSTED).
     #[error("{0}")]
     ResourceExhausted(String),
@@ -71,10 +77,13 @@ impl ControllerError {
             Self::Placement(PlacementError::NotEnoughNodes { .. }) => Code::OutOfRange,
             Self::Placement(PlacementError::TopologyExcluded { .. }) => Code::ResourceExhausted,
             Self::InvalidToken(_) | Self::Aborted(_) => Code::Aborted,
-            Self::VolumeNotFound(_) | Self::NodeNotFound(_) => Code::NotFound,
+            Self::VolumeNotFound(_) | Self::NodeNotFound(_) | Self::SnapshotNotFound(_) => {
+                Code::NotFound
+            }
             Self::AlreadyExists(_) => Code::AlreadyExists,
             Self::FailedPrecondition(_) => Code::FailedPrecondition,
             Self::ResourceExhausted(_) => Code::ResourceExhausted,
+            Self::OutOfRange(_) => Code::OutOfRange,
             Self::Unavailable(_) => Code::Unavailable,
             Self::Internal(_) => Code::Internal,
         }

@@ -13,8 +13,10 @@ use std::time::Duration;
 
 use tessera_replica::control_proto::replica_control_client::ReplicaControlClient;
 use tessera_replica::control_proto::{
-    CreateVolumeRequest, DeleteVolumeRequest, GetInfoRequest, GetVolumeRequest, ListVolumesRequest,
-    RaiseEpochRequest, ReplicaInfo, ReplicaRef, UpdateVolumeRequest, VolumeRecord,
+    CreateSnapshotRequest, CreateVolumeRequest, DeleteSnapshotRequest, DeleteVolumeRequest,
+    ExpandVolumeRequest, GetInfoRequest, GetVolumeRequest, ListSnapshotsRequest,
+    ListVolumesRequest, RaiseEpochRequest, ReplicaInfo, ReplicaRef, SnapshotRecord,
+    UpdateVolumeRequest, VolumeRecord,
 };
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
@@ -300,6 +302,46 @@ impl ReplicaPool {
     ) -> Result<VolumeRecord, Status> {
         self.call(address, |mut c| async move { c.update_volume(req).await })
             .await
+    }
+
+    /// ExpandVolume (compare-and-set on generation) on one daemon.
+    pub async fn expand_volume(
+        &self,
+        address: &str,
+        req: ExpandVolumeRequest,
+    ) -> Result<VolumeRecord, Status> {
+        self.call(address, |mut c| async move { c.expand_volume(req).await })
+            .await
+    }
+
+    /// CreateSnapshot (seal the head under the id) on one daemon.
+    pub async fn create_snapshot(
+        &self,
+        address: &str,
+        req: CreateSnapshotRequest,
+    ) -> Result<SnapshotRecord, Status> {
+        self.call(address, |mut c| async move { c.create_snapshot(req).await })
+            .await
+    }
+
+    /// DeleteSnapshot on one daemon; returns whether it existed there.
+    pub async fn delete_snapshot(
+        &self,
+        address: &str,
+        req: DeleteSnapshotRequest,
+    ) -> Result<bool, Status> {
+        self.call(address, |mut c| async move { c.delete_snapshot(req).await })
+            .await
+            .map(|r| r.existed)
+    }
+
+    /// Every snapshot one daemon holds.
+    pub async fn list_snapshots(&self, address: &str) -> Result<Vec<SnapshotRecord>, Status> {
+        self.call(address, |mut c| async move {
+            c.list_snapshots(ListSnapshotsRequest {}).await
+        })
+        .await
+        .map(|r| r.snapshots)
     }
 
     /// RaiseEpoch (compare-and-set on epoch) on one daemon; returns the new epoch.

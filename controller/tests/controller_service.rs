@@ -221,7 +221,8 @@ async fn create_validates_its_arguments() {
             },
         )),
     });
-    assert_eq!(code(create(&c, clone).await), Code::InvalidArgument);
+    // An unknown source is NOT_FOUND (the spec's code), and nothing is created.
+    assert_eq!(code(create(&c, clone).await), Code::NotFound);
     // Nothing reached the daemons before the first valid request.
     for d in &c.replicas {
         assert_eq!(d.volume_count().await, 0, "records on {}", d.node_id());

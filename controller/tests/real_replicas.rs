@@ -272,3 +272,355 @@ async fn controller_binary_against_real_replicas() {
     ctl.create_volume(create("rf2", "2")).await.unwrap();
     controller.kill().await.expect("kill controller");
 }
+
+/// ControllerExpandVolume against real daemons: growth reaches every replica and is
+/// recorded (a restarted controller sees it), a repeat is a no-op, a shrink is
+/// OUT_OF_RANGE, an unknown volume NOT_FOUND, a missing range INVALID_ARGUMENT.
+#[tokio::test]
+async fn expansion_codes_against_real_replicas() {
+    let bin = replica_binary();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut daemons = Vec::new();
+    let mut addrs = Vec::new();
+    for n in ["n1", "n2", "n3"] {
+        let (child, control) = start_replica(&bin, dir.path(), n).await;
+        daemons.push(child);
+        addrs.push(control);
+    }
+    let sock = dir.path().join("csi.sock");
+    let mut controller = start_controller(&sock, &addrs);
+    let mut ctl = ControllerClient::new(connect(&sock).await);
+    let id = ctl
+        .create_volume(CreateVolumeRequest {
+            name: "pvc-grow".into(),
+            capacity_range: Some(CapacityRange {
+                required_bytes: 64 << 20,
+                limit_bytes: 0,
+            }),
+            volume_capabilities: vec![mount_cap()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap()
+        .volume_id;
+    let expand = |id: &str, bytes: i64| ControllerExpandVolumeRequest {
+        volume_id: id.into(),
+        capacity_range: Some(CapacityRange {
+            required_bytes: bytes,
+            limit_bytes: 0,
+        }),
+        volume_capability: Some(mount_cap()),
+        ..Default::default()
+    };
+    let grown = ctl
+        .controller_expand_volume(expand(&id, (128 << 20) - 100))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        grown.capacity_bytes,
+        128 << 20,
+        "rounded up to whole blocks"
+    );
+    assert!(grown.node_expansion_required);
+    let again = ctl
+        .controller_expand_volume(expand(&id, 128 << 20))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.capacity_bytes, 128 << 20, "repeat is idempotent");
+    assert_eq!(
+        ctl.controller_expand_volume(expand(&id, 64 << 20))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::OutOfRange
+    );
+    assert_eq!(
+        ctl.controller_expand_volume(expand("tv-00000000000000000000000000000000", 1 << 30))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound
+    );
+    let mut missing = expand(&id, 1 << 30);
+    missing.capacity_range = None;
+    assert_eq!(
+        ctl.controller_expand_volume(missing)
+            .await
+            .unwrap_err()
+            .code(),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        ctl.controller_expand_volume(expand("", 1 << 30))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::InvalidArgument
+    );
+    // More than a daemon offers: RESOURCE_EXHAUSTED, and nothing changes.
+    assert_eq!(
+        ctl.controller_expand_volume(expand(&id, 20 << 30))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::ResourceExhausted
+    );
+
+    // The size lives in the replicas' records: a new controller reports it.
+    controller.kill().await.expect("kill controller");
+    controller = start_controller(&sock, &addrs);
+    let mut ctl = ControllerClient::new(connect(&sock).await);
+    let got = ctl
+        .controller_get_volume(ControllerGetVolumeRequest {
+            volume_id: id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(got.capacity_bytes, 128 << 20);
+
+    // With one replica down a majority still expands.
+    daemons[2].kill().await.expect("kill replica");
+    let grown = ctl
+        .controller_expand_volume(expand(&id, 256 << 20))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(grown.capacity_bytes, 256 << 20);
+    controller.kill().await.expect("kill controller");
+}
+
+/// Snapshot RPCs against real daemons: codes, idempotency by name, listing filters and
+/// pages, a controller restart losing nothing, and snapshots outliving their volume.
+#[tokio::test]
+async fn snapshots_against_real_replicas() {
+    let bin = replica_binary();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut daemons = Vec::new();
+    let mut addrs = Vec::new();
+    for n in ["n1", "n2", "n3"] {
+        let (child, control) = start_replica(&bin, dir.path(), n).await;
+        daemons.push(child);
+        addrs.push(control);
+    }
+    let sock = dir.path().join("csi.sock");
+    let mut controller = start_controller(&sock, &addrs);
+    let mut ctl = ControllerClient::new(connect(&sock).await);
+    let create = |name: &str| CreateVolumeRequest {
+        name: name.into(),
+        capacity_range: Some(CapacityRange {
+            required_bytes: 16 << 20,
+            limit_bytes: 0,
+        }),
+        volume_capabilities: vec![mount_cap()],
+        ..Default::default()
+    };
+    let a = ctl
+        .create_volume(create("snap-src-a"))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap()
+        .volume_id;
+    let b = ctl
+        .create_volume(create("snap-src-b"))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap()
+        .volume_id;
+    let snap = |name: &str, source: &str| CreateSnapshotRequest {
+        name: name.into(),
+        source_volume_id: source.into(),
+        ..Default::default()
+    };
+    let s1 = ctl
+        .create_snapshot(snap("s1", &a))
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap();
+    assert!(s1.ready_to_use);
+    assert_eq!(s1.size_bytes, 16 << 20);
+    assert_eq!(s1.source_volume_id, a);
+    assert!(s1.creation_time.is_some());
+    let again = ctl
+        .create_snapshot(snap("s1", &a))
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap();
+    assert_eq!(again, s1, "idempotent by name");
+    let code =
+        |r: Result<tonic::Response<CreateSnapshotResponse>, tonic::Status>| r.unwrap_err().code();
+    assert_eq!(
+        code(ctl.create_snapshot(snap("s1", &b)).await),
+        Code::AlreadyExists
+    );
+    assert_eq!(
+        code(
+            ctl.create_snapshot(snap("s9", "tv-00000000000000000000000000000000"))
+                .await
+        ),
+        Code::NotFound
+    );
+    assert_eq!(
+        code(ctl.create_snapshot(snap("", &a)).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(ctl.create_snapshot(snap("s9", "")).await),
+        Code::InvalidArgument
+    );
+    let s2 = ctl
+        .create_snapshot(snap("s2", &a))
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap();
+    let s3 = ctl
+        .create_snapshot(snap("s3", &b))
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap();
+
+    // A restarted controller finds every snapshot on the replicas.
+    controller.kill().await.expect("kill controller");
+    controller = start_controller(&sock, &addrs);
+    let mut ctl = ControllerClient::new(connect(&sock).await);
+    let list = |max: i32, token: &str, id: &str, source: &str| ListSnapshotsRequest {
+        max_entries: max,
+        starting_token: token.into(),
+        snapshot_id: id.into(),
+        source_volume_id: source.into(),
+        ..Default::default()
+    };
+    let all = ctl
+        .list_snapshots(list(0, "", "", ""))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(all.entries.len(), 3);
+    let of_a = ctl
+        .list_snapshots(list(0, "", "", &a))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(of_a.entries.len(), 2);
+    let one = ctl
+        .list_snapshots(list(0, "", &s3.snapshot_id, ""))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(one.entries.len(), 1);
+    assert!(ctl
+        .list_snapshots(list(0, "", "ts-nope", ""))
+        .await
+        .unwrap()
+        .into_inner()
+        .entries
+        .is_empty());
+    let page1 = ctl
+        .list_snapshots(list(2, "", "", ""))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(page1.entries.len(), 2);
+    assert!(!page1.next_token.is_empty());
+    let page2 = ctl
+        .list_snapshots(list(2, &page1.next_token, "", ""))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(page2.entries.len(), 1);
+    assert!(page2.next_token.is_empty());
+    assert_eq!(
+        ctl.list_snapshots(list(0, "bogus", "", ""))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::Aborted
+    );
+    let got = ctl
+        .get_snapshot(GetSnapshotRequest {
+            snapshot_id: s2.snapshot_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap();
+    assert_eq!(got.snapshot_id, s2.snapshot_id);
+    assert_eq!(
+        ctl.get_snapshot(GetSnapshotRequest {
+            snapshot_id: "ts-nope".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err()
+        .code(),
+        Code::NotFound
+    );
+
+    // Snapshots outlive their volume.
+    ctl.delete_volume(DeleteVolumeRequest {
+        volume_id: a.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let of_a = ctl
+        .list_snapshots(list(0, "", "", &a))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(of_a.entries.len(), 2, "snapshots survive DeleteVolume");
+    assert!(ctl
+        .list_volumes(ListVolumesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .entries
+        .iter()
+        .all(|e| e.volume.as_ref().is_some_and(|v| v.volume_id != a)));
+    for s in [&s1, &s2, &s3, &s1] {
+        ctl.delete_snapshot(DeleteSnapshotRequest {
+            snapshot_id: s.snapshot_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    assert!(ctl
+        .list_snapshots(list(0, "", "", ""))
+        .await
+        .unwrap()
+        .into_inner()
+        .entries
+        .is_empty());
+    assert_eq!(
+        ctl.delete_snapshot(DeleteSnapshotRequest::default())
+            .await
+            .unwrap_err()
+            .code(),
+        Code::InvalidArgument
+    );
+    // The deleted volume's last snapshot took its files with it: the name is free.
+    ctl.create_volume(create("snap-src-a")).await.unwrap();
+    controller.kill().await.expect("kill controller");
+}

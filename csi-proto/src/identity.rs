@@ -15,7 +15,8 @@ use tonic::{Request, Response, Status};
 
 use crate::v1::identity_server::Identity;
 use crate::v1::plugin_capability::service::Type as ServiceType;
-use crate::v1::plugin_capability::{Service, Type as CapType};
+use crate::v1::plugin_capability::volume_expansion::Type as ExpansionType;
+use crate::v1::plugin_capability::{Service, Type as CapType, VolumeExpansion};
 use crate::v1::{
     GetPluginCapabilitiesRequest, GetPluginCapabilitiesResponse, GetPluginInfoRequest,
     GetPluginInfoResponse, PluginCapability, ProbeRequest, ProbeResponse,
@@ -58,7 +59,7 @@ impl Identity for IdentityService {
         &self,
         _: Request<GetPluginCapabilitiesRequest>,
     ) -> Result<Response<GetPluginCapabilitiesResponse>, Status> {
-        let capabilities = [
+        let mut capabilities: Vec<PluginCapability> = [
             ServiceType::ControllerService,
             ServiceType::VolumeAccessibilityConstraints,
         ]
@@ -67,6 +68,13 @@ impl Identity for IdentityService {
             r#type: Some(CapType::Service(Service { r#type: t as i32 })),
         })
         .collect();
+        // Volumes grow while attached and mounted: the replicas grow under the running
+        // engine, and the node grows the device and the filesystem in place.
+        capabilities.push(PluginCapability {
+            r#type: Some(CapType::VolumeExpansion(VolumeExpansion {
+                r#type: ExpansionType::Online as i32,
+            })),
+        });
         Ok(Response::new(GetPluginCapabilitiesResponse {
             capabilities,
         }))
@@ -119,6 +127,19 @@ mod tests {
                 _ => None,
             })
             .collect();
+        let expansion: Vec<i32> = s
+            .get_plugin_capabilities(Request::new(GetPluginCapabilitiesRequest {}))
+            .await
+            .expect("capabilities never fail")
+            .into_inner()
+            .capabilities
+            .iter()
+            .filter_map(|c| match c.r#type {
+                Some(CapType::VolumeExpansion(e)) => Some(e.r#type),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(expansion, vec![ExpansionType::Online as i32]);
         assert_eq!(
             types,
             vec![

@@ -68,7 +68,7 @@ use tracing::{error, info, warn};
 use crate::block_io::BLOCK_SIZE;
 use crate::capacity;
 use crate::control_proto as proto;
-use crate::record::{self, Attachment, ReplicaRef, VolumeRecord};
+use crate::record::{self, Attachment, ReplicaRef, SnapshotMeta, VolumeRecord};
 use crate::scheduler::params::{qos_from_parameters, QosParamError};
 use crate::scheduler::{Qos, Scheduler, SchedulerError, VolumeHandle, VolumeStats};
 use crate::store::{BlockFileFactory, LayeredStore, ScheduledFileFactory, StoreError};
@@ -169,6 +169,20 @@ pub enum CatalogError {
     /// No volume with this id is stored here.
     #[error("volume {0} not found on this replica")]
     NotFound(String),
+    /// The id belongs to a deleted volume whose snapshots still exist; it cannot be
+    /// created again until they are deleted.
+    #[error("volume id {0} is held by the snapshots of a deleted volume")]
+    HeldBySnapshots(String),
+    /// ExpandVolume asked for less than the volume holds: volumes never shrink.
+    #[error("volume {volume_id} holds {current} bytes; it cannot shrink to {requested}")]
+    Shrink {
+        /// The volume.
+        volume_id: String,
+        /// Its size now.
+        current: u64,
+        /// The size asked for.
+        requested: u64,
+    },
     /// UpdateVolume compare-and-set lost.
     #[error("volume {volume_id}: current generation is {current}, expected {expected}")]
     GenerationMismatch {
@@ -635,6 +649,9 @@ impl Catalog {
     ) -> Result<(Arc<LayeredStore>, Arc<AtomicU64>), CatalogError> {
         validate_volume_id(volume_id)?;
         if let Some(e) = self.read_volumes().get(volume_id) {
+            if e.record.deleted {
+                return Err(CatalogError::NotFound(volume_id.to_string()));
+            }
             return Ok((Arc::clone(&e.store), Arc::clone(&e.epoch)));
         }
         match self.read_quarantined().get(volume_id) {
@@ -708,13 +725,127 @@ impl Catalog {
         validate_volume_id(volume_id)?;
         self.read_volumes()
             .get(volume_id)
+            .filter(|e| !e.record.deleted)
             .map(Entry::snapshot)
             .ok_or_else(|| CatalogError::NotFound(volume_id.to_string()))
     }
 
-    /// All stored records, ordered by volume id.
+    /// All stored records of live volumes, ordered by volume id.
     pub fn list(&self) -> Vec<VolumeRecord> {
-        self.read_volumes().values().map(Entry::snapshot).collect()
+        self.read_volumes()
+            .values()
+            .filter(|e| !e.record.deleted)
+            .map(Entry::snapshot)
+            .collect()
+    }
+
+    /// Every snapshot stored here with the record of its volume (live or deleted),
+    /// ordered by volume id, then oldest first.
+    pub fn list_snapshots(&self) -> Vec<(VolumeRecord, SnapshotMeta)> {
+        self.read_volumes()
+            .values()
+            .flat_map(|e| {
+                e.record
+                    .snapshots
+                    .iter()
+                    .map(|s| (e.record.clone(), s.clone()))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    /// Seals the volume's head under `snapshot_id` and records the snapshot. The
+    /// store's seal is the atomic step (see [`LayeredStore::snapshot`]); the record
+    /// follows. A crash between the two leaves a sealed layer the record does not
+    /// name; the retried call finds the layer (sealing is idempotent per id) and
+    /// records it. Repeating a recorded id returns the stored snapshot.
+    pub fn create_snapshot(
+        &self,
+        volume_id: &str,
+        snapshot_id: &str,
+        name: &str,
+        created_unix_nanos: i64,
+    ) -> Result<(VolumeRecord, SnapshotMeta), CatalogError> {
+        validate_volume_id(volume_id)?;
+        validate_volume_id(snapshot_id)?;
+        let _guard = self.lock_mutations();
+        let mut record = self.get(volume_id)?;
+        if let Some(s) = record
+            .snapshots
+            .iter()
+            .find(|s| s.snapshot_id == snapshot_id)
+        {
+            return Ok((record.clone(), s.clone()));
+        }
+        let store = self.store_of(volume_id)?;
+        store
+            .snapshot(snapshot_id)
+            .map_err(store_error(volume_id, "snapshot"))?;
+        let meta = SnapshotMeta {
+            snapshot_id: snapshot_id.to_string(),
+            name: name.to_string(),
+            size_bytes: record.size_bytes,
+            created_unix_nanos: if created_unix_nanos == 0 {
+                now_unix_nanos()
+            } else {
+                created_unix_nanos
+            },
+        };
+        record.snapshots.push(meta.clone());
+        record.generation += 1;
+        self.persist(&record, "snapshot")?;
+        self.replace_record(record.clone());
+        info!(volume_id, snapshot_id, "snapshot created");
+        Ok((record, meta))
+    }
+
+    /// Deletes a snapshot: merges its layer away (I/O continues), then drops it from
+    /// the record. Returns whether it existed. The last snapshot of a deleted volume
+    /// removes what is left of the volume.
+    pub fn delete_snapshot(
+        &self,
+        volume_id: &str,
+        snapshot_id: &str,
+    ) -> Result<bool, CatalogError> {
+        validate_volume_id(volume_id)?;
+        validate_volume_id(snapshot_id)?;
+        let _guard = self.lock_mutations();
+        let Some(mut record) = self.read_volumes().get(volume_id).map(Entry::snapshot) else {
+            return Ok(false);
+        };
+        let store = self.store_of(volume_id)?;
+        let sealed = store.snapshots().iter().any(|s| s.id == snapshot_id);
+        let recorded = record
+            .snapshots
+            .iter()
+            .any(|s| s.snapshot_id == snapshot_id);
+        if !sealed && !recorded {
+            return Ok(false);
+        }
+        if sealed {
+            store
+                .delete_snapshot(snapshot_id)
+                .map_err(store_error(volume_id, "delete snapshot"))?;
+        }
+        record.snapshots.retain(|s| s.snapshot_id != snapshot_id);
+        record.generation += 1;
+        if record.deleted && record.snapshots.is_empty() {
+            drop(_guard);
+            self.remove_volume_dir(volume_id)?;
+        } else {
+            self.persist(&record, "delete snapshot")?;
+            self.replace_record(record);
+        }
+        info!(volume_id, snapshot_id, "snapshot deleted");
+        Ok(true)
+    }
+
+    /// The open store of a known volume (live or deleted).
+    fn store_of(&self, volume_id: &str) -> Result<Arc<LayeredStore>, CatalogError> {
+        self.read_volumes()
+            .get(volume_id)
+            .map(|e| Arc::clone(&e.store))
+            .ok_or_else(|| CatalogError::NotFound(volume_id.to_string()))
     }
 
     /// Volumes skipped at start because they could not be loaded.
@@ -767,6 +898,9 @@ impl Catalog {
             return Err(self.quarantined_error(q));
         }
         if let Some(existing) = self.read_volumes().get(&id) {
+            if existing.record.deleted {
+                return Err(CatalogError::HeldBySnapshots(id));
+            }
             return compare_existing(&existing.record, &new).map(|()| CreateOutcome {
                 record: existing.snapshot(),
                 created: false,
@@ -797,6 +931,8 @@ impl Catalog {
             },
             attachments: Vec::new(),
             access_type: new.access_type,
+            snapshots: Vec::new(),
+            deleted: false,
         };
         let io = match &self.io {
             Some(io) => Some(VolumeIo::register(io, &id, qos, None)?),
@@ -882,6 +1018,38 @@ impl Catalog {
     /// is not an error. A quarantined volume is deleted too (the caller asked for it).
     pub fn delete(&self, volume_id: &str) -> Result<bool, CatalogError> {
         validate_volume_id(volume_id)?;
+        let guard = self.lock_mutations();
+        let retained = self
+            .read_volumes()
+            .get(volume_id)
+            .map(|e| (e.record.clone(), Arc::clone(&e.store)));
+        if let Some((mut record, store)) = retained {
+            if record.deleted {
+                return Ok(false);
+            }
+            if !record.snapshots.is_empty() {
+                // Snapshots outlive their volume: drop the head (open data-plane
+                // connections fail from now on), keep the sealed layers and the
+                // record, marked deleted.
+                store
+                    .delete_volume()
+                    .map_err(store_error(volume_id, "delete"))?;
+                record.deleted = true;
+                record.attachments.clear();
+                record.generation += 1;
+                self.persist(&record, "delete")?;
+                self.replace_record(record);
+                info!(volume_id, "volume deleted; its snapshots are kept");
+                return Ok(true);
+            }
+        }
+        drop(guard);
+        self.remove_volume_dir(volume_id)
+    }
+
+    /// Removes a volume's directory and forgets it (the whole volume, snapshots
+    /// included). Returns whether it existed.
+    fn remove_volume_dir(&self, volume_id: &str) -> Result<bool, CatalogError> {
         let _guard = self.lock_mutations();
         let store = self
             .read_volumes()
@@ -1041,6 +1209,70 @@ impl Catalog {
                 io.qos_error = Some(reason);
             }
         }
+    }
+
+    /// Grows a volume to `new_size` bytes if its generation equals
+    /// `expected_generation`; returns the new record (generation + 1). A volume
+    /// already at `new_size` returns its record as it is (a retried expansion). The
+    /// store grows first and the record second: a crash in between leaves a store
+    /// larger than the record, which [`Catalog::open`] accepts and the retried
+    /// expansion completes (growing a store to its own size is a no-op). Capacity is
+    /// thick, so the growth must fit in the free capacity.
+    pub fn expand(
+        &self,
+        volume_id: &str,
+        expected_generation: u64,
+        new_size: u64,
+    ) -> Result<VolumeRecord, CatalogError> {
+        validate_volume_id(volume_id)?;
+        validate_size(new_size)?;
+        let _guard = self.lock_mutations();
+        let mut record = self.get(volume_id)?;
+        if record.size_bytes == new_size {
+            return Ok(record);
+        }
+        if new_size < record.size_bytes {
+            return Err(CatalogError::Shrink {
+                volume_id: volume_id.to_string(),
+                current: record.size_bytes,
+                requested: new_size,
+            });
+        }
+        if record.generation != expected_generation {
+            return Err(CatalogError::GenerationMismatch {
+                volume_id: volume_id.to_string(),
+                expected: expected_generation,
+                current: record.generation,
+            });
+        }
+        let growth = new_size - record.size_bytes;
+        let free = self.capacity()?.free_bytes;
+        if growth > free {
+            return Err(CatalogError::NoCapacity {
+                volume_id: volume_id.to_string(),
+                needed: growth,
+                free,
+            });
+        }
+        let store = self
+            .read_volumes()
+            .get(volume_id)
+            .map(|e| Arc::clone(&e.store))
+            .ok_or_else(|| CatalogError::NotFound(volume_id.to_string()))?;
+        store
+            .expand(new_size)
+            .map_err(store_error(volume_id, "expand"))?;
+        record.size_bytes = new_size;
+        record.generation += 1;
+        self.persist(&record, "expand")?;
+        self.replace_record(record.clone());
+        info!(
+            volume_id,
+            size_bytes = new_size,
+            generation = record.generation,
+            "volume expanded"
+        );
+        Ok(record)
     }
 
     /// Fencing compare-and-set: sets the epoch to `new_epoch` if it equals
@@ -1327,7 +1559,18 @@ fn load_volume(
         None => LayeredStore::open(&store_dir),
     }
     .map_err(|e| format!("block store cannot be opened: {}", error_chain(&e)))?;
-    if store.size() != record.size_bytes {
+    if record.deleted {
+        // Only sealed layers are left; there is no head whose size could disagree.
+    } else if store.size() > record.size_bytes {
+        // An expansion grew the store and crashed before the record: the data is
+        // whole, and the controller's retried ExpandVolume records the size.
+        warn!(
+            volume_id = name,
+            store_bytes = store.size(),
+            record_bytes = record.size_bytes,
+            "block store is larger than its record (interrupted expansion)"
+        );
+    } else if store.size() != record.size_bytes {
         return Err(format!(
             "block store holds {} bytes but the record says {}",
             store.size(),

@@ -150,10 +150,13 @@ impl From<CatalogError> for Status {
                 Code::ResourceExhausted
             }
             CatalogError::NotFound(_) => Code::NotFound,
+            CatalogError::Shrink { .. } => Code::OutOfRange,
             CatalogError::GenerationMismatch { .. } | CatalogError::EpochMismatch { .. } => {
                 Code::Aborted
             }
-            CatalogError::Quarantined { .. } => Code::FailedPrecondition,
+            CatalogError::Quarantined { .. } | CatalogError::HeldBySnapshots(_) => {
+                Code::FailedPrecondition
+            }
             CatalogError::Locked { .. } => Code::Unavailable,
             CatalogError::Io { .. }
             | CatalogError::Store { .. }
@@ -270,6 +273,81 @@ impl ReplicaControl for ControlService {
             .await
             .map(|epoch| proto::RaiseEpochResponse { epoch });
         self.finish("RaiseEpoch", result)
+    }
+
+    async fn expand_volume(
+        &self,
+        request: Request<proto::ExpandVolumeRequest>,
+    ) -> Result<Response<proto::VolumeRecord>, Status> {
+        let req = request.into_inner();
+        let result = self
+            .blocking(move |c| c.expand(&req.volume_id, req.expected_generation, req.new_size))
+            .await
+            .map(Into::into);
+        self.finish("ExpandVolume", result)
+    }
+
+    async fn create_snapshot(
+        &self,
+        request: Request<proto::CreateSnapshotRequest>,
+    ) -> Result<Response<proto::SnapshotRecord>, Status> {
+        let req = request.into_inner();
+        let result = self
+            .blocking(move |c| {
+                c.create_snapshot(
+                    &req.volume_id,
+                    &req.snapshot_id,
+                    &req.name,
+                    req.created_unix_nanos,
+                )
+            })
+            .await
+            .map(|(rec, meta)| snapshot_record(&rec, meta));
+        self.finish("CreateSnapshot", result)
+    }
+
+    async fn delete_snapshot(
+        &self,
+        request: Request<proto::DeleteSnapshotRequest>,
+    ) -> Result<Response<proto::DeleteSnapshotResponse>, Status> {
+        let req = request.into_inner();
+        let result = self
+            .blocking(move |c| c.delete_snapshot(&req.volume_id, &req.snapshot_id))
+            .await
+            .map(|existed| proto::DeleteSnapshotResponse { existed });
+        self.finish("DeleteSnapshot", result)
+    }
+
+    async fn list_snapshots(
+        &self,
+        _request: Request<proto::ListSnapshotsRequest>,
+    ) -> Result<Response<proto::ListSnapshotsResponse>, Status> {
+        let snapshots = self
+            .catalog
+            .list_snapshots()
+            .into_iter()
+            .map(|(rec, meta)| snapshot_record(&rec, meta))
+            .collect();
+        self.finish(
+            "ListSnapshots",
+            Ok(proto::ListSnapshotsResponse { snapshots }),
+        )
+    }
+}
+
+/// The wire form of a snapshot of the volume `rec`.
+fn snapshot_record(
+    rec: &crate::record::VolumeRecord,
+    meta: crate::record::SnapshotMeta,
+) -> proto::SnapshotRecord {
+    proto::SnapshotRecord {
+        snapshot_id: meta.snapshot_id,
+        name: meta.name,
+        source_volume_id: rec.volume_id.clone(),
+        size_bytes: meta.size_bytes,
+        created_unix_nanos: meta.created_unix_nanos,
+        replication_factor: rec.replication_factor,
+        source_deleted: rec.deleted,
     }
 }
 

@@ -101,6 +101,28 @@ pub struct VolumeRecord {
     pub attachments: Vec<Attachment>,
     /// "block", "mount" or "" when unknown.
     pub access_type: String,
+    /// Snapshots of this volume sealed on this replica, oldest first. They live in
+    /// the record (next to the store's sealed layers) so a controller restart finds
+    /// them on the replicas.
+    pub snapshots: Vec<SnapshotMeta>,
+    /// The volume was deleted while it had snapshots: its head is gone, its sealed
+    /// layers and this record stay until the last snapshot is deleted. Such a volume
+    /// is not listed and not served; only its snapshots are.
+    pub deleted: bool,
+}
+
+/// One snapshot as the record keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(default)]
+pub struct SnapshotMeta {
+    /// Snapshot id; also the id of the sealed layer in the store.
+    pub snapshot_id: String,
+    /// CSI name given at CreateSnapshot.
+    pub name: String,
+    /// Volume size when the snapshot was taken.
+    pub size_bytes: u64,
+    /// Creation time (the controller's), nanoseconds since the Unix epoch.
+    pub created_unix_nanos: i64,
 }
 
 /// Why bytes could not be decoded as a record. The file is then treated as corrupt:
@@ -328,6 +350,10 @@ impl From<proto::VolumeRecord> for VolumeRecord {
             created_unix_nanos: r.created_unix_nanos,
             attachments: r.attachments.into_iter().map(Into::into).collect(),
             access_type: r.access_type,
+            // Not carried by the proto record: snapshots have their own RPCs, and a
+            // deleted volume is never sent as a volume.
+            snapshots: Vec::new(),
+            deleted: false,
         }
     }
 }
@@ -375,6 +401,8 @@ mod tests {
                 readonly: true,
             }],
             access_type: "mount".into(),
+            snapshots: Vec::new(),
+            deleted: false,
         }
     }
 

@@ -84,6 +84,17 @@ pub enum EngineError {
         /// `node_id=size` of each connected replica, plus the expected size if any.
         sizes: String,
     },
+    /// [`Engine::resize`](super::Engine::resize) found fewer than a majority of
+    /// replicas holding the size asked for (the controller has not expanded them).
+    #[error("volume {volume_id}: fewer than a majority of replicas hold {wanted} bytes ({sizes})")]
+    NotExpanded {
+        /// The volume.
+        volume_id: String,
+        /// The size asked for (the current size when none was given).
+        wanted: u64,
+        /// `node_id=size` or the error of each replica.
+        sizes: String,
+    },
     /// A replica has seen a higher epoch: the volume was published elsewhere, and this
     /// engine must stop. Every later operation fails with this too.
     #[error("volume {volume_id}: engine of epoch {epoch} was fenced by epoch {replica_epoch} (reported by node {node_id})")]
@@ -181,6 +192,7 @@ impl EngineError {
             | EngineError::Unaligned { .. } => EngineErrorKind::InvalidRequest,
             EngineError::OpenQuorum { .. }
             | EngineError::SizeMismatch { .. }
+            | EngineError::NotExpanded { .. }
             | EngineError::NoQuorum { .. }
             | EngineError::AllCopiesCorrupt { .. }
             | EngineError::Closed { .. } => EngineErrorKind::Io,

@@ -63,8 +63,15 @@
 //! "Recovery" (copying the regions it missed with newer-seq-wins writes), which is a
 //! later issue; until then the volume runs degraded, and below quorum it fails all I/O
 //! until it is reopened with a new epoch. For the same reason a new engine does not
-//! yet reconcile blocks an old engine left on only some replicas. The volume size is
-//! fixed at open (no online expansion).
+//! yet reconcile blocks an old engine left on only some replicas.
+//!
+//! # Expansion
+//!
+//! The size is learnt at open and grows only through [`Engine::resize`], which the
+//! engine-host calls after the controller expanded the replicas: it re-reads the
+//! replicas' sizes with a fresh HELLO each and adopts the largest size a majority
+//! holds. Open accepts replicas larger than the size recorded at publish time (the
+//! volume may have grown since), but still requires the connected replicas to agree.
 //!
 //! # Cost per I/O
 //!
@@ -146,7 +153,8 @@ struct FenceInfo {
 struct Inner {
     volume_id: String,
     epoch: u64,
-    size: u64,
+    /// Grows only, through [`Engine::resize`]; read on every I/O's range check.
+    size: AtomicU64,
     quorum: usize,
     local: Option<usize>,
     replicas: Vec<Replica>,
@@ -175,7 +183,7 @@ impl std::fmt::Debug for Engine {
         f.debug_struct("Engine")
             .field("volume_id", &self.inner.volume_id)
             .field("epoch", &self.inner.epoch)
-            .field("size", &self.inner.size)
+            .field("size", &self.inner.size.load(Ordering::Relaxed))
             .finish_non_exhaustive()
     }
 }
@@ -312,7 +320,9 @@ impl Engine {
         }
         let size = sizes[0].1;
         let agree = sizes.iter().all(|(_, s)| *s == size);
-        if !agree || config.expected_size.is_some_and(|e| e != size) {
+        // The recorded size is the one at publish time; the volume may have been
+        // expanded since (the publish_context is not refreshed), so larger is fine.
+        if !agree || config.expected_size.is_some_and(|e| e > size) {
             let mut list: Vec<String> = sizes.iter().map(|(n, s)| format!("{n}={s}")).collect();
             if let Some(e) = config.expected_size {
                 list.push(format!("expected={e}"));
@@ -334,7 +344,7 @@ impl Engine {
             inner: Arc::new(Inner {
                 volume_id: config.volume_id,
                 epoch: config.epoch,
-                size,
+                size: AtomicU64::new(size),
                 quorum,
                 local,
                 replicas,
@@ -350,9 +360,79 @@ impl Engine {
         })
     }
 
-    /// Volume size in bytes (fixed at open).
+    /// Volume size in bytes: the size at open, or the last [`Engine::resize`].
     pub fn size(&self) -> u64 {
-        self.inner.size
+        self.inner.size.load(Ordering::Acquire)
+    }
+
+    /// Learns the volume's new size after the controller expanded its replicas, and
+    /// returns it. Each in-sync replica is asked for its size with a fresh HELLO (the
+    /// reply carries the store's current size; the open connections keep serving I/O
+    /// meanwhile). The new size is the largest one a majority of the whole replica set
+    /// holds, so every later write in the new range can still reach a majority. With
+    /// `wanted`, fewer than a majority holding at least that many bytes is
+    /// [`EngineError::NotExpanded`]. The size never shrinks: a majority reporting less
+    /// than the engine serves is the same error.
+    pub async fn resize(&self, wanted: Option<u64>) -> Result<u64, EngineError> {
+        let inner = &*self.inner;
+        inner.check_usable()?;
+        let client_config = ClientConfig {
+            connect_timeout: inner.timeout,
+            request_timeout: Some(inner.timeout),
+            ..ClientConfig::default()
+        };
+        let asks = inner.replicas.iter().map(|r| {
+            let cfg = client_config.clone();
+            async move {
+                if r.is_stale() {
+                    return Err(format!("{}: stale", r.node_id));
+                }
+                ReplicaDataClient::connect_with(
+                    r.address.as_str(),
+                    &inner.volume_id,
+                    inner.epoch,
+                    cfg,
+                )
+                .await
+                .map(|c| c.info().size)
+                .map_err(|e| format!("{}: {}", r.node_id, describe(&e)))
+            }
+        });
+        let answers = futures_util::future::join_all(asks).await;
+        let mut sizes: Vec<u64> = answers
+            .iter()
+            .filter_map(|a| a.as_ref().ok())
+            .copied()
+            .collect();
+        sizes.sort_unstable_by(|a, b| b.cmp(a));
+        let current = self.size();
+        let majority_size = sizes.get(inner.quorum - 1).copied();
+        let describe_all = || {
+            answers
+                .iter()
+                .zip(&inner.replicas)
+                .map(|(a, r)| match a {
+                    Ok(s) => format!("{}={s}", r.node_id),
+                    Err(e) => e.clone(),
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let size = match majority_size {
+            Some(s) if s >= current && wanted.is_none_or(|w| s >= w) => s,
+            _ => {
+                return Err(EngineError::NotExpanded {
+                    volume_id: inner.volume_id.clone(),
+                    wanted: wanted.unwrap_or(current),
+                    sizes: describe_all(),
+                })
+            }
+        };
+        inner.size.fetch_max(size, Ordering::AcqRel);
+        if size != current {
+            tracing::info!(volume = %inner.volume_id, from = current, to = size, "engine resized");
+        }
+        Ok(self.size())
     }
 
     /// The volume id.
@@ -399,27 +479,107 @@ impl Engine {
     /// Writes `data` at `offset` (multiples of 4096, at most [`MAX_IO_BYTES`]);
     /// returns once a majority of the replica set acknowledged it.
     pub async fn write(&self, offset: u64, data: Bytes) -> Result<(), EngineError> {
+        let (tx, rx) = oneshot::channel();
         let len = data.len() as u64;
-        let result = match self.inner.check(IoOp::Write, offset, len) {
-            Ok(()) => {
-                self.replicate(IoOp::Write, offset, len, Payload::Data(data))
-                    .await
-            }
-            Err(e) => Err(e),
-        };
-        self.count(&result, &self.inner.counters.writes, len);
-        result
+        self.start_write(offset, data, move |r| {
+            let _ = tx.send(r);
+        });
+        self.answer(rx, IoOp::Write, offset, len).await
+    }
+
+    /// [`Engine::write`] without a future: the write is checked, given its seq and
+    /// ordered against earlier overlapping writes before this returns, and `done` is
+    /// called once it is decided (on a runtime thread, or at once on this thread if
+    /// it fails before reaching any replica). Must be called with the engine's runtime
+    /// entered ([`tokio::runtime::Handle::enter`]). This is what lets the frontend
+    /// keep many writes in flight without a task or a waiting thread per write: the
+    /// only task is the one that collects the replicas' answers.
+    pub fn start_write(
+        &self,
+        offset: u64,
+        data: Bytes,
+        done: impl FnOnce(Result<(), EngineError>) + Send + 'static,
+    ) {
+        let len = data.len() as u64;
+        let done = self.counted(IoOp::Write, len, done);
+        match self.inner.check(IoOp::Write, offset, len) {
+            Ok(()) => self.start_replicate(IoOp::Write, offset, len, Payload::Data(data), done),
+            Err(e) => done(Err(e)),
+        }
     }
 
     /// Discards `len` bytes at `offset` (multiples of 4096) on every replica; they
     /// read back as zeros. Replicated and acknowledged like a write.
     pub async fn trim(&self, offset: u64, len: u64) -> Result<(), EngineError> {
-        let result = match self.inner.check_range(IoOp::Trim, offset, len) {
-            Ok(()) => self.replicate(IoOp::Trim, offset, len, Payload::Trim).await,
-            Err(e) => Err(e),
-        };
-        self.count(&result, &self.inner.counters.trims, 0);
-        result
+        let (tx, rx) = oneshot::channel();
+        self.start_trim(offset, len, move |r| {
+            let _ = tx.send(r);
+        });
+        self.answer(rx, IoOp::Trim, offset, len).await
+    }
+
+    /// [`Engine::trim`] without a future, like [`Engine::start_write`].
+    pub fn start_trim(
+        &self,
+        offset: u64,
+        len: u64,
+        done: impl FnOnce(Result<(), EngineError>) + Send + 'static,
+    ) {
+        let done = self.counted(IoOp::Trim, 0, done);
+        match self.inner.check_range(IoOp::Trim, offset, len) {
+            Ok(()) => self.start_replicate(IoOp::Trim, offset, len, Payload::Trim, done),
+            Err(e) => done(Err(e)),
+        }
+    }
+
+    /// Wraps `done` so the outcome is counted (writes with `bytes`, trims) first.
+    fn counted(
+        &self,
+        op: IoOp,
+        bytes: u64,
+        done: impl FnOnce(Result<(), EngineError>) + Send + 'static,
+    ) -> impl FnOnce(Result<(), EngineError>) + Send + 'static {
+        let inner = Arc::clone(&self.inner);
+        move |result| {
+            let c = &inner.counters;
+            match &result {
+                Ok(()) => {
+                    Counters::add(
+                        if op == IoOp::Trim {
+                            &c.trims
+                        } else {
+                            &c.writes
+                        },
+                        1,
+                    );
+                    if bytes > 0 {
+                        Counters::add(&c.bytes_written, bytes);
+                    }
+                }
+                Err(_) => Counters::add(&c.failed_ops, 1),
+            }
+            done(result)
+        }
+    }
+
+    /// Waits for the answer of a started write or trim.
+    async fn answer(
+        &self,
+        rx: oneshot::Receiver<Result<(), EngineError>>,
+        op: IoOp,
+        offset: u64,
+        len: u64,
+    ) -> Result<(), EngineError> {
+        match rx.await {
+            Ok(r) => r,
+            // The task always answers before it ends; this only happens if the
+            // runtime is shutting down and dropped it.
+            Err(_) => {
+                Err(self
+                    .inner
+                    .no_quorum(op, offset, len, 0, "engine task ended".into(), false))
+            }
+        }
     }
 
     /// Makes every write acknowledged before the call durable on a majority.
@@ -456,7 +616,7 @@ impl Engine {
         EngineStatus {
             volume_id: inner.volume_id.clone(),
             epoch: inner.epoch,
-            size: inner.size,
+            size: inner.size.load(Ordering::Acquire),
             quorum: inner.quorum,
             in_sync,
             below_quorum: in_sync < inner.quorum,
@@ -502,34 +662,43 @@ impl Engine {
         }
     }
 
-    /// Sends a write or trim to every in-sync replica and waits for a majority.
-    async fn replicate(
+    /// Sends a write or trim to every in-sync replica; `done` learns the outcome once
+    /// a majority decided it. The seq and the place in the in-flight table (which
+    /// orders overlapping writes) are taken before this returns.
+    fn start_replicate(
         &self,
         op: IoOp,
         offset: u64,
         len: u64,
         payload: Payload,
-    ) -> Result<(), EngineError> {
+        done: impl FnOnce(Result<(), EngineError>) + Send + 'static,
+    ) {
         let inner = &self.inner;
         let counter = inner.counter.fetch_add(1, Ordering::Relaxed) + 1;
         if counter >= 1 << COUNTER_BITS {
-            return Err(inner.no_quorum(
+            return done(Err(inner.no_quorum(
                 op,
                 offset,
                 len,
                 0,
                 "sequence counter exhausted; reopen the volume with a new epoch".into(),
                 false,
-            ));
+            )));
         }
         let seq = (inner.epoch << COUNTER_BITS) | counter;
         let targets = inner.in_sync_mask();
         if (targets.count_ones() as usize) < inner.quorum {
-            return Err(inner.no_quorum(op, offset, len, 0, inner.stale_summary(), false));
+            return done(Err(inner.no_quorum(
+                op,
+                offset,
+                len,
+                0,
+                inner.stale_summary(),
+                false,
+            )));
         }
         let mut preds = Vec::new();
         let entry = inner.inflight.register(offset, len, targets, &mut preds);
-        let (tx, rx) = oneshot::channel();
         tokio::spawn(Inner::drive(
             Arc::clone(inner),
             entry,
@@ -539,14 +708,8 @@ impl Engine {
             len,
             payload,
             seq,
-            tx,
+            done,
         ));
-        match rx.await {
-            Ok(r) => r,
-            // The task always answers before it ends; this only happens if the
-            // runtime is shutting down and dropped it.
-            Err(_) => Err(inner.no_quorum(op, offset, len, 0, "engine task ended".into(), false)),
-        }
     }
 }
 
@@ -581,13 +744,14 @@ impl Inner {
                 len,
             });
         }
-        if offset.checked_add(len).is_none_or(|end| end > self.size) {
+        let size = self.size.load(Ordering::Acquire);
+        if offset.checked_add(len).is_none_or(|end| end > size) {
             return Err(EngineError::OutOfRange {
                 volume_id: self.volume_id.clone(),
                 op,
                 offset,
                 len,
-                size: self.size,
+                size,
             });
         }
         Ok(())
@@ -751,7 +915,7 @@ impl Inner {
     }
 
     /// Runs one write or trim to completion on every target replica, answering the
-    /// caller through `tx` as soon as the outcome is decided.
+    /// caller through `done` as soon as the outcome is decided.
     #[allow(clippy::too_many_arguments)]
     async fn drive(
         self: Arc<Self>,
@@ -762,7 +926,7 @@ impl Inner {
         len: u64,
         payload: Payload,
         seq: u64,
-        tx: oneshot::Sender<Result<(), EngineError>>,
+        done: impl FnOnce(Result<(), EngineError>) + Send + 'static,
     ) {
         let targets = entry.pending();
         let mut sends: FuturesUnordered<_> = bits(targets)
@@ -777,14 +941,42 @@ impl Inner {
             })
             .collect();
         let mut tally = Tally::new(targets.count_ones() as usize, String::new());
-        let mut tx = Some(tx);
-        while let Some((r, outcome)) = sends.next().await {
+        let mut done = Some(done);
+        // One timer bounds every replica's part (waiting for earlier overlapping
+        // writes, then the request): the same bound as one timeout per replica, at a
+        // third of the timer work on the hot path.
+        let deadline = tokio::time::sleep(self.timeout);
+        tokio::pin!(deadline);
+        let mut unsettled = targets;
+        loop {
+            let (r, outcome) = tokio::select! {
+                biased;
+                next = sends.next() => match next {
+                    Some(answer) => answer,
+                    None => break,
+                },
+                () = &mut deadline => {
+                    // Whoever has not answered timed out; their requests are dropped.
+                    drop(sends);
+                    for r in bits(unsettled) {
+                        let acked = self.settle(r, Outcome::TimedOut, &mut tally);
+                        entry.finish(r, acked);
+                    }
+                    if let Some(done) = done.take() {
+                        if let Some(result) = self.decide(op, offset, len, &mut tally) {
+                            done(result);
+                        }
+                    }
+                    break;
+                }
+            };
+            unsettled &= !(1 << r);
             let acked = self.settle(r, outcome, &mut tally);
             entry.finish(r, acked);
-            if tx.is_some() {
+            if done.is_some() {
                 if let Some(result) = self.decide(op, offset, len, &mut tally) {
-                    if let Some(tx) = tx.take() {
-                        let _ = tx.send(result);
+                    if let Some(done) = done.take() {
+                        done(result);
                     }
                 }
             }
@@ -793,7 +985,8 @@ impl Inner {
     }
 
     /// One replica's part of a write or trim: wait for earlier overlapping writes to
-    /// finish on it, then send, all within one request timeout.
+    /// finish on it, then send. The caller ([`Inner::drive`]) bounds it by the
+    /// request timeout.
     async fn send_one(
         &self,
         r: usize,
@@ -820,9 +1013,7 @@ impl Inner {
                 Err(e) => Outcome::Failed(e),
             }
         };
-        tokio::time::timeout(self.timeout, work)
-            .await
-            .unwrap_or(Outcome::TimedOut)
+        work.await
     }
 
     async fn flush(&self) -> Result<(), EngineError> {

@@ -137,7 +137,9 @@ impl EngineHostError {
                 Code::FailedPrecondition
             }
             EngineHostError::Engine { source, .. } => match source {
-                EngineError::SizeMismatch { .. } => Code::FailedPrecondition,
+                EngineError::SizeMismatch { .. } | EngineError::NotExpanded { .. } => {
+                    Code::FailedPrecondition
+                }
                 e => match e.kind() {
                     // The volume moved to a newer epoch: this publish is outdated.
                     EngineErrorKind::Fenced => Code::FailedPrecondition,

@@ -394,6 +394,49 @@ impl EngineHost {
         Ok(true)
     }
 
+    /// Grows an attached volume: the engine (or test file) first, then the FUSE file,
+    /// then the loop device, each step only once the one below it holds the bytes.
+    /// Idempotent: repeating it finds every layer at the size already. Returns the
+    /// volume with the loop device's new size.
+    pub async fn resize(
+        &self,
+        volume_id: &str,
+        wanted: Option<u64>,
+    ) -> Result<VolumeInfo, EngineHostError> {
+        validate_volume_id(volume_id)?;
+        let slot = self.slot(volume_id);
+        let mut guard = slot.lock().await;
+        let Some(attached) = guard.attached.as_mut() else {
+            return Err(EngineHostError::NotAttached {
+                volume_id: volume_id.to_owned(),
+            });
+        };
+        let size = attached.opened.resize(volume_id, wanted).await?;
+        if attached.fuse.size() < size {
+            tokio::task::block_in_place(|| attached.fuse.set_size(size)).map_err(|source| {
+                EngineHostError::Fuse {
+                    volume_id: volume_id.to_owned(),
+                    source,
+                }
+            })?;
+        }
+        let device_size = tokio::task::block_in_place(|| attached.loop_dev.set_capacity())
+            .map_err(|source| EngineHostError::Loop {
+                volume_id: volume_id.to_owned(),
+                source,
+            })?;
+        if device_size != size {
+            tracing::warn!(volume = %volume_id, size, device_size, "loop device size differs from the volume size after resize");
+        }
+        attached.info.size_bytes = size;
+        let info = attached.info.clone();
+        if let Some(listed) = lock(&self.listed).get_mut(volume_id) {
+            listed.info.size_bytes = size;
+        }
+        tracing::info!(volume = %volume_id, size, "volume resized");
+        Ok(info)
+    }
+
     /// Tears down a volume whose loop device is detached already, unless `force`, in
     /// which case the loop device is detached whatever uses it. Flush failures are
     /// logged (by now the kernel can no longer reach the volume anyway).

@@ -68,6 +68,20 @@ impl EngineHostApi for EngineHostService {
         Ok(Response::new(proto::DetachResponse { was_attached }))
     }
 
+    async fn resize(
+        &self,
+        request: Request<proto::ResizeRequest>,
+    ) -> Result<Response<proto::ResizeResponse>, Status> {
+        let r = request.into_inner();
+        let wanted = (r.new_size > 0).then_some(r.new_size);
+        let info = self.host.resize(&r.volume_id, wanted).await.inspect_err(|e| {
+            tracing::warn!(volume = %r.volume_id, error = %super::error::chain(e), "resize failed")
+        })?;
+        Ok(Response::new(proto::ResizeResponse {
+            volume: Some(to_proto(&info)),
+        }))
+    }
+
     async fn list(
         &self,
         _request: Request<proto::ListRequest>,

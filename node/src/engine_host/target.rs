@@ -113,6 +113,39 @@ impl Opened {
         }
     }
 
+    /// Grows the volume to what its replicas now hold (at least `wanted` when given);
+    /// returns the new size. A test file grows to `wanted`.
+    pub(crate) async fn resize(
+        &self,
+        volume_id: &str,
+        wanted: Option<u64>,
+    ) -> Result<u64, EngineHostError> {
+        match self {
+            Opened::Engine { engine, .. } => {
+                engine
+                    .resize(wanted)
+                    .await
+                    .map_err(|source| EngineHostError::Engine {
+                        volume_id: volume_id.to_owned(),
+                        source,
+                    })
+            }
+            Opened::File(f) => {
+                let Some(wanted) = wanted.filter(|w| *w > f.size()) else {
+                    return Ok(f.size());
+                };
+                let f = Arc::clone(f);
+                tokio::task::block_in_place(|| f.grow(wanted)).map_err(|source| {
+                    EngineHostError::FileTarget {
+                        volume_id: volume_id.to_owned(),
+                        source,
+                    }
+                })?;
+                Ok(wanted)
+            }
+        }
+    }
+
     /// The engine's status; `None` for a test file.
     pub(crate) fn engine_status(&self) -> Option<EngineStatus> {
         match self {
