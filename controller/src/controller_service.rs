@@ -491,7 +491,7 @@ impl ControllerService {
                 existing.size_bytes
             )));
         }
-        if !parameters::same_immutable(&existing.parameters, param_map) {
+        if existing.parameters != *param_map {
             return Err(ControllerError::AlreadyExists(format!(
                 "volume {name:?} exists with different parameters"
             )));
@@ -1363,7 +1363,7 @@ impl ControllerService {
             match VolumeParameters::parse(&req.parameters) {
                 Ok(p) => {
                     let fs = p.fs_type.or(access.fs_type).unwrap_or_default();
-                    if !parameters::same_immutable(&p.to_map(fs), &rec.parameters) {
+                    if p.to_map(fs) != rec.parameters {
                         return Ok(unconfirmed("parameters differ from the volume's".into()));
                     }
                 }

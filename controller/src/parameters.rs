@@ -78,20 +78,6 @@ pub const MUTABLE_KEYS: [&str; 4] = [
     KEY_BURST_DURATION,
 ];
 
-/// Whether two normalised parameter maps describe the same volume apart from the
-/// mutable (QoS) keys: a ControllerModifyVolume must not turn a retried CreateVolume or
-/// a ValidateVolumeCapabilities of the original StorageClass into a mismatch.
-pub fn same_immutable<'a>(
-    a: impl IntoIterator<Item = (&'a String, &'a String)>,
-    b: impl IntoIterator<Item = (&'a String, &'a String)>,
-) -> bool {
-    let immutable = |m: &mut dyn Iterator<Item = (&'a String, &'a String)>| {
-        m.filter(|(k, _)| !MUTABLE_KEYS.contains(&k.as_str()))
-            .collect::<BTreeMap<_, _>>()
-    };
-    immutable(&mut a.into_iter()) == immutable(&mut b.into_iter())
-}
-
 const KNOWN_KEYS: [&str; 8] = [
     KEY_REPLICATION_FACTOR,
     KEY_FS_TYPE,
@@ -415,20 +401,6 @@ mod tests {
         kv.iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
-    }
-
-    #[test]
-    fn mutable_keys_do_not_make_volumes_differ() {
-        let s = |kv: &[(&str, &str)]| -> HashMap<String, String> {
-            kv.iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect()
-        };
-        let created = s(&[("replicationFactor", "3"), ("maxIOPS", "100")]);
-        let modified = s(&[("replicationFactor", "3"), ("maxIOPS", "900")]);
-        let other_rf = s(&[("replicationFactor", "2"), ("maxIOPS", "100")]);
-        assert!(same_immutable(&created, &modified));
-        assert!(!same_immutable(&created, &other_rf));
     }
 
     #[test]
