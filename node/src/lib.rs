@@ -13,6 +13,8 @@
 //!   publishes (bind mounts), reports stats; asks the engine-host to attach and detach.
 //! * [`mount`], [`mkfs`]: mount-table queries, mount/bind/unmount, statvfs, and the
 //!   probe-before-format rule.
+//! * [`plugin_registration`]: registers the plugin with the kubelet
+//!   (`pluginregistration.v1` on a socket in its `plugins_registry` directory).
 //! * [`serve`]: runs both services on an already-bound unix listener until a
 //!   shutdown future completes.
 //!
@@ -25,6 +27,7 @@ pub mod frontend;
 pub mod mkfs;
 pub mod mount;
 pub mod node_service;
+pub mod plugin_registration;
 
 use std::future::Future;
 

@@ -18,6 +18,7 @@ use clap::{Args, Parser, Subcommand};
 use tessera_node::engine_host::{self, EngineHost, VolumeSource, SOCKET_NAME};
 use tessera_node::frontend::FuseOptions;
 use tessera_node::node_service::DEFAULT_MAX_VOLUMES_PER_NODE;
+use tessera_node::plugin_registration::{self, PluginProbe, Registration, RegistrationState};
 use tessera_node::NodeConfig;
 use tokio::net::UnixListener;
 use tracing::{error, info, warn};
@@ -70,6 +71,15 @@ struct PluginArgs {
     /// Engine-host socket (default `<state-dir>/engine-host.sock`).
     #[arg(long)]
     engine_host_socket: Option<PathBuf>,
+
+    /// Register with the kubelet by serving `pluginregistration.v1` on
+    /// `<DIR>/tessera.csi.dev-reg.sock` (the kubelet's `plugins_registry` directory).
+    #[arg(long, value_name = "DIR")]
+    plugin_registration_dir: Option<PathBuf>,
+
+    /// Serve `/healthz` and `/metrics` over HTTP on this address (e.g. `0.0.0.0:7420`).
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -180,10 +190,76 @@ async fn run_plugin(args: PluginArgs) -> anyhow::Result<()> {
         max_volumes_per_node: args.max_volumes_per_node,
         engine_host_socket,
     };
-    tessera_node::serve(listener, config, shutdown_signal())
-        .await
-        .context("serving CSI")?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    let registration = match &args.plugin_registration_dir {
+        Some(dir) => {
+            let reg = Registration::csi(tessera_csi_proto::DRIVER_NAME, &path);
+            let reg_path = plugin_registration::socket_path(dir, tessera_csi_proto::DRIVER_NAME);
+            let reg_listener = bind(&reg_path)?;
+            info!(socket = %reg_path.display(), "serving kubelet plugin registration");
+            let task = tokio::spawn(plugin_registration::serve(
+                reg_listener,
+                reg.clone(),
+                stopped(stop_rx.clone()),
+            ));
+            Some((reg, reg_path, task))
+        }
+        None => None,
+    };
+    let probe = Arc::new(PluginProbe::new(registration.as_ref().map(|r| r.0.clone())));
+    let metrics_task = match args.metrics_listen {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding --metrics-listen {addr}"))?;
+            let done = stopped(stop_rx.clone());
+            Some(tokio::spawn(tessera_replica::health::serve(
+                listener, probe, done,
+            )))
+        }
+        None => None,
+    };
+    // Stop on a signal, or when the kubelet refuses the registration (the pod restarts and
+    // registers again, as with node-driver-registrar).
+    let mut status = registration.as_ref().map(|r| r.0.status());
+    let refused = async move {
+        match status.as_mut() {
+            Some(rx) => {
+                let _ = rx
+                    .wait_for(|s| matches!(s, RegistrationState::Failed(_)))
+                    .await;
+            }
+            None => std::future::pending().await,
+        }
+    };
+    let (refused_tx, refused_rx) = tokio::sync::oneshot::channel::<()>();
+    let shutdown = async move {
+        tokio::select! {
+            () = shutdown_signal() => {}
+            () = refused => { let _ = refused_tx.send(()); }
+        }
+    };
+    let served = tessera_node::serve(listener, config, shutdown).await;
+    let _ = stop_tx.send(true);
+    if let Some((_, reg_path, task)) = registration {
+        if let Ok(Err(e)) = task.await {
+            warn!(error = %e, "plugin registration server failed");
+        }
+        let _ = std::fs::remove_file(&reg_path);
+    }
+    if let Some(task) = metrics_task {
+        if let Ok(Err(e)) = task.await {
+            warn!(error = %e, "metrics server failed");
+        }
+    }
     let _ = std::fs::remove_file(&path);
+    served.context("serving CSI")?;
+    if refused_rx.await.is_ok() {
+        bail!("the kubelet refused the plugin registration");
+    }
     Ok(())
 }
 

@@ -1,0 +1,73 @@
+# shellcheck shell=bash
+# Shared settings and helpers of tests/k8s/{up,down,e2e}. Sourced, not run.
+#
+# Layout (all overridable through the environment):
+#   $K8S_CACHE      /var/cache/tessera/k8s/v<version>: Kubernetes binaries (bin/), the Go
+#                   wrapper module they are built from (src/), a GOCACHE (go-build/) and the
+#                   pause image. Kept by `down`; a second run skips every build.
+#   $K8S_RUN        /var/lib/tessera-k8s: certificates, kubeconfigs, configs, etcd and
+#                   containerd data, logs/ and pids/ of this cluster. `down` removes it
+#                   (logs are copied to $K8S_KEEP_LOGS first when that is set).
+#   $K8S_SOCK_DIR   /run/tessera-k8s: containerd's socket and state (short paths).
+#   /var/lib/kubelet: fixed, the manifests in deploy/ use the default kubelet dir.
+
+TK_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+K8S_VERSION=${K8S_VERSION:-1.34.4}
+K8S_CACHE=${K8S_CACHE:-/var/cache/tessera/k8s/v$K8S_VERSION}
+K8S_RUN=${K8S_RUN:-/var/lib/tessera-k8s}
+K8S_SOCK_DIR=${K8S_SOCK_DIR:-/run/tessera-k8s}
+KUBELET_DIR=/var/lib/kubelet
+NODE_NAME=localhost            # the apiserver dials the kubelet by this name
+SERVICE_CIDR=10.96.0.0/24      # exists only in the API: no kube-proxy, blackholed on the host
+POD_CIDR=10.89.0.0/16
+CNI_BRIDGE=tessk8s0
+PKI=$K8S_RUN/pki
+LOGS=$K8S_RUN/logs
+PIDS=$K8S_RUN/pids
+CONTAINERD_SOCK=$K8S_SOCK_DIR/containerd.sock
+PAUSE_IMAGE=tessera.e2e/pause:1
+export KUBECONFIG=$K8S_RUN/admin.kubeconfig
+export PATH=$K8S_CACHE/bin:/usr/local/go/bin:/var/cache/tessera/go-bin:$PATH
+
+tk_log() { printf '[%(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
+tk_die() { tk_log "FAILED: $*"; exit 1; }
+
+# tk_poll <what> <timeout-s> <cmd...>: runs cmd until it succeeds (1 s between tries:
+# polling an observable condition, never a sleep standing in for one).
+tk_poll() {
+  local what=$1 timeout=$2; shift 2
+  local deadline=$((SECONDS + timeout))
+  until "$@" >/dev/null 2>&1; do
+    if [ $SECONDS -ge $deadline ]; then
+      tk_log "timed out after ${timeout}s waiting for $what"
+      return 1
+    fi
+    sleep 1
+  done
+  tk_log "ok: $what"
+}
+
+# tk_daemon <name> <cmd...>: starts a host daemon in its own session, logs to $LOGS/<name>.log.
+tk_daemon() {
+  local name=$1; shift
+  mkdir -p "$LOGS" "$PIDS"
+  if [ -s "$PIDS/$name" ] && kill -0 "$(cat "$PIDS/$name")" 2>/dev/null; then
+    tk_log "$name already running"; return
+  fi
+  setsid "$@" >>"$LOGS/$name.log" 2>&1 </dev/null &
+  echo $! >"$PIDS/$name"
+  tk_log "started $name (pid $!, log $LOGS/$name.log)"
+}
+
+# tk_wait_tessera_ready: every Deployment rolled out, every DaemonSet with all its pods
+# Ready (engine-host is OnDelete, which `rollout status` refuses), then every pod Ready.
+tk_wait_tessera_ready() {
+  local w
+  for w in $(kubectl -n tessera-system get deployments -o name); do
+    kubectl -n tessera-system rollout status "$w" --timeout=240s >&2 || return 1
+  done
+  for w in $(kubectl -n tessera-system get daemonsets -o name); do
+    tk_poll "$w: all pods Ready" 240 bash -c "s=\$(kubectl -n tessera-system get $w -o jsonpath='{.status.desiredNumberScheduled} {.status.numberReady} {.status.updatedNumberScheduled}'); set -- \$s; [ \"\${1:-0}\" -gt 0 ] && [ \"\$1\" = \"\$2\" ] && [ \"\$1\" = \"\${3:-\$1}\" ]" || return 1
+  done
+  kubectl -n tessera-system wait --for=condition=Ready pod --all --timeout=120s >&2
+}
