@@ -12,7 +12,7 @@
 //! * [`error`]: [`EngineError`] and its [`EngineErrorKind`] (which errno).
 //! * [`status`]: [`EngineStatus`], per-replica state and counters.
 //! * [`target`]: [`EngineTarget`], the [`crate::frontend::BlockTarget`] adapter that
-//!   lets FUSE worker threads call the async engine.
+//!   lets FUSE worker threads hand requests to the async engine without waiting.
 //! * `inflight`: the table of writes some replica has not finished, which orders
 //!   overlapping writes, picks replicas for reads and scopes flushes.
 //!
@@ -77,8 +77,13 @@
 //!
 //! The engine shares two cores with three replica daemons in tests, so the hot path
 //! avoids work: one task per write or trim (it outlives the caller to collect the last
-//! acknowledgements), a short mutex section on the in-flight table (never held across
-//! an await), relaxed atomic counters, no logging.
+//! acknowledgements) and one timer bounding all of its replicas, a short mutex section
+//! on the in-flight table (never held across an await), relaxed atomic counters, no
+//! logging. [`Engine::start_write`] / [`Engine::start_trim`] take a completion
+//! callback instead of returning a future, so the frontend can issue a write from a
+//! FUSE thread (sequenced and ordered there, in the kernel's order) without a task or
+//! a waiting thread of its own; the async [`Engine::write`] / [`Engine::trim`] are
+//! the same path with a oneshot as the callback.
 
 pub mod config;
 pub mod error;

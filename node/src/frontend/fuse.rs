@@ -14,11 +14,16 @@
 //!   thread halves 4 KiB QD32 throughput here.
 //! * `max_write` 1 MiB and a raised `max_background`, so large and queued requests are
 //!   not split or throttled by the kernel.
+//! * Reads, writes, fsyncs and hole punches are handed to the target's `submit_*`
+//!   methods with the reply object inside a [`Completion`]: a worker thread never
+//!   waits for the target, so the requests in flight are bounded by the kernel's
+//!   queues (`max_background`, the loop device's queue depth), not by `threads`. The
+//!   worker threads only parse requests and copy write payloads out of their receive
+//!   buffers; the replies are sent by whichever thread completes the request.
 //!
 //! The file cannot be truncated, renamed or removed. Its size changes only through
 //! [`FuseVolume::set_size`], which only grows it (volume expansion).
 
-use std::cell::RefCell;
 use std::ffi::OsStr;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -38,7 +43,7 @@ use nix::errno::Errno as NixErrno;
 use nix::mount::{umount2, MntFlags};
 
 use super::cleanup::read_mountinfo;
-use super::BlockTarget;
+use super::{BlockTarget, Completion, ReadCompletion};
 
 /// Name of the one file in the filesystem; the loop device is attached to
 /// `<mountpoint>/volume`.
@@ -55,8 +60,9 @@ const THREAD_EXIT_TIMEOUT: Duration = Duration::from_secs(10);
 /// on 2-core machines; tests and benchmarks change them to compare.
 #[derive(Debug, Clone)]
 pub struct FuseOptions {
-    /// Worker threads serving requests, each with its own cloned `/dev/fuse` fd. It is
-    /// also the number of requests the [`BlockTarget`] sees at once.
+    /// Worker threads serving requests, each with its own cloned `/dev/fuse` fd. A
+    /// target with synchronous `submit_*` methods sees at most this many requests at
+    /// once; an asynchronous one (the engine) sees whatever the kernel queues.
     pub threads: usize,
     /// Largest read or write the kernel sends in one request, in bytes.
     pub max_write: u32,
@@ -553,11 +559,6 @@ struct VolumeFs {
     created: SystemTime,
 }
 
-thread_local! {
-    /// Per worker thread read buffer, reused so a read costs no allocation.
-    static READ_BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
-}
-
 fn errno(code: i32) -> Errno {
     Errno::from_i32(code)
 }
@@ -689,19 +690,8 @@ impl Filesystem for VolumeFs {
             return reply.data(&[]);
         }
         let len = u64::from(size).min(end - offset) as usize;
-        READ_BUF.with_borrow_mut(|buf| {
-            if buf.len() < len {
-                buf.resize(len, 0);
-            }
-            let chunk = &mut buf[..len];
-            match self.target.read_at(offset, chunk) {
-                Ok(()) => reply.data(chunk),
-                Err(e) => {
-                    tracing::debug!(error = %e, "volume read failed");
-                    reply.error(errno(e.errno()))
-                }
-            }
-        })
+        self.target
+            .submit_read(offset, len, ReadCompletion::fuse(reply))
     }
 
     fn write(
@@ -727,13 +717,8 @@ impl Filesystem for VolumeFs {
             // The file never grows by writing past its end: the volume is fixed-size.
             _ => return reply.error(Errno::ENOSPC),
         }
-        match self.target.write_at(offset, data) {
-            Ok(()) => reply.written(len),
-            Err(e) => {
-                tracing::debug!(error = %e, "volume write failed");
-                reply.error(errno(e.errno()))
-            }
-        }
+        self.target
+            .submit_write(offset, data, Completion::fuse_write(reply, len))
     }
 
     fn flush(
@@ -749,10 +734,7 @@ impl Filesystem for VolumeFs {
         if ino != VOLUME_INO {
             return reply.ok();
         }
-        match self.target.flush() {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(e.errno())),
-        }
+        self.target.submit_flush(Completion::fuse_empty(reply))
     }
 
     fn fsync(
@@ -766,13 +748,7 @@ impl Filesystem for VolumeFs {
         if ino != VOLUME_INO {
             return reply.ok();
         }
-        match self.target.flush() {
-            Ok(()) => reply.ok(),
-            Err(e) => {
-                tracing::debug!(error = %e, "volume flush failed");
-                reply.error(errno(e.errno()))
-            }
-        }
+        self.target.submit_flush(Completion::fuse_empty(reply))
     }
 
     fn readdir(
@@ -840,13 +816,11 @@ impl Filesystem for VolumeFs {
                 if offset >= discard_end {
                     return reply.ok();
                 }
-                match self.target.discard(offset, discard_end - offset) {
-                    Ok(()) => reply.ok(),
-                    Err(e) => {
-                        tracing::debug!(error = %e, "volume discard failed");
-                        reply.error(errno(e.errno()))
-                    }
-                }
+                self.target.submit_discard(
+                    offset,
+                    discard_end - offset,
+                    Completion::fuse_empty(reply),
+                )
             }
             _ => reply.error(errno(libc::EOPNOTSUPP)),
         }

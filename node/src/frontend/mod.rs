@@ -9,6 +9,8 @@
 //! Layout:
 //! * [`BlockTarget`] and [`TargetError`] (this file): what the frontend serves. The
 //!   engine implements the trait; the frontend never knows about replicas.
+//! * [`completion`]: [`Completion`] and [`ReadCompletion`], how a target answers a
+//!   request it serves asynchronously (the `submit_*` methods of [`BlockTarget`]).
 //! * [`file_target`]: [`FileTarget`], a plain local file behind the trait, used by tests
 //!   and benchmarks to measure the transport alone.
 //! * [`fuse`]: [`FuseVolume`], the FUSE server with one file.
@@ -23,14 +25,17 @@
 //! goes the other way.
 
 pub mod cleanup;
+pub mod completion;
 pub mod file_target;
 pub mod fuse;
 pub mod loop_device;
 
+use std::cell::RefCell;
 use std::error::Error as StdError;
 use std::fmt;
 
 pub use cleanup::{cleanup_stale, cleanup_stale_except, CleanupError, CleanupReport};
+pub use completion::{Completion, ReadCompletion};
 pub use file_target::{FileTarget, FileTargetError};
 pub use fuse::{FuseError, FuseOptions, FuseVolume};
 pub use loop_device::{list_bound, LoopDevice, LoopError, LoopStatus};
@@ -38,18 +43,21 @@ pub use loop_device::{list_bound, LoopDevice, LoopError, LoopStatus};
 /// The storage the frontend exposes as a block device: a byte-addressed range of
 /// [`size`](BlockTarget::size) bytes.
 ///
-/// # Why a synchronous trait
+/// # Synchronous and completion-based methods
 ///
-/// The methods are called on FUSE worker threads, one request per thread at a time, and
-/// may block. An async engine implements them by `tokio::runtime::Handle::block_on` on
-/// its own runtime: the worker threads are plain OS threads, not runtime threads, so
-/// blocking there is allowed, and the request data is borrowed straight from the FUSE
-/// receive buffer with no copy and no boxed future. The price is that the number of
-/// requests in flight at the engine is bounded by [`FuseOptions::threads`]; the kernel
-/// queues the rest (up to `max_background`). On the 2-core machines this project
-/// targets, a handful of threads already saturates the CPU (see DESIGN.md), so this
-/// bound does not limit throughput there. A completion-based variant can be added
-/// beside this trait if a faster machine shows the limit.
+/// The frontend calls the `submit_*` methods on its FUSE worker threads. They start
+/// the request and may return before it is done; the target answers through the
+/// [`Completion`] / [`ReadCompletion`] it was given, from any thread. A target whose
+/// requests wait on the network (the engine) implements them by handing the request
+/// to its runtime, so the FUSE threads never wait and the kernel can keep as many
+/// requests in flight as its queues allow: with waiting worker threads, a 4-thread
+/// server had at most 4 replicated writes in flight, and QD32 barely beat QD1.
+///
+/// The default `submit_*` implementations call the synchronous methods on the calling
+/// thread and complete before returning, which is right for a target that does local
+/// I/O ([`FileTarget`]): its thread would block in the kernel anyway. The synchronous
+/// methods stay the simple interface for tests and for direct callers; they may block
+/// and must not be called from inside an async task.
 ///
 /// # Contract
 ///
@@ -79,6 +87,51 @@ pub trait BlockTarget: Send + Sync + 'static {
 
     /// Makes `len` bytes from `offset` read back as zeroes; the space may be freed.
     fn discard(&self, offset: u64, len: u64) -> Result<(), TargetError>;
+
+    /// Starts reading `len` bytes at `offset`; `done` gets them. Default: [`read_at`]
+    /// into a per-thread buffer, completed before returning.
+    ///
+    /// [`read_at`]: BlockTarget::read_at
+    fn submit_read(&self, offset: u64, len: usize, done: ReadCompletion) {
+        READ_BUF.with_borrow_mut(|buf| {
+            if buf.len() < len {
+                buf.resize(len, 0);
+            }
+            let chunk = &mut buf[..len];
+            match self.read_at(offset, chunk) {
+                Ok(()) => done.complete(Ok(chunk)),
+                Err(e) => done.complete(Err(e)),
+            }
+        })
+    }
+
+    /// Starts writing `data` at `offset` (the target copies what it keeps: `data` is
+    /// only borrowed for the call); `done` is answered once [`write_at`] would have
+    /// returned. Default: [`write_at`], completed before returning.
+    ///
+    /// [`write_at`]: BlockTarget::write_at
+    fn submit_write(&self, offset: u64, data: &[u8], done: Completion) {
+        done.complete(self.write_at(offset, data))
+    }
+
+    /// Starts a [`flush`](BlockTarget::flush): every write *completed* before this
+    /// call is durable once `done` is answered with `Ok`. Default: `flush`, completed
+    /// before returning.
+    fn submit_flush(&self, done: Completion) {
+        done.complete(self.flush())
+    }
+
+    /// Starts a [`discard`](BlockTarget::discard). Default: `discard`, completed before
+    /// returning.
+    fn submit_discard(&self, offset: u64, len: u64, done: Completion) {
+        done.complete(self.discard(offset, len))
+    }
+}
+
+thread_local! {
+    /// Per-thread read buffer of the default [`BlockTarget::submit_read`], reused so a
+    /// synchronous read costs no allocation.
+    static READ_BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Which [`BlockTarget`] operation failed; part of every [`TargetError`] so a log line

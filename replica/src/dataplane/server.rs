@@ -496,9 +496,16 @@ async fn write_loop(
     while let Some(out) = rx.recv().await {
         write_frame(&mut wr, &out.header, &out.payload).await?;
         drop(out);
-        // Batch whatever else is ready into the same flush.
-        while let Ok(out) = rx.try_recv() {
-            write_frame(&mut wr, &out.header, &out.payload).await?;
+        // Batch whatever else is ready into the same flush, yielding once in between
+        // so responses finishing right now join it (one `send` per batch; see the
+        // client's module doc for why that matters here).
+        for round in 0..2 {
+            if round == 1 {
+                tokio::task::yield_now().await;
+            }
+            while let Ok(out) = rx.try_recv() {
+                write_frame(&mut wr, &out.header, &out.payload).await?;
+            }
         }
         wr.flush().await?;
     }

@@ -54,12 +54,22 @@ pub async fn read_head<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<FrameHe
 }
 
 /// Reads the payload and trailer of `head` and verifies the crc.
+///
+/// The payload buffer is not zeroed first: the socket's bytes are read straight into
+/// its uninitialised capacity (tokio tracks what was filled), so a 1 MiB write costs
+/// one pass over the memory instead of a `memset` plus the copy.
 pub async fn read_body<R: AsyncRead + Unpin>(
     r: &mut R,
     head: &FrameHead,
 ) -> Result<Vec<u8>, ReadError> {
-    let mut payload = vec![0u8; head.payload_len];
-    r.read_exact(&mut payload).await?;
+    let mut payload = Vec::with_capacity(head.payload_len);
+    while payload.len() < head.payload_len {
+        let want = (head.payload_len - payload.len()) as u64;
+        // `take` keeps the read inside this frame even if the Vec got spare capacity.
+        if (&mut *r).take(want).read_buf(&mut payload).await? == 0 {
+            return Err(ReadError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+        }
+    }
     let mut trailer = [0u8; CRC_LEN];
     r.read_exact(&mut trailer).await?;
     check_crc(&head.raw, &payload, trailer)?;
