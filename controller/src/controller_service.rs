@@ -850,20 +850,13 @@ impl ControllerService {
                 self.index().upsert(best.clone());
                 return Ok(best);
             }
-            if !results
-                .iter()
-                .any(|r| r.as_ref().is_err_and(|e| e.code() == Code::Aborted))
-            {
-                let errs: Vec<String> = results
-                    .iter()
-                    .filter_map(|r| r.as_ref().err().map(|e| e.message().to_string()))
-                    .collect();
-                return Err(ControllerError::Unavailable(format!(
-                    "updating volume {} reached {confirmed} of {} replicas, a majority ({need}) is needed: {}",
-                    rec.volume_id,
-                    rec.replicas.len(),
-                    errs.join("; ")
-                )));
+            if let Some(e) = missed_majority(
+                &results,
+                &format!("updating volume {}", rec.volume_id),
+                confirmed,
+                rec.replicas.len(),
+            ) {
+                return Err(e);
             }
         }
         Err(ControllerError::Aborted(format!(
@@ -905,20 +898,13 @@ impl ControllerService {
             if ok >= need {
                 return Ok(new_epoch);
             }
-            if !results
-                .iter()
-                .any(|r| r.as_ref().is_err_and(|e| e.code() == Code::Aborted))
-            {
-                let errs: Vec<String> = results
-                    .iter()
-                    .filter_map(|r| r.as_ref().err().map(|e| e.message().to_string()))
-                    .collect();
-                return Err(ControllerError::Unavailable(format!(
-                    "raising the epoch of volume {} reached {ok} of {} replicas, a majority ({need}) is needed: {}",
-                    rec.volume_id,
-                    rec.replicas.len(),
-                    errs.join("; ")
-                )));
+            if let Some(e) = missed_majority(
+                &results,
+                &format!("raising the epoch of volume {}", rec.volume_id),
+                ok,
+                rec.replicas.len(),
+            ) {
+                return Err(e);
             }
         }
         Err(ControllerError::Aborted(format!(
@@ -1533,6 +1519,32 @@ fn condition(good: usize, total: usize, what: &str) -> VolumeCondition {
             message: format!("all {total} replicas {what}"),
         }
     }
+}
+
+/// Judges a compare-and-set round that reached fewer than a majority of `total` replicas:
+/// when some replica lost a race (ABORTED) the caller retries (`None`); otherwise retrying
+/// cannot help and the round is UNAVAILABLE, naming what each replica said.
+fn missed_majority<T>(
+    results: &[std::result::Result<T, Status>],
+    what: &str,
+    reached: usize,
+    total: usize,
+) -> Option<ControllerError> {
+    if results
+        .iter()
+        .any(|r| r.as_ref().is_err_and(|e| e.code() == Code::Aborted))
+    {
+        return None;
+    }
+    let errs: Vec<&str> = results
+        .iter()
+        .filter_map(|r| r.as_ref().err().map(|e| e.message()))
+        .collect();
+    Some(ControllerError::Unavailable(format!(
+        "{what} reached {reached} of {total} replicas, a majority ({}) is needed: {}",
+        majority(total),
+        errs.join("; ")
+    )))
 }
 
 /// The controller capabilities Tessera implements.
