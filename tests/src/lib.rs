@@ -13,6 +13,7 @@
 //! * [`process`]: [`Daemon`], one child process in its own process group, logging to
 //!   a file, killed (group-wide) on drop.
 //! * [`csi`]: gRPC clients over unix sockets and TCP.
+//! * [`direct_io`]: O_DIRECT reads/writes and reproducible data for byte checks.
 //! * [`fixtures`]: CSI request builders and list-everything helpers for tests.
 //! * [`lifecycle`]: ControllerPublish + NodeStage + NodePublish of a volume on a node,
 //!   and the way back, as the attacher and the kubelet call them.
@@ -27,6 +28,7 @@
 pub mod binaries;
 pub mod cluster;
 pub mod csi;
+pub mod direct_io;
 pub mod fixtures;
 pub mod lifecycle;
 pub mod mounts;

@@ -23,7 +23,6 @@
 
 use std::fs;
 use std::io::{Read, Write};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
@@ -32,14 +31,13 @@ use std::time::{Duration, Instant};
 use sha2::{Digest, Sha256};
 use tessera_csi_proto::v1::{NodeGetVolumeStatsRequest, Volume, VolumeCondition};
 use tessera_tests::csi::{ControllerClient, NodeClient};
+use tessera_tests::direct_io::{direct_read, direct_write, pattern};
 use tessera_tests::fixtures::create_request_with;
 use tessera_tests::lifecycle::{self, attach, block_capability, filesystem_capability, Attachment};
 use tessera_tests::{mounts, wait_until, Cluster, ClusterBuilder};
 
 const KIB: usize = 1 << 10;
 const MIB: usize = 1 << 20;
-/// Direct I/O alignment (and the volumes' block size).
-const ALIGN: usize = 4 * KIB;
 /// Longest a test waits for a write stream or a single I/O.
 const IO_TIMEOUT: Duration = Duration::from_secs(120);
 /// Item d: I/O below quorum must fail within this bound.
@@ -146,83 +144,11 @@ fn assert_node_clean(cluster: &Cluster, a: &Attachment) {
     );
 }
 
-/// Deterministic pseudo-random bytes (xorshift64*), different for every seed.
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        state ^= state >> 12;
-        state ^= state << 25;
-        state ^= state >> 27;
-        out.extend_from_slice(&state.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
-
 fn sha256_hex(data: &[u8]) -> String {
     Sha256::digest(data)
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
-}
-
-/// A heap buffer whose usable part starts on an [`ALIGN`] boundary, for O_DIRECT.
-struct AlignedBuf {
-    raw: Vec<u8>,
-    start: usize,
-    len: usize,
-}
-
-impl AlignedBuf {
-    fn zeroed(len: usize) -> AlignedBuf {
-        assert_eq!(
-            len % ALIGN,
-            0,
-            "direct I/O lengths are multiples of {ALIGN}"
-        );
-        let raw = vec![0u8; len + ALIGN];
-        let start = raw.as_ptr().align_offset(ALIGN);
-        AlignedBuf { raw, start, len }
-    }
-
-    fn from_slice(data: &[u8]) -> AlignedBuf {
-        let mut buf = AlignedBuf::zeroed(data.len());
-        buf.as_mut().copy_from_slice(data);
-        buf
-    }
-
-    fn as_ref(&self) -> &[u8] {
-        &self.raw[self.start..self.start + self.len]
-    }
-
-    fn as_mut(&mut self) -> &mut [u8] {
-        &mut self.raw[self.start..self.start + self.len]
-    }
-}
-
-fn open_direct(path: &Path, write: bool) -> std::io::Result<fs::File> {
-    fs::OpenOptions::new()
-        .read(true)
-        .write(write)
-        .custom_flags(nix::libc::O_DIRECT)
-        .open(path)
-}
-
-/// Writes `data` at `offset` with O_DIRECT (and O_DSYNC semantics via fdatasync).
-fn direct_write(path: &Path, offset: u64, data: &[u8]) -> std::io::Result<()> {
-    let file = open_direct(path, true)?;
-    let buf = AlignedBuf::from_slice(data);
-    file.write_all_at(buf.as_ref(), offset)?;
-    file.sync_data()
-}
-
-/// Reads `len` bytes at `offset` with O_DIRECT.
-fn direct_read(path: &Path, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
-    let file = open_direct(path, false)?;
-    let mut buf = AlignedBuf::zeroed(len);
-    file.read_exact_at(buf.as_mut(), offset)?;
-    Ok(buf.as_ref().to_vec())
 }
 
 /// Runs `f` on a thread of its own and waits at most `timeout` for it. `None` means

@@ -20,7 +20,6 @@
 
 use std::fs;
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
@@ -31,14 +30,13 @@ use tessera_csi_proto::v1::{
     CapacityRange, ControllerExpandVolumeRequest, NodeExpandVolumeRequest, Volume, VolumeCapability,
 };
 use tessera_tests::csi::{ControllerClient, NodeClient};
+use tessera_tests::direct_io::{direct_read, direct_write, pattern};
 use tessera_tests::fixtures::create_request_with;
 use tessera_tests::lifecycle::{self, attach, block_capability, filesystem_capability, Attachment};
 use tessera_tests::{wait_until, Cluster, ClusterBuilder};
 use tonic::Code;
 
-const KIB: usize = 1 << 10;
 const MIB: usize = 1 << 20;
-const ALIGN: usize = 4 * KIB;
 /// Longest a test waits for the writer or a single I/O.
 const IO_TIMEOUT: Duration = Duration::from_secs(180);
 
@@ -137,70 +135,10 @@ async fn expand(
     .capacity_bytes
 }
 
-/// Deterministic pseudo-random bytes (xorshift64*), different for every seed.
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        state ^= state >> 12;
-        state ^= state << 25;
-        state ^= state >> 27;
-        out.extend_from_slice(&state.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
-
 fn sha256(data: &[u8]) -> Vec<u8> {
     Sha256::digest(data).to_vec()
 }
 
-/// A heap buffer whose usable part starts on an [`ALIGN`] boundary, for O_DIRECT.
-struct AlignedBuf {
-    raw: Vec<u8>,
-    start: usize,
-    len: usize,
-}
-
-impl AlignedBuf {
-    fn zeroed(len: usize) -> AlignedBuf {
-        let raw = vec![0u8; len + ALIGN];
-        let start = raw.as_ptr().align_offset(ALIGN);
-        AlignedBuf { raw, start, len }
-    }
-
-    fn as_ref(&self) -> &[u8] {
-        &self.raw[self.start..self.start + self.len]
-    }
-
-    fn as_mut(&mut self) -> &mut [u8] {
-        &mut self.raw[self.start..self.start + self.len]
-    }
-}
-
-fn direct_read(path: &Path, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
-    let file = fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(nix::libc::O_DIRECT)
-        .open(path)?;
-    let mut buf = AlignedBuf::zeroed(len);
-    file.read_exact_at(buf.as_mut(), offset)?;
-    Ok(buf.as_ref().to_vec())
-}
-
-fn direct_write(path: &Path, offset: u64, data: &[u8]) -> std::io::Result<()> {
-    let file = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(nix::libc::O_DIRECT)
-        .open(path)?;
-    let mut buf = AlignedBuf::zeroed(data.len());
-    buf.as_mut().copy_from_slice(data);
-    file.write_all_at(buf.as_ref(), offset)?;
-    file.sync_data()
-}
-
-/// `df`'s size column for the filesystem at `path`, in bytes.
 fn df_size(path: &Path) -> u64 {
     let out = std::process::Command::new("df")
         .args(["-B1", "--output=size"])
