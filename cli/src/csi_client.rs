@@ -10,7 +10,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use hyper_util::rt::TokioIo;
 use tessera_csi_proto::v1::ProbeRequest;
 use tokio::net::UnixStream;
@@ -32,17 +32,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The socket path of a CSI endpoint: `unix:///path` or a plain path.
 pub fn socket_of(endpoint: &str) -> anyhow::Result<PathBuf> {
-    let path = match endpoint.strip_prefix("unix://") {
-        Some(rest) => rest,
-        None if endpoint.contains("://") => {
-            bail!("unsupported CSI endpoint {endpoint:?}: only unix:// sockets are supported")
-        }
-        None => endpoint,
-    };
-    if path.is_empty() {
-        bail!("CSI endpoint {endpoint:?} names no socket path");
-    }
-    Ok(PathBuf::from(path))
+    Ok(tessera_csi_proto::endpoint::unix_socket_path(endpoint)?)
 }
 
 /// The `unix://` endpoint URL of a socket path, as the daemons' `--endpoint` expects.

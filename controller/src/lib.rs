@@ -23,7 +23,7 @@
 pub mod capabilities;
 pub mod capacity;
 pub mod controller_service;
-pub mod endpoint;
+pub use tessera_csi_proto::endpoint;
 pub mod error;
 pub mod locks;
 pub mod metrics;

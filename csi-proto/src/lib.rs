@@ -6,6 +6,7 @@
 //!
 //! Layout:
 //! * [`v1`]: the code generated from `proto/csi.proto` (package `csi.v1`), unchanged.
+//! * [`endpoint`]: parsing of CSI `--endpoint` values (unix sockets, tcp for debugging).
 //! * [`identity`]: the CSI Identity service both plugins serve (the driver's name and
 //!   plugin capabilities are the same whichever process answers).
 //! * [`DRIVER_NAME`], [`TOPOLOGY_NODE_KEY`]: names every component must agree on.
@@ -19,6 +20,7 @@ pub mod v1 {
     tonic::include_proto!("csi.v1");
 }
 
+pub mod endpoint;
 pub mod identity;
 
 /// The CSI driver name: the CSIDriver object, StorageClass provisioner and

@@ -108,17 +108,7 @@ struct EngineHostArgs {
 
 /// Turns a CSI endpoint into a socket path.
 fn socket_path(endpoint: &str) -> anyhow::Result<PathBuf> {
-    let path = match endpoint.strip_prefix("unix://") {
-        Some(rest) => rest,
-        None if endpoint.contains("://") => {
-            bail!("unsupported CSI endpoint {endpoint:?}: only unix:// sockets are served")
-        }
-        None => endpoint,
-    };
-    if path.is_empty() {
-        bail!("CSI endpoint {endpoint:?} names no socket path");
-    }
-    Ok(PathBuf::from(path))
+    Ok(tessera_csi_proto::endpoint::unix_socket_path(endpoint)?)
 }
 
 /// Binds the socket, replacing a stale one left by an earlier run.

@@ -98,15 +98,15 @@ enum Command {
     },
 }
 
-fn socket_of(endpoint: &str) -> PathBuf {
-    PathBuf::from(endpoint.strip_prefix("unix://").unwrap_or(endpoint))
+fn socket_of(endpoint: &str) -> anyhow::Result<PathBuf> {
+    Ok(tessera_csi_proto::endpoint::unix_socket_path(endpoint)?)
 }
 
 async fn clients(e: &Endpoints) -> anyhow::Result<(ControllerClient, NodeClient)> {
-    let controller = connect_unix(&socket_of(&e.controller))
+    let controller = connect_unix(&socket_of(&e.controller)?)
         .await
         .with_context(|| format!("connecting to the controller at {}", e.controller))?;
-    let node = connect_unix(&socket_of(&e.node))
+    let node = connect_unix(&socket_of(&e.node)?)
         .await
         .with_context(|| format!("connecting to the node plugin at {}", e.node))?;
     Ok((ControllerClient::new(controller), NodeClient::new(node)))
