@@ -462,6 +462,7 @@ impl ControllerService {
             parameters: param_map,
             created_unix_nanos: now_nanos(),
             access_type: access.record_access_type().to_string(),
+            copy_source: None,
         };
         let rec = self.create_on_replicas(&create, true).await?;
         tracing::info!(volume = %volume_id, name = %req.name, size, nodes = ?replicas.iter().map(|r| &r.node_id).collect::<Vec<_>>(), "volume created");
@@ -528,6 +529,7 @@ impl ControllerService {
             parameters: rec.parameters.clone(),
             created_unix_nanos: rec.created_unix_nanos,
             access_type: rec.access_type.clone(),
+            copy_source: None,
         };
         let created = self.create_on_replicas(&create, false).await?;
         Ok(if newer(&rec, &created) { rec } else { created })

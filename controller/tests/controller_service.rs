@@ -734,6 +734,7 @@ async fn a_create_interrupted_after_one_replica_is_completed_by_the_retry() {
             parameters: params,
             created_unix_nanos: 1,
             access_type: "mount".into(),
+            copy_source: None,
         })
         .await
         .expect("CreateVolume on n2")

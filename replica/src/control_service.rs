@@ -333,6 +333,23 @@ impl ReplicaControl for ControlService {
             Ok(proto::ListSnapshotsResponse { snapshots }),
         )
     }
+
+    type ReadSnapshotBlocksStream =
+        tokio_stream::wrappers::ReceiverStream<Result<proto::SnapshotBlocks, Status>>;
+
+    async fn read_snapshot_blocks(
+        &self,
+        _request: Request<proto::ReadSnapshotBlocksRequest>,
+    ) -> Result<Response<Self::ReadSnapshotBlocksStream>, Status> {
+        Err(Status::unimplemented("ReadSnapshotBlocks is not built yet"))
+    }
+
+    async fn snapshot_ranges(
+        &self,
+        _request: Request<proto::SnapshotRangesRequest>,
+    ) -> Result<Response<proto::SnapshotRangesResponse>, Status> {
+        Err(Status::unimplemented("SnapshotRanges is not built yet"))
+    }
 }
 
 /// The wire form of a snapshot of the volume `rec`.

@@ -372,6 +372,8 @@ impl From<VolumeRecord> for proto::VolumeRecord {
             created_unix_nanos: r.created_unix_nanos,
             attachments: r.attachments.into_iter().map(Into::into).collect(),
             access_type: r.access_type,
+            copy_source: None,
+            copy: None,
         }
     }
 }
