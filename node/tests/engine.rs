@@ -297,7 +297,7 @@ async fn unresponsive_replicas_time_out() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn open_needs_a_majority_and_agreeing_sizes() {
+async fn open_needs_a_majority_and_takes_the_majority_size() {
     let mut cluster = Cluster::start(3, 4 * MIB).await;
 
     // Wrong expected size.
@@ -306,18 +306,40 @@ async fn open_needs_a_majority_and_agreeing_sizes() {
     let e = Engine::open(c).await.unwrap_err();
     assert!(matches!(e, EngineError::SizeMismatch { .. }), "{e}");
 
-    // A replica of another size.
+    // A replica larger than the other two (an expansion that reached a minority):
+    // the volume keeps the size the majority holds, and the larger one stays in sync.
     let odd = engine_support::TestReplica::start("node-odd").await;
     odd.registry.create(&cluster.volume_id, 8 * MIB, 1);
     let mut c = cluster.config(1, "node-0", SHORT);
     c.expected_size = None;
     c.replicas[2].data_address = odd.addr.to_string();
     c.replicas[2].node_id = "node-odd".into();
-    let e = Engine::open(c).await.unwrap_err();
-    assert!(
-        matches!(&e, EngineError::SizeMismatch { sizes, .. } if sizes.contains("node-odd=8388608")),
-        "{e}"
-    );
+    let engine = Engine::open(c).await.unwrap();
+    assert_eq!(engine.size(), 4 * MIB);
+    assert!(stale_reason(&engine, "node-odd").is_none());
+    engine.close().await.unwrap();
+
+    // Two replicas grew and one missed it (it was down): the volume has the new size
+    // and the small one starts stale, saying why.
+    let big = engine_support::TestReplica::start("node-big").await;
+    big.registry.create(&cluster.volume_id, 8 * MIB, 1);
+    let mut c = cluster.config(1, "node-0", SHORT);
+    c.expected_size = Some(8 * MIB);
+    c.replicas[1].data_address = big.addr.to_string();
+    c.replicas[1].node_id = "node-big".into();
+    c.replicas[2].data_address = odd.addr.to_string();
+    c.replicas[2].node_id = "node-odd".into();
+    let engine = Engine::open(c).await.unwrap();
+    assert_eq!(engine.size(), 8 * MIB);
+    assert!(stale_reason(&engine, "node-0")
+        .unwrap()
+        .contains("missed an expansion"));
+    assert!(stale_reason(&engine, "node-big").is_none());
+    engine
+        .write(6 * MIB, Bytes::from(pattern(3, BS as usize)))
+        .await
+        .unwrap();
+    engine.close().await.unwrap();
 
     // Two of three reachable: opens, the third starts stale.
     cluster.replicas[0].kill().await;

@@ -20,8 +20,9 @@
 //!
 //! * **Open** connects to every replica in parallel, each bounded by the request
 //!   timeout, and needs a majority connected. Replicas that cannot be reached start
-//!   out stale. All connected replicas must report the same size (and the size the
-//!   controller recorded, when given); the engine refuses to guess otherwise. A
+//!   out stale. The volume's size is the largest one a majority of the replica set
+//!   reports (at least the size the controller recorded, when given); a connected
+//!   replica below it missed an expansion and starts stale too. A
 //!   replica that answers `STALE_EPOCH` at HELLO means the volume has already moved:
 //!   open fails with [`EngineError::Fenced`].
 //! * **Writes and trims** are sent to every in-sync replica in parallel (one shared
@@ -70,8 +71,8 @@
 //! The size is learnt at open and grows only through [`Engine::resize`], which the
 //! engine-host calls after the controller expanded the replicas: it re-reads the
 //! replicas' sizes with a fresh HELLO each and adopts the largest size a majority
-//! holds. Open accepts replicas larger than the size recorded at publish time (the
-//! volume may have grown since), but still requires the connected replicas to agree.
+//! holds. Open applies the same rule (replicas may be larger than the size recorded at
+//! publish time: the volume may have grown since).
 //!
 //! # Cost per I/O
 //!
@@ -248,8 +249,8 @@ fn bits(mask: u32) -> impl Iterator<Item = usize> {
 
 impl Engine {
     /// Connects to the volume's replicas and returns a ready engine, or fails if a
-    /// majority cannot be reached, a replica holds a newer epoch, or the replicas
-    /// disagree on the size. Takes at most about one request timeout.
+    /// majority cannot be reached, a replica holds a newer epoch, or no majority holds
+    /// the size the controller recorded. Takes at most about one request timeout.
     pub async fn open(config: EngineConfig) -> Result<Engine, EngineError> {
         config.validate()?;
         let client_config = ClientConfig {
@@ -323,11 +324,17 @@ impl Engine {
                 failures,
             });
         }
-        let size = sizes[0].1;
-        let agree = sizes.iter().all(|(_, s)| *s == size);
+        // The volume's size is the largest one a majority holds (sizes only grow, and
+        // an expansion needs a majority). A connected replica below it missed an
+        // expansion while it was down: it cannot take writes past its end, so it starts
+        // stale like an unreachable one. A replica above it (an expansion that reached
+        // only a minority so far) serves the smaller volume unharmed.
+        let mut by_size: Vec<u64> = sizes.iter().map(|(_, s)| *s).collect();
+        by_size.sort_unstable_by(|a, b| b.cmp(a));
+        let size = by_size[quorum - 1];
         // The recorded size is the one at publish time; the volume may have been
         // expanded since (the publish_context is not refreshed), so larger is fine.
-        if !agree || config.expected_size.is_some_and(|e| e > size) {
+        if config.expected_size.is_some_and(|e| e > size) {
             let mut list: Vec<String> = sizes.iter().map(|(n, s)| format!("{n}={s}")).collect();
             if let Some(e) = config.expected_size {
                 list.push(format!("expected={e}"));
@@ -336,6 +343,14 @@ impl Engine {
                 volume_id: config.volume_id,
                 sizes: list.join(", "),
             });
+        }
+        for (node, replica_size) in sizes.iter().filter(|(_, s)| *s < size) {
+            let reason =
+                format!("holds {replica_size} bytes, the volume {size}: it missed an expansion");
+            if let Some(r) = replicas.iter().find(|r| &r.node_id == node) {
+                r.stale.store(true, Ordering::Release);
+                *lock(&r.stale_info) = Some((reason, now));
+            }
         }
         for r in replicas.iter().filter(|r| r.is_stale()) {
             if let Some((reason, _)) = &*lock(&r.stale_info) {
