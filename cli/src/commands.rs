@@ -1,15 +1,17 @@
 //! The small operator commands: `tessera volumes` and `tessera replicas`.
 //!
-//! Both only read: `volumes` asks the controller (CSI ListVolumes) and, for the names
-//! CSI does not carry, the replica daemons' records; `replicas` asks each daemon for
-//! its GetInfo.
+//! Both only read: `volumes` asks the controller (CSI ListVolumes) and, for what CSI
+//! does not carry (names, the progress of a restore or clone), the replica daemons'
+//! records; `replicas` asks each daemon for its GetInfo.
 
 use std::collections::HashMap;
 use std::time::Duration;
 
 use anyhow::{anyhow, Context};
 use tessera_csi_proto::v1::ListVolumesRequest;
-use tessera_replica::control_proto::{GetInfoRequest, ListVolumesRequest as RecordsRequest};
+use tessera_replica::control_proto::{
+    GetInfoRequest, ListVolumesRequest as RecordsRequest, VolumeRecord,
+};
 
 use crate::csi_client::{self, ControllerClient};
 use crate::demo::human_bytes;
@@ -62,7 +64,7 @@ pub async fn volumes(controller: &str, replicas: &[String]) -> anyhow::Result<()
         }
         token = page.next_token;
     }
-    let names = names_from_replicas(replicas).await;
+    let details = details_from_replicas(replicas).await;
     let rows: Vec<Vec<String>> = entries
         .into_iter()
         .filter_map(|e| {
@@ -79,37 +81,94 @@ pub async fn volumes(controller: &str, replicas: &[String]) -> anyhow::Result<()
             } else {
                 status.published_node_ids.join(",")
             };
+            let detail = details.get(&volume.volume_id);
             Some(vec![
                 volume.volume_id.clone(),
-                names
-                    .get(&volume.volume_id)
-                    .cloned()
+                detail
+                    .map(|d| d.name.clone())
                     .unwrap_or_else(|| "-".to_owned()),
                 human_bytes(volume.capacity_bytes),
+                detail
+                    .and_then(VolumeDetail::copy_state)
+                    .unwrap_or_else(|| "-".to_owned()),
                 published,
                 condition,
             ])
         })
         .collect();
-    print_table(&["ID", "NAME", "SIZE", "PUBLISHED", "CONDITION"], &rows);
+    print_table(
+        &["ID", "NAME", "SIZE", "COPY", "PUBLISHED", "CONDITION"],
+        &rows,
+    );
     Ok(())
 }
 
-/// Volume names by id from the replica daemons' records (CSI has no names in
-/// ListVolumes). Daemons that do not answer are skipped: names are a convenience.
-async fn names_from_replicas(replicas: &[String]) -> HashMap<String, String> {
-    let mut names = HashMap::new();
+/// What the replica records say about one volume beyond CSI.
+#[derive(Debug, Default)]
+struct VolumeDetail {
+    name: String,
+    /// Restored or cloned: whether from a volume (clone).
+    clone: Option<bool>,
+    /// Copy progress summed over the replicas that answered.
+    done_bytes: u64,
+    total_bytes: u64,
+    /// Every replica that answered has its copy complete.
+    complete: bool,
+}
+
+impl VolumeDetail {
+    fn add(&mut self, rec: VolumeRecord) {
+        if self.name.is_empty() {
+            self.name = rec.name;
+        }
+        if let Some(src) = rec.copy_source {
+            self.clone = Some(src.clone);
+            let (done, total, complete) = rec.copy.map_or((0, src.size_bytes, false), |c| {
+                (c.done_bytes, c.total_bytes, c.complete)
+            });
+            self.done_bytes = self.done_bytes.saturating_add(done.min(total));
+            self.total_bytes = self.total_bytes.saturating_add(total);
+            self.complete &= complete;
+        }
+    }
+
+    /// "restoring 43%" / "cloning 43%" while the copy runs; `None` otherwise.
+    fn copy_state(&self) -> Option<String> {
+        let verb = if self.clone? { "cloning" } else { "restoring" };
+        if self.complete {
+            return None;
+        }
+        let percent = if self.total_bytes == 0 {
+            0
+        } else {
+            u128::from(self.done_bytes) * 100 / u128::from(self.total_bytes)
+        };
+        Some(format!("{verb} {percent}%"))
+    }
+}
+
+/// Names and copy progress by volume id from the replica daemons' records (CSI has
+/// neither in ListVolumes). Daemons that do not answer are skipped: this is a
+/// convenience.
+async fn details_from_replicas(replicas: &[String]) -> HashMap<String, VolumeDetail> {
+    let mut details: HashMap<String, VolumeDetail> = HashMap::new();
     for addr in replicas {
         let Ok(mut client) = csi_client::replica(addr, RPC_TIMEOUT).await else {
             continue;
         };
         if let Ok(resp) = client.list_volumes(RecordsRequest {}).await {
             for rec in resp.into_inner().volumes {
-                names.entry(rec.volume_id).or_insert(rec.name);
+                details
+                    .entry(rec.volume_id.clone())
+                    .or_insert_with(|| VolumeDetail {
+                        complete: true,
+                        ..Default::default()
+                    })
+                    .add(rec);
             }
         }
     }
-    names
+    details
 }
 
 /// `tessera replicas`: GetInfo of each daemon; one that does not answer is listed
@@ -160,4 +219,49 @@ pub async fn replicas(replicas: &[String]) -> anyhow::Result<()> {
         .context("tessera replicas");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tessera_replica::control_proto::{CopyProgress, CopySource};
+
+    fn rec(clone: bool, done: u64, complete: bool) -> VolumeRecord {
+        VolumeRecord {
+            name: "pvc".into(),
+            copy_source: Some(CopySource {
+                clone,
+                size_bytes: 100,
+                ..Default::default()
+            }),
+            copy: Some(CopyProgress {
+                done_bytes: done,
+                total_bytes: 100,
+                complete,
+                last_error: String::new(),
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn detail(recs: Vec<VolumeRecord>) -> VolumeDetail {
+        let mut d = VolumeDetail {
+            complete: true,
+            ..Default::default()
+        };
+        recs.into_iter().for_each(|r| d.add(r));
+        d
+    }
+
+    #[test]
+    fn copy_state_shows_progress_until_every_replica_is_done() {
+        let d = detail(vec![rec(false, 100, true), rec(false, 30, false)]);
+        assert_eq!(d.name, "pvc");
+        assert_eq!(d.copy_state().as_deref(), Some("restoring 65%"));
+        let c = detail(vec![rec(true, 0, false)]);
+        assert_eq!(c.copy_state().as_deref(), Some("cloning 0%"));
+        assert_eq!(detail(vec![rec(true, 100, true)]).copy_state(), None);
+        let plain = detail(vec![VolumeRecord::default()]);
+        assert_eq!(plain.copy_state(), None);
+    }
 }

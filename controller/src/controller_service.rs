@@ -6,9 +6,10 @@
 //! majority confirmed. The index is updated after the replicas, never before, so a
 //! crash in between loses nothing: the next start rebuilds the index from the records.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tessera_csi_proto::v1::controller_server::Controller;
 use tessera_csi_proto::v1::controller_service_capability::rpc::Type as RpcType;
@@ -16,9 +17,8 @@ use tessera_csi_proto::v1::controller_service_capability::{Rpc, Type as CapType}
 use tessera_csi_proto::v1::{self as csi, Topology, TopologyRequirement, VolumeCondition};
 use tessera_csi_proto::{TOPOLOGY_NODE_KEY, TOPOLOGY_ZONE_KEY};
 use tessera_replica::control_proto::{
-    Attachment, CreateSnapshotRequest, CreateVolumeRequest, DeleteSnapshotRequest,
-    ExpandVolumeRequest, RaiseEpochRequest, ReplicaRef, SnapshotRecord, UpdateVolumeRequest,
-    VolumeRecord,
+    Attachment, CreateVolumeRequest, ExpandVolumeRequest, RaiseEpochRequest, ReplicaRef,
+    UpdateVolumeRequest, VolumeRecord,
 };
 use tonic::{Code, Request, Response, Status};
 
@@ -31,62 +31,40 @@ use crate::parameters::{self, DataLocality, VolumeParameters};
 use crate::placement::{self, Candidate, PlacementRequest};
 use crate::publish::{self, majority, PublishDecision};
 use crate::replica_pool::{join_all, ReplicaPool};
+use crate::restore::{self, RequestedSource};
+use crate::snapshots::{self, FoundSnapshot};
 use crate::volume_index::{self, is_volume_id, newer, volume_id_for_name, VolumeIndex};
 
-/// Prefix of snapshot ids (`ts-` + 32 hex chars of sha256(name)), so a CreateSnapshot
-/// retried after a crash lands on the same id, and snapshot ids never collide with
-/// volume ids.
-const SNAPSHOT_ID_PREFIX: &str = "ts-";
 /// Prefix of ListSnapshots tokens.
 const SNAPSHOT_TOKEN_PREFIX: &str = "s1-";
 
-/// The snapshot id of a CSI snapshot name.
-pub fn snapshot_id_for_name(name: &str) -> String {
-    use sha2::Digest;
-    let digest = sha2::Sha256::digest(name.as_bytes());
-    format!("{SNAPSHOT_ID_PREFIX}{}", hex::encode(&digest[..16]))
-}
-
-/// A snapshot as the replicas report it: the record and which daemons sealed it.
-#[derive(Debug, Clone)]
-struct FoundSnapshot {
-    record: SnapshotRecord,
-    /// Control addresses of the daemons holding it.
-    holders: Vec<String>,
-}
-
-impl FoundSnapshot {
-    /// Ready once a majority of the source's replicas sealed it: only then is every
-    /// write acknowledged before the CreateSnapshot in some sealed copy.
-    fn ready(&self) -> bool {
-        self.holders.len() >= majority(self.record.replication_factor.max(1) as usize)
-    }
-
-    fn to_csi(&self) -> csi::Snapshot {
-        let nanos = self.record.created_unix_nanos;
-        csi::Snapshot {
-            size_bytes: size_i64(self.record.size_bytes),
-            snapshot_id: self.record.snapshot_id.clone(),
-            source_volume_id: self.record.source_volume_id.clone(),
-            creation_time: Some(prost_types::Timestamp {
-                seconds: nanos.div_euclid(1_000_000_000),
-                nanos: i32::try_from(nanos.rem_euclid(1_000_000_000)).unwrap_or(0),
-            }),
-            ready_to_use: self.ready(),
-            group_snapshot_id: String::new(),
-        }
-    }
-}
+pub use crate::snapshots::snapshot_id_for_name;
 
 /// How often a compare-and-set round is retried after losing a race.
 const CAS_ATTEMPTS: usize = 5;
 
+/// How long a CreateVolume with a content source waits for the copy by default
+/// before it answers ABORTED with the progress (the CO retries).
+pub const DEFAULT_COPY_WAIT: Duration = Duration::from_secs(8);
+
 /// Settings of the controller service that do not come from the replicas.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct ControllerConfig {
     /// Node ids volumes may be published to besides the replica daemons' nodes
     /// (compute-only nodes).
     pub extra_nodes: BTreeSet<String>,
+    /// How long CreateVolume waits for a restore or clone to be copied on every
+    /// replica before answering ABORTED with the progress (`--copy-wait`).
+    pub copy_wait: Duration,
+}
+
+impl Default for ControllerConfig {
+    fn default() -> Self {
+        Self {
+            extra_nodes: BTreeSet::new(),
+            copy_wait: DEFAULT_COPY_WAIT,
+        }
+    }
 }
 
 /// Implements `csi.v1.Controller` over a pool of replica daemons.
@@ -102,6 +80,8 @@ struct Inner {
     locks: KeyedLocks,
     cfg: ControllerConfig,
     metrics: Arc<Metrics>,
+    /// Set while a background sweep of internal clone snapshots runs.
+    sweeping: AtomicBool,
 }
 
 type Result<T, E = ControllerError> = std::result::Result<T, E>;
@@ -126,9 +106,9 @@ pub async fn load_index(pool: &ReplicaPool) -> (VolumeIndex, usize) {
 }
 
 /// What the replicas of one volume answered to GetVolume.
-struct Reads {
+pub(crate) struct Reads {
     /// Per replica in record order: its current reference and its answer.
-    answers: Vec<(ReplicaRef, std::result::Result<VolumeRecord, Status>)>,
+    pub(crate) answers: Vec<(ReplicaRef, std::result::Result<VolumeRecord, Status>)>,
 }
 
 impl Reads {
@@ -137,10 +117,10 @@ impl Reads {
             .iter()
             .filter_map(|(r, a)| a.as_ref().ok().map(|rec| (r, rec)))
     }
-    fn ok_count(&self) -> usize {
+    pub(crate) fn ok_count(&self) -> usize {
         self.ok().count()
     }
-    fn freshest(&self) -> Option<VolumeRecord> {
+    pub(crate) fn freshest(&self) -> Option<VolumeRecord> {
         self.ok()
             .map(|(_, r)| r)
             .fold(None, |best: Option<&VolumeRecord>, r| match best {
@@ -216,7 +196,8 @@ fn required(field: &str, value: &str) -> Result<()> {
     Ok(())
 }
 
-fn now_nanos() -> i64 {
+/// Now, in nanoseconds since the Unix epoch (record timestamps).
+pub(crate) fn now_nanos() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
@@ -242,6 +223,7 @@ impl ControllerService {
                 locks: KeyedLocks::default(),
                 cfg,
                 metrics,
+                sweeping: AtomicBool::new(false),
             }),
         }
     }
@@ -270,12 +252,22 @@ impl ControllerService {
         }
     }
 
-    fn pool(&self) -> &ReplicaPool {
+    pub(crate) fn pool(&self) -> &ReplicaPool {
         &self.inner.pool
     }
 
-    fn index(&self) -> &VolumeIndex {
+    pub(crate) fn index(&self) -> &VolumeIndex {
         &self.inner.index
+    }
+
+    /// Per-volume locks; every call that changes a volume holds its key.
+    pub(crate) fn locks(&self) -> &KeyedLocks {
+        &self.inner.locks
+    }
+
+    /// How long CreateVolume waits for a copy (`--copy-wait`).
+    pub(crate) fn copy_wait(&self) -> Duration {
+        self.inner.cfg.copy_wait
     }
 
     /// Node ids a volume may be published to.
@@ -287,7 +279,7 @@ impl ControllerService {
 
     /// The record of `volume_id`: from the index, else from any live daemon (lazy
     /// refresh after another controller instance or a daemon that was down at start).
-    async fn lookup(&self, volume_id: &str) -> Option<VolumeRecord> {
+    pub(crate) async fn lookup(&self, volume_id: &str) -> Option<VolumeRecord> {
         if let Some(r) = self.index().get(volume_id) {
             return Some(r);
         }
@@ -313,7 +305,7 @@ impl ControllerService {
     }
 
     /// GetVolume on every replica of `rec`, in parallel.
-    async fn read_replicas(&self, rec: &VolumeRecord) -> Reads {
+    pub(crate) async fn read_replicas(&self, rec: &VolumeRecord) -> Reads {
         let refs: Vec<ReplicaRef> = rec
             .replicas
             .iter()
@@ -344,7 +336,7 @@ impl ControllerService {
             capacity_bytes: size_i64(rec.size_bytes),
             volume_id: rec.volume_id.clone(),
             volume_context: rec.parameters.clone(),
-            content_source: None,
+            content_source: rec.copy_source.as_ref().map(restore::content_source),
             accessible_topology,
         }
     }
@@ -362,24 +354,7 @@ impl ControllerService {
     async fn do_create(&self, req: csi::CreateVolumeRequest) -> Result<csi::CreateVolumeResponse> {
         required("name", &req.name)?;
         let access = capabilities::validate_all(&req.volume_capabilities)?;
-        if let Some(source) = &req.volume_content_source {
-            use csi::volume_content_source::Type as Source;
-            // A source that does not exist is NOT_FOUND, as the spec asks; restoring
-            // an existing snapshot (copying its blocks) is not built yet.
-            if let Some(Source::Snapshot(s)) = &source.r#type {
-                if !self.scan_snapshots().await?.contains_key(&s.snapshot_id) {
-                    return Err(ControllerError::SnapshotNotFound(s.snapshot_id.clone()));
-                }
-            }
-            if let Some(Source::Volume(v)) = &source.r#type {
-                if self.lookup(&v.volume_id).await.is_none() {
-                    return Err(ControllerError::VolumeNotFound(v.volume_id.clone()));
-                }
-            }
-            return Err(ControllerError::InvalidArgument(
-                "volume_content_source is not supported yet: Tessera cannot restore snapshots or clone volumes".into(),
-            ));
-        }
+        let source = RequestedSource::from_csi(req.volume_content_source.as_ref())?;
         // A VolumeAttributesClass's parameters arrive as mutable_parameters and win over
         // the StorageClass's for the keys they name.
         let params = if req.mutable_parameters.is_empty() {
@@ -398,6 +373,8 @@ impl ControllerService {
             }
             (p, c) => p.or(c).unwrap_or_default(),
         };
+        // A restore or clone takes its size from the source (checked once the source
+        // is found); the range is validated here either way.
         let size = capacity::resolve_size(req.capacity_range.as_ref())?;
         let topo = TopologyRequest::from_csi(req.accessibility_requirements.as_ref());
         let param_map = params.to_map(fs_type);
@@ -410,12 +387,72 @@ impl ControllerService {
         let _guard = self.inner.locks.lock(&volume_id).await;
         if let Some(existing) = self.lookup(&volume_id).await {
             self.check_compatible(&existing, &req, &access, &param_map, &topo)?;
+            if !restore::same_source(source.as_ref(), existing.copy_source.as_ref()) {
+                return Err(ControllerError::AlreadyExists(format!(
+                    "volume {:?} exists with another content source",
+                    req.name
+                )));
+            }
             let rec = self.complete_create(existing).await?;
+            let rec = self.finish_copy(rec).await?;
             return Ok(csi::CreateVolumeResponse {
                 volume: Some(self.volume(&rec, &topo.requisite)),
             });
         }
+        let (size, copy_source, source_guard) = match &source {
+            None => (size, None, None),
+            Some(s) => {
+                let (size, copy, guard) = self
+                    .prepare_copy(s, &volume_id, req.capacity_range.as_ref())
+                    .await?;
+                (size, Some(copy), guard)
+            }
+        };
+        let preferred = match params.data_locality {
+            DataLocality::BestEffort => topo.preferred_node.as_deref(),
+            DataLocality::Disabled => None,
+        };
+        let create = CreateVolumeRequest {
+            volume_id: volume_id.clone(),
+            name: req.name.clone(),
+            size_bytes: size,
+            replication_factor: params.replication_factor,
+            replicas: Vec::new(),
+            parameters: param_map,
+            created_unix_nanos: now_nanos(),
+            access_type: access.record_access_type().to_string(),
+            copy_source: copy_source.clone(),
+        };
+        let created = self
+            .place_and_create(create, topo.allowed_zones.as_ref(), preferred)
+            .await;
+        // The new volume is in the index (or nothing was created): the source may
+        // change again while the copy runs.
+        drop(source_guard);
+        let rec = match created {
+            Ok(rec) => rec,
+            Err(e) => {
+                if let Some(copy) = copy_source.filter(|c| c.clone) {
+                    self.drop_internal_snapshot(&copy.snapshot_id).await;
+                }
+                return Err(e);
+            }
+        };
+        let rec = self.finish_copy(rec).await?;
+        Ok(csi::CreateVolumeResponse {
+            volume: Some(self.volume(&rec, &topo.requisite)),
+        })
+    }
 
+    /// Places the replicas of the new volume `create` describes (its `replicas` are
+    /// filled in here) and creates them: a majority must succeed, a failed attempt is
+    /// rolled back.
+    async fn place_and_create(
+        &self,
+        mut create: CreateVolumeRequest,
+        allowed_zones: Option<&BTreeSet<String>>,
+        preferred_node: Option<&str>,
+    ) -> Result<VolumeRecord> {
         self.pool().refresh_infos().await;
         let live = self.pool().live();
         let candidates: Vec<Candidate> = live
@@ -427,18 +464,14 @@ impl ControllerService {
                 free_bytes: info.free_bytes,
             })
             .collect();
-        let preferred = match params.data_locality {
-            DataLocality::BestEffort => topo.preferred_node.as_deref(),
-            DataLocality::Disabled => None,
-        };
         let chosen = placement::place(
             &candidates,
             &PlacementRequest {
-                volume_id: &volume_id,
-                size_bytes: size,
-                replication_factor: params.replication_factor as usize,
-                allowed_zones: topo.allowed_zones.as_ref(),
-                preferred_node: preferred,
+                volume_id: &create.volume_id,
+                size_bytes: create.size_bytes,
+                replication_factor: create.replication_factor as usize,
+                allowed_zones,
+                preferred_node,
             },
         )?;
         let replicas: Vec<ReplicaRef> = chosen
@@ -453,22 +486,17 @@ impl ControllerService {
                 }
             })
             .collect();
-        let create = CreateVolumeRequest {
-            volume_id: volume_id.clone(),
-            name: req.name.clone(),
-            size_bytes: size,
-            replication_factor: params.replication_factor,
-            replicas: replicas.clone(),
-            parameters: param_map,
-            created_unix_nanos: now_nanos(),
-            access_type: access.record_access_type().to_string(),
-            copy_source: None,
-        };
+        create.replicas = replicas;
         let rec = self.create_on_replicas(&create, true).await?;
-        tracing::info!(volume = %volume_id, name = %req.name, size, nodes = ?replicas.iter().map(|r| &r.node_id).collect::<Vec<_>>(), "volume created");
-        Ok(csi::CreateVolumeResponse {
-            volume: Some(self.volume(&rec, &topo.requisite)),
-        })
+        tracing::info!(
+            volume = %create.volume_id,
+            name = %create.name,
+            size = create.size_bytes,
+            nodes = ?create.replicas.iter().map(|r| &r.node_id).collect::<Vec<_>>(),
+            source = ?create.copy_source.as_ref().map(restore::describe),
+            "volume created"
+        );
+        Ok(rec)
     }
 
     fn check_compatible(
@@ -529,7 +557,9 @@ impl ControllerService {
             parameters: rec.parameters.clone(),
             created_unix_nanos: rec.created_unix_nanos,
             access_type: rec.access_type.clone(),
-            copy_source: None,
+            // The same source again: a replica that missed the first create starts
+            // its copy, the others answer with their record.
+            copy_source: rec.copy_source.clone(),
         };
         let created = self.create_on_replicas(&create, false).await?;
         Ok(if newer(&rec, &created) { rec } else { created })
@@ -662,6 +692,10 @@ impl ControllerService {
         }
         self.index().remove(&rec.volume_id);
         tracing::info!(volume = %rec.volume_id, name = %rec.name, "volume deleted");
+        if let Some(copy) = rec.copy_source.as_ref().filter(|c| c.clone) {
+            // A clone deleted before its copy finished leaves its internal snapshot.
+            self.drop_internal_snapshot(&copy.snapshot_id).await;
+        }
         Ok(csi::DeleteVolumeResponse {})
     }
 
@@ -953,47 +987,34 @@ impl ControllerService {
         Ok(csi::ControllerModifyVolumeResponse {})
     }
 
-    /// Every snapshot the live daemons hold, by id. Snapshot records live only on the
-    /// replicas (next to the sealed layers), so asking them is what makes a
-    /// controller restart lose nothing; the listing is in-memory on each daemon.
-    /// Fails when no daemon answers at all.
-    async fn scan_snapshots(&self) -> Result<std::collections::BTreeMap<String, FoundSnapshot>> {
-        let live = self.pool().live();
-        let lists = join_all(
-            live.iter()
-                .map(|(addr, _)| self.pool().list_snapshots(addr)),
-        )
-        .await;
-        let mut found: std::collections::BTreeMap<String, FoundSnapshot> = Default::default();
-        let mut answered = 0;
-        for ((addr, _), list) in live.iter().zip(lists) {
-            let Ok(list) = list else { continue };
-            answered += 1;
-            for rec in list {
-                let entry = found
-                    .entry(rec.snapshot_id.clone())
-                    .or_insert_with(|| FoundSnapshot {
-                        record: rec.clone(),
-                        holders: Vec::new(),
-                    });
-                entry.record.source_deleted &= rec.source_deleted;
-                entry.holders.push(addr.clone());
-            }
+    /// Every user snapshot the live daemons hold, by id; internal clone snapshots are
+    /// left out, since no CSI call may see them. Fails when no daemon answers at all.
+    pub(crate) async fn user_snapshots(&self) -> Result<BTreeMap<String, FoundSnapshot>> {
+        let mut all = snapshots::scan(self.pool()).await?;
+        let before = all.len();
+        all.retain(|id, _| !snapshots::is_internal(id));
+        if all.len() != before {
+            self.sweep_in_background();
         }
-        if answered == 0 && !live.is_empty() {
-            return Err(ControllerError::Unavailable(
-                "no replica daemon answered ListSnapshots".into(),
-            ));
+        Ok(all)
+    }
+
+    /// Starts a sweep of internal clone snapshots unless one is running: seeing one
+    /// is the opportunity to drop those whose clone is done.
+    fn sweep_in_background(&self) {
+        if self.inner.sweeping.swap(true, Ordering::AcqRel) {
+            return;
         }
-        Ok(found)
+        let svc = self.clone();
+        tokio::spawn(async move {
+            svc.sweep_clone_snapshots().await;
+            svc.inner.sweeping.store(false, Ordering::Release);
+        });
     }
 
     /// CreateSnapshot: the controller seals the source's head on every replica (the
-    /// same call whether the volume is attached or not). Each replica seals
-    /// atomically with respect to writes, writes acknowledged before the call are on
-    /// a majority, and the snapshot needs a majority sealed, so every acknowledged
-    /// write is in at least one sealed copy; copies differ at most in writes in
-    /// flight during the call, and a restore keeps the highest seq per block.
+    /// same call whether the volume is attached or not); see [`snapshots::seal`] for
+    /// why a majority sealed holds every acknowledged write.
     async fn do_create_snapshot(
         &self,
         req: csi::CreateSnapshotRequest,
@@ -1002,7 +1023,7 @@ impl ControllerService {
         required("source_volume_id", &req.source_volume_id)?;
         let id = snapshot_id_for_name(&req.name);
         let _guard = self.inner.locks.lock(&req.source_volume_id).await;
-        let existing = self.scan_snapshots().await?.remove(&id);
+        let existing = self.user_snapshots().await?.remove(&id);
         if let Some(found) = &existing {
             if found.record.source_volume_id != req.source_volume_id {
                 return Err(ControllerError::AlreadyExists(format!(
@@ -1020,90 +1041,36 @@ impl ControllerService {
             .lookup(&req.source_volume_id)
             .await
             .ok_or_else(|| ControllerError::VolumeNotFound(req.source_volume_id.clone()))?;
+        self.check_copy_done(&rec).await?;
         let created = existing
             .as_ref()
             .map_or_else(now_nanos, |f| f.record.created_unix_nanos);
-        let refs: Vec<ReplicaRef> = rec
-            .replicas
-            .iter()
-            .map(|r| self.pool().resolve_ref(r))
-            .collect();
-        let results = join_all(refs.iter().map(|r| {
-            self.pool().create_snapshot(
-                &r.control_address,
-                CreateSnapshotRequest {
-                    volume_id: rec.volume_id.clone(),
-                    snapshot_id: id.clone(),
-                    name: req.name.clone(),
-                    created_unix_nanos: created,
-                },
-            )
-        }))
-        .await;
-        let need = majority(refs.len());
-        let mut holders = Vec::new();
-        let mut record = None;
-        let mut failures = Vec::new();
-        for (r, res) in refs.iter().zip(results) {
-            match res {
-                Ok(s) => {
-                    holders.push(r.control_address.clone());
-                    record.get_or_insert(s);
-                }
-                Err(e) => failures.push(format!("{}: {}", r.node_id, e.message())),
-            }
-        }
-        match record {
-            Some(record) if holders.len() >= need => {
-                tracing::info!(snapshot = %id, name = %req.name, volume = %rec.volume_id, sealed = holders.len(), "snapshot created");
-                let found = FoundSnapshot { record, holders };
-                Ok(csi::CreateSnapshotResponse {
-                    snapshot: Some(found.to_csi()),
-                })
-            }
-            _ => Err(ControllerError::Unavailable(format!(
-                "snapshot {id} sealed on {} of {} replicas, a majority ({need}) is needed: {}",
-                holders.len(),
-                refs.len(),
-                failures.join("; ")
-            ))),
-        }
+        let found = snapshots::seal(self.pool(), &rec, &id, &req.name, created).await?;
+        tracing::info!(snapshot = %id, name = %req.name, volume = %rec.volume_id, sealed = found.holders.len(), "snapshot created");
+        Ok(csi::CreateSnapshotResponse {
+            snapshot: Some(found.to_csi()),
+        })
     }
 
-    /// DeleteSnapshot on every daemon holding it; unknown ids succeed.
+    /// DeleteSnapshot on every daemon holding it; unknown ids succeed. A snapshot a
+    /// restore is still copying from is in use (FAILED_PRECONDITION naming the volume).
     async fn do_delete_snapshot(
         &self,
         req: csi::DeleteSnapshotRequest,
     ) -> Result<csi::DeleteSnapshotResponse> {
         required("snapshot_id", &req.snapshot_id)?;
-        let Some(found) = self.scan_snapshots().await?.remove(&req.snapshot_id) else {
+        let Some(found) = self.user_snapshots().await?.remove(&req.snapshot_id) else {
             return Ok(csi::DeleteSnapshotResponse {});
         };
         let volume_id = found.record.source_volume_id.clone();
         let _guard = self.inner.locks.lock(&volume_id).await;
-        let results = join_all(found.holders.iter().map(|addr| {
-            self.pool().delete_snapshot(
-                addr,
-                DeleteSnapshotRequest {
-                    volume_id: volume_id.clone(),
-                    snapshot_id: req.snapshot_id.clone(),
-                },
-            )
-        }))
-        .await;
-        let failed: Vec<String> = found
-            .holders
-            .iter()
-            .zip(&results)
-            .filter_map(|(a, r)| r.as_ref().err().map(|e| format!("{a}: {}", e.message())))
-            .collect();
-        if !failed.is_empty() {
-            return Err(ControllerError::Unavailable(format!(
-                "snapshot {} not yet deleted everywhere: {}",
-                req.snapshot_id,
-                failed.join("; ")
+        if let Some(user) = self.restore_in_progress(&req.snapshot_id).await {
+            return Err(ControllerError::FailedPrecondition(format!(
+                "snapshot {} is in use: {user} is still being restored from it",
+                req.snapshot_id
             )));
         }
+        snapshots::delete(self.pool(), &found).await?;
         tracing::info!(snapshot = %req.snapshot_id, volume = %volume_id, "snapshot deleted");
         Ok(csi::DeleteSnapshotResponse {})
     }
@@ -1136,7 +1103,7 @@ impl ControllerService {
             let bytes = hex::decode(hexed).map_err(|_| bad())?;
             Some(String::from_utf8(bytes).map_err(|_| bad())?)
         };
-        let all = self.scan_snapshots().await?;
+        let all = self.user_snapshots().await?;
         let matching: Vec<&FoundSnapshot> = all
             .iter()
             .filter(|(id, _)| req.snapshot_id.is_empty() || **id == req.snapshot_id)
@@ -1172,7 +1139,7 @@ impl ControllerService {
     ) -> Result<csi::GetSnapshotResponse> {
         required("snapshot_id", &req.snapshot_id)?;
         let found = self
-            .scan_snapshots()
+            .user_snapshots()
             .await?
             .remove(&req.snapshot_id)
             .ok_or_else(|| ControllerError::SnapshotNotFound(req.snapshot_id.clone()))?;
@@ -1563,9 +1530,10 @@ pub fn controller_capabilities() -> Vec<csi::ControllerServiceCapability> {
         RpcType::SingleNodeMultiWriter,
         RpcType::ModifyVolume,
         RpcType::ExpandVolume,
-        // Snapshot RPCs work, but a snapshot cannot be restored into a volume yet;
-        // advertising them would let users take backups they cannot use. They are
-        // advertised together with restore.
+        RpcType::CreateDeleteSnapshot,
+        RpcType::ListSnapshots,
+        RpcType::GetSnapshot,
+        RpcType::CloneVolume,
     ]
     .into_iter()
     .map(|t| csi::ControllerServiceCapability {
@@ -1753,16 +1721,22 @@ mod tests {
     }
 
     #[test]
-    fn capabilities_advertise_modify_expand_but_no_snapshots_or_clone_yet() {
+    fn capabilities_advertise_modify_expand_snapshots_and_clone() {
         let caps = controller_capabilities();
         let types: Vec<i32> = caps
             .iter()
             .filter_map(|c| c.r#type.map(|CapType::Rpc(r)| r.r#type))
             .collect();
-        assert!(types.contains(&(RpcType::CreateDeleteVolume as i32)));
-        assert!(types.contains(&(RpcType::ModifyVolume as i32)));
-        assert!(types.contains(&(RpcType::ExpandVolume as i32)));
-        assert!(!types.contains(&(RpcType::CreateDeleteSnapshot as i32)));
-        assert!(!types.contains(&(RpcType::CloneVolume as i32)));
+        for t in [
+            RpcType::CreateDeleteVolume,
+            RpcType::ModifyVolume,
+            RpcType::ExpandVolume,
+            RpcType::CreateDeleteSnapshot,
+            RpcType::ListSnapshots,
+            RpcType::GetSnapshot,
+            RpcType::CloneVolume,
+        ] {
+            assert!(types.contains(&(t as i32)), "{t:?} is advertised");
+        }
     }
 }

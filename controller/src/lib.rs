@@ -12,6 +12,11 @@
 //! * [`placement`]: pure weighted rendezvous hashing of replicas over daemons.
 //! * [`publish`]: pure publish/unpublish decisions and publish_context.
 //! * [`replica_pool`]: discovery, liveness and deadline-bounded calls to daemons.
+//! * [`snapshots`]: snapshot ids, discovery across daemons, sealing and deletion.
+//! * [`restore`]: CreateVolume from a snapshot or a volume (copy sources, waiting for
+//!   the replicas' copies, internal clone snapshots).
+//! * [`snapshot_metadata`]: the CSI SnapshotMetadata service (allocated and changed
+//!   ranges of snapshots).
 //! * [`volume_index`]: the in-memory record index, volume ids and page tokens.
 //! * [`locks`]: per-volume async locks serialising concurrent calls.
 //! * [`metrics`]: Prometheus counters and the `/metrics` + `/healthz` HTTP server.
@@ -31,8 +36,12 @@ pub mod parameters;
 pub mod placement;
 pub mod publish;
 pub mod replica_pool;
+pub mod restore;
+pub mod snapshot_metadata;
+pub mod snapshots;
 pub mod volume_index;
 
 pub use controller_service::{load_index, ControllerConfig, ControllerService};
 pub use replica_pool::{PoolConfig, ReplicaPool};
+pub use snapshot_metadata::SnapshotMetadataService;
 pub use tessera_csi_proto::identity::IdentityService;

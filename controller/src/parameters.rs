@@ -364,8 +364,9 @@ fn parse_bytes(s: &str) -> Option<u64> {
     n.checked_mul(mult)
 }
 
-/// One or more `<integer><unit>` terms (units ms, s, m, h), e.g. `500ms`, `1m30s`.
-fn parse_duration(s: &str) -> Option<Duration> {
+/// One or more `<integer><unit>` terms (units ms, s, m, h), e.g. `500ms`, `1m30s`;
+/// shared with the controller's duration flags so both read the same way.
+pub fn parse_duration(s: &str) -> Option<Duration> {
     if s.is_empty() {
         return None;
     }

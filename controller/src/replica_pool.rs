@@ -15,8 +15,8 @@ use tessera_replica::control_proto::replica_control_client::ReplicaControlClient
 use tessera_replica::control_proto::{
     CreateSnapshotRequest, CreateVolumeRequest, DeleteSnapshotRequest, DeleteVolumeRequest,
     ExpandVolumeRequest, GetInfoRequest, GetVolumeRequest, ListSnapshotsRequest,
-    ListVolumesRequest, RaiseEpochRequest, ReplicaInfo, ReplicaRef, SnapshotRecord,
-    UpdateVolumeRequest, VolumeRecord,
+    ListVolumesRequest, RaiseEpochRequest, ReplicaInfo, ReplicaRef, SnapshotRangesRequest,
+    SnapshotRangesResponse, SnapshotRecord, UpdateVolumeRequest, VolumeRecord,
 };
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
@@ -342,6 +342,17 @@ impl ReplicaPool {
         })
         .await
         .map(|r| r.snapshots)
+    }
+
+    /// SnapshotRanges on one daemon: allocated ranges of its sealed copy of a snapshot,
+    /// or the ranges changed since an older one.
+    pub async fn snapshot_ranges(
+        &self,
+        address: &str,
+        req: SnapshotRangesRequest,
+    ) -> Result<SnapshotRangesResponse, Status> {
+        self.call(address, |mut c| async move { c.snapshot_ranges(req).await })
+            .await
     }
 
     /// RaiseEpoch (compare-and-set on epoch) on one daemon; returns the new epoch.

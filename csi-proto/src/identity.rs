@@ -1,8 +1,9 @@
 //! The CSI Identity service, shared by the controller and the node plugin.
 //!
 //! Plugin capabilities describe the Tessera driver as a whole, not the one process
-//! answering, so both plugins advertise the same ones: CONTROLLER_SERVICE (served by
-//! `tessera-controller` on its own endpoint) and VOLUME_ACCESSIBILITY_CONSTRAINTS.
+//! answering, so both plugins advertise the same ones: CONTROLLER_SERVICE and
+//! SNAPSHOT_METADATA_SERVICE (both served by `tessera-controller` on its own endpoint)
+//! and VOLUME_ACCESSIBILITY_CONSTRAINTS.
 //! Kubernetes reads them from the controller's endpoint; tools that look at a node
 //! endpoint alone (csi-sanity's Node specs) learn from them that volumes go through
 //! ControllerPublishVolume, whose `publish_context` NodeStageVolume needs. Only
@@ -62,6 +63,7 @@ impl Identity for IdentityService {
         let mut capabilities: Vec<PluginCapability> = [
             ServiceType::ControllerService,
             ServiceType::VolumeAccessibilityConstraints,
+            ServiceType::SnapshotMetadataService,
         ]
         .into_iter()
         .map(|t| PluginCapability {
@@ -144,7 +146,8 @@ mod tests {
             types,
             vec![
                 ServiceType::ControllerService as i32,
-                ServiceType::VolumeAccessibilityConstraints as i32
+                ServiceType::VolumeAccessibilityConstraints as i32,
+                ServiceType::SnapshotMetadataService as i32
             ]
         );
     }

@@ -1,7 +1,8 @@
 //! `tessera-controller`: the CSI controller plugin process.
 //!
 //! Discovers the replica daemons, loads the volume index from their records, then
-//! serves CSI Identity + Controller on the `--endpoint` socket until SIGINT/SIGTERM.
+//! serves CSI Identity + Controller + SnapshotMetadata on the `--endpoint` socket
+//! until SIGINT/SIGTERM.
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -11,16 +12,20 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
+use tessera_controller::controller_service::DEFAULT_COPY_WAIT;
 use tessera_controller::endpoint::CsiEndpoint;
 use tessera_controller::metrics::{serve_http, Metrics};
+use tessera_controller::parameters::parse_duration;
 use tessera_controller::{
     load_index, ControllerConfig, ControllerService, IdentityService, PoolConfig, ReplicaPool,
+    SnapshotMetadataService,
 };
 use tessera_csi_proto::v1::controller_server::ControllerServer;
 use tessera_csi_proto::v1::identity_server::IdentityServer;
+use tessera_csi_proto::v1::snapshot_metadata_server::SnapshotMetadataServer;
 use tokio::sync::watch;
 
-/// Tessera CSI controller plugin (Identity + Controller services).
+/// Tessera CSI controller plugin (Identity, Controller and SnapshotMetadata services).
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
@@ -58,6 +63,16 @@ struct Args {
     /// How often daemons are re-discovered and asked for their info, in seconds.
     #[arg(long, default_value_t = 10)]
     refresh_interval_secs: u64,
+
+    /// How long CreateVolume from a snapshot or volume waits for every replica to
+    /// finish copying before answering ABORTED with the progress (the CO retries),
+    /// e.g. `8s`, `500ms`, `1m` [default: 8s].
+    #[arg(long, value_parser = parse_wait)]
+    copy_wait: Option<Duration>,
+}
+
+fn parse_wait(s: &str) -> Result<Duration, String> {
+    parse_duration(s).ok_or_else(|| format!("{s:?} is not a duration like 8s, 500ms or 1m"))
 }
 
 fn init_logging(json: bool) {
@@ -145,10 +160,31 @@ async fn main() -> Result<()> {
         let _ = stop_tx.send(true);
     });
 
-    let controller = ControllerService::new(pool, index, ControllerConfig { extra_nodes }, metrics);
+    let snapshot_metadata = SnapshotMetadataService::new(pool.clone(), metrics.clone());
+    let controller = ControllerService::new(
+        pool,
+        index,
+        ControllerConfig {
+            extra_nodes,
+            copy_wait: args.copy_wait.unwrap_or(DEFAULT_COPY_WAIT),
+        },
+        metrics,
+    );
+    // Internal clone snapshots left by a previous instance (clone done, or its
+    // volume gone) are swept in the background.
+    tokio::spawn({
+        let controller = controller.clone();
+        async move {
+            let swept = controller.sweep_clone_snapshots().await;
+            if swept > 0 {
+                tracing::info!(swept, "internal clone snapshots swept at start");
+            }
+        }
+    });
     let router = tonic::transport::Server::builder()
         .add_service(IdentityServer::new(identity))
-        .add_service(ControllerServer::new(controller));
+        .add_service(ControllerServer::new(controller))
+        .add_service(SnapshotMetadataServer::new(snapshot_metadata));
     match endpoint {
         CsiEndpoint::Unix(path) => {
             match std::fs::remove_file(&path) {
@@ -161,7 +197,7 @@ async fn main() -> Result<()> {
             }
             let listener = tokio::net::UnixListener::bind(&path)
                 .with_context(|| format!("binding CSI socket {}", path.display()))?;
-            tracing::info!(endpoint = %path.display(), "serving CSI Identity and Controller");
+            tracing::info!(endpoint = %path.display(), "serving CSI Identity, Controller and SnapshotMetadata");
             router
                 .serve_with_incoming_shutdown(
                     tokio_stream::wrappers::UnixListenerStream::new(listener),
@@ -174,7 +210,7 @@ async fn main() -> Result<()> {
             let listener = tokio::net::TcpListener::bind(&addr)
                 .await
                 .with_context(|| format!("binding CSI endpoint {addr}"))?;
-            tracing::info!(endpoint = %listener.local_addr()?, "serving CSI Identity and Controller over TCP");
+            tracing::info!(endpoint = %listener.local_addr()?, "serving CSI Identity, Controller and SnapshotMetadata over TCP");
             router
                 .serve_with_incoming_shutdown(
                     tokio_stream::wrappers::TcpListenerStream::new(listener),

@@ -45,6 +45,12 @@ use tonic::Code;
 
 pub use tessera_tests::csi::ReplicaClient;
 
+/// CSI SnapshotMetadata client.
+pub type SnapshotMetadataClient =
+    tessera_csi_proto::v1::snapshot_metadata_client::SnapshotMetadataClient<
+        tonic::transport::Channel,
+    >;
+
 /// One GiB in bytes.
 pub const GIB: u64 = 1 << 30;
 
@@ -87,6 +93,8 @@ pub struct RealReplica {
     addrs: Option<Addrs>,
     /// Whether the process is stopped with SIGSTOP.
     frozen: bool,
+    /// Further command-line arguments (e.g. `--copy-max-bandwidth`).
+    extra_args: Vec<OsString>,
 }
 
 /// Why a daemon did not become ready.
@@ -98,6 +106,17 @@ enum NotReady {
 impl RealReplica {
     /// Starts a daemon with its files under `root` and waits for its ready file.
     pub async fn start(root: &Path, node_id: &str, zone: &str, capacity_bytes: u64) -> Self {
+        Self::start_with(root, node_id, zone, capacity_bytes, &[]).await
+    }
+
+    /// [`start`](Self::start) with further command-line arguments.
+    pub async fn start_with(
+        root: &Path,
+        node_id: &str,
+        zone: &str,
+        capacity_bytes: u64,
+        extra_args: &[&str],
+    ) -> Self {
         let bin = binaries::locate(binaries::REPLICA).unwrap_or_else(|e| panic!("{e:#}"));
         let home = root.join(format!("replica-{node_id}"));
         let data_dir = home.join("data");
@@ -117,6 +136,7 @@ impl RealReplica {
             ready_file: home.join("ready.json"),
             addrs: None,
             frozen: false,
+            extra_args: extra_args.iter().map(OsString::from).collect(),
         };
         replica
             .run()
@@ -250,7 +270,7 @@ impl RealReplica {
             Some(a) => (a.control.to_string(), a.data.to_string()),
             None => (any.clone(), any),
         };
-        vec![
+        let mut args: Vec<OsString> = vec![
             "--data-dir".into(),
             self.data_dir.clone().into_os_string(),
             "--listen".into(),
@@ -265,7 +285,9 @@ impl RealReplica {
             self.capacity_bytes.to_string().into(),
             "--ready-file".into(),
             self.ready_file.clone().into_os_string(),
-        ]
+        ];
+        args.extend(self.extra_args.iter().cloned());
+        args
     }
 
     /// Starts the process and waits for its ready file. A restart asks for the ports
@@ -442,6 +464,14 @@ impl RealController {
         ControllerClient::new(channel)
     }
 
+    /// A fresh CSI SnapshotMetadata client (served on the controller's socket).
+    pub async fn snapshot_metadata(&self) -> SnapshotMetadataClient {
+        let channel = connect_unix(&self.socket)
+            .await
+            .unwrap_or_else(|e| panic!("connecting to {}: {e}", self.socket.display()));
+        SnapshotMetadataClient::new(channel)
+    }
+
     /// A fresh CSI Identity client.
     pub async fn identity(&self) -> IdentityClient {
         let channel = connect_unix(&self.socket)
@@ -473,13 +503,26 @@ impl Cluster {
         extra_nodes: &[&str],
         controller_args: &[&str],
     ) -> Self {
+        Self::start_configured(nodes, extra_nodes, controller_args, &[]).await
+    }
+
+    /// [`start_with`](Self::start_with) with further arguments for every replica
+    /// daemon too.
+    pub async fn start_configured(
+        nodes: &[NodeSpec<'_>],
+        extra_nodes: &[&str],
+        controller_args: &[&str],
+        replica_args: &[&str],
+    ) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("tessera-controller-test-")
             .tempdir()
             .expect("creating the cluster's temp dir");
         let mut replicas = Vec::new();
         for (node, zone, capacity) in nodes {
-            replicas.push(RealReplica::start(dir.path(), node, zone, *capacity).await);
+            replicas.push(
+                RealReplica::start_with(dir.path(), node, zone, *capacity, replica_args).await,
+            );
         }
         let addrs: Vec<SocketAddr> = replicas.iter().map(RealReplica::control_addr).collect();
         let mut controller = RealController::new(dir.path(), &addrs, extra_nodes, controller_args);
