@@ -294,15 +294,33 @@ impl ControllerService {
             snapshot_id: found.record.snapshot_id.clone(),
             source_volume_id: found.record.source_volume_id.clone(),
             source_replication_factor: found.record.replication_factor,
-            holders: found
-                .holders
-                .iter()
-                .map(|h| self.pool().resolve_ref(h))
-                .collect(),
+            holders: self.copy_holders(&found.holders, found.record.replication_factor),
             size_bytes: found.record.size_bytes,
             clone,
         };
         Ok((size, copy, guard))
+    }
+
+    /// The holders every replica of a new volume copies from: the same majority of
+    /// the source's replication factor for all of them, live ones first, in node order.
+    /// Sealed copies differ only in writes in flight while the snapshot was taken, and
+    /// each target keeps the highest seq of the copies it reads, so targets that read
+    /// different sets could end up disagreeing on such a block; one fixed set makes
+    /// every target merge the same copies. A listed holder that dies mid-copy stalls
+    /// the copy until it is back (its progress is kept), rather than risk that.
+    fn copy_holders(&self, holders: &[ReplicaRef], replication_factor: u32) -> Vec<ReplicaRef> {
+        let mut refs: Vec<ReplicaRef> =
+            holders.iter().map(|h| self.pool().resolve_ref(h)).collect();
+        refs.sort_by(|a, b| {
+            let down = |r: &ReplicaRef| !self.pool().is_live(r);
+            (down(a), &a.node_id, &a.control_address).cmp(&(
+                down(b),
+                &b.node_id,
+                &b.control_address,
+            ))
+        });
+        refs.truncate(crate::publish::majority(replication_factor as usize).max(1));
+        refs
     }
 
     /// Refuses to snapshot or clone a volume whose own restore is not complete yet:

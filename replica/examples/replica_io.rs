@@ -106,6 +106,13 @@ struct Args {
     replica_bin: PathBuf,
     fio: String,
     io_engine: String,
+    /// Parts to run, e.g. "abcd" (all) or "a".
+    parts: String,
+    /// When set, `perf record -a -g` runs during each measured (a) phase and writes
+    /// `<dir>/<phase>.data`, to see where the CPU goes.
+    perf: Option<PathBuf>,
+    /// Skip the fio baseline (quick iterations; ratios then print as NaN).
+    skip_fio: bool,
 }
 
 fn parse_args() -> Result<Args> {
@@ -122,6 +129,9 @@ fn parse_args() -> Result<Args> {
         replica_bin: default_bin,
         fio: "fio".into(),
         io_engine: "uring".into(),
+        parts: "abcd".into(),
+        perf: None,
+        skip_fio: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -132,6 +142,9 @@ fn parse_args() -> Result<Args> {
             "--replica-bin" => args.replica_bin = PathBuf::from(value()?),
             "--fio" => args.fio = value()?,
             "--io-engine" => args.io_engine = value()?,
+            "--parts" => args.parts = value()?,
+            "--perf" => args.perf = Some(PathBuf::from(value()?)),
+            "--skip-fio" => args.skip_fio = true,
             other => bail!("unknown argument {other}"),
         }
     }
@@ -178,10 +191,16 @@ fn main() -> Result<()> {
     let mut rows = Vec::new();
     let mut commands = Vec::new();
 
+    let part = |p: char| args.parts.contains(p);
     // (a) baseline: fio on a raw file of the same filesystem.
     let raw = work.path().join("raw.dat");
     let mut fio_raw = HashMap::new();
-    for rw in ["randwrite", "randread"] {
+    let fio_runs: &[&str] = if part('a') && !args.skip_fio {
+        &["randwrite", "randread"]
+    } else {
+        &[]
+    };
+    for &rw in fio_runs {
         let cmd = fio_command(&args.fio, &raw, rw, args.secs);
         commands.push(cmd.join(" "));
         eprintln!("running {}", cmd.join(" "));
@@ -196,26 +215,42 @@ fn main() -> Result<()> {
             note: "baseline".into(),
         });
     }
-    std::fs::remove_file(&raw).context("removing the fio file")?;
+    if raw.exists() {
+        std::fs::remove_file(&raw).context("removing the fio file")?;
+    }
 
     // (a) and (b) through a real daemon.
-    let daemon = Daemon::start(&args, work.path())?;
-    commands.push(daemon.command.clone());
-    let (a_rows, b_rows, metrics) = rt.block_on(async {
-        let a = daemon_part_a(&daemon, dur, &fio_raw).await?;
-        let b = daemon_part_b(&daemon, dur).await?;
-        let metrics = scrape(&daemon.metrics).await.unwrap_or_default();
-        anyhow::Ok((a, b, metrics))
-    })?;
-    rows.extend(a_rows);
-    rows.extend(b_rows);
-    daemon.stop();
+    let mut metrics = String::new();
+    if part('a') || part('b') {
+        let daemon = Daemon::start(&args, work.path())?;
+        commands.push(daemon.command.clone());
+        let (a_rows, b_rows, m) = rt.block_on(async {
+            let a = match part('a') {
+                true => daemon_part_a(&daemon, dur, &fio_raw, args.perf.as_deref()).await?,
+                false => Vec::new(),
+            };
+            let b = match part('b') {
+                true => daemon_part_b(&daemon, dur).await?,
+                false => Vec::new(),
+            };
+            let metrics = scrape(&daemon.metrics).await.unwrap_or_default();
+            anyhow::Ok((a, b, metrics))
+        })?;
+        rows.extend(a_rows);
+        rows.extend(b_rows);
+        metrics = m;
+        daemon.stop();
+    }
 
     // (c) and (d) in-process.
     let inproc = work.path().join("inproc");
     std::fs::create_dir_all(&inproc)?;
-    rows.extend(rt.block_on(part_c(&inproc, dur.min(Duration::from_secs(8)), &args))?);
-    rows.extend(rt.block_on(part_d(&inproc, Duration::from_secs(5), &args))?);
+    if part('c') {
+        rows.extend(rt.block_on(part_c(&inproc, dur.min(Duration::from_secs(8)), &args))?);
+    }
+    if part('d') {
+        rows.extend(rt.block_on(part_d(&inproc, Duration::from_secs(5), &args))?);
+    }
 
     println!(
         "\n## Replica I/O benchmark ({} s per run, io engine {})\n",
@@ -512,6 +547,7 @@ async fn daemon_part_a(
     daemon: &Daemon,
     dur: Duration,
     raw: &HashMap<&str, f64>,
+    perf: Option<&Path>,
 ) -> Result<Vec<Row>> {
     create_volume(daemon, "bench-a", &[]).await?;
     let client = connect(daemon, "bench-a").await?;
@@ -532,7 +568,11 @@ async fn daemon_part_a(
     ));
     for (write, rw, goal) in [(true, "randwrite", 60.0), (false, "randread", 85.0)] {
         eprintln!("(a) daemon 4k {rw} QD{QD}");
+        let profile = perf.map(|dir| Profile::start(dir, rw, dur)).transpose()?;
         let mut load = drive(&client, write, QD, dur, 7).await?;
+        if let Some(p) = profile {
+            p.finish()?;
+        }
         let ratio = 100.0 * load.iops() / raw.get(rw).copied().unwrap_or(f64::NAN);
         rows.push(row(
             "a",
@@ -542,6 +582,49 @@ async fn daemon_part_a(
         ));
     }
     Ok(rows)
+}
+
+/// A system-wide `perf record` and `perf stat` (context switches, system calls) over
+/// most of one measured phase.
+struct Profile(Vec<Child>);
+
+impl Profile {
+    fn start(dir: &Path, phase: &str, dur: Duration) -> Result<Profile> {
+        std::fs::create_dir_all(dir)?;
+        let secs = dur.as_secs().saturating_sub(2).max(1).to_string();
+        let spawn = |args: &[&str], out: PathBuf| {
+            Command::new("perf")
+                .args(args)
+                .arg(out)
+                .args(["--", "sleep", &secs])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .context("starting perf")
+        };
+        let record = spawn(
+            &["record", "-a", "-F", "1999", "-g", "-o"],
+            dir.join(format!("{phase}.data")),
+        )?;
+        let stat = spawn(
+            &[
+                "stat",
+                "-a",
+                "-e",
+                "context-switches,raw_syscalls:sys_enter,task-clock",
+                "-o",
+            ],
+            dir.join(format!("{phase}.stat")),
+        )?;
+        Ok(Profile(vec![record, stat]))
+    }
+
+    fn finish(self) -> Result<()> {
+        for mut child in self.0 {
+            child.wait().context("waiting for perf")?;
+        }
+        Ok(())
+    }
 }
 
 async fn daemon_part_b(daemon: &Daemon, dur: Duration) -> Result<Vec<Row>> {

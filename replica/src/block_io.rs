@@ -45,6 +45,10 @@ pub enum BlockIoError {
     /// No replica of this volume lives on this daemon.
     #[error("volume {0} is not stored on this replica")]
     UnknownVolume(String),
+    /// The volume is stored here but cannot serve yet (still being populated from a
+    /// snapshot); the message says why. Sent as UNKNOWN_VOLUME: the replica lacks it.
+    #[error("{0}")]
+    NotReady(String),
     /// The backing filesystem is full.
     #[error("no space left on the backing filesystem")]
     NoSpace,

@@ -68,10 +68,14 @@ use tracing::{error, info, warn};
 use crate::block_io::BLOCK_SIZE;
 use crate::capacity;
 use crate::control_proto as proto;
-use crate::record::{self, Attachment, ReplicaRef, SnapshotMeta, VolumeRecord};
+use crate::record::{self, Attachment, CopySource, ReplicaRef, SnapshotMeta, VolumeRecord};
 use crate::scheduler::params::{qos_from_parameters, QosParamError};
 use crate::scheduler::{Qos, Scheduler, SchedulerError, VolumeHandle, VolumeStats};
 use crate::store::{BlockFileFactory, LayeredStore, ScheduledFileFactory, StoreError};
+
+mod copy_state;
+
+pub use copy_state::{majority, CopyTarget, SnapshotSource};
 
 /// Name of the per-volume record file.
 pub const RECORD_FILE: &str = "record";
@@ -173,6 +177,38 @@ pub enum CatalogError {
     /// created again until they are deleted.
     #[error("volume id {0} is held by the snapshots of a deleted volume")]
     HeldBySnapshots(String),
+    /// The copy source of a restore or clone is unusable (no holders, bad ids, a
+    /// replication factor no holder list can reach a majority of, ...).
+    #[error("volume {volume_id}: invalid copy source: {reason}")]
+    InvalidCopySource {
+        /// The volume being created.
+        volume_id: String,
+        /// What is wrong with the source.
+        reason: String,
+    },
+    /// A restore or clone into a volume smaller than its source.
+    #[error("volume {volume_id} of {size} bytes cannot hold its source of {source_size} bytes")]
+    CopyTooSmall {
+        /// The volume being created.
+        volume_id: String,
+        /// Its requested size.
+        size: u64,
+        /// The source snapshot's size.
+        source_size: u64,
+    },
+    /// The volume is still being filled from its copy source; it is not served and
+    /// cannot be snapshotted until the copy completes.
+    #[error(
+        "volume {volume_id} is still being populated from snapshot {snapshot_id} ({percent}%)"
+    )]
+    Populating {
+        /// The volume.
+        volume_id: String,
+        /// The snapshot it is copied from.
+        snapshot_id: String,
+        /// Durable progress in whole percent.
+        percent: u64,
+    },
     /// ExpandVolume asked for less than the volume holds: volumes never shrink.
     #[error("volume {volume_id} holds {current} bytes; it cannot shrink to {requested}")]
     Shrink {
@@ -274,6 +310,8 @@ pub struct NewVolume {
     pub created_unix_nanos: i64,
     /// "block", "mount" or "".
     pub access_type: String,
+    /// Restore or clone: where the data is copied from in the background.
+    pub copy_source: Option<CopySource>,
 }
 
 impl From<proto::CreateVolumeRequest> for NewVolume {
@@ -287,6 +325,7 @@ impl From<proto::CreateVolumeRequest> for NewVolume {
             parameters: r.parameters.into_iter().collect(),
             created_unix_nanos: r.created_unix_nanos,
             access_type: r.access_type,
+            copy_source: r.copy_source.map(Into::into),
         }
     }
 }
@@ -652,6 +691,7 @@ impl Catalog {
             if e.record.deleted {
                 return Err(CatalogError::NotFound(volume_id.to_string()));
             }
+            copy_state::refuse_while_copying(&e.record)?;
             return Ok((Arc::clone(&e.store), Arc::clone(&e.epoch)));
         }
         match self.read_quarantined().get(volume_id) {
@@ -777,6 +817,8 @@ impl Catalog {
         {
             return Ok((record.clone(), s.clone()));
         }
+        // A snapshot now would seal a half-copied volume.
+        copy_state::refuse_while_copying(&record)?;
         let store = self.store_of(volume_id)?;
         store
             .snapshot(snapshot_id)
@@ -886,6 +928,7 @@ impl Catalog {
     pub fn create(&self, new: NewVolume) -> Result<CreateOutcome, CatalogError> {
         validate_volume_id(&new.volume_id)?;
         validate_size(new.size_bytes)?;
+        copy_state::validate_copy_source(&new)?;
         let qos =
             qos_from_parameters(&new.parameters).map_err(|source| CatalogError::InvalidQos {
                 volume_id: new.volume_id.clone(),
@@ -897,14 +940,18 @@ impl Catalog {
         if let Some(q) = self.read_quarantined().get(&id) {
             return Err(self.quarantined_error(q));
         }
-        if let Some(existing) = self.read_volumes().get(&id) {
-            if existing.record.deleted {
+        let existing = self.read_volumes().get(&id).map(Entry::snapshot);
+        if let Some(stored) = existing {
+            if stored.deleted {
                 return Err(CatalogError::HeldBySnapshots(id));
             }
-            return compare_existing(&existing.record, &new).map(|()| CreateOutcome {
-                record: existing.snapshot(),
-                created: false,
-            });
+            compare_existing(&stored, &new)?;
+            return self
+                .refresh_copy_holders(stored, &new)
+                .map(|record| CreateOutcome {
+                    record,
+                    created: false,
+                });
         }
         let free = self.capacity()?.free_bytes;
         if new.size_bytes > free {
@@ -933,13 +980,20 @@ impl Catalog {
             access_type: new.access_type,
             snapshots: Vec::new(),
             deleted: false,
+            copy: new.copy_source.as_ref().map(copy_state::initial_progress),
+            copy_source: new.copy_source,
         };
         let io = match &self.io {
             Some(io) => Some(VolumeIo::register(io, &id, qos, None)?),
             None => None,
         };
         let store = self.build_volume_dir(&record, io.as_ref())?;
-        info!(volume_id = %id, size_bytes = record.size_bytes, "volume created");
+        match &record.copy_source {
+            Some(src) => info!(volume_id = %id, size_bytes = record.size_bytes,
+                snapshot_id = %src.snapshot_id, source_volume_id = %src.source_volume_id,
+                clone = src.clone, "volume created; its data is copied from a snapshot"),
+            None => info!(volume_id = %id, size_bytes = record.size_bytes, "volume created"),
+        }
         self.write_volumes().insert(
             id,
             Entry {
@@ -1388,6 +1442,9 @@ fn compare_existing(stored: &VolumeRecord, new: &NewVolume) -> Result<(), Catalo
             "replication_factor {} (requested {})",
             stored.replication_factor, new.replication_factor
         ));
+    }
+    if let Some(diff) = copy_state::copy_source_difference(&stored.copy_source, &new.copy_source) {
+        diffs.push(diff);
     }
     if diffs.is_empty() {
         Ok(())

@@ -12,10 +12,14 @@ use std::sync::{Arc, Mutex, PoisonError};
 use tonic::{Code, Request, Response, Status};
 use tracing::{error, warn};
 
+use crate::block_io::BLOCK_SIZE;
 use crate::catalog::{Catalog, CatalogError};
 use crate::control_proto as proto;
 use crate::control_proto::replica_control_server::ReplicaControl;
+use crate::copy::CopyManager;
 use crate::health::Probe;
+use crate::snapshot_read::{self, BlockStream};
+use crate::store::StoreError;
 
 /// Identity of this daemon as reported by GetInfo.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -79,6 +83,9 @@ pub struct ControlService {
     catalog: Arc<Catalog>,
     info: Arc<NodeInfo>,
     metrics: Arc<ControlMetrics>,
+    /// Runs restore/clone copies; `None` records copy sources without copying (tests
+    /// of the catalog side).
+    copies: Option<Arc<CopyManager>>,
 }
 
 impl ControlService {
@@ -88,7 +95,46 @@ impl ControlService {
             catalog,
             info: Arc::new(info),
             metrics: Arc::new(ControlMetrics::default()),
+            copies: None,
         }
+    }
+
+    /// Runs the copies of volumes created with a copy source through `copies`.
+    pub fn with_copies(mut self, copies: Arc<CopyManager>) -> Self {
+        self.copies = Some(copies);
+        self
+    }
+
+    /// Checks a `ReadSnapshotBlocks` request and starts its stream.
+    fn snapshot_stream(
+        &self,
+        req: proto::ReadSnapshotBlocksRequest,
+    ) -> Result<BlockStream, Status> {
+        if !req.offset.is_multiple_of(BLOCK_SIZE) || !req.length.is_multiple_of(BLOCK_SIZE) {
+            return Err(Status::invalid_argument(format!(
+                "range {}+{} is not aligned to {BLOCK_SIZE} bytes",
+                req.offset, req.length
+            )));
+        }
+        let source = self
+            .catalog
+            .snapshot_source(&req.volume_id, &req.snapshot_id)?;
+        match req.offset.checked_add(req.length) {
+            Some(end) if end <= source.size_bytes => {}
+            _ => {
+                return Err(Status::out_of_range(format!(
+                    "range {}+{} is outside snapshot {} of {} bytes",
+                    req.offset, req.length, req.snapshot_id, source.size_bytes
+                )))
+            }
+        }
+        Ok(snapshot_read::stream_snapshot(
+            source.store,
+            req.volume_id,
+            req.snapshot_id,
+            req.offset,
+            req.length,
+        ))
     }
 
     /// The request counters (shared with every clone).
@@ -144,23 +190,23 @@ impl From<CatalogError> for Status {
             CatalogError::InvalidVolumeId { .. }
             | CatalogError::InvalidSize { .. }
             | CatalogError::InvalidQos { .. }
+            | CatalogError::InvalidCopySource { .. }
             | CatalogError::EpochNotIncreasing { .. } => Code::InvalidArgument,
             CatalogError::Conflict { .. } => Code::AlreadyExists,
             CatalogError::NoCapacity { .. } | CatalogError::DiskFull { .. } => {
                 Code::ResourceExhausted
             }
             CatalogError::NotFound(_) => Code::NotFound,
-            CatalogError::Shrink { .. } => Code::OutOfRange,
+            CatalogError::Shrink { .. } | CatalogError::CopyTooSmall { .. } => Code::OutOfRange,
             CatalogError::GenerationMismatch { .. } | CatalogError::EpochMismatch { .. } => {
                 Code::Aborted
             }
-            CatalogError::Quarantined { .. } | CatalogError::HeldBySnapshots(_) => {
-                Code::FailedPrecondition
-            }
+            CatalogError::Quarantined { .. }
+            | CatalogError::HeldBySnapshots(_)
+            | CatalogError::Populating { .. } => Code::FailedPrecondition,
             CatalogError::Locked { .. } => Code::Unavailable,
-            CatalogError::Io { .. }
-            | CatalogError::Store { .. }
-            | CatalogError::Scheduler { .. } => Code::Internal,
+            CatalogError::Store { source, .. } => store_code(source),
+            CatalogError::Io { .. } | CatalogError::Scheduler { .. } => Code::Internal,
         };
         let msg = chain(&e);
         match code {
@@ -173,6 +219,20 @@ impl From<CatalogError> for Status {
             _ => {}
         }
         Status::new(code, msg)
+    }
+}
+
+/// The code of a store failure: the caller's mistakes (unknown snapshot, a bad range,
+/// snapshots given in the wrong order) are told apart from this replica's own faults.
+fn store_code(e: &StoreError) -> Code {
+    match e {
+        StoreError::SnapshotNotFound(_) => Code::NotFound,
+        StoreError::Unaligned { .. } | StoreError::InvalidSnapshotId { .. } => {
+            Code::InvalidArgument
+        }
+        StoreError::OutOfRange { .. } => Code::OutOfRange,
+        StoreError::SnapshotOrder { .. } => Code::FailedPrecondition,
+        _ => Code::Internal,
     }
 }
 
@@ -203,11 +263,13 @@ impl ReplicaControl for ControlService {
         request: Request<proto::CreateVolumeRequest>,
     ) -> Result<Response<proto::VolumeRecord>, Status> {
         let new = request.into_inner().into();
-        let result = self
-            .blocking(move |c| c.create(new))
-            .await
-            .map(|out| out.record.into());
-        self.finish("CreateVolume", result)
+        let result = self.blocking(move |c| c.create(new)).await;
+        if let (Ok(out), Some(copies)) = (&result, &self.copies) {
+            if out.record.pending_copy().is_some() {
+                copies.start(&out.record.volume_id);
+            }
+        }
+        self.finish("CreateVolume", result.map(|out| out.record.into()))
     }
 
     async fn delete_volume(
@@ -215,10 +277,16 @@ impl ReplicaControl for ControlService {
         request: Request<proto::DeleteVolumeRequest>,
     ) -> Result<Response<proto::DeleteVolumeResponse>, Status> {
         let id = request.into_inner().volume_id;
+        let deleted = id.clone();
         let result = self
-            .blocking(move |c| c.delete(&id))
+            .blocking(move |c| c.delete(&deleted))
             .await
             .map(|existed| proto::DeleteVolumeResponse { existed });
+        if let (Ok(_), Some(copies)) = (&result, &self.copies) {
+            // The store is retired already, so the task can write nothing more; wait
+            // for it so no copy work outlives the answer.
+            copies.stop(&id).await;
+        }
         self.finish("DeleteVolume", result)
     }
 
@@ -334,21 +402,42 @@ impl ReplicaControl for ControlService {
         )
     }
 
-    type ReadSnapshotBlocksStream =
-        tokio_stream::wrappers::ReceiverStream<Result<proto::SnapshotBlocks, Status>>;
+    type ReadSnapshotBlocksStream = BlockStream;
 
     async fn read_snapshot_blocks(
         &self,
-        _request: Request<proto::ReadSnapshotBlocksRequest>,
+        request: Request<proto::ReadSnapshotBlocksRequest>,
     ) -> Result<Response<Self::ReadSnapshotBlocksStream>, Status> {
-        Err(Status::unimplemented("ReadSnapshotBlocks is not built yet"))
+        let result = self.snapshot_stream(request.into_inner());
+        self.finish("ReadSnapshotBlocks", result)
     }
 
     async fn snapshot_ranges(
         &self,
-        _request: Request<proto::SnapshotRangesRequest>,
+        request: Request<proto::SnapshotRangesRequest>,
     ) -> Result<Response<proto::SnapshotRangesResponse>, Status> {
-        Err(Status::unimplemented("SnapshotRanges is not built yet"))
+        let req = request.into_inner();
+        let result = self
+            .blocking(move |c| {
+                let source = c.snapshot_source(&req.volume_id, &req.snapshot_id)?;
+                let store_err = |source| CatalogError::Store {
+                    volume_id: req.volume_id.clone(),
+                    op: "list the ranges of",
+                    source,
+                };
+                let ranges = snapshot_read::snapshot_ranges(
+                    &source.store,
+                    &req.snapshot_id,
+                    &req.base_snapshot_id,
+                )
+                .map_err(store_err)?;
+                Ok(proto::SnapshotRangesResponse {
+                    ranges,
+                    size_bytes: source.size_bytes,
+                })
+            })
+            .await;
+        self.finish("SnapshotRanges", result)
     }
 }
 
@@ -430,6 +519,9 @@ impl Probe for ControlService {
             );
         }
         render_volume_io(&self.catalog, &mut out);
+        if let Some(copies) = &self.copies {
+            copies.render_metrics(&mut out, escape_label);
+        }
         self.metrics.render(&mut out);
         out
     }

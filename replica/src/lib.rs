@@ -12,10 +12,14 @@
 //! * [`record`]: the volume record and its checksummed on-disk format.
 //! * [`capacity`]: size parsing (`10Gi`) and backing-filesystem space.
 //! * [`catalog`]: the volumes of a data directory, crash-safe on disk, with CAS updates.
+//! * [`copy`]: restore and clone — populating a new volume by merging the sealed
+//!   copies of a snapshot that other replicas hold.
 //! * [`control_service`]: the control gRPC service over the catalog.
 //! * [`health`]: a minimal HTTP server for `/healthz` and `/metrics`.
 //! * [`scheduler`]: the per-device I/O scheduler (EDF deadlines, per-volume token
 //!   buckets, io_uring engine with a sync reference engine).
+//! * [`snapshot_read`]: serving sealed snapshots to other replicas (`ReadSnapshotBlocks`
+//!   chunks, `SnapshotRanges`).
 //! * [`store`]: the checksummed, layered (snapshot-capable) block store of one replica.
 //! * [`volume_registry`]: the catalog's volumes (their stores and epochs) served to the
 //!   data plane.
@@ -32,9 +36,12 @@ pub mod block_io;
 pub mod capacity;
 pub mod catalog;
 pub mod control_service;
+pub mod copy;
 pub mod dataplane;
 pub mod health;
+mod park;
 pub mod record;
 pub mod scheduler;
+pub mod snapshot_read;
 pub mod store;
 pub mod volume_registry;

@@ -109,6 +109,81 @@ pub struct VolumeRecord {
     /// layers and this record stay until the last snapshot is deleted. Such a volume
     /// is not listed and not served; only its snapshots are.
     pub deleted: bool,
+    /// Where the volume's data is copied from, when it was restored from a snapshot
+    /// or cloned; kept after the copy completes, as provenance.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub copy_source: Option<CopySource>,
+    /// Durable progress of that copy (`None` exactly when `copy_source` is).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub copy: Option<CopyProgress>,
+}
+
+impl VolumeRecord {
+    /// The copy source while the copy is not complete: the data plane must not serve
+    /// the volume yet, and the daemon runs (or resumes) the copy.
+    pub fn pending_copy(&self) -> Option<(&CopySource, &CopyProgress)> {
+        match (&self.copy_source, &self.copy) {
+            (Some(source), Some(progress)) if !progress.complete => Some((source, progress)),
+            _ => None,
+        }
+    }
+}
+
+/// Where a restored or cloned volume's data comes from (mirror of the proto
+/// `CopySource`; the proto comments are the contract).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(default)]
+pub struct CopySource {
+    /// Sealed snapshot to copy.
+    pub snapshot_id: String,
+    /// Volume the snapshot belongs to on the holders.
+    pub source_volume_id: String,
+    /// Replication factor of the source: a majority of it must answer.
+    pub source_replication_factor: u32,
+    /// Daemons holding a sealed copy.
+    pub holders: Vec<ReplicaRef>,
+    /// Size of the snapshot in bytes.
+    pub size_bytes: u64,
+    /// The CSI source was a volume (clone) rather than a snapshot.
+    pub clone: bool,
+}
+
+impl CopySource {
+    /// Whether `other` names the same data (snapshot, volume, size, kind). Holders and
+    /// replication factor are where to fetch it from, which may legitimately change
+    /// between a create and its retry (daemons move).
+    pub fn same_data(&self, other: &CopySource) -> bool {
+        self.snapshot_id == other.snapshot_id
+            && self.source_volume_id == other.source_volume_id
+            && self.size_bytes == other.size_bytes
+            && self.clone == other.clone
+    }
+}
+
+/// Progress of populating a volume from its [`CopySource`] (mirror of the proto
+/// `CopyProgress`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(default)]
+pub struct CopyProgress {
+    /// `[0, done_bytes)` of the source is copied and durable.
+    pub done_bytes: u64,
+    /// Bytes to copy (the source size).
+    pub total_bytes: u64,
+    /// Everything is copied and flushed; the data plane serves the volume.
+    pub complete: bool,
+    /// The last error the copy is retrying past ("" when none).
+    pub last_error: String,
+}
+
+impl CopyProgress {
+    /// Whole percent done, for messages and logs.
+    pub fn percent(&self) -> u64 {
+        if self.total_bytes == 0 {
+            return 100;
+        }
+        u64::try_from(u128::from(self.done_bytes) * 100 / u128::from(self.total_bytes))
+            .unwrap_or(100)
+    }
 }
 
 /// One snapshot as the record keeps it.
@@ -318,6 +393,54 @@ impl From<ReplicaRef> for proto::ReplicaRef {
     }
 }
 
+impl From<proto::CopySource> for CopySource {
+    fn from(c: proto::CopySource) -> Self {
+        CopySource {
+            snapshot_id: c.snapshot_id,
+            source_volume_id: c.source_volume_id,
+            source_replication_factor: c.source_replication_factor,
+            holders: c.holders.into_iter().map(Into::into).collect(),
+            size_bytes: c.size_bytes,
+            clone: c.clone,
+        }
+    }
+}
+
+impl From<CopySource> for proto::CopySource {
+    fn from(c: CopySource) -> Self {
+        proto::CopySource {
+            snapshot_id: c.snapshot_id,
+            source_volume_id: c.source_volume_id,
+            source_replication_factor: c.source_replication_factor,
+            holders: c.holders.into_iter().map(Into::into).collect(),
+            size_bytes: c.size_bytes,
+            clone: c.clone,
+        }
+    }
+}
+
+impl From<proto::CopyProgress> for CopyProgress {
+    fn from(p: proto::CopyProgress) -> Self {
+        CopyProgress {
+            done_bytes: p.done_bytes,
+            total_bytes: p.total_bytes,
+            complete: p.complete,
+            last_error: p.last_error,
+        }
+    }
+}
+
+impl From<CopyProgress> for proto::CopyProgress {
+    fn from(p: CopyProgress) -> Self {
+        proto::CopyProgress {
+            done_bytes: p.done_bytes,
+            total_bytes: p.total_bytes,
+            complete: p.complete,
+            last_error: p.last_error,
+        }
+    }
+}
+
 impl From<proto::Attachment> for Attachment {
     fn from(a: proto::Attachment) -> Self {
         Attachment {
@@ -354,6 +477,8 @@ impl From<proto::VolumeRecord> for VolumeRecord {
             // deleted volume is never sent as a volume.
             snapshots: Vec::new(),
             deleted: false,
+            copy_source: r.copy_source.map(Into::into),
+            copy: r.copy.map(Into::into),
         }
     }
 }
@@ -372,8 +497,8 @@ impl From<VolumeRecord> for proto::VolumeRecord {
             created_unix_nanos: r.created_unix_nanos,
             attachments: r.attachments.into_iter().map(Into::into).collect(),
             access_type: r.access_type,
-            copy_source: None,
-            copy: None,
+            copy_source: r.copy_source.map(Into::into),
+            copy: r.copy.map(Into::into),
         }
     }
 }
@@ -405,6 +530,24 @@ mod tests {
             access_type: "mount".into(),
             snapshots: Vec::new(),
             deleted: false,
+            copy_source: Some(CopySource {
+                snapshot_id: "ts-1".into(),
+                source_volume_id: "tv-0".into(),
+                source_replication_factor: 3,
+                holders: vec![ReplicaRef {
+                    node_id: "n3".into(),
+                    control_address: "10.0.0.3:7400".into(),
+                    ..ReplicaRef::default()
+                }],
+                size_bytes: 1 << 29,
+                clone: false,
+            }),
+            copy: Some(CopyProgress {
+                done_bytes: 1 << 20,
+                total_bytes: 1 << 29,
+                complete: false,
+                last_error: "holder n3 is unreachable".into(),
+            }),
         }
     }
 
@@ -510,6 +653,7 @@ mod tests {
         assert_eq!(rec.size_bytes, 4096);
         assert_eq!(rec.epoch, 0);
         assert!(rec.parameters.is_empty());
+        assert_eq!((rec.copy_source, rec.copy), (None, None));
     }
 
     #[test]

@@ -43,6 +43,7 @@ fn to_block_io(volume_id: &str, e: CatalogError) -> BlockIoError {
         | CatalogError::InvalidVolumeId { .. } => {
             BlockIoError::UnknownVolume(volume_id.to_string())
         }
+        e @ CatalogError::Populating { .. } => BlockIoError::NotReady(e.to_string()),
         CatalogError::DiskFull { .. } => BlockIoError::NoSpace,
         other => BlockIoError::Io(io::Error::other(other)),
     }

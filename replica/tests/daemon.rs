@@ -12,24 +12,11 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use daemon_support::{
-    create_req, entries, get_req, pgid, spawn, wait_exit, workdir, Daemon, START_TIMEOUT,
+    create_req, entries, get_req, http_get, pgid, spawn, wait_exit, workdir, Daemon, START_TIMEOUT,
 };
 use nix::sys::signal::{killpg, Signal};
 use tessera_replica::control_proto as proto;
 use tonic::Code;
-
-async fn http_get(addr: &str, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr)
-        .await
-        .expect("connect metrics");
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes())
-        .await
-        .expect("write");
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.expect("read");
-    out
-}
 
 #[tokio::test]
 async fn volume_lifecycle_over_grpc() {

@@ -12,25 +12,12 @@ mod daemon_support;
 
 use std::time::Instant;
 
-use daemon_support::{create_req, workdir, Daemon};
+use daemon_support::{create_req, http_get, workdir, Daemon};
 use tessera_replica::control_proto as proto;
 use tessera_replica::dataplane::ReplicaDataClient;
 use tonic::Code;
 
 const BS: u64 = 4096;
-
-async fn http_get(addr: &str, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr)
-        .await
-        .expect("connect metrics");
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes())
-        .await
-        .expect("write");
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.expect("read");
-    out
-}
 
 /// The value of `name{volume_id="<volume>"}` on the daemon's /metrics, if present.
 async fn volume_metric(daemon: &Daemon, name: &str, volume: &str) -> Option<f64> {

@@ -74,7 +74,7 @@ pub struct ReplicaAddrs {
 struct ReadyFile {
     control: SocketAddr,
     data: SocketAddr,
-    #[allow(dead_code)] // Part of the contract; no test scrapes metrics yet.
+    /// `host:port` of /metrics, or null when `--metrics-listen` was not given.
     metrics: Option<String>,
 }
 
@@ -84,6 +84,8 @@ pub struct ClusterBuilder {
     replicas: usize,
     zones: usize,
     replica_capacity: String,
+    replica_args: Vec<String>,
+    replica_metrics: bool,
     controller: bool,
     node: bool,
     nodes: Vec<String>,
@@ -99,6 +101,8 @@ impl Default for ClusterBuilder {
             replicas: 3,
             zones: 1,
             replica_capacity: "100Gi".to_owned(),
+            replica_args: Vec::new(),
+            replica_metrics: false,
             controller: true,
             node: true,
             nodes: vec!["n1".to_owned()],
@@ -131,6 +135,24 @@ impl ClusterBuilder {
     /// `--capacity` of every replica daemon (e.g. `100Gi`).
     pub fn replica_capacity(mut self, capacity: impl Into<String>) -> Self {
         self.replica_capacity = capacity.into();
+        self
+    }
+
+    /// Further arguments appended to every replica daemon's command line (e.g.
+    /// `["--copy-max-bandwidth", "4Mi"]`); kept across restarts.
+    pub fn replica_args<I, S>(mut self, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.replica_args = args.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Whether the replica daemons serve /metrics (`--metrics-listen` on a free
+    /// loopback port; default no). See [`Replica::metrics`].
+    pub fn replica_metrics(mut self, enabled: bool) -> Self {
+        self.replica_metrics = enabled;
         self
     }
 
@@ -264,7 +286,10 @@ impl ClusterBuilder {
                 zone,
                 data_dir,
                 capacity: self.replica_capacity.clone(),
+                extra_args: self.replica_args.clone(),
+                metrics_enabled: self.replica_metrics,
                 addrs: None,
+                metrics_addr: None,
             };
             replica.start(self.startup_timeout).await?;
             cluster.replicas.push(replica);
@@ -380,6 +405,19 @@ impl Cluster {
     /// Control addresses of all replica daemons, in start order.
     pub fn replica_control_addrs(&self) -> Vec<SocketAddr> {
         self.replicas.iter().map(Replica::control_addr).collect()
+    }
+
+    /// Index (in [`Cluster::replicas`]) of the replica daemon with node id `node_id`.
+    pub fn replica_index(&self, node_id: &str) -> anyhow::Result<usize> {
+        self.replicas
+            .iter()
+            .position(|r| r.node_id == node_id)
+            .ok_or_else(|| anyhow!("this cluster has no replica daemon on node {node_id:?}"))
+    }
+
+    /// Whether replica daemon `index` runs (reaps it if it exited).
+    pub fn replica_running(&mut self, index: usize) -> bool {
+        self.replicas[index].daemon.is_running()
     }
 
     /// SIGKILLs replica daemon `index` (its data stays).
@@ -688,8 +726,14 @@ pub struct Replica {
     data_dir: PathBuf,
     ready_file: PathBuf,
     capacity: String,
+    /// Appended to the command line ([`ClusterBuilder::replica_args`]).
+    extra_args: Vec<String>,
+    /// Whether `--metrics-listen` is passed.
+    metrics_enabled: bool,
     /// Ports of the first start, reused by every restart.
     addrs: Option<ReplicaAddrs>,
+    /// /metrics address of the current run (a new port at every start).
+    metrics_addr: Option<SocketAddr>,
 }
 
 impl Replica {
@@ -749,6 +793,27 @@ impl Replica {
         Ok(names)
     }
 
+    /// /metrics address of the running daemon, when the cluster was built with
+    /// [`ClusterBuilder::replica_metrics`].
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+
+    /// The daemon's /metrics page, parsed (see [`crate::metrics`]). Fails when the
+    /// cluster was built without [`ClusterBuilder::replica_metrics`] or the daemon does
+    /// not answer.
+    pub async fn metrics(&self) -> anyhow::Result<crate::metrics::Metrics> {
+        let addr = self.metrics_addr.ok_or_else(|| {
+            anyhow!(
+                "replica {} serves no /metrics (ClusterBuilder::replica_metrics)",
+                self.node_id
+            )
+        })?;
+        crate::metrics::scrape(addr)
+            .await
+            .with_context(|| format!("scraping /metrics of replica {}", self.node_id))
+    }
+
     /// Directory holding the record and data of `volume_id` on this daemon.
     pub fn volume_dir(&self, volume_id: &str) -> PathBuf {
         self.data_dir.join("volumes").join(volume_id)
@@ -775,7 +840,15 @@ impl Replica {
             "--ready-file".into(),
             self.ready_file.clone().into_os_string(),
         ]
-        .into()
+        .into_iter()
+        .chain(
+            self.metrics_enabled
+                .then(|| ["--metrics-listen".into(), ANY_LOOPBACK_PORT.into()])
+                .into_iter()
+                .flatten(),
+        )
+        .chain(self.extra_args.iter().map(OsString::from))
+        .collect()
     }
 
     /// Starts the daemon and waits for its ready file.
@@ -798,7 +871,7 @@ impl Replica {
             self.daemon.start()?;
             let remaining = deadline.saturating_duration_since(Instant::now());
             match self.wait_ready(remaining).await {
-                Ok(addrs) => {
+                Ok((addrs, metrics)) => {
                     if let Some(expected) = self.addrs {
                         anyhow::ensure!(
                             expected == addrs,
@@ -807,6 +880,7 @@ impl Replica {
                         );
                     }
                     self.addrs = Some(addrs);
+                    self.metrics_addr = metrics;
                     return Ok(());
                 }
                 Err(ReadyError::Exited(status))
@@ -831,7 +905,11 @@ impl Replica {
         }
     }
 
-    async fn wait_ready(&mut self, timeout: Duration) -> Result<ReplicaAddrs, ReadyError> {
+    /// Waits for the ready file; returns the listeners' addresses and /metrics'.
+    async fn wait_ready(
+        &mut self,
+        timeout: Duration,
+    ) -> Result<(ReplicaAddrs, Option<SocketAddr>), ReadyError> {
         let ready_file = self.ready_file.clone();
         let daemon = &mut self.daemon;
         let last_problem = RefCell::new(String::from("no ready file yet"));
@@ -841,10 +919,20 @@ impl Replica {
             } else {
                 match std::fs::read(&ready_file) {
                     Ok(bytes) => match serde_json::from_slice::<ReadyFile>(&bytes) {
-                        Ok(ready) => Some(Ok(ReplicaAddrs {
-                            control: ready.control,
-                            data: ready.data,
-                        })),
+                        Ok(ready) => match ready.metrics.as_deref().map(str::parse) {
+                            Some(Err(e)) => {
+                                *last_problem.borrow_mut() =
+                                    format!("unparsable metrics address in the ready file: {e}");
+                                None
+                            }
+                            metrics => Some(Ok((
+                                ReplicaAddrs {
+                                    control: ready.control,
+                                    data: ready.data,
+                                },
+                                metrics.and_then(Result::ok),
+                            ))),
+                        },
                         Err(e) => {
                             *last_problem.borrow_mut() = format!("unparsable ready file: {e}");
                             None

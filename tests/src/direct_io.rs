@@ -79,3 +79,66 @@ pub fn direct_read(path: &Path, offset: u64, len: usize) -> std::io::Result<Vec<
     file.read_exact_at(buf.as_mut_slice(), offset)?;
     Ok(buf.as_slice().to_vec())
 }
+
+/// A file or device opened once with O_DIRECT, for tests that do many small I/Os
+/// (opening per I/O would dominate their cost).
+#[derive(Debug)]
+pub struct DirectFile {
+    file: fs::File,
+}
+
+impl DirectFile {
+    /// Opens `path` for O_DIRECT reads, and writes when `write`.
+    pub fn open(path: &Path, write: bool) -> std::io::Result<DirectFile> {
+        Ok(DirectFile {
+            file: open_direct(path, write)?,
+        })
+    }
+
+    /// Writes `data` (a multiple of [`ALIGN`]) at `offset`. Returns once the data
+    /// path completed the write; no flush.
+    pub fn write_at(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        let mut buf = AlignedBuf::zeroed(data.len());
+        buf.as_mut_slice().copy_from_slice(data);
+        self.file.write_all_at(buf.as_slice(), offset)
+    }
+
+    /// Reads `len` bytes (a multiple of [`ALIGN`]) at `offset`.
+    pub fn read_at(&self, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
+        let mut buf = AlignedBuf::zeroed(len);
+        self.file.read_exact_at(buf.as_mut_slice(), offset)?;
+        Ok(buf.as_slice().to_vec())
+    }
+
+    /// fdatasync.
+    pub fn sync(&self) -> std::io::Result<()> {
+        self.file.sync_data()
+    }
+
+    /// Size of the file or block device (seek to the end).
+    pub fn size(&self) -> std::io::Result<u64> {
+        let mut file = &self.file;
+        std::io::Seek::seek(&mut file, std::io::SeekFrom::End(0))
+    }
+}
+
+/// sha256 of `len` bytes of `path` read with O_DIRECT in 1 MiB pieces, as lowercase
+/// hex: what a test compares two whole devices by.
+pub fn sha256_of(path: &Path, len: u64) -> std::io::Result<String> {
+    use sha2::Digest;
+    const PIECE: u64 = 1 << 20;
+    let file = DirectFile::open(path, false)?;
+    let mut hasher = sha2::Sha256::new();
+    let mut offset = 0;
+    while offset < len {
+        let n = PIECE.min(len - offset);
+        let n = usize::try_from(n).map_err(std::io::Error::other)?;
+        hasher.update(file.read_at(offset, n)?);
+        offset += PIECE;
+    }
+    Ok(hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}

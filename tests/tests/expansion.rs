@@ -4,9 +4,12 @@
 //! Each test starts its own cluster (three replica daemons, the controller, node n1
 //! with an engine-host and a node plugin) and drives expansion the way the
 //! external-resizer and the kubelet do: ControllerExpandVolume, then
-//! NodeExpandVolume on the published path. A writer thread keeps writing a file
-//! while the volume grows; the test then checks `df`, and reads every file back with
-//! O_DIRECT, so the bytes come from the replicas and not from the page cache.
+//! NodeExpandVolume on the published path. Two writer threads run while the volume
+//! grows: one streams a file that ends larger than the original volume, the other
+//! keeps rewriting a ring of small files for the whole expansion (it completed files
+//! before, during and after it). The test then checks `df`, and reads every file
+//! back (the stream with O_DIRECT, so the bytes come from the replicas and not from
+//! the page cache).
 //!
 //! The writer is gated so it cannot fill the volume before the expansion is done:
 //! before the first chunk beyond half of the original size it waits (on a channel,
@@ -21,7 +24,7 @@
 use std::fs;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
@@ -194,6 +197,73 @@ impl GatedWriter {
     }
 }
 
+/// Rewrites `RING_FILES` files of `RING_FILE_SIZE` bytes in turn, each fsynced,
+/// until told to stop: a writer that is busy for the whole expansion. Dropping it
+/// stops it too.
+struct RingWriter {
+    completed: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    done: mpsc::Receiver<std::io::Result<Vec<FileSha>>>,
+}
+
+/// A file and the sha256 of what it should hold.
+type FileSha = (PathBuf, Vec<u8>);
+
+const RING_FILES: u64 = 8;
+const RING_FILE_SIZE: usize = 64 << 10;
+
+impl RingWriter {
+    fn start(dir: PathBuf, seed: u64) -> RingWriter {
+        let completed = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (tx, done) = mpsc::channel();
+        let (counter, stopped) = (Arc::clone(&completed), Arc::clone(&stop));
+        std::thread::spawn(move || {
+            let run = || -> std::io::Result<Vec<FileSha>> {
+                let mut last = vec![None; RING_FILES as usize];
+                let mut i = 0u64;
+                while !stopped.load(Ordering::SeqCst) {
+                    let slot = i % RING_FILES;
+                    let path = dir.join(format!("during-{slot}.bin"));
+                    let data = pattern(seed + i, RING_FILE_SIZE);
+                    let mut f = fs::File::create(&path)?;
+                    f.write_all(&data)?;
+                    f.sync_all()?;
+                    last[slot as usize] = Some((path, sha256(&data)));
+                    counter.fetch_add(1, Ordering::SeqCst);
+                    i += 1;
+                }
+                Ok(last.into_iter().flatten().collect())
+            };
+            let _ = tx.send(run());
+        });
+        RingWriter {
+            completed,
+            stop,
+            done,
+        }
+    }
+
+    fn completed(&self) -> u64 {
+        self.completed.load(Ordering::SeqCst)
+    }
+
+    /// Stops the writer; returns each file's path and the sha256 of its last version.
+    fn finish(&self) -> Vec<FileSha> {
+        self.stop.store(true, Ordering::SeqCst);
+        self.done
+            .recv_timeout(IO_TIMEOUT)
+            .unwrap_or_else(|_| panic!("the ring writer hung at file {}", self.completed()))
+            .unwrap_or_else(|e| panic!("the ring writer failed: {e}"))
+    }
+}
+
+impl Drop for RingWriter {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
 /// Whether this process may grow a mounted ext4: the kernel's EXT4_IOC_RESIZE_FS
 /// (what `resize2fs` uses online) requires CAP_SYS_RESOURCE, which some container
 /// sandboxes drop even for root.
@@ -309,8 +379,14 @@ async fn grow_mounted(cluster: &Cluster, fs_type: &str, size: usize, new_size: u
     wait_until(IO_TIMEOUT, || writer.written() >= 2).expect("the writer makes progress");
     let at_start = writer.written();
     assert!(at_start < chunks, "the writer is still writing");
+    // The ring writer runs across the whole expansion: files done before it began,
+    // during it, and after it ended.
+    let ring = RingWriter::start(target.clone(), 9_000);
+    wait_until(IO_TIMEOUT, || ring.completed() >= 1).expect("the ring writer makes progress");
+    let ring_at_start = ring.completed();
 
     let capacity = expand(&mut controller, &mut node, &a, capability.clone(), new_size).await;
+    let ring_at_end = ring.completed();
     assert_eq!(capacity, new_size as i64, "NodeExpandVolume capacity_bytes");
     let after = df_size(&target);
     assert!(
@@ -321,6 +397,19 @@ async fn grow_mounted(cluster: &Cluster, fs_type: &str, size: usize, new_size: u
         "{fs_type}: df {before} -> {after}; the writer was at chunk {at_start} when the expansion began, {} when it ended",
         writer.written()
     );
+    assert!(
+        ring_at_end > ring_at_start,
+        "no file was written while the volume grew (ring writer at {ring_at_start} before, \
+         {ring_at_end} after)"
+    );
+    wait_until(IO_TIMEOUT, || ring.completed() > ring_at_end)
+        .expect("the ring writer goes on after the expansion");
+    let ring_files = ring.finish();
+    eprintln!(
+        "{fs_type}: the ring writer completed {} files while the volume grew",
+        ring_at_end - ring_at_start
+    );
+    files.extend(ring_files);
     // Repeating both calls changes nothing (the resizer retries).
     let again = expand(&mut controller, &mut node, &a, capability, new_size).await;
     assert_eq!(again, new_size as i64);

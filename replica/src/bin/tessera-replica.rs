@@ -12,13 +12,20 @@
 //! io_uring by default (`--io-engine sync` selects the thread-pool reference engine).
 //! Every volume registers with it at load or create, with the QoS of its record, and
 //! its data files are opened `O_DIRECT` (see `tessera_replica::store` for the meta
-//! files and the blocking-thread design).
+//! files). Data-plane requests take the store's async path straight to the
+//! scheduler; while they are active, background I/O is held to
+//! `--background-busy-depth` requests in the device, in pieces of
+//! `--background-max-transfer`.
+//!
+//! Restore/clone copies (`tessera_replica::copy`): volumes created with a copy source
+//! are filled in the background; copies left incomplete by the previous run resume at
+//! start, and `--copy-max-bandwidth` caps their traffic.
 //!
 //! Shutdown (SIGTERM/SIGINT, or the control server failing): every listener stops
-//! accepting, the data plane answers the requests it has already read, then every
-//! open block store is flushed, so writes acknowledged before the signal survive even
-//! without the engine's own FLUSH. A kill -9 loses only unflushed writes, as the
-//! protocol allows.
+//! accepting, the data plane answers the requests it has already read, copies stop
+//! (they resume from their last checkpoint), then every open block store is flushed,
+//! so writes acknowledged before the signal survive even without the engine's own
+//! FLUSH. A kill -9 loses only unflushed writes, as the protocol allows.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -32,10 +39,11 @@ use tessera_replica::capacity::parse_size;
 use tessera_replica::catalog::{Catalog, CatalogConfig, CatalogIo};
 use tessera_replica::control_proto::replica_control_server::ReplicaControlServer;
 use tessera_replica::control_service::{ControlService, NodeInfo};
+use tessera_replica::copy::{CopyConfig, CopyManager};
 use tessera_replica::dataplane;
 use tessera_replica::health;
 use tessera_replica::scheduler::{
-    DeadlineBudgets, EngineKind, Scheduler, SchedulerConfig, DEFAULT_QUEUE_DEPTH,
+    BackgroundLimits, DeadlineBudgets, EngineKind, Scheduler, SchedulerConfig, DEFAULT_QUEUE_DEPTH,
 };
 use tessera_replica::volume_registry::CatalogRegistry;
 use tokio::net::TcpListener;
@@ -76,6 +84,12 @@ struct Args {
     /// K/M/G/T = 1000^n) [default: size of the data directory's filesystem].
     #[arg(long, value_parser = parse_capacity)]
     capacity: Option<u64>,
+
+    /// Bytes per second all restore/clone copies of this daemon may pull from the
+    /// holders of their snapshots together, e.g. 100Mi (suffixes as for --capacity);
+    /// 0 = unlimited.
+    #[arg(long, value_parser = parse_capacity, default_value = "0")]
+    copy_max_bandwidth: u64,
 
     /// HOST:PORT for HTTP /healthz and /metrics; disabled when unset.
     #[arg(long)]
@@ -122,6 +136,22 @@ struct Args {
     /// Deadline budget of background I/O (resync, rebuild, scrub), in milliseconds.
     #[arg(long, default_value_t = default_budgets().background.as_millis() as u64)]
     deadline_background_ms: u64,
+
+    /// Most background requests (resync, rebuild, scrub, snapshot copies) in the
+    /// device while foreground I/O is active (1..=4096); the rest wait in the
+    /// scheduler, so foreground requests do not queue behind them in the device.
+    #[arg(long, default_value_t = BackgroundLimits::default().busy_depth, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    background_busy_depth: u32,
+
+    /// Background reads and writes larger than this go to the device in pieces of
+    /// this size, one after the other (e.g. 128Ki; 0 = never split).
+    #[arg(long, default_value = "128Ki", value_parser = parse_transfer)]
+    background_max_transfer: usize,
+
+    /// How long foreground I/O counts as active after its last request, in
+    /// milliseconds (the background cap applies meanwhile).
+    #[arg(long, default_value_t = BackgroundLimits::default().linger.as_millis() as u64)]
+    foreground_linger_ms: u64,
 
     /// Open data files with buffered I/O instead of O_DIRECT (for filesystems without
     /// O_DIRECT, and for comparisons; the page cache then holds volume data).
@@ -171,7 +201,24 @@ fn scheduler_config(args: &Args) -> Result<SchedulerConfig> {
         },
         queue_depth: args.queue_depth,
         deadlines: budgets,
+        background: BackgroundLimits {
+            busy_depth: args.background_busy_depth,
+            max_transfer: args.background_max_transfer,
+            linger: Duration::from_millis(args.foreground_linger_ms),
+        },
     })
+}
+
+/// A piece size: a size like `128Ki`, 0 to 64 MiB (the largest transfer accepted).
+fn parse_transfer(s: &str) -> Result<usize, String> {
+    let bytes = parse_size(s).map_err(|e| e.to_string())?;
+    match usize::try_from(bytes) {
+        Ok(n) if n <= tessera_replica::scheduler::MAX_IO_LEN => Ok(n),
+        _ => Err(format!(
+            "{s} exceeds the largest transfer ({} bytes)",
+            tessera_replica::scheduler::MAX_IO_LEN
+        )),
+    }
 }
 
 fn parse_capacity(s: &str) -> Result<u64, String> {
@@ -228,6 +275,7 @@ async fn run(args: Args) -> Result<()> {
         engine = scheduler.engine_name(),
         queue_depth = sched_config.queue_depth,
         deadlines = ?sched_config.deadlines,
+        background = ?sched_config.background,
         direct = !args.buffered_io,
         "I/O scheduler started"
     );
@@ -266,6 +314,13 @@ async fn run(args: Args) -> Result<()> {
         );
     }
 
+    let copies = CopyManager::new(
+        Arc::clone(&catalog),
+        CopyConfig {
+            max_bandwidth: args.copy_max_bandwidth,
+            ..CopyConfig::default()
+        },
+    );
     let service = ControlService::new(
         Arc::clone(&catalog),
         NodeInfo {
@@ -273,7 +328,8 @@ async fn run(args: Args) -> Result<()> {
             zone: args.zone.clone(),
             data_address: data_addr.clone(),
         },
-    );
+    )
+    .with_copies(Arc::clone(&copies));
 
     // Shared so that both a signal and a failing control server can stop the rest.
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -310,9 +366,13 @@ async fn run(args: Args) -> Result<()> {
         write_atomically(path, ready.to_string().as_bytes())
             .with_context(|| format!("writing ready file {}", path.display()))?;
     }
+    // After the ready file: a copy may read from this very daemon, whose control
+    // server starts below; its first attempt retries until then.
+    copies.resume_all();
     info!(
         node_id = %node_id,
         control = %control_addr,
+        copy_max_bandwidth = args.copy_max_bandwidth,
         data = %data_addr,
         metrics = metrics_addr.as_deref().unwrap_or("disabled"),
         version = env!("CARGO_PKG_VERSION"),
@@ -340,6 +400,8 @@ async fn run(args: Args) -> Result<()> {
             data_abort.abort();
         }
     }
+    // Copies stop before the final flush; they resume from their last checkpoint.
+    copies.stop_all().await;
     let flushed = {
         let catalog = Arc::clone(&catalog);
         tokio::task::spawn_blocking(move || catalog.flush_all()).await

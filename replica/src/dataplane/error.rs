@@ -31,7 +31,8 @@ pub enum ErrorCode {
     IoError = 6,
     /// A frame failed its crc or length checks; the connection is closed after this.
     BadFrame = 7,
-    /// The volume named at HELLO is not stored on this replica.
+    /// The volume named at HELLO is not stored on this replica (or not servable yet:
+    /// still being populated from a snapshot, which the message says).
     UnknownVolume = 8,
     /// No protocol version both sides speak. Detail: the highest version the replica speaks.
     UnsupportedVersion = 9,
@@ -100,7 +101,9 @@ impl RemoteError {
             BlockIoError::OutOfRange { size, .. } => (ErrorCode::OutOfRange, *size),
             BlockIoError::Unaligned { .. } => (ErrorCode::Unaligned, 0),
             BlockIoError::Corrupt { block } => (ErrorCode::CorruptBlock, *block),
-            BlockIoError::UnknownVolume(_) => (ErrorCode::UnknownVolume, 0),
+            BlockIoError::UnknownVolume(_) | BlockIoError::NotReady(_) => {
+                (ErrorCode::UnknownVolume, 0)
+            }
             BlockIoError::NoSpace => (ErrorCode::NoSpace, 0),
             BlockIoError::Io(_) => (ErrorCode::IoError, 0),
         };

@@ -59,11 +59,13 @@ impl<T, V> Volume<T, V> {
         self.classes.iter().map(VecDeque::len).sum()
     }
 
-    /// Index of the class whose head has the earliest (deadline, seq).
-    fn head_class(&self) -> Option<usize> {
+    /// Index of the class whose head has the earliest (deadline, seq), among all
+    /// classes or only the foreground ones.
+    fn head_class(&self, background: bool) -> Option<usize> {
         self.classes
             .iter()
             .enumerate()
+            .filter(|&(i, _)| background || i != IoClass::Background.index())
             .filter_map(|(i, q)| q.front().map(|e| (e.deadline_ns, e.seq, i)))
             .min()
             .map(|(_, _, i)| i)
@@ -237,10 +239,13 @@ impl<T, V> Edf<T, V> {
 
     /// Selects the next request to dispatch at `now`. `live` says whether a request
     /// still has a waiter; heads without one are dropped and returned in `dropped` so
-    /// the caller can account for them.
+    /// the caller can account for them. Without `background`, background requests
+    /// stay queued (the caller's in-flight cap for them is reached) and a volume with
+    /// only those counts as idle.
     pub fn pick(
         &mut self,
         now: u64,
+        background: bool,
         mut live: impl FnMut(&T) -> bool,
         dropped: &mut Vec<(usize, T)>,
     ) -> Pick<T> {
@@ -256,8 +261,10 @@ impl<T, V> Edf<T, V> {
                     }
                 }
             }
-            let Some(class) = vol.head_class() else {
-                vol.end_throttle(now);
+            let Some(class) = vol.head_class(background) else {
+                if vol.queued() == 0 {
+                    vol.end_throttle(now);
+                }
                 continue;
             };
             let (deadline, seq, bytes) = match vol.classes[class].front() {
@@ -325,7 +332,7 @@ mod tests {
 
     fn pick_id(edf: &mut Edf<u32, ()>, now: u64) -> Option<(usize, u32)> {
         let mut dropped = Vec::new();
-        match edf.pick(now, |_| true, &mut dropped) {
+        match edf.pick(now, true, |_| true, &mut dropped) {
             Pick::Dispatch { volume, entry, .. } => Some((volume, entry.payload)),
             _ => None,
         }
@@ -345,9 +352,28 @@ mod tests {
             std::iter::from_fn(|| pick_id(&mut edf, 4 * MS).map(|(_, id)| id)).collect();
         assert_eq!(order, vec![3, 2, 5, 4, 1]);
         assert!(matches!(
-            edf.pick(4 * MS, |_| true, &mut Vec::new()),
+            edf.pick(4 * MS, true, |_| true, &mut Vec::new()),
             Pick::Idle
         ));
+    }
+
+    #[test]
+    fn background_can_be_held_back() {
+        let mut edf = Edf::default();
+        let a = edf.add_volume(&Qos::unlimited(), (), 0);
+        let b = edf.add_volume(&Qos::unlimited(), (), 0);
+        push(&mut edf, a, IoClass::Background, 1, 0);
+        push(&mut edf, b, IoClass::Background, 2, 0);
+        push(&mut edf, b, IoClass::ForegroundWrite, 3, 200 * MS);
+        let mut fg_only = || match edf.pick(0, false, |_| true, &mut Vec::new()) {
+            Pick::Dispatch { entry, .. } => Some(entry.payload),
+            _ => None,
+        };
+        // The background requests have earlier deadlines but are held back.
+        assert_eq!(fg_only(), Some(3));
+        assert_eq!(fg_only(), None);
+        assert_eq!(pick_id(&mut edf, 0), Some((a, 1)));
+        assert_eq!(pick_id(&mut edf, 0), Some((b, 2)));
     }
 
     #[test]
@@ -374,7 +400,7 @@ mod tests {
         push(&mut edf, a, IoClass::ForegroundRead, 1, 0);
         push(&mut edf, a, IoClass::ForegroundRead, 2, 0);
         assert_eq!(pick_id(&mut edf, 0), Some((a, 1)));
-        match edf.pick(0, |_| true, &mut Vec::new()) {
+        match edf.pick(0, true, |_| true, &mut Vec::new()) {
             Pick::WaitUntil(t) => assert_eq!(t, 10 * MS),
             other => panic!("expected a wait, got {other:?}"),
         }
@@ -530,7 +556,7 @@ mod tests {
             push(&mut edf, a, IoClass::ForegroundWrite, id, 0);
         }
         let mut dropped = Vec::new();
-        match edf.pick(0, |id| *id == 2, &mut dropped) {
+        match edf.pick(0, true, |id| *id == 2, &mut dropped) {
             Pick::Dispatch { entry, .. } => assert_eq!(entry.payload, 2),
             other => panic!("expected dispatch, got {other:?}"),
         }

@@ -20,7 +20,7 @@ use std::fs::File;
 use std::io;
 use std::sync::Arc;
 
-use super::aligned_buf::AlignedBuf;
+use super::aligned_buf::{AlignedBuf, BUF_ALIGN};
 use super::{IoCompletion, IoRequest};
 
 /// Retries of one operation after `EINTR`/`EAGAIN` before giving up with that error,
@@ -35,14 +35,38 @@ pub type Completer = Box<dyn FnOnce(io::Result<IoCompletion>) + Send + 'static>;
 pub struct EngineOp {
     /// The I/O to perform.
     pub request: IoRequest,
+    /// Largest single transfer to issue for a read or write: a longer one goes to the
+    /// device in consecutive pieces of this size, one at a time, so it never occupies
+    /// the device queue with more (the scheduler sets it for background requests).
+    /// Rounded down to a multiple of [`BUF_ALIGN`]. `None`: the whole transfer at once.
+    pub max_transfer: Option<usize>,
     /// Called exactly once with the outcome.
     pub done: Completer,
+}
+
+impl EngineOp {
+    /// An operation issued whole.
+    pub fn new(request: IoRequest, done: Completer) -> Self {
+        EngineOp {
+            request,
+            max_transfer: None,
+            done,
+        }
+    }
+}
+
+/// The largest piece of an operation with `max_transfer`: rounded down to a multiple
+/// of [`BUF_ALIGN`] (pieces of an `O_DIRECT` transfer must stay aligned) and at least
+/// one such unit, so a bogus value can neither stall nor break an operation.
+pub(crate) fn piece_limit(max_transfer: Option<usize>) -> usize {
+    max_transfer.map_or(usize::MAX, |m| (m - m % BUF_ALIGN).max(BUF_ALIGN))
 }
 
 impl std::fmt::Debug for EngineOp {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EngineOp")
             .field("request", &self.request)
+            .field("max_transfer", &self.max_transfer)
             .finish_non_exhaustive()
     }
 }
@@ -98,10 +122,15 @@ pub(crate) fn is_retryable(errno: i32) -> bool {
     errno == libc::EINTR || errno == libc::EAGAIN
 }
 
-/// Executes one request with blocking system calls. The reference semantics every
-/// engine must match; used by [`super::sync_engine::SyncEngine`].
-pub(crate) fn execute_blocking(request: IoRequest) -> io::Result<IoCompletion> {
+/// Executes one request with blocking system calls, transferring at most
+/// `max_transfer` bytes per call. The reference semantics every engine must match;
+/// used by [`super::sync_engine::SyncEngine`].
+pub(crate) fn execute_blocking(
+    request: IoRequest,
+    max_transfer: Option<usize>,
+) -> io::Result<IoCompletion> {
     use std::os::unix::fs::FileExt;
+    let piece = piece_limit(max_transfer);
     match request {
         IoRequest::Read { file, offset, len } => {
             let mut buf = AlignedBuf::zeroed(len)
@@ -110,7 +139,8 @@ pub(crate) fn execute_blocking(request: IoRequest) -> io::Result<IoCompletion> {
             let mut retries = 0u32;
             while done < len {
                 let pos = offset + done as u64;
-                match file.read_at(&mut buf.as_mut_slice()[done..], pos) {
+                let end = len.min(done.saturating_add(piece));
+                match file.read_at(&mut buf.as_mut_slice()[done..end], pos) {
                     Ok(0) => break,
                     Ok(n) => done += n,
                     Err(e) => {
@@ -135,7 +165,8 @@ pub(crate) fn execute_blocking(request: IoRequest) -> io::Result<IoCompletion> {
             let mut done = 0usize;
             let mut retries = 0u32;
             while done < buf.len() {
-                match file.write_at(&buf.as_slice()[done..], offset + done as u64) {
+                let end = buf.len().min(done.saturating_add(piece));
+                match file.write_at(&buf.as_slice()[done..end], offset + done as u64) {
                     Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                     Ok(n) => done += n,
                     Err(e) => {

@@ -25,24 +25,32 @@
 //!   changed at any time ([`VolumeHandle::set_qos`]); queued requests stay queued.
 //! * Dropping a submit future before the request was handed to the engine discards the
 //!   request; after that it runs to completion and only the result is dropped.
-//! * Dispatch happens inline in the submitting task and in the completion callback; a
-//!   small tokio task only wakes the queues when a throttled volume's tokens come due.
+//! * Dispatch happens inline in the submitting task and in the completion callback,
+//!   under the same lock round that queued or completed a request; a small tokio task
+//!   only wakes the queues when a throttled volume's tokens come due.
+//! * While foreground I/O is active, at most [`BackgroundLimits::busy_depth`]
+//!   background requests are in the engine, and background transfers go to the device
+//!   in pieces of [`BackgroundLimits::max_transfer`] (the [`background`] module), so
+//!   foreground requests do not wait behind megabytes in the device queue.
 //!
 //! *Limitations.* Requests of one volume may complete in any order, as with any
 //! queue depth above one: a flush covers the writes that completed before it was
 //! submitted, which is what the engine's write/flush protocol relies on. Picking costs
 //! O(volumes) per dispatch (see the `edf` module).
 //!
-//! *Blocking callers.* Code that runs on a blocking thread (the block store) uses
-//! [`VolumeHandle::submit_blocking`]: the request is queued the same way and the thread
-//! parks until the completion callback resolves it. Never call it on a tokio worker
-//! thread: a throttled request is released by the timer task, which then may not run.
+//! *Blocking callers.* Code that runs on a blocking thread (the block store's blocking
+//! API) uses [`VolumeHandle::submit_blocking`]: the request is queued the same way and
+//! the thread parks until the completion callback resolves it. Never call it on a tokio
+//! worker thread: a throttled request is released by the timer task, which then may
+//! not run. The data plane's path is async ([`VolumeHandle::submit`]).
 //!
 //! Layout: [`aligned_buf`] (O_DIRECT buffers), [`clock`], [`token_bucket`], `edf`
-//! (pure policy), [`engine`] (the engine trait), [`uring`] and [`sync_engine`] (the two
-//! engines), [`stats`], [`params`] (QoS from volume-record parameters).
+//! (pure policy), [`background`] (the background cap), [`engine`] (the engine trait),
+//! [`uring`] and [`sync_engine`] (the two engines), [`stats`], [`params`] (QoS from
+//! volume-record parameters).
 
 pub mod aligned_buf;
+pub mod background;
 pub mod clock;
 mod edf;
 pub mod engine;
@@ -66,6 +74,7 @@ use std::time::Duration;
 use tokio::sync::{oneshot, Notify};
 
 pub use aligned_buf::{AlignedBuf, AlignedBufError, BUF_ALIGN};
+pub use background::BackgroundLimits;
 pub use clock::{Clock, ManualClock, MonotonicClock};
 pub use engine::{EngineError, EngineOp, IoEngine, Rejected};
 pub use stats::VolumeStats;
@@ -73,8 +82,9 @@ pub use sync_engine::SyncEngine;
 pub use token_bucket::TokenBucket;
 pub use uring::UringEngine;
 
+use background::BackgroundGate;
 use clock::duration_ns;
-use edf::{Edf, Pick};
+use edf::{Edf, Entry, Pick};
 use stats::Counters;
 
 /// Largest read or write accepted, in bytes. Far above what the data plane sends (it
@@ -163,6 +173,8 @@ pub struct SchedulerConfig {
     pub queue_depth: u32,
     /// Deadline budget per class.
     pub deadlines: DeadlineBudgets,
+    /// How much background I/O may be in the device while foreground is active.
+    pub background: BackgroundLimits,
 }
 
 impl Default for SchedulerConfig {
@@ -172,6 +184,7 @@ impl Default for SchedulerConfig {
             engine: EngineKind::IoUring,
             queue_depth: DEFAULT_QUEUE_DEPTH,
             deadlines: DeadlineBudgets::default(),
+            background: BackgroundLimits::default(),
         }
     }
 }
@@ -441,6 +454,7 @@ type Waiter = oneshot::Sender<Result<IoCompletion, SchedulerError>>;
 /// A queued request.
 struct Pending {
     request: IoRequest,
+    class: IoClass,
     waiter: Waiter,
 }
 
@@ -459,6 +473,8 @@ struct State {
     /// When the timer task should next run the queues (a throttled volume's tokens).
     timer_at: Option<u64>,
     by_id: HashMap<String, usize>,
+    /// Background in-flight cap while foreground is active.
+    background: BackgroundGate,
 }
 
 impl State {
@@ -484,6 +500,8 @@ struct Inner {
     clock: Arc<dyn Clock>,
     depth: usize,
     budgets: [u64; IoClass::COUNT],
+    /// The configured background limits (the piece size is read without the lock).
+    background: BackgroundLimits,
     timer: Arc<Notify>,
 }
 
@@ -504,59 +522,11 @@ impl Inner {
     /// Moves as many requests as the depth allows from the queues to the engine.
     fn pump(self: &Arc<Self>) {
         loop {
-            let mut batch = Vec::new();
-            let mut arm_timer = false;
-            {
+            let picked = {
                 let mut st = self.lock();
-                let now = self.clock.now_ns();
-                let mut dropped = Vec::new();
-                while st.in_flight < self.depth {
-                    match st.edf.pick(now, |p| !p.waiter.is_closed(), &mut dropped) {
-                        Pick::Dispatch { volume, entry } => {
-                            st.in_flight += 1;
-                            if let Some(meta) = st.edf.meta_mut(volume) {
-                                meta.counters.in_flight += 1;
-                            }
-                            batch.push((volume, entry));
-                        }
-                        Pick::WaitUntil(at) => {
-                            if st.timer_at.is_none_or(|t| at < t) {
-                                st.timer_at = Some(at);
-                                arm_timer = true;
-                            }
-                            break;
-                        }
-                        Pick::Idle => break,
-                    }
-                }
-                for (volume, _) in dropped {
-                    if let Some(meta) = st.edf.meta_mut(volume) {
-                        meta.counters.cancelled_ops += 1;
-                    }
-                    st.reap_if_detached(volume);
-                }
-            }
-            if arm_timer {
-                self.timer.notify_one();
-            }
-            if batch.is_empty() {
-                return;
-            }
-            let mut refused = false;
-            for (volume, entry) in batch {
-                let Pending { request, waiter } = entry.payload;
-                let (op, offset) = (request.kind(), request.offset());
-                let deadline = entry.deadline_ns;
-                let inner = Arc::clone(self);
-                let done: engine::Completer = Box::new(move |res| {
-                    inner.on_complete(volume, deadline, op, offset, waiter, res);
-                });
-                if let Err(rejected) = self.engine.submit(EngineOp { request, done }) {
-                    refused = true;
-                    (rejected.op.done)(Err(io::Error::other(Refused)));
-                }
-            }
-            if !refused {
+                self.pick_dispatchable(&mut st)
+            };
+            if !self.hand_over(picked) {
                 return;
             }
             // Refused requests freed their depth slots; dispatch (and so fail) the rest
@@ -564,37 +534,137 @@ impl Inner {
         }
     }
 
-    fn on_complete(
-        self: &Arc<Self>,
-        volume: usize,
-        deadline: u64,
-        op: OpKind,
-        offset: u64,
-        waiter: Waiter,
-        res: io::Result<IoCompletion>,
-    ) {
+    /// Takes from the queues what may go to the engine now (depth, tokens, the
+    /// background cap), counting it as in flight. Called with the lock held by whoever
+    /// just changed the queues, so a request costs one lock round per event.
+    fn pick_dispatchable(&self, st: &mut State) -> Picked {
+        let mut picked = Picked::default();
+        let now = self.clock.now_ns();
+        let mut dropped = Vec::new();
+        while st.in_flight < self.depth {
+            let background = st.background.admits_background(now);
+            match st
+                .edf
+                .pick(now, background, |p| !p.waiter.is_closed(), &mut dropped)
+            {
+                Pick::Dispatch { volume, entry } => {
+                    st.in_flight += 1;
+                    st.background.dispatched(entry.payload.class);
+                    if let Some(meta) = st.edf.meta_mut(volume) {
+                        meta.counters.in_flight += 1;
+                    }
+                    picked.batch.push((volume, entry));
+                }
+                Pick::WaitUntil(at) => {
+                    if st.timer_at.is_none_or(|t| at < t) {
+                        st.timer_at = Some(at);
+                        picked.arm_timer = true;
+                    }
+                    break;
+                }
+                Pick::Idle => break,
+            }
+        }
+        for (volume, _) in dropped {
+            if let Some(meta) = st.edf.meta_mut(volume) {
+                meta.counters.cancelled_ops += 1;
+            }
+            st.reap_if_detached(volume);
+        }
+        picked
+    }
+
+    /// Hands picked requests to the engine, outside the lock. Returns whether the
+    /// engine refused any (their slots are free again and the queues need a pump).
+    fn hand_over(self: &Arc<Self>, picked: Picked) -> bool {
+        if picked.arm_timer {
+            self.timer.notify_one();
+        }
+        let mut refused = false;
+        for (volume, entry) in picked.batch {
+            let Pending {
+                request,
+                class,
+                waiter,
+            } = entry.payload;
+            let (op, offset) = (request.kind(), request.offset());
+            let done_info = Done {
+                volume,
+                class,
+                deadline: entry.deadline_ns,
+                op,
+                offset,
+            };
+            let inner = Arc::clone(self);
+            let done: engine::Completer = Box::new(move |res| {
+                inner.on_complete(done_info, waiter, res);
+            });
+            let op = EngineOp {
+                request,
+                max_transfer: self.background.max_transfer_for(class),
+                done,
+            };
+            if let Err(rejected) = self.engine.submit(op) {
+                refused = true;
+                (rejected.op.done)(Err(io::Error::other(Refused)));
+            }
+        }
+        refused
+    }
+
+    fn on_complete(self: &Arc<Self>, info: Done, waiter: Waiter, res: io::Result<IoCompletion>) {
         let now = self.clock.now_ns();
         let refused = matches!(&res, Err(e) if e.get_ref().is_some_and(|i| i.is::<Refused>()));
         let result = match res {
             Ok(c) => Ok(c),
             Err(_) if refused => Err(SchedulerError::EngineStopped),
-            Err(source) => Err(SchedulerError::Io { op, offset, source }),
+            Err(source) => Err(SchedulerError::Io {
+                op: info.op,
+                offset: info.offset,
+                source,
+            }),
         };
-        {
+        let picked = {
             let mut st = self.lock();
             st.in_flight = st.in_flight.saturating_sub(1);
+            st.background.completed(info.class, now);
             let ok_bytes = result.as_ref().ok().map(|c| c.bytes as u64);
-            if let Some(meta) = st.edf.meta_mut(volume) {
-                meta.counters.record_completion(ok_bytes, deadline, now);
+            if let Some(meta) = st.edf.meta_mut(info.volume) {
+                meta.counters
+                    .record_completion(ok_bytes, info.deadline, now);
             }
-            st.reap_if_detached(volume);
-        }
-        if !refused {
+            st.reap_if_detached(info.volume);
+            if refused {
+                Picked::default()
+            } else {
+                self.pick_dispatchable(&mut st)
+            }
+        };
+        // The waiter may be gone (future dropped); the result is then discarded. It is
+        // told before the next requests are handed over, so it can run meanwhile.
+        let _ = waiter.send(result);
+        if self.hand_over(picked) {
             self.pump();
         }
-        // The waiter may be gone (future dropped); the result is then discarded.
-        let _ = waiter.send(result);
     }
+}
+
+/// Requests taken from the queues under the lock, to hand to the engine after it.
+#[derive(Default)]
+struct Picked {
+    batch: Vec<(usize, Entry<Pending>)>,
+    /// The earliest throttled volume's wake time moved: tell the timer task.
+    arm_timer: bool,
+}
+
+/// What a completion needs to know about its request.
+#[derive(Clone, Copy)]
+struct Done {
+    volume: usize,
+    class: IoClass,
+    deadline: u64,
+    op: OpKind,
+    offset: u64,
 }
 
 /// Wakes the queues when a throttled volume's tokens come due. Holds only a weak
@@ -663,11 +733,13 @@ impl Scheduler {
                 in_flight: 0,
                 timer_at: None,
                 by_id: HashMap::new(),
+                background: BackgroundGate::new(config.background),
             }),
             engine,
             clock,
             depth: config.queue_depth.clamp(1, uring::MAX_DEPTH) as usize,
             budgets: config.deadlines.as_ns(),
+            background: config.background,
             timer: Arc::clone(&timer),
         });
         runtime.spawn(run_timer(Arc::downgrade(&inner), timer));
@@ -786,7 +858,7 @@ impl VolumeHandle {
         request: IoRequest,
     ) -> Result<IoCompletion, SchedulerError> {
         let rx = self.enqueue(class, request)?;
-        wait_on_thread(rx).unwrap_or(Err(SchedulerError::ShutDown))
+        crate::park::block_on(rx).unwrap_or(Err(SchedulerError::ShutDown))
     }
 
     fn enqueue(
@@ -798,11 +870,12 @@ impl VolumeHandle {
         let inner = &self.shared.inner;
         let (tx, rx) = oneshot::channel();
         let bytes = request.data_bytes();
-        {
+        let picked = {
             let mut st = inner.lock();
             let now = inner.clock.now_ns();
             let pending = Pending {
                 request,
+                class,
                 waiter: tx,
             };
             st.edf
@@ -815,8 +888,12 @@ impl VolumeHandle {
                     now,
                 )
                 .map_err(|_| SchedulerError::ShutDown)?;
+            st.background.queued(class, now);
+            inner.pick_dispatchable(&mut st)
+        };
+        if inner.hand_over(picked) {
+            inner.pump();
         }
-        inner.pump();
         Ok(rx)
     }
 
@@ -858,42 +935,6 @@ impl VolumeHandle {
                 .snapshot(st.edf.queued(slot), st.edf.throttled(slot, now))
         })
     }
-}
-
-/// Wakes a parked thread; the waker of [`wait_on_thread`].
-struct ThreadWaker(std::thread::Thread);
-
-impl std::task::Wake for ThreadWaker {
-    fn wake(self: Arc<Self>) {
-        self.0.unpark();
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        self.0.unpark();
-    }
-}
-
-thread_local! {
-    /// One waker per thread, so a blocking wait allocates nothing.
-    static THREAD_WAKER: std::task::Waker =
-        std::task::Waker::from(Arc::new(ThreadWaker(std::thread::current())));
-}
-
-/// Drives `fut` to completion on the calling thread, parking between polls. Unlike
-/// tokio's `blocking_recv`, it never panics inside a runtime context; the caller is
-/// responsible for not calling it on a worker thread.
-fn wait_on_thread<F: Future>(fut: F) -> F::Output {
-    let mut fut = std::pin::pin!(fut);
-    THREAD_WAKER.with(|waker| {
-        let mut cx = std::task::Context::from_waker(waker);
-        loop {
-            if let std::task::Poll::Ready(v) = fut.as_mut().poll(&mut cx) {
-                return v;
-            }
-            // Spurious unparks just poll again.
-            std::thread::park();
-        }
-    })
 }
 
 /// A file of one volume with `std`-like async methods, for the block store: it maps

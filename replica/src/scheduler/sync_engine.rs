@@ -50,7 +50,7 @@ fn worker(rx: &Mutex<mpsc::Receiver<EngineOp>>) {
             Err(poisoned) => poisoned.into_inner().recv(),
         };
         let Ok(op) = next else { return };
-        let result = execute_blocking(op.request);
+        let result = execute_blocking(op.request, op.max_transfer);
         (op.done)(result);
     }
 }

@@ -545,3 +545,38 @@ async fn timer_releases_throttled_requests_with_the_real_clock() {
     );
     assert!(vol.stats().throttled >= Duration::from_millis(15));
 }
+
+#[tokio::test]
+async fn background_is_capped_and_split_while_foreground_is_active() {
+    let (sched, engine, clock) = held_scheduler(16);
+    let vol = sched
+        .register_volume("v", Qos::unlimited())
+        .expect("register");
+    let limits = BackgroundLimits::default();
+    let fg = vol.submit(IoClass::ForegroundRead, read(0));
+    let bg: Vec<_> = (1..=5)
+        .map(|i| vol.submit(IoClass::Background, read(i)))
+        .collect();
+    // The foreground read and `busy_depth` background requests, no more.
+    assert_eq!(engine.offsets(), vec![0, 1, 2]);
+    {
+        let ops = engine.0.ops.lock().expect("test lock");
+        assert_eq!(ops[0].max_transfer, None, "foreground is issued whole");
+        assert_eq!(ops[1].max_transfer, Some(limits.max_transfer));
+    }
+    // Completing the foreground read frees no background slot; completing a background
+    // request lets exactly one more in.
+    engine.complete_one();
+    fg.await.expect("foreground read");
+    assert_eq!(engine.offsets(), vec![1, 2]);
+    engine.complete_one();
+    assert_eq!(engine.offsets(), vec![2, 3]);
+    // Once foreground has been quiet for the linger time, the cap lifts.
+    clock.advance(limits.linger);
+    engine.complete_one();
+    assert_eq!(engine.offsets(), vec![3, 4, 5]);
+    engine.complete_all();
+    for f in bg {
+        f.await.expect("background read");
+    }
+}

@@ -19,18 +19,20 @@
 //!   the scheduler. So a 4 KiB write costs one scheduled request (and one IOPS token),
 //!   and a flush two.
 //!
-//! *Blocking.* The store's API is synchronous and runs on blocking threads (the data
-//! plane calls it from `spawn_blocking`), so a scheduled file submits its request and
-//! parks the thread until the completion ([`VolumeHandle::submit_blocking`]). That
-//! keeps the store's locking (a read lock on the layer chain is the snapshot barrier,
-//! striped block locks are held across I/O) exactly as designed, at the price of a
-//! blocking thread per request in flight and two thread wake-ups per request; see the
-//! daemon's benchmark notes in `bench/replica-io` for what that costs.
+//! *Blocking and async.* The [`BlockFile`] methods are synchronous: a scheduled file
+//! submits its request and parks the calling thread until the completion
+//! ([`VolumeHandle::submit_blocking`]); the store's blocking API (control operations,
+//! resync, tools) runs on blocking threads this way. The data plane instead uses the
+//! store's async path, which reaches the same file through [`BlockFile::scheduled`] and
+//! awaits the request (`*_async` methods of [`ScheduledBlockFile`]) in its own task:
+//! no blocking thread and two fewer thread switches per request.
 //!
-//! *Priority.* Which scheduler class a request gets is decided per thread: foreground
-//! by default (reads as foreground reads; writes, trims and flushes as foreground
-//! writes), or background inside [`with_io_priority`]`(IoPriority::Background, ..)`,
-//! which resync, rebuild, scrub and snapshot merges use so they yield to applications.
+//! *Priority.* Which scheduler class a blocking request gets is decided per thread:
+//! foreground by default (reads as foreground reads; writes, trims and flushes as
+//! foreground writes), or background inside
+//! [`with_io_priority`]`(IoPriority::Background, ..)`, which resync, rebuild, scrub and
+//! snapshot merges use so they yield to applications. Async requests name their
+//! priority explicitly.
 
 use std::cell::Cell;
 use std::fmt::Debug;
@@ -71,6 +73,13 @@ pub trait BlockFile: Send + Sync + Debug {
 
     /// Bytes of disk space the file occupies (holes excluded), for capacity accounting.
     fn allocated_bytes(&self) -> io::Result<u64>;
+
+    /// The scheduler route of this file, when it has one. The store's async data path
+    /// then awaits the file's requests instead of calling the blocking methods above;
+    /// with `None` (the default: std files, test wrappers) it calls those inline.
+    fn scheduled(&self) -> Option<&ScheduledBlockFile> {
+        None
+    }
 }
 
 /// Opens the files of a layer. A daemon picks one factory per backing device (std
@@ -184,7 +193,12 @@ pub fn current_io_priority() -> IoPriority {
 }
 
 fn class_for(read: bool) -> IoClass {
-    match (current_io_priority(), read) {
+    class_of(current_io_priority(), read)
+}
+
+/// The scheduler class of a read (`read`) or of anything else at `priority`.
+pub(crate) fn class_of(priority: IoPriority, read: bool) -> IoClass {
+    match (priority, read) {
         (IoPriority::Background, _) => IoClass::Background,
         (IoPriority::Foreground, true) => IoClass::ForegroundRead,
         (IoPriority::Foreground, false) => IoClass::ForegroundWrite,
@@ -215,6 +229,129 @@ impl ScheduledBlockFile {
             .submit_blocking(class_for(read), request)
             .map_err(io::Error::from)
     }
+
+    async fn submit_async(
+        &self,
+        priority: IoPriority,
+        read: bool,
+        request: IoRequest,
+    ) -> io::Result<IoCompletion> {
+        self.volume
+            .submit(class_of(priority, read), request)
+            .await
+            .map_err(io::Error::from)
+    }
+
+    fn read_request(&self, offset: u64, len: usize) -> IoRequest {
+        IoRequest::Read {
+            file: Arc::clone(&self.file),
+            offset,
+            len,
+        }
+    }
+
+    fn write_request(&self, buf: &[u8], offset: u64) -> io::Result<IoRequest> {
+        let aligned = crate::scheduler::AlignedBuf::from_slice(buf)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        Ok(IoRequest::Write {
+            file: Arc::clone(&self.file),
+            offset,
+            buf: aligned,
+        })
+    }
+
+    fn sync_request(&self) -> IoRequest {
+        IoRequest::Fdatasync {
+            file: Arc::clone(&self.file),
+        }
+    }
+
+    fn punch_request(&self, offset: u64, len: u64) -> IoRequest {
+        IoRequest::PunchHole {
+            file: Arc::clone(&self.file),
+            offset,
+            len,
+        }
+    }
+
+    /// [`BlockFile::read_at`] for async callers: the thread is not blocked while the
+    /// request waits (meta files still read the page cache inline).
+    pub async fn read_at_async(
+        &self,
+        priority: IoPriority,
+        buf: &mut [u8],
+        offset: u64,
+    ) -> io::Result<usize> {
+        if self.transfers == Transfers::Buffered {
+            return read_full_at(&self.file, buf, offset);
+        }
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        let done = self
+            .submit_async(priority, true, self.read_request(offset, buf.len()))
+            .await?;
+        Ok(copy_read(done, buf))
+    }
+
+    /// [`BlockFile::write_at`] for async callers (meta files still write the page
+    /// cache inline).
+    pub async fn write_at_async(
+        &self,
+        priority: IoPriority,
+        buf: &[u8],
+        offset: u64,
+    ) -> io::Result<()> {
+        if self.transfers == Transfers::Buffered {
+            return self.file.write_all_at(buf, offset);
+        }
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let request = self.write_request(buf, offset)?;
+        self.submit_async(priority, false, request).await.map(drop)
+    }
+
+    /// [`BlockFile::sync_data`] for async callers.
+    pub async fn sync_data_async(&self, priority: IoPriority) -> io::Result<()> {
+        self.submit_async(priority, false, self.sync_request())
+            .await
+            .map(drop)
+    }
+
+    /// [`BlockFile::punch_hole`] for async callers.
+    pub async fn punch_hole_async(
+        &self,
+        priority: IoPriority,
+        offset: u64,
+        len: u64,
+    ) -> io::Result<()> {
+        let r = self
+            .submit_async(priority, false, self.punch_request(offset, len))
+            .await;
+        punch_outcome(r)
+    }
+}
+
+/// Copies a completed read into the caller's buffer; returns the bytes copied.
+fn copy_read(done: IoCompletion, buf: &mut [u8]) -> usize {
+    let Some(data) = done.buf else {
+        return 0;
+    };
+    // The engine returns at most `len` bytes; guard anyway rather than panic.
+    let n = data.len().min(buf.len());
+    buf[..n].copy_from_slice(&data.as_slice()[..n]);
+    n
+}
+
+/// As in [`StdBlockFile`]: without hole punching the tombstone, not the bytes, makes a
+/// trim read zeros, so EOPNOTSUPP is success.
+fn punch_outcome<T>(r: io::Result<T>) -> io::Result<()> {
+    match r {
+        Ok(_) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Ok(()),
+        Err(e) => Err(e),
+    }
 }
 
 impl BlockFile for ScheduledBlockFile {
@@ -225,21 +362,8 @@ impl BlockFile for ScheduledBlockFile {
         if buf.is_empty() {
             return Ok(0);
         }
-        let done = self.submit(
-            true,
-            IoRequest::Read {
-                file: Arc::clone(&self.file),
-                offset,
-                len: buf.len(),
-            },
-        )?;
-        let Some(data) = done.buf else {
-            return Ok(0);
-        };
-        // The engine returns at most `len` bytes; guard anyway rather than panic.
-        let n = data.len().min(buf.len());
-        buf[..n].copy_from_slice(&data.as_slice()[..n]);
-        Ok(n)
+        let done = self.submit(true, self.read_request(offset, buf.len()))?;
+        Ok(copy_read(done, buf))
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
@@ -249,41 +373,16 @@ impl BlockFile for ScheduledBlockFile {
         if buf.is_empty() {
             return Ok(());
         }
-        let aligned = crate::scheduler::AlignedBuf::from_slice(buf)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-        self.submit(
-            false,
-            IoRequest::Write {
-                file: Arc::clone(&self.file),
-                offset,
-                buf: aligned,
-            },
-        )
-        .map(drop)
+        let request = self.write_request(buf, offset)?;
+        self.submit(false, request).map(drop)
     }
 
     fn sync_data(&self) -> io::Result<()> {
-        self.submit(
-            false,
-            IoRequest::Fdatasync {
-                file: Arc::clone(&self.file),
-            },
-        )
-        .map(drop)
+        self.submit(false, self.sync_request()).map(drop)
     }
 
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
-        let request = IoRequest::PunchHole {
-            file: Arc::clone(&self.file),
-            offset,
-            len,
-        };
-        match self.submit(false, request) {
-            Ok(_) => Ok(()),
-            // As in StdBlockFile: the tombstone, not the bytes, makes a trim read zeros.
-            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Ok(()),
-            Err(e) => Err(e),
-        }
+        punch_outcome(self.submit(false, self.punch_request(offset, len)))
     }
 
     fn set_len(&self, len: u64) -> io::Result<()> {
@@ -293,6 +392,10 @@ impl BlockFile for ScheduledBlockFile {
 
     fn allocated_bytes(&self) -> io::Result<u64> {
         Ok(self.file.metadata()?.blocks() * 512)
+    }
+
+    fn scheduled(&self) -> Option<&ScheduledBlockFile> {
+        Some(self)
     }
 }
 

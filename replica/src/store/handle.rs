@@ -1,16 +1,15 @@
 //! [`VolumeBlocks`] for the layered store, for the data-plane server.
 
-use std::io;
 use std::sync::Arc;
 
-use super::{LayeredStore, StoreError};
+use super::LayeredStore;
 use crate::block_io::{BlockIoError, VolumeBlocks};
 
 /// A shareable handle that serves a [`LayeredStore`] to the data-plane server.
 ///
-/// The store's file I/O blocks (with the scheduler, the thread parks until its request
-/// completes), so every call runs on tokio's blocking pool instead of stalling the
-/// runtime's worker threads, and always at foreground priority.
+/// Every call takes the store's async path (the `nonblocking` module): the request
+/// is submitted to the volume's scheduler and awaited in the calling task, so no
+/// blocking thread is involved, and always at foreground priority.
 #[derive(Debug, Clone)]
 pub struct StoreHandle {
     store: Arc<LayeredStore>,
@@ -28,18 +27,6 @@ impl StoreHandle {
     }
 }
 
-/// Runs a store call on the blocking pool and converts its error for the data plane.
-async fn blocking<T, F>(f: F) -> Result<T, BlockIoError>
-where
-    T: Send + 'static,
-    F: FnOnce() -> Result<T, StoreError> + Send + 'static,
-{
-    match tokio::task::spawn_blocking(f).await {
-        Ok(r) => r.map_err(BlockIoError::from),
-        Err(join) => Err(BlockIoError::Io(io::Error::other(join))),
-    }
-}
-
 impl VolumeBlocks for StoreHandle {
     fn read(
         &self,
@@ -47,7 +34,12 @@ impl VolumeBlocks for StoreHandle {
         len: u32,
     ) -> impl std::future::Future<Output = Result<Vec<u8>, BlockIoError>> + Send {
         let store = Arc::clone(&self.store);
-        blocking(move || store.read(offset, u64::from(len)))
+        async move {
+            store
+                .read_async(offset, u64::from(len))
+                .await
+                .map_err(BlockIoError::from)
+        }
     }
 
     fn write(
@@ -56,13 +48,13 @@ impl VolumeBlocks for StoreHandle {
         data: Vec<u8>,
         seq: u64,
     ) -> impl std::future::Future<Output = Result<(), BlockIoError>> + Send {
-        let store = Arc::clone(&self.store);
-        blocking(move || store.write(offset, &data, seq))
+        let write = self.store.write_async(offset, data, seq);
+        async move { write.await.map_err(BlockIoError::from) }
     }
 
     fn flush(&self) -> impl std::future::Future<Output = Result<(), BlockIoError>> + Send {
         let store = Arc::clone(&self.store);
-        blocking(move || store.flush())
+        async move { store.flush_async().await.map_err(BlockIoError::from) }
     }
 
     fn trim(
@@ -72,7 +64,12 @@ impl VolumeBlocks for StoreHandle {
         seq: u64,
     ) -> impl std::future::Future<Output = Result<(), BlockIoError>> + Send {
         let store = Arc::clone(&self.store);
-        blocking(move || store.trim(offset, len, seq))
+        async move {
+            store
+                .trim_async(offset, len, seq)
+                .await
+                .map_err(BlockIoError::from)
+        }
     }
 
     fn size(&self) -> u64 {

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
-use super::file::{BlockFile, BlockFileFactory};
+use super::file::{BlockFile, BlockFileFactory, IoPriority};
 use super::format::{self, Entry, ENTRY_SIZE, META_HEADER_SIZE};
 use super::{io_error, LayerId, StoreError};
 use crate::block_io::BLOCK_SIZE;
@@ -385,6 +385,85 @@ impl Layer {
         r
     }
 
+    /// [`Self::read_data`] without blocking the thread while the data file's request
+    /// waits (see [`BlockFile::scheduled`]).
+    pub(crate) async fn read_data_async(
+        &self,
+        priority: IoPriority,
+        first: u64,
+        buf: &mut [u8],
+    ) -> Result<(), StoreError> {
+        let offset = first * BLOCK_SIZE;
+        let n = match self.data.scheduled() {
+            Some(f) => f.read_at_async(priority, buf, offset).await,
+            None => self.data.read_at(buf, offset),
+        }
+        .map_err(io_error("read data file", &self.data_path()))?;
+        buf[n..].fill(0);
+        Ok(())
+    }
+
+    /// [`Self::write_data`] without blocking the thread while the request waits.
+    pub(crate) async fn write_data_async(
+        &self,
+        priority: IoPriority,
+        first: u64,
+        buf: &[u8],
+    ) -> Result<(), StoreError> {
+        let offset = first * BLOCK_SIZE;
+        let r = match self.data.scheduled() {
+            Some(f) => f.write_at_async(priority, buf, offset).await,
+            None => self.data.write_at(buf, offset),
+        }
+        .map_err(io_error("write data file", &self.data_path()));
+        self.mark_dirty();
+        r
+    }
+
+    /// [`Self::punch`] without blocking the thread while the request waits.
+    pub(crate) async fn punch_async(
+        &self,
+        priority: IoPriority,
+        first: u64,
+        count: u64,
+    ) -> Result<(), StoreError> {
+        let (offset, len) = (first * BLOCK_SIZE, count * BLOCK_SIZE);
+        let r = match self.data.scheduled() {
+            Some(f) => f.punch_hole_async(priority, offset, len).await,
+            None => self.data.punch_hole(offset, len),
+        }
+        .map_err(io_error("punch hole in data file", &self.data_path()));
+        self.mark_dirty();
+        r
+    }
+
+    /// [`Self::sync`] without blocking the thread while the syncs wait. If the future
+    /// is dropped before it finished, the layer stays dirty, so the next flush syncs
+    /// again instead of trusting a sync that may never have happened.
+    pub(crate) async fn sync_async(&self, priority: IoPriority) -> Result<(), StoreError> {
+        if !self.dirty.swap(false, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let mut pending = StillDirty::new(&self.dirty);
+        let r = match Self::sync_file_async(&self.data, priority).await {
+            Ok(()) => Self::sync_file_async(&self.meta, priority)
+                .await
+                .map_err(io_error("sync meta file", &self.meta_path())),
+            Err(e) => Err(io_error("sync data file", &self.data_path())(e)),
+        };
+        if r.is_ok() {
+            pending.disarm();
+        }
+        r
+    }
+
+    async fn sync_file_async(file: &Arc<dyn BlockFile>, priority: IoPriority) -> io::Result<()> {
+        match file.scheduled() {
+            Some(f) => f.sync_data_async(priority).await,
+            None => file.sync_data(),
+        }
+    }
+
     /// Disk space of both files.
     pub(crate) fn allocated_bytes(&self) -> Result<u64, StoreError> {
         let d = self
@@ -396,6 +475,31 @@ impl Layer {
             .allocated_bytes()
             .map_err(io_error("stat meta file", &self.meta_path()))?;
         Ok(d + m)
+    }
+}
+
+/// Sets a layer's dirty flag again when dropped armed: an async sync that failed or
+/// was cancelled must leave the work for the next flush.
+struct StillDirty<'a> {
+    flag: &'a AtomicBool,
+    armed: bool,
+}
+
+impl<'a> StillDirty<'a> {
+    fn new(flag: &'a AtomicBool) -> Self {
+        StillDirty { flag, armed: true }
+    }
+
+    fn disarm(&mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for StillDirty<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.flag.store(true, Ordering::Release);
+        }
     }
 }
 

@@ -106,13 +106,20 @@
 //! lock exclusively, which is the barrier that seals the head. Control operations
 //! (snapshot, delete, expand) are serialised among themselves.
 //!
+//! The data plane uses the async variants ([`LayeredStore::read_async`] and friends,
+//! module `nonblocking`): they hold the same stripes (tokio locks, shared with the
+//! blocking methods) and, instead of the chain lock, an async *gate* that every change
+//! of the layer chain (sealing, merge removal, delete, retire) takes exclusively first.
+//! See the `locks` module.
+//!
 //! # Limitations
 //!
 //! * In the daemon, data files are `O_DIRECT` and go through the io_uring scheduler
 //!   ([`ScheduledFileFactory`]); meta files stay buffered (16-byte entries), only their
 //!   `fdatasync` is scheduled. [`StdFileFactory`] (tests, tools) is buffered throughout.
-//!   The API stays synchronous: a scheduled request parks the calling (blocking)
-//!   thread until it completes.
+//!   The blocking methods park the calling thread while a scheduled request runs; the
+//!   async ones (data plane) await it, but still read and write meta entries inline
+//!   (page cache). Control operations and resync stay blocking.
 //! * The index is a bitmap per layer (32 MiB per TiB per layer); opening scans every
 //!   meta file.
 //! * A snapshot deletion holds the control lock until its merge finishes, so a new
@@ -126,8 +133,11 @@ mod file;
 mod format;
 mod handle;
 mod layer;
+mod locks;
+mod nonblocking;
 #[cfg(test)]
 mod tests;
+mod versioned;
 
 use std::collections::HashSet;
 use std::fs;
@@ -143,16 +153,16 @@ pub use file::{
     ScheduledBlockFile, ScheduledFileFactory, StdBlockFile, StdFileFactory,
 };
 pub use handle::StoreHandle;
+pub use versioned::{BlockVersion, DataLengthMismatch, VersionedBlocks};
 
 use crate::block_io::BLOCK_SIZE;
 use format::{Entry, ManifestLayer, ManifestV1, Verdict, FLAG_TRIMMED};
 use layer::{is_not_found, sync_dir, Layer};
+use locks::{BlockLocks, StripeRead, StripeWrite};
 
 /// Identifies a layer within one volume; never reused, so a stale id cannot alias.
 pub type LayerId = u64;
 
-/// Number of per-block lock stripes: enough that unrelated writes rarely share one.
-const STRIPES: usize = 1024;
 const MANIFEST: &str = "MANIFEST";
 const MANIFEST_TMP: &str = "MANIFEST.tmp";
 /// Longest snapshot id stored (CSI names are at most 128 bytes; ids derive from them).
@@ -308,7 +318,8 @@ pub struct LayeredStore {
     dir: PathBuf,
     factory: Arc<dyn BlockFileFactory>,
     state: RwLock<State>,
-    stripes: Box<[RwLock<()>]>,
+    /// Stripes and the async gate (`locks` module).
+    locks: BlockLocks,
     control: Mutex<()>,
     size: AtomicU64,
 }
@@ -530,7 +541,7 @@ impl LayeredStore {
             factory,
             size: AtomicU64::new(state.size),
             state: RwLock::new(state),
-            stripes: (0..STRIPES).map(|_| RwLock::new(())).collect(),
+            locks: BlockLocks::default(),
             control: Mutex::new(()),
         }
     }
@@ -559,30 +570,12 @@ impl LayeredStore {
         self.control.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn stripe_indices(first: u64, n: u64) -> Vec<usize> {
-        if n >= STRIPES as u64 {
-            return (0..STRIPES).collect();
-        }
-        let mut v: Vec<usize> = (first..first + n)
-            .map(|b| (b % STRIPES as u64) as usize)
-            .collect();
-        v.sort_unstable();
-        v.dedup();
-        v
+    fn lock_shared(&self, first: u64, n: u64) -> Vec<StripeRead<'_>> {
+        self.locks.shared_blocking(first, n)
     }
 
-    fn lock_shared(&self, first: u64, n: u64) -> Vec<RwLockReadGuard<'_, ()>> {
-        Self::stripe_indices(first, n)
-            .into_iter()
-            .map(|i| self.stripes[i].read().unwrap_or_else(|p| p.into_inner()))
-            .collect()
-    }
-
-    fn lock_exclusive(&self, first: u64, n: u64) -> Vec<RwLockWriteGuard<'_, ()>> {
-        Self::stripe_indices(first, n)
-            .into_iter()
-            .map(|i| self.stripes[i].write().unwrap_or_else(|p| p.into_inner()))
-            .collect()
+    fn lock_exclusive(&self, first: u64, n: u64) -> Vec<StripeWrite<'_>> {
+        self.locks.exclusive_blocking(first, n)
     }
 
     fn write_manifest(&self, m: &ManifestV1) -> Result<(), StoreError> {
@@ -801,6 +794,8 @@ impl LayeredStore {
             new_id,
             nblocks,
         )?);
+        // The chain changes: wait for async data operations (`locks` module).
+        let _gate = self.locks.gate_exclusive_blocking();
         let mut state = self.state_write();
         let sealed = {
             let head = state.head()?;
@@ -907,6 +902,8 @@ impl LayeredStore {
                 child.sync()
             })?;
         }
+        // The chain changes: wait for async data operations (`locks` module).
+        let _gate = self.locks.gate_exclusive_blocking();
         let mut state = self.state_write();
         let Some(i) = state.layers.iter().position(|s| s.layer.id == id) else {
             return Ok(());
@@ -945,6 +942,8 @@ impl LayeredStore {
     /// as they are; [`Self::open`] on the directory serves them again.
     pub fn retire(&self) {
         let _control = self.control();
+        // The chain changes: wait for async data operations (`locks` module).
+        let _gate = self.locks.gate_exclusive_blocking();
         let mut state = self.state_write();
         state.layers.clear();
         state.volume_deleted = true;
@@ -955,6 +954,8 @@ impl LayeredStore {
     /// snapshot's deletion frees the rest. Repeating the call is harmless.
     pub fn delete_volume(&self) -> Result<VolumeRemoval, StoreError> {
         let _control = self.control();
+        // The chain changes: wait for async data operations (`locks` module).
+        let _gate = self.locks.gate_exclusive_blocking();
         let mut state = self.state_write();
         if state.removed {
             return Ok(VolumeRemoval::Removed);
@@ -1123,12 +1124,26 @@ impl LayeredStore {
 /// Reads and verifies consecutive blocks of one layer into `buf`.
 fn read_verified(layer: &Layer, first: u64, buf: &mut [u8]) -> Result<(), StoreError> {
     let entries = layer.read_entries(first, buf.len() / BS)?;
-    if entries
-        .iter()
-        .any(|e| !matches!(e, Some(e) if e.flags == FLAG_TRIMMED))
-    {
+    if needs_data(&entries) {
         layer.read_data(first, buf)?;
     }
+    verify_run(layer, first, &entries, buf)
+}
+
+/// Whether a run with these entries has data to read (anything but tombstones).
+fn needs_data(entries: &[Option<Entry>]) -> bool {
+    entries
+        .iter()
+        .any(|e| !matches!(e, Some(e) if e.flags == FLAG_TRIMMED))
+}
+
+/// Checks the blocks read into `buf` against their `entries`; zeroes tombstones.
+fn verify_run(
+    layer: &Layer,
+    first: u64,
+    entries: &[Option<Entry>],
+    buf: &mut [u8],
+) -> Result<(), StoreError> {
     for (i, (entry, chunk)) in entries.iter().zip(buf.chunks_exact_mut(BS)).enumerate() {
         let block = first + i as u64;
         match entry.map(|e| e.verify(block, chunk)) {

@@ -59,10 +59,17 @@ pub fn spawn(work: &Path, data_dir: &Path, extra: &[&str]) -> (Child, PathBuf, P
     let ready = work.join(format!("ready-{n}.json"));
     let log_file = fs::File::create(&log).expect("create log file");
     let log_err = log_file.try_clone().expect("clone log fd");
+    // A test that restarts a daemon on its old control port passes its own --listen.
+    let listen: &[&str] = if extra.contains(&"--listen") {
+        &[]
+    } else {
+        &["--listen", "127.0.0.1:0"]
+    };
     let child = Command::new(env!("CARGO_BIN_EXE_tessera-replica"))
         .arg("--data-dir")
         .arg(data_dir)
-        .args(["--listen", "127.0.0.1:0", "--data-listen", "127.0.0.1:0"])
+        .args(listen)
+        .args(["--data-listen", "127.0.0.1:0"])
         .args(["--node-id", "test-node", "--zone", "z1"])
         .arg("--ready-file")
         .arg(&ready)
@@ -162,6 +169,20 @@ impl Drop for Daemon {
         }
         let _ = self.child.wait();
     }
+}
+
+/// One plain HTTP/1.1 GET (the daemon's /metrics and /healthz); the whole answer.
+pub async fn http_get(addr: &str, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect metrics");
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes())
+        .await
+        .expect("write");
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.expect("read");
+    out
 }
 
 pub fn workdir() -> tempfile::TempDir {

@@ -1,4 +1,5 @@
-//! `tessera-bench`: the helper `bench/data-path-fio` uses (grpcurl is not needed).
+//! `tessera-bench`: the helper `bench/data-path-fio` and `bench/snapshots` use
+//! (grpcurl is not needed).
 //!
 //! * `attach`: CreateVolume (a raw block volume by default), ControllerPublishVolume,
 //!   NodeStageVolume and NodePublishVolume, as Kubernetes would; prints shell
@@ -9,20 +10,34 @@
 //!   gets as far as it can.
 //! * `fio-table`: turns pairs of fio JSON results (Tessera and the baseline) into a
 //!   markdown table with both and their ratio.
+//! * `fio-summary`: one fio JSON result as shell assignments (`IOPS`, `MIB_S`,
+//!   `P50_US`, `P99_US`).
+//! * `snapshot`: CreateSnapshot, timed; prints `SNAPSHOT_ID` and `SECONDS`.
+//! * `copy`: CreateVolume restoring a snapshot or cloning a volume, retried while
+//!   the controller answers ABORTED (copy still running), timed from the first call
+//!   to the volume; prints `VOLUME_ID`, `SECONDS` and `ABORTED` (answers seen).
+//! * `delete-volume`: DeleteVolume.
+//! * `placement`: node ids of the replica daemons holding a volume (from their
+//!   records), comma-separated.
 
 use std::collections::HashMap;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use serde_json::Value;
 use tessera_csi_proto::v1::{
     CapacityRange, CreateVolumeRequest, DeleteVolumeRequest, NodeUnpublishVolumeRequest,
-    NodeUnstageVolumeRequest,
+    NodeUnstageVolumeRequest, Topology, TopologyRequirement,
 };
-use tessera_tests::csi::{connect_unix, ControllerClient, NodeClient};
+use tessera_replica::control_proto::ListVolumesRequest as ReplicaListVolumes;
+use tessera_tests::csi::{connect_tcp, connect_unix, ControllerClient, NodeClient, ReplicaClient};
+use tessera_tests::fixtures::{
+    create_volume_waiting, from_snapshot, from_volume, snapshot_request,
+};
 use tessera_tests::lifecycle::{attach, block_capability, filesystem_capability, Attachment};
 
 #[derive(Debug, Parser)]
@@ -69,6 +84,9 @@ enum Command {
         /// StorageClass parameters, `key=value` (repeatable).
         #[arg(long = "param")]
         params: Vec<String>,
+        /// Place the volume on the replica daemons of this zone.
+        #[arg(long)]
+        zone: Option<String>,
     },
     /// Undo `attach`.
     Detach {
@@ -80,6 +98,69 @@ enum Command {
         /// Also DeleteVolume.
         #[arg(long)]
         delete: bool,
+    },
+    /// One fio JSON result as shell assignments.
+    FioSummary {
+        /// The fio JSON output file.
+        file: PathBuf,
+    },
+    /// CreateSnapshot, timed.
+    Snapshot {
+        /// Controller CSI endpoint (`unix:///...`).
+        #[arg(long)]
+        controller: String,
+        /// Snapshot name.
+        #[arg(long)]
+        name: String,
+        /// The source volume.
+        #[arg(long)]
+        volume_id: String,
+    },
+    /// CreateVolume from a snapshot or a volume, retried while ABORTED, timed.
+    Copy {
+        /// Controller CSI endpoint (`unix:///...`).
+        #[arg(long)]
+        controller: String,
+        /// Volume name.
+        #[arg(long)]
+        name: String,
+        /// Size in bytes.
+        #[arg(long)]
+        size: u64,
+        /// Restore this snapshot.
+        #[arg(
+            long,
+            conflicts_with = "volume_id",
+            required_unless_present = "volume_id"
+        )]
+        snapshot_id: Option<String>,
+        /// Clone this volume.
+        #[arg(long)]
+        volume_id: Option<String>,
+        /// Place the new volume on the replica daemons of this zone.
+        #[arg(long)]
+        zone: Option<String>,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 1800)]
+        timeout_secs: u64,
+    },
+    /// DeleteVolume.
+    DeleteVolume {
+        /// Controller CSI endpoint (`unix:///...`).
+        #[arg(long)]
+        controller: String,
+        /// The volume.
+        #[arg(long)]
+        volume_id: String,
+    },
+    /// Node ids of the replica daemons holding a volume.
+    Placement {
+        /// Control addresses of every replica daemon, comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        replicas: Vec<std::net::SocketAddr>,
+        /// The volume.
+        #[arg(long)]
+        volume_id: String,
     },
     /// Markdown table from fio JSON results.
     FioTable {
@@ -129,12 +210,33 @@ fn loop_device_of(path: &Path) -> anyhow::Result<PathBuf> {
     Ok(Path::new("/dev").join(name))
 }
 
+/// Requisite and preferred topology of one zone.
+fn zone_requirement(zone: Option<String>) -> Option<TopologyRequirement> {
+    zone.map(|zone| {
+        let topology = Topology {
+            segments: HashMap::from([(tessera_csi_proto::TOPOLOGY_ZONE_KEY.to_owned(), zone)]),
+        };
+        TopologyRequirement {
+            requisite: vec![topology.clone()],
+            preferred: vec![topology],
+        }
+    })
+}
+
+async fn controller_client(endpoint: &str) -> anyhow::Result<ControllerClient> {
+    let channel = connect_unix(&socket_of(endpoint)?)
+        .await
+        .with_context(|| format!("connecting to the controller at {endpoint}"))?;
+    Ok(ControllerClient::new(channel))
+}
+
 async fn run_attach(
     e: Endpoints,
     name: String,
     size: u64,
     fs_type: Option<String>,
     params: Vec<String>,
+    zone: Option<String>,
 ) -> anyhow::Result<()> {
     let (mut controller, mut node) = clients(&e).await?;
     let parameters: HashMap<String, String> = params
@@ -158,6 +260,7 @@ async fn run_attach(
             }),
             volume_capabilities: vec![capability.clone()],
             parameters,
+            accessibility_requirements: zone_requirement(zone),
             ..Default::default()
         })
         .await
@@ -231,6 +334,111 @@ async fn run_detach(e: Endpoints, volume_id: String, delete: bool) -> anyhow::Re
     } else {
         bail!("detaching {volume_id}: {}", failures.join("; "))
     }
+}
+
+async fn run_snapshot(controller: String, name: String, volume_id: String) -> anyhow::Result<()> {
+    let mut client = controller_client(&controller).await?;
+    let started = Instant::now();
+    let snapshot = client
+        .create_snapshot(snapshot_request(&name, &volume_id))
+        .await
+        .with_context(|| format!("CreateSnapshot {name} of {volume_id}"))?
+        .into_inner()
+        .snapshot
+        .context("CreateSnapshot returned no snapshot")?;
+    let took = started.elapsed();
+    if !snapshot.ready_to_use {
+        bail!("snapshot {} is not ready to use", snapshot.snapshot_id);
+    }
+    println!("SNAPSHOT_ID={}", snapshot.snapshot_id);
+    println!("SECONDS={:.6}", took.as_secs_f64());
+    Ok(())
+}
+
+/// Arguments of `copy`.
+struct CopyArgs {
+    controller: String,
+    name: String,
+    size: u64,
+    snapshot_id: Option<String>,
+    volume_id: Option<String>,
+    zone: Option<String>,
+    timeout: Duration,
+}
+
+async fn run_copy(a: CopyArgs) -> anyhow::Result<()> {
+    let mut client = controller_client(&a.controller).await?;
+    let request = CreateVolumeRequest {
+        name: a.name.clone(),
+        capacity_range: Some(CapacityRange {
+            required_bytes: i64::try_from(a.size).context("size")?,
+            limit_bytes: 0,
+        }),
+        volume_capabilities: vec![block_capability()],
+        accessibility_requirements: zone_requirement(a.zone),
+        ..Default::default()
+    };
+    let request = match (&a.snapshot_id, &a.volume_id) {
+        (Some(snapshot), None) => from_snapshot(request, snapshot),
+        (None, Some(volume)) => from_volume(request, volume),
+        _ => bail!("give exactly one of --snapshot-id and --volume-id"),
+    };
+    let created = create_volume_waiting(&mut client, request, a.timeout).await?;
+    println!("VOLUME_ID={}", created.volume.volume_id);
+    println!("SECONDS={:.3}", created.took.as_secs_f64());
+    println!("ABORTED={}", created.aborted.len());
+    Ok(())
+}
+
+async fn run_delete_volume(controller: String, volume_id: String) -> anyhow::Result<()> {
+    controller_client(&controller)
+        .await?
+        .delete_volume(DeleteVolumeRequest {
+            volume_id: volume_id.clone(),
+            secrets: HashMap::new(),
+        })
+        .await
+        .with_context(|| format!("DeleteVolume {volume_id}"))?;
+    Ok(())
+}
+
+async fn run_placement(
+    replicas: Vec<std::net::SocketAddr>,
+    volume_id: String,
+) -> anyhow::Result<()> {
+    let mut holders = Vec::new();
+    for addr in replicas {
+        let channel = connect_tcp(addr)
+            .await
+            .with_context(|| format!("connecting to the replica daemon at {addr}"))?;
+        let mut client = ReplicaClient::new(channel);
+        let info = client
+            .get_info(tessera_replica::control_proto::GetInfoRequest {})
+            .await
+            .with_context(|| format!("GetInfo on {addr}"))?
+            .into_inner();
+        let records = client
+            .list_volumes(ReplicaListVolumes {})
+            .await
+            .with_context(|| format!("ListVolumes on {addr}"))?
+            .into_inner()
+            .volumes;
+        if records.iter().any(|r| r.volume_id == volume_id) {
+            holders.push(info.node_id);
+        }
+    }
+    holders.sort();
+    println!("{}", holders.join(","));
+    Ok(())
+}
+
+fn run_fio_summary(file: &Path) -> anyhow::Result<()> {
+    let n = read_fio(file)?;
+    println!("IOPS={:.0}", n.iops);
+    println!("MIB_S={:.1}", n.bytes_per_sec / f64::from(1u32 << 20));
+    println!("P50_US={:.0}", n.p50_us.unwrap_or(0.0));
+    println!("P99_US={:.0}", n.p99_us.unwrap_or(0.0));
+    Ok(())
 }
 
 /// What the table shows of one fio run (its only job).
@@ -336,12 +544,47 @@ async fn main() -> anyhow::Result<()> {
             size,
             fs_type,
             params,
-        } => run_attach(endpoints, name, size, fs_type, params).await,
+            zone,
+        } => run_attach(endpoints, name, size, fs_type, params, zone).await,
         Command::Detach {
             endpoints,
             volume_id,
             delete,
         } => run_detach(endpoints, volume_id, delete).await,
+        Command::FioSummary { file } => run_fio_summary(&file),
+        Command::Snapshot {
+            controller,
+            name,
+            volume_id,
+        } => run_snapshot(controller, name, volume_id).await,
+        Command::Copy {
+            controller,
+            name,
+            size,
+            snapshot_id,
+            volume_id,
+            zone,
+            timeout_secs,
+        } => {
+            run_copy(CopyArgs {
+                controller,
+                name,
+                size,
+                snapshot_id,
+                volume_id,
+                zone,
+                timeout: Duration::from_secs(timeout_secs),
+            })
+            .await
+        }
+        Command::DeleteVolume {
+            controller,
+            volume_id,
+        } => run_delete_volume(controller, volume_id).await,
+        Command::Placement {
+            replicas,
+            volume_id,
+        } => run_placement(replicas, volume_id).await,
         Command::FioTable {
             pairs,
             latency,

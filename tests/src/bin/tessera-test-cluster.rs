@@ -1,6 +1,7 @@
 //! `tessera-test-cluster`: runs a local Tessera cluster until told to stop.
 //!
-//! Used by `scripts/csi-sanity` and `bench/data-path-fio` (and handy by hand):
+//! Used by `scripts/csi-sanity`, `bench/data-path-fio` and `bench/snapshots` (and
+//! handy by hand):
 //! starts N replica daemons, the controller and, per node, an engine-host and a node
 //! plugin in `--dir`, writes their endpoints as shell variable assignments to the env
 //! file once every daemon answers, and keeps them running until SIGTERM/SIGINT. Then
@@ -32,6 +33,15 @@ struct Args {
     /// Number of replica daemons.
     #[arg(long, default_value_t = 3)]
     replicas: usize,
+
+    /// Spread the replica daemons round-robin over this many zones (`z1`, `z2`, ...).
+    #[arg(long, default_value_t = 1)]
+    zones: usize,
+
+    /// Extra arguments for every replica daemon (repeatable, e.g.
+    /// `--replica-arg=--copy-max-bandwidth --replica-arg=100Mi`).
+    #[arg(long = "replica-arg", allow_hyphen_values = true)]
+    replica_args: Vec<String>,
 
     /// `--capacity` of each replica daemon.
     #[arg(long, default_value = "100Gi")]
@@ -71,6 +81,8 @@ async fn main() -> anyhow::Result<()> {
 
     let start = ClusterBuilder::new()
         .replicas(args.replicas)
+        .zones(args.zones)
+        .replica_args(args.replica_args.iter().cloned())
         .replica_capacity(&args.capacity)
         .nodes(args.nodes.iter().cloned())
         .controller_args(args.controller_args.iter().cloned())

@@ -1,0 +1,268 @@
+//! Restore and clone: populating a new volume from the sealed copies of a snapshot
+//! that other replicas (the *holders*) keep.
+//!
+//! A CreateVolume with a copy source creates an empty volume whose record carries the
+//! source and `copy` progress; the data plane refuses the volume until the copy is
+//! complete. The daemon runs one background task per incomplete copy, started right
+//! after the create and, at daemon start, for every record whose copy is incomplete
+//! (it resumes from the durable `done_bytes`). DeleteVolume stops the task.
+//!
+//! Why a merge and not a plain read: a snapshot is ready once a majority of the source
+//! replicas sealed it, and the sealed copies differ only in writes that were in flight
+//! when it was taken. Reading a majority of them sees every acknowledged write (write
+//! majority ∩ read majority ≠ ∅); keeping the highest seq per block picks it.
+//!
+//! * [`merge`]: the pure per-block merge of the holders' chunks.
+//! * `source`: one holder's `ReadSnapshotBlocks` stream, checked chunk by chunk.
+//! * `task`: one volume's attempts, checkpoints and backoff.
+//! * [`throttle`]: `--copy-max-bandwidth`, shared by all copies.
+//! * [`error`]: why an attempt failed (becomes `copy.last_error`).
+//!
+//! Progress is logged at start, resume, every 10 % and completion (with MiB/s), and
+//! exported on `/metrics` ([`CopyManager::render_metrics`]).
+
+pub mod error;
+pub mod merge;
+mod source;
+mod task;
+pub mod throttle;
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tracing::info;
+
+use crate::catalog::Catalog;
+use crate::store::LayeredStore;
+
+pub use error::CopyError;
+pub use merge::{Chosen, MergeError, SnapshotMerger};
+pub use task::COPY_SEQ;
+pub use throttle::Bandwidth;
+
+/// Tunables of the copies of one daemon.
+#[derive(Debug, Clone)]
+pub struct CopyConfig {
+    /// Bytes per second all copies together may receive; 0 = unlimited.
+    pub max_bandwidth: u64,
+    /// Flush and record progress at least every this many bytes copied...
+    pub checkpoint_bytes: u64,
+    /// ...and at least this often, so a throttled copy loses little on a crash.
+    pub checkpoint_interval: Duration,
+    /// Longest wait for a holder to connect and answer the request.
+    pub connect_timeout: Duration,
+    /// Longest wait for a holder's next chunk before it is dropped.
+    pub idle_timeout: Duration,
+    /// First retry delay after a failed attempt; doubles up to `backoff_max`.
+    pub backoff_min: Duration,
+    /// Longest retry delay.
+    pub backoff_max: Duration,
+}
+
+impl Default for CopyConfig {
+    fn default() -> Self {
+        CopyConfig {
+            max_bandwidth: 0,
+            checkpoint_bytes: 64 << 20,
+            checkpoint_interval: Duration::from_secs(1),
+            connect_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(60),
+            backoff_min: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Live (not necessarily durable yet) progress of one copy, for `/metrics`.
+#[derive(Debug, Default)]
+pub struct LiveProgress {
+    /// Bytes of the source merged and written so far.
+    pub done: AtomicU64,
+    /// Bytes to copy.
+    pub total: AtomicU64,
+    /// Failed attempts so far.
+    pub retries: AtomicU64,
+}
+
+/// A copy task the manager started.
+struct Running {
+    /// The store the task fills: a volume re-created under the same id is a new one.
+    store: Arc<LayeredStore>,
+    progress: Arc<LiveProgress>,
+    cancel: watch::Sender<bool>,
+    handle: JoinHandle<()>,
+}
+
+/// Runs the copy tasks of one daemon: at most one per volume.
+pub struct CopyManager {
+    catalog: Arc<Catalog>,
+    config: CopyConfig,
+    bandwidth: Option<Arc<Bandwidth>>,
+    tasks: Mutex<HashMap<String, Running>>,
+}
+
+impl std::fmt::Debug for CopyManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CopyManager")
+            .field("config", &self.config)
+            .field("active", &self.active())
+            .finish()
+    }
+}
+
+impl CopyManager {
+    /// A manager for the copies of `catalog`'s volumes.
+    pub fn new(catalog: Arc<Catalog>, config: CopyConfig) -> Arc<CopyManager> {
+        Arc::new(CopyManager {
+            bandwidth: Bandwidth::limit(config.max_bandwidth),
+            catalog,
+            config,
+            tasks: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn tasks(&self) -> MutexGuard<'_, HashMap<String, Running>> {
+        self.tasks.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Starts the copy of `volume_id` if its copy is incomplete and no task runs for
+    /// it yet; returns whether one was started. Needs a tokio runtime.
+    pub fn start(&self, volume_id: &str) -> bool {
+        let Ok(target) = self.catalog.copy_target(volume_id) else {
+            return false;
+        };
+        if target.record.pending_copy().is_none() {
+            return false;
+        }
+        let mut tasks = self.tasks();
+        if let Some(r) = tasks.get(volume_id) {
+            if Arc::ptr_eq(&r.store, &target.store) && !r.handle.is_finished() {
+                return false;
+            }
+            // A finished task, or one for a deleted incarnation of the id.
+            let _ = r.cancel.send(true);
+        }
+        let (cancel, cancel_rx) = watch::channel(false);
+        let progress = Arc::new(LiveProgress::default());
+        let job = task::CopyJob {
+            catalog: Arc::clone(&self.catalog),
+            volume_id: volume_id.to_string(),
+            store: Arc::clone(&target.store),
+            config: self.config.clone(),
+            bandwidth: self.bandwidth.clone(),
+            live: Arc::clone(&progress),
+            cancel: cancel_rx,
+        };
+        let handle = tokio::spawn(task::run(job));
+        tasks.insert(
+            volume_id.to_string(),
+            Running {
+                store: target.store,
+                progress,
+                cancel,
+                handle,
+            },
+        );
+        true
+    }
+
+    /// Starts the copy of every volume whose copy is incomplete (daemon start).
+    pub fn resume_all(&self) -> usize {
+        let ids = self.catalog.pending_copies();
+        let started = ids.iter().filter(|id| self.start(id)).count();
+        if started > 0 {
+            info!(copies = started, "resuming incomplete copies");
+        }
+        started
+    }
+
+    /// Stops the task of `volume_id` once the volume is gone (after DeleteVolume) and
+    /// waits for it, so nothing of the copy runs after the delete answered. A task for
+    /// a volume that still lives in the store it fills is left running.
+    pub async fn stop(&self, volume_id: &str) {
+        let running = {
+            let mut tasks = self.tasks();
+            let live_store = self.catalog.copy_target(volume_id).ok().map(|t| t.store);
+            match tasks.get(volume_id) {
+                Some(r) if live_store.is_some_and(|s| Arc::ptr_eq(&s, &r.store)) => None,
+                Some(_) => tasks.remove(volume_id),
+                None => None,
+            }
+        };
+        if let Some(r) = running {
+            let _ = r.cancel.send(true);
+            let _ = r.handle.await;
+            info!(volume_id, "copy task stopped");
+        }
+    }
+
+    /// Stops every task (clean shutdown) and waits for them.
+    pub async fn stop_all(&self) {
+        let all: Vec<Running> = self.tasks().drain().map(|(_, r)| r).collect();
+        for r in &all {
+            let _ = r.cancel.send(true);
+        }
+        for r in all {
+            let _ = r.handle.await;
+        }
+    }
+
+    /// Copy tasks running now.
+    pub fn active(&self) -> usize {
+        self.tasks()
+            .values()
+            .filter(|r| !r.handle.is_finished())
+            .count()
+    }
+
+    /// Appends the copy metrics (Prometheus text) to `out`: active copies, and per
+    /// running copy its live done/total bytes and failed attempts.
+    pub fn render_metrics(&self, out: &mut String, escape: impl Fn(&str) -> String) {
+        let mut running: Vec<(String, Arc<LiveProgress>)> = self
+            .tasks()
+            .iter()
+            .filter(|(_, r)| !r.handle.is_finished())
+            .map(|(id, r)| (id.clone(), Arc::clone(&r.progress)))
+            .collect();
+        running.sort_by(|a, b| a.0.cmp(&b.0));
+        let _ = writeln!(
+            out,
+            "# HELP tessera_replica_copies_active Restore/clone copies running on this daemon.\n\
+             # TYPE tessera_replica_copies_active gauge\n\
+             tessera_replica_copies_active {}",
+            running.len()
+        );
+        type Getter = fn(&LiveProgress) -> u64;
+        let series: [(&str, &str, &str, Getter); 3] = [
+            (
+                "tessera_replica_copy_done_bytes",
+                "gauge",
+                "Bytes of the source a running copy has merged and written.",
+                |p| p.done.load(Ordering::Relaxed),
+            ),
+            (
+                "tessera_replica_copy_total_bytes",
+                "gauge",
+                "Bytes a running copy has to copy (the source size).",
+                |p| p.total.load(Ordering::Relaxed),
+            ),
+            (
+                "tessera_replica_copy_retries_total",
+                "counter",
+                "Failed attempts of a running copy (holders unreachable, damage, ...).",
+                |p| p.retries.load(Ordering::Relaxed),
+            ),
+        ];
+        for (name, kind, help, get) in series {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for (id, p) in &running {
+                let _ = writeln!(out, "{name}{{volume_id=\"{}\"}} {}", escape(id), get(p));
+            }
+        }
+    }
+}

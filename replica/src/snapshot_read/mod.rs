@@ -1,0 +1,13 @@
+//! Reading sealed snapshots on behalf of other replicas: the `ReadSnapshotBlocks`
+//! stream a restoring or cloning replica pulls, and the `SnapshotRanges` query (CSI
+//! SnapshotMetadata, incremental backups).
+//!
+//! * [`chunk`]: the wire form of a chunk of versioned blocks, encoded by the holder and
+//!   decoded and checked by the reader.
+//! * [`serve`]: the holder side: the chunk stream and the range query over a store.
+
+pub mod chunk;
+pub mod serve;
+
+pub use chunk::{ChunkError, ChunkGrid, CHUNK_BLOCKS};
+pub use serve::{snapshot_ranges, stream_snapshot, BlockStream};

@@ -1,0 +1,396 @@
+//! Versioned reads of a snapshot: every block of a range with the seq that wrote it,
+//! whether it is a trim tombstone, whether it failed its checksum, and the data of the
+//! intact ones.
+//!
+//! Why this exists next to [`LayeredStore::read_snapshot`]: a plain read turns trims
+//! and never-written blocks into zeros and fails the whole range on one bad block. A
+//! replica that restores a snapshot merges the sealed copies of several replicas block
+//! by block, keeping the highest seq (a trim with a higher seq beats older data), and
+//! takes a block that is damaged here from another copy; for that it needs each
+//! block's version, not just its bytes. The reads are background I/O: nobody's
+//! application waits on a restore.
+
+use super::format::Verdict;
+use super::{check_range, with_io_priority, IoPriority, LayeredStore, StoreError, BS};
+use crate::block_io::BLOCK_SIZE;
+
+/// The version of one block in a snapshot's view.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockVersion {
+    /// No layer of the view has the block: it reads as zeros and has no seq.
+    Unwritten,
+    /// Intact data written at `seq`.
+    Data {
+        /// Seq of the write.
+        seq: u64,
+    },
+    /// A trim tombstone at `seq`: reads as zeros, hides older data.
+    Trimmed {
+        /// Seq of the trim.
+        seq: u64,
+    },
+    /// The block failed its checksum here (its data is not returned). `seq` is what
+    /// its entry claims (0 when the entry itself is missing) and may be damaged too.
+    Corrupt {
+        /// Seq the damaged entry names.
+        seq: u64,
+    },
+}
+
+impl BlockVersion {
+    /// The seq of this version; 0 for [`BlockVersion::Unwritten`].
+    pub fn seq(&self) -> u64 {
+        match *self {
+            BlockVersion::Unwritten => 0,
+            BlockVersion::Data { seq }
+            | BlockVersion::Trimmed { seq }
+            | BlockVersion::Corrupt { seq } => seq,
+        }
+    }
+}
+
+/// Why a [`VersionedBlocks`] cannot be built from its parts.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{data_len} data bytes for {data_blocks} data blocks (expected {BLOCK_SIZE} each)")]
+pub struct DataLengthMismatch {
+    /// Bytes given.
+    pub data_len: usize,
+    /// Blocks whose version is [`BlockVersion::Data`].
+    pub data_blocks: usize,
+}
+
+/// Consecutive blocks of a snapshot's view with their versions, and the bytes of the
+/// intact data blocks packed in block order (4096 per [`BlockVersion::Data`] block).
+/// The packing mirrors the wire chunk of `ReadSnapshotBlocks`, so a chunk is built
+/// and checked without copying block by block.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VersionedBlocks {
+    first_block: u64,
+    versions: Vec<BlockVersion>,
+    data: Vec<u8>,
+}
+
+impl VersionedBlocks {
+    /// Builds a range from its parts; the data must hold exactly one block per
+    /// [`BlockVersion::Data`] entry.
+    pub fn new(
+        first_block: u64,
+        versions: Vec<BlockVersion>,
+        data: Vec<u8>,
+    ) -> Result<Self, DataLengthMismatch> {
+        let data_blocks = versions
+            .iter()
+            .filter(|v| matches!(v, BlockVersion::Data { .. }))
+            .count();
+        if data.len() != data_blocks * BS {
+            return Err(DataLengthMismatch {
+                data_len: data.len(),
+                data_blocks,
+            });
+        }
+        Ok(VersionedBlocks {
+            first_block,
+            versions,
+            data,
+        })
+    }
+
+    /// Index of the first block.
+    pub fn first_block(&self) -> u64 {
+        self.first_block
+    }
+
+    /// Number of blocks covered.
+    pub fn len(&self) -> usize {
+        self.versions.len()
+    }
+
+    /// Whether the range covers no block.
+    pub fn is_empty(&self) -> bool {
+        self.versions.is_empty()
+    }
+
+    /// Whether no block of the range was ever written (nothing worth sending).
+    pub fn is_unwritten(&self) -> bool {
+        self.versions.iter().all(|v| *v == BlockVersion::Unwritten)
+    }
+
+    /// Per-block versions, in block order.
+    pub fn versions(&self) -> &[BlockVersion] {
+        &self.versions
+    }
+
+    /// The packed data of the intact data blocks.
+    pub fn data(&self) -> &[u8] {
+        &self.data
+    }
+
+    /// Every block with its version and, for intact data, its bytes.
+    pub fn iter(&self) -> impl Iterator<Item = (u64, BlockVersion, Option<&[u8]>)> + '_ {
+        let mut chunks = self.data.chunks_exact(BS);
+        self.versions.iter().enumerate().map(move |(i, v)| {
+            let bytes = match v {
+                BlockVersion::Data { .. } => chunks.next(),
+                _ => None,
+            };
+            (self.first_block + i as u64, *v, bytes)
+        })
+    }
+
+    /// Takes the parts back (for encoding without a copy).
+    pub fn into_parts(self) -> (u64, Vec<BlockVersion>, Vec<u8>) {
+        (self.first_block, self.versions, self.data)
+    }
+}
+
+impl LayeredStore {
+    /// Reads `len` bytes at `offset` of snapshot `snapshot_id` as versions: per block
+    /// its seq, trim or damage, plus the data of intact blocks (see the module doc).
+    /// Unlike [`Self::read_snapshot`], a damaged block does not fail the read: it is
+    /// reported so the caller can take it from another replica. Background I/O.
+    pub fn read_snapshot_versions(
+        &self,
+        snapshot_id: &str,
+        offset: u64,
+        len: u64,
+    ) -> Result<VersionedBlocks, StoreError> {
+        with_io_priority(IoPriority::Background, || {
+            self.read_versions(snapshot_id, offset, len)
+        })
+    }
+
+    fn read_versions(
+        &self,
+        snapshot_id: &str,
+        offset: u64,
+        len: u64,
+    ) -> Result<VersionedBlocks, StoreError> {
+        let state = self.state_read();
+        let (top, size) = state.view(Some(snapshot_id))?;
+        let (first, n) = check_range(offset, len, size)?;
+        let count = usize::try_from(n).map_err(|_| StoreError::OutOfRange { offset, len, size })?;
+        let _stripes = self.lock_shared(first, n);
+        let end = first + n;
+        let mut versions = vec![BlockVersion::Unwritten; count];
+        let mut data = Vec::new();
+        let mut b = first;
+        while b < end {
+            // Memory-only skip of whole bitmap words no layer of the view touches, so
+            // a sparse snapshot is scanned at bitmap speed.
+            let word = usize::try_from(b / 64).unwrap_or(usize::MAX);
+            let touched = state.layers[..=top]
+                .iter()
+                .fold(0u64, |acc, s| acc | s.layer.present_bits().word(word));
+            if touched == 0 {
+                b = ((b / 64 + 1) * 64).min(end);
+                continue;
+            }
+            let owner = state.owner(top, b);
+            // An unowned run stops at the word's end so the next word can be skipped.
+            let limit = match owner {
+                Some(_) => end,
+                None => ((b / 64 + 1) * 64).min(end),
+            };
+            let mut run_end = b + 1;
+            while run_end < limit && state.owner(top, run_end) == owner {
+                run_end += 1;
+            }
+            if let Some(i) = owner {
+                let layer = &state.layers[i].layer;
+                let run = (run_end - b) as usize;
+                let entries = layer.read_entries(b, run)?;
+                let mut buf = vec![0u8; run * BS];
+                let only_tombstones = entries
+                    .iter()
+                    .enumerate()
+                    .all(|(k, e)| matches!(e, Some(e) if e.is_valid_tombstone(b + k as u64)));
+                if !only_tombstones {
+                    layer.read_data(b, &mut buf)?;
+                }
+                for (k, (entry, bytes)) in entries.iter().zip(buf.chunks_exact(BS)).enumerate() {
+                    let block = b + k as u64;
+                    let version = match entry {
+                        // The index says the layer has the block but its entry is gone.
+                        None => BlockVersion::Corrupt { seq: 0 },
+                        Some(e) => match e.verify(block, bytes) {
+                            Verdict::Data => {
+                                data.extend_from_slice(bytes);
+                                BlockVersion::Data { seq: e.seq }
+                            }
+                            Verdict::Trimmed => BlockVersion::Trimmed { seq: e.seq },
+                            Verdict::Corrupt => BlockVersion::Corrupt { seq: e.seq },
+                        },
+                    };
+                    versions[(block - first) as usize] = version;
+                }
+            }
+            b = run_end;
+        }
+        Ok(VersionedBlocks {
+            first_block: first,
+            versions,
+            data,
+        })
+    }
+
+    /// Size in bytes of snapshot `snapshot_id` (the volume size when it was taken).
+    pub fn snapshot_size(&self, snapshot_id: &str) -> Result<u64, StoreError> {
+        let state = self.state_read();
+        let i = state.find_snapshot(snapshot_id)?;
+        Ok(state.layers[i].size)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::StoreError;
+
+    const B: u64 = BLOCK_SIZE;
+
+    fn block(fill: u8) -> Vec<u8> {
+        vec![fill; BS]
+    }
+
+    fn poke(path: &std::path::Path, offset: u64, byte: u8) {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .expect("open layer file");
+        let mut old = [0u8; 1];
+        f.read_exact_at(&mut old, offset).expect("read byte");
+        f.write_all_at(&[old[0] ^ byte], offset).expect("poke");
+    }
+
+    #[test]
+    fn versions_report_seq_trim_corruption_and_data() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let s = LayeredStore::create(&tmp.path().join("v"), 300 * B).expect("create");
+        // Layer 1 (snapshot "a"): blocks 0..4 data, block 2 trimmed later in layer 2.
+        s.write(0, &[block(1), block(2), block(3), block(4)].concat(), 10)
+            .expect("write");
+        s.snapshot("a").expect("snapshot a");
+        s.trim(2 * B, B, 20).expect("trim");
+        s.write(B, &block(9), 21).expect("overwrite");
+        s.write(299 * B, &block(7), 22).expect("far block");
+        s.flush().expect("flush");
+        s.snapshot("b").expect("snapshot b");
+        // A flipped data byte of block 3 in layer 1 (owned by both views).
+        poke(&tmp.path().join("v/layers/1/data"), 3 * B + 17, 0x20);
+
+        let v = s.read_snapshot_versions("b", 0, 300 * B).expect("read b");
+        assert_eq!(v.first_block(), 0);
+        assert_eq!(v.len(), 300);
+        assert_eq!(
+            &v.versions()[..5],
+            &[
+                BlockVersion::Data { seq: 10 },
+                BlockVersion::Data { seq: 21 },
+                BlockVersion::Trimmed { seq: 20 },
+                BlockVersion::Corrupt { seq: 10 },
+                BlockVersion::Unwritten,
+            ]
+        );
+        assert_eq!(v.versions()[299], BlockVersion::Data { seq: 22 });
+        assert!(v.versions()[5..299]
+            .iter()
+            .all(|x| *x == BlockVersion::Unwritten));
+        assert_eq!(v.data(), [block(1), block(9), block(7)].concat().as_slice());
+        let listed: Vec<(u64, Option<u8>)> = v
+            .iter()
+            .filter(|(_, ver, _)| *ver != BlockVersion::Unwritten)
+            .map(|(b, _, d)| (b, d.map(|d| d[0])))
+            .collect();
+        assert_eq!(
+            listed,
+            vec![
+                (0, Some(1)),
+                (1, Some(9)),
+                (2, None),
+                (3, None),
+                (299, Some(7))
+            ]
+        );
+
+        // The older snapshot's view is its own layer only.
+        let a = s.read_snapshot_versions("a", B, 2 * B).expect("read a");
+        assert_eq!(
+            a.versions(),
+            &[
+                BlockVersion::Data { seq: 10 },
+                BlockVersion::Data { seq: 10 }
+            ]
+        );
+        assert_eq!(a.data(), [block(2), block(3)].concat().as_slice());
+        assert_eq!(s.snapshot_size("a").expect("size"), 300 * B);
+    }
+
+    #[test]
+    fn missing_entry_is_corrupt_and_bad_requests_fail() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let s = LayeredStore::create(&tmp.path().join("v"), 8 * B).expect("create");
+        s.write(0, &block(5), 3).expect("write");
+        s.snapshot("a").expect("snapshot");
+        let v = s.read_snapshot_versions("a", 0, 8 * B).expect("read");
+        assert!(!v.is_unwritten());
+        // Zero the entry on disk behind the index's back: damage, never "unwritten".
+        let meta = tmp.path().join("v/layers/1/meta");
+        {
+            use std::os::unix::fs::FileExt;
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&meta)
+                .expect("open meta");
+            f.write_all_at(&[0u8; 16], 4096).expect("zero entry");
+        }
+        let v = s.read_snapshot_versions("a", 0, B).expect("read");
+        assert_eq!(v.versions(), &[BlockVersion::Corrupt { seq: 0 }]);
+        assert!(v.data().is_empty());
+
+        let empty = s.read_snapshot_versions("a", 4 * B, 4 * B).expect("read");
+        assert!(empty.is_unwritten());
+        assert!(matches!(
+            s.read_snapshot_versions("nope", 0, B),
+            Err(StoreError::SnapshotNotFound(_))
+        ));
+        assert!(matches!(
+            s.read_snapshot_versions("a", 1, B),
+            Err(StoreError::Unaligned { .. })
+        ));
+        assert!(matches!(
+            s.read_snapshot_versions("a", 4 * B, 8 * B),
+            Err(StoreError::OutOfRange { .. })
+        ));
+    }
+
+    #[test]
+    fn snapshots_of_a_deleted_volume_stay_readable() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let s = LayeredStore::create(&tmp.path().join("v"), 4 * B).expect("create");
+        s.write(B, &block(8), 4).expect("write");
+        s.snapshot("a").expect("snapshot");
+        s.delete_volume().expect("delete volume");
+        let v = s.read_snapshot_versions("a", 0, 4 * B).expect("read");
+        assert_eq!(v.versions()[1], BlockVersion::Data { seq: 4 });
+        assert_eq!(v.data(), block(8).as_slice());
+    }
+
+    #[test]
+    fn parts_must_agree() {
+        assert!(VersionedBlocks::new(0, vec![BlockVersion::Data { seq: 1 }], vec![]).is_err());
+        assert!(VersionedBlocks::new(
+            0,
+            vec![BlockVersion::Trimmed { seq: 1 }, BlockVersion::Unwritten],
+            vec![]
+        )
+        .is_ok());
+        let v = VersionedBlocks::new(7, vec![BlockVersion::Data { seq: 1 }], block(3))
+            .expect("one data block");
+        assert_eq!(
+            v.iter().next(),
+            Some((7, BlockVersion::Data { seq: 1 }, Some(&block(3)[..])))
+        );
+    }
+}
