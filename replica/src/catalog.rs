@@ -498,6 +498,18 @@ pub fn validate_volume_id(id: &str) -> Result<(), CatalogError> {
 
 // `u64::is_multiple_of` needs Rust 1.87; the workspace declares 1.85.
 #[allow(clippy::manual_is_multiple_of)]
+/// Disk space of a store's sealed (snapshot) layers; 0 when it cannot be measured (a
+/// retired store), so capacity reports never fail on one odd volume.
+fn sealed_bytes(store: &LayeredStore) -> u64 {
+    store.space_used().map_or(0, |u| {
+        u.layers
+            .iter()
+            .filter(|l| l.snapshot_id.is_some())
+            .map(|l| l.allocated_bytes)
+            .fold(0u64, u64::saturating_add)
+    })
+}
+
 fn validate_size(size: u64) -> Result<(), CatalogError> {
     if size == 0 || size % BLOCK_SIZE != 0 {
         return Err(CatalogError::InvalidSize { size });
@@ -897,10 +909,25 @@ impl Catalog {
 
     /// Capacity, use and free space (free is capped by the backing filesystem).
     pub fn capacity(&self) -> Result<CapacityReport, CatalogError> {
+        // Thick for the head (a volume may fill its whole size), plus the disk space
+        // its sealed layers hold: a snapshot pins the blocks it references, so a volume
+        // with snapshots can use up to (snapshots + 1) × its size. A deleted volume
+        // kept for its snapshots counts only their layers.
         let (used_bytes, volume_count) = {
             let volumes = self.read_volumes();
-            let used: u64 = volumes.values().map(|e| e.record.size_bytes).sum();
-            (used, volumes.len())
+            let used: u64 = volumes
+                .values()
+                .map(|e| {
+                    let head = if e.record.deleted {
+                        0
+                    } else {
+                        e.record.size_bytes
+                    };
+                    head.saturating_add(sealed_bytes(&e.store))
+                })
+                .fold(0u64, u64::saturating_add);
+            let live = volumes.values().filter(|e| !e.record.deleted).count();
+            (used, live)
         };
         let (q_bytes, quarantined_count) = {
             let q = self.read_quarantined();
@@ -2078,6 +2105,30 @@ mod tests {
             (r.used_bytes, r.free_bytes, r.volume_count),
             (MIB, 3 * MIB, 1)
         );
+    }
+
+    #[test]
+    fn capacity_counts_snapshot_layers() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let cat = open(tmp.path(), Some(100 * MIB));
+        cat.create(new_volume("v", 4 * MIB)).expect("create");
+        let store = cat.store_of("v").expect("store");
+        store.write(0, &vec![7u8; MIB as usize], 1).expect("write");
+        store.flush().expect("flush");
+        cat.create_snapshot("v", "s1", "snap", 1).expect("snapshot");
+        // The head is still reserved in full; the sealed layer adds its blocks.
+        let used = cat.capacity().expect("capacity").used_bytes;
+        assert!(
+            (5 * MIB..6 * MIB).contains(&used),
+            "used {used} after a snapshot of 1 MiB of data"
+        );
+        // Deleted, the volume keeps only its snapshot's space.
+        cat.delete("v").expect("delete");
+        let r = cat.capacity().expect("capacity");
+        assert!((MIB..2 * MIB).contains(&r.used_bytes), "{}", r.used_bytes);
+        assert_eq!(r.volume_count, 0);
+        cat.delete_snapshot("v", "s1").expect("delete snapshot");
+        assert_eq!(cat.capacity().expect("capacity").used_bytes, 0);
     }
 
     #[test]
