@@ -101,7 +101,9 @@ use bytes::Bytes;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use tessera_replica::block_io::BLOCK_SIZE;
 use tessera_replica::dataplane::frame::MAX_PAYLOAD;
-use tessera_replica::dataplane::{ClientConfig, ClientError, ErrorCode, ReplicaDataClient};
+use tessera_replica::dataplane::{
+    ClientConfig, ClientError, ErrorCode, ReplicaDataClient, WritePayload,
+};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
@@ -208,7 +210,7 @@ enum Outcome {
 /// What a replicated operation carries to each replica.
 #[derive(Clone)]
 enum Payload {
-    Data(Bytes),
+    Data(WritePayload),
     Trim,
 }
 
@@ -523,7 +525,13 @@ impl Engine {
         let len = data.len() as u64;
         let done = self.counted(IoOp::Write, len, done);
         match self.inner.check(IoOp::Write, offset, len) {
-            Ok(()) => self.start_replicate(IoOp::Write, offset, len, Payload::Data(data), done),
+            Ok(()) => self.start_replicate(
+                IoOp::Write,
+                offset,
+                len,
+                Payload::Data(WritePayload::new(data)),
+                done,
+            ),
             Err(e) => done(Err(e)),
         }
     }
@@ -1025,7 +1033,7 @@ impl Inner {
                 return Outcome::Skipped;
             };
             let sent = match payload {
-                Payload::Data(data) => client.write(offset, data, seq).await,
+                Payload::Data(data) => client.write_payload(offset, &data, seq).await,
                 Payload::Trim => client.trim(offset, len, seq).await,
             };
             match sent {

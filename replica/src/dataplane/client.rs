@@ -34,7 +34,7 @@ use super::frame::{Frame, Header, Opcode, MAX_PAYLOAD, RESPONSE_BIT};
 use super::message::{
     decode_error_payload, Hello, HelloReply, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
-use super::stream::{read_frame, write_frame, ReadError};
+use super::stream::{read_frame, write_frame, write_frame_with_payload_crc, ReadError};
 
 /// Client settings.
 #[derive(Debug, Clone)]
@@ -83,7 +83,7 @@ struct Shared {
     pending: Mutex<Pending>,
     next_id: AtomicU64,
     epoch: u64,
-    tx: mpsc::Sender<(Header, Bytes)>,
+    tx: mpsc::Sender<(Header, WritePayload)>,
     config: ClientConfig,
     info: VolumeInfo,
     /// Flipped to true by [`Shared::fail_all`]; stops the writer even if it is
@@ -126,6 +126,36 @@ impl Drop for Tasks {
     fn drop(&mut self) {
         self.reader.abort();
         self.writer.abort();
+    }
+}
+
+/// A write's data with its crc32c, computed once: an engine sends the same payload to
+/// every replica, and each frame's trailer is derived from this crc instead of
+/// checksumming the payload again per replica. Cloning shares the buffer.
+#[derive(Debug, Clone)]
+pub struct WritePayload {
+    data: Bytes,
+    crc: u32,
+}
+
+impl WritePayload {
+    /// Checksums `data` (the one pass over it on the sending side).
+    pub fn new(data: impl Into<Bytes>) -> Self {
+        let data = data.into();
+        let crc = crc32c::crc32c(&data);
+        WritePayload { data, crc }
+    }
+
+    fn empty() -> Self {
+        WritePayload {
+            data: Bytes::new(),
+            crc: 0,
+        }
+    }
+
+    /// The data.
+    pub fn data(&self) -> &Bytes {
+        &self.data
     }
 }
 
@@ -244,7 +274,13 @@ impl ReplicaDataClient {
             )));
         }
         let reply = self
-            .call(Opcode::Read, offset, u64::from(len), 0, Bytes::new())
+            .call(
+                Opcode::Read,
+                offset,
+                u64::from(len),
+                0,
+                WritePayload::empty(),
+            )
             .await?;
         if reply.payload.len() != len as usize {
             return Err(ClientError::Protocol(format!(
@@ -263,28 +299,38 @@ impl ReplicaDataClient {
         data: impl Into<Bytes>,
         seq: u64,
     ) -> Result<(), ClientError> {
-        let data = data.into();
-        if data.len() > MAX_PAYLOAD {
+        self.write_payload(offset, &WritePayload::new(data), seq)
+            .await
+    }
+
+    /// [`Self::write`] of a payload checksummed once for all the replicas it goes to.
+    pub async fn write_payload(
+        &self,
+        offset: u64,
+        payload: &WritePayload,
+        seq: u64,
+    ) -> Result<(), ClientError> {
+        let len = payload.data.len();
+        if len > MAX_PAYLOAD {
             return Err(ClientError::InvalidArgument(format!(
-                "write of {} bytes exceeds the {MAX_PAYLOAD}-byte frame limit",
-                data.len()
+                "write of {len} bytes exceeds the {MAX_PAYLOAD}-byte frame limit"
             )));
         }
-        self.call(Opcode::Write, offset, data.len() as u64, seq, data)
+        self.call(Opcode::Write, offset, len as u64, seq, payload.clone())
             .await
             .map(drop)
     }
 
     /// Makes every write this replica acknowledged before the call durable.
     pub async fn flush(&self) -> Result<(), ClientError> {
-        self.call(Opcode::Flush, 0, 0, 0, Bytes::new())
+        self.call(Opcode::Flush, 0, 0, 0, WritePayload::empty())
             .await
             .map(drop)
     }
 
     /// Discards `len` bytes at `offset` (they read as zeros afterwards), tagged with `seq`.
     pub async fn trim(&self, offset: u64, len: u64, seq: u64) -> Result<(), ClientError> {
-        self.call(Opcode::Trim, offset, len, seq, Bytes::new())
+        self.call(Opcode::Trim, offset, len, seq, WritePayload::empty())
             .await
             .map(drop)
     }
@@ -295,7 +341,7 @@ impl ReplicaDataClient {
         offset: u64,
         length: u64,
         seq: u64,
-        payload: Bytes,
+        payload: WritePayload,
     ) -> Result<Frame, ClientError> {
         let shared = &*self.shared;
         let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
@@ -472,13 +518,13 @@ fn frame_id(r: &Result<Frame, ClientError>) -> u64 {
 
 async fn writer_task(
     mut wr: BufWriter<OwnedWriteHalf>,
-    mut rx: mpsc::Receiver<(Header, Bytes)>,
+    mut rx: mpsc::Receiver<(Header, WritePayload)>,
     shared: Arc<Shared>,
 ) {
     let mut closed = shared.closed_signal.subscribe();
     let work = async {
         while let Some((h, p)) = rx.recv().await {
-            write_frame(&mut wr, &h, &p).await?;
+            write_frame_with_payload_crc(&mut wr, &h, &p.data, p.crc).await?;
             // Batch whatever else is ready into the same flush: drain the queue, yield
             // once so that tasks already runnable (other requests being issued right
             // now) can queue theirs, and drain again. See the module doc.
@@ -487,7 +533,7 @@ async fn writer_task(
                     tokio::task::yield_now().await;
                 }
                 while let Ok((h, p)) = rx.try_recv() {
-                    write_frame(&mut wr, &h, &p).await?;
+                    write_frame_with_payload_crc(&mut wr, &h, &p.data, p.crc).await?;
                 }
             }
             wr.flush().await?;

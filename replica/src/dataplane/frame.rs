@@ -176,6 +176,16 @@ pub fn frame_crc(prefix_and_header: &[u8], payload: &[u8]) -> u32 {
     crc32c::crc32c_append(crc32c::crc32c(prefix_and_header), payload)
 }
 
+/// The same crc32c as [`frame_crc`], from the payload's own crc32c: a sender that
+/// writes one payload to several replicas checksums it once and combines per frame.
+pub fn frame_crc_with_payload_crc(
+    prefix_and_header: &[u8],
+    payload_crc: u32,
+    payload_len: usize,
+) -> u32 {
+    crc32c::crc32c_combine(crc32c::crc32c(prefix_and_header), payload_crc, payload_len)
+}
+
 /// Checks the trailer of a received frame.
 pub fn check_crc(
     prefix_and_header: &[u8; PREFIX_LEN + HEADER_LEN],
@@ -252,6 +262,19 @@ pub fn decode(buf: &[u8]) -> Result<Option<(Frame, usize)>, FrameError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn combined_crc_equals_the_crc_over_the_whole_frame() {
+        let ph = [3u8; PREFIX_LEN + HEADER_LEN];
+        for len in [0usize, 1, 4096, 1 << 20] {
+            let payload: Vec<u8> = (0..len).map(|i| (i * 31 % 251) as u8).collect();
+            assert_eq!(
+                frame_crc_with_payload_crc(&ph, crc32c::crc32c(&payload), len),
+                frame_crc(&ph, &payload),
+                "payload of {len} bytes"
+            );
+        }
+    }
     use proptest::prelude::*;
 
     fn arb_header() -> impl Strategy<Value = Header> {

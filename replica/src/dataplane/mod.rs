@@ -110,6 +110,6 @@ pub mod message;
 pub mod server;
 pub mod stream;
 
-pub use client::{ClientConfig, ReplicaDataClient, VolumeInfo};
+pub use client::{ClientConfig, ReplicaDataClient, VolumeInfo, WritePayload};
 pub use error::{ClientError, ErrorCode, RemoteError};
 pub use server::{serve, serve_with_config, ServerConfig};

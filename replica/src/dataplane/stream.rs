@@ -8,7 +8,8 @@
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::frame::{
-    check_crc, frame_crc, parse_length, Frame, FrameError, Header, CRC_LEN, HEADER_LEN, PREFIX_LEN,
+    check_crc, frame_crc, frame_crc_with_payload_crc, parse_length, Frame, FrameError, Header,
+    CRC_LEN, HEADER_LEN, PREFIX_LEN,
 };
 
 /// Why reading a frame failed.
@@ -96,12 +97,35 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(
     header: &Header,
     payload: &[u8],
 ) -> std::io::Result<()> {
-    let ph = header
-        .encode_prefix(payload.len())
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let ph = encode_prefix(header, payload.len())?;
     w.write_all(&ph).await?;
     w.write_all(payload).await?;
     w.write_all(&frame_crc(&ph, payload).to_le_bytes()).await
+}
+
+/// [`write_frame`] for a payload whose crc32c the caller already has (computed once for
+/// a payload sent to several replicas). A wrong `payload_crc` makes the receiver
+/// reject the frame; it can never make bad data look good.
+pub async fn write_frame_with_payload_crc<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    header: &Header,
+    payload: &[u8],
+    payload_crc: u32,
+) -> std::io::Result<()> {
+    let ph = encode_prefix(header, payload.len())?;
+    w.write_all(&ph).await?;
+    w.write_all(payload).await?;
+    let crc = frame_crc_with_payload_crc(&ph, payload_crc, payload.len());
+    w.write_all(&crc.to_le_bytes()).await
+}
+
+fn encode_prefix(
+    header: &Header,
+    payload_len: usize,
+) -> std::io::Result<[u8; PREFIX_LEN + HEADER_LEN]> {
+    header
+        .encode_prefix(payload_len)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))
 }
 
 #[cfg(test)]
