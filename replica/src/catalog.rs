@@ -511,7 +511,7 @@ fn sealed_bytes(store: &LayeredStore) -> u64 {
 }
 
 fn validate_size(size: u64) -> Result<(), CatalogError> {
-    if size == 0 || size % BLOCK_SIZE != 0 {
+    if size == 0 || !size.is_multiple_of(BLOCK_SIZE) {
         return Err(CatalogError::InvalidSize { size });
     }
     Ok(())
