@@ -863,28 +863,49 @@ impl Catalog {
     ) -> Result<bool, CatalogError> {
         validate_volume_id(volume_id)?;
         validate_volume_id(snapshot_id)?;
-        let _guard = self.lock_mutations();
-        let Some(mut record) = self.read_volumes().get(volume_id).map(Entry::snapshot) else {
-            return Ok(false);
+        let (store, sealed) = {
+            let _guard = self.lock_mutations();
+            let Some(record) = self.read_volumes().get(volume_id).map(Entry::snapshot) else {
+                return Ok(false);
+            };
+            let store = self.store_of(volume_id)?;
+            let sealed = store.snapshots().iter().any(|s| s.id == snapshot_id);
+            let recorded = record
+                .snapshots
+                .iter()
+                .any(|s| s.snapshot_id == snapshot_id);
+            if !sealed && !recorded {
+                return Ok(false);
+            }
+            (store, sealed)
         };
-        let store = self.store_of(volume_id)?;
-        let sealed = store.snapshots().iter().any(|s| s.id == snapshot_id);
-        let recorded = record
+        // The merge reads and rewrites the snapshot's blocks, which takes time in
+        // proportion to them: it runs outside the catalog-wide mutation lock (the store
+        // serialises its own snapshot operations), so other volumes' control calls
+        // never wait for it. The layer is marked deleting first, so a crash mid-merge
+        // resumes it at the next open; a concurrent delete of the same snapshot finds
+        // it gone once this merge is done.
+        if sealed {
+            match store.delete_snapshot(snapshot_id) {
+                Ok(()) | Err(StoreError::SnapshotNotFound(_)) => {}
+                Err(e) => return Err(store_error(volume_id, "delete snapshot")(e)),
+            }
+        }
+        let guard = self.lock_mutations();
+        let Some(mut record) = self.read_volumes().get(volume_id).map(Entry::snapshot) else {
+            return Ok(sealed);
+        };
+        if !record
             .snapshots
             .iter()
-            .any(|s| s.snapshot_id == snapshot_id);
-        if !sealed && !recorded {
-            return Ok(false);
-        }
-        if sealed {
-            store
-                .delete_snapshot(snapshot_id)
-                .map_err(store_error(volume_id, "delete snapshot"))?;
+            .any(|s| s.snapshot_id == snapshot_id)
+        {
+            return Ok(sealed);
         }
         record.snapshots.retain(|s| s.snapshot_id != snapshot_id);
         record.generation += 1;
         if record.deleted && record.snapshots.is_empty() {
-            drop(_guard);
+            drop(guard);
             self.remove_volume_dir(volume_id)?;
         } else {
             self.persist(&record, "delete snapshot")?;

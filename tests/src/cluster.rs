@@ -415,11 +415,6 @@ impl Cluster {
             .ok_or_else(|| anyhow!("this cluster has no replica daemon on node {node_id:?}"))
     }
 
-    /// Whether replica daemon `index` runs (reaps it if it exited).
-    pub fn replica_running(&mut self, index: usize) -> bool {
-        self.replicas[index].daemon.is_running()
-    }
-
     /// SIGKILLs replica daemon `index` (its data stays).
     pub fn kill_replica(&mut self, index: usize) -> anyhow::Result<()> {
         self.replicas[index].daemon.kill()
