@@ -18,6 +18,7 @@
 //! * [`fixtures`]: CSI request builders and list-everything helpers for tests.
 //! * [`lifecycle`]: ControllerPublish + NodeStage + NodePublish of a volume on a node,
 //!   and the way back, as the attacher and the kubelet call them.
+//! * [`privilege`]: whether the mount/loop/FUSE tests may run here, or skip loudly.
 //! * [`binaries`]: where the binaries under test are found (`TESSERA_BIN_DIR`).
 //! * [`wait`]: [`wait_until`] / [`poll_until`]: poll a condition with a timeout;
 //!   tests never sleep to synchronise.
@@ -34,6 +35,7 @@ pub mod fixtures;
 pub mod lifecycle;
 pub mod metrics;
 pub mod mounts;
+pub mod privilege;
 pub mod process;
 pub mod wait;
 

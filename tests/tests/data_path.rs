@@ -27,6 +27,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
+use tessera_tests::privilege::privileged;
 
 use sha2::{Digest, Sha256};
 use tessera_csi_proto::v1::{NodeGetVolumeStatsRequest, Volume, VolumeCondition};
@@ -45,23 +46,6 @@ const BELOW_QUORUM_BOUND: Duration = Duration::from_secs(30);
 
 /// One data-path test at a time, across the test threads of this binary.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-fn privileged() -> bool {
-    let ok = nix::unistd::geteuid().is_root()
-        && Path::new("/dev/fuse").exists()
-        && Path::new("/dev/loop-control").exists();
-    if ok {
-        return true;
-    }
-    if std::env::var_os("TESSERA_SKIP_PRIVILEGED_TESTS").is_some() {
-        eprintln!("skipping: needs root, /dev/fuse and /dev/loop-control");
-        return false;
-    }
-    panic!(
-        "data-path tests need root, /dev/fuse and /dev/loop-control \
-         (set TESSERA_SKIP_PRIVILEGED_TESTS=1 to skip)"
-    );
-}
 
 /// Replica daemons n1..n3, the controller, nodes n1 and n2.
 async fn two_node_cluster() -> Cluster {
@@ -362,7 +346,7 @@ async fn files_survive_a_move(cluster: &Cluster, fs_type: &str) {
 /// (a) ext4 and xfs: files written on one node read back intact on another.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_files_verify_after_moving_to_another_node() {
-    if !privileged() {
+    if !privileged("data-path test") {
         return;
     }
     let _serial = SERIAL.lock().await;
@@ -375,7 +359,7 @@ async fn a_files_verify_after_moving_to_another_node() {
 /// n1 reads back through the device published on n2.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn b_raw_block_pattern_reads_back_on_the_other_node() {
-    if !privileged() {
+    if !privileged("data-path test") {
         return;
     }
     let _serial = SERIAL.lock().await;
@@ -467,7 +451,7 @@ async fn b_raw_block_pattern_reads_back_on_the_other_node() {
 /// stream completes, the data verifies, and the killed replica is reported stale.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn c_one_replica_killed_during_writes() {
-    if !privileged() {
+    if !privileged("data-path test") {
         return;
     }
     let _serial = SERIAL.lock().await;
@@ -536,7 +520,7 @@ async fn c_one_replica_killed_during_writes() {
 /// the block device fail within a bound instead of hanging.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn d_two_replicas_killed_io_fails_in_bounded_time() {
-    if !privileged() {
+    if !privileged("data-path test") {
         return;
     }
     let _serial = SERIAL.lock().await;
@@ -604,7 +588,7 @@ async fn d_two_replicas_killed_io_fails_in_bounded_time() {
 /// published elsewhere; what the new owner wrote stays intact.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn e_old_epoch_writes_are_refused_after_a_move() {
-    if !privileged() {
+    if !privileged("data-path test") {
         return;
     }
     let _serial = SERIAL.lock().await;
@@ -706,7 +690,7 @@ async fn e_old_epoch_writes_are_refused_after_a_move() {
 /// leave nothing behind.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn f_node_plugin_killed_during_writes() {
-    if !privileged() {
+    if !privileged("data-path test") {
         return;
     }
     let _serial = SERIAL.lock().await;

@@ -27,6 +27,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
+use tessera_tests::privilege::privileged;
 
 use sha2::{Digest, Sha256};
 use tessera_csi_proto::v1::{
@@ -45,23 +46,6 @@ const IO_TIMEOUT: Duration = Duration::from_secs(180);
 
 /// One expansion test at a time: each runs six daemons on two cores.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-fn privileged() -> bool {
-    let ok = nix::unistd::geteuid().is_root()
-        && Path::new("/dev/fuse").exists()
-        && Path::new("/dev/loop-control").exists();
-    if ok {
-        return true;
-    }
-    if std::env::var_os("TESSERA_SKIP_PRIVILEGED_TESTS").is_some() {
-        eprintln!("skipping: needs root, /dev/fuse and /dev/loop-control");
-        return false;
-    }
-    panic!(
-        "expansion tests need root, /dev/fuse and /dev/loop-control \
-         (set TESSERA_SKIP_PRIVILEGED_TESTS=1 to skip)"
-    );
-}
 
 async fn cluster() -> Cluster {
     ClusterBuilder::new().start().await.expect("cluster starts")
@@ -449,7 +433,7 @@ async fn grow_mounted(cluster: &Cluster, fs_type: &str, size: usize, new_size: u
 /// (d) ext4 and xfs grow online under a writer; `df` shows it and every file verifies.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn d_mounted_ext4_and_xfs_grow_while_written() {
-    if !privileged() {
+    if !privileged("expansion test") {
         return;
     }
     let _serial = SERIAL.lock().await;
@@ -471,7 +455,7 @@ async fn d_mounted_ext4_and_xfs_grow_while_written() {
 /// NodeExpandVolume's NOT_FOUND cases.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn block_volume_device_grows() {
-    if !privileged() {
+    if !privileged("expansion test") {
         return;
     }
     let _serial = SERIAL.lock().await;

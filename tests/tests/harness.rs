@@ -2,6 +2,7 @@
 //! and nothing outlives a dropped cluster.
 
 use std::time::Duration;
+use tessera_tests::privilege::privileged;
 
 use nix::errno::Errno;
 use nix::sys::signal::kill;
@@ -122,24 +123,13 @@ fn missing_binary_is_a_clear_error() {
     assert!(message.contains("tessera-no-such-binary"), "{message}");
 }
 
-fn privileged() -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    if std::env::var_os("TESSERA_SKIP_PRIVILEGED_TESTS").is_some() {
-        eprintln!("skipping: needs root");
-        return false;
-    }
-    panic!("this test needs root (set TESSERA_SKIP_PRIVILEGED_TESTS=1 to skip)");
-}
-
 /// Two nodes, one of them without a replica daemon: both get an engine-host and a
 /// plugin of their own, the controller accepts both as publish targets, and a mount
 /// the test leaves behind is removed when the cluster is dropped.
 #[tokio::test]
 async fn two_nodes_and_leftover_mounts_are_cleaned_up() {
     use tessera_tests::fixtures::{create_request, publish_request, GIB};
-    if !privileged() {
+    if !privileged("harness test") {
         return;
     }
     let mut cluster = ClusterBuilder::new()

@@ -38,6 +38,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tessera_tests::privilege::privileged;
 
 use sha2::{Digest, Sha256};
 use tessera_csi_proto::v1::controller_service_capability::rpc::Type as RpcType;
@@ -77,23 +78,6 @@ const STEP_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// One test at a time: each runs up to nine daemons on two cores.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-fn privileged() -> bool {
-    let ok = nix::unistd::geteuid().is_root()
-        && Path::new("/dev/fuse").exists()
-        && Path::new("/dev/loop-control").exists();
-    if ok {
-        return true;
-    }
-    if std::env::var_os("TESSERA_SKIP_PRIVILEGED_TESTS").is_some() {
-        eprintln!("skipping: needs root, /dev/fuse and /dev/loop-control");
-        return false;
-    }
-    panic!(
-        "snapshot tests need root, /dev/fuse and /dev/loop-control \
-         (set TESSERA_SKIP_PRIVILEGED_TESTS=1 to skip)"
-    );
-}
 
 // ---- shared helpers -------------------------------------------------------------------
 
@@ -494,7 +478,7 @@ fn a_allowed(writes: &[WriteRecord], snapshot: &TimedSnapshot) -> (u64, u64) {
 /// acknowledged before its CreateSnapshot started and none issued after it returned.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_snapshots_of_a_volume_under_writes_hold_exactly_the_acknowledged_writes() {
-    if !privileged() {
+    if !privileged("snapshot test") {
         return;
     }
     let _serial = SERIAL.lock().await;
@@ -676,7 +660,7 @@ fn scattered_extents(size: u64, seed: u64) -> Vec<(u64, u64, u64)> {
 /// the whole device, and is independent of it afterwards.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn b_clone_on_other_daemons_equals_its_source() {
-    if !privileged() {
+    if !privileged("snapshot test") {
         return;
     }
     const SIZE: u64 = 96 * MIB;
@@ -760,7 +744,7 @@ async fn b_clone_on_other_daemons_equals_its_source() {
 /// any daemon's disk.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn c_snapshot_outlives_its_deleted_source() {
-    if !privileged() {
+    if !privileged("snapshot test") {
         return;
     }
     const SIZE: u64 = 64 * MIB;
@@ -1046,7 +1030,7 @@ async fn e_copy_metrics(cluster: &Cluster, index: usize, volume_id: &str) -> (u6
 /// at the end, and the restore verifies by sha256.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn e_restore_resumes_after_a_target_is_killed() {
-    if !privileged() {
+    if !privileged("snapshot test") {
         return;
     }
     let _serial = SERIAL.lock().await;
@@ -1162,7 +1146,7 @@ async fn e_restore_resumes_after_a_target_is_killed() {
 /// end, and the clone verifies by sha256.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn e_clone_survives_a_killed_holder() {
-    if !privileged() {
+    if !privileged("snapshot test") {
         return;
     }
     let _serial = SERIAL.lock().await;
@@ -1385,7 +1369,7 @@ async fn delta(
 /// on the controller's socket.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn f_snapshot_metadata_lists_exactly_the_written_blocks() {
-    if !privileged() {
+    if !privileged("snapshot test") {
         return;
     }
     const SIZE: u64 = 64 * MIB;
@@ -1717,7 +1701,7 @@ fn allocated_below(dir: &Path) -> u64 {
 /// of another volume on the same daemons succeeds, long before the merge ends.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h_control_calls_are_answered_while_a_snapshot_merges() {
-    if !privileged() {
+    if !privileged("snapshot test") {
         return;
     }
     const SIZE: u64 = 256 * MIB;
