@@ -5,12 +5,13 @@
 //! thread moves operations from the channel into the submission queue while fewer than
 //! `depth` are in flight, submits, waits for completions, and calls each operation's
 //! callback. Each wake-up submits every queued operation with one system call and
-//! reaps every completion that is ready. When it is about to sleep with few
-//! operations in flight, it keeps a read of an `eventfd` outstanding in the ring and
-//! raises a "needs wake" flag; a submitter that finds the flag raised writes the
-//! eventfd. With more in flight it sleeps without the flag: the next completion wakes
-//! it and picks up whatever was queued meanwhile, so a busy ring costs no extra system
-//! call or thread switch per request.
+//! reaps every completion that is ready. When it is about to sleep, it keeps a read of
+//! an `eventfd` outstanding in the ring and raises a "needs wake" flag; a submitter that
+//! finds the flag raised writes the eventfd, so a busy ring costs no extra system call
+//! per request. (Waking it only with few operations in flight, and waiting for several
+//! completions per wake-up with `IORING_FEAT_MIN_TIMEOUT`, were tried: no measurable
+//! gain on the 2-core test VM, and a new request could wait behind slow ones, so
+//! neither is done.)
 //!
 //! *Pieces.* An operation with `max_transfer` (background I/O) is issued as
 //! consecutive entries of at most that size, each after the previous completed, the
@@ -50,22 +51,6 @@ const WAKE_TOKEN: u64 = u64::MAX;
 
 /// Largest in-flight depth accepted; deeper queues only add latency on one device.
 pub const MAX_DEPTH: u32 = 4096;
-
-/// A sleeping ring thread asks submitters for an eventfd wake only while fewer than
-/// this many operations are in flight. With more, a completion is never far off (a
-/// fraction of one device latency) and wakes the thread anyway; new operations then
-/// ride along with it, which saves an eventfd write in the submitter and a thread
-/// switch per request under load. Below it (QD1 latency) every submission wakes.
-static WAKE_BELOW_IN_FLIGHT_X: std::sync::LazyLock<usize> = std::sync::LazyLock::new(|| std::env::var("EXP_WAKE").ok().and_then(|v| v.parse().ok()).unwrap_or(8));
-static BATCH_WAIT_US_X: std::sync::LazyLock<u32> = std::sync::LazyLock::new(|| std::env::var("EXP_BATCH").ok().and_then(|v| v.parse().ok()).unwrap_or(25));
-
-/// Under the same load (at least [`WAKE_BELOW_IN_FLIGHT`] in flight) the ring thread
-/// waits for several completions per wake-up (an eighth of those in flight, up to 16),
-/// but once one is ready it waits at most this long for the rest
-/// (`IORING_FEAT_MIN_TIMEOUT`, Linux 6.12; older kernels wake per completion). Fewer
-/// wake-ups of the ring thread, and of the tasks it completes in one go, for at most
-/// this much added latency per request.
-
 
 /// Wakes the ring thread out of `io_uring_enter`.
 struct Waker {
@@ -395,13 +380,10 @@ struct RingThread {
     wake_buf: *mut [u8; 8],
     wake_armed: bool,
     cqes: Vec<(u64, i32)>,
-    /// The kernel can bound a multi-completion wait (`BATCH_WAIT_US`).
-    min_timeout: bool,
 }
 
 impl RingThread {
     fn new(ring: IoUring, rx: mpsc::Receiver<EngineOp>, waker: Arc<Waker>, depth: usize) -> Self {
-        let min_timeout = ring.params().is_feature_min_timeout();
         Self {
             ring,
             rx: Some(rx),
@@ -413,7 +395,6 @@ impl RingThread {
             wake_buf: Box::into_raw(Box::new([0u8; 8])),
             wake_armed: false,
             cqes: Vec::with_capacity(depth + 1),
-            min_timeout,
         }
     }
 
@@ -436,7 +417,7 @@ impl RingThread {
                     return;
                 }
             }
-            if !disconnected && self.in_flight < self.depth.min(*WAKE_BELOW_IN_FLIGHT_X) {
+            if !disconnected && self.in_flight < self.depth {
                 // Announce the coming sleep, then look once more: a request sent
                 // before the flag went up is seen here, one sent after writes the
                 // eventfd.
@@ -581,31 +562,13 @@ impl RingThread {
     }
 
     fn submit_and_wait(&mut self) -> io::Result<()> {
-        let batch = self.min_timeout && self.in_flight >= *WAKE_BELOW_IN_FLIGHT_X && *BATCH_WAIT_US_X > 0;
-        let want = if batch {
-            (self.in_flight / 8).clamp(1, 16)
-        } else {
-            1
-        };
-        // The long timeout only makes the kernel keep waiting for a first completion
-        // after the short one (without it, the short one ends the wait, empty or not).
-        let idle = types::Timespec::new().sec(1);
-        let args = types::SubmitArgs::new()
-            .min_wait_usec(*BATCH_WAIT_US_X)
-            .timespec(&idle);
         loop {
-            let r = if want > 1 {
-                self.ring.submitter().submit_with_args(want, &args)
-            } else {
-                self.ring.submit_and_wait(1)
-            };
-            match r {
+            match self.ring.submit_and_wait(1) {
                 Ok(_) => return Ok(()),
                 Err(e) => match e.raw_os_error() {
                     Some(libc::EINTR) => continue,
                     // Completion queue full or kernel short of memory: reap, then retry.
-                    // ETIME: the batch wait timed out; reap what is there.
-                    Some(libc::EBUSY) | Some(libc::EAGAIN) | Some(libc::ETIME) => return Ok(()),
+                    Some(libc::EBUSY) | Some(libc::EAGAIN) => return Ok(()),
                     _ => return Err(e),
                 },
             }

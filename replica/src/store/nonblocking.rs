@@ -305,14 +305,16 @@ mod tests {
             );
             tokio::task::yield_now().await;
         }
-        let s = Arc::clone(&store);
+        let (s, path) = (Arc::clone(&store), dir.path().to_path_buf());
         let retired = tokio::task::spawn_blocking(move || {
             s.retire();
-            Instant::now()
+            // Retire returned: the write that was waiting for its token is complete,
+            // data and entry, as a fresh open of the files shows.
+            let reopened = LayeredStore::open(&path).expect("reopen");
+            reopened.read(4096, 4096).expect("read")
         });
         pending.await.expect("the write in flight finishes");
-        let written = Instant::now();
-        assert!(retired.await.expect("retire") >= written, "retire waited");
+        assert_eq!(retired.await.expect("retire"), block(2), "retire waited");
         assert!(matches!(
             store.write_async(0, block(3), 3).await,
             Err(StoreError::VolumeDeleted)
@@ -324,9 +326,10 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_cancelled_flush_leaves_the_layer_dirty() {
         let sched = scheduler(EngineKind::IoUring);
+        // One token, the next a second later.
         let qos = Qos {
-            max_iops: Some(10),
-            burst_duration: Duration::from_millis(100),
+            max_iops: Some(1),
+            burst_duration: Duration::from_secs(1),
             ..Qos::unlimited()
         };
         let vol = sched.register_volume("v", qos).expect("register");
