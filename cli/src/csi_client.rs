@@ -1,8 +1,7 @@
 //! gRPC channels to the Tessera daemons.
 //!
-//! CSI plugins serve on unix sockets, which tonic cannot dial by itself: the channel
-//! gets a connector that opens the socket path and ignores the (dummy) URI. The
-//! replica control API is plain gRPC over TCP.
+//! CSI plugins serve on unix sockets (dialled through
+//! `tessera_csi_proto::unix_channel`); the replica control API is plain gRPC over TCP.
 //!
 //! Every channel carries a per-RPC deadline, so a wedged daemon turns into an error
 //! the CLI can report instead of a hang.
@@ -11,11 +10,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
-use hyper_util::rt::TokioIo;
+use tessera_csi_proto::unix_channel::{self, unix_endpoint};
 use tessera_csi_proto::v1::ProbeRequest;
-use tokio::net::UnixStream;
-use tonic::transport::{Channel, Endpoint, Uri};
-use tower::service_fn;
+use tonic::transport::{Channel, Endpoint};
 
 /// CSI Identity client.
 pub type IdentityClient = tessera_csi_proto::v1::identity_client::IdentityClient<Channel>;
@@ -43,15 +40,10 @@ pub fn endpoint_of(socket: &Path) -> String {
 /// Connects to the unix socket at `path`; every RPC on the channel fails after
 /// `rpc_timeout`.
 pub async fn connect_unix(path: &Path, rpc_timeout: Duration) -> anyhow::Result<Channel> {
-    let owned = path.to_path_buf();
-    // The URI only satisfies the HTTP layer; the connector ignores it.
-    Endpoint::from_static("http://tessera.local.invalid")
+    let endpoint = unix_endpoint()
         .connect_timeout(CONNECT_TIMEOUT)
-        .timeout(rpc_timeout)
-        .connect_with_connector(service_fn(move |_: Uri| {
-            let path = owned.clone();
-            async move { UnixStream::connect(path).await.map(TokioIo::new) }
-        }))
+        .timeout(rpc_timeout);
+    unix_channel::connect_unix(endpoint, path)
         .await
         .with_context(|| format!("connecting to {}", path.display()))
 }

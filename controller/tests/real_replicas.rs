@@ -10,15 +10,13 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use hyper_util::rt::TokioIo;
 use tessera_csi_proto::v1::controller_client::ControllerClient;
 use tessera_csi_proto::v1::identity_client::IdentityClient;
 use tessera_csi_proto::v1::volume_capability::access_mode::Mode;
 use tessera_csi_proto::v1::volume_capability::{AccessMode, AccessType, MountVolume};
 use tessera_csi_proto::v1::*;
-use tokio::net::UnixStream;
 use tokio::process::{Child, Command};
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 use tonic::Code;
 
 const DEADLINE: Duration = Duration::from_secs(30);
@@ -102,13 +100,12 @@ async fn connect(sock: &Path) -> Channel {
     wait_for("controller socket", || {
         let path = path.clone();
         async move {
-            let channel = Endpoint::from_static("http://controller.invalid")
-                .connect_with_connector(tower::service_fn(move |_: Uri| {
-                    let path = path.clone();
-                    async move { UnixStream::connect(path).await.map(TokioIo::new) }
-                }))
-                .await
-                .ok()?;
+            let channel = tessera_csi_proto::unix_channel::connect_unix(
+                tessera_csi_proto::unix_channel::unix_endpoint(),
+                &path,
+            )
+            .await
+            .ok()?;
             let probe = IdentityClient::new(channel.clone())
                 .probe(ProbeRequest {})
                 .await

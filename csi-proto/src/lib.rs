@@ -9,6 +9,7 @@
 //! * [`endpoint`]: parsing of CSI `--endpoint` values (unix sockets, tcp for debugging).
 //! * [`identity`]: the CSI Identity service both plugins serve (the driver's name and
 //!   plugin capabilities are the same whichever process answers).
+//! * [`unix_channel`]: dialling gRPC over unix sockets (tonic does not by itself).
 //! * [`DRIVER_NAME`], [`TOPOLOGY_NODE_KEY`]: names every component must agree on.
 //!
 //! This crate must stay slim: wire types and driver-wide identity only, no dependency on
@@ -22,6 +23,7 @@ pub mod v1 {
 
 pub mod endpoint;
 pub mod identity;
+pub mod unix_channel;
 
 /// The CSI driver name: the CSIDriver object, StorageClass provisioner and
 /// GetPluginInfo all use it, so it lives in one place.

@@ -449,11 +449,8 @@ impl tessera_replica::health::Probe for PluginProbe {
 mod tests {
     use super::proto::registration_client::RegistrationClient;
     use super::*;
-    use hyper_util::rt::TokioIo;
+
     use tessera_replica::health::Probe;
-    use tokio::net::UnixStream;
-    use tonic::transport::{Endpoint, Uri};
-    use tower::service_fn;
 
     /// The kubelet's side: dial the registration socket, ask for the info, report back.
     #[tokio::test]
@@ -469,14 +466,12 @@ mod tests {
             let _ = stop_rx.await;
         }));
 
-        let dial = path.clone();
-        let channel = Endpoint::from_static("http://[::]:0")
-            .connect_with_connector(service_fn(move |_: Uri| {
-                let dial = dial.clone();
-                async move { UnixStream::connect(dial).await.map(TokioIo::new) }
-            }))
-            .await
-            .expect("connect");
+        let channel = tessera_csi_proto::unix_channel::connect_unix(
+            tessera_csi_proto::unix_channel::unix_endpoint(),
+            &path,
+        )
+        .await
+        .expect("connect");
         let mut client = RegistrationClient::new(channel);
 
         let info = client

@@ -25,10 +25,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use hyper_util::rt::TokioIo;
 use nix::mount::{umount2, MntFlags};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
+use tessera_csi_proto::unix_channel;
 use tessera_csi_proto::v1::node_client::NodeClient;
 use tessera_csi_proto::v1::volume_capability::access_mode::Mode;
 use tessera_csi_proto::v1::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume};
@@ -41,10 +41,8 @@ use tessera_node::engine_host::proto::engine_host_client::EngineHostClient;
 use tessera_node::engine_host::proto::{AttachRequest, DetachRequest, ListRequest, StatusRequest};
 use tessera_node::frontend::cleanup::{parse_mountinfo, read_mountinfo};
 use tessera_node::frontend::{cleanup_stale, list_bound};
-use tokio::net::UnixStream;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 use tonic::Code;
-use tower::service_fn;
 
 const MIB: u64 = 1 << 20;
 /// Large enough for mkfs.xfs (which wants at least 300 MiB).
@@ -146,14 +144,11 @@ impl Drop for Proc {
 }
 
 async fn connect_unix(path: &Path) -> Result<Channel, tonic::transport::Error> {
-    let path = path.to_owned();
-    Endpoint::from_static("http://tessera.test.invalid")
-        .connect_timeout(Duration::from_secs(5))
-        .connect_with_connector(service_fn(move |_: Uri| {
-            let path = path.clone();
-            async move { UnixStream::connect(path).await.map(TokioIo::new) }
-        }))
-        .await
+    unix_channel::connect_unix(
+        unix_channel::unix_endpoint().connect_timeout(Duration::from_secs(5)),
+        path,
+    )
+    .await
 }
 
 async fn wait_for_socket(path: &Path) -> Channel {

@@ -5,13 +5,11 @@
 //! control API is plain gRPC over TCP.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
-use hyper_util::rt::TokioIo;
-use tokio::net::UnixStream;
-use tonic::transport::{Channel, Endpoint, Uri};
-use tower::service_fn;
+use tessera_csi_proto::unix_channel::{self, unix_endpoint};
+use tonic::transport::{Channel, Endpoint};
 
 /// CSI Identity client.
 pub type IdentityClient = tessera_csi_proto::v1::identity_client::IdentityClient<Channel>;
@@ -31,15 +29,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// The connection is made eagerly, so an error here means the socket does not
 /// answer right now.
 pub async fn connect_unix(path: &Path) -> Result<Channel, tonic::transport::Error> {
-    let path: PathBuf = path.to_path_buf();
-    // The URI only satisfies the HTTP layer; the connector ignores it.
-    Endpoint::from_static("http://tessera.csi.invalid")
-        .connect_timeout(CONNECT_TIMEOUT)
-        .connect_with_connector(service_fn(move |_: Uri| {
-            let path = path.clone();
-            async move { UnixStream::connect(path).await.map(TokioIo::new) }
-        }))
-        .await
+    unix_channel::connect_unix(unix_endpoint().connect_timeout(CONNECT_TIMEOUT), path).await
 }
 
 /// Opens a gRPC channel to `addr` over TCP.

@@ -1,12 +1,10 @@
 //! Connecting to an engine-host over its unix socket.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
-use hyper_util::rt::TokioIo;
-use tokio::net::UnixStream;
-use tonic::transport::{Channel, Endpoint, Uri};
-use tower::service_fn;
+use tessera_csi_proto::unix_channel::{connect_unix_lazy, unix_endpoint};
+use tonic::transport::Channel;
 
 use super::proto::engine_host_client::EngineHostClient;
 
@@ -17,13 +15,6 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// reconnects after the engine-host restarts), so a node plugin can start before
 /// its engine-host; calls fail with UNAVAILABLE while nobody listens.
 pub fn connect_lazy(socket: &Path) -> EngineHostClient<Channel> {
-    let path: PathBuf = socket.to_owned();
-    // The URI only satisfies the HTTP layer; the connector ignores it.
-    let channel = Endpoint::from_static("http://engine-host.tessera.invalid")
-        .connect_timeout(CONNECT_TIMEOUT)
-        .connect_with_connector_lazy(service_fn(move |_: Uri| {
-            let path = path.clone();
-            async move { UnixStream::connect(path).await.map(TokioIo::new) }
-        }));
+    let channel = connect_unix_lazy(unix_endpoint().connect_timeout(CONNECT_TIMEOUT), socket);
     EngineHostClient::new(channel)
 }
