@@ -48,9 +48,9 @@ use tessera_csi_proto::v1::plugin_capability::Type as PluginCapType;
 use tessera_csi_proto::v1::snapshot_metadata_client::SnapshotMetadataClient;
 use tessera_csi_proto::v1::{
     BlockMetadata, BlockMetadataType, ControllerGetCapabilitiesRequest, CreateVolumeRequest,
-    DeleteVolumeRequest, GetMetadataAllocatedRequest, GetMetadataDeltaRequest,
-    GetPluginCapabilitiesRequest, GetSnapshotRequest, Snapshot, Topology, TopologyRequirement,
-    Volume,
+    DeleteVolumeRequest, GetMetadataAllocatedRequest, GetMetadataAllocatedResponse,
+    GetMetadataDeltaRequest, GetMetadataDeltaResponse, GetPluginCapabilitiesRequest,
+    GetSnapshotRequest, Snapshot, Topology, TopologyRequirement, Volume,
 };
 use tessera_csi_proto::TOPOLOGY_ZONE_KEY;
 use tessera_replica::control_proto::{
@@ -1252,7 +1252,7 @@ fn clip(ranges: &[(u64, u64)], from: u64) -> Vec<(u64, u64)> {
 /// ending before `starting_offset`. Returns the tuples as merged ranges.
 fn check_stream(
     what: &str,
-    messages: &[(i32, i64, Vec<BlockMetadata>)],
+    messages: &[MetadataMessage],
     capacity: u64,
     max_results: i32,
     starting_offset: u64,
@@ -1305,31 +1305,61 @@ fn check_stream(
     merge(ranges)
 }
 
+/// One SnapshotMetadata message as the checks read it: type, capacity, entries.
+type MetadataMessage = (i32, i64, Vec<BlockMetadata>);
+
+/// The fields both SnapshotMetadata responses carry, so one collector reads either
+/// stream.
+trait MetadataResponse {
+    fn into_message(self) -> MetadataMessage;
+}
+
+impl MetadataResponse for GetMetadataAllocatedResponse {
+    fn into_message(self) -> MetadataMessage {
+        (
+            self.block_metadata_type,
+            self.volume_capacity_bytes,
+            self.block_metadata,
+        )
+    }
+}
+
+impl MetadataResponse for GetMetadataDeltaResponse {
+    fn into_message(self) -> MetadataMessage {
+        (
+            self.block_metadata_type,
+            self.volume_capacity_bytes,
+            self.block_metadata,
+        )
+    }
+}
+
+/// Every message of a SnapshotMetadata stream, in order.
+async fn collect<R: MetadataResponse>(
+    stream: Result<tonic::Response<tonic::Streaming<R>>, tonic::Status>,
+) -> Result<Vec<MetadataMessage>, tonic::Status> {
+    let mut stream = stream?.into_inner();
+    let mut out = Vec::new();
+    while let Some(m) = stream.message().await? {
+        out.push(m.into_message());
+    }
+    Ok(out)
+}
+
 /// GetMetadataAllocated of `snapshot_id`, all messages.
 async fn allocated(
     client: &mut SnapshotMetadataClient<tonic::transport::Channel>,
     snapshot_id: &str,
     starting_offset: i64,
     max_results: i32,
-) -> Result<Vec<(i32, i64, Vec<BlockMetadata>)>, tonic::Status> {
-    let mut stream = client
-        .get_metadata_allocated(GetMetadataAllocatedRequest {
-            snapshot_id: snapshot_id.to_owned(),
-            starting_offset,
-            max_results,
-            ..Default::default()
-        })
-        .await?
-        .into_inner();
-    let mut out = Vec::new();
-    while let Some(m) = stream.message().await? {
-        out.push((
-            m.block_metadata_type,
-            m.volume_capacity_bytes,
-            m.block_metadata,
-        ));
-    }
-    Ok(out)
+) -> Result<Vec<MetadataMessage>, tonic::Status> {
+    let req = GetMetadataAllocatedRequest {
+        snapshot_id: snapshot_id.to_owned(),
+        starting_offset,
+        max_results,
+        ..Default::default()
+    };
+    collect(client.get_metadata_allocated(req).await).await
 }
 
 /// GetMetadataDelta from `base` to `target`, all messages.
@@ -1339,26 +1369,15 @@ async fn delta(
     target: &str,
     starting_offset: i64,
     max_results: i32,
-) -> Result<Vec<(i32, i64, Vec<BlockMetadata>)>, tonic::Status> {
-    let mut stream = client
-        .get_metadata_delta(GetMetadataDeltaRequest {
-            base_snapshot_id: base.to_owned(),
-            target_snapshot_id: target.to_owned(),
-            starting_offset,
-            max_results,
-            ..Default::default()
-        })
-        .await?
-        .into_inner();
-    let mut out = Vec::new();
-    while let Some(m) = stream.message().await? {
-        out.push((
-            m.block_metadata_type,
-            m.volume_capacity_bytes,
-            m.block_metadata,
-        ));
-    }
-    Ok(out)
+) -> Result<Vec<MetadataMessage>, tonic::Status> {
+    let req = GetMetadataDeltaRequest {
+        base_snapshot_id: base.to_owned(),
+        target_snapshot_id: target.to_owned(),
+        starting_offset,
+        max_results,
+        ..Default::default()
+    };
+    collect(client.get_metadata_delta(req).await).await
 }
 
 /// (f) GetMetadataAllocated of a snapshot lists exactly the blocks written before
