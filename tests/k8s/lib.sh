@@ -59,6 +59,30 @@ tk_daemon() {
   tk_log "started $name (pid $!, log $LOGS/$name.log)"
 }
 
+# tk_require_free_space <dir> <MiB>: fails early, naming the shortage, when the file system
+# holding <dir> (etcd, containerd images, kubelet) has less than <MiB> free; otherwise the
+# kubelet's disk-pressure taint shows up much later as pods that stay Pending.
+tk_require_free_space() {
+  local dir=$1 need=$2 have
+  have=$(df -Pm "$dir" | awk 'NR == 2 {print $4}')
+  [ "${have:-0}" -ge "$need" ] ||
+    tk_die "only ${have} MiB free on the file system of $dir; the cluster needs at least ${need} MiB"
+  tk_log "free space on the file system of $dir: ${have} MiB"
+}
+
+# tk_explain_not_ready: what a failed readiness wait leaves for the reader: the node's
+# taints and pressure conditions (a Pending pod is usually a tainted node) and the events
+# of every Tessera pod that is not Ready.
+tk_explain_not_ready() {
+  kubectl -n tessera-system get pods -o wide >&2
+  kubectl get node "$NODE_NAME" -o jsonpath='{"taints: "}{.spec.taints}{"\n"}{range .status.conditions[*]}{.type}={.status} {.reason}: {.message}{"\n"}{end}' >&2
+  local p
+  for p in $(kubectl -n tessera-system get pods -o jsonpath='{range .items[*]}{.metadata.name} {.status.conditions[?(@.type=="Ready")].status}{"\n"}{end}' | awk '$2 != "True" {print $1}'); do
+    echo "--- events of $p" >&2
+    kubectl -n tessera-system get events --field-selector "involvedObject.name=$p" -o custom-columns=TYPE:.type,REASON:.reason,MESSAGE:.message >&2
+  done
+}
+
 # tk_wait_tessera_ready: every Deployment rolled out, every DaemonSet with all its pods
 # Ready (engine-host is OnDelete, which `rollout status` refuses), then every pod Ready.
 tk_wait_tessera_ready() {
