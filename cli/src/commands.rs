@@ -239,6 +239,7 @@ mod tests {
                 total_bytes: 100,
                 complete,
                 last_error: String::new(),
+                shared_layers: false,
             }),
             ..Default::default()
         }

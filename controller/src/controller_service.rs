@@ -399,13 +399,13 @@ impl ControllerService {
                 volume: Some(self.volume(&rec, &topo.requisite)),
             });
         }
-        let (size, copy_source, source_guard) = match &source {
-            None => (size, None, None),
+        let (size, copy_source, source_guard, holder_daemons) = match &source {
+            None => (size, None, None, Vec::new()),
             Some(s) => {
-                let (size, copy, guard) = self
+                let p = self
                     .prepare_copy(s, &volume_id, req.capacity_range.as_ref())
                     .await?;
-                (size, Some(copy), guard)
+                (p.size, Some(p.copy), p.source_guard, p.holder_daemons)
             }
         };
         let preferred = match params.data_locality {
@@ -424,7 +424,12 @@ impl ControllerService {
             copy_source: copy_source.clone(),
         };
         let created = self
-            .place_and_create(create, topo.allowed_zones.as_ref(), preferred)
+            .place_and_create(
+                create,
+                topo.allowed_zones.as_ref(),
+                preferred,
+                &holder_daemons,
+            )
             .await;
         // The new volume is in the index (or nothing was created): the source may
         // change again while the copy runs.
@@ -445,20 +450,21 @@ impl ControllerService {
     }
 
     /// Places the replicas of the new volume `create` describes (its `replicas` are
-    /// filled in here) and creates them: a majority must succeed, a failed attempt is
-    /// rolled back.
+    /// filled in here; `preferred_daemons` first where zones allow) and creates them:
+    /// a majority must succeed, a failed attempt is rolled back.
     async fn place_and_create(
         &self,
         mut create: CreateVolumeRequest,
         allowed_zones: Option<&BTreeSet<String>>,
         preferred_node: Option<&str>,
+        preferred_daemons: &[String],
     ) -> Result<VolumeRecord> {
         self.pool().refresh_infos().await;
         let live = self.pool().live();
         let candidates: Vec<Candidate> = live
             .iter()
             .map(|(addr, info)| Candidate {
-                daemon_id: format!("{}@{}", info.node_id, addr),
+                daemon_id: placement::daemon_id(&info.node_id, addr),
                 node_id: info.node_id.clone(),
                 zone: info.zone.clone(),
                 free_bytes: info.free_bytes,
@@ -472,6 +478,7 @@ impl ControllerService {
                 replication_factor: create.replication_factor as usize,
                 allowed_zones,
                 preferred_node,
+                preferred_daemons,
             },
         )?;
         let replicas: Vec<ReplicaRef> = chosen

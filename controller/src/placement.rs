@@ -42,6 +42,10 @@ pub struct PlacementRequest<'a> {
     pub allowed_zones: Option<&'a BTreeSet<String>>,
     /// Node that should get one replica if a daemon there fits (data locality).
     pub preferred_node: Option<&'a str>,
+    /// Daemons (by `daemon_id`) to take before others wherever zone spreading allows:
+    /// the holders of the snapshot a restore or clone is populated from, which share
+    /// their sealed layers with the new volume instead of copying them.
+    pub preferred_daemons: &'a [String],
 }
 
 /// Why no replica set could be chosen.
@@ -73,6 +77,11 @@ pub enum PlacementError {
         /// Bytes per replica.
         size_bytes: u64,
     },
+}
+
+/// The placement identity of the daemon serving `control_address` on `node_id`.
+pub fn daemon_id(node_id: &str, control_address: &str) -> String {
+    format!("{node_id}@{control_address}")
 }
 
 /// The HRW score of `daemon_id` for `volume_id` with weight `weight`.
@@ -112,7 +121,7 @@ pub fn place(
             .collect(),
         None => fitting.clone(),
     };
-    let per_node = best_per_node(candidates, &in_zone, req.volume_id);
+    let per_node = best_per_node(candidates, &in_zone, req);
     if per_node.len() < rf {
         let fit = distinct_nodes(candidates, &fitting);
         if req.allowed_zones.is_some() && fit >= rf {
@@ -207,25 +216,36 @@ pub fn max_placeable_size(
 #[derive(Debug, Clone, Copy)]
 struct Scored {
     index: usize,
+    /// One of the request's preferred daemons: ranks above every other.
+    preferred: bool,
     score: f64,
 }
 
 impl Scored {
     fn ranks_above(&self, other: &Scored, candidates: &[Candidate]) -> bool {
+        if self.preferred != other.preferred {
+            return self.preferred;
+        }
         self.score > other.score
             || (self.score == other.score
                 && candidates[self.index].daemon_id < candidates[other.index].daemon_id)
     }
 }
 
-/// The highest-scoring daemon of every node among `indexes`, ordered by node id.
-fn best_per_node(candidates: &[Candidate], indexes: &[usize], volume_id: &str) -> Vec<Scored> {
+/// The best daemon of every node among `indexes` (a preferred one, else the
+/// highest-scoring), ordered by node id.
+fn best_per_node(
+    candidates: &[Candidate],
+    indexes: &[usize],
+    req: &PlacementRequest<'_>,
+) -> Vec<Scored> {
     let mut best: BTreeMap<&str, Scored> = BTreeMap::new();
     for &i in indexes {
         let c = &candidates[i];
         let s = Scored {
             index: i,
-            score: score(volume_id, &c.daemon_id, c.free_bytes),
+            preferred: req.preferred_daemons.contains(&c.daemon_id),
+            score: score(req.volume_id, &c.daemon_id, c.free_bytes),
         };
         match best.get(c.node_id.as_str()) {
             Some(cur) if !s.ranks_above(cur, candidates) => {}
@@ -272,6 +292,7 @@ mod tests {
             replication_factor: rf,
             allowed_zones: None,
             preferred_node: None,
+            preferred_daemons: &[],
         }
     }
 
@@ -388,6 +409,50 @@ mod tests {
     }
 
     #[test]
+    fn preferred_daemons_are_taken_first_within_zone_spreading() {
+        // Six daemons on six nodes; the snapshot's holders are d1, d3 (and d5, full).
+        let mut c = uniform(6);
+        c[5].free_bytes = 10;
+        let holders = vec!["d1".to_string(), "d3".to_string(), "d5".to_string()];
+        for v in 0..50 {
+            let id = format!("tv-{v}");
+            let mut r = req(&id, 3);
+            r.preferred_daemons = &holders;
+            let got = place(&c, &r).unwrap();
+            let ids: BTreeSet<&str> = got.iter().map(|&i| c[i].daemon_id.as_str()).collect();
+            assert!(ids.contains("d1") && ids.contains("d3"), "{id}: {ids:?}");
+            assert!(!ids.contains("d5"), "a holder without room is skipped");
+            assert_eq!(ids.len(), 3);
+        }
+        // On a node with two daemons, the holder is the one taken.
+        let two = vec![
+            cand("a1", "a", "", 1 << 40),
+            cand("a2", "a", "", 1 << 40),
+            cand("b1", "b", "", 1 << 40),
+        ];
+        let holders = vec!["a2".to_string()];
+        for v in 0..50 {
+            let id = format!("tv-{v}");
+            let mut r = req(&id, 2);
+            r.preferred_daemons = &holders;
+            let got = place(&two, &r).unwrap();
+            assert!(got.iter().any(|&i| two[i].daemon_id == "a2"), "{id}");
+        }
+        // Zone spreading still comes first: two holders in one zone, RF 2, two zones.
+        let zoned = vec![
+            cand("x1", "n1", "z1", 1 << 40),
+            cand("x2", "n2", "z1", 1 << 40),
+            cand("y1", "n3", "z2", 1 << 40),
+        ];
+        let holders = vec!["x1".to_string(), "x2".to_string()];
+        let mut r = req("tv-z", 2);
+        r.preferred_daemons = &holders;
+        let got = place(&zoned, &r).unwrap();
+        let zones: BTreeSet<&str> = got.iter().map(|&i| zoned[i].zone.as_str()).collect();
+        assert_eq!(zones.len(), 2);
+    }
+
+    #[test]
     fn weights_bias_selection_proportionally() {
         // Weights 1:2:3:4 -> expected primary share 10%, 20%, 30%, 40%.
         let c: Vec<Candidate> = (1..=4)
@@ -483,7 +548,7 @@ mod tests {
     proptest! {
         #[test]
         fn placement_properties(cands in arb_candidates(), vol in "[a-f0-9]{8}", rf in 1usize..5, size_gib in 1u64..600) {
-            let r = PlacementRequest { volume_id: &vol, size_bytes: size_gib << 30, replication_factor: rf, allowed_zones: None, preferred_node: None };
+            let r = PlacementRequest { volume_id: &vol, size_bytes: size_gib << 30, replication_factor: rf, allowed_zones: None, preferred_node: None, preferred_daemons: &[] };
             let fitting: Vec<usize> = (0..cands.len()).filter(|&i| cands[i].free_bytes >= r.size_bytes).collect();
             let fit_nodes = distinct_nodes(&cands, &fitting);
             match place(&cands, &r) {

@@ -101,6 +101,20 @@ pub fn content_source(copy: &CopySource) -> VolumeContentSource {
     }
 }
 
+/// A restore or clone checked and ready to place.
+pub(crate) struct PreparedCopy<'a> {
+    /// Size of the new volume.
+    pub size: u64,
+    /// What every replica of the new volume is populated from.
+    pub copy: CopySource,
+    /// The source volume's lock, held until the new volume is in the index.
+    pub source_guard: Option<KeyGuard<'a>>,
+    /// Placement ids of every daemon holding the snapshot: placement takes them first,
+    /// because a target that holds the snapshot shares its sealed layers (instant)
+    /// instead of copying them.
+    pub holder_daemons: Vec<String>,
+}
+
 /// "restoring from snapshot X" / "cloning volume Y": the subject of progress messages.
 pub fn describe(copy: &CopySource) -> String {
     if copy.clone {
@@ -226,7 +240,7 @@ impl ControllerService {
         source: &RequestedSource,
         volume_id: &str,
         range: Option<&CapacityRange>,
-    ) -> Result<(u64, CopySource, Option<KeyGuard<'_>>)> {
+    ) -> Result<PreparedCopy<'_>> {
         let (found, guard) = match source {
             RequestedSource::Snapshot(id) => {
                 let missing = || ControllerError::SnapshotNotFound(id.clone());
@@ -290,6 +304,14 @@ impl ControllerService {
                 return Err(e);
             }
         };
+        let holder_daemons = found
+            .holders
+            .iter()
+            .map(|h| {
+                let h = self.pool().resolve_ref(h);
+                crate::placement::daemon_id(&h.node_id, &h.control_address)
+            })
+            .collect();
         let copy = CopySource {
             snapshot_id: found.record.snapshot_id.clone(),
             source_volume_id: found.record.source_volume_id.clone(),
@@ -298,7 +320,12 @@ impl ControllerService {
             size_bytes: found.record.size_bytes,
             clone,
         };
-        Ok((size, copy, guard))
+        Ok(PreparedCopy {
+            size,
+            copy,
+            source_guard: guard,
+            holder_daemons,
+        })
     }
 
     /// The holders every replica of a new volume copies from: the same majority of
@@ -520,6 +547,7 @@ mod tests {
                 total_bytes: 100,
                 complete,
                 last_error: err.into(),
+                shared_layers: false,
             }),
             ..Default::default()
         }

@@ -68,6 +68,22 @@ fn create_req(name: &str, size: Option<u64>) -> CreateVolumeRequest {
     }
 }
 
+/// `req` restricted to the daemons of `zone`.
+fn in_zone(mut req: CreateVolumeRequest, zone: &str) -> CreateVolumeRequest {
+    let topology = Topology {
+        segments: [(
+            tessera_csi_proto::TOPOLOGY_ZONE_KEY.to_owned(),
+            zone.to_owned(),
+        )]
+        .into(),
+    };
+    req.accessibility_requirements = Some(TopologyRequirement {
+        requisite: vec![topology.clone()],
+        preferred: vec![topology],
+    });
+    req
+}
+
 fn from_snapshot(mut req: CreateVolumeRequest, snapshot_id: &str) -> CreateVolumeRequest {
     req.volume_content_source = Some(snapshot_source(snapshot_id));
     req
@@ -509,6 +525,85 @@ async fn clone_copies_data_and_hides_and_drops_its_internal_snapshot() {
     wait_until_gone(&c, &done).await;
 }
 
+/// Five daemons, RF 3: a restore and a clone are placed on the daemons that hold the
+/// snapshot, every replica of the new volume shares its daemon's sealed layers
+/// (`copy.shared_layers`) rather than copying them, and the new volumes keep their data
+/// after the snapshot and the source volume are deleted.
+#[tokio::test]
+async fn restores_and_clones_are_placed_on_the_holders_and_share_their_layers() {
+    const FIVE_NODES: &[NodeSpec<'static>] = &[
+        ("n1", "", 10 * GIB),
+        ("n2", "", 10 * GIB),
+        ("n3", "", 10 * GIB),
+        ("n4", "", 10 * GIB),
+        ("n5", "", 10 * GIB),
+    ];
+    let c = Cluster::start_with(FIVE_NODES, &[], &["--copy-wait", "30s"]).await;
+    let src = create(&c, create_req("shared-src", Some(16 * MIB)))
+        .await
+        .expect("source volume");
+    let writes = source_writes();
+    write_everywhere(&c, &src.volume_id, &writes, 1).await;
+    let snap = snapshot(&c, "shared-snap", &src.volume_id).await;
+    let holders: BTreeSet<String> = c.holders(&src.volume_id).await.into_iter().collect();
+    assert_eq!(holders.len(), 3);
+    let expected = expected_image(16 * MIB, &writes);
+
+    let restored = create(
+        &c,
+        from_snapshot(create_req("shared-restore", None), &snap.snapshot_id),
+    )
+    .await
+    .expect("restore");
+    let cloned = create(
+        &c,
+        from_volume(create_req("shared-clone", None), &src.volume_id),
+    )
+    .await
+    .expect("clone");
+    for v in [&restored, &cloned] {
+        let placed: BTreeSet<String> = c.holders(&v.volume_id).await.into_iter().collect();
+        assert_eq!(placed, holders, "{} is placed on the holders", v.volume_id);
+        for node in &placed {
+            let rec = c
+                .replica(node)
+                .volume(&v.volume_id)
+                .await
+                .unwrap_or_else(|| panic!("{node} has no record of {}", v.volume_id));
+            let copy = rec.copy.expect("copy progress");
+            assert!(copy.complete, "{node}: {copy:?}");
+            assert!(copy.shared_layers, "{node} shares its layers: {copy:?}");
+        }
+        assert_replicas_hold(&c, &v.volume_id, &expected).await;
+    }
+
+    // The shared layers outlive the snapshot and the source volume.
+    c.ctl()
+        .await
+        .delete_snapshot(DeleteSnapshotRequest {
+            snapshot_id: snap.snapshot_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("DeleteSnapshot");
+    c.ctl()
+        .await
+        .delete_volume(DeleteVolumeRequest {
+            volume_id: src.volume_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("delete the source");
+    poll_until(COPY_DEADLINE, || async {
+        daemon_snapshot_ids(&c).await.is_empty().then_some(())
+    })
+    .await
+    .unwrap_or_else(|t| panic!("snapshots left on the daemons: {t}"));
+    for v in [&restored, &cloned] {
+        assert_replicas_hold(&c, &v.volume_id, &expected).await;
+    }
+}
+
 /// Seals `snapshot_id` named `name` on every replica of `volume_id` directly, as a
 /// controller that died mid-clone would have left it.
 async fn seal_on_daemons(c: &Cluster, volume_id: &str, snapshot_id: &str, name: &str) {
@@ -537,25 +632,37 @@ async fn wait_until_gone(c: &Cluster, snapshot_id: &str) {
 /// A copy slower than `--copy-wait`: CreateVolume answers ABORTED with the progress,
 /// the snapshot cannot be deleted while the restore copies from it
 /// (FAILED_PRECONDITION naming the volume), and the CO's retries end with the volume.
+/// The source lives in zone z1 and the copies in z2, so they cannot share layers.
 #[tokio::test]
 async fn slow_copies_abort_with_progress_and_hold_their_snapshot() {
+    const TWO_ZONES: &[NodeSpec<'static>] = &[
+        ("n1", "z1", 10 * GIB),
+        ("n2", "z1", 10 * GIB),
+        ("n3", "z1", 10 * GIB),
+        ("n4", "z2", 10 * GIB),
+        ("n5", "z2", 10 * GIB),
+        ("n6", "z2", 10 * GIB),
+    ];
     // 1 MiB/s per daemon; each target reads a majority (2) of the holders, so 2 MiB
     // of data takes about 4 s per target to copy.
     let c = Cluster::start_configured(
-        THREE_NODES,
+        TWO_ZONES,
         &[],
         &["--copy-wait", "300ms"],
         &["--copy-max-bandwidth", "1048576"],
     )
     .await;
-    let src = create(&c, create_req("slow-src", Some(8 * MIB)))
+    let src = create(&c, in_zone(create_req("slow-src", Some(8 * MIB)), "z1"))
         .await
         .expect("source volume");
     let writes = vec![(0, pattern(7, (2 * MIB) as usize))];
     write_everywhere(&c, &src.volume_id, &writes, 1).await;
     let snap = snapshot(&c, "slow-snap", &src.volume_id).await;
 
-    let req = from_snapshot(create_req("slow-restore", None), &snap.snapshot_id);
+    let req = in_zone(
+        from_snapshot(create_req("slow-restore", None), &snap.snapshot_id),
+        "z2",
+    );
     let first = create(&c, req.clone()).await.unwrap_err();
     assert_eq!(first.code(), Code::Aborted, "{first:?}");
     let prefix = format!("restoring from snapshot {}: ", snap.snapshot_id);
@@ -584,7 +691,10 @@ async fn slow_copies_abort_with_progress_and_hold_their_snapshot() {
         code(
             create(
                 &c,
-                from_volume(create_req("slow-restore", None), &src.volume_id)
+                in_zone(
+                    from_volume(create_req("slow-restore", None), &src.volume_id),
+                    "z2"
+                )
             )
             .await
         ),
@@ -608,7 +718,10 @@ async fn slow_copies_abort_with_progress_and_hold_their_snapshot() {
         .expect("DeleteSnapshot once the restore is complete");
 
     // A slow clone reports "cloning volume" and drops its internal snapshot at the end.
-    let req = from_volume(create_req("slow-clone", None), &src.volume_id);
+    let req = in_zone(
+        from_volume(create_req("slow-clone", None), &src.volume_id),
+        "z2",
+    );
     let (clone, aborted) = create_until_copied(&c, req).await;
     let prefix = format!("cloning volume {}: ", src.volume_id);
     assert!(

@@ -26,6 +26,18 @@
 //! delete committed. Capacity stays thick (the sum of volume sizes); the space the
 //! stores really allocate is reported separately ([`Catalog::allocated_bytes`]).
 //!
+//! *Local restores.* A restore or clone whose snapshot this daemon holds (its volume
+//! is stored here and its record lists the snapshot) builds the new store on that
+//! snapshot's sealed layers by hard links ([`LayeredStore::create_sharing`]): instant,
+//! no block copied, `copy.shared_layers` set. Its epoch starts at 0 like any new
+//! volume's (the controller reads a nonzero epoch as "published"), so its shared blocks
+//! keep seqs of the source's epochs, which may be higher than its own engines' first
+//! writes: nothing compares seqs across that line today (writes into the head are
+//! unconditional, repairs replace damaged blocks whatever their seq); see NOTES.md.
+//! Should sharing fail (another filesystem, the snapshot being deleted, ...), the
+//! volume is created empty and copied over gRPC like any other. Capacity counts a
+//! shared layer's space once.
+//!
 //! *I/O scheduling and QoS.* A catalog opened with a [`CatalogIo`] (the daemon's)
 //! registers every healthy volume with the backing directory's I/O [`Scheduler`] when
 //! it loads or creates the volume, with the [`Qos`] its record's parameters ask for
@@ -53,7 +65,7 @@
 //! counted against capacity, not listed, not served on the data plane, and refused by
 //! create until an operator (or an explicit delete) resolves it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, Write};
 use std::path::{Path, PathBuf};
@@ -498,13 +510,15 @@ pub fn validate_volume_id(id: &str) -> Result<(), CatalogError> {
 
 // `u64::is_multiple_of` needs Rust 1.87; the workspace declares 1.85.
 #[allow(clippy::manual_is_multiple_of)]
-/// Disk space of a store's sealed (snapshot) layers; 0 when it cannot be measured (a
-/// retired store), so capacity reports never fail on one odd volume.
-fn sealed_bytes(store: &LayeredStore) -> u64 {
+/// Disk space of a store's sealed (snapshot) layers that `seen` does not hold yet; 0
+/// when it cannot be measured (a retired store), so capacity reports never fail on one
+/// odd volume. Every layer counted goes into `seen` (by file identity), so a layer
+/// hard-linked into several stores ([`LayeredStore::create_sharing`]) counts once.
+fn sealed_bytes(store: &LayeredStore, seen: &mut HashSet<(u64, u64)>) -> u64 {
     store.space_used().map_or(0, |u| {
         u.layers
             .iter()
-            .filter(|l| l.snapshot_id.is_some())
+            .filter(|l| l.snapshot_id.is_some() && seen.insert(l.file_id))
             .map(|l| l.allocated_bytes)
             .fold(0u64, u64::saturating_add)
     })
@@ -740,7 +754,8 @@ impl Catalog {
     }
 
     /// Disk space the stores of all healthy volumes really allocate (sparse files, all
-    /// layers), as opposed to the thick accounting of [`Catalog::capacity`].
+    /// layers), as opposed to the thick accounting of [`Catalog::capacity`]. A layer
+    /// shared by several stores (hard links, same file) is counted once.
     pub fn allocated_bytes(&self) -> Result<u64, CatalogError> {
         let stores: Vec<(String, Arc<LayeredStore>)> = self
             .read_volumes()
@@ -748,9 +763,14 @@ impl Catalog {
             .map(|(id, e)| (id.clone(), Arc::clone(&e.store)))
             .collect();
         let mut total = 0u64;
+        let mut seen = HashSet::new();
         for (id, store) in stores {
             match store.space_used() {
-                Ok(u) => total = total.saturating_add(u.allocated_bytes),
+                Ok(u) => {
+                    for l in u.layers.iter().filter(|l| seen.insert(l.file_id)) {
+                        total = total.saturating_add(l.allocated_bytes);
+                    }
+                }
                 Err(StoreError::VolumeDeleted) => {}
                 Err(source) => {
                     return Err(CatalogError::Store {
@@ -933,9 +953,12 @@ impl Catalog {
         // Thick for the head (a volume may fill its whole size), plus the disk space
         // its sealed layers hold: a snapshot pins the blocks it references, so a volume
         // with snapshots can use up to (snapshots + 1) × its size. A deleted volume
-        // kept for its snapshots counts only their layers.
+        // kept for its snapshots counts only their layers. A sealed layer shared by
+        // several volumes (a local restore's base: hard links of one file) is one
+        // file on disk and counts once, whichever volumes still link it.
         let (used_bytes, volume_count) = {
             let volumes = self.read_volumes();
+            let mut seen = HashSet::new();
             let used: u64 = volumes
                 .values()
                 .map(|e| {
@@ -944,7 +967,7 @@ impl Catalog {
                     } else {
                         e.record.size_bytes
                     };
-                    head.saturating_add(sealed_bytes(&e.store))
+                    head.saturating_add(sealed_bytes(&e.store, &mut seen))
                 })
                 .fold(0u64, u64::saturating_add);
             let live = volumes.values().filter(|e| !e.record.deleted).count();
@@ -1028,18 +1051,28 @@ impl Catalog {
             access_type: new.access_type,
             snapshots: Vec::new(),
             deleted: false,
-            copy: new.copy_source.as_ref().map(copy_state::initial_progress),
+            copy: new
+                .copy_source
+                .as_ref()
+                .map(|src| copy_state::initial_progress(src, false)),
             copy_source: new.copy_source,
         };
+        let base = record
+            .copy_source
+            .as_ref()
+            .and_then(|src| self.local_base(src));
         let io = match &self.io {
             Some(io) => Some(VolumeIo::register(io, &id, qos, None)?),
             None => None,
         };
-        let store = self.build_volume_dir(&record, io.as_ref())?;
+        let mut record = record;
+        let store = self.build_volume_dir(&mut record, io.as_ref(), base.as_ref())?;
         match &record.copy_source {
             Some(src) => info!(volume_id = %id, size_bytes = record.size_bytes,
                 snapshot_id = %src.snapshot_id, source_volume_id = %src.source_volume_id,
-                clone = src.clone, "volume created; its data is copied from a snapshot"),
+                clone = src.clone,
+                shared_layers = record.copy.as_ref().is_some_and(|c| c.shared_layers),
+                "volume created; its data is copied from a snapshot"),
             None => info!(volume_id = %id, size_bytes = record.size_bytes, "volume created"),
         }
         self.write_volumes().insert(
@@ -1058,13 +1091,17 @@ impl Catalog {
     }
 
     /// Writes the volume's directory under its staging name, renames it into place and
-    /// opens its store there.
+    /// opens its store there. With a `base` (a restore or clone of a snapshot this
+    /// daemon holds), the store shares the snapshot's layers and `record` is marked
+    /// so (see [`Self::share_base`]).
     fn build_volume_dir(
         &self,
-        record: &VolumeRecord,
+        record: &mut VolumeRecord,
         io: Option<&VolumeIo>,
+        base: Option<&copy_state::LocalBase>,
     ) -> Result<LayeredStore, CatalogError> {
-        let id = record.volume_id.as_str();
+        let volume_id = record.volume_id.clone();
+        let id = volume_id.as_str();
         let staging = self.volumes_dir.join(format!("{CREATING_PREFIX}{id}"));
         let target = self.volume_dir(id);
         if staging.exists() {
@@ -1075,11 +1112,19 @@ impl Catalog {
             fs::create_dir(&staging).map_err(mutation_error(id, "create", &staging))?;
             // The store is durable (manifest and its directory fsynced) when create
             // returns. It is closed again at once: it remembers the staging path, and
-            // is reopened below under the final one.
-            drop(
-                LayeredStore::create(&staging.join(STORE_DIR), record.size_bytes)
-                    .map_err(store_error(id, "create"))?,
-            );
+            // is reopened below under the final one (the manifest names layers by id
+            // only, and hard links do not care about paths).
+            let store_dir = staging.join(STORE_DIR);
+            let shared = match base {
+                Some(base) => Self::share_base(record, &store_dir, base)?,
+                None => false,
+            };
+            if !shared {
+                drop(
+                    LayeredStore::create(&store_dir, record.size_bytes)
+                        .map_err(store_error(id, "create"))?,
+                );
+            }
             let rec = staging.join(RECORD_FILE);
             // write_file also fsyncs `staging`, covering the store directory's entry.
             record::write_file(&rec, record).map_err(mutation_error(id, "create", &rec))?;
@@ -1114,6 +1159,41 @@ impl Catalog {
             }
         }
         opened
+    }
+
+    /// Creates the store at `store_dir` on `base`'s sealed layers (hard links, no
+    /// copy) and marks `record`: `copy.shared_layers` tells the copy task to reconcile
+    /// instead of copying. Returns false when sharing is not possible for a reason
+    /// of the source (another filesystem, the snapshot being deleted, the source busy
+    /// with a merge, ...): logged, and the caller creates an empty store, which the
+    /// copy fills over gRPC as for any restore. The new volume's own bad size is an
+    /// error.
+    fn share_base(
+        record: &mut VolumeRecord,
+        store_dir: &Path,
+        base: &copy_state::LocalBase,
+    ) -> Result<bool, CatalogError> {
+        let id = record.volume_id.as_str();
+        match LayeredStore::create_sharing(
+            store_dir,
+            &base.store,
+            &base.snapshot_id,
+            record.size_bytes,
+        ) {
+            Ok(store) => {
+                drop(store);
+                if let Some(copy) = record.copy.as_mut() {
+                    copy.shared_layers = true;
+                }
+                Ok(true)
+            }
+            Err(e @ StoreError::InvalidSize { .. }) => Err(store_error(id, "create")(e)),
+            Err(e) => {
+                warn!(volume_id = id, snapshot_id = %base.snapshot_id, error = %error_chain(&e),
+                    "cannot share the local snapshot's layers; copying it from its holders instead");
+                Ok(false)
+            }
+        }
     }
 
     /// Deletes a volume's record and data. Returns whether it existed; an unknown id

@@ -105,7 +105,8 @@ impl ControlService {
         self
     }
 
-    /// Checks a `ReadSnapshotBlocks` request and starts its stream.
+    /// Checks a `ReadSnapshotBlocks` request and starts its stream (with data, or
+    /// versions only for `seqs_only`: the checks are the same either way).
     fn snapshot_stream(
         &self,
         req: proto::ReadSnapshotBlocksRequest,
@@ -128,13 +129,7 @@ impl ControlService {
                 )))
             }
         }
-        Ok(snapshot_read::stream_snapshot(
-            source.store,
-            req.volume_id,
-            req.snapshot_id,
-            req.offset,
-            req.length,
-        ))
+        Ok(snapshot_read::stream_snapshot(source.store, req))
     }
 
     /// The request counters (shared with every clone).

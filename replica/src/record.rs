@@ -173,6 +173,9 @@ pub struct CopyProgress {
     pub complete: bool,
     /// The last error the copy is retrying past ("" when none).
     pub last_error: String,
+    /// The volume's base shares this daemon's sealed layers of the snapshot (hard
+    /// links); the copy fetches only blocks where the holders' merge differs.
+    pub shared_layers: bool,
 }
 
 impl CopyProgress {
@@ -426,6 +429,7 @@ impl From<proto::CopyProgress> for CopyProgress {
             total_bytes: p.total_bytes,
             complete: p.complete,
             last_error: p.last_error,
+            shared_layers: p.shared_layers,
         }
     }
 }
@@ -437,6 +441,7 @@ impl From<CopyProgress> for proto::CopyProgress {
             total_bytes: p.total_bytes,
             complete: p.complete,
             last_error: p.last_error,
+            shared_layers: p.shared_layers,
         }
     }
 }
@@ -547,6 +552,7 @@ mod tests {
                 total_bytes: 1 << 29,
                 complete: false,
                 last_error: "holder n3 is unreachable".into(),
+                shared_layers: false,
             }),
         }
     }

@@ -8,6 +8,10 @@
 //! progress); holders killed mid-copy (continues with a majority, stalls with
 //! `last_error` below it, completes once one is back); bad requests; `SnapshotRanges`;
 //! restore from a deleted volume's snapshot; DeleteVolume stopping a running copy.
+//! Restores onto a daemon that holds the snapshot share its sealed layers and only
+//! reconcile: versions-only streams, exactly the differing blocks fetched, a local
+//! block the listed holders lack cleared, and the result independent of the source
+//! after a kill -9 and the source's deletion.
 //! Harness in `daemon_support` (own process group, killed in Drop, deadline polls, no
 //! fixed sleeps).
 
@@ -21,7 +25,7 @@ use std::time::{Duration, Instant};
 use daemon_support::{create_req, entries, get_req, http_get, workdir, Daemon, POLL};
 use tessera_replica::control_proto as proto;
 use tessera_replica::dataplane::{ClientError, ErrorCode, ReplicaDataClient};
-use tessera_replica::snapshot_read::chunk::{decode, ChunkGrid};
+use tessera_replica::snapshot_read::chunk::{decode, ChunkGrid, ChunkKind};
 use tessera_replica::store::BlockVersion;
 use tonic::Code;
 
@@ -168,8 +172,19 @@ impl Node {
         out
     }
 
-    /// Flips one byte of `block` in the oldest layer (the first snapshot's own).
+    /// Flips one byte of `block`'s data in the oldest layer (the first snapshot's own).
     fn corrupt_sealed(&self, volume: &str, block: u64) {
+        self.flip_sealed(volume, "data", block * BS + 123);
+    }
+
+    /// Flips one byte of the checksum of `block`'s metadata entry in the oldest layer.
+    fn corrupt_sealed_entry(&self, volume: &str, block: u64) {
+        // Entries of 16 bytes (crc first) after a 4096-byte header.
+        self.flip_sealed(volume, "meta", 4096 + block * 16);
+    }
+
+    /// Flips a bit of byte `at` of the oldest layer's `file`.
+    fn flip_sealed(&self, volume: &str, file: &str, at: u64) {
         let layers = self
             .data_dir
             .join("volumes")
@@ -183,9 +198,8 @@ impl Node {
         let file = fs::OpenOptions::new()
             .read(true)
             .write(true)
-            .open(layers.join(oldest.to_string()).join("data"))
-            .expect("open layer data file");
-        let at = block * BS + 123;
+            .open(layers.join(oldest.to_string()).join(file))
+            .expect("open layer file");
         let mut byte = [0u8; 1];
         file.read_exact_at(&mut byte, at).expect("read byte");
         byte[0] ^= 0x40;
@@ -245,6 +259,17 @@ async fn stream_versions(
     snapshot: &str,
     size: u64,
 ) -> (Vec<BlockVersion>, Vec<u64>) {
+    stream_as(node, volume, snapshot, size, ChunkKind::Data).await
+}
+
+/// [`stream_versions`] with data or versions only.
+async fn stream_as(
+    node: &Node,
+    volume: &str,
+    snapshot: &str,
+    size: u64,
+    kind: ChunkKind,
+) -> (Vec<BlockVersion>, Vec<u64>) {
     let mut stream = node
         .daemon
         .client()
@@ -254,6 +279,7 @@ async fn stream_versions(
             snapshot_id: snapshot.into(),
             offset: 0,
             length: size,
+            seqs_only: kind == ChunkKind::VersionsOnly,
         })
         .await
         .expect("read snapshot blocks")
@@ -264,7 +290,8 @@ async fn stream_versions(
     let mut previous_end = 0;
     while let Some(chunk) = stream.message().await.expect("stream") {
         offsets.push(chunk.offset);
-        let blocks = decode(chunk, grid, previous_end).expect("a valid chunk");
+        let blocks = decode(chunk, grid, previous_end, kind).expect("a valid chunk");
+        assert_eq!(blocks.is_versions_only(), kind == ChunkKind::VersionsOnly);
         previous_end = blocks.first_block() + blocks.len() as u64;
         for (b, v, _) in blocks.iter() {
             versions[b as usize] = v;
@@ -319,14 +346,36 @@ fn plain(line: &str) -> String {
 
 /// The `done_bytes=` of the first log line containing `marker`.
 fn logged_done(log: &str, marker: &str) -> Option<u64> {
+    logged_number(log, marker, "done_bytes")
+}
+
+/// The numeric field `field` of the first log line containing `marker`.
+fn logged_number(log: &str, marker: &str, field: &str) -> Option<u64> {
     let line = log.lines().map(plain).find(|l| l.contains(marker))?;
-    let rest = &line[line.find("done_bytes=")? + "done_bytes=".len()..];
+    let key = format!("{field}=");
+    let rest = &line[line.find(&key)? + key.len()..];
     rest.split(|c: char| !c.is_ascii_digit())
         .next()?
         .parse()
         .ok()
 }
 
+/// The `fetched_blocks=` and `fixed_blocks=` of a completed reconcile, from its log.
+fn reconciled(node: &Node) -> (u64, u64) {
+    let log = node.daemon.log();
+    let marker = "copy complete from shared layers";
+    match (
+        logged_number(&log, marker, "fetched_blocks"),
+        logged_number(&log, marker, "fixed_blocks"),
+    ) {
+        (Some(fetched), Some(fixed)) => (fetched, fixed),
+        _ => panic!("no reconcile completion on {}:\n{log}", node.name),
+    }
+}
+
+/// Onto a fourth daemon (a full copy) and onto a holder (its own sealed copy shared,
+/// then reconciled): both end up with the merge, and the holder fetches only what its
+/// copy lacks.
 #[tokio::test]
 async fn restore_merges_differing_copies_by_highest_seq() {
     let work = workdir();
@@ -349,11 +398,13 @@ async fn restore_merges_differing_copies_by_highest_seq() {
     let common: Vec<u8> = (0..40).flat_map(|blk| pattern(blk, 1)).collect();
     for cl in all {
         cl.write(0, common.clone(), seq(1)).await.expect("common");
-        // Block 60: written then trimmed everywhere.
-        cl.write(60 * BS, pattern(60, 1), seq(10))
-            .await
-            .expect("w60");
-        cl.trim(60 * BS, BS, seq(11)).await.expect("t60");
+        // Blocks 60 and 70: written then trimmed everywhere.
+        for (blk, w, t) in [(60, 10, 11), (70, 19, 20)] {
+            cl.write(blk * BS, pattern(blk, 1), seq(w))
+                .await
+                .expect("write");
+            cl.trim(blk * BS, BS, seq(t)).await.expect("trim");
+        }
         cl.write(300 * BS, pattern(300, 1), seq(300))
             .await
             .expect("w300");
@@ -368,13 +419,17 @@ async fn restore_merges_differing_copies_by_highest_seq() {
     cc.write(50 * BS, pattern(50, 2), seq(100))
         .await
         .expect("c50");
-    // Block 51: B trimmed it after the write the others hold.
+    // Block 51: B trimmed it after the write the others hold; block 54: A did.
     for cl in all {
         cl.write(51 * BS, pattern(51, 2), seq(200))
             .await
             .expect("w51");
+        cl.write(54 * BS, pattern(54, 2), seq(220))
+            .await
+            .expect("w54");
     }
     cb.trim(51 * BS, BS, seq(210)).await.expect("b51 trim");
+    ca.trim(54 * BS, BS, seq(230)).await.expect("a54 trim");
     // Block 52: A's trim is older than B's write; C never saw either.
     ca.trim(52 * BS, BS, seq(5)).await.expect("a52 trim");
     cb.write(52 * BS, pattern(52, 5), seq(6))
@@ -409,29 +464,36 @@ async fn restore_merges_differing_copies_by_highest_seq() {
     }
     a.corrupt_sealed("src", 300);
     a.corrupt_sealed("src", 301);
+    // A tombstone checks without its data: damaged, it shows even versions-only.
+    c.corrupt_sealed_entry("src", 70);
 
-    let mut expected = zeros(SIZE / BS);
-    let mut put = |blk: u64, data: Vec<u8>| {
-        let at = (blk * BS) as usize;
-        expected[at..at + BS as usize].copy_from_slice(&data);
-    };
-    for blk in 0..40 {
-        put(blk, pattern(blk, 1));
-    }
-    put(50, pattern(50, 3));
-    put(52, pattern(52, 5));
-    put(53, pattern(53, 6));
-    put(300, pattern(300, 1));
-    put(301, pattern(301, 8));
-    put(511, pattern(511, 7));
-    let data_blocks: Vec<u64> = (0..40).chain([50, 52, 53, 300, 301, 511]).collect();
+    let mut blocks: Vec<(u64, Vec<u8>)> = (0..40).map(|blk| (blk, pattern(blk, 1))).collect();
+    blocks.extend([
+        (50, pattern(50, 3)),
+        (52, pattern(52, 5)),
+        (53, pattern(53, 6)),
+        (300, pattern(300, 1)),
+        (301, pattern(301, 8)),
+        (511, pattern(511, 7)),
+    ]);
+    let expected = content(SIZE, &blocks);
+    let data_blocks: Vec<u64> = blocks.iter().map(|(blk, _)| *blk).collect();
 
-    // The holder reports the damage instead of sending the bytes.
+    // The holder reports the damage instead of sending the bytes...
     let (versions, _) = stream_versions(&a, "src", "snap", SIZE).await;
     assert_eq!(versions[300], BlockVersion::Corrupt { seq: seq(300) });
     assert_eq!(versions[301], BlockVersion::Corrupt { seq: seq(400) });
     assert_eq!(versions[52], BlockVersion::Trimmed { seq: seq(5) });
     assert_eq!(versions[53], BlockVersion::Unwritten);
+    // ...while versions-only it reports what the entries claim, unread.
+    let (claims, _) = stream_as(&a, "src", "snap", SIZE, ChunkKind::VersionsOnly).await;
+    assert_eq!(claims[300], BlockVersion::Data { seq: seq(300) });
+    assert_eq!(claims[301], BlockVersion::Data { seq: seq(400) });
+    assert_eq!(claims[52], BlockVersion::Trimmed { seq: seq(5) });
+    let (claims, offsets) = stream_as(&c, "src", "snap", SIZE, ChunkKind::VersionsOnly).await;
+    assert_eq!(claims[70], BlockVersion::Corrupt { seq: seq(20) });
+    assert_eq!(claims[53], BlockVersion::Data { seq: seq(7) });
+    assert_eq!(offsets, vec![0, MIB]);
 
     let source = copy_source("snap", "src", SIZE, &[&a, &b, &c], 3);
     // Onto a fourth daemon, into a larger volume; and onto one of the holders.
@@ -439,31 +501,36 @@ async fn restore_merges_differing_copies_by_highest_seq() {
     assert_eq!(created.copy_source, Some(source.clone()));
     restore(&b, "restored-on-b", SIZE, source.clone()).await;
 
-    for (node, id, size) in [(&d, "restored", SIZE + MIB), (&b, "restored-on-b", SIZE)] {
+    for (node, id, size, shared) in [
+        (&d, "restored", SIZE + MIB, false),
+        (&b, "restored-on-b", SIZE, true),
+    ] {
         let rec = node.wait_complete(id).await;
         let progress = rec.copy.expect("progress");
         assert_eq!(
             (
                 progress.done_bytes,
                 progress.total_bytes,
-                progress.last_error.as_str()
+                progress.last_error.as_str(),
+                progress.shared_layers
             ),
-            (SIZE, SIZE, ""),
+            (SIZE, SIZE, "", shared),
             "{id}"
         );
-        let got = node.read_all(id, size).await;
         let mut want = expected.clone();
         want.resize(size as usize, 0);
-        for blk in 0..size / BS {
-            let r = (blk * BS) as usize..((blk + 1) * BS) as usize;
-            assert!(got[r.clone()] == want[r], "{id}: block {blk} differs");
-        }
+        assert_reads(node, id, &want, "restored").await;
     }
-    assert!(
-        d.daemon.log().contains("copy complete"),
+    // D fetched every data block of the merge. B fetched what its copy lacks (53,
+    // 511) and 301, where A's damaged claim is newer than B's version (the data merge
+    // then keeps B's); it trimmed 54, and 70 as C's tombstone is damaged.
+    assert_eq!(
+        logged_number(&d.daemon.log(), "copy complete", "fetched_blocks"),
+        Some(data_blocks.len() as u64),
         "{}",
         d.daemon.log()
     );
+    assert_eq!(reconciled(&b), (3, 5), "{}", b.daemon.log());
 
     // Every copied block carries seq 1; trimmed and never-written ones were not written.
     d.snapshot("restored", "verify").await;
@@ -476,6 +543,21 @@ async fn restore_merges_differing_copies_by_highest_seq() {
             BlockVersion::Unwritten
         };
         assert_eq!(*v, want, "block {blk}");
+    }
+    // On B the shared base keeps the source's seqs, and fixes carry the winner's.
+    b.snapshot("restored-on-b", "verify").await;
+    let (versions, _) = stream_versions(&b, "restored-on-b", "verify", SIZE).await;
+    for (blk, want) in [
+        (0, BlockVersion::Data { seq: seq(1) }),
+        (50, BlockVersion::Data { seq: seq(101) }),
+        (51, BlockVersion::Trimmed { seq: seq(210) }),
+        (53, BlockVersion::Data { seq: seq(7) }),
+        (54, BlockVersion::Trimmed { seq: seq(230) }),
+        (70, BlockVersion::Trimmed { seq: seq(20) }),
+        (301, BlockVersion::Data { seq: seq(350) }),
+        (511, BlockVersion::Data { seq: seq(9) }),
+    ] {
+        assert_eq!(versions[blk], want, "block {blk}");
     }
 }
 
@@ -632,6 +714,7 @@ async fn bad_requests_are_refused_and_leave_nothing() {
         snapshot_id: snapshot.into(),
         offset,
         length,
+        seqs_only: false,
     };
     for (req, code) in [
         (read("v", "nope", 0, MIB), Code::NotFound),
@@ -837,4 +920,122 @@ async fn deleted_volumes_snapshots_restore_and_delete_stops_a_copy() {
         .expect_err("deleted");
     assert_eq!(err.code(), Code::NotFound);
     assert!(entries(&t.data_dir.join("volumes")).is_empty());
+}
+
+/// The volume a test expects, from its data blocks.
+fn content(size: u64, blocks: &[(u64, Vec<u8>)]) -> Vec<u8> {
+    let mut out = zeros(size / BS);
+    for (blk, data) in blocks {
+        let at = (blk * BS) as usize;
+        out[at..at + BS as usize].copy_from_slice(data);
+    }
+    out
+}
+
+/// Asserts `node`'s volume `id` reads as `want`, naming the first block that differs.
+async fn assert_reads(node: &Node, id: &str, want: &[u8], what: &str) {
+    let got = node.read_all(id, want.len() as u64).await;
+    for blk in 0..want.len() as u64 / BS {
+        let r = (blk * BS) as usize..((blk + 1) * BS) as usize;
+        assert!(
+            got[r.clone()] == want[r],
+            "{what}: {id} block {blk} differs"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_holder_outside_the_listed_majority_drops_its_unacknowledged_writes() {
+    let work = workdir();
+    let (a, b, c) = (
+        Node::start(work.path(), "a", ARGS).await,
+        Node::start(work.path(), "b", ARGS).await,
+        Node::start(work.path(), "c", ARGS).await,
+    );
+    const SIZE: u64 = MIB;
+    for n in [&a, &b, &c] {
+        n.create("src", SIZE).await;
+        let cl = n.data("src").await;
+        let common: Vec<u8> = (0..8).flat_map(|blk| pattern(blk, 1)).collect();
+        cl.write(0, common, seq(1)).await.expect("common");
+        cl.write(82 * BS, pattern(82, 1), seq(40))
+            .await
+            .expect("w82");
+    }
+    // In flight during the snapshot: A alone got a new block and an overwrite (never
+    // acknowledged); B and C got a write A missed (acknowledged by them).
+    let ca = a.data("src").await;
+    ca.write(80 * BS, pattern(80, 5), seq(50))
+        .await
+        .expect("a80");
+    ca.write(82 * BS, pattern(82, 2), seq(61))
+        .await
+        .expect("a82");
+    for n in [&b, &c] {
+        n.data("src")
+            .await
+            .write(81 * BS, pattern(81, 5), seq(51))
+            .await
+            .expect("w81");
+    }
+    for n in [&a, &b, &c] {
+        n.snapshot("src", "snap").await;
+    }
+    let mut blocks: Vec<(u64, Vec<u8>)> = (0..8).map(|blk| (blk, pattern(blk, 1))).collect();
+    blocks.extend([(81, pattern(81, 5)), (82, pattern(82, 1))]);
+    let expected = content(SIZE, &blocks);
+
+    // The controller's fixed majority is B and C; A holds the snapshot all the same.
+    let source = copy_source("snap", "src", SIZE, &[&b, &c], 3);
+    restore(&a, "r", SIZE, source).await;
+    let progress = a.wait_complete("r").await.copy.expect("progress");
+    assert!(progress.shared_layers, "{progress:?}");
+    assert_reads(&a, "r", &expected, "restored").await;
+    // Fetched 81 and 82; trimmed 80.
+    assert_eq!(reconciled(&a), (2, 3), "{}", a.daemon.log());
+
+    // kill -9 after completion: the restored volume is durable as it was.
+    let (dir, control) = (a.data_dir.clone(), a.daemon.control.clone());
+    a.daemon.kill9().await;
+    let a = Node::restart(work.path(), dir, "a", &control).await;
+    assert!(a.record("r").await.copy.expect("progress").complete);
+    assert_reads(&a, "r", &expected, "after a restart").await;
+
+    // The source goes entirely: the restored volume does not depend on it.
+    let mut ctl = a.daemon.client().await;
+    let existed = ctl
+        .delete_snapshot(proto::DeleteSnapshotRequest {
+            volume_id: "src".into(),
+            snapshot_id: "snap".into(),
+        })
+        .await
+        .expect("delete source snapshot")
+        .into_inner()
+        .existed;
+    assert!(existed);
+    assert!(
+        ctl.delete_volume(proto::DeleteVolumeRequest {
+            volume_id: "src".into(),
+        })
+        .await
+        .expect("delete source volume")
+        .into_inner()
+        .existed
+    );
+    let err = ctl
+        .get_volume(get_req("src"))
+        .await
+        .expect_err("source deleted");
+    assert_eq!(err.code(), Code::NotFound);
+    assert_reads(&a, "r", &expected, "after deleting the source").await;
+    let (dir, control) = (a.data_dir.clone(), a.daemon.control.clone());
+    a.daemon.kill9().await;
+    let a = Node::restart(work.path(), dir, "a", &control).await;
+    assert_reads(
+        &a,
+        "r",
+        &expected,
+        "after the source's deletion and a restart",
+    )
+    .await;
 }

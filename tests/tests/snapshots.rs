@@ -583,6 +583,18 @@ async fn a_snapshots_of_a_volume_under_writes_hold_exactly_the_acknowledged_writ
         let name = format!("a-restore-{k}");
         let request = from_snapshot(block_request(&name, A_SIZE), &s.snapshot.snapshot_id);
         let restored = create_copy(&mut controller, request).await.volume;
+        // Placed on the snapshot's own daemons, so every replica shares its sealed
+        // layers and reconciles them with the other copies (writes were in flight
+        // while each snapshot was taken): what follows checks that reconciliation.
+        let records = records_named(&cluster, &name).await;
+        assert_eq!(records.len(), 3, "{name}: {records:?}");
+        for (i, r) in &records {
+            assert!(
+                r.copy.as_ref().is_some_and(|c| c.shared_layers && c.complete),
+                "{name} on daemon {i} shares its layers: {:?}",
+                r.copy
+            );
+        }
         let a = attach_block(&cluster, &restored, &name).await;
         let device = a.target.clone();
         let content = blocking(move || {

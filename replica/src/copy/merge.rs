@@ -130,8 +130,8 @@ impl SnapshotMerger {
                     (BlockVersion::Unwritten, _) => Chosen::Unwritten,
                     (BlockVersion::Trimmed { seq }, _) => Chosen::Trimmed { seq },
                     (BlockVersion::Data { seq }, Some(bytes)) => Chosen::Data { seq, bytes },
-                    // Data without bytes cannot be built (VersionedBlocks checks it);
-                    // treat it like damage rather than trusting it.
+                    // Data without bytes only exists in versions-only chunks, which are
+                    // never merged; treat it like damage rather than trusting it.
                     (BlockVersion::Data { seq }, None) | (BlockVersion::Corrupt { seq }, _) => {
                         corrupt_max = Some(corrupt_max.map_or(seq, |m| m.max(seq)));
                         continue;

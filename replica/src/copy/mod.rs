@@ -1,28 +1,61 @@
 //! Restore and clone: populating a new volume from the sealed copies of a snapshot
 //! that other replicas (the *holders*) keep.
 //!
-//! A CreateVolume with a copy source creates an empty volume whose record carries the
-//! source and `copy` progress; the data plane refuses the volume until the copy is
-//! complete. The daemon runs one background task per incomplete copy, started right
-//! after the create and, at daemon start, for every record whose copy is incomplete
-//! (it resumes from the durable `done_bytes`). DeleteVolume stops the task.
+//! A CreateVolume with a copy source creates a volume whose record carries the source
+//! and `copy` progress; the data plane refuses the volume until the copy is complete.
+//! The daemon runs one background task per incomplete copy, started right after the
+//! create and, at daemon start, for every record whose copy is incomplete (it resumes
+//! from the durable `done_bytes`). DeleteVolume stops the task.
 //!
 //! Why a merge and not a plain read: a snapshot is ready once a majority of the source
 //! replicas sealed it, and the sealed copies differ only in writes that were in flight
 //! when it was taken. Reading a majority of them sees every acknowledged write (write
-//! majority ∩ read majority ≠ ∅); keeping the highest seq per block picks it.
+//! majority ∩ read majority ≠ ∅); keeping the highest seq per block picks it. The
+//! controller hands every target the same fixed majority (`holders`), so all targets
+//! merge the same copies and agree.
+//!
+//! Two modes, chosen by the record's `copy.shared_layers`:
+//!
+//! * **Full copy** (the volume starts empty): stream every holder's data, merge, write
+//!   every kept block.
+//! * **Reconcile** (the volume's base is this daemon's own sealed layers of the
+//!   snapshot, hard-linked at create: readable at once, nothing copied). The local
+//!   copy is still only *one* sealed copy, and it may differ from the merge: it may
+//!   lack an acknowledged write that landed on the other holders, or hold an
+//!   unacknowledged one the merge does not keep (this daemon need not even be one of
+//!   the listed holders). Serving it as is would make this replica disagree with the
+//!   others. So the task streams only the holders' *versions* (`seqs_only`), compares
+//!   them with the local versions, and fetches and writes data only for the blocks
+//!   that differ (`compare`, `reconcile`). The comparison reads the local view
+//!   head included and fixes keep the winner's seq, so a re-run after a crash only
+//!   finds what is still missing. Versions are what metadata entries claim: damage
+//!   an entry shows on its own (bad flags, a tombstone failing its checksum) is seen
+//!   and fixed from the holders, but data rotted under an intact entry is not (that
+//!   needs reading all data, which sharing exists to avoid); such a block fails its
+//!   checksum when read, as a block damaged after any copy does, and the engine
+//!   rewrites it from another replica.
 //!
 //! * [`merge`]: the pure per-block merge of the holders' chunks.
+//! * `compare`: the pure comparison of the holders' versions with the local ones.
 //! * `source`: one holder's `ReadSnapshotBlocks` stream, checked chunk by chunk.
-//! * `task`: one volume's attempts, checkpoints and backoff.
+//! * `holders`: all holders of a request in lockstep, window by window (quorum rule).
+//! * `task`: one volume's attempts, grid walk, checkpoints and backoff (both modes).
+//! * `full`, `reconcile`: what each mode does with a window; `ops`: the store
+//!   operations a window ends in.
 //! * [`throttle`]: `--copy-max-bandwidth`, shared by all copies.
 //! * [`error`]: why an attempt failed (becomes `copy.last_error`).
 //!
-//! Progress is logged at start, resume, every 10 % and completion (with MiB/s), and
-//! exported on `/metrics` ([`CopyManager::render_metrics`]).
+//! Progress is logged at start, resume, every 10 % and completion (with MiB/s, and the
+//! blocks fetched: for a reconcile, how far the copies differed), and exported on
+//! `/metrics` ([`CopyManager::render_metrics`]).
 
+mod compare;
 pub mod error;
+mod full;
+mod holders;
 pub mod merge;
+mod ops;
+mod reconcile;
 mod source;
 mod task;
 pub mod throttle;
@@ -42,7 +75,7 @@ use crate::store::LayeredStore;
 
 pub use error::CopyError;
 pub use merge::{Chosen, MergeError, SnapshotMerger};
-pub use task::COPY_SEQ;
+pub use ops::COPY_SEQ;
 pub use throttle::Bandwidth;
 
 /// Tunables of the copies of one daemon.
@@ -87,6 +120,12 @@ pub struct LiveProgress {
     pub total: AtomicU64,
     /// Failed attempts so far.
     pub retries: AtomicU64,
+    /// Bytes of block data fetched from the holders and written: everything kept for
+    /// a full copy, only the differing blocks for a reconcile (the measure of what
+    /// sharing layers saved).
+    pub fetched: AtomicU64,
+    /// Blocks written or trimmed (for the completion log of a reconcile).
+    pub fixed_blocks: AtomicU64,
 }
 
 /// A copy task the manager started.
@@ -221,7 +260,7 @@ impl CopyManager {
     }
 
     /// Appends the copy metrics (Prometheus text) to `out`: active copies, and per
-    /// running copy its live done/total bytes and failed attempts.
+    /// running copy its live done/total bytes, failed attempts and data fetched.
     pub fn render_metrics(&self, out: &mut String, escape: impl Fn(&str) -> String) {
         let mut running: Vec<(String, Arc<LiveProgress>)> = self
             .tasks()
@@ -238,7 +277,7 @@ impl CopyManager {
             running.len()
         );
         type Getter = fn(&LiveProgress) -> u64;
-        let series: [(&str, &str, &str, Getter); 3] = [
+        let series: [(&str, &str, &str, Getter); 4] = [
             (
                 "tessera_replica_copy_done_bytes",
                 "gauge",
@@ -256,6 +295,13 @@ impl CopyManager {
                 "counter",
                 "Failed attempts of a running copy (holders unreachable, damage, ...).",
                 |p| p.retries.load(Ordering::Relaxed),
+            ),
+            (
+                "tessera_replica_copy_fetched_bytes",
+                "counter",
+                "Bytes of block data a running copy fetched from holders and wrote \
+                 (over shared layers: only the blocks that differed).",
+                |p| p.fetched.load(Ordering::Relaxed),
             ),
         ];
         for (name, kind, help, get) in series {

@@ -1,6 +1,6 @@
 //! Reading one holder's sealed copy: dial its control address, call
-//! `ReadSnapshotBlocks`, and check every chunk (grid, order, sizes, crc32c) before the
-//! merge sees it.
+//! `ReadSnapshotBlocks` (with data, or versions only for a reconcile), and check every
+//! chunk (grid, order, kind, sizes, crc32c) before the merge sees it.
 //!
 //! Each holder is read by its own task that runs ahead by a few chunks, so the holders
 //! stream in parallel while the merge consumes them in lockstep. Dropping a
@@ -17,7 +17,7 @@ use super::throttle::Bandwidth;
 use crate::control_proto as proto;
 use crate::control_proto::replica_control_client::ReplicaControlClient;
 use crate::record::ReplicaRef;
-use crate::snapshot_read::{chunk, ChunkGrid};
+use crate::snapshot_read::{chunk, ChunkGrid, ChunkKind};
 use crate::store::VersionedBlocks;
 
 /// Chunks a holder's task reads ahead of the merge.
@@ -74,7 +74,8 @@ fn endpoint(address: &str, connect_timeout: Duration) -> Result<Endpoint, String
 }
 
 /// Opens the stream of `request` on `holder`; fails (with a message) if the holder
-/// cannot be reached within `timeout` or refuses the request.
+/// cannot be reached within `timeout` or refuses the request. Its chunks are checked
+/// to be of the kind the request asks for (`seqs_only` or not).
 pub async fn open(
     holder: ReplicaRef,
     request: proto::ReadSnapshotBlocksRequest,
@@ -83,6 +84,7 @@ pub async fn open(
 ) -> Result<HolderReader, String> {
     let label = label(&holder);
     let grid = ChunkGrid::of_request(request.offset, request.length);
+    let kind = ChunkKind::of_request(&request);
     let endpoint = endpoint(&holder.control_address, timeout)?;
     let opened = tokio::time::timeout(timeout, async {
         let channel = endpoint
@@ -101,7 +103,7 @@ pub async fn open(
         Err(_) => return Err(format!("{label}: no answer within {timeout:?}")),
     };
     let (tx, rx) = mpsc::channel(READ_AHEAD);
-    let task = tokio::spawn(pump(stream, grid, tx, bandwidth));
+    let task = tokio::spawn(pump(stream, grid, kind, tx, bandwidth));
     Ok(HolderReader { label, rx, task })
 }
 
@@ -109,6 +111,7 @@ pub async fn open(
 async fn pump(
     mut stream: tonic::Streaming<proto::SnapshotBlocks>,
     grid: ChunkGrid,
+    kind: ChunkKind,
     tx: mpsc::Sender<HolderEvent>,
     bandwidth: Option<Arc<Bandwidth>>,
 ) {
@@ -117,7 +120,7 @@ async fn pump(
         let event = match stream.message().await {
             Ok(Some(msg)) => {
                 let bytes = msg.data.len() as u64;
-                match chunk::decode(msg, grid, previous_end) {
+                match chunk::decode(msg, grid, previous_end, kind) {
                     Ok(blocks) => {
                         previous_end = blocks.first_block() + blocks.len() as u64;
                         if let Some(bw) = &bandwidth {

@@ -8,6 +8,11 @@
 //! knows where every chunk belongs, treats a skipped chunk as never written, and
 //! rejects anything off the grid, out of order, or inconsistent with itself, so a
 //! confused or damaged holder cannot make a copy write blocks to the wrong place.
+//!
+//! A `seqs_only` request gets versions-only chunks: the same seqs and bitmaps, no data
+//! (empty, with the crc32c of no bytes). The reader decodes each chunk as the kind it
+//! asked for ([`ChunkKind`]); data in reply to `seqs_only`, or data blocks without
+//! their bytes in reply to a data request, is a protocol error.
 
 use crate::block_io::BLOCK_SIZE;
 use crate::control_proto as proto;
@@ -61,12 +66,41 @@ pub enum ChunkError {
         /// Bytes its seqs and bitmaps call for.
         expected: usize,
     },
+    /// A reply to a `seqs_only` request carries data.
+    #[error("chunk at byte {offset} carries {got} data bytes in reply to a seqs_only request")]
+    UnexpectedData {
+        /// Offset of the chunk.
+        offset: u64,
+        /// Bytes sent.
+        got: usize,
+    },
     /// The data does not match its crc32c: damaged in transit.
     #[error("chunk at byte {offset} failed its data checksum")]
     Checksum {
         /// Offset of the chunk.
         offset: u64,
     },
+}
+
+/// What the chunks of a stream carry, as the request asked (`seqs_only`); a reader
+/// needs it to tell a valid chunk from a confused one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChunkKind {
+    /// Versions and the data of every intact data block.
+    Data,
+    /// Versions only (seqs and bitmaps, empty data).
+    VersionsOnly,
+}
+
+impl ChunkKind {
+    /// The kind of chunk `request` gets.
+    pub fn of_request(request: &proto::ReadSnapshotBlocksRequest) -> ChunkKind {
+        if request.seqs_only {
+            ChunkKind::VersionsOnly
+        } else {
+            ChunkKind::Data
+        }
+    }
 }
 
 /// The chunk grid of one `ReadSnapshotBlocks` request, in blocks.
@@ -112,7 +146,8 @@ fn bit(map: &[u8], i: usize) -> bool {
     map.get(i / 8).is_some_and(|b| b & (1 << (i % 8)) != 0)
 }
 
-/// Encodes a range read from the store (see the module doc for the layout).
+/// Encodes a range read from the store (see the module doc for the layout); a
+/// versions-only range becomes a versions-only chunk.
 pub fn encode(blocks: VersionedBlocks) -> proto::SnapshotBlocks {
     let (first_block, versions, data) = blocks.into_parts();
     let map_len = versions.len().div_ceil(8);
@@ -137,12 +172,14 @@ pub fn encode(blocks: VersionedBlocks) -> proto::SnapshotBlocks {
     }
 }
 
-/// Decodes and checks one chunk of a request's stream. `previous_end` is the block
-/// after the previous chunk (the grid's start for the first one).
+/// Decodes and checks one chunk of a request's stream, of the `kind` the request
+/// asked for. `previous_end` is the block after the previous chunk (the grid's start
+/// for the first one).
 pub fn decode(
     chunk: proto::SnapshotBlocks,
     grid: ChunkGrid,
     previous_end: u64,
+    kind: ChunkKind,
 ) -> Result<VersionedBlocks, ChunkError> {
     let offset = chunk.offset;
     let aligned = offset.is_multiple_of(BLOCK_SIZE);
@@ -191,6 +228,12 @@ pub fn decode(
         return Err(ChunkError::Checksum { offset });
     }
     let got = chunk.data.len();
+    if kind == ChunkKind::VersionsOnly {
+        if got != 0 {
+            return Err(ChunkError::UnexpectedData { offset, got });
+        }
+        return Ok(VersionedBlocks::versions_only(first, versions));
+    }
     VersionedBlocks::new(first, versions, chunk.data).map_err(|e| ChunkError::DataLength {
         offset,
         got,
@@ -222,16 +265,24 @@ mod tests {
         let wire = encode(tail.clone());
         assert_eq!(wire.offset, 260 * BLOCK_SIZE);
         assert_eq!(wire.trimmed.len(), 6);
-        assert_eq!(decode(wire, grid, 4).expect("decode"), tail);
+        assert_eq!(
+            decode(wire, grid, 4, ChunkKind::Data).expect("decode"),
+            tail
+        );
         let head = sample(4, 256);
-        assert_eq!(decode(encode(head.clone()), grid, 4).expect("decode"), head);
+        assert_eq!(
+            decode(encode(head.clone()), grid, 4, ChunkKind::Data).expect("decode"),
+            head
+        );
     }
 
     #[test]
     fn rejects_what_does_not_belong() {
         let grid = ChunkGrid::of_request(0, 512 * BLOCK_SIZE);
         let good = encode(sample(256, 256));
-        let err = |c: proto::SnapshotBlocks, prev: u64| decode(c, grid, prev).expect_err("bad");
+        let err = |c: proto::SnapshotBlocks, prev: u64| {
+            decode(c, grid, prev, ChunkKind::Data).expect_err("bad")
+        };
 
         let mut c = good.clone();
         c.offset = 100 * BLOCK_SIZE;
@@ -263,8 +314,50 @@ mod tests {
         c.data_crc32c = crc32c::crc32c(&c.data);
         assert!(matches!(err(c, 0), ChunkError::DataLength { .. }));
         // A seq of 0 with no flag is "never written": its data must not be sent.
-        let mut c = good;
+        let mut c = good.clone();
         c.seqs[0] = 0;
         assert!(matches!(err(c, 0), ChunkError::DataLength { .. }));
+        // A versions-only chunk where data was asked for: data blocks without bytes.
+        let claims = VersionedBlocks::versions_only(256, sample(256, 256).versions().to_vec());
+        assert!(matches!(
+            err(encode(claims), 0),
+            ChunkError::DataLength { got: 0, .. }
+        ));
+        // And a data chunk in reply to seqs_only.
+        assert!(matches!(
+            decode(good, grid, 0, ChunkKind::VersionsOnly),
+            Err(ChunkError::UnexpectedData { got, .. }) if got == 2 * BS
+        ));
+    }
+
+    #[test]
+    fn versions_only_chunks_round_trip_without_data() {
+        let grid = ChunkGrid::of_request(0, 300 * BLOCK_SIZE);
+        let claims = VersionedBlocks::versions_only(256, sample(256, 44).versions().to_vec());
+        let wire = encode(claims.clone());
+        assert!(wire.data.is_empty());
+        assert_eq!(wire.data_crc32c, crc32c::crc32c(&[]));
+        assert_eq!(wire.seqs[0], 5);
+        assert_eq!(wire.trimmed[0], 1 << 3);
+        let back = decode(wire.clone(), grid, 0, ChunkKind::VersionsOnly).expect("decode");
+        assert!(back.is_versions_only());
+        assert_eq!(back, claims);
+        // A chunk with no data block is valid either way, but keeps the kind asked for.
+        let trims = VersionedBlocks::versions_only(0, vec![BlockVersion::Trimmed { seq: 2 }; 256]);
+        let as_data = decode(encode(trims), grid, 0, ChunkKind::Data).expect("decode");
+        assert!(!as_data.is_versions_only());
+        // Still checked: a damaged crc is damage whatever the kind.
+        let mut c = wire;
+        c.data_crc32c ^= 1;
+        assert!(matches!(
+            decode(c, grid, 0, ChunkKind::VersionsOnly),
+            Err(ChunkError::Checksum { .. })
+        ));
+        let req = |seqs_only| proto::ReadSnapshotBlocksRequest {
+            seqs_only,
+            ..Default::default()
+        };
+        assert_eq!(ChunkKind::of_request(&req(true)), ChunkKind::VersionsOnly);
+        assert_eq!(ChunkKind::of_request(&req(false)), ChunkKind::Data);
     }
 }

@@ -9,5 +9,5 @@
 pub mod chunk;
 pub mod serve;
 
-pub use chunk::{ChunkError, ChunkGrid, CHUNK_BLOCKS};
+pub use chunk::{ChunkError, ChunkGrid, ChunkKind, CHUNK_BLOCKS};
 pub use serve::{snapshot_ranges, stream_snapshot, BlockStream};

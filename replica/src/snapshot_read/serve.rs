@@ -4,7 +4,9 @@
 //! Each chunk is read on the blocking pool (store I/O parks its thread) at background
 //! priority and sent through a small channel, so a slow reader holds back the reads
 //! (at most [`PREFETCH`] chunks wait in memory) and a reader that goes away stops them.
-//! Chunks with no written block are not sent.
+//! Chunks with no written block are not sent. A `seqs_only` request is served from
+//! the metadata entries alone ([`LayeredStore::read_versions_only`]): no data is read
+//! or sent, so comparing versions costs a fraction of a copy.
 
 use std::sync::Arc;
 
@@ -24,24 +26,34 @@ pub const PREFETCH: usize = 4;
 /// The stream type of `ReadSnapshotBlocks`.
 pub type BlockStream = ReceiverStream<Result<proto::SnapshotBlocks, Status>>;
 
-/// Streams `length` bytes at `offset` of `snapshot_id` in `store` (the caller has
-/// checked alignment, existence and range). A failure mid-way ends the stream with
-/// its status (a snapshot deleted meanwhile is NOT_FOUND).
+/// Streams the range of `request` (the caller has checked alignment, existence and
+/// range) from `store`: versioned blocks with their data, or versions only when the
+/// request says `seqs_only`. A failure mid-way ends the stream with its status (a
+/// snapshot deleted meanwhile is NOT_FOUND).
 pub fn stream_snapshot(
     store: Arc<LayeredStore>,
-    volume_id: String,
-    snapshot_id: String,
-    offset: u64,
-    length: u64,
+    request: proto::ReadSnapshotBlocksRequest,
 ) -> BlockStream {
     let (tx, rx) = mpsc::channel(PREFETCH);
     tokio::spawn(async move {
+        let proto::ReadSnapshotBlocksRequest {
+            volume_id,
+            snapshot_id,
+            offset,
+            length,
+            seqs_only,
+        } = request;
         let grid = ChunkGrid::of_request(offset, length);
         for (first, n) in grid.slots() {
             let store = Arc::clone(&store);
             let id = snapshot_id.clone();
             let read = tokio::task::spawn_blocking(move || {
-                store.read_snapshot_versions(&id, first * BLOCK_SIZE, n * BLOCK_SIZE)
+                let (at, len) = (first * BLOCK_SIZE, n * BLOCK_SIZE);
+                if seqs_only {
+                    store.read_versions_only(Some(&id), at, len)
+                } else {
+                    store.read_snapshot_versions(&id, at, len)
+                }
             })
             .await;
             let item = match read {

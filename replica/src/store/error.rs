@@ -78,6 +78,15 @@ pub enum StoreError {
     /// No snapshot with this id exists (or it is being deleted).
     #[error("snapshot {0:?} does not exist")]
     SnapshotNotFound(String),
+    /// The snapshot exists but is being deleted (its layer is being merged away), so
+    /// no new volume can be built on it.
+    #[error("snapshot {0:?} is being deleted")]
+    SnapshotDeleting(String),
+    /// `create_sharing` did not get the source volume's control lock in time: another
+    /// control operation (a snapshot deletion's merge can take minutes) holds it, and
+    /// a create must not stall its caller that long. Copying instead is always correct.
+    #[error("the source volume is busy with another control operation")]
+    SourceBusy,
     /// The snapshot id cannot be stored.
     #[error("snapshot id {id:?} is invalid: {reason}")]
     InvalidSnapshotId {

@@ -208,20 +208,38 @@ pub(crate) struct ManifestLayer {
     /// The snapshot is being deleted: its layer is still read through but is being
     /// merged into its child; an interrupted deletion resumes at open.
     pub deleting: bool,
+    /// The layer is another volume's sealed layer, hard-linked in by
+    /// `LayeredStore::create_sharing`: read through, never written, merged or listed
+    /// as a snapshot here. Omitted when false, so manifests of volumes that share
+    /// nothing stay byte-identical to those written before sharing existed (and such
+    /// old manifests decode with `false`).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub shared: bool,
+}
+
+/// serde's `skip_serializing_if` needs a function.
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// Encodes a manifest: magic `TESSMANI`, version u32, body length u32, crc32c u32 of
 /// version, length and body, then the JSON body.
 pub(crate) fn encode_manifest(m: &ManifestV1) -> Result<Vec<u8>, String> {
     let body = serde_json::to_vec(m).map_err(|e| e.to_string())?;
+    frame_manifest(&body)
+}
+
+/// Frames a manifest body (header and checksum); split out so tests can write bodies
+/// of older layouts byte for byte.
+pub(crate) fn frame_manifest(body: &[u8]) -> Result<Vec<u8>, String> {
     let len = u32::try_from(body.len()).map_err(|_| "manifest body too large".to_string())?;
     let mut out = Vec::with_capacity(MANIFEST_HEADER + body.len());
     out.extend_from_slice(MANIFEST_MAGIC);
     out.extend_from_slice(&MANIFEST_VERSION.to_le_bytes());
     out.extend_from_slice(&len.to_le_bytes());
-    let crc = crc32c::crc32c_append(crc32c::crc32c(&out[8..16]), &body);
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&out[8..16]), body);
     out.extend_from_slice(&crc.to_le_bytes());
-    out.extend_from_slice(&body);
+    out.extend_from_slice(body);
     Ok(out)
 }
 
@@ -323,12 +341,14 @@ mod tests {
                     snapshot_id: None,
                     size_bytes: 8192,
                     deleting: false,
+                    shared: false,
                 },
                 ManifestLayer {
                     id: 1,
                     snapshot_id: Some("s".into()),
                     size_bytes: 4096,
                     deleting: false,
+                    shared: true,
                 },
             ],
         };
@@ -341,5 +361,18 @@ mod tests {
         }
         assert!(decode_manifest(&raw[..raw.len() - 1]).is_err());
         assert!(decode_manifest(&raw[..10]).is_err());
+    }
+
+    #[test]
+    fn shared_is_optional_and_omitted_when_false() {
+        // A body as written before layer sharing: no `shared` key anywhere.
+        let old = br#"{"size_bytes":8192,"next_layer_id":3,"volume_deleted":false,"layers":[{"id":2,"snapshot_id":null,"size_bytes":8192,"deleting":false},{"id":1,"snapshot_id":"s","size_bytes":4096,"deleting":false}]}"#;
+        let m = decode_manifest(&frame_manifest(old).expect("frame")).expect("old body decodes");
+        assert!(m.layers.iter().all(|l| !l.shared));
+        // Re-encoding it gives the very same bytes: nothing new appears for `false`.
+        assert_eq!(
+            encode_manifest(&m).expect("encode"),
+            frame_manifest(old).expect("frame")
+        );
     }
 }

@@ -7,6 +7,7 @@
 
 use std::fs;
 use std::io;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -108,6 +109,9 @@ pub(crate) struct Layer {
     trimmed: Bitmap,
     /// Written since the last sync.
     dirty: AtomicBool,
+    /// Device and inode of the data file: the same for every hard link of the layer,
+    /// so space accounting can tell a layer shared by several volumes from copies.
+    file_id: (u64, u64),
 }
 
 fn meta_len(nblocks: u64) -> u64 {
@@ -151,6 +155,7 @@ impl Layer {
         }
         Ok(Layer {
             id,
+            file_id: file_id(&data_path)?,
             dir,
             data,
             meta,
@@ -158,6 +163,22 @@ impl Layer {
             trimmed: Bitmap::default(),
             dirty: AtomicBool::new(false),
         })
+    }
+
+    /// Hard-links the files of the layer in `from` (a layer directory of another
+    /// volume) as layer `id` of the volume at `volume_dir`, durably (directory entries
+    /// fsynced). No byte is copied: both volumes then read the same inodes. Fails with
+    /// the OS error (EXDEV across filesystems) and leaves the new layer directory for
+    /// the caller's cleanup.
+    pub(crate) fn link(from: &Path, volume_dir: &Path, id: LayerId) -> Result<(), StoreError> {
+        let dir = Self::dir_of(volume_dir, id);
+        fs::create_dir(&dir).map_err(io_error("create layer directory", &dir))?;
+        for name in ["data", "meta"] {
+            let target = dir.join(name);
+            fs::hard_link(from.join(name), &target)
+                .map_err(io_error("hard-link shared layer file", &target))?;
+        }
+        sync_dir(&dir)
     }
 
     /// Opens an existing layer, checks its header and loads its index.
@@ -192,6 +213,7 @@ impl Layer {
         }
         let layer = Layer {
             id,
+            file_id: file_id(&data_path)?,
             dir,
             data,
             meta,
@@ -247,6 +269,11 @@ impl Layer {
 
     fn data_path(&self) -> PathBuf {
         self.dir.join("data")
+    }
+
+    /// Device and inode of the data file (see the field).
+    pub(crate) fn file_id(&self) -> (u64, u64) {
+        self.file_id
     }
 
     /// Whether this layer has an entry for `block`.
@@ -508,6 +535,12 @@ pub(crate) fn sync_dir(dir: &Path) -> Result<(), StoreError> {
     fs::File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(io_error("sync directory", dir))
+}
+
+/// Device and inode of a file.
+fn file_id(path: &Path) -> Result<(u64, u64), StoreError> {
+    let meta = fs::metadata(path).map_err(io_error("stat", path))?;
+    Ok((meta.dev(), meta.ino()))
 }
 
 /// Whether an I/O error means "not found" (used when cleaning up leftovers).

@@ -44,7 +44,8 @@
 //!
 //! **Manifest**: magic `TESSMANI`, version u32, body length u32, crc32c u32 of version,
 //! length and body, then a JSON body: `size_bytes`, `next_layer_id`, `volume_deleted`
-//! and `layers` head first, each `{id, snapshot_id, size_bytes, deleting}`. It is
+//! and `layers` head first, each `{id, snapshot_id, size_bytes, deleting, shared}`
+//! (`shared` only when true; a manifest without it means false). It is
 //! replaced durably: written to `MANIFEST.tmp`, fsynced, renamed over `MANIFEST`, and the
 //! directory fsynced. Layer directories the manifest does not name are leftovers of
 //! an interrupted snapshot or deletion and are removed at open.
@@ -97,6 +98,26 @@
 //! with an entry in any layer newer than A's, up to B's. [`LayeredStore::expand`] grows
 //! the head's files and the volume size; snapshots keep the size they were taken at.
 //!
+//! **Shared layers.** [`LayeredStore::create_sharing`] builds a volume whose base is
+//! another volume's view of one of its snapshots: the source's layers from its base up
+//! to that snapshot's layer are hard-linked under the same ids (marked `shared`, a
+//! contiguous run at the base) and an empty head goes on top, so a local restore is
+//! instant and costs no space. The source's control lock is held while its chain is
+//! read and linked, so no merge or deletion of the source runs meanwhile. For the new
+//! volume shared layers are read-only: never listed as its snapshots, never written,
+//! merged or deleted (its merges go into the *newer* child, so deleting its own oldest
+//! snapshot never touches a shared parent); deleting the volume or its last own
+//! snapshot removes its directory, i.e. only its links. Space reports carry each
+//! layer's file identity, so callers summing several stores count a shared one once.
+//!
+//! Why the source may keep working on the same inodes: it writes into a sealed layer
+//! only when it deletes that layer's parent snapshot, and that merge only adds blocks
+//! the layer lacked, with the bytes (and entries) the parent holds; the sharer still
+//! links that parent, so whichever of the two it reads a block from (its in-memory
+//! index of the shared layer predates the merge until it reopens), its view is
+//! unchanged. The source's head is never shared, and an unlink in the source leaves
+//! the sharer's links.
+//!
 //! # Concurrency
 //!
 //! Data operations hold a shared lock on the layer chain for their duration, plus
@@ -125,6 +146,10 @@
 //! * A snapshot deletion holds the control lock until its merge finishes, so a new
 //!   snapshot waits for it (I/O does not).
 //! * Trims of never-written blocks still write tombstones (16 bytes per block).
+//! * A crash in the middle of a source's merge into a layer another volume shares can
+//!   leave a torn entry there, which the sharer reads as a corrupt block: detected,
+//!   and the engine's self-healing read rewrites it in the sharer's head from another
+//!   replica. Sharing needs source and new volume on one filesystem (EXDEV otherwise).
 //!
 //! [`BlockIoError::Corrupt`]: crate::block_io::BlockIoError::Corrupt
 
@@ -144,7 +169,8 @@ use std::fs;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard, TryLockError};
+use std::time::{Duration, Instant};
 
 pub(crate) use error::io_error;
 pub use error::StoreError;
@@ -168,6 +194,8 @@ const MANIFEST_TMP: &str = "MANIFEST.tmp";
 /// Longest snapshot id stored (CSI names are at most 128 bytes; ids derive from them).
 const MAX_SNAPSHOT_ID: usize = 256;
 const BS: usize = BLOCK_SIZE as usize;
+/// How long `create_sharing` waits for the source's control lock (see there).
+const SHARE_LOCK_WAIT: Duration = Duration::from_millis(500);
 
 /// Result of [`LayeredStore::write_if_newer`] for one block, so resync can count what
 /// it actually changed.
@@ -212,6 +240,13 @@ pub struct LayerUsage {
     pub blocks: u64,
     /// Disk space of its data and meta files.
     pub allocated_bytes: u64,
+    /// Device and inode of its data file. Hard links of one layer in several volumes
+    /// ([`LayeredStore::create_sharing`]) have the same id, so a caller summing
+    /// several stores counts their space once.
+    pub file_id: (u64, u64),
+    /// Another volume's sealed layer this volume reads through (never one of its own
+    /// snapshots); its space is shared with that volume.
+    pub shared: bool,
 }
 
 /// Space a volume and its snapshots use on the backing filesystem.
@@ -242,6 +277,9 @@ struct Slot {
     snapshot_id: Option<String>,
     size: u64,
     deleting: bool,
+    /// Another volume's sealed layer, read-only here (see `create_sharing`). Shared
+    /// slots form a run at the base of the chain.
+    shared: bool,
 }
 
 #[derive(Debug)]
@@ -266,11 +304,18 @@ impl State {
             .ok_or(StoreError::VolumeDeleted)
     }
 
+    /// Index of this volume's own live snapshot `id`. Shared layers are never found:
+    /// their snapshot ids are the source volume's, not snapshots of this one.
     fn find_snapshot(&self, id: &str) -> Result<usize, StoreError> {
         self.layers
             .iter()
-            .position(|s| !s.deleting && s.snapshot_id.as_deref() == Some(id))
+            .position(|s| !s.deleting && !s.shared && s.snapshot_id.as_deref() == Some(id))
             .ok_or_else(|| StoreError::SnapshotNotFound(id.to_string()))
+    }
+
+    /// Number of layers that are this volume's own (not shared).
+    fn own_layers(&self) -> usize {
+        self.layers.iter().filter(|s| !s.shared).count()
     }
 
     /// Topmost layer index and size of the head (`None`) or a snapshot's view.
@@ -306,6 +351,7 @@ impl State {
                     snapshot_id: s.snapshot_id.clone(),
                     size_bytes: s.size,
                     deleting: s.deleting,
+                    shared: s.shared,
                 })
                 .collect(),
         }
@@ -386,7 +432,11 @@ fn validate_manifest(m: &ManifestV1) -> Result<(), String> {
     }
     if !m.volume_deleted {
         match m.layers.first() {
-            Some(h) if h.snapshot_id.is_none() && !h.deleting && h.size_bytes == m.size_bytes => {}
+            Some(h)
+                if h.snapshot_id.is_none()
+                    && !h.deleting
+                    && !h.shared
+                    && h.size_bytes == m.size_bytes => {}
             _ => return Err("the head layer is missing or malformed".to_string()),
         }
     }
@@ -396,7 +446,11 @@ fn validate_manifest(m: &ManifestV1) -> Result<(), String> {
         &m.layers[1..]
     };
     let mut ids = HashSet::new();
-    let mut snaps = HashSet::new();
+    // Own and shared snapshot ids are separate namespaces: a shared layer carries the
+    // source volume's id, which this volume may reuse for a snapshot of its own.
+    let mut own_snaps = HashSet::new();
+    let mut shared_snaps = HashSet::new();
+    let mut in_shared_run = false;
     let mut newer_size = m.size_bytes;
     for l in &m.layers {
         if !ids.insert(l.id) || l.id >= m.next_layer_id {
@@ -410,6 +464,22 @@ fn validate_manifest(m: &ManifestV1) -> Result<(), String> {
         let Some(s) = &l.snapshot_id else {
             return Err(format!("sealed layer {} has no snapshot id", l.id));
         };
+        if l.shared {
+            if l.deleting {
+                return Err(format!("shared layer {} is marked deleting", l.id));
+            }
+            in_shared_run = true;
+        } else if in_shared_run {
+            return Err(format!(
+                "layer {} is older than a shared layer (shared layers must be the base)",
+                l.id
+            ));
+        }
+        let snaps = if l.shared {
+            &mut shared_snaps
+        } else {
+            &mut own_snaps
+        };
         if !snaps.insert(s.as_str()) {
             return Err(format!("snapshot id {s:?} is duplicated"));
         }
@@ -417,6 +487,11 @@ fn validate_manifest(m: &ManifestV1) -> Result<(), String> {
             return Err(format!("layer {} has an invalid size", l.id));
         }
         newer_size = l.size_bytes;
+    }
+    // The last own layer's removal removes the directory (`merge_out`), so a deleted
+    // volume never keeps other volumes' layers alone.
+    if m.volume_deleted && !m.layers.is_empty() && m.layers.iter().all(|l| l.shared) {
+        return Err("a deleted volume holds only shared layers".to_string());
     }
     Ok(())
 }
@@ -441,21 +516,7 @@ impl LayeredStore {
                 reason: "a volume size must be a positive multiple of 4096",
             });
         }
-        fs::create_dir_all(dir).map_err(io_error("create volume directory", dir))?;
-        let manifest = dir.join(MANIFEST);
-        if manifest.exists() {
-            return Err(StoreError::AlreadyExists(dir.to_path_buf()));
-        }
-        // Without a manifest there is no volume: anything here is from a create that
-        // crashed before finishing.
-        let layers_dir = dir.join("layers");
-        match fs::remove_dir_all(&layers_dir) {
-            Err(e) if !is_not_found(&e) => {
-                return Err(io_error("remove leftover layers", &layers_dir)(e))
-            }
-            _ => {}
-        }
-        fs::create_dir(&layers_dir).map_err(io_error("create layers directory", &layers_dir))?;
+        prepare_volume_dir(dir)?;
         let head = Layer::create(factory.as_ref(), dir, 1, size_bytes / BLOCK_SIZE)?;
         let state = State {
             size: size_bytes,
@@ -467,7 +528,151 @@ impl LayeredStore {
                 snapshot_id: None,
                 size: size_bytes,
                 deleting: false,
+                shared: false,
             }],
+        };
+        let store = Self::from_state(dir, factory, state);
+        store.write_manifest(&store.state_read().manifest())?;
+        Ok(store)
+    }
+
+    /// Creates a volume at `dir` whose base is `source`'s view of `snapshot_id`: the
+    /// source's layers from its base up to and including that snapshot's layer are
+    /// hard-linked (same layer ids), and an empty head of `size_bytes` goes on top.
+    /// Std file I/O; see [`Self::create_sharing_with`].
+    pub fn create_sharing(
+        dir: &Path,
+        source: &LayeredStore,
+        snapshot_id: &str,
+        size_bytes: u64,
+    ) -> Result<LayeredStore, StoreError> {
+        Self::create_sharing_with(
+            dir,
+            source,
+            snapshot_id,
+            size_bytes,
+            Arc::new(StdFileFactory),
+        )
+    }
+
+    /// [`Self::create_sharing`] with layer files opened by `factory`. Why it exists: a
+    /// restore of a snapshot this replica holds is then instant and costs no space,
+    /// instead of copying every block (see "Layers and snapshots" in the module doc
+    /// for why both volumes may keep working on the same inodes).
+    ///
+    /// Refusals touch nothing on disk: an unknown snapshot is
+    /// [`StoreError::SnapshotNotFound`], one being deleted
+    /// [`StoreError::SnapshotDeleting`], a size that is not a positive multiple of
+    /// 4096 or is smaller than the snapshot [`StoreError::InvalidSize`], a source
+    /// whose control operations stay busy for more than half a second
+    /// [`StoreError::SourceBusy`] (this may run under a caller's lock, so it must not
+    /// wait out a long merge). Linking across filesystems fails with the OS error
+    /// (EXDEV); a failure after the directory was prepared removes what it made.
+    pub fn create_sharing_with(
+        dir: &Path,
+        source: &LayeredStore,
+        snapshot_id: &str,
+        size_bytes: u64,
+        factory: Arc<dyn BlockFileFactory>,
+    ) -> Result<LayeredStore, StoreError> {
+        if size_bytes == 0 || !aligned(size_bytes) {
+            return Err(StoreError::InvalidSize {
+                current: 0,
+                requested: size_bytes,
+                reason: "a volume size must be a positive multiple of 4096",
+            });
+        }
+        // Held until the new manifest is durable: no merge, deletion or retire of the
+        // source changes the chain (or writes into a layer) while it is linked.
+        let _source_control = source
+            .control_within(SHARE_LOCK_WAIT)
+            .ok_or(StoreError::SourceBusy)?;
+        let (chain, next_layer_id) = {
+            let state = source.state_read();
+            let Some(top) = state
+                .layers
+                .iter()
+                .position(|s| !s.shared && s.snapshot_id.as_deref() == Some(snapshot_id))
+            else {
+                return Err(StoreError::SnapshotNotFound(snapshot_id.to_string()));
+            };
+            if state.layers[top].deleting {
+                return Err(StoreError::SnapshotDeleting(snapshot_id.to_string()));
+            }
+            if size_bytes < state.layers[top].size {
+                return Err(StoreError::InvalidSize {
+                    current: state.layers[top].size,
+                    requested: size_bytes,
+                    reason: "a volume cannot be smaller than the snapshot it shares",
+                });
+            }
+            let chain: Vec<(Arc<Layer>, Option<String>, u64)> = state.layers[..=top]
+                .iter()
+                .map(|s| (Arc::clone(&s.layer), s.snapshot_id.clone(), s.size))
+                .collect();
+            (chain, state.next_layer_id)
+        };
+        // Sealed layers are synced when sealed and after every merge into them; this is
+        // a no-op then, and makes a merge that failed before its sync durable.
+        for (layer, _, _) in &chain {
+            layer.sync()?;
+        }
+        prepare_volume_dir(dir)?;
+        let built = Self::link_and_build(dir, &chain, next_layer_id, size_bytes, factory);
+        if built.is_err() {
+            // No volume without a manifest; drop the links now rather than keeping the
+            // source's space pinned until the next create in `dir`.
+            for leftover in [MANIFEST, MANIFEST_TMP] {
+                let _ = fs::remove_file(dir.join(leftover));
+            }
+            let _ = fs::remove_dir_all(dir.join("layers"));
+        }
+        built
+    }
+
+    /// The part of [`Self::create_sharing_with`] that writes: links `chain` (base
+    /// first) into the prepared `dir`, creates the head and writes the manifest last.
+    fn link_and_build(
+        dir: &Path,
+        chain: &[(Arc<Layer>, Option<String>, u64)],
+        next_layer_id: LayerId,
+        size_bytes: u64,
+        factory: Arc<dyn BlockFileFactory>,
+    ) -> Result<LayeredStore, StoreError> {
+        for (layer, _, _) in chain {
+            Layer::link(layer.dir(), dir, layer.id)?;
+        }
+        sync_dir(&dir.join("layers"))?;
+        let mut layers = Vec::with_capacity(chain.len() + 1);
+        for (layer, snapshot_id, size) in chain {
+            layers.push(Slot {
+                layer: Arc::new(Layer::open(factory.as_ref(), dir, layer.id)?),
+                snapshot_id: snapshot_id.clone(),
+                size: *size,
+                deleting: false,
+                shared: true,
+            });
+        }
+        // Ids stay unique in both volumes' histories: nothing the source allocated
+        // so far is reused by the new head.
+        let head_id = chain
+            .iter()
+            .map(|(l, _, _)| l.id + 1)
+            .fold(next_layer_id, LayerId::max);
+        let head = Layer::create(factory.as_ref(), dir, head_id, size_bytes / BLOCK_SIZE)?;
+        layers.push(Slot {
+            layer: Arc::new(head),
+            snapshot_id: None,
+            size: size_bytes,
+            deleting: false,
+            shared: false,
+        });
+        let state = State {
+            size: size_bytes,
+            next_layer_id: head_id + 1,
+            volume_deleted: false,
+            removed: false,
+            layers,
         };
         let store = Self::from_state(dir, factory, state);
         store.write_manifest(&store.state_read().manifest())?;
@@ -510,12 +715,14 @@ impl LayeredStore {
                 snapshot_id: ml.snapshot_id.clone(),
                 size: ml.size_bytes,
                 deleting: ml.deleting,
+                shared: ml.shared,
             });
         }
         remove_orphans(dir, &layers)?;
+        // Never a shared layer (validated): merges only ever touch own layers.
         let pending: Vec<LayerId> = layers
             .iter()
-            .filter(|s| s.deleting)
+            .filter(|s| s.deleting && !s.shared)
             .map(|s| s.layer.id)
             .collect();
         let state = State {
@@ -568,6 +775,23 @@ impl LayeredStore {
 
     fn control(&self) -> MutexGuard<'_, ()> {
         self.control.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The control lock if it can be had within `wait` (polling: std mutexes have no
+    /// timed lock, and this is only used by the rare `create_sharing`).
+    fn control_within(&self, wait: Duration) -> Option<MutexGuard<'_, ()>> {
+        let deadline = Instant::now() + wait;
+        loop {
+            match self.control.try_lock() {
+                Ok(guard) => return Some(guard),
+                Err(TryLockError::Poisoned(p)) => return Some(p.into_inner()),
+                Err(TryLockError::WouldBlock) => {}
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
     }
 
     fn lock_shared(&self, first: u64, n: u64) -> Vec<StripeRead<'_>> {
@@ -772,7 +996,7 @@ impl LayeredStore {
             if let Some(slot) = state
                 .layers
                 .iter()
-                .find(|s| s.snapshot_id.as_deref() == Some(snapshot_id))
+                .find(|s| !s.shared && s.snapshot_id.as_deref() == Some(snapshot_id))
             {
                 if slot.deleting {
                     return Err(StoreError::InvalidSnapshotId {
@@ -812,6 +1036,7 @@ impl LayeredStore {
                     snapshot_id: None,
                     size_bytes: state.size,
                     deleting: false,
+                    shared: false,
                 },
             );
             if let Err(e) = head.sync().and_then(|()| self.write_manifest(&m)) {
@@ -831,17 +1056,19 @@ impl LayeredStore {
             snapshot_id: None,
             size,
             deleting: false,
+            shared: false,
         });
         state.next_layer_id = new_id + 1;
         Ok(sealed)
     }
 
-    /// Lists live snapshots, oldest first.
+    /// Lists live snapshots, oldest first. Only this volume's own: shared base layers
+    /// ([`Self::create_sharing`]) are another volume's snapshots.
     pub fn snapshots(&self) -> Vec<SnapshotInfo> {
         self.state_read()
             .layers
             .iter()
-            .filter(|s| !s.deleting)
+            .filter(|s| !s.deleting && !s.shared)
             .filter_map(|s| {
                 s.snapshot_id.as_ref().map(|id| SnapshotInfo {
                     id: id.clone(),
@@ -878,12 +1105,21 @@ impl LayeredStore {
     }
 
     /// Merges layer `id` into its child and drops it. Caller holds the control lock.
+    ///
+    /// The child is the next *newer* layer, so a merge never writes into an older
+    /// one: shared layers (the base run) are never a merge target, and are never
+    /// merged out themselves (they are not this volume's snapshots).
     fn merge_out(&self, id: LayerId) -> Result<(), StoreError> {
         let (layer, child) = {
             let state = self.state_read();
             let Some(i) = state.layers.iter().position(|s| s.layer.id == id) else {
                 return Ok(());
             };
+            if state.layers[i].shared {
+                return Err(StoreError::SnapshotNotFound(
+                    state.layers[i].snapshot_id.clone().unwrap_or_default(),
+                ));
+            }
             (
                 Arc::clone(&state.layers[i].layer),
                 state.layers.get(i + 1).map(|s| Arc::clone(&s.layer)),
@@ -908,7 +1144,10 @@ impl LayeredStore {
         let Some(i) = state.layers.iter().position(|s| s.layer.id == id) else {
             return Ok(());
         };
-        if state.volume_deleted && state.layers.len() == 1 {
+        // The last own layer of a deleted volume: what is left (shared layers at most)
+        // belongs to no snapshot of this volume. Removing the directory only drops
+        // this volume's links of shared layers.
+        if state.volume_deleted && state.own_layers() == 1 {
             return self.remove_all(&mut state);
         }
         let mut m = state.manifest();
@@ -963,7 +1202,7 @@ impl LayeredStore {
         let snapshots = state
             .layers
             .iter()
-            .filter(|s| s.snapshot_id.is_some())
+            .filter(|s| !s.shared && s.snapshot_id.is_some())
             .count();
         if state.volume_deleted {
             return Ok(VolumeRemoval::Retained { snapshots });
@@ -1112,6 +1351,8 @@ impl LayeredStore {
                 snapshot_id: s.snapshot_id.clone(),
                 blocks: s.layer.present_bits().count(),
                 allocated_bytes: s.layer.allocated_bytes()?,
+                file_id: s.layer.file_id(),
+                shared: s.shared,
             });
         }
         Ok(SpaceUsage {
@@ -1211,8 +1452,28 @@ fn remove_layer_dir(dir: &Path) -> Result<(), StoreError> {
     }
 }
 
+/// Prepares `dir` for a new volume: refuses one that holds a volume, removes leftovers
+/// of a create that crashed before its manifest, and makes an empty `layers`.
+fn prepare_volume_dir(dir: &Path) -> Result<(), StoreError> {
+    fs::create_dir_all(dir).map_err(io_error("create volume directory", dir))?;
+    let manifest = dir.join(MANIFEST);
+    if manifest.exists() {
+        return Err(StoreError::AlreadyExists(dir.to_path_buf()));
+    }
+    // Without a manifest there is no volume: anything here is from a create that
+    // crashed before finishing.
+    let layers_dir = dir.join("layers");
+    match fs::remove_dir_all(&layers_dir) {
+        Err(e) if !is_not_found(&e) => {
+            return Err(io_error("remove leftover layers", &layers_dir)(e))
+        }
+        _ => {}
+    }
+    fs::create_dir(&layers_dir).map_err(io_error("create layers directory", &layers_dir))
+}
+
 /// Removes layer directories the manifest does not name (interrupted snapshot or
-/// deletion) and a stale temporary manifest.
+/// deletion) and a stale temporary manifest. Shared layers are named, so kept.
 fn remove_orphans(dir: &Path, layers: &[Slot]) -> Result<(), StoreError> {
     let known: HashSet<LayerId> = layers.iter().map(|s| s.layer.id).collect();
     let layers_dir = dir.join("layers");

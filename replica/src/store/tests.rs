@@ -950,3 +950,461 @@ proptest! {
         run_model(ops);
     }
 }
+
+// ---- Layer sharing (`create_sharing`) ----
+
+/// The whole view of `s` (head or snapshot) as bytes.
+fn view(s: &LayeredStore, snapshot: Option<&str>, blocks: u64) -> Vec<u8> {
+    match snapshot {
+        Some(id) => s.read_snapshot(id, 0, blocks * B).expect("read snapshot"),
+        None => s.read(0, blocks * B).expect("read head"),
+    }
+}
+
+/// Seqs of the current version of every block of the head.
+fn seqs(s: &LayeredStore, blocks: u64) -> Vec<Option<u64>> {
+    (0..blocks)
+        .map(|b| s.block_seq(b).expect("block seq"))
+        .collect()
+}
+
+/// A 16-block source with three snapshots over data, trims and never-written blocks:
+/// `a` (blocks 0..8 v1, 2 trimmed), `b` (4..12 v2, 5 trimmed), `c` (0..16 odd v3),
+/// then a head with more writes.
+fn shared_source(t: &tempfile::TempDir) -> LayeredStore {
+    let s = LayeredStore::create(&t.path().join("src"), 16 * B).expect("create source");
+    s.write(
+        0,
+        &(0..8).flat_map(|b| pattern(b, 1)).collect::<Vec<_>>(),
+        1,
+    )
+    .expect("write");
+    s.trim(2 * B, B, 2).expect("trim");
+    s.snapshot("a").expect("snapshot a");
+    s.write(
+        4 * B,
+        &(4..12).flat_map(|b| pattern(b, 2)).collect::<Vec<_>>(),
+        1 << 40,
+    )
+    .expect("write");
+    s.trim(5 * B, B, (1 << 40) + 1).expect("trim");
+    s.snapshot("b").expect("snapshot b");
+    for b in (1..16).step_by(2) {
+        s.write(b * B, &pattern(b, 3), 2 << 40).expect("write");
+    }
+    s.snapshot("c").expect("snapshot c");
+    s.write(0, &pattern(0, 4), 3 << 40).expect("write");
+    s.trim(4 * B, B, (3 << 40) + 1).expect("trim");
+    s.flush().expect("flush");
+    s
+}
+
+/// The bytes of every file of a layer directory, to prove it was not written.
+fn layer_bytes(dir: &Path) -> Vec<Vec<u8>> {
+    ["data", "meta"]
+        .iter()
+        .map(|n| std::fs::read(dir.join(n)).expect("read layer file"))
+        .collect()
+}
+
+#[test]
+fn a_sharer_reads_exactly_the_snapshot_view() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let src = shared_source(&t);
+    let snap_b = view(&src, Some("b"), 16);
+    let head_before = view(&src, None, 16);
+    // "b" is not the source's newest snapshot; the sharer is larger than it.
+    let s = LayeredStore::create_sharing(&t.path().join("sh"), &src, "b", 24 * B).expect("share b");
+    assert_eq!(s.size(), 24 * B);
+    assert_eq!(view(&s, None, 16), snap_b);
+    assert_eq!(s.read(16 * B, 8 * B).expect("past"), vec![0u8; 8 * BS]);
+    assert_eq!(s.read(5 * B, B).expect("trimmed"), vec![0u8; BS]);
+    assert_eq!(s.read(2 * B, B).expect("trimmed"), vec![0u8; BS]);
+    assert_eq!(s.read(13 * B, B).expect("unwritten"), vec![0u8; BS]);
+    assert_eq!(
+        s.allocated_ranges(None).expect("alloc"),
+        src.allocated_ranges(Some("b")).expect("alloc")
+    );
+    // Seqs are the source's: a resync compares against them.
+    assert_eq!(s.block_seq(4).expect("seq"), Some(1 << 40));
+    assert_eq!(s.block_seq(5).expect("seq"), Some((1 << 40) + 1));
+    assert_eq!(s.block_seq(0).expect("seq"), Some(1));
+    assert_eq!(s.block_seq(2).expect("seq"), Some(2));
+    assert_eq!(s.block_seq(13).expect("seq"), None);
+    // Shared layers are no snapshots of the sharer.
+    assert!(s.snapshots().is_empty());
+    assert!(matches!(
+        s.read_snapshot("b", 0, B),
+        Err(StoreError::SnapshotNotFound(_))
+    ));
+    // Same ids and files as the source's layers; the head is new.
+    let src_usage = src.space_used().expect("space");
+    let usage = s.space_used().expect("space");
+    assert_eq!(usage.layers.len(), 3);
+    for (mine, theirs) in usage.layers[..2].iter().zip(&src_usage.layers[..2]) {
+        assert!(mine.shared && !theirs.shared);
+        assert_eq!(
+            (mine.layer, mine.file_id, mine.blocks),
+            (theirs.layer, theirs.file_id, theirs.blocks)
+        );
+    }
+    let head = &usage.layers[2];
+    assert!(!head.shared && head.snapshot_id.is_none() && head.blocks == 0);
+    assert!(src_usage.layers.iter().all(|l| l.layer < head.layer));
+    assert!(src_usage.layers.iter().all(|l| l.file_id != head.file_id));
+    assert!(s.verify().expect("verify").is_empty());
+    // The source did not change.
+    assert_eq!(view(&src, None, 16), head_before);
+    assert_eq!(view(&src, Some("b"), 16), snap_b);
+
+    // The oldest snapshot, at exactly its size, is shared the same way.
+    let a = LayeredStore::create_sharing(&t.path().join("sa"), &src, "a", 16 * B).expect("share a");
+    assert_eq!(view(&a, None, 16), view(&src, Some("a"), 16));
+    assert_eq!(a.space_used().expect("space").layers.len(), 2);
+}
+
+#[test]
+fn sharer_and_source_write_independently() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let src = shared_source(&t);
+    let s = LayeredStore::create_sharing(&t.path().join("sh"), &src, "b", 20 * B).expect("share");
+    let snap_b = view(&src, Some("b"), 16);
+    let src_head = view(&src, None, 16);
+    let shared_dirs: Vec<PathBuf> = (1..=2)
+        .map(|l| s.dir().join("layers").join(l.to_string()))
+        .collect();
+    let shared_before: Vec<_> = shared_dirs.iter().map(|d| layer_bytes(d)).collect();
+
+    // Writes, trims and resync writes of the sharer go to its own head only.
+    s.write(4 * B, &pattern(4, 9), 5 << 40).expect("write");
+    s.trim(6 * B, B, (5 << 40) + 1).expect("trim");
+    s.write(16 * B, &pattern(16, 9), 5 << 40)
+        .expect("write past the snapshot's size");
+    assert_eq!(
+        s.write_if_newer(7 * B, &[pattern(7, 8), pattern(8, 8)].concat(), 3)
+            .expect("resync"),
+        vec![WriteOutcome::Skipped, WriteOutcome::Skipped],
+        "the shared versions are newer"
+    );
+    assert_eq!(
+        s.write_if_newer(13 * B, &pattern(13, 8), 3)
+            .expect("resync"),
+        vec![WriteOutcome::Applied]
+    );
+    s.flush().expect("flush");
+    assert_eq!(s.read(4 * B, B).expect("read"), pattern(4, 9));
+    assert_eq!(s.read(6 * B, B).expect("read"), vec![0u8; BS]);
+    assert_eq!(s.read(13 * B, B).expect("read"), pattern(13, 8));
+    assert_eq!(s.read(16 * B, B).expect("read"), pattern(16, 9));
+    assert_eq!(view(&src, Some("b"), 16), snap_b);
+    assert_eq!(view(&src, None, 16), src_head);
+    let shared_after: Vec<_> = shared_dirs.iter().map(|d| layer_bytes(d)).collect();
+    assert!(shared_before == shared_after, "a shared layer was written");
+
+    // And the source's writes never reach the sharer.
+    let mine = view(&s, None, 16);
+    src.write(8 * B, &pattern(8, 7), 6 << 40).expect("write");
+    src.trim(9 * B, B, (6 << 40) + 1).expect("trim");
+    src.flush().expect("flush");
+    assert_eq!(view(&s, None, 16), mine);
+}
+
+#[test]
+fn source_merges_and_deletion_leave_the_sharer_intact() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let src = shared_source(&t);
+    let sharer_dir = t.path().join("sh");
+    let s = LayeredStore::create_sharing(&sharer_dir, &src, "b", 20 * B).expect("share");
+    s.write(15 * B, &pattern(15, 9), 9 << 40)
+        .expect("own write");
+    s.flush().expect("flush");
+    let expected = view(&s, None, 20);
+    let expected_seqs = seqs(&s, 20);
+
+    // Deleting the older snapshot merges its layer into "b"'s, a shared layer.
+    src.delete_snapshot("a").expect("delete a");
+    assert_eq!(view(&s, None, 20), expected);
+    // Deleting "b" merges it into "c" and unlinks it in the source only.
+    src.delete_snapshot("b").expect("delete b");
+    assert_eq!(view(&s, None, 20), expected);
+    // The source goes entirely.
+    assert_eq!(
+        src.delete_volume().expect("delete volume"),
+        VolumeRemoval::Retained { snapshots: 1 }
+    );
+    src.delete_snapshot("c").expect("delete c");
+    assert!(!t.path().join("src").exists(), "source directory removed");
+    assert_eq!(view(&s, None, 20), expected);
+    assert_eq!(seqs(&s, 20), expected_seqs);
+    assert!(s.verify().expect("verify").is_empty());
+
+    // Reopened, the sharer loads the merged-into shared layer from disk: same view.
+    drop(s);
+    let s = LayeredStore::open(&sharer_dir).expect("reopen sharer");
+    assert_eq!(view(&s, None, 20), expected);
+    assert_eq!(seqs(&s, 20), expected_seqs);
+    assert!(s.verify().expect("verify").is_empty());
+    let usage = s.space_used().expect("space");
+    assert_eq!(
+        usage.layers.iter().map(|l| l.shared).collect::<Vec<_>>(),
+        vec![true, true, false]
+    );
+    // "a"'s blocks 0..4 were merged into the shared layer of "b" (4..12 before).
+    assert_eq!(usage.layers[1].blocks, 12);
+}
+
+#[test]
+fn a_sharers_own_snapshots_never_touch_shared_layers() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let src = shared_source(&t);
+    let dir = t.path().join("sh");
+    let s = LayeredStore::create_sharing(&dir, &src, "b", 16 * B).expect("share");
+    let shared_dirs: Vec<PathBuf> = (1..=2)
+        .map(|l| dir.join("layers").join(l.to_string()))
+        .collect();
+    let shared_before: Vec<_> = shared_dirs.iter().map(|d| layer_bytes(d)).collect();
+
+    s.write(0, &pattern(0, 5), 5 << 40).expect("write");
+    let x_view = view(&s, None, 16);
+    s.snapshot("x").expect("own snapshot x");
+    // An own snapshot may reuse the id of a shared layer: it is another volume's.
+    s.write(4 * B, &pattern(4, 6), 6 << 40).expect("write");
+    let b_layer = s.snapshot("b").expect("own snapshot b");
+    assert!(b_layer > 3, "a new layer, not the shared one");
+    assert_eq!(s.snapshot("b").expect("retry"), b_layer);
+    let b_view = view(&s, None, 16);
+    s.write(8 * B, &pattern(8, 7), 7 << 40).expect("write");
+    let head = view(&s, None, 16);
+    assert_eq!(
+        s.snapshots()
+            .iter()
+            .map(|i| i.id.as_str())
+            .collect::<Vec<_>>(),
+        vec!["x", "b"]
+    );
+    assert_eq!(view(&s, Some("x"), 16), x_view);
+    assert_eq!(
+        s.changed_ranges("x", Some("b")).expect("changed"),
+        vec![4 * B..5 * B]
+    );
+
+    // Deleting the oldest own snapshot merges it into its newer child, never into
+    // the shared parent.
+    s.delete_snapshot("x").expect("delete x");
+    assert_eq!(view(&s, Some("b"), 16), b_view);
+    assert_eq!(view(&s, None, 16), head);
+    s.flush().expect("flush");
+    drop(s);
+    let s = LayeredStore::open(&dir).expect("reopen");
+    assert_eq!(view(&s, Some("b"), 16), b_view);
+    assert_eq!(view(&s, None, 16), head);
+    let shared_after: Vec<_> = shared_dirs.iter().map(|d| layer_bytes(d)).collect();
+    assert!(shared_before == shared_after, "a shared layer was written");
+
+    // Deleted with an own snapshot left, the volume keeps it (shared layers are
+    // not counted); its deletion removes the directory, i.e. only the links.
+    assert_eq!(
+        s.delete_volume().expect("delete volume"),
+        VolumeRemoval::Retained { snapshots: 1 }
+    );
+    assert_eq!(view(&s, Some("b"), 16), b_view);
+    drop(s);
+    let s = LayeredStore::open(&dir).expect("reopen deleted");
+    assert_eq!(view(&s, Some("b"), 16), b_view);
+    s.delete_snapshot("b").expect("delete b");
+    assert!(!dir.exists());
+    // The source lost nothing.
+    assert_eq!(view(&src, Some("b"), 16), {
+        let t2 = tempfile::tempdir().expect("tempdir");
+        view(&shared_source(&t2), Some("b"), 16)
+    });
+    assert!(src.verify().expect("verify").is_empty());
+}
+
+#[test]
+fn a_sharer_reopens_under_another_path_and_deletes_only_its_links() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let src = shared_source(&t);
+    let staging = t.path().join(".creating-x");
+    let s = LayeredStore::create_sharing(&staging.join("store"), &src, "c", 16 * B).expect("share");
+    s.write(B, &pattern(1, 9), 9 << 40).expect("write");
+    s.flush().expect("flush");
+    let expected = view(&s, None, 16);
+    drop(s);
+    // What the catalog does: build under a staging name, rename into place.
+    let dir = t.path().join("x");
+    std::fs::rename(&staging, &dir).expect("rename");
+    let s = LayeredStore::open(&dir.join("store")).expect("open after rename");
+    assert_eq!(view(&s, None, 16), expected);
+    assert_eq!(s.delete_volume().expect("delete"), VolumeRemoval::Removed);
+    assert!(!dir.join("store").exists());
+    assert_eq!(view(&src, Some("c"), 16), {
+        let t2 = tempfile::tempdir().expect("tempdir");
+        view(&shared_source(&t2), Some("c"), 16)
+    });
+}
+
+#[test]
+fn a_sharer_can_be_shared_again() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let src = shared_source(&t);
+    let y = LayeredStore::create_sharing(&t.path().join("y"), &src, "b", 16 * B).expect("y");
+    y.write(3 * B, &pattern(3, 8), 8 << 40).expect("write");
+    y.snapshot("y1").expect("snapshot");
+    let y1 = view(&y, Some("y1"), 16);
+    // Sharing "y1" of y links y's shared layers too; a shared layer's id is not a
+    // snapshot of y.
+    assert!(matches!(
+        LayeredStore::create_sharing(&t.path().join("no"), &y, "b", 16 * B),
+        Err(StoreError::SnapshotNotFound(_))
+    ));
+    assert!(!t.path().join("no").exists());
+    let z = LayeredStore::create_sharing(&t.path().join("z"), &y, "y1", 16 * B).expect("z");
+    assert_eq!(view(&z, None, 16), y1);
+    let ids: Vec<LayerId> = z
+        .space_used()
+        .expect("space")
+        .layers
+        .iter()
+        .map(|l| l.layer)
+        .collect();
+    let unique: std::collections::HashSet<_> = ids.iter().collect();
+    assert_eq!(unique.len(), ids.len());
+    drop(z);
+    let z = LayeredStore::open(&t.path().join("z")).expect("reopen z");
+    assert_eq!(view(&z, None, 16), y1);
+}
+
+#[test]
+fn sharing_refusals_create_nothing() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let faults = Arc::new(Faults::default());
+    let src = LayeredStore::create_with(
+        &t.path().join("src"),
+        4 * B,
+        Arc::new(FaultyFactory(Arc::clone(&faults))),
+    )
+    .expect("create");
+    src.write(0, &pattern(0, 1), 1).expect("write");
+    src.snapshot("a").expect("snapshot");
+    src.write(B, &pattern(1, 1), 2).expect("write");
+    src.snapshot("b").expect("snapshot");
+    // A deletion whose merge fails leaves "b" marked deleting.
+    faults.fail_data.store(true, Ordering::SeqCst);
+    assert!(src.delete_snapshot("b").is_err());
+    faults.fail_data.store(false, Ordering::SeqCst);
+    let target = t.path().join("new");
+    let share = |snap: &str, size: u64| LayeredStore::create_sharing(&target, &src, snap, size);
+
+    assert!(matches!(
+        share("nope", 4 * B),
+        Err(StoreError::SnapshotNotFound(_))
+    ));
+    assert!(matches!(
+        share("b", 4 * B),
+        Err(StoreError::SnapshotDeleting(id)) if id == "b"
+    ));
+    assert!(matches!(
+        share("a", 3 * B),
+        Err(StoreError::InvalidSize { current, .. }) if current == 4 * B
+    ));
+    for size in [0, 4 * B + 1] {
+        assert!(matches!(
+            share("a", size),
+            Err(StoreError::InvalidSize { .. })
+        ));
+    }
+    {
+        let _busy = src.control();
+        assert!(matches!(share("a", 4 * B), Err(StoreError::SourceBusy)));
+    }
+    assert!(!target.exists(), "a refusal created something");
+
+    // Once refusals are done, "a" shares; an existing volume is never overwritten.
+    let s = share("a", 4 * B).expect("share a");
+    assert_eq!(s.read(0, B).expect("read"), pattern(0, 1));
+    assert!(matches!(
+        share("a", 4 * B),
+        Err(StoreError::AlreadyExists(_))
+    ));
+    assert_eq!(s.read(0, B).expect("still there"), pattern(0, 1));
+}
+
+#[test]
+fn an_old_manifest_without_shared_still_opens() {
+    let (t, s) = new_store(4);
+    s.write(0, &pattern(0, 1), 1).expect("write");
+    s.snapshot("a").expect("snapshot");
+    s.write(B, &pattern(1, 2), 2).expect("write");
+    s.flush().expect("flush");
+    drop(s);
+    let dir = t.path().join("vol");
+    let old = br#"{"size_bytes":16384,"next_layer_id":3,"volume_deleted":false,"layers":[{"id":2,"snapshot_id":null,"size_bytes":16384,"deleting":false},{"id":1,"snapshot_id":"a","size_bytes":16384,"deleting":false}]}"#;
+    std::fs::write(
+        dir.join("MANIFEST"),
+        format::frame_manifest(old).expect("frame"),
+    )
+    .expect("write old manifest");
+    let s = LayeredStore::open(&dir).expect("open old manifest");
+    assert_eq!(
+        s.read(0, 2 * B).expect("read"),
+        [pattern(0, 1), pattern(1, 2)].concat()
+    );
+    assert_eq!(s.snapshots().len(), 1);
+    assert!(s
+        .space_used()
+        .expect("space")
+        .layers
+        .iter()
+        .all(|l| !l.shared));
+}
+
+#[test]
+fn manifests_keep_shared_layers_sealed_and_at_the_base() {
+    let layer = |id: u64, snap: Option<&str>, shared: bool| ManifestLayer {
+        id,
+        snapshot_id: snap.map(str::to_string),
+        size_bytes: 4 * B,
+        deleting: false,
+        shared,
+    };
+    let manifest = |layers: Vec<ManifestLayer>, deleted: bool| ManifestV1 {
+        size_bytes: 4 * B,
+        next_layer_id: 10,
+        volume_deleted: deleted,
+        layers,
+    };
+    let good = manifest(
+        vec![
+            layer(5, None, false),
+            layer(4, Some("own"), false),
+            layer(2, Some("s2"), true),
+            layer(1, Some("s1"), true),
+        ],
+        false,
+    );
+    assert_eq!(validate_manifest(&good), Ok(()));
+    // Own and shared snapshot ids are separate namespaces.
+    let mut reused = good.clone();
+    reused.layers[1].snapshot_id = Some("s2".into());
+    assert_eq!(validate_manifest(&reused), Ok(()));
+
+    let mut shared_head = good.clone();
+    shared_head.layers[0].shared = true;
+    let mut deleting = good.clone();
+    deleting.layers[2].deleting = true;
+    let mut not_base = good.clone();
+    not_base.layers[3].shared = false;
+    let mut dup = good.clone();
+    dup.layers[3].snapshot_id = Some("s2".into());
+    let only_shared = manifest(vec![layer(2, Some("s2"), true)], true);
+    for (what, m) in [
+        ("shared head", shared_head),
+        ("shared deleting", deleting),
+        ("own below shared", not_base),
+        ("duplicate shared id", dup),
+        ("deleted with only shared", only_shared),
+    ] {
+        assert!(validate_manifest(&m).is_err(), "{what} accepted");
+    }
+}

@@ -9,8 +9,14 @@
 //! takes a block that is damaged here from another copy; for that it needs each
 //! block's version, not just its bytes. The reads are background I/O: nobody's
 //! application waits on a restore.
+//!
+//! [`LayeredStore::read_versions_only`] reads the metadata entries alone (no data
+//! read, no data checksum): a restore whose volume already shares this replica's
+//! sealed layers of the snapshot compares those claims with the other holders' and
+//! fetches data only for the blocks where they differ.
 
-use super::format::Verdict;
+use super::format::{Entry, Verdict, FLAG_DATA};
+use super::layer::Layer;
 use super::{check_range, with_io_priority, IoPriority, LayeredStore, StoreError, BS};
 use crate::block_io::BLOCK_SIZE;
 
@@ -63,11 +69,17 @@ pub struct DataLengthMismatch {
 /// intact data blocks packed in block order (4096 per [`BlockVersion::Data`] block).
 /// The packing mirrors the wire chunk of `ReadSnapshotBlocks`, so a chunk is built
 /// and checked without copying block by block.
+///
+/// A *versions-only* range ([`Self::versions_only`]) carries no data at all: its
+/// [`BlockVersion::Data`] seqs are what the metadata entries claim, unchecked against
+/// the bytes. It exists so a replica that already holds most of a snapshot can find
+/// the blocks where copies differ without moving (or even reading) their data.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VersionedBlocks {
     first_block: u64,
     versions: Vec<BlockVersion>,
     data: Vec<u8>,
+    versions_only: bool,
 }
 
 impl VersionedBlocks {
@@ -92,7 +104,24 @@ impl VersionedBlocks {
             first_block,
             versions,
             data,
+            versions_only: false,
         })
+    }
+
+    /// A range of versions without data (see the type's doc): data entries are claims
+    /// nobody checked, and [`Self::iter`] yields no bytes for them.
+    pub fn versions_only(first_block: u64, versions: Vec<BlockVersion>) -> Self {
+        VersionedBlocks {
+            first_block,
+            versions,
+            data: Vec::new(),
+            versions_only: true,
+        }
+    }
+
+    /// Whether this range carries versions only (no data even for data blocks).
+    pub fn is_versions_only(&self) -> bool {
+        self.versions_only
     }
 
     /// Index of the first block.
@@ -125,12 +154,13 @@ impl VersionedBlocks {
         &self.data
     }
 
-    /// Every block with its version and, for intact data, its bytes.
+    /// Every block with its version and, for intact data, its bytes (never for a
+    /// versions-only range).
     pub fn iter(&self) -> impl Iterator<Item = (u64, BlockVersion, Option<&[u8]>)> + '_ {
         let mut chunks = self.data.chunks_exact(BS);
         self.versions.iter().enumerate().map(move |(i, v)| {
             let bytes = match v {
-                BlockVersion::Data { .. } => chunks.next(),
+                BlockVersion::Data { .. } if !self.versions_only => chunks.next(),
                 _ => None,
             };
             (self.first_block + i as u64, *v, bytes)
@@ -155,18 +185,38 @@ impl LayeredStore {
         len: u64,
     ) -> Result<VersionedBlocks, StoreError> {
         with_io_priority(IoPriority::Background, || {
-            self.read_versions(snapshot_id, offset, len)
+            self.read_versions(Some(snapshot_id), offset, len, true)
+        })
+    }
+
+    /// The versions of `len` bytes at `offset` of the current view (`None`, the head
+    /// included) or of a snapshot, read from the metadata entries alone: no data is
+    /// read or checked, so a [`BlockVersion::Data`] is only what its entry claims.
+    /// A tombstone needs no data to be verified and is [`BlockVersion::Corrupt`] when
+    /// its own checksum fails, as is an entry with invalid flags or one the index
+    /// expects but the meta file lacks. This is how a replica whose volume shares a
+    /// snapshot's sealed layers compares them with other holders' copies cheaply.
+    /// Background I/O.
+    pub fn read_versions_only(
+        &self,
+        snapshot: Option<&str>,
+        offset: u64,
+        len: u64,
+    ) -> Result<VersionedBlocks, StoreError> {
+        with_io_priority(IoPriority::Background, || {
+            self.read_versions(snapshot, offset, len, false)
         })
     }
 
     fn read_versions(
         &self,
-        snapshot_id: &str,
+        snapshot: Option<&str>,
         offset: u64,
         len: u64,
+        with_data: bool,
     ) -> Result<VersionedBlocks, StoreError> {
         let state = self.state_read();
-        let (top, size) = state.view(Some(snapshot_id))?;
+        let (top, size) = state.view(snapshot)?;
         let (first, n) = check_range(offset, len, size)?;
         let count = usize::try_from(n).map_err(|_| StoreError::OutOfRange { offset, len, size })?;
         let _stripes = self.lock_shared(first, n);
@@ -197,39 +247,27 @@ impl LayeredStore {
             }
             if let Some(i) = owner {
                 let layer = &state.layers[i].layer;
-                let run = (run_end - b) as usize;
-                let entries = layer.read_entries(b, run)?;
-                let mut buf = vec![0u8; run * BS];
-                let only_tombstones = entries
-                    .iter()
-                    .enumerate()
-                    .all(|(k, e)| matches!(e, Some(e) if e.is_valid_tombstone(b + k as u64)));
-                if !only_tombstones {
-                    layer.read_data(b, &mut buf)?;
-                }
-                for (k, (entry, bytes)) in entries.iter().zip(buf.chunks_exact(BS)).enumerate() {
-                    let block = b + k as u64;
-                    let version = match entry {
-                        // The index says the layer has the block but its entry is gone.
-                        None => BlockVersion::Corrupt { seq: 0 },
-                        Some(e) => match e.verify(block, bytes) {
-                            Verdict::Data => {
-                                data.extend_from_slice(bytes);
-                                BlockVersion::Data { seq: e.seq }
-                            }
-                            Verdict::Trimmed => BlockVersion::Trimmed { seq: e.seq },
-                            Verdict::Corrupt => BlockVersion::Corrupt { seq: e.seq },
-                        },
-                    };
-                    versions[(block - first) as usize] = version;
+                let entries = layer.read_entries(b, (run_end - b) as usize)?;
+                let out = &mut versions[(b - first) as usize..(run_end - first) as usize];
+                if with_data {
+                    verify_run(layer, b, &entries, out, &mut data)?;
+                } else {
+                    for (k, (entry, v)) in entries.iter().zip(out.iter_mut()).enumerate() {
+                        *v = claimed_version(entry.as_ref(), b + k as u64);
+                    }
                 }
             }
             b = run_end;
         }
-        Ok(VersionedBlocks {
-            first_block: first,
-            versions,
-            data,
+        Ok(if with_data {
+            VersionedBlocks {
+                first_block: first,
+                versions,
+                data,
+                versions_only: false,
+            }
+        } else {
+            VersionedBlocks::versions_only(first, versions)
         })
     }
 
@@ -238,6 +276,57 @@ impl LayeredStore {
         let state = self.state_read();
         let i = state.find_snapshot(snapshot_id)?;
         Ok(state.layers[i].size)
+    }
+}
+
+/// Versions of a run of blocks owned by `layer` from `first`, their data checked
+/// against the entries; the bytes of intact data blocks are appended to `data`.
+fn verify_run(
+    layer: &Layer,
+    first: u64,
+    entries: &[Option<Entry>],
+    out: &mut [BlockVersion],
+    data: &mut Vec<u8>,
+) -> Result<(), StoreError> {
+    let mut buf = vec![0u8; entries.len() * BS];
+    let only_tombstones = entries
+        .iter()
+        .enumerate()
+        .all(|(k, e)| matches!(e, Some(e) if e.is_valid_tombstone(first + k as u64)));
+    if !only_tombstones {
+        layer.read_data(first, &mut buf)?;
+    }
+    for (k, ((entry, bytes), v)) in entries
+        .iter()
+        .zip(buf.chunks_exact(BS))
+        .zip(out.iter_mut())
+        .enumerate()
+    {
+        let block = first + k as u64;
+        *v = match entry {
+            // The index says the layer has the block but its entry is gone.
+            None => BlockVersion::Corrupt { seq: 0 },
+            Some(e) => match e.verify(block, bytes) {
+                Verdict::Data => {
+                    data.extend_from_slice(bytes);
+                    BlockVersion::Data { seq: e.seq }
+                }
+                Verdict::Trimmed => BlockVersion::Trimmed { seq: e.seq },
+                Verdict::Corrupt => BlockVersion::Corrupt { seq: e.seq },
+            },
+        };
+    }
+    Ok(())
+}
+
+/// What `entry` of `block` claims, checked only as far as the entry alone allows.
+fn claimed_version(entry: Option<&Entry>, block: u64) -> BlockVersion {
+    match entry {
+        // The index says the layer has the block but its entry is gone.
+        None => BlockVersion::Corrupt { seq: 0 },
+        Some(e) if e.flags == FLAG_DATA => BlockVersion::Data { seq: e.seq },
+        Some(e) if e.is_valid_tombstone(block) => BlockVersion::Trimmed { seq: e.seq },
+        Some(e) => BlockVersion::Corrupt { seq: e.seq },
     }
 }
 
@@ -336,15 +425,7 @@ mod tests {
         let v = s.read_snapshot_versions("a", 0, 8 * B).expect("read");
         assert!(!v.is_unwritten());
         // Zero the entry on disk behind the index's back: damage, never "unwritten".
-        let meta = tmp.path().join("v/layers/1/meta");
-        {
-            use std::os::unix::fs::FileExt;
-            let f = std::fs::OpenOptions::new()
-                .write(true)
-                .open(&meta)
-                .expect("open meta");
-            f.write_all_at(&[0u8; 16], 4096).expect("zero entry");
-        }
+        zero_entry(&tmp.path().join("v/layers/1/meta"), 0);
         let v = s.read_snapshot_versions("a", 0, B).expect("read");
         assert_eq!(v.versions(), &[BlockVersion::Corrupt { seq: 0 }]);
         assert!(v.data().is_empty());
@@ -377,6 +458,125 @@ mod tests {
         assert_eq!(v.data(), block(8).as_slice());
     }
 
+    /// Zeroes the meta entry of `block` (the on-disk "no entry" value).
+    fn zero_entry(meta: &std::path::Path, block: u64) {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(meta)
+            .expect("open meta");
+        f.write_all_at(&[0u8; 16], 4096 + block * 16)
+            .expect("zero entry");
+    }
+
+    /// XORs `byte` into the meta entry of `block` at `field` (0 crc, 4 flags, 8 seq).
+    fn poke_entry(meta: &std::path::Path, block: u64, field: u64, byte: u8) {
+        poke(meta, 4096 + block * 16 + field, byte);
+    }
+
+    #[test]
+    fn versions_only_reads_claims_from_entries_alone() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let s = LayeredStore::create(&tmp.path().join("v"), 300 * B).expect("create");
+        // Layer 1 (snapshot "a"): data 0..5, tombstones 5..7.
+        s.write(
+            0,
+            &[block(1), block(2), block(3), block(4), block(5)].concat(),
+            10,
+        )
+        .expect("write");
+        s.trim(5 * B, 2 * B, 11).expect("trim");
+        s.snapshot("a").expect("snapshot a");
+        // Head: block 1 overwritten, block 2 trimmed, block 250 written.
+        s.write(B, &block(9), 21).expect("overwrite");
+        s.trim(2 * B, B, 22).expect("trim head");
+        s.write(250 * B, &block(7), 23).expect("far block");
+        s.flush().expect("flush");
+        let meta = tmp.path().join("v/layers/1/meta");
+        // Block 0: flipped data, intact entry: only a full read can tell.
+        poke(&tmp.path().join("v/layers/1/data"), 17, 0x20);
+        // Block 3: flags no valid entry has (1 | 2).
+        poke_entry(&meta, 3, 4, 0x02);
+        // Block 4: entry gone behind the index's back.
+        zero_entry(&meta, 4);
+        // Block 6: a tombstone whose own checksum fails.
+        poke_entry(&meta, 6, 0, 0x01);
+
+        let a = s.read_versions_only(Some("a"), 0, 8 * B).expect("read a");
+        assert!(a.is_versions_only());
+        assert_eq!(a.first_block(), 0);
+        assert_eq!(
+            a.versions(),
+            &[
+                BlockVersion::Data { seq: 10 },
+                BlockVersion::Data { seq: 10 },
+                BlockVersion::Data { seq: 10 },
+                BlockVersion::Corrupt { seq: 10 },
+                BlockVersion::Corrupt { seq: 0 },
+                BlockVersion::Trimmed { seq: 11 },
+                BlockVersion::Corrupt { seq: 11 },
+                BlockVersion::Unwritten,
+            ]
+        );
+        assert!(a.data().is_empty());
+        assert!(a.iter().all(|(_, _, bytes)| bytes.is_none()));
+        // The full read checks the data the entries-only read trusted.
+        let full = s.read_snapshot_versions("a", 0, B).expect("full read");
+        assert_eq!(full.versions(), &[BlockVersion::Corrupt { seq: 10 }]);
+        assert!(!full.is_versions_only());
+
+        // The current view: the head's entries over the snapshot's.
+        let now = s.read_versions_only(None, 0, 300 * B).expect("read head");
+        assert_eq!(now.len(), 300);
+        assert_eq!(
+            &now.versions()[..3],
+            &[
+                BlockVersion::Data { seq: 10 },
+                BlockVersion::Data { seq: 21 },
+                BlockVersion::Trimmed { seq: 22 },
+            ]
+        );
+        assert_eq!(now.versions()[250], BlockVersion::Data { seq: 23 });
+        assert!(now.versions()[7..250]
+            .iter()
+            .chain(&now.versions()[251..])
+            .all(|v| *v == BlockVersion::Unwritten));
+        let tail = s.read_versions_only(None, 256 * B, 44 * B).expect("tail");
+        assert_eq!(tail.first_block(), 256);
+        assert!(tail.is_unwritten());
+    }
+
+    #[test]
+    fn versions_only_refuses_what_a_full_read_refuses() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let s = LayeredStore::create(&tmp.path().join("v"), 8 * B).expect("create");
+        s.write(B, &block(8), 4).expect("write");
+        s.snapshot("a").expect("snapshot");
+        assert!(matches!(
+            s.read_versions_only(None, 1, B),
+            Err(StoreError::Unaligned { .. })
+        ));
+        assert!(matches!(
+            s.read_versions_only(None, 4 * B, 8 * B),
+            Err(StoreError::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            s.read_versions_only(Some("nope"), 0, B),
+            Err(StoreError::SnapshotNotFound(_))
+        ));
+        s.delete_volume().expect("delete volume");
+        assert!(matches!(
+            s.read_versions_only(None, 0, B),
+            Err(StoreError::VolumeDeleted)
+        ));
+        // The snapshot of a deleted volume is still there to compare against.
+        let v = s.read_versions_only(Some("a"), 0, 2 * B).expect("read a");
+        assert_eq!(
+            v.versions(),
+            &[BlockVersion::Unwritten, BlockVersion::Data { seq: 4 }]
+        );
+    }
+
     #[test]
     fn parts_must_agree() {
         assert!(VersionedBlocks::new(0, vec![BlockVersion::Data { seq: 1 }], vec![]).is_err());
@@ -391,6 +591,18 @@ mod tests {
         assert_eq!(
             v.iter().next(),
             Some((7, BlockVersion::Data { seq: 1 }, Some(&block(3)[..])))
+        );
+        let claims = VersionedBlocks::versions_only(7, vec![BlockVersion::Data { seq: 1 }]);
+        assert!(claims.is_versions_only() && claims.data().is_empty());
+        assert_eq!(
+            claims.iter().next(),
+            Some((7, BlockVersion::Data { seq: 1 }, None))
+        );
+        // Same versions, but one of them vouches for nothing: not the same range.
+        let trims = vec![BlockVersion::Trimmed { seq: 1 }];
+        assert_ne!(
+            VersionedBlocks::versions_only(7, trims.clone()),
+            VersionedBlocks::new(7, trims, vec![]).expect("no data")
         );
     }
 }
