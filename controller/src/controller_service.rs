@@ -399,13 +399,13 @@ impl ControllerService {
                 volume: Some(self.volume(&rec, &topo.requisite)),
             });
         }
-        let (size, copy_source, source_guard, holder_daemons) = match &source {
-            None => (size, None, None, Vec::new()),
+        let (size, copy_source, source_guards, holder_daemons) = match &source {
+            None => (size, None, Vec::new(), Vec::new()),
             Some(s) => {
                 let p = self
                     .prepare_copy(s, &volume_id, req.capacity_range.as_ref())
                     .await?;
-                (p.size, Some(p.copy), p.source_guard, p.holder_daemons)
+                (p.size, Some(p.copy), p.guards, p.holder_daemons)
             }
         };
         let preferred = match params.data_locality {
@@ -433,7 +433,7 @@ impl ControllerService {
             .await;
         // The new volume is in the index (or nothing was created): the source may
         // change again while the copy runs.
-        drop(source_guard);
+        drop(source_guards);
         let rec = match created {
             Ok(rec) => rec,
             Err(e) => {
@@ -1030,6 +1030,8 @@ impl ControllerService {
         required("source_volume_id", &req.source_volume_id)?;
         let id = snapshot_id_for_name(&req.name);
         let _guard = self.inner.locks.lock(&req.source_volume_id).await;
+        // Same name again while a DeleteSnapshot of it runs: one after the other.
+        let _snapshot_guard = self.inner.locks.lock(&id).await;
         let existing = self.user_snapshots().await?.remove(&id);
         if let Some(found) = &existing {
             if found.record.source_volume_id != req.source_volume_id {
@@ -1070,7 +1072,10 @@ impl ControllerService {
             return Ok(csi::DeleteSnapshotResponse {});
         };
         let volume_id = found.record.source_volume_id.clone();
-        let _guard = self.inner.locks.lock(&volume_id).await;
+        // The snapshot's lock, not the volume's: the daemons may merge for longer than
+        // the call waits, and snapshots of the volume need not wait for that. A restore
+        // holds this lock from its checks until its replicas exist.
+        let _guard = self.inner.locks.lock(&req.snapshot_id).await;
         if let Some(user) = self.restore_in_progress(&req.snapshot_id).await {
             return Err(ControllerError::FailedPrecondition(format!(
                 "snapshot {} is in use: {user} is still being restored from it",

@@ -392,13 +392,15 @@ impl ReplicaPool {
                 ))),
             };
         // Only transport failures say something about the daemon's health; an
-        // application error (NOT_FOUND, ABORTED, ...) comes from a live daemon.
-        let transport_failure = result.as_ref().err().filter(|e| {
-            matches!(
-                e.code(),
-                Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled
-            )
-        });
+        // application error (NOT_FOUND, ABORTED, ...) comes from a live daemon, and so
+        // may a missed deadline: a snapshot deletion's merge can outlast any deadline.
+        // Marking every daemon down after such calls made snapshot listings come back
+        // empty (DeleteSnapshot "succeeded", restores said NOT_FOUND). A daemon that
+        // really hangs is found by the liveness probe, whose own deadline counts.
+        let transport_failure = result
+            .as_ref()
+            .err()
+            .filter(|e| matches!(e.code(), Code::Unavailable | Code::Cancelled));
         if let Some(s) = self.write().get_mut(&address) {
             match transport_failure {
                 Some(e) => {

@@ -107,8 +107,9 @@ pub(crate) struct PreparedCopy<'a> {
     pub size: u64,
     /// What every replica of the new volume is populated from.
     pub copy: CopySource,
-    /// The source volume's lock, held until the new volume is in the index.
-    pub source_guard: Option<KeyGuard<'a>>,
+    /// The source volume's lock (and a restored snapshot's), held until the new
+    /// volume is in the index.
+    pub guards: Vec<KeyGuard<'a>>,
     /// Placement ids of every daemon holding the snapshot: placement takes them first,
     /// because a target that holds the snapshot shares its sealed layers (instant)
     /// instead of copying them.
@@ -241,7 +242,7 @@ impl ControllerService {
         volume_id: &str,
         range: Option<&CapacityRange>,
     ) -> Result<PreparedCopy<'_>> {
-        let (found, guard) = match source {
+        let (found, guards) = match source {
             RequestedSource::Snapshot(id) => {
                 let missing = || ControllerError::SnapshotNotFound(id.clone());
                 let source_volume = self
@@ -252,13 +253,15 @@ impl ControllerService {
                     .record
                     .source_volume_id;
                 // A volume restored under the id of its deleted source already holds
-                // that lock.
-                let guard = if source_volume == volume_id {
-                    None
-                } else {
-                    Some(self.locks().lock(&source_volume).await)
-                };
-                // Looked up again under the lock: a DeleteSnapshot may have run first.
+                // that lock. DeleteSnapshot takes the snapshot's lock (not the
+                // volume's, so it does not hold up snapshots of the volume while the
+                // daemons merge): held here too, it sees this restore or runs first.
+                let mut guards = Vec::with_capacity(2);
+                if source_volume != volume_id {
+                    guards.push(self.locks().lock(&source_volume).await);
+                }
+                guards.push(self.locks().lock(id).await);
+                // Looked up again under the locks: a DeleteSnapshot may have run first.
                 let found = self
                     .user_snapshots()
                     .await?
@@ -271,7 +274,7 @@ impl ControllerService {
                         found.quorum()
                     )));
                 }
-                (found, guard)
+                (found, guards)
             }
             RequestedSource::Volume(src) => {
                 let rec = self
@@ -281,7 +284,7 @@ impl ControllerService {
                 copy_size(range, rec.size_bytes)?;
                 self.check_copy_done(&rec).await?;
                 let snapshot_id = snapshots::clone_snapshot_id(volume_id);
-                let guard = Some(self.locks().lock(src).await);
+                let guards = vec![self.locks().lock(src).await];
                 let found = snapshots::seal(
                     self.pool(),
                     &rec,
@@ -290,7 +293,7 @@ impl ControllerService {
                     crate::controller_service::now_nanos(),
                 )
                 .await?;
-                (found, guard)
+                (found, guards)
             }
         };
         let clone = matches!(source, RequestedSource::Volume(_));
@@ -323,7 +326,7 @@ impl ControllerService {
         Ok(PreparedCopy {
             size,
             copy,
-            source_guard: guard,
+            guards,
             holder_daemons,
         })
     }

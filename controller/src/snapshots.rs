@@ -113,10 +113,14 @@ pub async fn scan(pool: &ReplicaPool) -> Result<BTreeMap<String, FoundSnapshot>,
             entry.holders.push(holder.clone());
         }
     }
-    if answered == 0 && !live.is_empty() {
-        return Err(ControllerError::Unavailable(
-            "no replica daemon answered ListSnapshots".into(),
-        ));
+    // No answer is not "no snapshots": with daemons known but none answering (or none
+    // live), an empty listing would let DeleteSnapshot report an existing snapshot
+    // deleted and a restore report it missing.
+    if answered == 0 && !pool.known_node_ids().is_empty() {
+        return Err(ControllerError::Unavailable(format!(
+            "no replica daemon answered ListSnapshots ({} live)",
+            live.len()
+        )));
     }
     Ok(found)
 }

@@ -590,7 +590,9 @@ async fn a_snapshots_of_a_volume_under_writes_hold_exactly_the_acknowledged_writ
         assert_eq!(records.len(), 3, "{name}: {records:?}");
         for (i, r) in &records {
             assert!(
-                r.copy.as_ref().is_some_and(|c| c.shared_layers && c.complete),
+                r.copy
+                    .as_ref()
+                    .is_some_and(|c| c.shared_layers && c.complete),
                 "{name} on daemon {i} shares its layers: {:?}",
                 r.copy
             );
@@ -1747,6 +1749,7 @@ async fn h_control_calls_are_answered_while_a_snapshot_merges() {
         .collect();
     write_extents(&a.target, &extents).await;
     let snapshot = take_snapshot(&mut controller, "h-snap", &volume.volume_id).await;
+    let source_sha = device_sha(&a.target, SIZE).await;
     detach(&cluster, &a).await;
 
     // The merge copies the snapshot's blocks into the (empty) head: it has begun
@@ -1784,6 +1787,13 @@ async fn h_control_calls_are_answered_while_a_snapshot_merges() {
         .create_volume(block_request("h-other", 16 * MIB))
         .await;
     let other_took = asked.elapsed();
+    // A snapshot of the very volume whose older snapshot is merging: sealing does not
+    // wait for the merge (it used to, holding the daemon's mutation lock meanwhile).
+    let asked = Instant::now();
+    let during = controller
+        .create_snapshot(snapshot_request("h-snap-during", &volume.volume_id))
+        .await;
+    let during_took = asked.elapsed();
     let delete_running = !delete.is_finished();
     let (deleted, delete_took) = delete.await.expect("DeleteSnapshot task");
     eprintln!(
@@ -1803,6 +1813,18 @@ async fn h_control_calls_are_answered_while_a_snapshot_merges() {
          control API is blocked while a snapshot merges"
     );
     assert!(other.into_inner().volume.is_some());
+    let during = during
+        .unwrap_or_else(|s| {
+            panic!("CreateSnapshot of the merging volume failed (after {during_took:?}): {s}")
+        })
+        .into_inner()
+        .snapshot
+        .expect("CreateSnapshot returns the snapshot");
+    assert!(
+        delete_running || during_took < Duration::from_secs(1),
+        "CreateSnapshot of the merging volume waited {during_took:?}, until the merge \
+         was over (DeleteSnapshot took {delete_took:?})"
+    );
     // Whatever the first answer, a retried DeleteSnapshot ends with the snapshot gone.
     if let Err(status) = deleted {
         eprintln!("DeleteSnapshot answered {status:?}; retrying as a CO would");
@@ -1822,4 +1844,22 @@ async fn h_control_calls_are_answered_while_a_snapshot_merges() {
     assert!(!snapshot_ids(&mut controller)
         .await
         .contains(&snapshot.snapshot_id));
+    // A success is a deletion: no daemon holds it any more (the controller once took
+    // daemons that missed a deadline for down and answered success without deleting).
+    assert!(
+        !replica_snapshot_ids(&cluster)
+            .await
+            .contains(&snapshot.snapshot_id),
+        "DeleteSnapshot answered success while a daemon still holds the snapshot"
+    );
+    // The snapshot sealed in the middle of the merge holds the volume as written.
+    let request = from_snapshot(block_request("h-restore", SIZE), &during.snapshot_id);
+    let restored = create_copy(&mut controller, request).await.volume;
+    let r = attach_block(&cluster, &restored, "h-restore").await;
+    assert_eq!(
+        device_sha(&r.target, SIZE).await,
+        source_sha,
+        "a snapshot sealed during a merge restores to the volume's content"
+    );
+    detach(&cluster, &r).await;
 }

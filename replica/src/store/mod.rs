@@ -125,7 +125,12 @@
 //! writes, trims and merge copies exclusively, reads shared. Writes to different
 //! blocks run in parallel; a read never sees half of a write. Snapshot takes the chain
 //! lock exclusively, which is the barrier that seals the head. Control operations
-//! (snapshot, delete, expand) are serialised among themselves.
+//! (snapshot, delete, expand) are serialised among themselves, except the block copy of
+//! a snapshot deletion, which can take minutes: deletions are serialised by a lock of
+//! their own and copy without the control lock, taking it only to mark the layer and to
+//! drop it. A seal meanwhile leaves the merge's target in place (the new head goes on
+//! top) and copying into a sealed child changes no view; an expansion only grows the
+//! head; a volume delete that drops the target leaves blocks nobody needs.
 //!
 //! The data plane uses the async variants ([`LayeredStore::read_async`] and friends,
 //! module `nonblocking`): they hold the same stripes (tokio locks, shared with the
@@ -366,8 +371,25 @@ pub struct LayeredStore {
     state: RwLock<State>,
     /// Stripes and the async gate (`locks` module).
     locks: BlockLocks,
+    /// Serialises control operations (seal, expand, delete, retire, chain changes).
     control: Mutex<()>,
+    /// Held for a whole snapshot deletion: merges run one at a time, but their long
+    /// block copy runs without `control`, so sealing, expanding or deleting the
+    /// volume does not wait minutes for a merge (see `delete_snapshot`).
+    merging: Mutex<()>,
     size: AtomicU64,
+}
+
+/// A new volume's size must be a positive multiple of the block size.
+fn check_new_size(size_bytes: u64) -> Result<(), StoreError> {
+    if size_bytes == 0 || !aligned(size_bytes) {
+        return Err(StoreError::InvalidSize {
+            current: 0,
+            requested: size_bytes,
+            reason: "a volume size must be a positive multiple of 4096",
+        });
+    }
+    Ok(())
 }
 
 /// Whether a byte value is a whole number of blocks.
@@ -509,13 +531,7 @@ impl LayeredStore {
         size_bytes: u64,
         factory: Arc<dyn BlockFileFactory>,
     ) -> Result<LayeredStore, StoreError> {
-        if size_bytes == 0 || !aligned(size_bytes) {
-            return Err(StoreError::InvalidSize {
-                current: 0,
-                requested: size_bytes,
-                reason: "a volume size must be a positive multiple of 4096",
-            });
-        }
+        check_new_size(size_bytes)?;
         prepare_volume_dir(dir)?;
         let head = Layer::create(factory.as_ref(), dir, 1, size_bytes / BLOCK_SIZE)?;
         let state = State {
@@ -575,13 +591,7 @@ impl LayeredStore {
         size_bytes: u64,
         factory: Arc<dyn BlockFileFactory>,
     ) -> Result<LayeredStore, StoreError> {
-        if size_bytes == 0 || !aligned(size_bytes) {
-            return Err(StoreError::InvalidSize {
-                current: 0,
-                requested: size_bytes,
-                reason: "a volume size must be a positive multiple of 4096",
-            });
-        }
+        check_new_size(size_bytes)?;
         // Held until the new manifest is durable: no merge, deletion or retire of the
         // source changes the chain (or writes into a layer) while it is linked.
         let _source_control = source
@@ -750,6 +760,7 @@ impl LayeredStore {
             state: RwLock::new(state),
             locks: BlockLocks::default(),
             control: Mutex::new(()),
+            merging: Mutex::new(()),
         }
     }
 
@@ -1083,7 +1094,8 @@ impl LayeredStore {
     /// layer lacks are merged into that layer, then the layer is freed. When it is the
     /// last snapshot of a deleted volume, the volume's directory is removed.
     pub fn delete_snapshot(&self, snapshot_id: &str) -> Result<(), StoreError> {
-        let _control = self.control();
+        let _merging = self.merging.lock().unwrap_or_else(|p| p.into_inner());
+        let control = self.control();
         let layer_id = {
             let state = self.state_read();
             let i = state.find_snapshot(snapshot_id)?;
@@ -1101,15 +1113,32 @@ impl LayeredStore {
                 s.deleting = true;
             }
         }
-        self.merge_out(layer_id)
+        // The copy can take minutes; other control operations may run meanwhile
+        // (module doc: a seal, an expansion or a volume delete during a merge keeps
+        // every view), another deletion waits for `merging`.
+        drop(control);
+        self.merge_copy(layer_id)?;
+        let _control = self.control();
+        self.merge_finish(layer_id)
     }
 
-    /// Merges layer `id` into its child and drops it. Caller holds the control lock.
+    /// Merges layer `id` into its child and drops it. Caller holds the control lock
+    /// (at open, where nothing else runs yet).
+    fn merge_out(&self, id: LayerId) -> Result<(), StoreError> {
+        self.merge_copy(id)?;
+        self.merge_finish(id)
+    }
+
+    /// Copies every block of layer `id` that its child (the next newer layer, as it
+    /// is now) lacks into the child, then syncs the child. Runs without the control
+    /// lock in `delete_snapshot`: the child keeps its place when the head is sealed
+    /// (a new head goes on top), copying into a sealed child changes no view, and a
+    /// child dropped meanwhile (the volume deleted) no longer needs the blocks.
     ///
     /// The child is the next *newer* layer, so a merge never writes into an older
     /// one: shared layers (the base run) are never a merge target, and are never
     /// merged out themselves (they are not this volume's snapshots).
-    fn merge_out(&self, id: LayerId) -> Result<(), StoreError> {
+    fn merge_copy(&self, id: LayerId) -> Result<(), StoreError> {
         let (layer, child) = {
             let state = self.state_read();
             let Some(i) = state.layers.iter().position(|s| s.layer.id == id) else {
@@ -1138,6 +1167,12 @@ impl LayeredStore {
                 child.sync()
             })?;
         }
+        Ok(())
+    }
+
+    /// Drops merged layer `id` from the chain (manifest, then files). Caller holds
+    /// the control lock.
+    fn merge_finish(&self, id: LayerId) -> Result<(), StoreError> {
         // The chain changes: wait for async data operations (`locks` module).
         let _gate = self.locks.gate_exclusive_blocking();
         let mut state = self.state_write();
@@ -1153,7 +1188,7 @@ impl LayeredStore {
         let mut m = state.manifest();
         m.layers.retain(|l| l.id != id);
         self.write_manifest(&m)?;
-        state.layers.remove(i);
+        let layer = state.layers.remove(i).layer;
         drop(state);
         remove_layer_dir(layer.dir())
     }
