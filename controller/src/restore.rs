@@ -387,7 +387,12 @@ impl ControllerService {
                 let fresh = reads.freshest().unwrap_or(rec);
                 self.index().upsert(fresh.clone());
                 if copy.clone {
-                    self.drop_internal_snapshot(&copy.snapshot_id).await;
+                    // In the background: the merge that deletes it on the daemons can
+                    // take longer than a CO waits for this answer, and the clone is
+                    // ready now. A failed deletion is retried by the sweep.
+                    let svc = self.clone();
+                    let id = copy.snapshot_id.clone();
+                    tokio::spawn(async move { svc.drop_internal_snapshot(&id).await });
                 }
                 tracing::info!(volume = %fresh.volume_id, source = %describe(&copy), "volume populated");
                 return Ok(fresh);

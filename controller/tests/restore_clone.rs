@@ -468,10 +468,8 @@ async fn clone_copies_data_and_hides_and_drops_its_internal_snapshot() {
     assert_eq!(clone.capacity_bytes, (16 * MIB) as i64);
     assert_eq!(clone.content_source, Some(volume_source(&src.volume_id)));
     assert_replicas_hold(&c, &clone.volume_id, &expected_image(16 * MIB, &writes)).await;
-    assert!(
-        daemon_snapshot_ids(&c).await.is_empty(),
-        "the internal snapshot is deleted once the clone is complete"
-    );
+    // The internal snapshot is deleted (in the background) once the clone is complete.
+    wait_until_gone(&c, &clone_snapshot_id(&clone.volume_id)).await;
     assert_eq!(create(&c, req).await.expect("repeat"), clone);
     // The clone is independent of its source: deleting the source keeps its data.
     c.ctl()
@@ -729,7 +727,7 @@ async fn slow_copies_abort_with_progress_and_hold_their_snapshot() {
         "progress of the clone in {aborted:?}"
     );
     assert_replicas_hold(&c, &clone.volume_id, &expected_image(8 * MIB, &writes)).await;
-    assert!(daemon_snapshot_ids(&c).await.is_empty());
+    wait_until_gone(&c, &clone_snapshot_id(&clone.volume_id)).await;
 }
 
 /// Collects a GetMetadataAllocated stream: the entries per message, the capacity and

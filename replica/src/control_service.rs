@@ -227,6 +227,7 @@ fn store_code(e: &StoreError) -> Code {
         }
         StoreError::OutOfRange { .. } => Code::OutOfRange,
         StoreError::SnapshotOrder { .. } => Code::FailedPrecondition,
+        StoreError::MergeInProgress | StoreError::SourceBusy => Code::Unavailable,
         _ => Code::Internal,
     }
 }

@@ -87,6 +87,11 @@ pub enum StoreError {
     /// a create must not stall its caller that long. Copying instead is always correct.
     #[error("the source volume is busy with another control operation")]
     SourceBusy,
+    /// Another snapshot deletion of this volume is still merging its layer. Answered at
+    /// once rather than queued: a merge can take minutes, and callers (the controller,
+    /// a CO's retries) would otherwise pile up blocked threads behind it.
+    #[error("another snapshot deletion of this volume is still merging; retry later")]
+    MergeInProgress,
     /// The snapshot id cannot be stored.
     #[error("snapshot id {id:?} is invalid: {reason}")]
     InvalidSnapshotId {

@@ -1092,9 +1092,15 @@ impl LayeredStore {
 
     /// Deletes a snapshot while I/O continues: its layer's blocks that the next newer
     /// layer lacks are merged into that layer, then the layer is freed. When it is the
-    /// last snapshot of a deleted volume, the volume's directory is removed.
+    /// last snapshot of a deleted volume, the volume's directory is removed. While
+    /// another deletion of this volume merges, it fails at once with
+    /// [`StoreError::MergeInProgress`] (a merge can take minutes; the caller retries).
     pub fn delete_snapshot(&self, snapshot_id: &str) -> Result<(), StoreError> {
-        let _merging = self.merging.lock().unwrap_or_else(|p| p.into_inner());
+        let _merging = match self.merging.try_lock() {
+            Ok(guard) => guard,
+            Err(TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(TryLockError::WouldBlock) => return Err(StoreError::MergeInProgress),
+        };
         let control = self.control();
         let layer_id = {
             let state = self.state_read();

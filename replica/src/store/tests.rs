@@ -201,11 +201,49 @@ fn torn_new_entry_without_data_is_detected() {
 }
 
 /// Injects write failures into every file it opens, to simulate a crash between the
-/// data write and the entry write.
+/// data write and the entry write, and can hold data writes at a gate (to catch an
+/// operation in the middle).
 #[derive(Debug, Default)]
 struct Faults {
     fail_meta: AtomicBool,
     fail_data: AtomicBool,
+    gate: WriteGate,
+}
+
+/// Data writes wait here while it is closed; `held` counts the writes waiting.
+#[derive(Debug, Default)]
+struct WriteGate {
+    closed: std::sync::Mutex<bool>,
+    changed: std::sync::Condvar,
+    held: std::sync::atomic::AtomicUsize,
+}
+
+impl WriteGate {
+    fn set(&self, closed: bool) {
+        *self.closed.lock().expect("gate") = closed;
+        self.changed.notify_all();
+    }
+
+    fn pass(&self) {
+        let mut closed = self.closed.lock().expect("gate");
+        if *closed {
+            self.held.fetch_add(1, Ordering::SeqCst);
+            self.changed.notify_all();
+            while *closed {
+                closed = self.changed.wait(closed).expect("gate");
+            }
+            self.held.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    /// Blocks until some write waits at the (closed) gate.
+    fn wait_for_a_held_write(&self) {
+        let mut closed = self.closed.lock().expect("gate");
+        while self.held.load(Ordering::SeqCst) == 0 {
+            closed = self.changed.wait(closed).expect("gate");
+        }
+        drop(closed);
+    }
 }
 
 #[derive(Debug)]
@@ -230,6 +268,9 @@ impl BlockFile for FaultyFile {
         };
         if flag.load(Ordering::SeqCst) {
             return Err(io::Error::other("injected write failure"));
+        }
+        if !self.is_meta {
+            self.faults.gate.pass();
         }
         self.inner.write_at(buf, offset)
     }
@@ -282,6 +323,60 @@ fn failed_entry_write_leaves_old_or_detectably_torn() {
         vec![WriteOutcome::Applied]
     );
     assert_eq!(s.read(0, B).expect("read"), pattern(0, 1));
+}
+
+/// A snapshot deletion's merge copies blocks for as long as it takes without the
+/// control lock: meanwhile the volume can be sealed and expanded, a second deletion is
+/// refused at once (MergeInProgress), and every view is the same afterwards, also
+/// after a reopen.
+#[test]
+fn control_operations_do_not_wait_for_a_merge() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("vol");
+    let faults = Arc::new(Faults::default());
+    let s = Arc::new(
+        LayeredStore::create_with(&dir, 8 * B, Arc::new(FaultyFactory(Arc::clone(&faults))))
+            .expect("create"),
+    );
+    let old = [pattern(0, 1), pattern(1, 1), pattern(2, 1)].concat();
+    s.write(0, &old, 1).expect("write");
+    s.snapshot("a").expect("snapshot a");
+    s.write(4 * B, &pattern(4, 2), 2).expect("write");
+    let mut image = old.clone();
+    image.extend(vec![0u8; BS]);
+    image.extend(pattern(4, 2));
+
+    faults.gate.set(true);
+    let merging = {
+        let s = Arc::clone(&s);
+        std::thread::spawn(move || s.delete_snapshot("a"))
+    };
+    faults.gate.wait_for_a_held_write();
+    assert!(matches!(
+        s.delete_snapshot("a"),
+        Err(StoreError::MergeInProgress)
+    ));
+    s.snapshot("b").expect("a seal does not wait for the merge");
+    s.expand(16 * B)
+        .expect("an expansion does not wait for the merge");
+    faults.gate.set(false);
+    merging
+        .join()
+        .expect("merge thread")
+        .expect("the merge completes");
+
+    let check = |s: &LayeredStore| {
+        let ids: Vec<String> = s.snapshots().into_iter().map(|i| i.id).collect();
+        assert_eq!(ids, vec!["b".to_string()]);
+        assert_eq!(s.read_snapshot("b", 0, 5 * B).expect("read b"), image);
+        let mut now = image.clone();
+        now.extend(vec![0u8; 11 * BS]);
+        assert_eq!(s.read(0, 16 * B).expect("read"), now);
+        assert!(s.verify().expect("verify").is_empty());
+    };
+    check(&s);
+    drop(s);
+    check(&LayeredStore::open(&dir).expect("reopen"));
 }
 
 #[test]
