@@ -1082,20 +1082,40 @@ async fn part_d(dir: &Path, dur: Duration, args: &Args) -> Result<Vec<Row>> {
         "32 threads: crc + data (scheduled) + meta entry (buffered)",
     ));
 
-    eprintln!("(d) store's async path");
+    for write in [true, false] {
+        let rw = if write { "randwrite" } else { "randread" };
+        eprintln!("(d) store's async path, {rw}");
+        let mut load = store_async_load(&store, write, dur).await?;
+        rows.push(row(
+            "d",
+            format!("LayeredStore async path, 4k {rw} QD{QD}"),
+            &mut load,
+            "32 tasks, as the data plane: no blocking thread",
+        ));
+    }
+    Ok(rows)
+}
+
+/// QD32 4 KiB random writes or reads on the (filled) `store` for `dur` through its async
+/// path, as the data plane runs them, without the protocol.
+async fn store_async_load(store: &Arc<LayeredStore>, write: bool, dur: Duration) -> Result<Load> {
+    let blocks = VOLUME_BYTES / BLOCK;
     let start = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for t in 0..QD {
-        let store = Arc::clone(&store);
+        let store = Arc::clone(store);
         tasks.spawn(async move {
             let mut rng = Rng::new(t as u64 + 1);
             let data = vec![0x5au8; BLOCK as usize];
             let mut load = Load::default();
             while start.elapsed() < dur {
                 let t0 = Instant::now();
-                store
-                    .write_async(rng.below(blocks) * BLOCK, data.clone(), 1)
-                    .await?;
+                let offset = rng.below(blocks) * BLOCK;
+                if write {
+                    store.write_async(offset, data.clone(), 1).await?;
+                } else {
+                    store.read_async(offset, BLOCK).await?;
+                }
                 load.lat_us.push(micros(t0.elapsed()));
                 load.ops += 1;
             }
@@ -1107,11 +1127,5 @@ async fn part_d(dir: &Path, dur: Duration, args: &Args) -> Result<Vec<Row>> {
         load.merge(r??);
     }
     load.secs = start.elapsed().as_secs_f64();
-    rows.push(row(
-        "d",
-        format!("LayeredStore async path, 4k randwrite QD{QD}"),
-        &mut load,
-        "32 tasks, as the data plane: no blocking thread",
-    ));
-    Ok(rows)
+    Ok(load)
 }
