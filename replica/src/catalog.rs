@@ -840,25 +840,47 @@ impl Catalog {
     ) -> Result<(VolumeRecord, SnapshotMeta), CatalogError> {
         validate_volume_id(volume_id)?;
         validate_volume_id(snapshot_id)?;
-        let _guard = self.lock_mutations();
-        let mut record = self.get(volume_id)?;
-        if let Some(s) = record
-            .snapshots
-            .iter()
-            .find(|s| s.snapshot_id == snapshot_id)
-        {
-            return Ok((record.clone(), s.clone()));
-        }
-        // A snapshot now would seal a half-copied volume.
-        copy_state::refuse_while_copying(&record)?;
-        let store = self.store_of(volume_id)?;
+        let recorded = |record: &VolumeRecord| {
+            record
+                .snapshots
+                .iter()
+                .find(|s| s.snapshot_id == snapshot_id)
+                .cloned()
+        };
+        let store = {
+            let _guard = self.lock_mutations();
+            let record = self.get(volume_id)?;
+            if let Some(s) = recorded(&record) {
+                return Ok((record, s));
+            }
+            // A snapshot now would seal a half-copied volume.
+            copy_state::refuse_while_copying(&record)?;
+            self.store_of(volume_id)?
+        };
+        // Sealing flushes the head and waits for the store's other control operations:
+        // outside the daemon-wide lock, so other volumes' control calls never wait for
+        // it. Sealing is idempotent per id and the record is re-read below.
         store
             .snapshot(snapshot_id)
             .map_err(store_error(volume_id, "snapshot"))?;
+        let _guard = self.lock_mutations();
+        let mut record = self.get(volume_id)?;
+        if let Some(s) = recorded(&record) {
+            return Ok((record, s));
+        }
+        // Deleted again meanwhile by a concurrent DeleteSnapshot of the same id (the
+        // controller serialises those; a direct caller may not): nothing to record.
+        let Some(sealed) = store.snapshots().into_iter().find(|i| i.id == snapshot_id) else {
+            return Err(CatalogError::Store {
+                volume_id: volume_id.to_string(),
+                op: "snapshot",
+                source: StoreError::SnapshotNotFound(snapshot_id.to_string()),
+            });
+        };
         let meta = SnapshotMeta {
             snapshot_id: snapshot_id.to_string(),
             name: name.to_string(),
-            size_bytes: record.size_bytes,
+            size_bytes: sealed.size_bytes,
             created_unix_nanos: if created_unix_nanos == 0 {
                 now_unix_nanos()
             } else {
