@@ -110,7 +110,6 @@ impl UringEngine {
                         return;
                     }
                 };
-                raise_ring_thread_priority();
                 let _ = ready_tx.send(Ok(()));
                 RingThread::new(ring, rx, thread_waker, depth as usize).run();
             })
@@ -131,29 +130,6 @@ impl UringEngine {
                 "the io_uring thread exited during setup",
             ))),
         }
-    }
-}
-
-/// Nice value of the ring thread. Every request's completion is reaped and handed on by
-/// this one thread (with DEFER_TASKRUN the kernel posts completions only when it asks),
-/// so when the runtime's workers keep the CPUs busy, a ring thread waiting for its turn
-/// leaves finished requests unreaped and the device short of work. Favouring it measured
-/// +15–20 % QD32 4k random reads through the store on the 2-vCPU test VM (in process,
-/// `replica_io --parts d`), writes unchanged.
-const RING_THREAD_NICE: libc::c_int = -10;
-
-/// Applies [`RING_THREAD_NICE`] to the calling thread, best effort: without
-/// CAP_SYS_NICE (an unprivileged container) it keeps the default priority.
-fn raise_ring_thread_priority() {
-    // SAFETY: gettid and setpriority take no pointers; setpriority only changes the
-    // scheduling weight of this thread, and its failure is reported, not relied on.
-    let failed = unsafe {
-        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-        libc::setpriority(libc::PRIO_PROCESS, tid, RING_THREAD_NICE) != 0
-    };
-    if failed {
-        tracing::debug!(error = %io::Error::last_os_error(),
-            "cannot raise the io_uring thread's priority; it keeps the default");
     }
 }
 
@@ -718,42 +694,6 @@ mod tests {
     use super::*;
 
     const BLOCK: usize = 4096;
-
-    /// The ring thread runs at [`RING_THREAD_NICE`] when the process may raise
-    /// priorities (root, as in CI), and at the default otherwise.
-    #[test]
-    fn the_ring_thread_is_favoured() {
-        let engine = UringEngine::new("nice", 4).expect("io_uring available");
-        let name = "uring-nice";
-        let nice_of_thread = || {
-            std::fs::read_dir("/proc/self/task")
-                .expect("tasks")
-                .flatten()
-                .find(|t| {
-                    std::fs::read_to_string(t.path().join("comm"))
-                        .is_ok_and(|c| c.trim_end() == name)
-                })
-                .map(|t| {
-                    let stat = std::fs::read_to_string(t.path().join("stat")).expect("stat");
-                    // Fields after the ")" of the command: state is field 3, nice is 19.
-                    let rest = stat.rsplit_once(") ").expect("stat format").1;
-                    rest.split_whitespace()
-                        .nth(16)
-                        .expect("nice field")
-                        .parse::<i32>()
-                        .expect("nice value")
-                })
-        };
-        let nice = nice_of_thread().expect("the ring thread is running");
-        // SAFETY: geteuid has no preconditions.
-        let privileged = unsafe { libc::geteuid() } == 0;
-        if privileged {
-            assert_eq!(nice, RING_THREAD_NICE);
-        } else {
-            assert_eq!(nice, 0, "unprivileged: the default priority");
-        }
-        drop(engine);
-    }
 
     /// Opens `path` read-write with `O_DIRECT` (the temp dir is on ext4 here, which
     /// supports it; the test fails loudly if the filesystem does not).
