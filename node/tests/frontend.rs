@@ -16,6 +16,7 @@ use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tessera_tests::privilege::privileged;
 
 use nix::mount::{umount2, MntFlags, MsFlags};
 use tessera_node::frontend::cleanup::parse_mountinfo;
@@ -26,22 +27,6 @@ use tessera_node::frontend::{
 
 const MIB: u64 = 1 << 20;
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
-
-/// Returns false (test skipped) only when explicitly allowed; otherwise insists on the
-/// privileges CI has.
-fn privileged() -> bool {
-    let ok = nix::unistd::geteuid().is_root()
-        && Path::new("/dev/fuse").exists()
-        && Path::new("/dev/loop-control").exists();
-    if ok {
-        return true;
-    }
-    if std::env::var_os("TESSERA_SKIP_PRIVILEGED_TESTS").is_some() {
-        eprintln!("skipping: needs root, /dev/fuse and /dev/loop-control");
-        return false;
-    }
-    panic!("frontend tests need root, /dev/fuse and /dev/loop-control (set TESSERA_SKIP_PRIVILEGED_TESTS=1 to skip)");
-}
 
 /// A unique directory under the system temp dir, removed on drop after anything still
 /// mounted below it has been detached (so removal never walks into a live mount).
@@ -216,7 +201,7 @@ fn sha256_of(files: &[PathBuf]) -> Vec<String> {
 
 #[test]
 fn frontend_ext4_on_loop_on_fuse_survives_remount() {
-    if !privileged() {
+    if !privileged("frontend test") {
         return;
     }
     let dir = TempDir::new("ext4");
@@ -287,7 +272,7 @@ fn frontend_ext4_on_loop_on_fuse_survives_remount() {
 
 #[test]
 fn frontend_direct_dd_through_loop_lands_in_file() {
-    if !privileged() {
+    if !privileged("frontend test") {
         return;
     }
     let dir = TempDir::new("dd");
@@ -390,7 +375,7 @@ fn frontend_direct_dd_through_loop_lands_in_file() {
 
 #[test]
 fn frontend_grow_volume() {
-    if !privileged() {
+    if !privileged("frontend test") {
         return;
     }
     let dir = TempDir::new("grow");
@@ -445,7 +430,7 @@ fn frontend_grow_volume() {
 
 #[test]
 fn frontend_detach_and_unmount_are_idempotent() {
-    if !privileged() {
+    if !privileged("frontend test") {
         return;
     }
     let dir = TempDir::new("idem");
@@ -476,7 +461,7 @@ fn frontend_detach_and_unmount_are_idempotent() {
 
 #[test]
 fn frontend_busy_unmount_detaches_lazily_and_keeps_serving() {
-    if !privileged() {
+    if !privileged("frontend test") {
         return;
     }
     let dir = TempDir::new("lazy");
@@ -551,7 +536,7 @@ fn leak_pair(dir: &TempDir, mountpoint: &Path, name: &str) -> (PathBuf, PathBuf,
 
 #[test]
 fn frontend_cleanup_stale_removes_leaked_pair() {
-    if !privileged() {
+    if !privileged("frontend test") {
         return;
     }
     let dir = TempDir::new("stale");
@@ -645,7 +630,7 @@ impl BlockTarget for FailingTarget {
 
 #[test]
 fn frontend_target_errors_reach_the_reader() {
-    if !privileged() {
+    if !privileged("frontend test") {
         return;
     }
     let dir = TempDir::new("eio");
@@ -723,7 +708,7 @@ impl Drop for FusectlGuard {
 
 #[test]
 fn frontend_detach_after_fuse_server_is_gone_does_not_hang() {
-    if !privileged() {
+    if !privileged("frontend test") {
         return;
     }
     let conns = Path::new("/sys/fs/fuse/connections");

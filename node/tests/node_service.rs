@@ -24,6 +24,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tessera_tests::privilege::privileged;
 
 use nix::mount::{umount2, MntFlags};
 use nix::sys::signal::{killpg, Signal};
@@ -49,20 +50,6 @@ const MIB: u64 = 1 << 20;
 const VOLUME_SIZE: u64 = 512 * MIB;
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
 const STOP_TIMEOUT: Duration = Duration::from_secs(30);
-
-fn privileged() -> bool {
-    let ok = nix::unistd::geteuid().is_root()
-        && Path::new("/dev/fuse").exists()
-        && Path::new("/dev/loop-control").exists();
-    if ok {
-        return true;
-    }
-    if std::env::var_os("TESSERA_SKIP_PRIVILEGED_TESTS").is_some() {
-        eprintln!("skipping: needs root, /dev/fuse and /dev/loop-control");
-        return false;
-    }
-    panic!("node service tests need root, /dev/fuse and /dev/loop-control (set TESSERA_SKIP_PRIVILEGED_TESTS=1 to skip)");
-}
 
 /// A child process in its own process group, killed (group-wide) on drop.
 struct Proc {
@@ -568,7 +555,7 @@ async fn filesystem_lifecycle(fs_name: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ext4_lifecycle() {
-    if !privileged() {
+    if !privileged("node service test") {
         return;
     }
     filesystem_lifecycle("ext4").await;
@@ -576,7 +563,7 @@ async fn ext4_lifecycle() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn xfs_lifecycle() {
-    if !privileged() {
+    if !privileged("node service test") {
         return;
     }
     filesystem_lifecycle("xfs").await;
@@ -584,7 +571,7 @@ async fn xfs_lifecycle() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn block_volume_publish_and_stats() {
-    if !privileged() {
+    if !privileged("node service test") {
         return;
     }
     let env = Env::start("block").await;
@@ -703,7 +690,7 @@ impl Drop for AlignedBuf {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn engine_host_epochs_detach_and_errors() {
-    if !privileged() {
+    if !privileged("node service test") {
         return;
     }
     let env = Env::start("epochs").await;
@@ -833,7 +820,7 @@ async fn engine_host_epochs_detach_and_errors() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn engine_host_restart_cleans_up_dead_attachments() {
-    if !privileged() {
+    if !privileged("node service test") {
         return;
     }
     let mut env = Env::start("restart").await;
@@ -880,7 +867,7 @@ async fn engine_host_restart_cleans_up_dead_attachments() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plugin_kill9_during_writes_does_not_disturb_io() {
-    if !privileged() {
+    if !privileged("node service test") {
         return;
     }
     let mut env = Env::start("kill9").await;
@@ -964,7 +951,7 @@ async fn plugin_kill9_during_writes_does_not_disturb_io() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_engine_ext4_restage_with_new_epoch() {
     use tessera_tests::fixtures::{create_request, publish_request, unpublish_request};
-    if !privileged() {
+    if !privileged("node service test") {
         return;
     }
     let cluster = tessera_tests::ClusterBuilder::new()
