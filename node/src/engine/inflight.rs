@@ -196,21 +196,27 @@ impl Inflight {
     }
 
     /// Replicas with an unfinished op overlapping the range (bitmask), and one such op
-    /// to wait on if the caller finds no replica left.
-    pub(crate) fn busy_replicas(&self, start: u64, len: u64) -> (u32, Option<Arc<Op>>) {
+    /// still pending on some replica of `wanted` — the replicas the caller could read
+    /// from — to wait on if it finds none of them free. (An op pending only elsewhere
+    /// would never change on `wanted`: waiting on it once made overlapping reads fail
+    /// after the full timeout although the other op finished in microseconds.)
+    pub(crate) fn busy_replicas(
+        &self,
+        start: u64,
+        len: u64,
+        wanted: u32,
+    ) -> (u32, Option<Arc<Op>>) {
         let t = self.lock();
         let mut busy = 0;
-        let mut any = None;
+        let mut blocker = None;
         for op in t.overlapping(start, start + len) {
             let p = op.pending.load(Ordering::SeqCst);
-            if p != 0 {
-                busy |= p;
-                if any.is_none() {
-                    any = Some(Arc::clone(op));
-                }
+            busy |= p;
+            if blocker.is_none() && p & wanted != 0 {
+                blocker = Some(Arc::clone(op));
             }
         }
-        (busy, any)
+        (busy, blocker)
     }
 
     /// Every op in the table now; a flush waits for them on each replica.
@@ -245,19 +251,23 @@ mod tests {
         t.register(8192, 4096, 0b001, &mut preds);
         assert!(preds.is_empty());
 
-        let (busy, _) = t.busy_replicas(4096, 4096);
+        let (busy, _) = t.busy_replicas(4096, 4096, 0b111);
         assert_eq!(busy, 0b111);
         a.finish(0, true);
         a.finish(1, false);
-        let (busy, _) = t.busy_replicas(4096, 4096);
+        let (busy, blocker) = t.busy_replicas(4096, 4096, 0b111);
         assert_eq!(busy, 0b100);
+        assert!(blocker.is_some_and(|o| Arc::ptr_eq(&o, &a)));
+        // Pending only on replica 2: nothing to wait for on replicas 0 and 1.
+        let (_, blocker) = t.busy_replicas(4096, 4096, 0b011);
+        assert!(blocker.is_none());
         assert!(a.finish(2, true));
         assert_eq!(a.acked(), 0b101);
         t.remove(&a);
-        assert_eq!(t.busy_replicas(0, 4096).0, 0);
+        assert_eq!(t.busy_replicas(0, 4096, 0b111).0, 0);
 
         assert!(t.register_exclusive((2 << 20) - 4096, 4096, 0b100).is_err());
-        assert_eq!(t.busy_replicas(1 << 20, 4096).0, 0b011);
+        assert_eq!(t.busy_replicas(1 << 20, 4096, 0b111).0, 0b011);
         c.finish(0, true);
         t.remove(&c);
         assert_eq!(t.snapshot().len(), 2);

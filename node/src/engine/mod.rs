@@ -1141,17 +1141,18 @@ impl Inner {
                 let _ = write!(failures, "{}{}", sep(&failures), self.stale_summary());
                 return Err(self.no_quorum(op, offset, span, 0, failures, false));
             }
-            let (busy, blocker) = self.inflight.busy_replicas(offset, span);
             let candidates = in_sync & !tried;
+            let (busy, blocker) = self.inflight.busy_replicas(offset, span, candidates);
             let eligible = candidates & !busy;
             if eligible == 0 {
                 if let (Some(blocker), true) = (blocker, candidates != 0) {
                     // Every untried replica is still working on an overlapping write;
-                    // wait for one of them to finish it (bounded).
+                    // wait until one of them finishes this one (bounded), then look
+                    // again (it may have finished already: then at once).
                     let before = blocker.pending() & candidates;
                     let waited = tokio::time::timeout_at(
                         wait_deadline,
-                        blocker.wait_until(|o| o.pending() & candidates != before),
+                        blocker.wait_until(|o| o.pending() & candidates != before || before == 0),
                     )
                     .await;
                     if waited.is_ok() {
