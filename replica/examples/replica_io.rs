@@ -397,6 +397,10 @@ impl Daemon {
             "--ready-file".into(),
             ready.display().to_string(),
         ];
+        let mut argv = argv;
+        if let Ok(extra) = std::env::var("BENCH_DAEMON_ARGS") {
+            argv.extend(extra.split_whitespace().map(str::to_string));
+        }
         let command = format!("{} {}", args.replica_bin.display(), argv.join(" "));
         let child = Command::new(&args.replica_bin)
             .args(&argv)

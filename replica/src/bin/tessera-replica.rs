@@ -41,6 +41,8 @@ use tessera_replica::control_proto::replica_control_server::ReplicaControlServer
 use tessera_replica::control_service::{ControlService, NodeInfo};
 use tessera_replica::copy::{CopyConfig, CopyManager};
 use tessera_replica::dataplane;
+use tessera_replica::dataplane::server::ServerConfig;
+use tessera_replica::dataplane::shards::Shards;
 use tessera_replica::health;
 use tessera_replica::scheduler::{
     BackgroundLimits, DeadlineBudgets, EngineKind, Scheduler, SchedulerConfig, DEFAULT_QUEUE_DEPTH,
@@ -120,6 +122,13 @@ struct Args {
     /// order requests.
     #[arg(long, default_value_t = DEFAULT_QUEUE_DEPTH, value_parser = clap::value_parser!(u32).range(1..=4096))]
     queue_depth: u32,
+
+    /// Data-plane threads with an io_uring of their own (io_uring engine only): each
+    /// connection is served, disk I/O included, on one of them, with no hand-off
+    /// between threads per request. 0 serves connections on the main runtime and
+    /// sends their I/O through the scheduler's ring thread.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(0..=256))]
+    data_plane_shards: u16,
 
     /// Worker threads of `--io-engine sync` (each runs one request at a time).
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=1024))]
@@ -351,9 +360,21 @@ async fn run(args: Args) -> Result<()> {
     });
 
     let registry = Arc::new(CatalogRegistry::new(Arc::clone(&catalog)));
-    let data_task = tokio::spawn(dataplane::serve(
+    let shards = match (args.io_engine, args.data_plane_shards) {
+        (IoEngineArg::Uring, n) if n > 0 => Some(Arc::new(
+            Shards::start(usize::from(n), args.queue_depth)
+                .context("starting the data-plane shards (--data-plane-shards)")?,
+        )),
+        _ => None,
+    };
+    let data_config = ServerConfig {
+        shards,
+        ..ServerConfig::default()
+    };
+    let data_task = tokio::spawn(dataplane::server::serve_with_config(
         data_listener,
         registry,
+        data_config,
         stopped(stop_rx.clone()),
     ));
 

@@ -108,6 +108,7 @@ pub mod error;
 pub mod frame;
 pub mod message;
 pub mod server;
+pub mod shards;
 pub mod stream;
 
 pub use client::{ClientConfig, ReplicaDataClient, VolumeInfo, WritePayload};

@@ -19,7 +19,7 @@ use std::time::Duration;
 use tokio::io::{AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::block_io::{OpenVolume, VolumeBlocks, VolumeRegistry, BLOCK_SIZE};
@@ -27,6 +27,7 @@ use crate::block_io::{OpenVolume, VolumeBlocks, VolumeRegistry, BLOCK_SIZE};
 use super::error::{ErrorCode, RemoteError};
 use super::frame::{FrameError, Header, Opcode, MAX_PAYLOAD};
 use super::message::{encode_error, response_header, Hello, HelloReply, Request};
+use super::shards::Shards;
 use super::stream::{read_body, read_frame, read_head, write_frame, ReadError};
 
 /// Limits of a data-plane server. The defaults suit one replica daemon serving a few
@@ -42,6 +43,9 @@ pub struct ServerConfig {
     pub max_in_flight_bytes: usize,
     /// Time a new connection has to complete HELLO before it is dropped.
     pub handshake_timeout: Duration,
+    /// Threads to serve connections on, each with its own io_uring (see
+    /// [`Shards`]); `None` serves them on the caller's runtime.
+    pub shards: Option<Arc<Shards>>,
 }
 
 impl Default for ServerConfig {
@@ -51,6 +55,7 @@ impl Default for ServerConfig {
             max_in_flight_requests: 256,
             max_in_flight_bytes: 64 * 1024 * 1024,
             handshake_timeout: Duration::from_secs(10),
+            shards: None,
         }
     }
 }
@@ -132,7 +137,11 @@ pub async fn serve_with_config<R: VolumeRegistry>(
         let stop = stop_rx.clone();
         conns.spawn(async move {
             let _permit = permit;
-            match handle_connection(socket, registry, config, stop).await {
+            let served = match config.shards.clone() {
+                Some(shards) => serve_on_shard(&shards, socket, registry, config, stop).await,
+                None => handle_connection(socket, registry, config, stop).await,
+            };
+            match served {
                 Ok(()) => tracing::debug!(%peer, "data plane: connection closed"),
                 Err(e) => tracing::info!(%peer, error = %e, "data plane: connection ended"),
             }
@@ -141,6 +150,44 @@ pub async fn serve_with_config<R: VolumeRegistry>(
     drop(listener);
     let _ = stop_tx.send(true);
     while conns.join_next().await.is_some() {}
+}
+
+/// Runs one connection on the next shard and waits for it to end. Dropping this
+/// future (the server being dropped) ends the connection on the shard too.
+async fn serve_on_shard<R: VolumeRegistry>(
+    shards: &Shards,
+    socket: TcpStream,
+    registry: Arc<R>,
+    config: Arc<ServerConfig>,
+    stop: watch::Receiver<bool>,
+) -> Result<(), ConnectionError> {
+    // Deregistered from this runtime; the shard registers it with its own.
+    let socket = socket.into_std()?;
+    let (done_tx, done_rx) = oneshot::channel();
+    // Never sent: dropping it (with this future) is the cancellation.
+    let (_cancel, cancelled) = oneshot::channel::<()>();
+    let spawned = shards.spawn(move || {
+        Box::pin(async move {
+            let result = match TcpStream::from_std(socket) {
+                Ok(socket) => tokio::select! {
+                    r = handle_connection(socket, registry, config, stop) => r,
+                    _ = cancelled => Ok(()),
+                },
+                Err(e) => Err(e.into()),
+            };
+            let _ = done_tx.send(result);
+        })
+    });
+    if !spawned {
+        return Err(ConnectionError::Io(std::io::Error::other(
+            "the data-plane shard has stopped",
+        )));
+    }
+    done_rx.await.unwrap_or_else(|_| {
+        Err(ConnectionError::Io(std::io::Error::other(
+            "the data-plane shard dropped the connection",
+        )))
+    })
 }
 
 /// A response on its way to the writer, with the permits it keeps until written.

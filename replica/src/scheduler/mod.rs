@@ -80,7 +80,7 @@ pub use engine::{EngineError, EngineOp, IoEngine, Rejected};
 pub use stats::VolumeStats;
 pub use sync_engine::SyncEngine;
 pub use token_bucket::TokenBucket;
-pub use uring::UringEngine;
+pub use uring::{LocalFirstEngine, LocalRing, UringEngine};
 
 use background::BackgroundGate;
 use clock::duration_ns;
@@ -707,9 +707,11 @@ impl Scheduler {
     pub fn new(config: SchedulerConfig) -> Result<Self, SchedulerError> {
         let depth = config.queue_depth.clamp(1, uring::MAX_DEPTH);
         let engine: Box<dyn IoEngine> = match config.engine {
-            EngineKind::IoUring => Box::new(
+            // Threads with a ring of their own (data-plane shards) use it; every other
+            // thread goes through the ring thread.
+            EngineKind::IoUring => Box::new(LocalFirstEngine::new(Box::new(
                 UringEngine::new(&config.name, depth).map_err(SchedulerError::EngineSetup)?,
-            ),
+            ))),
             EngineKind::Sync { threads } => Box::new(
                 SyncEngine::new(&config.name, threads).map_err(SchedulerError::EngineSetup)?,
             ),

@@ -19,7 +19,7 @@
 //!
 //! *Ownership.* Every in-flight operation lives in a slot of the thread's table,
 //! holding its `Arc<File>` (so the fd cannot be closed and reused) and its
-//! [`AlignedBuf`] (so the memory cannot be freed) until its completion arrives. The slot
+//! [`AlignedBuf`](super::AlignedBuf) (so the memory cannot be freed) until its completion arrives. The slot
 //! index is the entry's `user_data`. Short transfers and `EINTR`/`EAGAIN` resubmit the
 //! same slot for the remainder. If the ring ever fails or the thread unwinds, buffers
 //! the kernel may still hold are leaked on purpose rather than freed.
@@ -30,6 +30,9 @@
 //! come and go with volumes (one `io_uring_register` per open would cost what it saves),
 //! and fixed buffers would force the store to allocate from a ring-owned pool.
 
+mod core;
+mod local;
+
 use std::fs::File;
 use std::io::{self, Write as _};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -37,14 +40,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread::{self, JoinHandle, ThreadId};
 
-use io_uring::{opcode, types, IoUring, Probe};
+use io_uring::{opcode, types, IoUring};
 
-use super::aligned_buf::AlignedBuf;
-use super::engine::{
-    fallocate_range, is_eof_after_partial_read, is_retryable, piece_limit, Completer, EngineError,
-    EngineOp, IoEngine, Rejected, MAX_RETRIES,
-};
-use super::{IoCompletion, IoRequest};
+use self::core::{build_ring, RingCore};
+use super::engine::{EngineError, EngineOp, IoEngine, Rejected};
+
+pub use local::{LocalFirstEngine, LocalRing};
 
 /// `user_data` of the eventfd read; operation slots use their index.
 const WAKE_TOKEN: u64 = u64::MAX;
@@ -133,34 +134,6 @@ impl UringEngine {
     }
 }
 
-fn build_ring(depth: u32) -> io::Result<IoUring> {
-    // Room for `depth` operations plus the eventfd read; the completion queue is twice
-    // that by default, so it cannot overflow.
-    let entries = (depth + 1).next_power_of_two();
-    let ring = IoUring::builder()
-        .setup_single_issuer()
-        .setup_defer_taskrun()
-        .build(entries)
-        .or_else(|_| IoUring::builder().setup_coop_taskrun().build(entries))
-        .or_else(|_| IoUring::new(entries))?;
-    let mut probe = Probe::new();
-    ring.submitter().register_probe(&mut probe)?;
-    for (code, name) in [
-        (opcode::Read::CODE, "READ"),
-        (opcode::Write::CODE, "WRITE"),
-        (opcode::Fsync::CODE, "FSYNC"),
-        (opcode::Fallocate::CODE, "FALLOCATE"),
-    ] {
-        if !probe.is_supported(code) {
-            return Err(io::Error::new(
-                io::ErrorKind::Unsupported,
-                format!("io_uring lacks IORING_OP_{name}"),
-            ));
-        }
-    }
-    Ok(ring)
-}
-
 impl IoEngine for UringEngine {
     fn submit(&self, op: EngineOp) -> Result<(), Rejected> {
         let Some(tx) = self.tx.as_ref() else {
@@ -202,213 +175,40 @@ impl Drop for UringEngine {
     }
 }
 
-/// One operation the kernel may hold, with everything it points at.
-enum OpState {
-    Read {
-        file: Arc<File>,
-        offset: u64,
-        buf: AlignedBuf,
-        done: usize,
-        /// Largest transfer per entry (`EngineOp::max_transfer`).
-        piece: usize,
-    },
-    Write {
-        file: Arc<File>,
-        offset: u64,
-        buf: AlignedBuf,
-        done: usize,
-        /// Largest transfer per entry (`EngineOp::max_transfer`).
-        piece: usize,
-    },
-    Sync {
-        file: Arc<File>,
-        datasync: bool,
-    },
-    Punch {
-        file: Arc<File>,
-        offset: u64,
-        len: u64,
-    },
-}
-
-/// What a completion means for an operation.
-enum Progress {
-    /// Submit again for the remainder (or the same range after `EINTR`/`EAGAIN`).
-    Again,
-    /// Fully done (or a read reached end of file).
-    Finished,
-    /// Failed; report this error.
-    Failed(io::Error),
-}
-
-impl OpState {
-    /// The submission entry for what remains of this operation. The pointers in it
-    /// stay valid as long as `self` is alive and not moved out of its slot's heap
-    /// buffer (the `AlignedBuf` allocation does not move when `self` does).
-    fn entry(&mut self) -> io_uring::squeue::Entry {
-        fn len_u32(n: usize) -> u32 {
-            // Requests are validated far below 4 GiB; if one were not, a clamped length
-            // is just a short transfer that gets resubmitted.
-            u32::try_from(n).unwrap_or(u32::MAX)
-        }
-        match self {
-            OpState::Read {
-                file,
-                offset,
-                buf,
-                done,
-                piece,
-            } => {
-                let remaining = len_u32((buf.len() - *done).min(*piece));
-                let ptr = buf.as_mut_ptr().wrapping_add(*done);
-                opcode::Read::new(types::Fd(file.as_raw_fd()), ptr, remaining)
-                    .offset(*offset + *done as u64)
-                    .build()
-            }
-            OpState::Write {
-                file,
-                offset,
-                buf,
-                done,
-                piece,
-            } => {
-                let remaining = len_u32((buf.len() - *done).min(*piece));
-                let ptr = buf.as_ptr().wrapping_add(*done);
-                opcode::Write::new(types::Fd(file.as_raw_fd()), ptr, remaining)
-                    .offset(*offset + *done as u64)
-                    .build()
-            }
-            OpState::Sync { file, datasync } => {
-                let flags = if *datasync {
-                    types::FsyncFlags::DATASYNC
-                } else {
-                    types::FsyncFlags::empty()
-                };
-                opcode::Fsync::new(types::Fd(file.as_raw_fd()))
-                    .flags(flags)
-                    .build()
-            }
-            OpState::Punch { file, offset, len } => {
-                opcode::Fallocate::new(types::Fd(file.as_raw_fd()), *len)
-                    .offset(*offset)
-                    .mode(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE)
-                    .build()
-            }
-        }
-    }
-
-    /// Applies a completion result (`res` as in a CQE: bytes or `-errno`).
-    fn progress(&mut self, res: i32, retries: &mut u32) -> Progress {
-        if res < 0 {
-            let errno = -res;
-            if let OpState::Read {
-                offset, buf, done, ..
-            } = self
-            {
-                if is_eof_after_partial_read(errno, *done, *offset + *done as u64) {
-                    buf.set_len(*done);
-                    return Progress::Finished;
-                }
-            }
-            if is_retryable(errno) && *retries < MAX_RETRIES {
-                *retries += 1;
-                return Progress::Again;
-            }
-            return Progress::Failed(io::Error::from_raw_os_error(errno));
-        }
-        let n = usize::try_from(res).unwrap_or(0);
-        match self {
-            OpState::Read { buf, done, .. } => {
-                if n == 0 {
-                    buf.set_len(*done);
-                    return Progress::Finished;
-                }
-                *done += n;
-                if *done >= buf.len() {
-                    Progress::Finished
-                } else {
-                    Progress::Again
-                }
-            }
-            OpState::Write { buf, done, .. } => {
-                *done += n;
-                if *done >= buf.len() {
-                    Progress::Finished
-                } else if n == 0 {
-                    Progress::Failed(io::ErrorKind::WriteZero.into())
-                } else {
-                    Progress::Again
-                }
-            }
-            OpState::Sync { .. } | OpState::Punch { .. } => Progress::Finished,
-        }
-    }
-
-    fn into_completion(self) -> IoCompletion {
-        match self {
-            OpState::Read { buf, .. } => IoCompletion {
-                bytes: buf.len(),
-                buf: Some(buf),
-            },
-            OpState::Write { buf, done, .. } => IoCompletion {
-                bytes: done,
-                buf: Some(buf),
-            },
-            OpState::Sync { .. } | OpState::Punch { .. } => IoCompletion::empty(),
-        }
-    }
-}
-
-struct InFlight {
-    state: OpState,
-    done: Completer,
-    retries: u32,
-}
-
 /// State of the ring thread. Not `Send`: it is created and dropped on that thread.
 struct RingThread {
-    ring: IoUring,
+    core: RingCore,
     rx: Option<mpsc::Receiver<EngineOp>>,
     waker: Arc<Waker>,
-    depth: usize,
-    /// In-flight operations by `user_data`.
-    slots: Vec<Option<InFlight>>,
-    free: Vec<usize>,
-    in_flight: usize,
     /// Target of the eventfd read: from `Box::into_raw`, freed in `Drop` unless a read
     /// into it may still be in the kernel.
     wake_buf: *mut [u8; 8],
     wake_armed: bool,
-    cqes: Vec<(u64, i32)>,
 }
 
 impl RingThread {
     fn new(ring: IoUring, rx: mpsc::Receiver<EngineOp>, waker: Arc<Waker>, depth: usize) -> Self {
         Self {
-            ring,
+            core: RingCore::new(ring, depth),
             rx: Some(rx),
             waker,
-            depth,
-            slots: Vec::with_capacity(depth),
-            free: Vec::with_capacity(depth),
-            in_flight: 0,
             wake_buf: Box::into_raw(Box::new([0u8; 8])),
             wake_armed: false,
-            cqes: Vec::with_capacity(depth + 1),
         }
     }
 
     fn run(mut self) {
         let mut disconnected = false;
         loop {
-            while !disconnected && self.in_flight < self.depth {
+            while !disconnected && self.core.has_room() {
                 match self.try_recv() {
-                    Some(Ok(op)) => self.start(op),
+                    Some(Ok(op)) => self.core.start(op),
                     Some(Err(())) => disconnected = true,
                     None => break,
                 }
             }
-            if disconnected && self.in_flight == 0 {
+            self.call_finished();
+            if disconnected && self.core.in_flight() == 0 {
                 break;
             }
             if !self.wake_armed {
@@ -417,7 +217,7 @@ impl RingThread {
                     return;
                 }
             }
-            if !disconnected && self.in_flight < self.depth {
+            if !disconnected && self.core.has_room() {
                 // Announce the coming sleep, then look once more: a request sent
                 // before the flag went up is seen here, one sent after writes the
                 // eventfd.
@@ -425,7 +225,7 @@ impl RingThread {
                 match self.try_recv() {
                     Some(Ok(op)) => {
                         self.waker.needs_wake.store(false, Ordering::SeqCst);
-                        self.start(op);
+                        self.core.start(op);
                         continue;
                     }
                     Some(Err(())) => {
@@ -455,97 +255,10 @@ impl RingThread {
         }
     }
 
-    fn start(&mut self, op: EngineOp) {
-        let EngineOp {
-            request,
-            max_transfer,
-            done,
-        } = op;
-        let piece = piece_limit(max_transfer);
-        let state = match request {
-            IoRequest::Read { file, offset, len } => match AlignedBuf::zeroed(len) {
-                Ok(buf) => OpState::Read {
-                    file,
-                    offset,
-                    buf,
-                    done: 0,
-                    piece,
-                },
-                Err(e) => {
-                    done(Err(io::Error::new(io::ErrorKind::InvalidInput, e)));
-                    return;
-                }
-            },
-            IoRequest::Write { file, offset, buf } => OpState::Write {
-                file,
-                offset,
-                buf,
-                done: 0,
-                piece,
-            },
-            IoRequest::Fsync { file } => OpState::Sync {
-                file,
-                datasync: false,
-            },
-            IoRequest::Fdatasync { file } => OpState::Sync {
-                file,
-                datasync: true,
-            },
-            IoRequest::PunchHole { file, offset, len } => {
-                if let Err(e) = fallocate_range(offset, len) {
-                    done(Err(e));
-                    return;
-                }
-                OpState::Punch { file, offset, len }
-            }
-        };
-        let slot = match self.free.pop() {
-            Some(slot) => slot,
-            None => {
-                self.slots.push(None);
-                self.slots.len() - 1
-            }
-        };
-        self.slots[slot] = Some(InFlight {
-            state,
-            done,
-            retries: 0,
-        });
-        self.in_flight += 1;
-        self.push(slot);
-    }
-
-    /// Queues the entry for what remains of the operation in `slot`.
-    fn push(&mut self, slot: usize) {
-        let Some(op) = self.slots.get_mut(slot).and_then(Option::as_mut) else {
-            return;
-        };
-        let entry = op.state.entry().user_data(slot as u64);
-        if self.push_entry(&entry).is_ok() {
-            return;
+    fn call_finished(&mut self) {
+        for (done, result) in self.core.take_finished() {
+            done(result);
         }
-        // The queue has room for `depth + 1` entries and at most that many operations
-        // exist, so this is unreachable; fail the operation rather than lose it.
-        if let Some(op) = self.slots[slot].take() {
-            self.free.push(slot);
-            self.in_flight -= 1;
-            (op.done)(Err(io::Error::other("io_uring submission queue is full")));
-        }
-    }
-
-    fn push_entry(&mut self, entry: &io_uring::squeue::Entry) -> io::Result<()> {
-        for _ in 0..2 {
-            // SAFETY: every pointer in `entry` refers to memory owned by a slot of
-            // `self.slots` (buffer, and the `Arc<File>` keeping the fd open) or to
-            // `self.wake_buf`; slots are only emptied after their CQE arrives, and on a
-            // ring failure or unwind their state is leaked instead of freed (`fail_all`,
-            // `Drop`), so the memory outlives the kernel's use of it.
-            if unsafe { self.ring.submission().push(entry) }.is_ok() {
-                return Ok(());
-            }
-            self.ring.submit()?;
-        }
-        Err(io::Error::other("io_uring submission queue is full"))
     }
 
     fn arm_wake(&mut self) -> io::Result<()> {
@@ -556,14 +269,14 @@ impl RingThread {
         )
         .build()
         .user_data(WAKE_TOKEN);
-        self.push_entry(&entry)?;
+        self.core.push_entry(&entry)?;
         self.wake_armed = true;
         Ok(())
     }
 
     fn submit_and_wait(&mut self) -> io::Result<()> {
         loop {
-            match self.ring.submit_and_wait(1) {
+            match self.core.ring.submit_and_wait(1) {
                 Ok(_) => return Ok(()),
                 Err(e) => match e.raw_os_error() {
                     Some(libc::EINTR) => continue,
@@ -576,52 +289,10 @@ impl RingThread {
     }
 
     fn reap(&mut self) {
-        let mut cqes = std::mem::take(&mut self.cqes);
-        cqes.extend(
-            self.ring
-                .completion()
-                .map(|cqe| (cqe.user_data(), cqe.result())),
-        );
-        for &(user_data, res) in &cqes {
-            if user_data == WAKE_TOKEN {
-                self.wake_armed = false;
-            } else {
-                self.complete(user_data, res);
-            }
+        if self.core.reap(WAKE_TOKEN) {
+            self.wake_armed = false;
         }
-        cqes.clear();
-        self.cqes = cqes;
-    }
-
-    fn complete(&mut self, user_data: u64, res: i32) {
-        let Ok(slot) = usize::try_from(user_data) else {
-            return;
-        };
-        let Some(op) = self.slots.get_mut(slot).and_then(Option::as_mut) else {
-            tracing::error!(user_data, "io_uring completion for an empty slot");
-            return;
-        };
-        match op.state.progress(res, &mut op.retries) {
-            Progress::Again => self.push(slot),
-            Progress::Finished => self.finish(slot, None),
-            Progress::Failed(e) => self.finish(slot, Some(e)),
-        }
-    }
-
-    fn finish(&mut self, slot: usize, error: Option<io::Error>) {
-        let Some(InFlight { state, done, .. }) = self.slots.get_mut(slot).and_then(Option::take)
-        else {
-            return;
-        };
-        self.free.push(slot);
-        self.in_flight -= 1;
-        match error {
-            None => done(Ok(state.into_completion())),
-            Some(e) => {
-                drop(state);
-                done(Err(e));
-            }
-        }
+        self.call_finished();
     }
 
     /// The ring failed: no operation can be trusted to complete. Tell every waiter,
@@ -629,13 +300,8 @@ impl RingThread {
     fn fail_all(&mut self, error: io::Error) {
         tracing::error!(error = %error, "io_uring failed; the engine stops");
         let rx = self.rx.take();
-        for slot in self.slots.iter_mut() {
-            if let Some(InFlight { state, done, .. }) = slot.take() {
-                std::mem::forget(state);
-                done(Err(io::Error::other("the io_uring engine failed")));
-            }
-        }
-        self.in_flight = 0;
+        self.core.fail_all();
+        self.call_finished();
         if let Some(rx) = rx {
             while let Ok(op) = rx.try_recv() {
                 (op.done)(Err(io::Error::other("the io_uring engine failed")));
@@ -664,15 +330,6 @@ impl RingThread {
 
 impl Drop for RingThread {
     fn drop(&mut self) {
-        // Reached with operations still in flight only when a callback panicked or the
-        // ring failed: the kernel may still write their buffers, so leak them. Their
-        // waiters see the completion callback dropped.
-        for slot in self.slots.iter_mut() {
-            if let Some(InFlight { state, done, .. }) = slot.take() {
-                std::mem::forget(state);
-                drop(done);
-            }
-        }
         if !self.wake_armed {
             // SAFETY: `wake_buf` came from `Box::into_raw` in `new`, is freed only here,
             // and no eventfd read into it is outstanding (`wake_armed` is false).
@@ -691,6 +348,7 @@ mod tests {
     use proptest::prelude::*;
 
     use super::super::sync_engine::SyncEngine;
+    use super::super::{AlignedBuf, IoCompletion, IoRequest};
     use super::*;
 
     const BLOCK: usize = 4096;
