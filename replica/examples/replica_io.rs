@@ -19,7 +19,8 @@
 //!   priority for contrast.
 //! * (d) the layers underneath: 4 KiB random writes at QD32 through the scheduler
 //!   submitted from async tasks and from 32 blocking threads, and through the whole
-//!   store from 32 blocking threads and from 32 async tasks.
+//!   store from 32 blocking threads and from 32 async tasks (reads too), the latter
+//!   also on one thread with its own ring as a daemon's data-plane shard runs them.
 //! * For (a), the CPU time and context switches per request of the daemon and of this
 //!   client process (from /proc), which unlike IOPS hardly depend on what else runs.
 //!
@@ -28,7 +29,9 @@
 //! `--replica-bin PATH` (default: `tessera-replica` next to this example's directory),
 //! `--fio PATH` (default `fio`), `--io-engine uring|sync`, `--parts abcd` (which parts
 //! to run), `--skip-fio` (no baseline, for quick iterations), `--perf DIR` (`perf record`
-//! and `perf stat` system-wide during each measured (a) phase).
+//! and `perf stat` system-wide during each measured (a) phase), `--client-threads N`
+//! (threads of the (a)/(b) load generator, default 1 as fio runs one job), `--daemon-arg
+//! ARG` (repeatable; e.g. `--daemon-arg --data-plane-shards --daemon-arg 0`).
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -46,8 +49,8 @@ use tessera_replica::control_proto::replica_control_client::ReplicaControlClient
 use tessera_replica::control_proto::CreateVolumeRequest;
 use tessera_replica::dataplane::ReplicaDataClient;
 use tessera_replica::scheduler::{
-    AlignedBuf, BackgroundLimits, EngineKind, IoClass, IoRequest, Qos, Scheduler, SchedulerConfig,
-    VolumeHandle, DEFAULT_QUEUE_DEPTH,
+    AlignedBuf, BackgroundLimits, EngineKind, IoClass, IoRequest, LocalRing, Qos, Scheduler,
+    SchedulerConfig, VolumeHandle, DEFAULT_QUEUE_DEPTH,
 };
 use tessera_replica::store::{
     with_io_priority, BlockFileFactory, IoPriority, LayeredStore, ScheduledFileFactory,
@@ -121,6 +124,10 @@ struct Args {
     perf: Option<PathBuf>,
     /// Skip the fio baseline (quick iterations; ratios then print as NaN).
     skip_fio: bool,
+    /// Threads of the load generator of (a) and (b).
+    client_threads: usize,
+    /// Extra arguments for the daemon (e.g. `--data-plane-shards 0`).
+    daemon_args: Vec<String>,
 }
 
 fn parse_args() -> Result<Args> {
@@ -140,6 +147,8 @@ fn parse_args() -> Result<Args> {
         parts: "abcd".into(),
         perf: None,
         skip_fio: false,
+        client_threads: 1,
+        daemon_args: Vec::new(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -153,6 +162,13 @@ fn parse_args() -> Result<Args> {
             "--parts" => args.parts = value()?,
             "--perf" => args.perf = Some(PathBuf::from(value()?)),
             "--skip-fio" => args.skip_fio = true,
+            "--client-threads" => {
+                args.client_threads = value()?.parse().context("--client-threads")?;
+                if args.client_threads == 0 {
+                    bail!("--client-threads must be at least 1");
+                }
+            }
+            "--daemon-arg" => args.daemon_args.push(value()?),
             other => bail!("unknown argument {other}"),
         }
     }
@@ -191,6 +207,17 @@ fn main() -> Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
+    // The load generator of (a) and (b): one thread by default, as fio runs one job,
+    // so the daemon under test gets the other core of a 2-core machine.
+    let client_rt = match args.client_threads {
+        1 => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?,
+        n => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n)
+            .enable_all()
+            .build()?,
+    };
     let work = tempfile::Builder::new()
         .prefix("tessera-replica-io-")
         .tempdir_in(&args.dir)
@@ -233,7 +260,7 @@ fn main() -> Result<()> {
     if part('a') || part('b') {
         let daemon = Daemon::start(&args, work.path())?;
         commands.push(daemon.command.clone());
-        let (a_rows, b_rows, m) = rt.block_on(async {
+        let (a_rows, b_rows, m) = client_rt.block_on(async {
             let a = match part('a') {
                 true => daemon_part_a(&daemon, dur, &fio_raw, args.perf.as_deref()).await?,
                 false => Vec::new(),
@@ -398,9 +425,7 @@ impl Daemon {
             ready.display().to_string(),
         ];
         let mut argv = argv;
-        if let Ok(extra) = std::env::var("BENCH_DAEMON_ARGS") {
-            argv.extend(extra.split_whitespace().map(str::to_string));
-        }
+        argv.extend(args.daemon_args.iter().cloned());
         let command = format!("{} {}", args.replica_bin.display(), argv.join(" "));
         let child = Command::new(&args.replica_bin)
             .args(&argv)
@@ -668,6 +693,11 @@ async fn daemon_part_a(
         let (daemon_after, client_after) = (daemon.cost(), ProcCost::of(std::process::id()));
         if let Some(p) = profile {
             p.finish()?;
+        }
+        if write {
+            // As fio's `--end_fsync`: the write phase's metadata reaches the disk now,
+            // not as background writeback during the read phase.
+            client.flush().await.map_err(|e| anyhow!("flush: {e:?}"))?;
         }
         let ratio = 100.0 * load.iops() / raw.get(rw).copied().unwrap_or(f64::NAN);
         let note = format!(
@@ -1097,7 +1127,48 @@ async fn part_d(dir: &Path, dur: Duration, args: &Args) -> Result<Vec<Row>> {
             "32 tasks, as the data plane: no blocking thread",
         ));
     }
+    if args.io_engine == "uring" {
+        for write in [true, false] {
+            let rw = if write { "randwrite" } else { "randread" };
+            eprintln!("(d) store's async path on a shard thread, {rw}");
+            let mut load = store_load_on_shard(&store, write, dur).await?;
+            rows.push(row(
+                "d",
+                format!("LayeredStore async path on a data-plane shard, 4k {rw} QD{QD}"),
+                &mut load,
+                "32 tasks on one thread with its own ring, as a daemon shard runs them, without the protocol",
+            ));
+        }
+    }
     Ok(rows)
+}
+
+/// [`store_async_load`] on a thread of its own with a single-threaded runtime and a
+/// [`LocalRing`], as a data-plane shard of the daemon runs a connection.
+async fn store_load_on_shard(
+    store: &Arc<LayeredStore>,
+    write: bool,
+    dur: Duration,
+) -> Result<Load> {
+    let store = Arc::clone(store);
+    let thread = std::thread::spawn(move || -> Result<Load> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let local = tokio::task::LocalSet::new();
+        let load = rt.block_on(local.run_until(async move {
+            let ring = LocalRing::install(DEFAULT_QUEUE_DEPTH)?;
+            let reaper = tokio::task::spawn_local(ring.run());
+            let load = store_async_load(&store, write, dur).await;
+            reaper.abort();
+            load
+        }));
+        LocalRing::uninstall();
+        load
+    });
+    tokio::task::spawn_blocking(move || thread.join())
+        .await?
+        .map_err(|_| anyhow!("the shard thread panicked"))?
 }
 
 /// QD32 4 KiB random writes or reads on the (filled) `store` for `dur` through its async

@@ -12,8 +12,10 @@
 //! io_uring by default (`--io-engine sync` selects the thread-pool reference engine).
 //! Every volume registers with it at load or create, with the QoS of its record, and
 //! its data files are opened `O_DIRECT` (see `tessera_replica::store` for the meta
-//! files). Data-plane requests take the store's async path straight to the
-//! scheduler; while they are active, background I/O is held to
+//! files). Data-plane connections are served on `--data-plane-shards` threads, each
+//! with its own io_uring: a request is read, stored and answered on one thread (the
+//! scheduler's queues and limits still apply); while they are active, background I/O
+//! is held to
 //! `--background-busy-depth` requests in the device, in pieces of
 //! `--background-max-transfer`.
 //!
@@ -125,10 +127,11 @@ struct Args {
 
     /// Data-plane threads with an io_uring of their own (io_uring engine only): each
     /// connection is served, disk I/O included, on one of them, with no hand-off
-    /// between threads per request. 0 serves connections on the main runtime and
-    /// sends their I/O through the scheduler's ring thread.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(0..=256))]
-    data_plane_shards: u16,
+    /// between threads per request. Default: one per CPU the process may use (at most
+    /// 16). 0 serves connections on the main runtime and sends their I/O through the
+    /// scheduler's ring thread.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(0..=256))]
+    data_plane_shards: Option<u16>,
 
     /// Worker threads of `--io-engine sync` (each runs one request at a time).
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=1024))]
@@ -360,13 +363,21 @@ async fn run(args: Args) -> Result<()> {
     });
 
     let registry = Arc::new(CatalogRegistry::new(Arc::clone(&catalog)));
-    let shards = match (args.io_engine, args.data_plane_shards) {
-        (IoEngineArg::Uring, n) if n > 0 => Some(Arc::new(
-            Shards::start(usize::from(n), args.queue_depth)
+    let shard_count = args.data_plane_shards.map_or_else(
+        || std::thread::available_parallelism().map_or(1, |n| n.get().min(16)),
+        usize::from,
+    );
+    let shards = match args.io_engine {
+        IoEngineArg::Uring if shard_count > 0 => Some(Arc::new(
+            Shards::start(shard_count, args.queue_depth)
                 .context("starting the data-plane shards (--data-plane-shards)")?,
         )),
         _ => None,
     };
+    info!(
+        shards = shards.as_ref().map_or(0, |s| s.len()),
+        "data-plane shards started"
+    );
     let data_config = ServerConfig {
         shards,
         ..ServerConfig::default()
