@@ -47,7 +47,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use bytes::Bytes;
 use tessera_replica::control_proto::replica_control_client::ReplicaControlClient;
 use tessera_replica::control_proto::CreateVolumeRequest;
-use tessera_replica::dataplane::ReplicaDataClient;
+use tessera_replica::dataplane::{ClientError, ErrorCode, ReplicaDataClient};
 use tessera_replica::scheduler::{
     AlignedBuf, BackgroundLimits, EngineKind, IoClass, IoRequest, LocalRing, Qos, Scheduler,
     SchedulerConfig, VolumeHandle, DEFAULT_QUEUE_DEPTH,
@@ -582,10 +582,33 @@ impl ProcCost {
     }
 }
 
+/// What [`drive`] sends.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Op {
+    Read,
+    Write,
+    /// 4 KiB writes just past the volume's end: the daemon reads the whole frame,
+    /// checks it and answers OUT_OF_RANGE before the store, so what is measured is
+    /// the protocol and TCP alone for a write-sized request.
+    RefusedWrite,
+}
+
 /// 4 KiB random writes (`write`) or reads at `qd` requests in flight for `dur`.
 async fn drive(
     client: &ReplicaDataClient,
     write: bool,
+    qd: usize,
+    dur: Duration,
+    seed: u64,
+) -> Result<Load> {
+    let op = if write { Op::Write } else { Op::Read };
+    drive_op(client, op, qd, dur, seed).await
+}
+
+/// [`drive`] with any [`Op`].
+async fn drive_op(
+    client: &ReplicaDataClient,
+    op: Op,
     qd: usize,
     dur: Duration,
     seed: u64,
@@ -605,11 +628,21 @@ async fn drive(
             while start.elapsed() < dur {
                 let off = rng.below(blocks) * BLOCK;
                 let t0 = Instant::now();
-                if write {
-                    let s = seq.fetch_add(1, Ordering::Relaxed);
-                    client.write(off, payload.clone(), s).await?;
-                } else {
-                    client.read(off, BLOCK as u32).await?;
+                match op {
+                    Op::Write => {
+                        let s = seq.fetch_add(1, Ordering::Relaxed);
+                        client.write(off, payload.clone(), s).await?;
+                    }
+                    Op::Read => {
+                        client.read(off, BLOCK as u32).await?;
+                    }
+                    Op::RefusedWrite => {
+                        let s = seq.fetch_add(1, Ordering::Relaxed);
+                        match client.write(VOLUME_BYTES, payload.clone(), s).await {
+                            Err(ClientError::Remote(e)) if e.code == ErrorCode::OutOfRange => {}
+                            other => bail!("a write past the end answered {other:?}"),
+                        }
+                    }
                 }
                 load.lat_us.push(micros(t0.elapsed()));
                 load.ops += 1;
@@ -682,6 +715,22 @@ async fn daemon_part_a(
     rows.push(row(
         "a",
         format!("tessera-replica data plane, 4k randread of unwritten blocks QD{QD}"),
+        &mut load,
+        note,
+    ));
+    eprintln!("(a) daemon 4k writes refused past the volume's end QD{QD}");
+    let (daemon_before, client_before) = (daemon.cost(), ProcCost::of(std::process::id()));
+    let mut load = drive_op(&null, Op::RefusedWrite, QD, dur.min(Duration::from_secs(10)), 6).await?;
+    let (daemon_after, client_after) = (daemon.cost(), ProcCost::of(std::process::id()));
+    let ratio = 100.0 * load.iops() / raw.get("randwrite").copied().unwrap_or(f64::NAN);
+    let note = format!(
+        "no disk I/O: a 4 KiB write frame read, checked and refused (OUT_OF_RANGE) before the store: protocol + TCP ceiling for writes, {ratio:.0} % of raw writes; daemon {}; client {}",
+        ProcCost::per_op(daemon_before, daemon_after, load.ops),
+        ProcCost::per_op(client_before, client_after, load.ops)
+    );
+    rows.push(row(
+        "a",
+        format!("tessera-replica data plane, 4k writes refused past the end QD{QD}"),
         &mut load,
         note,
     ));
