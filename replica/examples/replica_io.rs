@@ -720,7 +720,14 @@ async fn daemon_part_a(
     ));
     eprintln!("(a) daemon 4k writes refused past the volume's end QD{QD}");
     let (daemon_before, client_before) = (daemon.cost(), ProcCost::of(std::process::id()));
-    let mut load = drive_op(&null, Op::RefusedWrite, QD, dur.min(Duration::from_secs(10)), 6).await?;
+    let mut load = drive_op(
+        &null,
+        Op::RefusedWrite,
+        QD,
+        dur.min(Duration::from_secs(10)),
+        6,
+    )
+    .await?;
     let (daemon_after, client_after) = (daemon.cost(), ProcCost::of(std::process::id()));
     let ratio = 100.0 * load.iops() / raw.get("randwrite").copied().unwrap_or(f64::NAN);
     let note = format!(
