@@ -18,7 +18,10 @@ use tessera_replica::block_io::{
 use tessera_replica::dataplane::frame::{self, Header, Opcode, RESPONSE_BIT};
 use tessera_replica::dataplane::message::{decode_error_payload, Hello, HelloReply};
 use tessera_replica::dataplane::stream::read_frame;
-use tessera_replica::dataplane::{serve, ClientError, ErrorCode, ReplicaDataClient};
+use tessera_replica::dataplane::shards::Shards;
+use tessera_replica::dataplane::{
+    serve, serve_with_config, ClientError, ErrorCode, ReplicaDataClient, ServerConfig,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, Notify};
@@ -255,6 +258,39 @@ async fn start(reg: &Arc<FileBackedVolumes>) -> Server {
     }
 }
 
+/// [`start`] with the connections served on two data-plane shards (threads with a
+/// runtime and an io_uring of their own), as the daemon does.
+async fn start_sharded(reg: &Arc<FileBackedVolumes>) -> Server {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let config = ServerConfig {
+        shards: Some(Arc::new(Shards::start(2, 32).expect("io_uring available"))),
+        ..ServerConfig::default()
+    };
+    let task = tokio::spawn(serve_with_config(
+        listener,
+        Arc::clone(reg),
+        config,
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    Server {
+        addr,
+        task,
+        stop: Some(stop),
+    }
+}
+
+async fn start_either(reg: &Arc<FileBackedVolumes>, sharded: bool) -> Server {
+    if sharded {
+        start_sharded(reg).await
+    } else {
+        start(reg).await
+    }
+}
+
 fn pattern(block: u64) -> Vec<u8> {
     (0..BLOCK_SIZE)
         .map(|i| (block.wrapping_mul(31).wrapping_add(i * 7) % 251) as u8)
@@ -344,9 +380,18 @@ async fn write_then_read_back_flush_and_trim() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thousand_pipelined_requests_on_one_connection() {
+    thousand_pipelined_requests_on_one_connection_on(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousand_pipelined_requests_on_one_connection_on_shards() {
+    thousand_pipelined_requests_on_one_connection_on(true).await;
+}
+
+async fn thousand_pipelined_requests_on_one_connection_on(sharded: bool) {
     let reg = FileBackedVolumes::new();
     let vol = reg.create("v", 1000, 1);
-    let srv = start(&reg).await;
+    let srv = start_either(&reg, sharded).await;
     let c = ReplicaDataClient::connect(srv.addr, "v", 1).await.unwrap();
 
     let writes: Vec<_> = (0..1000u64)
@@ -614,10 +659,19 @@ async fn oversized_frame_is_refused_without_allocating() {
 
 #[tokio::test]
 async fn server_dropped_mid_request_fails_calls_promptly() {
+    server_dropped_mid_request_fails_calls_promptly_on(false).await;
+}
+
+#[tokio::test]
+async fn server_dropped_mid_request_fails_calls_promptly_on_shards() {
+    server_dropped_mid_request_fails_calls_promptly_on(true).await;
+}
+
+async fn server_dropped_mid_request_fails_calls_promptly_on(sharded: bool) {
     let reg = FileBackedVolumes::new();
     let vol = reg.create("v", 16, 1);
     let (entered, _release) = vol.blocks.set_gate(0);
-    let srv = start(&reg).await;
+    let srv = start_either(&reg, sharded).await;
     let c = ReplicaDataClient::connect(srv.addr, "v", 1).await.unwrap();
     let c2 = c.clone();
     let pending = tokio::spawn(async move { c2.read(0, 4096).await });
@@ -641,6 +695,15 @@ async fn server_dropped_mid_request_fails_calls_promptly() {
 
 #[tokio::test]
 async fn shutdown_answers_in_flight_requests_then_returns() {
+    shutdown_answers_in_flight_requests_then_returns_on(false).await;
+}
+
+#[tokio::test]
+async fn shutdown_answers_in_flight_requests_then_returns_on_shards() {
+    shutdown_answers_in_flight_requests_then_returns_on(true).await;
+}
+
+async fn shutdown_answers_in_flight_requests_then_returns_on(sharded: bool) {
     let reg = FileBackedVolumes::new();
     let vol = reg.create("v", 16, 1);
     vol.blocks
@@ -648,7 +711,7 @@ async fn shutdown_answers_in_flight_requests_then_returns() {
         .write_all_at(&pattern(2), 2 * BLOCK_SIZE)
         .unwrap();
     let (entered, release) = vol.blocks.set_gate(2 * BLOCK_SIZE);
-    let mut srv = start(&reg).await;
+    let mut srv = start_either(&reg, sharded).await;
     let c = ReplicaDataClient::connect(srv.addr, "v", 1).await.unwrap();
     let c2 = c.clone();
     let pending = tokio::spawn(async move { c2.read(2 * BLOCK_SIZE, 4096).await });
