@@ -17,8 +17,8 @@ use tessera_replica::block_io::{
 };
 use tessera_replica::dataplane::frame::{self, Header, Opcode, RESPONSE_BIT};
 use tessera_replica::dataplane::message::{decode_error_payload, Hello, HelloReply};
-use tessera_replica::dataplane::stream::read_frame;
 use tessera_replica::dataplane::shards::Shards;
+use tessera_replica::dataplane::stream::read_frame;
 use tessera_replica::dataplane::{
     serve, serve_with_config, ClientError, ErrorCode, ReplicaDataClient, ServerConfig,
 };
