@@ -661,6 +661,23 @@ async fn drive_op(
     Ok(total)
 }
 
+/// Runs `load` and describes what it cost per request: "daemon X µs CPU + Y
+/// switches/op; client ..." (from /proc, before and after).
+async fn with_cost(
+    daemon: &Daemon,
+    load: impl std::future::Future<Output = Result<Load>>,
+) -> Result<(Load, String)> {
+    let (daemon_before, client_before) = (daemon.cost(), ProcCost::of(std::process::id()));
+    let load = load.await?;
+    let (daemon_after, client_after) = (daemon.cost(), ProcCost::of(std::process::id()));
+    let cost = format!(
+        "daemon {}; client {}",
+        ProcCost::per_op(daemon_before, daemon_after, load.ops),
+        ProcCost::per_op(client_before, client_after, load.ops)
+    );
+    Ok((load, cost))
+}
+
 /// Writes the whole volume once with 1 MiB writes, so random reads find data.
 async fn fill(client: &ReplicaDataClient) -> Result<()> {
     let chunk = Bytes::from(vec![0xa5u8; 1 << 20]);
@@ -704,14 +721,12 @@ async fn daemon_part_a(
     create_volume(daemon, "bench-null", &[]).await?;
     let null = connect(daemon, "bench-null").await?;
     eprintln!("(a) daemon 4k read of never-written blocks QD{QD}");
-    let (daemon_before, client_before) = (daemon.cost(), ProcCost::of(std::process::id()));
-    let mut load = drive(&null, false, QD, dur.min(Duration::from_secs(10)), 5).await?;
-    let (daemon_after, client_after) = (daemon.cost(), ProcCost::of(std::process::id()));
-    let note = format!(
-        "no disk I/O: protocol + TCP + store ceiling; daemon {}; client {}",
-        ProcCost::per_op(daemon_before, daemon_after, load.ops),
-        ProcCost::per_op(client_before, client_after, load.ops)
-    );
+    let (mut load, cost) = with_cost(
+        daemon,
+        drive(&null, false, QD, dur.min(Duration::from_secs(10)), 5),
+    )
+    .await?;
+    let note = format!("no disk I/O: protocol + TCP + store ceiling; {cost}");
     rows.push(row(
         "a",
         format!("tessera-replica data plane, 4k randread of unwritten blocks QD{QD}"),
@@ -719,21 +734,17 @@ async fn daemon_part_a(
         note,
     ));
     eprintln!("(a) daemon 4k writes refused past the volume's end QD{QD}");
-    let (daemon_before, client_before) = (daemon.cost(), ProcCost::of(std::process::id()));
-    let mut load = drive_op(
+    let refused = drive_op(
         &null,
         Op::RefusedWrite,
         QD,
         dur.min(Duration::from_secs(10)),
         6,
-    )
-    .await?;
-    let (daemon_after, client_after) = (daemon.cost(), ProcCost::of(std::process::id()));
+    );
+    let (mut load, cost) = with_cost(daemon, refused).await?;
     let ratio = 100.0 * load.iops() / raw.get("randwrite").copied().unwrap_or(f64::NAN);
     let note = format!(
-        "no disk I/O: a 4 KiB write frame read, checked and refused (OUT_OF_RANGE) before the store: protocol + TCP ceiling for writes, {ratio:.0} % of raw writes; daemon {}; client {}",
-        ProcCost::per_op(daemon_before, daemon_after, load.ops),
-        ProcCost::per_op(client_before, client_after, load.ops)
+        "no disk I/O: a 4 KiB write frame read, checked and refused (OUT_OF_RANGE) before the store: protocol + TCP ceiling for writes, {ratio:.0} % of raw writes; {cost}"
     );
     rows.push(row(
         "a",
@@ -744,9 +755,7 @@ async fn daemon_part_a(
     for (write, rw, goal) in [(true, "randwrite", 60.0), (false, "randread", 85.0)] {
         eprintln!("(a) daemon 4k {rw} QD{QD}");
         let profile = perf.map(|dir| Profile::start(dir, rw, dur)).transpose()?;
-        let (daemon_before, client_before) = (daemon.cost(), ProcCost::of(std::process::id()));
-        let mut load = drive(&client, write, QD, dur, 7).await?;
-        let (daemon_after, client_after) = (daemon.cost(), ProcCost::of(std::process::id()));
+        let (mut load, cost) = with_cost(daemon, drive(&client, write, QD, dur, 7)).await?;
         if let Some(p) = profile {
             p.finish()?;
         }
@@ -756,11 +765,7 @@ async fn daemon_part_a(
             client.flush().await.map_err(|e| anyhow!("flush: {e:?}"))?;
         }
         let ratio = 100.0 * load.iops() / raw.get(rw).copied().unwrap_or(f64::NAN);
-        let note = format!(
-            "{ratio:.0} % of raw (goal ≥ {goal:.0} %); daemon {}; client {}",
-            ProcCost::per_op(daemon_before, daemon_after, load.ops),
-            ProcCost::per_op(client_before, client_after, load.ops)
-        );
+        let note = format!("{ratio:.0} % of raw (goal ≥ {goal:.0} %); {cost}");
         rows.push(row(
             "a",
             format!("tessera-replica data plane, 4k {rw} QD{QD}"),

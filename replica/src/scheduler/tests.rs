@@ -399,7 +399,9 @@ fn new_outside_a_runtime_is_an_error() {
     ));
 }
 
-fn open_direct(path: &Path) -> Arc<File> {
+/// Opens `path` read-write with `O_DIRECT`, as the store opens data files (the test
+/// temp dirs are on ext4 here; a filesystem without it fails the test loudly).
+pub(super) fn open_direct(path: &Path) -> Arc<File> {
     let file = OpenOptions::new()
         .read(true)
         .write(true)

@@ -299,9 +299,6 @@ impl IoEngine for LocalFirstEngine {
 
 #[cfg(test)]
 mod tests {
-    use std::fs::{File, OpenOptions};
-    use std::os::unix::fs::OpenOptionsExt;
-    use std::path::Path;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::{mpsc, Arc};
     use std::thread::{self, ThreadId};
@@ -312,6 +309,7 @@ mod tests {
     use super::super::super::sync_engine::SyncEngine;
     use super::super::super::{AlignedBuf, IoCompletion, IoRequest};
     use super::*;
+    use crate::scheduler::tests::open_direct;
 
     const BLOCK: usize = 4096;
 
@@ -342,18 +340,6 @@ mod tests {
             Arc::new(LocalFirstEngine::new(Box::new(fallback))),
             submitted,
         )
-    }
-
-    fn open_direct(path: &Path) -> Arc<File> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .custom_flags(libc::O_DIRECT)
-            .open(path)
-            .expect("temp dir supports O_DIRECT");
-        Arc::new(file)
     }
 
     type Outcome = (io::Result<IoCompletion>, ThreadId);

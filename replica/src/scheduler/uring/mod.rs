@@ -340,9 +340,6 @@ impl Drop for RingThread {
 
 #[cfg(test)]
 mod tests {
-    use std::fs::OpenOptions;
-    use std::os::unix::fs::OpenOptionsExt;
-    use std::path::Path;
     use std::time::Duration;
 
     use proptest::prelude::*;
@@ -350,22 +347,9 @@ mod tests {
     use super::super::sync_engine::SyncEngine;
     use super::super::{AlignedBuf, IoCompletion, IoRequest};
     use super::*;
+    use crate::scheduler::tests::open_direct;
 
     const BLOCK: usize = 4096;
-
-    /// Opens `path` read-write with `O_DIRECT` (the temp dir is on ext4 here, which
-    /// supports it; the test fails loudly if the filesystem does not).
-    fn open_direct(path: &Path) -> Arc<File> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .custom_flags(libc::O_DIRECT)
-            .open(path)
-            .expect("temp dir supports O_DIRECT");
-        Arc::new(file)
-    }
 
     /// Runs one request to completion on `engine`, waiting on a channel (bounded by a
     /// generous timeout so a bug shows as a failure, not a hung test run).
