@@ -142,51 +142,47 @@ impl LocalRing {
         // reads slower, because the device then serves and completes them in
         // batches while the thread waits.
         if let Err(e) = submit_now(&mut core) {
-            drop(core);
-            self.fail(e);
-            return;
+            // Reported by the reaper, not here: the caller may hold the scheduler's
+            // lock, which the callbacks take.
+            self.mark_failed(&mut core, e);
         }
-        // An operation refused before reaching the kernel, or a completion posted
-        // during the submission itself, is delivered by the reaper: make it look.
+        // An operation refused before reaching the kernel, a completion posted during
+        // the submission itself, or a failure, is delivered by the reaper: make it look.
         if core.has_finished() || !core.ring.completion().is_empty() {
             self.kick();
         }
     }
 
-    /// Runs deferred completions, calls their callbacks, starts queued operations.
+    /// Runs deferred completions, calls their callbacks, starts queued operations; on a
+    /// failed ring, reports what it held and what waited for it.
     fn reap(&self) {
         loop {
             let finished = {
                 let mut core = self.core.borrow_mut();
-                // SAFETY: a plain GETEVENTS enter without extra arguments.
-                let entered = unsafe {
-                    core.ring
-                        .submitter()
-                        .enter::<libc::sigset_t>(0, 0, ENTER_GETEVENTS, None)
-                };
-                if let Err(e) = entered {
-                    if !matches!(
-                        e.raw_os_error(),
-                        Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)
-                    ) {
-                        core.fail_all();
-                        self.failed.set(true);
-                        tracing::error!(error = %e, "shard io_uring failed");
+                if !self.failed.get() {
+                    // SAFETY: a plain GETEVENTS enter without extra arguments.
+                    let entered = unsafe {
+                        core.ring
+                            .submitter()
+                            .enter::<libc::sigset_t>(0, 0, ENTER_GETEVENTS, None)
+                    };
+                    match entered {
+                        Err(e) if !is_busy(&e) => self.mark_failed(&mut core, e),
+                        _ => {
+                            core.reap(NO_TOKEN);
+                            let mut backlog = self.backlog.borrow_mut();
+                            while core.has_room() {
+                                match backlog.pop_front() {
+                                    Some(op) => core.start(op),
+                                    None => break,
+                                }
+                            }
+                            drop(backlog);
+                            if let Err(e) = submit_now(&mut core) {
+                                self.mark_failed(&mut core, e);
+                            }
+                        }
                     }
-                }
-                core.reap(NO_TOKEN);
-                let mut backlog = self.backlog.borrow_mut();
-                while core.has_room() {
-                    match backlog.pop_front() {
-                        Some(op) => core.start(op),
-                        None => break,
-                    }
-                }
-                drop(backlog);
-                if let Err(e) = submit_now(&mut core) {
-                    core.fail_all();
-                    self.failed.set(true);
-                    tracing::error!(error = %e, "shard io_uring failed");
                 }
                 core.take_finished()
             };
@@ -202,19 +198,18 @@ impl LocalRing {
         }
     }
 
-    /// The ring failed: report every operation, send later ones to the fallback.
-    fn fail(&self, error: io::Error) {
+    /// The ring failed: every operation it holds fails (reported by the next
+    /// [`Self::reap`]), and the thread's later I/O goes to the fallback engine.
+    fn mark_failed(&self, core: &mut RingCore, error: io::Error) {
         tracing::error!(error = %error, "shard io_uring failed; its thread falls back to the ring thread");
         self.failed.set(true);
-        let finished = {
-            let mut core = self.core.borrow_mut();
-            core.fail_all();
-            core.take_finished()
-        };
-        for (done, result) in finished {
-            done(result);
-        }
-        self.drain_backlog();
+        core.fail_all();
+    }
+
+    /// [`Self::mark_failed`] and report at once (only outside the scheduler's lock).
+    fn fail(&self, error: io::Error) {
+        self.mark_failed(&mut self.core.borrow_mut(), error);
+        self.reap();
     }
 
     fn drain_backlog(&self) {
@@ -254,17 +249,18 @@ fn submit_now(core: &mut RingCore) -> io::Result<()> {
         return Ok(());
     }
     match core.ring.submit() {
-        Ok(_) => Ok(()),
-        Err(e)
-            if matches!(
-                e.raw_os_error(),
-                Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)
-            ) =>
-        {
-            Ok(())
-        }
-        Err(e) => Err(e),
+        Err(e) if !is_busy(&e) => Err(e),
+        _ => Ok(()),
     }
+}
+
+/// Interrupted, or the kernel short of room (full completion queue, memory): try again
+/// at the next reap.
+fn is_busy(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)
+    )
 }
 
 /// The scheduler's engine when shards may exist: operations go to the submitting
