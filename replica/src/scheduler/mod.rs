@@ -10,8 +10,9 @@
 //!                               │  token buckets: maxIOPS, maxBandwidth (burst)
 //!                               │  reservation: minIOPS first under contention
 //!                               ▼  earliest deadline first, ≤ queue_depth in flight
-//!                            IoEngine ──► io_uring thread ──► kernel
-//!                               │                      (or the sync reference engine)
+//!                            IoEngine ──► the shard thread's own ring, else the
+//!                               │         io_uring thread ──► kernel
+//!                               │         (or the sync reference engine)
 //!  future resolves ◄──oneshot───┘ completion callback: counters, dispatch next
 //! ```
 //!
@@ -46,7 +47,8 @@
 //!
 //! Layout: [`aligned_buf`] (O_DIRECT buffers), [`clock`], [`token_bucket`], `edf`
 //! (pure policy), [`background`] (the background cap), [`engine`] (the engine trait),
-//! [`uring`] and [`sync_engine`] (the two engines), [`stats`], [`params`] (QoS from
+//! [`uring`] and [`sync_engine`] (the two engines; the io_uring one also gives each
+//! data-plane shard thread a ring of its own), [`stats`], [`params`] (QoS from
 //! volume-record parameters).
 
 pub mod aligned_buf;

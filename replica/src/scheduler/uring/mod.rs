@@ -1,6 +1,12 @@
-//! The io_uring engine: one thread owning one ring, fed over a channel.
+//! The io_uring engine: one thread owning one ring, fed over a channel, plus the rings
+//! of data-plane shard threads.
 //!
-//! *Design.* Callers (the scheduler, usually from tokio tasks or from completion
+//! Layout: `core` (the slot table and entry building every ring shares), this module
+//! (the ring thread, [`UringEngine`]), `local` ([`LocalRing`], a ring owned by a shard
+//! thread, and [`LocalFirstEngine`], which sends I/O to the submitting thread's ring if
+//! it has one and to the ring thread otherwise; the scheduler uses it).
+//!
+//! *Design of the ring thread.* Callers (the scheduler, usually from tokio tasks or from completion
 //! callbacks) push [`EngineOp`]s into an unbounded channel and return at once. The ring
 //! thread moves operations from the channel into the submission queue while fewer than
 //! `depth` are in flight, submits, waits for completions, and calls each operation's
@@ -17,7 +23,7 @@
 //! consecutive entries of at most that size, each after the previous completed, the
 //! same way a short transfer continues.
 //!
-//! *Ownership.* Every in-flight operation lives in a slot of the thread's table,
+//! *Ownership.* Every in-flight operation lives in a slot of its ring's table,
 //! holding its `Arc<File>` (so the fd cannot be closed and reused) and its
 //! [`AlignedBuf`](super::AlignedBuf) (so the memory cannot be freed) until its completion arrives. The slot
 //! index is the entry's `user_data`. Short transfers and `EINTR`/`EAGAIN` resubmit the
