@@ -177,13 +177,14 @@ pub fn frame_crc(prefix_and_header: &[u8], payload: &[u8]) -> u32 {
 }
 
 /// The same crc32c as [`frame_crc`], from the payload's own crc32c: a sender that
-/// writes one payload to several replicas checksums it once and combines per frame.
+/// writes one payload to several replicas checksums it once and combines per frame
+/// (in constant time: [`super::crc_combine`]).
 pub fn frame_crc_with_payload_crc(
     prefix_and_header: &[u8],
     payload_crc: u32,
     payload_len: usize,
 ) -> u32 {
-    crc32c::crc32c_combine(crc32c::crc32c(prefix_and_header), payload_crc, payload_len)
+    super::crc_combine::crc32c_combine(crc32c::crc32c(prefix_and_header), payload_crc, payload_len)
 }
 
 /// Checks the trailer of a received frame.

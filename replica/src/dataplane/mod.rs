@@ -104,6 +104,7 @@
 //! probed without losing a connection.
 
 pub mod client;
+mod crc_combine;
 pub mod error;
 pub mod frame;
 pub mod message;
