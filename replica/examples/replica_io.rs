@@ -31,7 +31,9 @@
 //! to run), `--skip-fio` (no baseline, for quick iterations), `--perf DIR` (`perf record`
 //! and `perf stat` system-wide during each measured (a) phase), `--client-threads N`
 //! (threads of the (a)/(b) load generator, default 1 as fio runs one job), `--daemon-arg
-//! ARG` (repeatable; e.g. `--daemon-arg --data-plane-shards --daemon-arg 0`).
+//! ARG` (repeatable; e.g. `--daemon-arg --data-plane-shards --daemon-arg 0`),
+//! `--connections N` (default 2: extra (a) rows with the same QD32 spread over N
+//! connections to the volume, which the daemon serves on N shards; 1 = no extra rows).
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -128,6 +130,9 @@ struct Args {
     client_threads: usize,
     /// Extra arguments for the daemon (e.g. `--data-plane-shards 0`).
     daemon_args: Vec<String>,
+    /// Connections of the extra (a) rows that spread the same QD32 over several
+    /// connections to the one volume (each lands on its own daemon shard); 1 = none.
+    connections: usize,
 }
 
 fn parse_args() -> Result<Args> {
@@ -149,6 +154,7 @@ fn parse_args() -> Result<Args> {
         skip_fio: false,
         client_threads: 1,
         daemon_args: Vec::new(),
+        connections: 2,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -169,6 +175,12 @@ fn parse_args() -> Result<Args> {
                 }
             }
             "--daemon-arg" => args.daemon_args.push(value()?),
+            "--connections" => {
+                args.connections = value()?.parse().context("--connections")?;
+                if args.connections == 0 || !QD.is_multiple_of(args.connections) {
+                    bail!("--connections must divide {QD}");
+                }
+            }
             other => bail!("unknown argument {other}"),
         }
     }
@@ -262,7 +274,7 @@ fn main() -> Result<()> {
         commands.push(daemon.command.clone());
         let (a_rows, b_rows, m) = client_rt.block_on(async {
             let a = match part('a') {
-                true => daemon_part_a(&daemon, dur, &fio_raw, args.perf.as_deref()).await?,
+                true => daemon_part_a(&daemon, dur, &fio_raw, &args).await?,
                 false => Vec::new(),
             };
             let b = match part('b') {
@@ -613,13 +625,24 @@ async fn drive_op(
     dur: Duration,
     seed: u64,
 ) -> Result<Load> {
+    drive_lanes(std::slice::from_ref(client), op, qd, dur, seed).await
+}
+
+/// [`drive_op`] with the `qd` requests spread round robin over `clients`.
+async fn drive_lanes(
+    clients: &[ReplicaDataClient],
+    op: Op,
+    qd: usize,
+    dur: Duration,
+    seed: u64,
+) -> Result<Load> {
     let seq = Arc::new(AtomicU64::new(1 << 20));
     let payload = Bytes::from(vec![0x5au8; BLOCK as usize]);
     let blocks = VOLUME_BYTES / BLOCK;
     let start = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for t in 0..qd {
-        let client = client.clone();
+        let client = clients[t % clients.len()].clone();
         let seq = Arc::clone(&seq);
         let payload = payload.clone();
         tasks.spawn(async move {
@@ -709,10 +732,16 @@ async fn daemon_part_a(
     daemon: &Daemon,
     dur: Duration,
     raw: &HashMap<&str, f64>,
-    perf: Option<&Path>,
+    args: &Args,
 ) -> Result<Vec<Row>> {
     create_volume(daemon, "bench-a", &[]).await?;
     let client = connect(daemon, "bench-a").await?;
+    // Connected first, while no other connection exists: the daemon gives each new
+    // connection to its least-loaded shard, so these end up on different threads.
+    let mut lanes = vec![client.clone()];
+    for _ in 1..args.connections {
+        lanes.push(connect(daemon, "bench-a").await?);
+    }
     eprintln!("(a) filling the volume");
     fill(&client).await?;
     let mut rows = Vec::new();
@@ -752,23 +781,47 @@ async fn daemon_part_a(
         &mut load,
         note,
     ));
-    for (write, rw, goal) in [(true, "randwrite", 60.0), (false, "randread", 85.0)] {
-        eprintln!("(a) daemon 4k {rw} QD{QD}");
+    rows.extend(measure_rw(daemon, &[client], dur, raw, args.perf.as_deref()).await?);
+    if lanes.len() > 1 {
+        rows.extend(measure_rw(daemon, &lanes, dur, raw, None).await?);
+    }
+    Ok(rows)
+}
+
+/// The randwrite and randread rows of (a): QD32 spread evenly over `clients`
+/// (connections to the same volume).
+async fn measure_rw(
+    daemon: &Daemon,
+    clients: &[ReplicaDataClient],
+    dur: Duration,
+    raw: &HashMap<&str, f64>,
+    perf: Option<&Path>,
+) -> Result<Vec<Row>> {
+    let mut rows = Vec::new();
+    let over = match clients.len() {
+        1 => String::new(),
+        n => format!(" over {n} connections"),
+    };
+    for (op, rw, goal) in [(Op::Write, "randwrite", 60.0), (Op::Read, "randread", 85.0)] {
+        eprintln!("(a) daemon 4k {rw} QD{QD}{over}");
         let profile = perf.map(|dir| Profile::start(dir, rw, dur)).transpose()?;
-        let (mut load, cost) = with_cost(daemon, drive(&client, write, QD, dur, 7)).await?;
+        let (mut load, cost) = with_cost(daemon, drive_lanes(clients, op, QD, dur, 7)).await?;
         if let Some(p) = profile {
             p.finish()?;
         }
-        if write {
+        if op == Op::Write {
             // As fio's `--end_fsync`: the write phase's metadata reaches the disk now,
             // not as background writeback during the read phase.
-            client.flush().await.map_err(|e| anyhow!("flush: {e:?}"))?;
+            clients[0]
+                .flush()
+                .await
+                .map_err(|e| anyhow!("flush: {e:?}"))?;
         }
         let ratio = 100.0 * load.iops() / raw.get(rw).copied().unwrap_or(f64::NAN);
         let note = format!("{ratio:.0} % of raw (goal ≥ {goal:.0} %); {cost}");
         rows.push(row(
             "a",
-            format!("tessera-replica data plane, 4k {rw} QD{QD}"),
+            format!("tessera-replica data plane, 4k {rw} QD{QD}{over}"),
             &mut load,
             note,
         ));

@@ -3,7 +3,9 @@
 //! and answered on one thread, disk I/O included.
 //!
 //! Why: see the `scheduler::uring::local` module. The accept loop stays on the
-//! daemon's main runtime and hands each accepted socket to the next shard in turn;
+//! daemon's main runtime and hands each accepted socket to the shard serving the
+//! fewest connections (an engine that opens several connections to one volume gets
+//! them on different threads);
 //! everything else about a connection (limits, ordering, shutdown) is the server's
 //! and unchanged. A shard must never block: the data plane only uses the store's
 //! async path, and blocking work (epoch adoption) goes to the shard runtime's
@@ -13,6 +15,7 @@ use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
@@ -27,7 +30,20 @@ type Job = Box<dyn FnOnce() -> Pin<Box<dyn Future<Output = ()> + Send>> + Send>;
 /// only after every connection has ended).
 pub struct Shards {
     senders: Vec<mpsc::UnboundedSender<Job>>,
+    /// Jobs each shard is running or about to run.
+    load: Vec<Arc<AtomicUsize>>,
+    /// Where the search for the least-loaded shard starts, rotated so that equally
+    /// loaded shards take turns.
     next: AtomicUsize,
+}
+
+/// Counts one job against its shard until the job's future ends or is dropped.
+struct LoadGuard(Arc<AtomicUsize>);
+
+impl Drop for LoadGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl std::fmt::Debug for Shards {
@@ -64,6 +80,7 @@ impl Shards {
             senders.push(tx);
         }
         Ok(Shards {
+            load: (0..senders.len()).map(|_| Arc::default()).collect(),
             senders,
             next: AtomicUsize::new(0),
         })
@@ -79,17 +96,39 @@ impl Shards {
         self.senders.is_empty()
     }
 
-    /// Runs the future `job` builds on the next shard, round robin. Returns `false`
-    /// if that shard has stopped (the job is dropped unbuilt).
+    /// Runs the future `job` builds on the shard with the fewest jobs (connections)
+    /// running. Returns `false` if that shard has stopped (the job is dropped unbuilt).
     pub fn spawn(
         &self,
         job: impl FnOnce() -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + 'static,
     ) -> bool {
-        if self.senders.is_empty() {
+        let n = self.senders.len();
+        if n == 0 {
             return false;
         }
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.senders.len();
-        self.senders[i].send(Box::new(job)).is_ok()
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let i = (0..n)
+            .map(|k| (start + k) % n)
+            .min_by_key(|&i| self.load[i].load(Ordering::Relaxed))
+            .unwrap_or(0);
+        self.load[i].fetch_add(1, Ordering::Relaxed);
+        let guard = LoadGuard(Arc::clone(&self.load[i]));
+        let job: Job = Box::new(move || {
+            let run = job();
+            Box::pin(async move {
+                let _counted = guard;
+                run.await
+            })
+        });
+        self.senders[i].send(job).is_ok()
+    }
+
+    /// Jobs (connections) each shard is running, by shard index.
+    pub fn load(&self) -> Vec<usize> {
+        self.load
+            .iter()
+            .map(|l| l.load(Ordering::Relaxed))
+            .collect()
     }
 }
 
@@ -139,4 +178,63 @@ fn run_shard(
         }
     });
     LocalRing::uninstall();
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use tokio::sync::oneshot;
+
+    use super::*;
+
+    /// Spawns a job that reports the name of the thread it runs on, then runs until
+    /// the returned sender fires (or is dropped).
+    fn park_job(shards: &Shards) -> (String, oneshot::Sender<()>) {
+        let (release, released) = oneshot::channel::<()>();
+        let (where_tx, where_rx) = std::sync::mpsc::channel();
+        assert!(shards.spawn(move || {
+            Box::pin(async move {
+                let name = std::thread::current().name().unwrap_or("?").to_string();
+                let _ = where_tx.send(name);
+                let _ = released.await;
+            })
+        }));
+        let name = where_rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the job ran");
+        (name, release)
+    }
+
+    /// Waits until `load` reports `total` jobs; the count drops on the shard thread
+    /// just after a job's future ends.
+    fn wait_for_total(shards: &Shards, total: usize) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while shards.load().iter().sum::<usize>() != total {
+            assert!(
+                Instant::now() < deadline,
+                "load stuck at {:?}",
+                shards.load()
+            );
+            std::thread::yield_now();
+        }
+    }
+
+    #[test]
+    fn connections_go_to_the_least_loaded_shard() {
+        let shards = Shards::start(2, 8).expect("io_uring available");
+        let (a, release_a) = park_job(&shards);
+        let (b, release_b) = park_job(&shards);
+        // Two connections of one engine must not share a thread while one is idle.
+        assert_ne!(a, b);
+        assert_eq!(shards.load(), vec![1, 1]);
+        release_b.send(()).expect("job b waits");
+        wait_for_total(&shards, 1);
+        // The shard that lost its connection is the least loaded: it gets the next
+        // (round robin would have picked a's again).
+        let (c, release_c) = park_job(&shards);
+        assert_eq!(c, b);
+        drop((release_a, release_c));
+        wait_for_total(&shards, 0);
+    }
 }
