@@ -516,4 +516,47 @@ mod tests {
         assert!(refused.is_err(), "an invalid range fails");
         assert_eq!(fallback.load(Ordering::SeqCst), 0);
     }
+
+    #[test]
+    fn a_failed_ring_reports_what_it_held_and_its_thread_falls_back() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let file = open_direct(&dir.path().join("f"));
+        let (engine, fallback) = engine();
+        let (e, f) = (Arc::clone(&engine), Arc::clone(&file));
+        let (before, at_failure, after, shard, after_thread) = on_shard(4, move |ring| {
+            Box::pin(async move {
+                let write = |seed: u8| IoRequest::Write {
+                    file: Arc::clone(&f),
+                    offset: 0,
+                    buf: block(seed),
+                };
+                let (before, _) = submit(e.as_ref(), write(1)).await.expect("callback");
+                // A real failure of `io_uring_enter`, not a stand-in: the ring's
+                // descriptor now names /dev/null (the mappings keep the ring itself
+                // alive), so every later enter fails with EOPNOTSUPP.
+                let null = std::fs::File::open("/dev/null").expect("/dev/null");
+                let ring_fd = ring.core.borrow().ring.as_raw_fd();
+                // SAFETY: replaces a descriptor this ring owns with another open one;
+                // the ring closes it (now /dev/null) when dropped.
+                assert!(unsafe { libc::dup2(null.as_raw_fd(), ring_fd) } >= 0);
+                // Started on the ring, then its submission fails: reported as failed
+                // (by the reaper, not inside `submit`), never lost.
+                let (at_failure, _) = submit(e.as_ref(), write(2)).await.expect("callback");
+                // The thread's later I/O goes to the fallback engine and succeeds.
+                let (after, t) = submit(e.as_ref(), write(3)).await.expect("callback");
+                (before, at_failure, after, thread::current().id(), t)
+            })
+        });
+        assert!(before.is_ok(), "the ring worked before the fault");
+        let err = at_failure.expect_err("the operation held by the failed ring fails");
+        assert!(err.to_string().contains("io_uring"), "{err}");
+        assert_eq!(after.expect("fallback write").bytes, BLOCK);
+        assert_ne!(after_thread, shard, "completed by the fallback engine");
+        assert_eq!(fallback.load(Ordering::SeqCst), 1);
+        let back = std::fs::read(dir.path().join("f")).expect("read back");
+        assert!(
+            back[..BLOCK].iter().all(|&b| b == 3),
+            "the fallback's write landed"
+        );
+    }
 }
