@@ -240,35 +240,20 @@ fn main() -> Result<()> {
     let load_at_start = load_average();
 
     let part = |p: char| args.parts.contains(p);
-    // (a) baseline: fio on a raw file of the same filesystem.
+    // (a) baseline: fio on a raw file of the same filesystem, before and again after the
+    // daemon's runs (the VM's disk moves by tens of percent between runs).
     let raw = work.path().join("raw.dat");
+    let baseline = part('a') && !args.skip_fio;
     let mut fio_raw = HashMap::new();
-    let fio_runs: &[&str] = if part('a') && !args.skip_fio {
-        &["randwrite", "randread"]
-    } else {
-        &[]
-    };
-    for &rw in fio_runs {
-        let cmd = fio_command(&args.fio, &raw, rw, args.secs);
-        commands.push(cmd.join(" "));
-        eprintln!("running {}", cmd.join(" "));
-        let (iops, p50, p99) = run_fio(&cmd).with_context(|| format!("fio {rw}"))?;
-        fio_raw.insert(rw, iops);
-        rows.push(Row {
-            part: "a",
-            what: format!("fio raw file, io_uring direct, 4k {rw} QD32"),
-            iops: format!("{iops:.0}"),
-            p50: format!("{p50:.0}"),
-            p99: format!("{p99:.0}"),
-            note: "baseline".into(),
-        });
-    }
-    if raw.exists() {
-        std::fs::remove_file(&raw).context("removing the fio file")?;
+    if baseline {
+        let (first, first_rows) = fio_baseline(&args, &raw, None, &mut commands)?;
+        fio_raw = first;
+        rows.extend(first_rows);
     }
 
     // (a) and (b) through a real daemon.
     let mut metrics = String::new();
+    let mut b_later = Vec::new();
     if part('a') || part('b') {
         let daemon = Daemon::start(&args, work.path())?;
         commands.push(daemon.command.clone());
@@ -285,10 +270,15 @@ fn main() -> Result<()> {
             anyhow::Ok((a, b, metrics))
         })?;
         rows.extend(a_rows);
-        rows.extend(b_rows);
+        b_later = b_rows;
         metrics = m;
         daemon.stop();
     }
+    if baseline {
+        let (_, again) = fio_baseline(&args, &raw, Some(&fio_raw), &mut commands)?;
+        rows.extend(again);
+    }
+    rows.extend(b_later);
 
     // (c) and (d) in-process.
     let inproc = work.path().join("inproc");
@@ -343,6 +333,53 @@ fn load_average() -> String {
         .ok()
         .and_then(|s| s.split_whitespace().next().map(str::to_string))
         .unwrap_or_else(|| "unknown".into())
+}
+
+/// fio randwrite and randread on `raw` (removed afterwards). With `first` (the
+/// earlier baseline) the rows say how far this one moved from it; the commands are
+/// recorded only the first time.
+fn fio_baseline(
+    args: &Args,
+    raw: &Path,
+    first: Option<&HashMap<&'static str, f64>>,
+    commands: &mut Vec<String>,
+) -> Result<(HashMap<&'static str, f64>, Vec<Row>)> {
+    let mut iops_by_rw = HashMap::new();
+    let mut rows = Vec::new();
+    for rw in ["randwrite", "randread"] {
+        let cmd = fio_command(&args.fio, raw, rw, args.secs);
+        if first.is_none() {
+            commands.push(cmd.join(" "));
+        }
+        eprintln!("running {}", cmd.join(" "));
+        let (iops, p50, p99) = run_fio(&cmd).with_context(|| format!("fio {rw}"))?;
+        iops_by_rw.insert(rw, iops);
+        let (what, note) = match first.and_then(|f| f.get(rw)) {
+            None => (
+                format!("fio raw file, io_uring direct, 4k {rw} QD32"),
+                "baseline".to_string(),
+            ),
+            Some(before) => (
+                format!("fio raw file, io_uring direct, 4k {rw} QD32, again after the daemon"),
+                format!(
+                    "baseline again: {:.0} % of the first",
+                    100.0 * iops / before
+                ),
+            ),
+        };
+        rows.push(Row {
+            part: "a",
+            what,
+            iops: format!("{iops:.0}"),
+            p50: format!("{p50:.0}"),
+            p99: format!("{p99:.0}"),
+            note,
+        });
+    }
+    if raw.exists() {
+        std::fs::remove_file(raw).context("removing the fio file")?;
+    }
+    Ok((iops_by_rw, rows))
 }
 
 fn fio_command(fio: &str, file: &Path, rw: &str, secs: u64) -> Vec<String> {
