@@ -280,6 +280,11 @@ fn over_tcp(file: &std::fs::File, kind: Kind, extra: Duration, dur: Duration) ->
             serve(file, kind, &Source::Tcp(sock), extra)
         });
         let iops = drive(addr, kind, dur);
+        if iops.is_err() {
+            // The client may have failed before connecting: a connection that closes
+            // at once releases the server from `accept`.
+            let _ = TcpStream::connect(addr);
+        }
         // The client's socket is closed: the server sees the end and returns.
         let served = server.join().map_err(|_| anyhow!("server panicked"))?;
         served?;
