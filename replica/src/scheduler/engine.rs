@@ -92,6 +92,27 @@ pub struct Rejected {
     pub error: EngineError,
 }
 
+impl Rejected {
+    /// Hands `op` to an engine's worker thread over `queue`; refused as
+    /// [`EngineError::Stopped`] once the engine is shutting down (no queue, or the
+    /// worker gone).
+    pub(crate) fn send_or_stopped(
+        queue: Option<&std::sync::mpsc::Sender<EngineOp>>,
+        op: EngineOp,
+    ) -> Result<(), Rejected> {
+        let stopped = |op| Rejected {
+            op,
+            error: EngineError::Stopped,
+        };
+        match queue {
+            Some(tx) => tx
+                .send(op)
+                .map_err(|std::sync::mpsc::SendError(op)| stopped(op)),
+            None => Err(stopped(op)),
+        }
+    }
+}
+
 /// Executes I/O requests asynchronously and reports each completion through a callback.
 ///
 /// Why callbacks rather than futures: completions are produced on a non-tokio thread,

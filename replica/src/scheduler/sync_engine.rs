@@ -57,16 +57,7 @@ fn worker(rx: &Mutex<mpsc::Receiver<EngineOp>>) {
 
 impl IoEngine for SyncEngine {
     fn submit(&self, op: EngineOp) -> Result<(), Rejected> {
-        let Some(tx) = self.tx.as_ref() else {
-            return Err(Rejected {
-                op,
-                error: EngineError::Stopped,
-            });
-        };
-        tx.send(op).map_err(|mpsc::SendError(op)| Rejected {
-            op,
-            error: EngineError::Stopped,
-        })
+        Rejected::send_or_stopped(self.tx.as_ref(), op)
     }
 
     fn name(&self) -> &'static str {

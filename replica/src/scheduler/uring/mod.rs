@@ -142,16 +142,7 @@ impl UringEngine {
 
 impl IoEngine for UringEngine {
     fn submit(&self, op: EngineOp) -> Result<(), Rejected> {
-        let Some(tx) = self.tx.as_ref() else {
-            return Err(Rejected {
-                op,
-                error: EngineError::Stopped,
-            });
-        };
-        tx.send(op).map_err(|mpsc::SendError(op)| Rejected {
-            op,
-            error: EngineError::Stopped,
-        })?;
+        Rejected::send_or_stopped(self.tx.as_ref(), op)?;
         if self.waker.needs_wake.swap(false, Ordering::SeqCst) {
             self.waker.wake();
         }
