@@ -651,21 +651,10 @@ async fn drive(
     seed: u64,
 ) -> Result<Load> {
     let op = if write { Op::Write } else { Op::Read };
-    drive_op(client, op, qd, dur, seed).await
-}
-
-/// [`drive`] with any [`Op`].
-async fn drive_op(
-    client: &ReplicaDataClient,
-    op: Op,
-    qd: usize,
-    dur: Duration,
-    seed: u64,
-) -> Result<Load> {
     drive_lanes(std::slice::from_ref(client), op, qd, dur, seed).await
 }
 
-/// [`drive_op`] with the `qd` requests spread round robin over `clients`.
+/// [`drive`] with any [`Op`], the `qd` requests spread round robin over `clients`.
 async fn drive_lanes(
     clients: &[ReplicaDataClient],
     op: Op,
@@ -800,8 +789,8 @@ async fn daemon_part_a(
         note,
     ));
     eprintln!("(a) daemon 4k writes refused past the volume's end QD{QD}");
-    let refused = drive_op(
-        &null,
+    let refused = drive_lanes(
+        std::slice::from_ref(&null),
         Op::RefusedWrite,
         QD,
         dur.min(Duration::from_secs(10)),

@@ -124,7 +124,8 @@ impl Shards {
     }
 
     /// Jobs (connections) each shard is running, by shard index.
-    pub fn load(&self) -> Vec<usize> {
+    #[cfg(test)]
+    fn load(&self) -> Vec<usize> {
         self.load
             .iter()
             .map(|l| l.load(Ordering::Relaxed))
