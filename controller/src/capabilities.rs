@@ -60,6 +60,13 @@ impl RequestedAccess {
         }
     }
 
+    /// The filesystem a volume for these capabilities must have room for: `fs` (the
+    /// effective fsType) when any capability mounts the volume, `None` for raw block
+    /// only. A volume asked for as both may end up mounted, so it counts as mounted.
+    pub fn filesystem(&self, fs: FsType) -> Option<FsType> {
+        self.mount.then_some(fs)
+    }
+
     /// Whether a volume whose record says `access_type` can serve this request.
     pub fn compatible_with(&self, access_type: &str) -> bool {
         match access_type {
@@ -246,6 +253,10 @@ mod tests {
         assert_eq!(b.record_access_type(), ACCESS_BLOCK);
         assert_eq!(m.record_access_type(), ACCESS_MOUNT);
         assert_eq!(both.record_access_type(), "");
+        // Only a volume that may be mounted needs room for a filesystem.
+        assert_eq!(b.filesystem(FsType::Xfs), None);
+        assert_eq!(m.filesystem(FsType::Xfs), Some(FsType::Xfs));
+        assert_eq!(both.filesystem(FsType::Ext4), Some(FsType::Ext4));
         assert!(
             b.compatible_with(ACCESS_BLOCK)
                 && !b.compatible_with(ACCESS_MOUNT)

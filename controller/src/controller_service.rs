@@ -373,9 +373,16 @@ impl ControllerService {
             }
             (p, c) => p.or(c).unwrap_or_default(),
         };
-        // A restore or clone takes its size from the source (checked once the source
-        // is found); the range is validated here either way.
-        let size = capacity::resolve_size(req.capacity_range.as_ref())?;
+        // A volume that may be mounted is never smaller than its filesystem's minimum
+        // (rounded up if the limit allows, else OUT_OF_RANGE), so mkfs never fails at
+        // stage time. A restore or clone takes its size from the source (checked, with
+        // the same minimum, once the source is found); the range is validated here
+        // either way, before anything is created.
+        let filesystem = access.filesystem(fs_type);
+        let size = match source {
+            None => capacity::resolve_size_for(req.capacity_range.as_ref(), filesystem)?,
+            Some(_) => capacity::resolve_size(req.capacity_range.as_ref())?,
+        };
         let topo = TopologyRequest::from_csi(req.accessibility_requirements.as_ref());
         let param_map = params.to_map(fs_type);
         let volume_id = self
@@ -403,7 +410,7 @@ impl ControllerService {
             None => (size, None, Vec::new(), Vec::new()),
             Some(s) => {
                 let p = self
-                    .prepare_copy(s, &volume_id, req.capacity_range.as_ref())
+                    .prepare_copy(s, &volume_id, req.capacity_range.as_ref(), filesystem)
                     .await?;
                 (p.size, Some(p.copy), p.guards, p.holder_daemons)
             }
@@ -1422,16 +1429,28 @@ impl ControllerService {
         req: csi::GetCapacityRequest,
     ) -> Result<csi::GetCapacityResponse> {
         let params = VolumeParameters::parse(&req.parameters)?;
-        if !req.volume_capabilities.is_empty()
-            && capabilities::validate_all(&req.volume_capabilities).is_err()
-        {
-            // No capacity at all for volumes Tessera cannot create.
-            return Ok(csi::GetCapacityResponse {
-                available_capacity: 0,
-                maximum_volume_size: Some(0),
-                minimum_volume_size: None,
-            });
-        }
+        // The smallest limit_bytes a CreateVolume with these parameters accepts: the
+        // filesystem's minimum when the volume may be mounted. Without capabilities the
+        // volume is taken to be a mount volume, the common case (a block-only one would
+        // accept less, so the answer is one that always works).
+        let filesystem = if req.volume_capabilities.is_empty() {
+            Some(params.fs_type.unwrap_or_default())
+        } else {
+            match capabilities::validate_all(&req.volume_capabilities) {
+                Ok(access) => {
+                    access.filesystem(params.fs_type.or(access.fs_type).unwrap_or_default())
+                }
+                // No capacity at all for volumes Tessera cannot create.
+                Err(_) => {
+                    return Ok(csi::GetCapacityResponse {
+                        available_capacity: 0,
+                        maximum_volume_size: Some(0),
+                        minimum_volume_size: None,
+                    })
+                }
+            }
+        };
+        let minimum = filesystem.map_or(BLOCK_SIZE, |fs| fs.min_volume_bytes().max(BLOCK_SIZE));
         self.pool().refresh_infos().await;
         let live = self.pool().live();
         let segments = req
@@ -1474,7 +1493,7 @@ impl ControllerService {
         Ok(csi::GetCapacityResponse {
             available_capacity: size_i64(available),
             maximum_volume_size: Some(size_i64(max)),
-            minimum_volume_size: Some(size_i64(BLOCK_SIZE)),
+            minimum_volume_size: Some(size_i64(minimum)),
         })
     }
 }

@@ -73,7 +73,9 @@ impl ControllerError {
                 Code::InvalidArgument
             }
             Self::Capacity(CapacityError::Negative { .. }) => Code::InvalidArgument,
-            Self::Capacity(CapacityError::Unsatisfiable { .. }) => Code::OutOfRange,
+            Self::Capacity(
+                CapacityError::Unsatisfiable { .. } | CapacityError::BelowFilesystemMinimum { .. },
+            ) => Code::OutOfRange,
             Self::Placement(PlacementError::NotEnoughNodes { .. }) => Code::OutOfRange,
             Self::Placement(PlacementError::TopologyExcluded { .. }) => Code::ResourceExhausted,
             Self::InvalidToken(_) | Self::Aborted(_) => Code::Aborted,
@@ -107,6 +109,12 @@ mod tests {
             limit: 1,
         });
         assert_eq!(Status::from(unsat).code(), Code::OutOfRange);
+        let small = ControllerError::from(CapacityError::BelowFilesystemMinimum {
+            fs: crate::fs_type::FsType::Xfs,
+            minimum: 300 << 20,
+            limit: 1 << 20,
+        });
+        assert_eq!(small.code(), Code::OutOfRange);
         let neg = ControllerError::from(CapacityError::Negative {
             field: "limit_bytes",
             value: -1,

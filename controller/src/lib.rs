@@ -9,6 +9,7 @@
 //!   the replicas of a volume.
 //! * [`parameters`], [`capabilities`], [`capacity`]: validation of StorageClass
 //!   parameters, volume capabilities and capacity ranges.
+//! * [`fs_type`]: the filesystems of mount volumes and the smallest volume each fits on.
 //! * [`placement`]: pure weighted rendezvous hashing of replicas over daemons.
 //! * [`publish`]: pure publish/unpublish decisions and publish_context.
 //! * [`replica_pool`]: discovery, liveness and deadline-bounded calls to daemons.
@@ -30,6 +31,7 @@ pub mod capacity;
 pub mod controller_service;
 pub use tessera_csi_proto::endpoint;
 pub mod error;
+pub mod fs_type;
 pub mod locks;
 pub mod metrics;
 pub mod parameters;

@@ -8,8 +8,9 @@
 //! so two spellings of the same setting (`"1Mi"` and `"1048576"`) are the same volume.
 
 use std::collections::{BTreeMap, HashMap};
-use std::fmt;
 use std::time::Duration;
+
+pub use crate::fs_type::FsType;
 
 /// Parameter key: number of replicas (1..=7).
 pub const KEY_REPLICATION_FACTOR: &str = "replicationFactor";
@@ -122,41 +123,6 @@ pub fn apply_mutable(
     let params = VolumeParameters::parse(&merged)?;
     let fs_type = params.fs_type.unwrap_or_default();
     Ok(params.to_map(fs_type))
-}
-
-/// Filesystem created on mount volumes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum FsType {
-    /// ext4, the default.
-    #[default]
-    Ext4,
-    /// XFS.
-    Xfs,
-}
-
-impl FsType {
-    /// Parses the names used in StorageClasses and mount capabilities.
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "ext4" => Some(Self::Ext4),
-            "xfs" => Some(Self::Xfs),
-            _ => None,
-        }
-    }
-
-    /// The name as mkfs and the node plugin expect it.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Ext4 => "ext4",
-            Self::Xfs => "xfs",
-        }
-    }
-}
-
-impl fmt::Display for FsType {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
 }
 
 /// Whether placement tries to put a replica on the node that will use the volume.

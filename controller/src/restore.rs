@@ -26,6 +26,7 @@ use tonic::Status;
 use crate::capacity;
 use crate::controller_service::ControllerService;
 use crate::error::ControllerError;
+use crate::fs_type::FsType;
 use crate::locks::KeyGuard;
 use crate::snapshots::{self, is_internal};
 use crate::volume_index::is_volume_id;
@@ -128,7 +129,18 @@ pub fn describe(copy: &CopySource) -> String {
 /// The size of a volume populated from a source of `source_size` bytes: the source's
 /// size without a capacity range (or with only a limit); a required size below the
 /// source's, or a limit below it, is OUT_OF_RANGE.
-pub fn copy_size(range: Option<&CapacityRange>, source_size: u64) -> Result<u64> {
+///
+/// Like any volume that may be mounted, a copy is at least the minimum of its
+/// filesystem `filesystem` (`None`: raw block only), rounded up within the limit
+/// ([`capacity::raise_to_filesystem_minimum`]). A source created through Tessera as a
+/// mount volume is already that large; a smaller one (a raw block volume, or one
+/// created before the minimum existed) holds no such filesystem, and the node will
+/// have to mkfs the copy.
+pub fn copy_size(
+    range: Option<&CapacityRange>,
+    source_size: u64,
+    filesystem: Option<FsType>,
+) -> Result<u64> {
     // Validates signs and the range itself the way a plain create does.
     let resolved = capacity::resolve_size(range)?;
     let (required, limit) = range
@@ -145,7 +157,9 @@ pub fn copy_size(range: Option<&CapacityRange>, source_size: u64) -> Result<u64>
             "limit_bytes {limit} is less than the source's {source_size} bytes"
         )));
     }
-    Ok(size)
+    Ok(capacity::raise_to_filesystem_minimum(
+        size, range, filesystem,
+    )?)
 }
 
 /// Copy progress over the replicas of a restored or cloned volume.
@@ -241,6 +255,7 @@ impl ControllerService {
         source: &RequestedSource,
         volume_id: &str,
         range: Option<&CapacityRange>,
+        filesystem: Option<FsType>,
     ) -> Result<PreparedCopy<'_>> {
         let (found, guards) = match source {
             RequestedSource::Snapshot(id) => {
@@ -281,7 +296,7 @@ impl ControllerService {
                     .lookup(src)
                     .await
                     .ok_or_else(|| ControllerError::VolumeNotFound(src.clone()))?;
-                copy_size(range, rec.size_bytes)?;
+                copy_size(range, rec.size_bytes, filesystem)?;
                 self.check_copy_done(&rec).await?;
                 let snapshot_id = snapshots::clone_snapshot_id(volume_id);
                 let guards = vec![self.locks().lock(src).await];
@@ -297,7 +312,7 @@ impl ControllerService {
             }
         };
         let clone = matches!(source, RequestedSource::Volume(_));
-        let size = match copy_size(range, found.record.size_bytes) {
+        let size = match copy_size(range, found.record.size_bytes, filesystem) {
             Ok(size) => size,
             Err(e) => {
                 if clone {
@@ -600,16 +615,44 @@ mod tests {
             required_bytes: required,
             limit_bytes: limit,
         };
-        assert_eq!(copy_size(None, 8192).unwrap(), 8192);
-        assert_eq!(copy_size(Some(&range(0, 0)), 8192).unwrap(), 8192);
-        assert_eq!(copy_size(Some(&range(0, 1 << 20)), 8192).unwrap(), 8192);
-        assert_eq!(copy_size(Some(&range(8193, 0)), 8192).unwrap(), 12288);
-        let small = copy_size(Some(&range(4096, 0)), 8192).unwrap_err();
+        assert_eq!(copy_size(None, 8192, None).unwrap(), 8192);
+        assert_eq!(copy_size(Some(&range(0, 0)), 8192, None).unwrap(), 8192);
+        assert_eq!(
+            copy_size(Some(&range(0, 1 << 20)), 8192, None).unwrap(),
+            8192
+        );
+        assert_eq!(copy_size(Some(&range(8193, 0)), 8192, None).unwrap(), 12288);
+        let small = copy_size(Some(&range(4096, 0)), 8192, None).unwrap_err();
         assert_eq!(small.code(), tonic::Code::OutOfRange);
-        let capped = copy_size(Some(&range(0, 4096)), 8192).unwrap_err();
+        let capped = copy_size(Some(&range(0, 4096)), 8192, None).unwrap_err();
         assert_eq!(capped.code(), tonic::Code::OutOfRange);
-        let negative = copy_size(Some(&range(-1, 0)), 8192).unwrap_err();
+        let negative = copy_size(Some(&range(-1, 0)), 8192, None).unwrap_err();
         assert_eq!(negative.code(), tonic::Code::InvalidArgument);
+    }
+
+    #[test]
+    fn copy_size_respects_the_filesystem_minimum() {
+        let range = |required, limit| CapacityRange {
+            required_bytes: required,
+            limit_bytes: limit,
+        };
+        let xfs = Some(FsType::Xfs);
+        let min = FsType::Xfs.min_volume_bytes();
+        // A source at or above the minimum keeps its size.
+        assert_eq!(copy_size(None, min, xfs).unwrap(), min);
+        assert_eq!(copy_size(None, 2 * min, xfs).unwrap(), 2 * min);
+        // A smaller source (a raw block volume) grows to the minimum for mkfs...
+        assert_eq!(copy_size(None, 64 << 20, xfs).unwrap(), min);
+        assert_eq!(
+            copy_size(Some(&range(0, min as i64)), 64 << 20, xfs).unwrap(),
+            min
+        );
+        // ... unless the limit forbids it.
+        let capped = copy_size(Some(&range(0, 100 << 20)), 64 << 20, xfs).unwrap_err();
+        assert_eq!(capped.code(), tonic::Code::OutOfRange);
+        assert!(capped.to_string().contains(&min.to_string()), "{capped}");
+        // Raw block copies have no minimum.
+        assert_eq!(copy_size(None, 64 << 20, None).unwrap(), 64 << 20);
     }
 
     #[test]
