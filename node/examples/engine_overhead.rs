@@ -18,6 +18,8 @@ use bytes::Bytes;
 use tessera_node::engine::{Engine, EngineConfig, ReplicaEndpoint};
 use tessera_replica::block_io::{BlockIoError, OpenVolume, VolumeBlocks, VolumeRegistry};
 use tessera_replica::dataplane::serve;
+use tessera_replica::store::{BlockVersion, VersionedBlocks};
+use tessera_replica::sync_state::SyncState;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
@@ -40,6 +42,17 @@ impl VolumeBlocks for NullBlocks {
     async fn trim(&self, _offset: u64, _len: u64, _seq: u64) -> Result<(), BlockIoError> {
         Ok(())
     }
+    async fn versions(
+        &self,
+        offset: u64,
+        len: u64,
+        _with_data: bool,
+    ) -> Result<VersionedBlocks, BlockIoError> {
+        Ok(VersionedBlocks::versions_only(
+            offset / BS,
+            vec![BlockVersion::Unwritten; (len / BS) as usize],
+        ))
+    }
     fn size(&self) -> u64 {
         SIZE
     }
@@ -58,8 +71,8 @@ impl VolumeRegistry for NullVolumes {
     }
 }
 
-/// Aborts the server tasks when the test ends.
-struct Servers(Vec<JoinHandle<()>>);
+/// Aborts the server tasks when the test ends; holds their sync-state directory.
+struct Servers(Vec<JoinHandle<()>>, #[allow(dead_code)] tempfile::TempDir);
 
 impl Drop for Servers {
     fn drop(&mut self) {
@@ -72,16 +85,20 @@ impl Drop for Servers {
 async fn start() -> (Servers, Vec<SocketAddr>) {
     let mut tasks = Vec::new();
     let mut addrs = Vec::new();
-    for _ in 0..3 {
+    let dir = tempfile::tempdir().unwrap();
+    for i in 0..3 {
+        let sync_dir = dir.path().join(i.to_string());
+        std::fs::create_dir(&sync_dir).unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         addrs.push(listener.local_addr().unwrap());
         let reg = Arc::new(NullVolumes(OpenVolume {
             blocks: Arc::new(NullBlocks),
             epoch: Arc::new(AtomicU64::new(1)),
+            sync: Arc::new(SyncState::load(&sync_dir, SIZE)),
         }));
         tasks.push(tokio::spawn(serve(listener, reg, std::future::pending())));
     }
-    (Servers(tasks), addrs)
+    (Servers(tasks, dir), addrs)
 }
 
 fn cpu_seconds() -> f64 {

@@ -9,6 +9,9 @@ use std::future::Future;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
+use crate::store::VersionedBlocks;
+use crate::sync_state::SyncState;
+
 /// Size of one block. Every data-plane offset and length is a multiple of it, and the
 /// store keeps one checksum and one sequence number per block.
 pub const BLOCK_SIZE: u64 = 4096;
@@ -55,6 +58,10 @@ pub enum BlockIoError {
     /// Any other failure of the backing storage.
     #[error("backing storage I/O failed")]
     Io(#[source] std::io::Error),
+    /// The volume's dirty-region map or in-sync record could not be made durable;
+    /// the write it guarded was not applied.
+    #[error("sync state of the volume")]
+    SyncState(#[from] crate::sync_state::SyncStateError),
 }
 
 impl From<std::io::Error> for BlockIoError {
@@ -99,11 +106,24 @@ pub trait VolumeBlocks: Send + Sync + 'static {
         seq: u64,
     ) -> impl Future<Output = Result<(), BlockIoError>> + Send;
 
+    /// The version (seq; data, trim, unwritten or corrupt) of every block of `len`
+    /// bytes at `offset` in the current view, with the verified bytes of the intact
+    /// data blocks when `with_data`, read together under the blocks' locks so a
+    /// version always names its own bytes. What a new engine compares between
+    /// replicas to reconcile a dirty region.
+    fn versions(
+        &self,
+        offset: u64,
+        len: u64,
+        with_data: bool,
+    ) -> impl Future<Output = Result<VersionedBlocks, BlockIoError>> + Send;
+
     /// Current size of the volume in bytes.
     fn size(&self) -> u64;
 }
 
-/// A volume opened for the data plane: its blocks and its live fencing epoch.
+/// A volume opened for the data plane: its blocks, its live fencing epoch and its
+/// sync state.
 pub struct OpenVolume<V> {
     /// Block I/O for the volume.
     pub blocks: Arc<V>,
@@ -111,6 +131,9 @@ pub struct OpenVolume<V> {
     /// plane, which raises it on `RaiseEpoch`; the data plane checks every request
     /// against it, so a raise fences old engines immediately, even on open connections.
     pub epoch: Arc<AtomicU64>,
+    /// Dirty regions (marked before every write and trim) and the in-sync record,
+    /// one per volume replica, shared by all its connections.
+    pub sync: Arc<SyncState>,
 }
 
 impl<V> Clone for OpenVolume<V> {
@@ -118,6 +141,7 @@ impl<V> Clone for OpenVolume<V> {
         OpenVolume {
             blocks: Arc::clone(&self.blocks),
             epoch: Arc::clone(&self.epoch),
+            sync: Arc::clone(&self.sync),
         }
     }
 }

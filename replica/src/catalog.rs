@@ -579,17 +579,7 @@ fn store_error(volume_id: &str, op: &'static str) -> impl FnOnce(StoreError) -> 
     }
 }
 
-/// An error and its sources as one line, for logs and quarantine reasons.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut reason = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        reason.push_str(": ");
-        reason.push_str(&s.to_string());
-        source = s.source();
-    }
-    reason
-}
+use crate::error_chain;
 
 fn io_error(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> CatalogError {
     let path = path.to_path_buf();

@@ -167,17 +167,7 @@ impl ControlService {
     }
 }
 
-/// Joins an error and its sources into one sentence for a status message.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut msg = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        msg.push_str(": ");
-        msg.push_str(&s.to_string());
-        source = s.source();
-    }
-    msg
-}
+use crate::error_chain as chain;
 
 impl From<CatalogError> for Status {
     fn from(e: CatalogError) -> Self {

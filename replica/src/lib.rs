@@ -21,6 +21,8 @@
 //! * [`snapshot_read`]: serving sealed snapshots to other replicas (`ReadSnapshotBlocks`
 //!   chunks, `SnapshotRanges`).
 //! * [`store`]: the checksummed, layered (snapshot-capable) block store of one replica.
+//! * [`sync_state`]: per volume replica, the dirty regions (activity log) and the
+//!   in-sync set an engine declared: what a new engine reconciles from.
 //! * [`volume_registry`]: the catalog's volumes (their stores and epochs) served to the
 //!   data plane.
 //!
@@ -30,6 +32,20 @@
 #[allow(clippy::all, missing_docs)]
 pub mod control_proto {
     tonic::include_proto!("tessera.replica.v1");
+}
+
+/// An error and its sources as one line (`outer: cause: root cause`), for status
+/// messages, wire error messages and logs. The one such helper of the crates that
+/// depend on this one too.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut line = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        line.push_str(": ");
+        line.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    line
 }
 
 pub mod block_io;
@@ -44,4 +60,5 @@ pub mod record;
 pub mod scheduler;
 pub mod snapshot_read;
 pub mod store;
+pub mod sync_state;
 pub mod volume_registry;

@@ -60,6 +60,7 @@ impl VolumeRegistry for CatalogRegistry {
             .open_store(volume_id)
             .map_err(|e| to_block_io(volume_id, e))?;
         Ok(OpenVolume {
+            sync: Arc::clone(store.sync_state()),
             blocks: Arc::new(StoreHandle::new(store)),
             epoch,
         })

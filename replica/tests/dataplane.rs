@@ -22,6 +22,8 @@ use tessera_replica::dataplane::stream::read_frame;
 use tessera_replica::dataplane::{
     serve, serve_with_config, ClientError, ErrorCode, ReplicaDataClient, ServerConfig,
 };
+use tessera_replica::store::{BlockVersion, VersionedBlocks};
+use tessera_replica::sync_state::SyncState;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, Notify};
@@ -156,6 +158,21 @@ impl VolumeBlocks for FileBlocks {
         .map_err(BlockIoError::from)
     }
 
+    /// Keeps no versions: every block reads as never written. The protocol tests of
+    /// VERSIONS use the real store (`dataplane_sync` tests).
+    async fn versions(
+        &self,
+        offset: u64,
+        len: u64,
+        _with_data: bool,
+    ) -> Result<VersionedBlocks, BlockIoError> {
+        self.check(offset, len)?;
+        Ok(VersionedBlocks::versions_only(
+            offset / BLOCK_SIZE,
+            vec![BlockVersion::Unwritten; (len / BLOCK_SIZE) as usize],
+        ))
+    }
+
     fn size(&self) -> u64 {
         self.size
     }
@@ -185,7 +202,10 @@ impl FileBackedVolumes {
         let size = blocks * BLOCK_SIZE;
         file.set_len(size).unwrap();
         std::fs::write(self.epoch_path(id), epoch.to_string()).unwrap();
+        let sync_dir = self.dir.path().join(format!("{id}.sync"));
+        std::fs::create_dir(&sync_dir).unwrap();
         let v = OpenVolume {
+            sync: Arc::new(SyncState::load(&sync_dir, size)),
             blocks: Arc::new(FileBlocks {
                 file: Arc::new(file),
                 size,

@@ -235,15 +235,7 @@ impl Tally {
     }
 }
 
-fn describe(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(cause) = src {
-        let _ = write!(s, ": {cause}");
-        src = cause.source();
-    }
-    s
-}
+use tessera_replica::error_chain as describe;
 
 fn bits(mask: u32) -> impl Iterator<Item = usize> {
     (0..32).filter(move |i| mask & (1 << i) != 0)

@@ -160,16 +160,7 @@ impl EngineHostError {
 }
 
 /// Renders an error with its whole source chain, for status messages and logs.
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut next = e.source();
-    while let Some(cause) = next {
-        s.push_str(": ");
-        s.push_str(&cause.to_string());
-        next = cause.source();
-    }
-    s
-}
+pub use tessera_replica::error_chain as chain;
 
 impl From<EngineHostError> for Status {
     fn from(e: EngineHostError) -> Status {

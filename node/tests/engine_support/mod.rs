@@ -27,7 +27,8 @@ use tessera_replica::block_io::{
     BlockIoError, OpenVolume, VolumeBlocks, VolumeRegistry, BLOCK_SIZE,
 };
 use tessera_replica::dataplane::serve;
-use tessera_replica::store::{LayeredStore, StoreHandle};
+use tessera_replica::store::{BlockVersion, LayeredStore, StoreHandle, VersionedBlocks};
+use tessera_replica::sync_state::SyncState;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -232,6 +233,42 @@ impl VolumeBlocks for CrcFileBlocks {
         .map_err(io_err)?
     }
 
+    async fn versions(
+        &self,
+        offset: u64,
+        len: u64,
+        with_data: bool,
+    ) -> Result<VersionedBlocks, BlockIoError> {
+        self.wait_unfrozen().await;
+        self.check(offset, len)?;
+        let st = self.state.lock().unwrap();
+        let first = offset / BLOCK_SIZE;
+        let mut versions = Vec::new();
+        let mut data = Vec::new();
+        for b in first..first + len / BLOCK_SIZE {
+            let seq = st.seqs[b as usize];
+            if seq == 0 {
+                versions.push(BlockVersion::Unwritten);
+                continue;
+            }
+            let mut buf = vec![0u8; BS];
+            self.file.read_exact_at(&mut buf, b * BLOCK_SIZE)?;
+            if crc32c::crc32c(&buf) != st.crcs[b as usize] {
+                versions.push(BlockVersion::Corrupt { seq });
+            } else {
+                versions.push(BlockVersion::Data { seq });
+                if with_data {
+                    data.extend_from_slice(&buf);
+                }
+            }
+        }
+        Ok(if with_data {
+            VersionedBlocks::new(first, versions, data).map_err(io_err)?
+        } else {
+            VersionedBlocks::versions_only(first, versions)
+        })
+    }
+
     fn size(&self) -> u64 {
         self.size
     }
@@ -274,9 +311,12 @@ impl CrcFileVolumes {
             hold_writes: watch::Sender::new(false),
             frozen: watch::Sender::new(false),
         }));
+        let sync_dir = self.dir.path().join(format!("{id}.sync"));
+        std::fs::create_dir(&sync_dir).unwrap();
         let v = OpenVolume {
             blocks: Arc::new(blocks.clone()),
             epoch: Arc::new(AtomicU64::new(epoch)),
+            sync: Arc::new(SyncState::load(&sync_dir, size)),
         };
         self.volumes.lock().unwrap().insert(id.to_owned(), v);
         blocks
@@ -469,6 +509,7 @@ impl StoreReplica {
             volume: OpenVolume {
                 blocks: Arc::new(StoreHandle::new(Arc::clone(&store))),
                 epoch: Arc::new(AtomicU64::new(1)),
+                sync: Arc::clone(store.sync_state()),
             },
         });
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -32,9 +32,12 @@ use tokio::task::JoinHandle;
 use super::error::{ClientError, ErrorCode, RemoteError};
 use super::frame::{Frame, Header, Opcode, MAX_PAYLOAD, RESPONSE_BIT};
 use super::message::{
-    decode_error_payload, Hello, HelloReply, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+    decode_error_payload, decode_versions, Hello, HelloReply, FLAG_WITH_DATA, MAX_VERSIONS_LEN,
+    MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, SYNC_PROTOCOL_VERSION,
 };
 use super::stream::{read_frame, write_frame, write_frame_with_payload_crc, ReadError};
+use crate::store::VersionedBlocks;
+use crate::sync_state::{DirtyMap, Membership};
 
 /// Client settings.
 #[derive(Debug, Clone)]
@@ -276,6 +279,7 @@ impl ReplicaDataClient {
         let reply = self
             .call(
                 Opcode::Read,
+                0,
                 offset,
                 u64::from(len),
                 0,
@@ -316,28 +320,114 @@ impl ReplicaDataClient {
                 "write of {len} bytes exceeds the {MAX_PAYLOAD}-byte frame limit"
             )));
         }
-        self.call(Opcode::Write, offset, len as u64, seq, payload.clone())
+        self.call(Opcode::Write, 0, offset, len as u64, seq, payload.clone())
             .await
             .map(drop)
     }
 
     /// Makes every write this replica acknowledged before the call durable.
     pub async fn flush(&self) -> Result<(), ClientError> {
-        self.call(Opcode::Flush, 0, 0, 0, WritePayload::empty())
+        self.call(Opcode::Flush, 0, 0, 0, 0, WritePayload::empty())
             .await
             .map(drop)
     }
 
     /// Discards `len` bytes at `offset` (they read as zeros afterwards), tagged with `seq`.
     pub async fn trim(&self, offset: u64, len: u64, seq: u64) -> Result<(), ClientError> {
-        self.call(Opcode::Trim, offset, len, seq, WritePayload::empty())
+        self.call(Opcode::Trim, 0, offset, len, seq, WritePayload::empty())
             .await
             .map(drop)
+    }
+
+    /// Whether the replica speaks the sync requests (protocol version 2).
+    pub fn supports_sync(&self) -> bool {
+        self.shared.info.protocol_version >= SYNC_PROTOCOL_VERSION
+    }
+
+    /// The versions of the blocks of `len` bytes at `offset` (at most
+    /// [`MAX_VERSIONS_LEN`]), with the verified data of intact data blocks when
+    /// `with_data`.
+    pub async fn versions(
+        &self,
+        offset: u64,
+        len: u64,
+        with_data: bool,
+    ) -> Result<VersionedBlocks, ClientError> {
+        if len > MAX_VERSIONS_LEN {
+            return Err(ClientError::InvalidArgument(format!(
+                "versions of {len} bytes exceed the {MAX_VERSIONS_LEN}-byte limit"
+            )));
+        }
+        let flags = if with_data { FLAG_WITH_DATA } else { 0 };
+        let reply = self
+            .call(
+                Opcode::Versions,
+                flags,
+                offset,
+                len,
+                0,
+                WritePayload::empty(),
+            )
+            .await?;
+        decode_versions(offset, len, with_data, &reply.payload)
+            .map_err(|e| ClientError::Protocol(e.to_string()))
+    }
+
+    /// The replica's dirty-region map of the volume.
+    pub async fn dirty_regions(&self) -> Result<DirtyMap, ClientError> {
+        let reply = self
+            .call(Opcode::DirtyRegions, 0, 0, 0, 0, WritePayload::empty())
+            .await?;
+        DirtyMap::decode(&reply.payload)
+            .ok_or_else(|| ClientError::Protocol("malformed dirty-region map".into()))
+    }
+
+    /// The replica's in-sync record of the volume.
+    pub async fn membership(&self) -> Result<Membership, ClientError> {
+        let reply = self
+            .call(Opcode::GetMembership, 0, 0, 0, 0, WritePayload::empty())
+            .await?;
+        Membership::decode(&reply.payload).map_err(|e| ClientError::Protocol(e.to_string()))
+    }
+
+    /// Stores `m` (whose epoch must be this connection's) if it is newer than the
+    /// replica's record; returns the record the replica holds afterwards.
+    pub async fn set_membership(&self, m: &Membership) -> Result<Membership, ClientError> {
+        let reply = self
+            .call(
+                Opcode::SetMembership,
+                0,
+                0,
+                0,
+                0,
+                WritePayload::new(m.encode()),
+            )
+            .await?;
+        Membership::decode(&reply.payload).map_err(|e| ClientError::Protocol(e.to_string()))
+    }
+
+    /// Starts a cleaning of the dirty regions; the token covers every write the
+    /// replica marked before it.
+    pub async fn mark_clean(&self) -> Result<u64, ClientError> {
+        let reply = self
+            .call(Opcode::MarkClean, 0, 0, 0, 0, WritePayload::empty())
+            .await?;
+        u64_reply(&reply.payload)
+    }
+
+    /// Clears the dirty regions `token` covers; returns how many were cleared. Only
+    /// once every replica holds the covered writes durably.
+    pub async fn clean(&self, token: u64) -> Result<u64, ClientError> {
+        let reply = self
+            .call(Opcode::Clean, 0, 0, 0, token, WritePayload::empty())
+            .await?;
+        u64_reply(&reply.payload)
     }
 
     async fn call(
         &self,
         op: Opcode,
+        flags: u8,
         offset: u64,
         length: u64,
         seq: u64,
@@ -362,7 +452,7 @@ impl ReplicaDataClient {
         };
         let header = Header {
             opcode: op as u8,
-            flags: 0,
+            flags,
             status: 0,
             request_id: id,
             epoch: shared.epoch,
@@ -403,6 +493,12 @@ impl ReplicaDataClient {
             }),
         }
     }
+}
+
+fn u64_reply(p: &[u8]) -> Result<u64, ClientError> {
+    p.try_into()
+        .map(u64::from_le_bytes)
+        .map_err(|_| ClientError::Protocol(format!("{}-byte reply, expected 8", p.len())))
 }
 
 async fn handshake(

@@ -106,9 +106,12 @@ impl RemoteError {
             }
             BlockIoError::NoSpace => (ErrorCode::NoSpace, 0),
             BlockIoError::Io(_) => (ErrorCode::IoError, 0),
+            BlockIoError::SyncState(s) if is_no_space(s) => (ErrorCode::NoSpace, 0),
+            BlockIoError::SyncState(_) => (ErrorCode::IoError, 0),
         };
         let message = match e {
             BlockIoError::Io(io) => format!("{e}: {io}"),
+            BlockIoError::SyncState(s) => format!("{e}: {}", crate::error_chain(s)),
             _ => e.to_string(),
         };
         RemoteError::new(code, detail, message)
@@ -172,4 +175,8 @@ impl ClientError {
             _ => None,
         }
     }
+}
+
+fn is_no_space(e: &crate::sync_state::SyncStateError) -> bool {
+    matches!(e, crate::sync_state::SyncStateError::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC))
 }

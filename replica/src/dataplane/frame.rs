@@ -35,6 +35,18 @@ pub enum Opcode {
     Flush = 4,
     /// Discard `length` bytes at `offset`, tagged with `seq`.
     Trim = 5,
+    /// Versions (and optionally verified data) of the blocks of a range (v2).
+    Versions = 6,
+    /// The replica's dirty-region map (v2).
+    DirtyRegions = 7,
+    /// The replica's in-sync record (v2).
+    GetMembership = 8,
+    /// Store a newer in-sync record (v2).
+    SetMembership = 9,
+    /// Start a cleaning of the dirty regions: returns a token (v2).
+    MarkClean = 10,
+    /// Clear the dirty regions the token covers (v2).
+    Clean = 11,
 }
 
 impl Opcode {
@@ -48,6 +60,12 @@ impl Opcode {
             3 => Opcode::Write,
             4 => Opcode::Flush,
             5 => Opcode::Trim,
+            6 => Opcode::Versions,
+            7 => Opcode::DirtyRegions,
+            8 => Opcode::GetMembership,
+            9 => Opcode::SetMembership,
+            10 => Opcode::MarkClean,
+            11 => Opcode::Clean,
             _ => return None,
         })
     }
@@ -401,6 +419,12 @@ mod tests {
             Opcode::Write,
             Opcode::Flush,
             Opcode::Trim,
+            Opcode::Versions,
+            Opcode::DirtyRegions,
+            Opcode::GetMembership,
+            Opcode::SetMembership,
+            Opcode::MarkClean,
+            Opcode::Clean,
         ] {
             assert_eq!(Opcode::from_u8(op as u8), Some(op));
             assert_eq!(Opcode::from_u8(op as u8 | RESPONSE_BIT), None);

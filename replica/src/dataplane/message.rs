@@ -6,11 +6,25 @@
 
 use super::error::RemoteError;
 use super::frame::{Header, Opcode, MAX_PAYLOAD, RESPONSE_BIT};
+use crate::block_io::BLOCK_SIZE;
+use crate::store::{BlockVersion, VersionedBlocks};
+use crate::sync_state::Membership;
 
 /// First bytes of every HELLO payload: identifies the Tessera data-plane protocol.
 pub const HELLO_MAGIC: [u8; 4] = *b"TSDP";
-/// Highest protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// Highest protocol version this build speaks. Version 2 adds the sync requests
+/// (VERSIONS, DIRTY_REGIONS, GET/SET_MEMBERSHIP, MARK_CLEAN, CLEAN) and marks dirty
+/// regions before every write and trim; an engine needs it to reconcile.
+pub const PROTOCOL_VERSION: u16 = 2;
+/// The version that introduced the sync requests.
+pub const SYNC_PROTOCOL_VERSION: u16 = 2;
+/// VERSIONS flag: return the verified data of intact data blocks too.
+pub const FLAG_WITH_DATA: u8 = 1;
+/// Longest range one VERSIONS request may cover: with data, its reply (9 bytes of
+/// version and 4096 of data per block) must fit one frame.
+pub const MAX_VERSIONS_LEN: u64 = 4 << 20;
+/// Bytes per block in a VERSIONS reply before the data: kind (u8) and seq (u64).
+pub const VERSION_ENTRY_LEN: usize = 9;
 /// Lowest protocol version this build speaks.
 pub const MIN_PROTOCOL_VERSION: u16 = 1;
 /// Longest volume id accepted at HELLO, in bytes.
@@ -26,9 +40,21 @@ pub enum InvalidMessage {
     /// The opcode is not one this version knows.
     #[error("unknown opcode {0:#04x}")]
     UnknownOpcode(u8),
-    /// The flags byte is not zero (version 1 defines no flags).
+    /// The flags byte holds a flag the operation does not define.
     #[error("flags {0:#04x} are not defined in this protocol version")]
     Flags(u8),
+    /// A VERSIONS request covers more than [`MAX_VERSIONS_LEN`].
+    #[error("versions of {0} bytes exceed the {MAX_VERSIONS_LEN}-byte limit")]
+    VersionsTooLarge(u64),
+    /// A SET_MEMBERSHIP payload that does not decode, or a VERSIONS reply that does
+    /// not match its request.
+    #[error("malformed {what}: {why}")]
+    Malformed {
+        /// Which message.
+        what: &'static str,
+        /// What is wrong.
+        why: String,
+    },
     /// A request carried a nonzero status.
     #[error("requests must carry status 0")]
     Status,
@@ -214,6 +240,28 @@ pub enum Request {
         /// Engine-assigned sequence number.
         seq: u64,
     },
+    /// The versions of the blocks of a range, with their data if `with_data`.
+    Versions {
+        /// Byte offset.
+        offset: u64,
+        /// Byte count, at most [`MAX_VERSIONS_LEN`].
+        len: u64,
+        /// Whether the reply carries the data of intact data blocks.
+        with_data: bool,
+    },
+    /// The dirty-region map.
+    DirtyRegions,
+    /// The in-sync record.
+    GetMembership,
+    /// Store this in-sync record if it is newer than the stored one.
+    SetMembership(Membership),
+    /// Start cleaning the dirty regions.
+    MarkClean,
+    /// Clear the dirty regions `token` covers.
+    Clean {
+        /// From MARK_CLEAN (travels in the header's `seq`).
+        token: u64,
+    },
 }
 
 impl Request {
@@ -221,19 +269,27 @@ impl Request {
     /// only valid as the first frame, which the handshake consumes.
     pub fn parse(h: &Header, payload: Vec<u8>) -> Result<Request, InvalidMessage> {
         let op = Opcode::from_u8(h.opcode).ok_or(InvalidMessage::UnknownOpcode(h.opcode))?;
-        if h.flags != 0 {
+        let allowed_flags = if op == Opcode::Versions {
+            FLAG_WITH_DATA
+        } else {
+            0
+        };
+        if h.flags & !allowed_flags != 0 {
             return Err(InvalidMessage::Flags(h.flags));
         }
         if h.status != 0 {
             return Err(InvalidMessage::Status);
         }
-        if op != Opcode::Write && !payload.is_empty() {
+        if !matches!(op, Opcode::Write | Opcode::SetMembership) && !payload.is_empty() {
             return Err(InvalidMessage::Payload {
                 op,
                 len: payload.len(),
             });
         }
-        let need_range = matches!(op, Opcode::Read | Opcode::Write | Opcode::Trim);
+        let need_range = matches!(
+            op,
+            Opcode::Read | Opcode::Write | Opcode::Trim | Opcode::Versions
+        );
         if need_range && h.length == 0 {
             return Err(InvalidMessage::EmptyRange);
         }
@@ -265,6 +321,28 @@ impl Request {
                 len: h.length,
                 seq: h.seq,
             },
+            Opcode::Versions => {
+                if h.length > MAX_VERSIONS_LEN {
+                    return Err(InvalidMessage::VersionsTooLarge(h.length));
+                }
+                Request::Versions {
+                    offset: h.offset,
+                    len: h.length,
+                    with_data: h.flags & FLAG_WITH_DATA != 0,
+                }
+            }
+            Opcode::DirtyRegions => Request::DirtyRegions,
+            Opcode::GetMembership => Request::GetMembership,
+            Opcode::SetMembership => {
+                Request::SetMembership(Membership::decode(&payload).map_err(|e| {
+                    InvalidMessage::Malformed {
+                        what: "in-sync record",
+                        why: e.to_string(),
+                    }
+                })?)
+            }
+            Opcode::MarkClean => Request::MarkClean,
+            Opcode::Clean => Request::Clean { token: h.seq },
         })
     }
 
@@ -274,8 +352,75 @@ impl Request {
             Request::Read { offset, len } => Some((*offset, u64::from(*len))),
             Request::Write { offset, data, .. } => Some((*offset, data.len() as u64)),
             Request::Trim { offset, len, .. } => Some((*offset, *len)),
-            Request::Flush => None,
+            Request::Versions { offset, len, .. } => Some((*offset, *len)),
+            Request::Flush
+            | Request::DirtyRegions
+            | Request::GetMembership
+            | Request::SetMembership(_)
+            | Request::MarkClean
+            | Request::Clean { .. } => None,
         }
+    }
+}
+
+/// Encodes a VERSIONS reply: per block its kind (0 unwritten, 1 data, 2 trimmed,
+/// 3 corrupt) and seq, then the data of the intact data blocks in block order (none
+/// for a versions-only range).
+pub fn encode_versions(blocks: &VersionedBlocks) -> Vec<u8> {
+    let mut v = Vec::with_capacity(blocks.len() * VERSION_ENTRY_LEN + blocks.data().len());
+    for version in blocks.versions() {
+        let kind: u8 = match version {
+            BlockVersion::Unwritten => 0,
+            BlockVersion::Data { .. } => 1,
+            BlockVersion::Trimmed { .. } => 2,
+            BlockVersion::Corrupt { .. } => 3,
+        };
+        v.push(kind);
+        v.extend_from_slice(&version.seq().to_le_bytes());
+    }
+    v.extend_from_slice(blocks.data());
+    v
+}
+
+/// Decodes the reply to a VERSIONS request for `len` bytes at `offset`, checking
+/// that it has exactly one entry per block and, `with_data`, exactly the bytes of
+/// its intact data blocks.
+pub fn decode_versions(
+    offset: u64,
+    len: u64,
+    with_data: bool,
+    payload: &[u8],
+) -> Result<VersionedBlocks, InvalidMessage> {
+    let bad = |why: String| InvalidMessage::Malformed {
+        what: "versions reply",
+        why,
+    };
+    let n = usize::try_from(len / BLOCK_SIZE).map_err(|_| bad("range too long".into()))?;
+    let head = n * VERSION_ENTRY_LEN;
+    if payload.len() < head {
+        return Err(bad(format!("{} bytes for {n} blocks", payload.len())));
+    }
+    let mut versions = Vec::with_capacity(n);
+    for e in payload[..head].chunks_exact(VERSION_ENTRY_LEN) {
+        let mut seq = [0u8; 8];
+        seq.copy_from_slice(&e[1..]);
+        let seq = u64::from_le_bytes(seq);
+        versions.push(match e[0] {
+            0 if seq == 0 => BlockVersion::Unwritten,
+            1 => BlockVersion::Data { seq },
+            2 => BlockVersion::Trimmed { seq },
+            3 => BlockVersion::Corrupt { seq },
+            k => return Err(bad(format!("block kind {k} with seq {seq}"))),
+        });
+    }
+    let first_block = offset / BLOCK_SIZE;
+    if with_data {
+        VersionedBlocks::new(first_block, versions, payload[head..].to_vec())
+            .map_err(|e| bad(e.to_string()))
+    } else if payload.len() != head {
+        Err(bad("data in a versions-only reply".into()))
+    } else {
+        Ok(VersionedBlocks::versions_only(first_block, versions))
     }
 }
 
@@ -310,8 +455,8 @@ mod tests {
         assert_eq!(Hello::decode(&h.encode()), Ok(h.clone()));
         assert_eq!(h.negotiate(), Some(PROTOCOL_VERSION));
         let future = Hello {
-            min_version: 2,
-            max_version: 5,
+            min_version: PROTOCOL_VERSION + 1,
+            max_version: PROTOCOL_VERSION + 3,
             ..h.clone()
         };
         assert_eq!(future.negotiate(), None);
@@ -386,6 +531,99 @@ mod tests {
         };
         assert!(matches!(
             Request::parse(&flush_with_payload, vec![1]),
+            Err(InvalidMessage::Payload { .. })
+        ));
+    }
+
+    #[test]
+    fn versions_replies_round_trip_and_mismatches_are_refused() {
+        let versions = vec![
+            BlockVersion::Unwritten,
+            BlockVersion::Data { seq: 7 << 40 | 3 },
+            BlockVersion::Trimmed { seq: 9 },
+            BlockVersion::Corrupt { seq: 4 },
+        ];
+        let data: Vec<u8> = (0..4096u32).map(|i| i as u8).collect();
+        let blocks = VersionedBlocks::new(10, versions.clone(), data).unwrap();
+        let wire = encode_versions(&blocks);
+        assert_eq!(
+            decode_versions(10 * BLOCK_SIZE, 4 * BLOCK_SIZE, true, &wire),
+            Ok(blocks)
+        );
+        // One block more than the reply holds, data missing, data where none belongs.
+        assert!(decode_versions(10 * BLOCK_SIZE, 5 * BLOCK_SIZE, true, &wire).is_err());
+        assert!(decode_versions(0, 4 * BLOCK_SIZE, true, &wire[..wire.len() - 1]).is_err());
+        assert!(decode_versions(0, 4 * BLOCK_SIZE, false, &wire).is_err());
+        let only = VersionedBlocks::versions_only(0, versions);
+        let wire = encode_versions(&only);
+        assert_eq!(decode_versions(0, 4 * BLOCK_SIZE, false, &wire), Ok(only));
+        // Unwritten with a seq is not a version any store writes.
+        let mut bad = wire.clone();
+        bad[1] = 1;
+        assert!(decode_versions(0, 4 * BLOCK_SIZE, false, &bad).is_err());
+    }
+
+    #[test]
+    fn sync_requests_parse_with_their_flags_and_payloads_only() {
+        let v = Header {
+            opcode: Opcode::Versions as u8,
+            flags: FLAG_WITH_DATA,
+            offset: 8192,
+            length: 4096,
+            ..Header::default()
+        };
+        assert_eq!(
+            Request::parse(&v, vec![]),
+            Ok(Request::Versions {
+                offset: 8192,
+                len: 4096,
+                with_data: true
+            })
+        );
+        let huge = Header {
+            length: MAX_VERSIONS_LEN + 4096,
+            ..v
+        };
+        assert_eq!(
+            Request::parse(&huge, vec![]),
+            Err(InvalidMessage::VersionsTooLarge(MAX_VERSIONS_LEN + 4096))
+        );
+        let read_with_flag = Header {
+            opcode: Opcode::Read as u8,
+            ..v
+        };
+        assert_eq!(
+            Request::parse(&read_with_flag, vec![]),
+            Err(InvalidMessage::Flags(FLAG_WITH_DATA))
+        );
+        let m = Membership {
+            epoch: 3,
+            version: 1,
+            members: vec!["a".into()],
+        };
+        let set = Header {
+            opcode: Opcode::SetMembership as u8,
+            ..Header::default()
+        };
+        assert_eq!(
+            Request::parse(&set, m.encode()),
+            Ok(Request::SetMembership(m))
+        );
+        assert!(matches!(
+            Request::parse(&set, vec![1, 2, 3]),
+            Err(InvalidMessage::Malformed { .. })
+        ));
+        let clean = Header {
+            opcode: Opcode::Clean as u8,
+            seq: 42,
+            ..Header::default()
+        };
+        assert_eq!(
+            Request::parse(&clean, vec![]),
+            Ok(Request::Clean { token: 42 })
+        );
+        assert!(matches!(
+            Request::parse(&clean, vec![0]),
             Err(InvalidMessage::Payload { .. })
         ));
     }

@@ -22,11 +22,11 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
-use crate::block_io::{OpenVolume, VolumeBlocks, VolumeRegistry, BLOCK_SIZE};
+use crate::block_io::{BlockIoError, OpenVolume, VolumeBlocks, VolumeRegistry, BLOCK_SIZE};
 
 use super::error::{ErrorCode, RemoteError};
 use super::frame::{FrameError, Header, Opcode, MAX_PAYLOAD};
-use super::message::{encode_error, response_header, Hello, HelloReply, Request};
+use super::message::{encode_error, encode_versions, response_header, Hello, HelloReply, Request};
 use super::shards::Shards;
 use super::stream::{read_body, read_frame, read_head, write_frame, ReadError};
 
@@ -392,7 +392,30 @@ fn precheck<V: VolumeBlocks>(
     Ok(())
 }
 
-async fn execute<V: VolumeBlocks>(blocks: &V, req: Request) -> Result<Vec<u8>, RemoteError> {
+/// Runs one request. Writes and trims (reconcile copies included) first mark their
+/// regions dirty durably (`sync_state`): nothing lands on this replica that a new
+/// engine could not find by the dirty-region maps.
+async fn execute<V: VolumeBlocks>(
+    volume: &OpenVolume<V>,
+    epoch: u64,
+    req: Request,
+) -> Result<Vec<u8>, RemoteError> {
+    let blocks = &*volume.blocks;
+    let sync = &volume.sync;
+    let io = |e: BlockIoError| RemoteError::from_block_io(&e);
+    match &req {
+        Request::Write { offset, data, .. } => sync
+            .dirty
+            .mark(*offset, data.len() as u64)
+            .await
+            .map_err(|e| io(e.into()))?,
+        Request::Trim { offset, len, .. } => sync
+            .dirty
+            .mark(*offset, *len)
+            .await
+            .map_err(|e| io(e.into()))?,
+        _ => {}
+    }
     let r = match req {
         Request::Read { offset, len } => {
             let data = blocks.read(offset, len).await;
@@ -409,6 +432,52 @@ async fn execute<V: VolumeBlocks>(blocks: &V, req: Request) -> Result<Vec<u8>, R
         Request::Write { offset, data, seq } => blocks.write(offset, data, seq).await,
         Request::Flush => blocks.flush().await,
         Request::Trim { offset, len, seq } => blocks.trim(offset, len, seq).await,
+        Request::Versions {
+            offset,
+            len,
+            with_data,
+        } => {
+            return blocks
+                .versions(offset, len, with_data)
+                .await
+                .map(|v| encode_versions(&v))
+                .map_err(io)
+        }
+        Request::DirtyRegions => return Ok(sync.dirty.snapshot().encode()),
+        Request::GetMembership => return Ok(sync.membership.get().encode()),
+        Request::SetMembership(m) => {
+            if m.epoch != epoch {
+                return Err(RemoteError::new(
+                    ErrorCode::InvalidRequest,
+                    epoch,
+                    format!(
+                        "an in-sync record of epoch {} from an engine of epoch {epoch}",
+                        m.epoch
+                    ),
+                ));
+            }
+            let sync = Arc::clone(sync);
+            return tokio::task::spawn_blocking(move || sync.membership.store_if_newer(&m))
+                .await
+                .map_err(|e| {
+                    RemoteError::new(
+                        ErrorCode::IoError,
+                        0,
+                        format!("storing in-sync record: {e}"),
+                    )
+                })?
+                .map(|stored| stored.encode())
+                .map_err(|e| io(e.into()));
+        }
+        Request::MarkClean => return Ok(sync.dirty.mark_generation().to_le_bytes().to_vec()),
+        Request::Clean { token } => {
+            return sync
+                .dirty
+                .clean(token)
+                .await
+                .map(|n| n.to_le_bytes().to_vec())
+                .map_err(|e| io(e.into()))
+        }
     };
     r.map(|()| Vec::new())
         .map_err(|e| RemoteError::from_block_io(&e))
@@ -460,10 +529,11 @@ async fn read_loop<V: VolumeBlocks>(
         };
         // Budget for the payload we are about to allocate and for the data a READ will
         // return, both already capped at MAX_PAYLOAD <= max_in_flight_bytes.
-        let read_len = if Opcode::from_u8(head.header.opcode) == Some(Opcode::Read) {
-            head.header.length.min(MAX_PAYLOAD as u64) as usize
-        } else {
-            0
+        let read_len = match Opcode::from_u8(head.header.opcode) {
+            Some(Opcode::Read) | Some(Opcode::Versions) => {
+                head.header.length.min(MAX_PAYLOAD as u64) as usize
+            }
+            _ => 0,
         };
         let cost = head.payload_len.max(read_len);
         let bytes_permit = if cost > 0 {
@@ -515,10 +585,11 @@ async fn read_loop<V: VolumeBlocks>(
             let _ = tx.send(error_reply(&h, &r, Some(permits)));
             continue;
         }
-        let blocks = Arc::clone(&session.volume.blocks);
+        let volume = session.volume.clone();
+        let epoch = session.epoch;
         let tx = tx.clone();
         tasks.spawn(async move {
-            let out = match execute(&*blocks, req).await {
+            let out = match execute(&volume, epoch, req).await {
                 Ok(payload) => Outgoing {
                     header: response_header(&h, 0, payload.len()),
                     payload,

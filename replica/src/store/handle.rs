@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use super::LayeredStore;
+use super::{LayeredStore, VersionedBlocks};
 use crate::block_io::{BlockIoError, VolumeBlocks};
 
 /// A shareable handle that serves a [`LayeredStore`] to the data-plane server.
@@ -69,6 +69,30 @@ impl VolumeBlocks for StoreHandle {
                 .trim_async(offset, len, seq)
                 .await
                 .map_err(BlockIoError::from)
+        }
+    }
+
+    fn versions(
+        &self,
+        offset: u64,
+        len: u64,
+        with_data: bool,
+    ) -> impl std::future::Future<Output = Result<VersionedBlocks, BlockIoError>> + Send {
+        let store = Arc::clone(&self.store);
+        // The versioned reads are blocking (background I/O through the scheduler);
+        // a data-plane shard must never wait on its own ring, so they run on the
+        // blocking pool. They are rare: a new engine's reconcile of dirty regions.
+        async move {
+            tokio::task::spawn_blocking(move || {
+                if with_data {
+                    store.read_current_versions(offset, len)
+                } else {
+                    store.read_versions_only(None, offset, len)
+                }
+            })
+            .await
+            .map_err(|e| BlockIoError::Io(std::io::Error::other(e.to_string())))?
+            .map_err(BlockIoError::from)
         }
     }
 

@@ -187,6 +187,7 @@ pub use handle::StoreHandle;
 pub use versioned::{BlockVersion, DataLengthMismatch, VersionedBlocks};
 
 use crate::block_io::BLOCK_SIZE;
+use crate::sync_state::SyncState;
 use format::{Entry, ManifestLayer, ManifestV1, Verdict, FLAG_TRIMMED};
 use layer::{is_not_found, sync_dir, Layer};
 use locks::{BlockLocks, StripeRead, StripeWrite};
@@ -378,6 +379,9 @@ pub struct LayeredStore {
     /// volume does not wait minutes for a merge (see `delete_snapshot`).
     merging: Mutex<()>,
     size: AtomicU64,
+    /// The replica's dirty regions and in-sync record, kept next to the layers so
+    /// they share the volume's life (`sync_state` module).
+    sync: Arc<SyncState>,
 }
 
 /// A new volume's size must be a positive multiple of the block size.
@@ -756,12 +760,18 @@ impl LayeredStore {
         LayeredStore {
             dir: dir.to_path_buf(),
             factory,
+            sync: Arc::new(SyncState::load(dir, state.size)),
             size: AtomicU64::new(state.size),
             state: RwLock::new(state),
             locks: BlockLocks::default(),
             control: Mutex::new(()),
             merging: Mutex::new(()),
         }
+    }
+
+    /// The replica's sync state (dirty regions, in-sync record) for the data plane.
+    pub fn sync_state(&self) -> &Arc<SyncState> {
+        &self.sync
     }
 
     /// Directory holding the volume.

@@ -189,6 +189,18 @@ impl LayeredStore {
         })
     }
 
+    /// [`Self::read_snapshot_versions`] of the current view (the head included): what
+    /// a new engine compares across replicas when it reconciles a dirty region.
+    pub fn read_current_versions(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> Result<VersionedBlocks, StoreError> {
+        with_io_priority(IoPriority::Background, || {
+            self.read_versions(None, offset, len, true)
+        })
+    }
+
     /// The versions of `len` bytes at `offset` of the current view (`None`, the head
     /// included) or of a snapshot, read from the metadata entries alone: no data is
     /// read or checked, so a [`BlockVersion::Data`] is only what its entry claims.

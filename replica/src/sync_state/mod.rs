@@ -1,0 +1,88 @@
+//! What a replica remembers about keeping the copies of its volume in sync: which
+//! regions it changed since the copies were last known equal, and which replicas
+//! the volume's engine last declared in sync.
+//!
+//! Both exist so that a *new* engine — after any crash of the old one, of the node,
+//! or of a minority of replicas — can make the copies equal again without reading
+//! the whole volume, and never reads from a copy that missed writes (DESIGN.md
+//! "Recovery"):
+//!
+//! * [`DirtyRegions`] (`dirty-regions` in the store directory) is the activity log:
+//!   a bitmap of [`REGION_SIZE`] regions. The data plane marks a region durably
+//!   *before* a write or trim into it is applied, so every block that may differ
+//!   between copies lies in a region marked on at least one replica that took the
+//!   write. The engine clears regions only once every replica of the set holds the
+//!   writes durably (`mark_generation`, then `clean`).
+//! * [`Membership`] (`in-sync` in the store directory) is the set of replicas the
+//!   engine declared in sync, with the epoch and version of that declaration. An
+//!   engine writes it to every replica it can reach and needs a majority; a new
+//!   engine takes the highest (epoch, version) among a majority, so it sees the
+//!   last declaration that reached a majority.
+//!
+//! Both files are per volume and live in its store directory, so a deleted volume
+//! takes them along and a restored one starts clean.
+
+mod dirty;
+mod membership;
+
+use std::path::Path;
+
+pub use dirty::{DirtyMap, DirtyRegions, REGION_SIZE};
+pub use membership::{Membership, MembershipFile};
+
+/// File name of the dirty-region bitmap in a store directory.
+pub const DIRTY_FILE: &str = "dirty-regions";
+/// File name of the membership record in a store directory.
+pub const MEMBERSHIP_FILE: &str = "in-sync";
+
+/// Why the sync state could not be read or made durable.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncStateError {
+    /// Reading or writing one of the files failed.
+    #[error("{action} {path}")]
+    Io {
+        /// What was being done.
+        action: &'static str,
+        /// The file.
+        path: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A membership record names too many replicas or ids that are too long.
+    #[error("invalid membership: {0}")]
+    InvalidMembership(String),
+}
+
+impl SyncStateError {
+    fn io<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> Self + 'a {
+        move |source| SyncStateError::Io {
+            action,
+            path: path.display().to_string(),
+            source,
+        }
+    }
+}
+
+/// A volume replica's sync state: its dirty regions and its membership record.
+#[derive(Debug)]
+pub struct SyncState {
+    /// The activity log.
+    pub dirty: DirtyRegions,
+    /// The in-sync set as last declared by an engine.
+    pub membership: MembershipFile,
+}
+
+impl SyncState {
+    /// Loads the state kept in `dir` for a volume of `size` bytes. Never fails: a
+    /// missing dirty map is a clean one (a new volume), an unreadable or damaged one
+    /// marks every region dirty (the safe side), and a damaged membership record
+    /// reads as "no declaration yet", which a new engine resolves with the other
+    /// replicas' records.
+    pub fn load(dir: &Path, size: u64) -> SyncState {
+        SyncState {
+            dirty: DirtyRegions::load(&dir.join(DIRTY_FILE), size),
+            membership: MembershipFile::load(&dir.join(MEMBERSHIP_FILE)),
+        }
+    }
+}
