@@ -1,10 +1,11 @@
 //! The small operator commands: `tessera volumes` and `tessera replicas`.
 //!
 //! Both only read: `volumes` asks the controller (CSI ListVolumes) and, for what CSI
-//! does not carry (names, the progress of a restore or clone), the replica daemons'
-//! records; `replicas` asks each daemon for its GetInfo.
+//! does not carry (names, the progress of a restore or clone, which replica daemons
+//! hold the volume and answer right now), the replica daemons' records; `replicas`
+//! asks each daemon for its GetInfo.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
 use anyhow::{anyhow, Context};
@@ -64,7 +65,7 @@ pub async fn volumes(controller: &str, replicas: &[String]) -> anyhow::Result<()
         }
         token = page.next_token;
     }
-    let details = details_from_replicas(replicas).await;
+    let (details, answered) = details_from_replicas(replicas).await;
     let rows: Vec<Vec<String>> = entries
         .into_iter()
         .filter_map(|e| {
@@ -91,13 +92,24 @@ pub async fn volumes(controller: &str, replicas: &[String]) -> anyhow::Result<()
                 detail
                     .and_then(VolumeDetail::copy_state)
                     .unwrap_or_else(|| "-".to_owned()),
+                detail
+                    .map(|d| d.replica_state(replicas, &answered))
+                    .unwrap_or_else(|| "-".to_owned()),
                 published,
                 condition,
             ])
         })
         .collect();
     print_table(
-        &["ID", "NAME", "SIZE", "COPY", "PUBLISHED", "CONDITION"],
+        &[
+            "ID",
+            "NAME",
+            "SIZE",
+            "COPY",
+            "REPLICAS",
+            "PUBLISHED",
+            "CONDITION",
+        ],
         &rows,
     );
     Ok(())
@@ -114,13 +126,26 @@ struct VolumeDetail {
     total_bytes: u64,
     /// Every replica that answered has its copy complete.
     complete: bool,
+    /// The replica set: (node id, control address), from the first record seen.
+    replica_set: Vec<(String, String)>,
+    /// Control addresses of the daemons that returned a record of the volume.
+    holders: BTreeSet<String>,
 }
 
 impl VolumeDetail {
-    fn add(&mut self, rec: VolumeRecord) {
+    /// Adds the record daemon `from` (its control address) returned.
+    fn add(&mut self, from: &str, rec: VolumeRecord) {
         if self.name.is_empty() {
             self.name = rec.name;
         }
+        if self.replica_set.is_empty() {
+            self.replica_set = rec
+                .replicas
+                .iter()
+                .map(|r| (r.node_id.clone(), r.control_address.clone()))
+                .collect();
+        }
+        self.holders.insert(from.to_owned());
         if let Some(src) = rec.copy_source {
             self.clone = Some(src.clone);
             let (done, total, complete) = rec.copy.map_or((0, src.size_bytes, false), |c| {
@@ -145,18 +170,66 @@ impl VolumeDetail {
         };
         Some(format!("{verb} {percent}%"))
     }
+
+    /// The REPLICAS column: the node ids of the replica set whose daemons answer
+    /// and hold the volume, then those that do not, e.g.
+    /// `node-a,node-c (down: node-b)`. `asked` are the daemons queried and
+    /// `answered` those that answered; a daemon that answered without the volume is
+    /// `missing`, one that was not asked `unknown`. Sorted, so the column of a
+    /// healthy volume does not depend on placement order.
+    fn replica_state(&self, asked: &[String], answered: &BTreeSet<String>) -> String {
+        let mut up = BTreeSet::new();
+        let mut down = BTreeSet::new();
+        let mut missing = BTreeSet::new();
+        let mut unknown = BTreeSet::new();
+        for (node, addr) in &self.replica_set {
+            let group = if self.holders.contains(addr) {
+                &mut up
+            } else if !asked.contains(addr) {
+                &mut unknown
+            } else if answered.contains(addr) {
+                &mut missing
+            } else {
+                &mut down
+            };
+            group.insert(node.as_str());
+        }
+        let list = |nodes: &BTreeSet<&str>| nodes.iter().copied().collect::<Vec<_>>().join(",");
+        let mut text = if up.is_empty() {
+            "none".to_owned()
+        } else {
+            list(&up)
+        };
+        let notes: Vec<String> = [
+            ("down", &down),
+            ("missing", &missing),
+            ("unknown", &unknown),
+        ]
+        .into_iter()
+        .filter(|(_, nodes)| !nodes.is_empty())
+        .map(|(what, nodes)| format!("{what}: {}", list(nodes)))
+        .collect();
+        if !notes.is_empty() {
+            text.push_str(&format!(" ({})", notes.join("; ")));
+        }
+        text
+    }
 }
 
-/// Names and copy progress by volume id from the replica daemons' records (CSI has
-/// neither in ListVolumes). Daemons that do not answer are skipped: this is a
-/// convenience.
-async fn details_from_replicas(replicas: &[String]) -> HashMap<String, VolumeDetail> {
+/// Names, copy progress and holders by volume id from the replica daemons' records
+/// (CSI has none of them in ListVolumes), and the daemons that answered. Daemons
+/// that do not answer are skipped here and shown as down in the REPLICAS column.
+async fn details_from_replicas(
+    replicas: &[String],
+) -> (HashMap<String, VolumeDetail>, BTreeSet<String>) {
     let mut details: HashMap<String, VolumeDetail> = HashMap::new();
+    let mut answered = BTreeSet::new();
     for addr in replicas {
         let Ok(mut client) = csi_client::replica(addr, RPC_TIMEOUT).await else {
             continue;
         };
         if let Ok(resp) = client.list_volumes(RecordsRequest {}).await {
+            answered.insert(addr.clone());
             for rec in resp.into_inner().volumes {
                 details
                     .entry(rec.volume_id.clone())
@@ -164,11 +237,11 @@ async fn details_from_replicas(replicas: &[String]) -> HashMap<String, VolumeDet
                         complete: true,
                         ..Default::default()
                     })
-                    .add(rec);
+                    .add(addr, rec);
             }
         }
     }
-    details
+    (details, answered)
 }
 
 /// `tessera replicas`: GetInfo of each daemon; one that does not answer is listed
@@ -224,7 +297,7 @@ pub async fn replicas(replicas: &[String]) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tessera_replica::control_proto::{CopyProgress, CopySource};
+    use tessera_replica::control_proto::{CopyProgress, CopySource, ReplicaRef};
 
     fn rec(clone: bool, done: u64, complete: bool) -> VolumeRecord {
         VolumeRecord {
@@ -250,8 +323,52 @@ mod tests {
             complete: true,
             ..Default::default()
         };
-        recs.into_iter().for_each(|r| d.add(r));
+        recs.into_iter().for_each(|r| d.add("127.0.0.1:1", r));
         d
+    }
+
+    fn placed(nodes: &[(&str, &str)]) -> VolumeRecord {
+        VolumeRecord {
+            replicas: nodes
+                .iter()
+                .map(|(node, addr)| ReplicaRef {
+                    node_id: (*node).to_owned(),
+                    control_address: (*addr).to_owned(),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn replica_column_names_holders_and_the_ones_that_do_not_answer() {
+        let set = [("node-a", "a:1"), ("node-c", "c:1"), ("node-b", "b:1")];
+        let asked: Vec<String> = ["a:1", "b:1", "c:1"].map(str::to_owned).to_vec();
+        let mut d = VolumeDetail::default();
+        for addr in ["a:1", "b:1", "c:1"] {
+            d.add(addr, placed(&set));
+        }
+        let all: BTreeSet<String> = asked.iter().cloned().collect();
+        assert_eq!(d.replica_state(&asked, &all), "node-a,node-b,node-c");
+
+        let mut d = VolumeDetail::default();
+        d.add("a:1", placed(&set));
+        d.add("c:1", placed(&set));
+        let answered: BTreeSet<String> = ["a:1", "c:1"].map(str::to_owned).into();
+        assert_eq!(
+            d.replica_state(&asked, &answered),
+            "node-a,node-c (down: node-b)"
+        );
+        // node-b answered but has no record; node-c was not asked.
+        let mut d = VolumeDetail::default();
+        d.add("a:1", placed(&set));
+        let asked_ab: Vec<String> = ["a:1", "b:1"].map(str::to_owned).to_vec();
+        let answered: BTreeSet<String> = ["a:1", "b:1"].map(str::to_owned).into();
+        assert_eq!(
+            d.replica_state(&asked_ab, &answered),
+            "node-a (missing: node-b; unknown: node-c)"
+        );
     }
 
     #[test]

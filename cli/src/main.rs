@@ -6,7 +6,9 @@
 //! * `tessera volumes`, `tessera replicas`: read-only views of a running cluster.
 //!
 //! Modules: [`up`] orchestrates and [`teardown`] undoes it, [`local_cluster`]
-//! supervises processes (found by [`binaries`], placed by [`layout`]), [`demo`] is the
+//! starts and stops the daemons (found by [`binaries`], placed by [`layout`], each a
+//! [`daemon`] process whose [`readiness`] is polled), [`supervise`] watches them and
+//! restarts the dead ones as [`restart`] decides, [`demo`] is the
 //! CSI walk-through with [`demo_files`] its file I/O, [`leftovers`] finds and removes
 //! what a crashed run left, [`csi_client`] dials the daemons, [`signals`] turns Ctrl-C
 //! into an orderly stop, [`wait`] polls with deadlines, [`commands`] holds the small
@@ -15,12 +17,16 @@
 mod binaries;
 mod commands;
 mod csi_client;
+mod daemon;
 mod demo;
 mod demo_files;
 mod layout;
 mod leftovers;
 mod local_cluster;
+mod readiness;
+mod restart;
 mod signals;
+mod supervise;
 mod teardown;
 mod up;
 mod wait;
@@ -66,6 +72,10 @@ enum Command {
         /// (default: next to this binary, then PATH).
         #[arg(long)]
         bin_dir: Option<PathBuf>,
+        /// Do not restart a daemon that dies: report it and keep the rest running
+        /// (by default it is started again, with backoff).
+        #[arg(long)]
+        no_restart: bool,
     },
     /// List volumes through the controller (CSI ListVolumes).
     Volumes {
@@ -100,6 +110,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             no_demo,
             keep_volumes,
             bin_dir,
+            no_restart,
         } => {
             up::run(up::UpOptions {
                 dir,
@@ -108,6 +119,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 no_demo,
                 keep_volumes,
                 bin_dir,
+                no_restart,
             })
             .await
         }

@@ -7,10 +7,11 @@
 
 use std::os::unix::process::ExitStatusExt;
 
+use crate::daemon::{Stopped, LOG_TAIL_LINES};
 use crate::demo::{self, DemoSetup, Progress};
 use crate::layout::Layout;
 use crate::leftovers;
-use crate::local_cluster::{LocalCluster, Stopped, LOG_TAIL_LINES};
+use crate::local_cluster::LocalCluster;
 use crate::up::indent;
 
 /// Undoes the demo, stops the daemons and checks the directory. Returns whether all

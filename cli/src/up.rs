@@ -5,24 +5,30 @@
 //! (its daemons, mounts, loop devices, sockets; never replica data), start the replica
 //! daemons, controller, engine-host and node plugin one after the other (each must
 //! answer before the next starts), print where they are, run the demo, then wait for a
-//! signal while watching the daemons. Whatever happened, teardown runs: the demo's
-//! CSI steps are undone, the daemons stopped newest first, and the directory checked
-//! for mounts and loop devices that should not be there.
+//! signal while [`crate::supervise`] watches the daemons: a daemon that dies is
+//! reported and restarted (see [`crate::restart`] for which and why), so killing a
+//! replica daemon does not end the cluster. Whatever happened, teardown runs: the
+//! demo's CSI steps are undone, the daemons stopped newest first, and the directory
+//! checked for mounts and loop devices that should not be there. The exit code is
+//! non-zero whenever anything went wrong on the way (a failed start or demo step, a
+//! fatal daemon death, a failed teardown step, a daemon not running at teardown).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Duration;
 
 use anyhow::{bail, Context};
 use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 
 use crate::binaries::{Binaries, NodeMode};
+use crate::daemon::DaemonFailed;
 use crate::demo::{self, DemoSetup, Outcome, Progress};
 use crate::layout::Layout;
 use crate::leftovers;
-use crate::local_cluster::{DaemonFailed, LocalCluster};
+use crate::local_cluster::LocalCluster;
+use crate::restart::RestartPolicy;
 use crate::signals::{is_interrupted, Stop};
+use crate::supervise::Supervisor;
 use crate::teardown::{print_log_tail, teardown};
 
 /// Options of `tessera up`.
@@ -40,6 +46,8 @@ pub struct UpOptions {
     pub keep_volumes: bool,
     /// Where the daemon binaries are, if not next to `tessera`.
     pub bin_dir: Option<PathBuf>,
+    /// Leave dead daemons dead instead of restarting them.
+    pub no_restart: bool,
 }
 
 /// Endpoints of a running local cluster, written for `tessera volumes|replicas --dir`.
@@ -105,6 +113,9 @@ pub async fn run(opts: UpOptions) -> anyhow::Result<ExitCode> {
     clean_leftovers(&layout).await?;
 
     let mut cluster = LocalCluster::new(layout.clone(), binaries);
+    let mut supervisor = Supervisor::new(RestartPolicy {
+        enabled: !opts.no_restart,
+    });
     let mut progress = Progress::default();
     let mut setup = DemoSetup {
         controller_socket: layout.controller_socket(),
@@ -133,7 +144,7 @@ pub async fn run(opts: UpOptions) -> anyhow::Result<ExitCode> {
             }
         }
         println!("\nRunning. Press Ctrl-C to tear everything down.");
-        watch(&mut cluster, &stop).await
+        supervisor.run(&mut cluster, &stop, progress.staged).await
     }
     .await;
 
@@ -157,6 +168,14 @@ pub async fn run(opts: UpOptions) -> anyhow::Result<ExitCode> {
     let summary = teardown(&mut cluster, &layout, &setup, &progress, opts.keep_volumes).await;
     failed |= !summary.clean();
     println!("\nsummary: {}", summary.line());
+    if !supervisor.restarts().is_empty() {
+        let restarts: Vec<String> = supervisor
+            .restarts()
+            .iter()
+            .map(|(name, n)| format!("{name} ({n}x)"))
+            .collect();
+        println!("restarted during the run: {}", restarts.join(", "));
+    }
     println!("logs: {}", layout.logs().display());
     if failed {
         println!("tessera up: finished with errors (see above)");
@@ -311,20 +330,6 @@ fn print_endpoints(cluster: &LocalCluster, layout: &Layout) -> anyhow::Result<()
         endpoints.controller, endpoints.node
     );
     Ok(())
-}
-
-/// How often the daemons are checked while idle.
-const WATCH_INTERVAL: Duration = Duration::from_millis(500);
-
-/// Waits for a stop request; fails if a daemon exits on its own meanwhile.
-async fn watch(cluster: &mut LocalCluster, stop: &Stop) -> anyhow::Result<()> {
-    let mut tick = tokio::time::interval(WATCH_INTERVAL);
-    loop {
-        tokio::select! {
-            () = stop.wait() => return Ok(()),
-            _ = tick.tick() => cluster.check_alive()?,
-        }
-    }
 }
 
 #[cfg(test)]

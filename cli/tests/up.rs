@@ -5,16 +5,26 @@
 //! other subcommands about the running cluster, then sends SIGINT and checks the
 //! teardown: exit 0, nothing mounted or attached under the directory, no daemon left.
 //! A second test SIGKILLs `tessera` itself and checks that the next run cleans up.
+//! The others kill one daemon under a running `tessera up`: a replica daemon is
+//! restarted while a writer keeps writing to the volume; with `--no-restart` it
+//! stays dead, the cluster runs on and the run ends with an error; the engine-host
+//! under the mounted volume ends the run with an error and a clean teardown; and a
+//! daemon that cannot start at all makes the run fail.
 //!
 //! Needs root (mounts, loop devices, FUSE) and the other binaries built next to
 //! `tessera` (`cargo build --workspace`; scripts/test does it). Without root the
 //! tests say so and pass without checking anything.
 
+use std::fs::File;
 use std::io::{BufRead, BufReader};
+use std::os::unix::fs::FileExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, killpg, Signal};
@@ -25,6 +35,8 @@ use sha2::{Digest, Sha256};
 const DEMO_TIMEOUT: Duration = Duration::from_secs(300);
 /// How long the teardown may take.
 const TEARDOWN_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long a killed daemon may take to be noticed, restarted and seen by the CLI.
+const RECOVERY_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// Line `tessera up` prints once the demo files were read back and matched.
 const VERIFIED: &str = "demo: verified";
@@ -67,10 +79,16 @@ struct Up {
 
 impl Up {
     fn start(dir: &Path) -> Self {
+        Self::start_with(dir, &[])
+    }
+
+    /// `tessera up --dir DIR` with `extra` arguments.
+    fn start_with(dir: &Path, extra: &[&str]) -> Self {
         let mut child = Command::new(tessera())
             .arg("up")
             .arg("--dir")
             .arg(dir)
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -147,6 +165,44 @@ impl Up {
         self.output.join("\n")
     }
 
+    /// Checks `cond` until it yields a value, collecting output in between (the
+    /// pause is a bounded wait for the next output line, not a fixed sleep); panics
+    /// with `what` and the output after `timeout`, or if `tessera up` exits.
+    fn eventually<T>(
+        &mut self,
+        timeout: Duration,
+        what: &str,
+        mut cond: impl FnMut() -> Option<T>,
+    ) -> T {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(v) = cond() {
+                return v;
+            }
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    panic!(
+                        "tessera up exited ({status}) while waiting for {what}; output:\n{}",
+                        self.text()
+                    );
+                }
+            }
+            if Instant::now() >= deadline {
+                panic!("{what}: not within {timeout:?}; output:\n{}", self.text());
+            }
+            if let Ok(line) = self.lines.recv_timeout(Duration::from_millis(200)) {
+                self.output.push(line);
+            }
+        }
+    }
+
+    /// Whether `tessera up` is still running.
+    fn running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
     /// Waits for the exit (collecting the rest of the output).
     fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
         let deadline = Instant::now() + timeout;
@@ -211,6 +267,15 @@ fn daemon_pids(dir: &Path) -> Vec<(i32, String)> {
             Some((pid.parse().ok()?, name.to_owned()))
         })
         .collect()
+}
+
+/// The pid of daemon `name` as `DIR/run/pids` lists it now.
+fn pid_of(dir: &Path, name: &str) -> i32 {
+    daemon_pids(dir)
+        .into_iter()
+        .find(|(_, n)| n == name)
+        .map(|(pid, _)| pid)
+        .unwrap_or_else(|| panic!("{name} not in {}/run/pids", dir.display()))
 }
 
 /// Whether process `pid` still runs with `dir` on its command line (a recycled pid
@@ -290,6 +355,147 @@ fn temp_dir(prefix: &str) -> tempfile::TempDir {
         .prefix(prefix)
         .tempdir_in("/tmp")
         .expect("temp dir")
+}
+
+/// Size of one chunk the [`Writer`] writes.
+const CHUNK: usize = 64 << 10;
+/// Chunk slots in the writer's file: it cycles over 32 MiB, so it never fills the
+/// volume however long a test runs.
+const SLOTS: u64 = 512;
+/// The writer fsyncs after this many chunks (1 MiB).
+const SYNC_EVERY: u64 = 16;
+
+/// Content of chunk number `i`: its number, then a byte derived from it.
+fn chunk(i: u64) -> Vec<u8> {
+    let mut buf = vec![u8::try_from(i % 251).unwrap_or(0); CHUNK];
+    buf[..8].copy_from_slice(&i.to_le_bytes());
+    buf
+}
+
+/// A thread writing numbered chunks to a file on the mounted volume, as an
+/// application would while a daemon dies under it; every write and fsync must
+/// succeed. Stopped (and its file closed, so the volume can be unmounted) when
+/// finished or dropped.
+struct Writer {
+    path: PathBuf,
+    stop: Arc<AtomicBool>,
+    /// Chunks written and fsynced so far.
+    durable: Arc<AtomicU64>,
+    thread: Option<JoinHandle<std::io::Result<u64>>>,
+}
+
+impl Writer {
+    fn start(path: PathBuf) -> Self {
+        let file = File::create(&path).expect("creating the writer's file on the volume");
+        let stop = Arc::new(AtomicBool::new(false));
+        let durable = Arc::new(AtomicU64::new(0));
+        let thread = std::thread::spawn({
+            let (stop, durable) = (Arc::clone(&stop), Arc::clone(&durable));
+            move || {
+                let mut n = 0u64;
+                while !stop.load(Ordering::SeqCst) {
+                    let offset = (n % SLOTS) * CHUNK as u64;
+                    file.write_all_at(&chunk(n), offset)?;
+                    n += 1;
+                    if n.is_multiple_of(SYNC_EVERY) {
+                        file.sync_data()?;
+                        durable.store(n, Ordering::SeqCst);
+                    }
+                }
+                file.sync_all()?;
+                Ok(n)
+            }
+        });
+        Self {
+            path,
+            stop,
+            durable,
+            thread: Some(thread),
+        }
+    }
+
+    /// Chunks written and fsynced so far.
+    fn durable(&self) -> u64 {
+        self.durable.load(Ordering::SeqCst)
+    }
+
+    /// Stops the writer and returns how many chunks it wrote, or its first error.
+    fn finish(mut self) -> Result<u64, String> {
+        self.stop.store(true, Ordering::SeqCst);
+        match self.thread.take().map(JoinHandle::join) {
+            Some(Ok(Ok(n))) => Ok(n),
+            Some(Ok(Err(e))) => Err(format!("writing {}: {e}", self.path.display())),
+            Some(Err(_)) => Err("writer thread panicked".to_owned()),
+            None => Err("writer already finished".to_owned()),
+        }
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Reads the writer's file back from the device (its pages dropped from the cache
+/// first) and checks that every slot holds the last chunk written to it.
+fn verify_written(path: &Path, chunks: u64) {
+    let file = File::open(path).expect("opening the writer's file");
+    nix::fcntl::posix_fadvise(
+        &file,
+        0,
+        0,
+        nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+    )
+    .expect("dropping cached pages");
+    let mut buf = vec![0u8; CHUNK];
+    for slot in 0..chunks.min(SLOTS) {
+        let last = slot + (chunks - 1 - slot) / SLOTS * SLOTS;
+        file.read_exact_at(&mut buf, slot * CHUNK as u64)
+            .expect("reading the writer's file back");
+        assert!(
+            buf == chunk(last),
+            "slot {slot} of {} does not hold chunk {last} (holds chunk {:?})",
+            path.display(),
+            buf.get(..8)
+                .map(|b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8])))
+        );
+    }
+}
+
+/// The line `tessera volumes --dir DIR` prints for the demo volume.
+fn demo_volume_line(dir: &Path) -> String {
+    let dir_arg = dir.to_str().expect("utf-8 temp dir");
+    let volumes = run_subcommand(&["volumes", "--dir", dir_arg]);
+    volumes
+        .lines()
+        .find(|l| l.contains("demo-volume"))
+        .unwrap_or_else(|| panic!("no demo-volume in `tessera volumes`:\n{volumes}"))
+        .to_owned()
+}
+
+/// Asserts that nothing is mounted or attached under `dir` and that none of
+/// `pids` still runs.
+fn assert_all_gone(dir: &Path, pids: &[(i32, String)], output: &str) {
+    assert_eq!(
+        mounts_under(dir),
+        Vec::<PathBuf>::new(),
+        "mounts left; output:\n{output}"
+    );
+    assert_eq!(
+        loops_under(dir),
+        Vec::<PathBuf>::new(),
+        "loop devices left; output:\n{output}"
+    );
+    for (pid, name) in pids {
+        assert!(
+            !alive_in(*pid, dir),
+            "{name} (pid {pid}) survived the teardown"
+        );
+    }
 }
 
 #[test]
@@ -434,4 +640,203 @@ fn rerun_after_a_crash_cleans_leftovers_and_keeps_data() {
         Vec::<PathBuf>::new(),
         "loop devices left"
     );
+}
+
+#[test]
+fn a_killed_replica_daemon_is_restarted_while_a_writer_keeps_writing() {
+    if !runnable() {
+        return;
+    }
+    let tmp = temp_dir("tessera-restart-");
+    let dir = tmp.path().to_path_buf();
+    let mut up = Up::start(&dir);
+    let reached = up.wait_for(&[VERIFIED, NO_DATA_PATH], DEMO_TIMEOUT);
+    up.wait_for(&[RUNNING], DEMO_TIMEOUT);
+    let mut pids = daemon_pids(&dir);
+    // Declared after `up`, so a failing test stops it (and closes its file) before
+    // `up` is torn down.
+    let writer = (reached == VERIFIED).then(|| Writer::start(dir.join("mnt/demo/writer.bin")));
+    if let Some(w) = &writer {
+        up.eventually(RECOVERY_TIMEOUT, "the writer's first fsync", || {
+            (w.durable() > 0).then_some(())
+        });
+    } else {
+        eprintln!("node data path not available: checked the restart only");
+    }
+
+    let old = pid_of(&dir, "replica-node-b");
+    kill(Pid::from_raw(old), Signal::SIGKILL).expect("killing replica-node-b");
+    let at_kill = writer.as_ref().map_or(0, Writer::durable);
+    up.wait_for(&["replica-node-b restarted"], RECOVERY_TIMEOUT);
+    let text = up.text();
+    assert!(
+        text.contains(&format!(
+            "replica-node-b (pid {old}) died: killed by signal 9 (SIGKILL)"
+        )),
+        "the death is reported with pid and signal; output:\n{text}"
+    );
+    let new = pid_of(&dir, "replica-node-b");
+    assert_ne!(new, old, "run/pids lists the new process");
+    assert!(alive_in(new, &dir), "the restarted replica-node-b runs");
+    assert!(!alive_in(old, &dir), "the killed replica-node-b is gone");
+    pids.push((new, "replica-node-b (restarted)".to_owned()));
+
+    // Same address and data directory: it holds the demo volume again, and the
+    // controller sees all three daemons.
+    let line = up.eventually(RECOVERY_TIMEOUT, "node-b back in `tessera volumes`", || {
+        let line = demo_volume_line(&dir);
+        (line.contains("node-a,node-b,node-c") && line.contains("all 3 replicas reachable"))
+            .then_some(line)
+    });
+    assert!(!line.contains("down:"), "no replica down: {line}");
+
+    if let Some(w) = writer {
+        up.eventually(
+            RECOVERY_TIMEOUT,
+            "the writer going on after the kill",
+            || (w.durable() >= at_kill + 8 * SYNC_EVERY).then_some(()),
+        );
+        let chunks = w.finish().expect("every write and fsync succeeded");
+        assert!(
+            chunks > at_kill,
+            "wrote {chunks} chunks, {at_kill} at the kill"
+        );
+        verify_written(&dir.join("mnt/demo/writer.bin"), chunks);
+    }
+
+    kill(Pid::from_raw(up.pid()), Signal::SIGINT).expect("sending SIGINT");
+    let status = up.wait_exit(TEARDOWN_TIMEOUT);
+    let text = up.text();
+    assert!(
+        status.success(),
+        "tessera up exited with {status}; output:\n{text}"
+    );
+    assert!(
+        text.contains("restarted during the run: replica-node-b (1x)"),
+        "output:\n{text}"
+    );
+    assert_all_gone(&dir, &pids, &text);
+}
+
+#[test]
+fn with_no_restart_a_dead_replica_stays_dead_and_the_run_ends_with_an_error() {
+    if !runnable() {
+        return;
+    }
+    let tmp = temp_dir("tessera-norestart-");
+    let dir = tmp.path().to_path_buf();
+    let mut up = Up::start_with(&dir, &["--no-restart"]);
+    let reached = up.wait_for(&[VERIFIED, NO_DATA_PATH], DEMO_TIMEOUT);
+    up.wait_for(&[RUNNING], DEMO_TIMEOUT);
+    let pids = daemon_pids(&dir);
+
+    let old = pid_of(&dir, "replica-node-b");
+    kill(Pid::from_raw(old), Signal::SIGKILL).expect("killing replica-node-b");
+    up.wait_for(&["replica-node-b is left dead"], RECOVERY_TIMEOUT);
+    let line = up.eventually(RECOVERY_TIMEOUT, "node-b down in `tessera volumes`", || {
+        let line = demo_volume_line(&dir);
+        (line.contains("node-a,node-c (down: node-b)")
+            && line.contains("degraded: 2 of 3 replicas reachable"))
+        .then_some(line)
+    });
+    assert_eq!(pid_of(&dir, "replica-node-b"), old, "not restarted: {line}");
+    assert!(!alive_in(old, &dir), "replica-node-b stays dead");
+
+    // The cluster keeps running and the volume keeps serving on two replicas.
+    if reached == VERIFIED {
+        let writer = Writer::start(dir.join("mnt/demo/degraded.bin"));
+        up.eventually(RECOVERY_TIMEOUT, "writes on two replicas", || {
+            (writer.durable() >= 4 * SYNC_EVERY).then_some(())
+        });
+        let chunks = writer.finish().expect("writes with one replica dead");
+        verify_written(&dir.join("mnt/demo/degraded.bin"), chunks);
+    }
+    assert!(
+        up.running(),
+        "tessera up keeps running; output:\n{}",
+        up.text()
+    );
+
+    // The teardown cannot delete the volume on the dead daemon: an error exit.
+    kill(Pid::from_raw(up.pid()), Signal::SIGINT).expect("sending SIGINT");
+    let status = up.wait_exit(TEARDOWN_TIMEOUT);
+    let text = up.text();
+    assert!(
+        !status.success(),
+        "tessera up must fail with a daemon down; output:\n{text}"
+    );
+    assert!(
+        text.contains("replica-node-b: had already exited"),
+        "output:\n{text}"
+    );
+    assert!(
+        text.contains("tessera up: finished with errors"),
+        "output:\n{text}"
+    );
+    assert_all_gone(&dir, &pids, &text);
+}
+
+#[test]
+fn an_engine_host_death_under_the_mounted_volume_ends_the_run_with_an_error() {
+    if !runnable() {
+        return;
+    }
+    let tmp = temp_dir("tessera-enginehost-");
+    let dir = tmp.path().to_path_buf();
+    let mut up = Up::start(&dir);
+    if up.wait_for(&[VERIFIED, NO_DATA_PATH], DEMO_TIMEOUT) != VERIFIED {
+        eprintln!("node data path not available: no engine-host to kill");
+        return;
+    }
+    up.wait_for(&[RUNNING], DEMO_TIMEOUT);
+    let pids = daemon_pids(&dir);
+    let engine_host = pid_of(&dir, "engine-host");
+    kill(Pid::from_raw(engine_host), Signal::SIGKILL).expect("killing the engine-host");
+
+    // No signal from us: `tessera up` tears down by itself.
+    let status = up.wait_exit(TEARDOWN_TIMEOUT);
+    let text = up.text();
+    assert!(
+        !status.success(),
+        "tessera up must fail when the engine-host dies; output:\n{text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "engine-host (pid {engine_host}) died: killed by signal 9 (SIGKILL)"
+        )),
+        "output:\n{text}"
+    );
+    assert!(text.contains("tessera up: FAILED"), "output:\n{text}");
+    assert!(
+        !text.contains("engine-host restarted"),
+        "not restarted; output:\n{text}"
+    );
+    assert_all_gone(&dir, &pids, &text);
+}
+
+#[test]
+fn a_daemon_that_cannot_start_fails_the_run() {
+    if !runnable() {
+        return;
+    }
+    let tmp = temp_dir("tessera-nostart-");
+    let dir = tmp.path().to_path_buf();
+    // A capacity no replica daemon accepts: the first one exits at once.
+    let mut up = Up::start_with(&dir, &["--no-demo", "--capacity", "lots"]);
+    let status = up.wait_exit(DEMO_TIMEOUT);
+    let text = up.text();
+    assert!(!status.success(), "tessera up must fail; output:\n{text}");
+    assert!(
+        text.contains("replica-node-a did not become ready"),
+        "output:\n{text}"
+    );
+    assert!(
+        text.contains("tessera up: finished with errors"),
+        "output:\n{text}"
+    );
+    assert!(
+        daemon_pids(&dir).is_empty(),
+        "no daemon listed after the run"
+    );
+    assert_all_gone(&dir, &[], &text);
 }
