@@ -46,6 +46,25 @@ impl FsType {
             FsType::Xfs => "xfs",
         }
     }
+
+    /// Filesystem options the node plugin always mounts this filesystem with, on top
+    /// of the CO's `mount_flags`.
+    ///
+    /// xfs gets `nouuid`. A restored or cloned volume carries its source's filesystem
+    /// UUID with its blocks, and the kernel refuses to mount a second xfs with a UUID
+    /// already mounted ("Filesystem has duplicate UUID"), so without it a copy never
+    /// mounts on the node where its source is. Giving the copy a fresh UUID instead
+    /// (`xfs_admin -U generate`) needs a clean log, and a copy of a mounted volume has
+    /// a dirty one (snapshots are crash-consistent), so that route needs a mount anyway
+    /// to replay the log. What the UUID check guards against, one filesystem mounted
+    /// twice through two devices, cannot happen here: a volume has one device per node
+    /// and a single writer fenced by epochs. ext4 mounts duplicate UUIDs as they are.
+    pub fn implied_mount_options(self) -> &'static [&'static str] {
+        match self {
+            FsType::Ext4 => &[],
+            FsType::Xfs => &["nouuid"],
+        }
+    }
 }
 
 impl std::fmt::Display for FsType {
@@ -223,6 +242,8 @@ mod tests {
         assert_eq!(FsType::parse("xfs"), Some(FsType::Xfs));
         assert_eq!(FsType::parse("btrfs"), None);
         assert_eq!(FsType::Xfs.to_string(), "xfs");
+        assert_eq!(FsType::Xfs.implied_mount_options(), ["nouuid"]);
+        assert!(FsType::Ext4.implied_mount_options().is_empty());
     }
 
     #[test]

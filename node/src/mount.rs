@@ -252,6 +252,18 @@ impl MountOptions {
         out.data = data.join(",");
         Ok(out)
     }
+
+    /// Adds the filesystem option `option` to the data string unless it is there
+    /// already (the CO may have passed it in `mount_flags` too).
+    pub fn add_data_option(&mut self, option: &str) {
+        if self.data.split(',').any(|o| o == option) {
+            return;
+        }
+        if !self.data.is_empty() {
+            self.data.push(',');
+        }
+        self.data.push_str(option);
+    }
 }
 
 /// Mounts the filesystem of type `fs_type` on `device` at `target`.
@@ -423,6 +435,14 @@ mod tests {
             MountOptions::parse(&[]).expect("empty is fine"),
             MountOptions::default()
         );
+        let mut o = MountOptions::parse(&["noatime".into()]).expect("valid");
+        o.add_data_option("nouuid");
+        assert_eq!(o.data, "nouuid");
+        let mut o = MountOptions::parse(&["discard,nouuid".into()]).expect("valid");
+        o.add_data_option("nouuid");
+        assert_eq!(o.data, "discard,nouuid", "not added twice");
+        o.add_data_option("inode64");
+        assert_eq!(o.data, "discard,nouuid,inode64");
         for bad in ["bind", "remount", "rshared"] {
             assert!(matches!(
                 MountOptions::parse(&[bad.to_owned()]),

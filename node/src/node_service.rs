@@ -10,7 +10,9 @@
 //! mounted volumes never notices.
 //!
 //! Staging layout:
-//! * mount access: the volume's filesystem is mounted at `staging_target_path`;
+//! * mount access: the volume's filesystem is mounted at `staging_target_path` (xfs
+//!   always with `nouuid`, so restores and clones, which carry their source's UUID,
+//!   mount next to it: [`FsType::implied_mount_options`]);
 //! * block access: the device node is bind-mounted onto the file
 //!   `<staging_target_path>/`[`BLOCK_STAGING_FILE`], so staging is visible in the mount
 //!   table like a mount volume, and publishing binds that file onto the target.
@@ -448,10 +450,14 @@ impl NodeService {
         fs: FsType,
         flags: &[String],
     ) -> Result<(), NodeError> {
-        let options = MountOptions::parse(flags).map_err(|source| NodeError::Mount {
+        let mut options = MountOptions::parse(flags).map_err(|source| NodeError::Mount {
             volume_id: volume_id.to_owned(),
             source,
         })?;
+        // `nouuid` for xfs, so restores and clones mount next to their source.
+        for option in fs.implied_mount_options() {
+            options.add_data_option(option);
+        }
         let device = PathBuf::from(&volume.device_path);
         let dev = device_number(volume);
         let mount_err = |source| NodeError::Mount {
