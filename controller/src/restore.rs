@@ -157,9 +157,7 @@ pub fn copy_size(
             "limit_bytes {limit} is less than the source's {source_size} bytes"
         )));
     }
-    Ok(capacity::raise_to_filesystem_minimum(
-        size, range, filesystem,
-    )?)
+    capacity::raise_to_filesystem_minimum(size, range, filesystem).map_err(ControllerError::from)
 }
 
 /// Copy progress over the replicas of a restored or cloned volume.

@@ -409,6 +409,40 @@ async fn restore_round_trip_repeats_and_codes() {
     assert_eq!(bigger.capacity_bytes, (32 * MIB) as i64);
     assert_replicas_hold(&c, &bigger.volume_id, &expected_image(32 * MIB, &writes)).await;
 
+    // A restore whose source is smaller than the filesystem it will be mounted with
+    // (xfs here; a raw block source is the real case) is sized up to that
+    // filesystem's minimum, so the node's mkfs can succeed; a limit below the
+    // minimum is OUT_OF_RANGE naming it, and creates nothing.
+    const XFS_MIN: i64 = 300 << 20;
+    let as_xfs = |name: &str, limit: i64| {
+        let mut req = create_req(name, None);
+        req.parameters = [("fsType".to_string(), "xfs".to_string())].into();
+        req.capacity_range = Some(CapacityRange {
+            required_bytes: 0,
+            limit_bytes: limit,
+        });
+        from_snapshot(req, &snap.snapshot_id)
+    };
+    let before = volume_counts(&c).await;
+    let err = create(&c, as_xfs("restored-xfs-capped", (100 * MIB) as i64))
+        .await
+        .expect_err("a limit below xfs's minimum");
+    assert_eq!(err.code(), Code::OutOfRange, "{}", err.message());
+    assert!(
+        err.message().contains(&XFS_MIN.to_string()),
+        "{}",
+        err.message()
+    );
+    assert_eq!(volume_counts(&c).await, before, "nothing created");
+    let xfs = create(&c, as_xfs("restored-xfs", 0))
+        .await
+        .expect("restore rounded up to xfs's minimum");
+    assert_eq!(xfs.capacity_bytes, XFS_MIN);
+    for d in &c.replicas {
+        let rec = d.volume(&xfs.volume_id).await.expect("replica record");
+        assert_eq!(rec.size_bytes, XFS_MIN as u64, "on {}", d.node_id());
+    }
+
     // Copies are complete, so the snapshot is no longer in use.
     c.ctl()
         .await
