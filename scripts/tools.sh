@@ -118,12 +118,22 @@ _tt_deb_as() {
   _tt_bad "$label" "$p is not from Debian package $* (owned by: ${owners:-no package}; installed by hand?)"
 }
 
-_tt_go_tool() { # <name> <pinned path> <module> <version> <installer>
-  local name=$1 path=$2 mod=$3 ver=$4 how=$5
-  if [ ! -x "$path" ]; then _tt_bad "$name" "missing: $path ($how installs $mod@$ver)"; return; fi
+# _tt_missing <name> <pinned path> <what installs it>: reports a missing pinned binary and
+# any other copy the PATH would find instead (which is never used).
+_tt_missing() {
+  local other; other=$(command -v "$1" 2>/dev/null || true)
+  _tt_bad "$1" "missing: $2 ($3)${other:+; the PATH finds $other instead, which is not the pinned copy and is not used}"
+}
+
+_tt_go_tool() { # <name> <pinned path> <module> <version> <installer> [check-command]
+  local name=$1 path=$2 mod=$3 ver=$4 how=$5 extra=${6:-}
+  if [ ! -x "$path" ]; then _tt_missing "$name" "$path" "$how installs $mod@$ver"; return; fi
   _tt_resolves "$name" "$path" || return
   if ! tessera_go_pinned "$path" "$mod" "$ver"; then
     _tt_bad "$name" "$path is not $mod@$ver by its Go build info (rerun $how)"; return
+  fi
+  if [ -n "$extra" ] && ! "$extra" "$path"; then
+    _tt_bad "$name" "$path is $mod@$ver but fails $extra (rerun $how)"; return
   fi
   _tt_ok "$name" "$path ($mod@$ver)"
 }
@@ -149,10 +159,8 @@ _tt_group_setup() {
     _tt_bad cargo "missing: $cargo_bin/cargo (scripts/setup installs Rust with rustup)"
   fi
   _tt_go_tool csi-sanity "$TESSERA_CSI_SANITY" "$CSI_TEST_MODULE" "$CSI_TEST_VERSION" scripts/setup
-  _tt_go_tool helm "$TESSERA_HELM" "$HELM_MODULE" "$HELM_VERSION" scripts/setup
-  if [ -x "$TESSERA_HELM" ] && [ "$("$TESSERA_HELM" version --template '{{.Version}}' 2>/dev/null)" != "$HELM_VERSION" ]; then
-    _tt_bad helm "$TESSERA_HELM reports version '$("$TESSERA_HELM" version --template '{{.Version}}' 2>/dev/null)', not $HELM_VERSION (built without the release ldflags; rerun scripts/setup)"
-  fi
+  # tessera_helm_pinned: also its version string, i.e. built with the release ldflags.
+  _tt_go_tool helm "$TESSERA_HELM" "$HELM_MODULE" "$HELM_VERSION" scripts/setup tessera_helm_pinned
   _tt_deb fio fio
   _tt_deb mkfs.ext4 e2fsprogs; _tt_deb e2fsck e2fsprogs; _tt_deb resize2fs e2fsprogs
   _tt_deb mkfs.xfs xfsprogs; _tt_deb xfs_growfs xfsprogs
@@ -174,11 +182,7 @@ _tt_group_k8s() {
   for c in "${K8S_CMDS[@]}"; do
     _tt_go_tool "$c" "$K8S_CACHE/bin/$c" k8s.io/kubernetes "v$K8S_VERSION" "tests/k8s/up build"
   done
-  if [ ! -x "$TESSERA_HELM" ]; then _tt_bad helm "missing: $TESSERA_HELM (scripts/setup installs it)"
-  elif _tt_resolves helm "$TESSERA_HELM"; then
-    if tessera_helm_pinned "$TESSERA_HELM"; then _tt_ok helm "$TESSERA_HELM ($HELM_VERSION)"
-    else _tt_bad helm "$TESSERA_HELM is not helm $HELM_VERSION with the release ldflags (rerun scripts/setup)"; fi
-  fi
+  _tt_go_tool helm "$TESSERA_HELM" "$HELM_MODULE" "$HELM_VERSION" scripts/setup tessera_helm_pinned
   _tt_deb etcd etcd-server
   _tt_deb containerd containerd; _tt_deb ctr containerd
   _tt_deb runc runc
@@ -193,11 +197,13 @@ _tt_group_k8s() {
   _tt_python_yaml
 }
 
+# deploy/check calls helm and kubectl by path ($TESSERA_HELM, $TESSERA_KUBECTL, which
+# HELM=/KUBECTL= may point elsewhere), so no PATH lookup is checked for them.
 _tt_group_deploy() {
-  if [ ! -x "$TESSERA_HELM" ]; then _tt_bad helm "missing: $TESSERA_HELM (scripts/setup builds helm $HELM_VERSION)"
+  if [ ! -x "$TESSERA_HELM" ]; then _tt_missing helm "$TESSERA_HELM" "scripts/setup builds helm $HELM_VERSION"
   elif tessera_helm_pinned "$TESSERA_HELM"; then _tt_ok helm "$TESSERA_HELM ($HELM_VERSION)"
   else _tt_bad helm "$TESSERA_HELM is not helm $HELM_VERSION with the release ldflags (rerun scripts/setup)"; fi
-  if [ ! -x "$TESSERA_KUBECTL" ]; then _tt_bad kubectl "missing: $TESSERA_KUBECTL (tests/k8s/up build builds Kubernetes v$K8S_VERSION)"
+  if [ ! -x "$TESSERA_KUBECTL" ]; then _tt_missing kubectl "$TESSERA_KUBECTL" "tests/k8s/up build builds Kubernetes v$K8S_VERSION"
   elif tessera_go_pinned "$TESSERA_KUBECTL" k8s.io/kubernetes "v$K8S_VERSION"; then _tt_ok kubectl "$TESSERA_KUBECTL (k8s.io/kubernetes v$K8S_VERSION)"
   else _tt_bad kubectl "$TESSERA_KUBECTL is not k8s.io/kubernetes v$K8S_VERSION by its Go build info"; fi
   _tt_python_yaml
