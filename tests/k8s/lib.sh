@@ -1,10 +1,11 @@
 # shellcheck shell=bash
 # Shared settings and helpers of tests/k8s/{up,down,e2e}. Sourced, not run.
 #
-# Layout (all overridable through the environment):
-#   $K8S_CACHE      /var/cache/tessera/k8s/v<version>: Kubernetes binaries (bin/), the Go
-#                   wrapper module they are built from (src/), a GOCACHE (go-build/) and the
-#                   pause image. Kept by `down`; a second run skips every build.
+# Layout (all overridable through the environment; pins and caches in scripts/tools.sh):
+#   $K8S_CACHE      $TESSERA_CACHE/k8s/v<version> (TESSERA_CACHE default /var/cache/tessera):
+#                   Kubernetes binaries (bin/), the Go wrapper module they are built from
+#                   (src/), a GOCACHE (go-build/) and the pause image. Kept by `down`; a
+#                   second run skips every build.
 #   $K8S_RUN        /var/lib/tessera-k8s: certificates, kubeconfigs, configs, etcd and
 #                   containerd data, logs/ and pids/ of this cluster. `down` removes it
 #                   (logs are copied to $K8S_KEEP_LOGS first when that is set).
@@ -12,8 +13,8 @@
 #   /var/lib/kubelet: fixed, the manifests in deploy/ use the default kubelet dir.
 
 TK_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
-K8S_VERSION=${K8S_VERSION:-1.34.4}
-K8S_CACHE=${K8S_CACHE:-/var/cache/tessera/k8s/v$K8S_VERSION}
+# shellcheck source=../../scripts/tools.sh
+. "$TK_ROOT/scripts/tools.sh"   # K8S_VERSION, K8S_CACHE, TESSERA_HELM, tessera_check_tools ...
 K8S_RUN=${K8S_RUN:-/var/lib/tessera-k8s}
 K8S_SOCK_DIR=${K8S_SOCK_DIR:-/run/tessera-k8s}
 KUBELET_DIR=/var/lib/kubelet
@@ -26,8 +27,14 @@ LOGS=$K8S_RUN/logs
 PIDS=$K8S_RUN/pids
 CONTAINERD_SOCK=$K8S_SOCK_DIR/containerd.sock
 PAUSE_IMAGE=tessera.e2e/pause:1
+SNAPSHOT_CRDS=(volumesnapshotclasses.snapshot.storage.k8s.io volumesnapshotcontents.snapshot.storage.k8s.io
+  volumesnapshots.snapshot.storage.k8s.io)
 export KUBECONFIG=$K8S_RUN/admin.kubeconfig
-export PATH=$K8S_CACHE/bin:/usr/local/go/bin:/var/cache/tessera/go-bin:$PATH
+# The same fixed PATH as scripts/test: $TESSERA_GO_BIN (helm), $K8S_CACHE/bin (kubectl and
+# the cluster's binaries), the toolchains and the system dirs; nothing inherited, so a
+# kubectl or helm installed by hand elsewhere is never picked up.
+PATH=$(tessera_tools_path)
+export PATH
 
 tk_log() { printf '[%(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 tk_die() { tk_log "FAILED: $*"; exit 1; }
