@@ -11,6 +11,9 @@
 #   TESSERA_GO_BIN       $TESSERA_CACHE/go-bin           csi-sanity, helm (scripts/setup)
 #   K8S_CACHE            $TESSERA_CACHE/k8s/v$K8S_VERSION Kubernetes binaries (tests/k8s/up build)
 #   TESSERA_IMAGE_CACHE  $TESSERA_CACHE                  rootfs/, sidecars/, src/, images/ (scripts/build-images)
+#   GOMODCACHE, GOCACHE  $TESSERA_CACHE/go/{mod,build}   Go's module and build caches for every Go
+#                                                        build of the scripts (unless set; the
+#                                                        Kubernetes build uses $K8S_CACHE/go-build)
 #
 # Who installs what (and the guard, scripts/check-tools <group>, checks exactly this):
 #   setup   scripts/setup: Debian packages (fuse3 e2fsprogs xfsprogs fio util-linux mount
@@ -35,6 +38,8 @@ TESSERA_IMAGE_CACHE=${TESSERA_IMAGE_CACHE:-$TESSERA_CACHE}
 K8S_VERSION=${K8S_VERSION:-1.34.4}
 K8S_CACHE=${K8S_CACHE:-$TESSERA_CACHE/k8s/v$K8S_VERSION}
 export TESSERA_CACHE TESSERA_GO_BIN TESSERA_IMAGE_CACHE K8S_VERSION K8S_CACHE
+# Go's own caches too, so an empty $TESSERA_CACHE is a cold start for every Go build.
+export GOMODCACHE=${GOMODCACHE:-$TESSERA_CACHE/go/mod} GOCACHE=${GOCACHE:-$TESSERA_CACHE/go/build}
 
 CSI_TEST_MODULE=github.com/kubernetes-csi/csi-test/v5
 CSI_TEST_VERSION=v5.6.0
