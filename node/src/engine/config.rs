@@ -17,6 +17,9 @@ pub const MAX_REPLICAS: usize = 32;
 
 /// Default bound on one replica request (and on connecting at open).
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default period of dirty-region cleaning while writes happen: what a new engine
+/// reconciles after a crash is roughly what was written in the last two periods.
+pub const DEFAULT_CLEAN_INTERVAL: Duration = Duration::from_secs(5);
 
 /// One replica of the volume: which node holds it and where its data plane listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,6 +51,10 @@ pub struct EngineConfig {
     /// Size the controller recorded for the volume, if known. When set, the replicas
     /// must report exactly this size at HELLO.
     pub expected_size: Option<u64>,
+    /// How often, while writes happen and every replica is in sync, the replicas'
+    /// dirty regions are cleaned (flush everywhere, then clear what every replica
+    /// holds).
+    pub clean_interval: Duration,
 }
 
 impl EngineConfig {
@@ -65,6 +72,7 @@ impl EngineConfig {
             local_node_id: local_node_id.into(),
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             expected_size: None,
+            clean_interval: DEFAULT_CLEAN_INTERVAL,
         }
     }
 
@@ -110,7 +118,7 @@ impl EngineConfig {
                 });
             }
         }
-        if self.request_timeout.is_zero() {
+        if self.request_timeout.is_zero() || self.clean_interval.is_zero() {
             return Err(ConfigError::ZeroTimeout);
         }
         Ok(())
@@ -196,8 +204,8 @@ pub enum ConfigError {
         /// The repeated node id.
         node_id: String,
     },
-    /// `request_timeout` is zero, which would fail every request.
-    #[error("request timeout is zero")]
+    /// `request_timeout` (which would fail every request) or `clean_interval` is zero.
+    #[error("request timeout or clean interval is zero")]
     ZeroTimeout,
 }
 

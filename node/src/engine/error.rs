@@ -75,6 +75,23 @@ pub enum EngineError {
         /// `node_id: reason` of each replica that failed.
         failures: String,
     },
+    /// Fewer than a majority of the replicas could be brought in sync at open (read
+    /// their sync state, reconciled, declared in sync); the engine does not serve.
+    #[error(
+        "volume {volume_id}: only {in_sync} of {total} replicas could be brought in sync, {needed} needed ({failures})"
+    )]
+    NotInSync {
+        /// The volume.
+        volume_id: String,
+        /// Replicas in sync after reconciling.
+        in_sync: usize,
+        /// Replicas in the set.
+        total: usize,
+        /// Majority of the set.
+        needed: usize,
+        /// `node_id: reason` of each replica left out.
+        failures: String,
+    },
     /// The replicas report different volume sizes, or not the size the controller
     /// recorded; the engine refuses to guess which is right.
     #[error("volume {volume_id}: replicas disagree on the volume size ({sizes})")]
@@ -191,6 +208,7 @@ impl EngineError {
             | EngineError::OutOfRange { .. }
             | EngineError::Unaligned { .. } => EngineErrorKind::InvalidRequest,
             EngineError::OpenQuorum { .. }
+            | EngineError::NotInSync { .. }
             | EngineError::SizeMismatch { .. }
             | EngineError::NotExpanded { .. }
             | EngineError::NoQuorum { .. }

@@ -89,7 +89,9 @@
 pub mod config;
 pub mod error;
 mod inflight;
+mod reconcile;
 pub mod status;
+mod sync;
 pub mod target;
 
 use std::fmt::Write as _;
@@ -104,12 +106,14 @@ use tessera_replica::dataplane::frame::MAX_PAYLOAD;
 use tessera_replica::dataplane::{
     ClientConfig, ClientError, ErrorCode, ReplicaDataClient, WritePayload,
 };
+use tessera_replica::sync_state::Membership;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 pub use config::{ConfigError, EngineConfig, ReplicaEndpoint};
 pub use error::{EngineError, EngineErrorKind, IoOp};
 pub use status::{EngineCounters, EngineStatus, ReplicaState, ReplicaStatus};
+pub use sync::ReconcileReport;
 pub use target::EngineTarget;
 
 use inflight::{Inflight, Op};
@@ -174,6 +178,15 @@ struct Inner {
     closed: AtomicBool,
     round_robin: AtomicUsize,
     counters: Counters,
+    /// The last in-sync record this engine stored on a majority (`sync` module);
+    /// the lock serialises declarations.
+    declared: tokio::sync::Mutex<Membership>,
+    /// Woken when a replica goes stale, so the background declarer records it.
+    sync_changed: Arc<tokio::sync::Notify>,
+    /// How often the dirty regions are cleaned while writes happen.
+    clean_interval: Duration,
+    /// What reconciling at open did.
+    reconciled: Mutex<ReconcileReport>,
 }
 
 /// The replicated volume served by one engine. Cheap to clone (clones share the
@@ -354,7 +367,7 @@ impl Engine {
         let local = replicas
             .iter()
             .position(|r| r.node_id == config.local_node_id);
-        Ok(Engine {
+        let engine = Engine {
             inner: Arc::new(Inner {
                 volume_id: config.volume_id,
                 epoch: config.epoch,
@@ -370,8 +383,16 @@ impl Engine {
                 closed: AtomicBool::new(false),
                 round_robin: AtomicUsize::new(0),
                 counters: Counters::default(),
+                declared: tokio::sync::Mutex::new(Membership::default()),
+                sync_changed: Arc::new(tokio::sync::Notify::new()),
+                clean_interval: config.clean_interval,
+                reconciled: Mutex::new(ReconcileReport::default()),
             }),
-        })
+        };
+        let report = engine.inner.bring_in_sync().await?;
+        *lock(&engine.inner.reconciled) = report;
+        sync::spawn_background(&engine.inner);
+        Ok(engine)
     }
 
     /// Volume size in bytes: the size at open, or the last [`Engine::resize`].
@@ -644,6 +665,7 @@ impl Engine {
             closed: inner.closed.load(Ordering::SeqCst),
             inflight_ops: inner.inflight.len(),
             counters: inner.counters.snapshot(),
+            reconciled_at_open: lock(&inner.reconciled).clone(),
             replicas,
         }
     }
@@ -662,6 +684,10 @@ impl Engine {
         } else {
             self.flush().await
         };
+        if flushed.is_ok() {
+            // A clean close leaves nothing for the next engine to reconcile.
+            inner.clean_round(true).await;
+        }
         inner.closed.store(true, Ordering::SeqCst);
         for r in &inner.replicas {
             lock(&r.client).take();
@@ -821,13 +847,15 @@ impl Inner {
         self.fenced_error()
     }
 
-    /// Marks replica `r` stale (once; later reasons are dropped).
+    /// Marks replica `r` stale (once; later reasons are dropped) and wakes the
+    /// declarer, which records it out of sync on the others.
     fn mark_stale(&self, r: usize, reason: String) {
         let rep = &self.replicas[r];
         let mut info = lock(&rep.stale_info);
         if !rep.stale.swap(true, Ordering::SeqCst) {
             tracing::warn!(volume = %self.volume_id, node = %rep.node_id, address = %rep.address, %reason, "replica marked stale");
             *info = Some((reason, SystemTime::now()));
+            self.sync_changed.notify_one();
         }
     }
 

@@ -9,8 +9,10 @@ use std::time::SystemTime;
 pub enum ReplicaState {
     /// Receives every write and may serve reads.
     InSync,
-    /// Failed, timed out or could not be reached; receives nothing until it is
-    /// resynced (not implemented yet, see the module docs), so it may miss writes.
+    /// Failed, timed out or could not be reached; receives nothing for the rest of
+    /// this engine's life, so it may miss writes. The engine records it out of sync
+    /// on the others; the next engine brings it back (reconciling what it missed)
+    /// if it can reach it. Reconnecting within one engine is not built yet.
     Stale {
         /// What made the engine give up on it (the first failure).
         reason: String,
@@ -78,6 +80,8 @@ pub struct EngineStatus {
     pub fenced: bool,
     /// [`super::Engine::close`] was called.
     pub closed: bool,
+    /// What reconciling the replicas at open did.
+    pub reconciled_at_open: super::ReconcileReport,
     /// Writes, trims and repairs some replica has not finished yet.
     pub inflight_ops: usize,
     /// I/O counters.

@@ -498,6 +498,7 @@ pub struct StoreReplica {
     pub store: Arc<LayeredStore>,
     dir: tempfile::TempDir,
     task: JoinHandle<()>,
+    registry: Arc<StoreVolumes>,
 }
 
 impl StoreReplica {
@@ -514,13 +515,44 @@ impl StoreReplica {
         });
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let task = tokio::spawn(serve(listener, registry, std::future::pending()));
+        let task = tokio::spawn(serve(
+            listener,
+            Arc::clone(&registry),
+            std::future::pending(),
+        ));
         StoreReplica {
             node_id: node_id.to_owned(),
             addr,
             store,
             dir,
             task,
+            registry,
+        }
+    }
+
+    /// Stops serving (the server and its connections are dropped, like a killed
+    /// daemon's); the store and its sync state stay.
+    pub async fn stop(&mut self) {
+        self.task.abort();
+        let _ = (&mut self.task).await;
+    }
+
+    /// Serves the same store again on a new port (`addr` changes).
+    pub async fn restart(&mut self) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        self.addr = listener.local_addr().unwrap();
+        self.task = tokio::spawn(serve(
+            listener,
+            Arc::clone(&self.registry),
+            std::future::pending(),
+        ));
+    }
+
+    /// The replica's endpoint for an engine configuration.
+    pub fn endpoint(&self) -> ReplicaEndpoint {
+        ReplicaEndpoint {
+            node_id: self.node_id.clone(),
+            data_address: self.addr.to_string(),
         }
     }
 

@@ -289,11 +289,9 @@ impl DirtyRegions {
                 path: self.path.display().to_string(),
                 source: std::io::Error::other(e.to_string()),
             })?;
-        if let Err(e) = written {
-            // Leave them wanted: the next round (the next write's) tries again, and
-            // this write fails, so nothing lands without its mark.
-            return Err(e);
-        }
+        // On failure they stay wanted: the next round (the next write's) tries
+        // again, and this write fails, so nothing lands without its mark.
+        written?;
         let mut st = self.lock();
         for r in wanted {
             if st.marks[r] == Mark::Wanted {

@@ -1,0 +1,245 @@
+//! Replicas that missed writes never serve them: engine tests against three
+//! in-process replicas over the real checksummed store (its dirty-region map and
+//! in-sync record included), with the real data-plane server and client on
+//! 127.0.0.1. A "killed" replica is one whose server was dropped with its
+//! connections; its store and sync state stay, as a killed daemon's disk does.
+
+mod engine_support;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use engine_support::{pattern, wait_for, StoreReplica};
+use tessera_node::engine::{Engine, EngineConfig, ReplicaState};
+use tessera_replica::block_io::BLOCK_SIZE;
+use tessera_replica::sync_state::REGION_SIZE;
+
+const BS: u64 = BLOCK_SIZE;
+const MIB: u64 = 1 << 20;
+const VOL: &str = "vol-sync";
+/// Bound for "must not hang" waits; never used to wait for an event.
+const NO_HANG: Duration = Duration::from_secs(20);
+
+async fn replicas(size: u64) -> Vec<StoreReplica> {
+    let mut out = Vec::new();
+    for i in 0..3 {
+        out.push(StoreReplica::start(&format!("node-{i}"), VOL, size).await);
+    }
+    out
+}
+
+fn config(epoch: u64, local: &str, reps: &[StoreReplica]) -> EngineConfig {
+    let mut c = EngineConfig::new(
+        VOL,
+        epoch,
+        reps.iter().map(|r| r.endpoint()).collect(),
+        local,
+    );
+    c.request_timeout = Duration::from_secs(2);
+    // No background cleaning: each test decides when regions are cleaned.
+    c.clean_interval = Duration::from_secs(3600);
+    c
+}
+
+fn in_sync(engine: &Engine, node: &str) -> bool {
+    engine
+        .status()
+        .replicas
+        .iter()
+        .any(|r| r.node_id == node && r.state == ReplicaState::InSync)
+}
+
+/// Every block's (seq, data) on a replica's store, for comparing copies. The
+/// store's blocking API parks its thread, so it runs on the blocking pool.
+async fn versions_of(r: &StoreReplica, blocks: u64) -> Vec<(Option<u64>, Vec<u8>)> {
+    let store = std::sync::Arc::clone(&r.store);
+    tokio::task::spawn_blocking(move || {
+        (0..blocks)
+            .map(|b| (store.block_seq(b).unwrap(), store.read(b * BS, BS).unwrap()))
+            .collect()
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_missed_writes_is_reconciled_before_it_serves_on_its_own_node() {
+    let mut reps = replicas(16 * MIB).await;
+    let blocks = 64;
+    let e1 = Engine::open(config(1, "node-0", &reps)).await.unwrap();
+    for b in 0..blocks {
+        e1.write(b * BS, Bytes::from(pattern(b, BS as usize)))
+            .await
+            .unwrap();
+    }
+    e1.flush().await.unwrap();
+
+    // node-2's daemon dies; writes and trims go on without it and are flushed.
+    reps[2].stop().await;
+    let mut expect: Vec<Vec<u8>> = (0..blocks).map(|b| pattern(b, BS as usize)).collect();
+    for b in 0..32 {
+        let data = pattern(1000 + b, BS as usize);
+        e1.write(b * BS, Bytes::from(data.clone())).await.unwrap();
+        expect[b as usize] = data;
+    }
+    e1.trim(40 * BS, 8 * BS).await.unwrap();
+    for e in &mut expect[40..48] {
+        *e = vec![0; BS as usize];
+    }
+    // Far away in another region: only that region is dirty besides the first.
+    e1.write(12 * MIB, Bytes::from(pattern(7, BS as usize)))
+        .await
+        .unwrap();
+    e1.flush().await.unwrap();
+    assert!(!in_sync(&e1, "node-2"));
+    // The engine records node-2 out of sync on the other two in the background.
+    wait_for("node-2 declared out of sync", NO_HANG, || {
+        reps[..2].iter().all(|r| {
+            let m = r.store.sync_state().membership.get();
+            m.epoch == 1 && !m.includes("node-2") && m.includes("node-0")
+        })
+    })
+    .await;
+
+    // The engine dies without closing; node-2 comes back with its old data, and the
+    // volume moves to node-2's node, where node-2 is the preferred (local) replica.
+    drop(e1);
+    reps[2].restart().await;
+    let e2 = Engine::open(config(2, "node-2", &reps)).await.unwrap();
+    let report = e2.status().reconciled_at_open;
+    assert_eq!(report.readmitted, vec!["node-2".to_string()]);
+    assert_eq!(report.blocks_fixed, 41, "{report:?}"); // 32 written + 8 trimmed + 1
+    assert_eq!(report.bytes_copied, 33 * BS, "{report:?}");
+    assert!(in_sync(&e2, "node-2"));
+    for b in 0..blocks {
+        assert_eq!(
+            e2.read(b * BS, BS as u32).await.unwrap(),
+            expect[b as usize],
+            "block {b}"
+        );
+    }
+    assert_eq!(
+        e2.read(12 * MIB, BS as u32).await.unwrap(),
+        pattern(7, BS as usize)
+    );
+    // The copies are identical, seqs included, and declared so.
+    let reference = versions_of(&reps[0], blocks).await;
+    for r in &reps[1..] {
+        assert_eq!(versions_of(r, blocks).await, reference, "{}", r.node_id);
+    }
+    for r in &reps {
+        let m = r.store.sync_state().membership.get();
+        assert_eq!((m.epoch, m.members.len()), (2, 3), "{}: {m:?}", r.node_id);
+        // Everything was reconciled with all three in sync: nothing left dirty.
+        assert_eq!(
+            r.store.sync_state().dirty.snapshot().count(),
+            0,
+            "{}",
+            r.node_id
+        );
+    }
+    e2.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_out_of_sync_replica_the_next_engine_cannot_reach_stays_out() {
+    let mut reps = replicas(8 * MIB).await;
+    let e1 = Engine::open(config(1, "node-0", &reps)).await.unwrap();
+    e1.write(0, Bytes::from(pattern(1, BS as usize)))
+        .await
+        .unwrap();
+    reps[2].stop().await;
+    e1.write(0, Bytes::from(pattern(2, BS as usize)))
+        .await
+        .unwrap();
+    e1.flush().await.unwrap();
+    wait_for("node-2 declared out of sync", NO_HANG, || {
+        reps[..2]
+            .iter()
+            .all(|r| !r.store.sync_state().membership.get().includes("node-2"))
+    })
+    .await;
+    drop(e1);
+
+    // node-2 is back, node-1 is down: node-0 is the only source, node-2 a target.
+    reps[2].restart().await;
+    reps[1].stop().await;
+    let e2 = Engine::open(config(2, "node-2", &reps)).await.unwrap();
+    assert_eq!(
+        e2.read(0, BS as u32).await.unwrap(),
+        pattern(2, BS as usize)
+    );
+    assert!(in_sync(&e2, "node-2") && !in_sync(&e2, "node-1"));
+    drop(e2);
+
+    // Now node-0 is down and node-1 back: node-1 was left out by e2's record and
+    // node-2 is the one source; node-1 is brought back from it.
+    reps[1].restart().await;
+    reps[0].stop().await;
+    let e3 = Engine::open(config(3, "node-1", &reps)).await.unwrap();
+    assert_eq!(
+        e3.status().reconciled_at_open.readmitted,
+        vec!["node-1".to_string()]
+    );
+    assert_eq!(
+        e3.read(0, BS as u32).await.unwrap(),
+        pattern(2, BS as usize)
+    );
+    drop(e3);
+
+    // One replica reachable is never enough, whatever its record says.
+    reps[0].restart().await;
+    reps[1].stop().await;
+    reps[2].stop().await;
+    let e = Engine::open(config(4, "node-0", &reps)).await.unwrap_err();
+    assert!(e.to_string().contains("connected to 1 of 3"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_crash_only_the_regions_written_since_the_last_cleaning_are_reconciled() {
+    let reps = replicas(64 * MIB).await;
+    let e1 = Engine::open(config(1, "node-0", &reps)).await.unwrap();
+    // Writes all over the volume, then a clean close: nothing is left dirty.
+    for i in 0..16 {
+        e1.write(i * REGION_SIZE, Bytes::from(pattern(i, BS as usize)))
+            .await
+            .unwrap();
+    }
+    e1.close().await.unwrap();
+    for r in &reps {
+        assert_eq!(
+            r.store.sync_state().dirty.snapshot().count(),
+            0,
+            "{}",
+            r.node_id
+        );
+    }
+
+    // The next engine writes into two regions and dies without closing.
+    let e2 = Engine::open(config(2, "node-0", &reps)).await.unwrap();
+    assert_eq!(e2.status().reconciled_at_open.regions, 0);
+    e2.write(3 * REGION_SIZE, Bytes::from(pattern(30, BS as usize)))
+        .await
+        .unwrap();
+    e2.write(
+        9 * REGION_SIZE + BS,
+        Bytes::from(pattern(90, 2 * BS as usize)),
+    )
+    .await
+    .unwrap();
+    wait_for("acks", NO_HANG, || e2.status().inflight_ops == 0).await;
+    for r in &reps {
+        let dirty: Vec<u64> = r.store.sync_state().dirty.snapshot().dirty().collect();
+        assert_eq!(dirty, vec![3, 9], "{}", r.node_id);
+    }
+    drop(e2);
+    let e3 = Engine::open(config(3, "node-1", &reps)).await.unwrap();
+    let report = e3.status().reconciled_at_open;
+    assert_eq!(report.regions, 2, "{report:?}");
+    assert_eq!(report.blocks_fixed, 0, "{report:?}");
+    assert_eq!(
+        e3.read(9 * REGION_SIZE + BS, 2 * BS as u32).await.unwrap(),
+        pattern(90, 2 * BS as usize)
+    );
+    e3.close().await.unwrap();
+}
