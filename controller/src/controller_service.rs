@@ -132,6 +132,13 @@ impl Reads {
     fn max_epoch(&self) -> u64 {
         self.ok().map(|(_, r)| r.epoch).max().unwrap_or(0)
     }
+    /// The epoch a restore sharing its source's layers must exceed (`epoch_floor`).
+    fn max_epoch_floor(&self) -> u64 {
+        self.ok()
+            .filter_map(|(_, r)| r.copy.as_ref().map(|c| c.epoch_floor))
+            .max()
+            .unwrap_or(0)
+    }
     fn not_found(&self) -> usize {
         self.answers
             .iter()
@@ -921,7 +928,9 @@ impl ControllerService {
         for _ in 0..CAS_ATTEMPTS {
             let reads = self.read_replicas(rec).await;
             self.quorum_record(rec, &reads)?;
-            let new_epoch = reads.max_epoch() + 1;
+            // Above any epoch whose seqs a shared base layer holds, so this volume's
+            // writes outrank them when its copies are reconciled.
+            let new_epoch = reads.max_epoch().max(reads.max_epoch_floor()) + 1;
             let targets: Vec<(&ReplicaRef, RaiseEpochRequest)> = reads
                 .ok()
                 .map(|(rr, r)| {

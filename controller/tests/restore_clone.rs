@@ -605,6 +605,8 @@ async fn restores_and_clones_are_placed_on_the_holders_and_share_their_layers() 
             let copy = rec.copy.expect("copy progress");
             assert!(copy.complete, "{node}: {copy:?}");
             assert!(copy.shared_layers, "{node} shares its layers: {copy:?}");
+            // The shared blocks carry seqs of the source's epoch EPOCH.
+            assert_eq!(copy.epoch_floor, EPOCH, "{node}: {copy:?}");
         }
         assert_replicas_hold(&c, &v.volume_id, &expected).await;
     }
@@ -634,6 +636,25 @@ async fn restores_and_clones_are_placed_on_the_holders_and_share_their_layers() 
     for v in [&restored, &cloned] {
         assert_replicas_hold(&c, &v.volume_id, &expected).await;
     }
+    // Publishing a volume on shared layers raises its epoch above the source's, so its
+    // own engines' writes outrank the shared blocks' seqs when copies are reconciled.
+    let published = c
+        .ctl()
+        .await
+        .controller_publish_volume(ControllerPublishVolumeRequest {
+            volume_id: restored.volume_id.clone(),
+            node_id: "n1".into(),
+            volume_capability: Some(mount_cap()),
+            ..Default::default()
+        })
+        .await
+        .expect("publish the restore")
+        .into_inner();
+    let epoch: u64 = published.publish_context["epoch"].parse().expect("epoch");
+    assert!(
+        epoch > EPOCH,
+        "restore published at epoch {epoch}, the source wrote at {EPOCH}"
+    );
 }
 
 /// Seals `snapshot_id` named `name` on every replica of `volume_id` directly, as a

@@ -1196,6 +1196,7 @@ impl Catalog {
                 drop(store);
                 if let Some(copy) = record.copy.as_mut() {
                     copy.shared_layers = true;
+                    copy.epoch_floor = base.epoch;
                 }
                 Ok(true)
             }

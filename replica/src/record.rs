@@ -176,6 +176,9 @@ pub struct CopyProgress {
     /// The volume's base shares this daemon's sealed layers of the snapshot (hard
     /// links); the copy fetches only blocks where the holders' merge differs.
     pub shared_layers: bool,
+    /// With `shared_layers`, the source's epoch here when they were shared: the
+    /// volume's epochs must exceed it (see the proto field).
+    pub epoch_floor: u64,
 }
 
 impl CopyProgress {
@@ -430,6 +433,7 @@ impl From<proto::CopyProgress> for CopyProgress {
             complete: p.complete,
             last_error: p.last_error,
             shared_layers: p.shared_layers,
+            epoch_floor: p.epoch_floor,
         }
     }
 }
@@ -442,6 +446,7 @@ impl From<CopyProgress> for proto::CopyProgress {
             complete: p.complete,
             last_error: p.last_error,
             shared_layers: p.shared_layers,
+            epoch_floor: p.epoch_floor,
         }
     }
 }
@@ -553,6 +558,7 @@ mod tests {
                 complete: false,
                 last_error: "holder n3 is unreachable".into(),
                 shared_layers: false,
+                epoch_floor: 0,
             }),
         }
     }

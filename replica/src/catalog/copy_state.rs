@@ -50,6 +50,7 @@ pub(super) fn initial_progress(source: &CopySource, shared_layers: bool) -> Copy
         complete: false,
         last_error: String::new(),
         shared_layers,
+        epoch_floor: 0,
     }
 }
 
@@ -60,6 +61,10 @@ pub(super) struct LocalBase {
     pub store: Arc<LayeredStore>,
     /// The snapshot to share.
     pub snapshot_id: String,
+    /// The highest epoch whose writes the snapshot's layers may hold: the source's
+    /// epoch here (every engine that wrote this replica presented its epoch first),
+    /// or its own floor if it shares layers too and was never published.
+    pub epoch: u64,
 }
 
 /// The data plane and snapshots must wait while a copy is incomplete.
@@ -172,6 +177,12 @@ impl Catalog {
             Ok(size) if size == source.size_bytes => Some(LocalBase {
                 store: Arc::clone(&entry.store),
                 snapshot_id: source.snapshot_id.clone(),
+                epoch: entry
+                    .record
+                    .copy
+                    .as_ref()
+                    .map_or(0, |c| c.epoch_floor)
+                    .max(entry.epoch.load(std::sync::atomic::Ordering::Acquire)),
             }),
             Ok(size) => {
                 warn!(source_volume_id = %source.source_volume_id,
