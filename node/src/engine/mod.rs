@@ -15,6 +15,9 @@
 //!   lets FUSE worker threads hand requests to the async engine without waiting.
 //! * `inflight`: the table of writes some replica has not finished, which orders
 //!   overlapping writes, picks replicas for reads and scopes flushes.
+//! * `sync`: bringing the replicas in sync at open, declaring the in-sync set on
+//!   the replicas, cleaning their dirty regions; `reconcile`: which version of a
+//!   block wins and where it goes (pure).
 //!
 //! # Behaviour
 //!
@@ -24,12 +27,20 @@
 //!   reports (at least the size the controller recorded, when given); a connected
 //!   replica below it missed an expansion and starts stale too. A
 //!   replica that answers `STALE_EPOCH` at HELLO means the volume has already moved:
-//!   open fails with [`EngineError::Fenced`].
+//!   open fails with [`EngineError::Fenced`]. Then, before any I/O is served, the
+//!   reached replicas are **brought in sync** (`sync` module): every region any of
+//!   them marked dirty is compared block by block, the highest intact seq among
+//!   the replicas the last in-sync record names wins and is copied to every reached
+//!   replica that holds something else (replicas the record left out are copied
+//!   to, never from), and the reached replicas are declared in sync on a majority.
+//!   So a replica that missed writes — down while they happened, or left behind by
+//!   a crashed engine — never serves a read of them.
 //! * **Writes and trims** are sent to every in-sync replica in parallel (one shared
 //!   [`Bytes`] buffer, no copy per replica) and complete at a majority. The rest of
 //!   the acknowledgements are collected in the background. A replica that errors or
 //!   does not answer within the request timeout is marked stale: it gets no further
-//!   reads or writes, and the reason and time are kept for [`Engine::status`]. An
+//!   reads or writes, the reason and time are kept for [`Engine::status`], and the
+//!   rest are declared in sync without it in the background. An
 //!   acknowledgement from a replica that is already stale does not count, because a
 //!   stale replica may have missed earlier writes. If a majority cannot be reached the
 //!   write fails, within one request timeout of being issued. Two overlapping writes
@@ -57,14 +68,18 @@
 //!   with [`EngineError::Fenced`] (invariant 3 is enforced by the replicas; the engine
 //!   just stops trying).
 //!
+//! * **Cleaning**: every `clean_interval` in which writes happened, and at close,
+//!   once every replica of the set is in sync, the replicas flush and clear the
+//!   dirty regions every one of them holds, so the next engine reconciles only what
+//!   was written since.
+//!
 //! # Not done yet
 //!
 //! A stale replica stays stale for the life of the engine: it is neither reconnected
-//! nor resynced. Bringing it back needs the activity-log resync of DESIGN.md
-//! "Recovery" (copying the regions it missed with newer-seq-wins writes), which is a
-//! later issue; until then the volume runs degraded, and below quorum it fails all I/O
-//! until it is reopened with a new epoch. For the same reason a new engine does not
-//! yet reconcile blocks an old engine left on only some replicas.
+//! nor resynced online; the next engine that reaches it brings it back at open
+//! (reconciling the regions the others marked while it was away). Until then the
+//! volume runs degraded, and below quorum it fails all I/O until it is reopened with
+//! a new epoch.
 //!
 //! # Expansion
 //!

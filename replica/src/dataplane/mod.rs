@@ -11,7 +11,10 @@
 //!
 //! The server only knows storage through [`crate::block_io::VolumeRegistry`].
 //!
-//! # Wire protocol, version 1
+//! # Wire protocol, version 2
+//!
+//! Version 2 adds the sync requests (opcodes 6–11 below); everything else is as in
+//! version 1, which a version-2 replica still speaks with older engines.
 //!
 //! TCP, `TCP_NODELAY` on both sides. All integers little endian. Every message in
 //! both directions is one frame:
@@ -19,8 +22,10 @@
 //! ```text
 //! offset  size  field
 //!      0     4  length      bytes after this field: 44 + payload + 4
-//!      4     1  opcode      1 HELLO, 2 READ, 3 WRITE, 4 FLUSH, 5 TRIM; | 0x80 in responses
-//!      5     1  flags       0 (none defined in v1)
+//!      4     1  opcode      1 HELLO, 2 READ, 3 WRITE, 4 FLUSH, 5 TRIM, 6 VERSIONS,
+//!                           7 DIRTY_REGIONS, 8 GET_MEMBERSHIP, 9 SET_MEMBERSHIP,
+//!                           10 MARK_CLEAN, 11 CLEAN; | 0x80 in responses
+//!      5     1  flags       0, except VERSIONS: bit 0 = with data
 //!      6     2  status      0 = OK; error code in error responses; 0 in requests
 //!      8     8  request_id  chosen by the client, echoed in the response
 //!     16     8  epoch       sender's fencing epoch (echoed in responses)
@@ -60,6 +65,20 @@
 //! | WRITE | offset, length = payload size, seq | the data | none |
 //! | FLUSH | — (send 0) | none | none |
 //! | TRIM  | offset, length (u64), seq | none | none |
+//! | VERSIONS | offset, length (≤ 4 MiB), flags | none | per block: kind u8 (0 unwritten, 1 data, 2 trimmed, 3 corrupt) + seq u64; then, with data, 4096 bytes per intact data block |
+//! | DIRTY_REGIONS | — | none | region size u64, region count u64, one bit per region |
+//! | GET_MEMBERSHIP | — | none | in-sync record: epoch u64, version u64, count u16, per node id u16 length + UTF-8 |
+//! | SET_MEMBERSHIP | — | an in-sync record (its epoch must be the connection's) | the record stored afterwards (the newer of the two by (epoch, version)) |
+//! | MARK_CLEAN | — | none | token u64 |
+//! | CLEAN | seq = token | none | regions cleared u64 |
+//!
+//! A WRITE or TRIM is applied only after the regions it touches are marked in the
+//! replica's dirty-region map on disk (`crate::sync_state`); CLEAN clears the
+//! regions whose last write came before the MARK_CLEAN that returned its token. The
+//! engine sends CLEAN only once every replica of the set holds those writes durably,
+//! so after any crash the union of the replicas' maps covers every block on which
+//! copies may differ. VERSIONS reads versions and data together under the blocks'
+//! locks (background I/O): what an engine compares when it reconciles a region.
 //!
 //! Offsets and lengths are multiples of the block size (4096) and nonzero. FLUSH
 //! completes once every write this replica answered OK before the FLUSH arrived is
