@@ -313,6 +313,7 @@ mod tests {
                 complete,
                 last_error: String::new(),
                 shared_layers: false,
+                epoch_floor: 0,
             }),
             ..Default::default()
         }

@@ -569,6 +569,7 @@ mod tests {
                 complete,
                 last_error: err.into(),
                 shared_layers: false,
+                epoch_floor: 0,
             }),
             ..Default::default()
         }

@@ -365,6 +365,7 @@ mod tests {
                 complete: false,
                 last_error: String::new(),
                 shared_layers: false,
+                epoch_floor: 0,
             })
         );
         assert_eq!(cat.pending_copies(), vec!["r".to_string()]);
