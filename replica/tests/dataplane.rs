@@ -16,7 +16,9 @@ use tessera_replica::block_io::{
     BlockIoError, OpenVolume, VolumeBlocks, VolumeRegistry, BLOCK_SIZE,
 };
 use tessera_replica::dataplane::frame::{self, Header, Opcode, RESPONSE_BIT};
-use tessera_replica::dataplane::message::{decode_error_payload, Hello, HelloReply};
+use tessera_replica::dataplane::message::{
+    decode_error_payload, Hello, HelloReply, PROTOCOL_VERSION,
+};
 use tessera_replica::dataplane::shards::Shards;
 use tessera_replica::dataplane::stream::read_frame;
 use tessera_replica::dataplane::{
@@ -359,6 +361,55 @@ fn request(op: Opcode, id: u64, epoch: u64, offset: u64, length: u64) -> Header 
     }
 }
 
+/// Writes and trims mark their regions in the volume's dirty map before they land;
+/// the in-sync record is replaced only by a newer one of the connection's own
+/// epoch; CLEAN clears only what its MARK_CLEAN token covers.
+#[tokio::test]
+async fn sync_requests_mark_declare_and_clean() {
+    use tessera_replica::sync_state::{Membership, REGION_SIZE};
+    let reg = FileBackedVolumes::new();
+    let blocks = 3 * REGION_SIZE / BLOCK_SIZE;
+    let vol = reg.create("v", blocks, 4);
+    let srv = start(&reg).await;
+    let c = ReplicaDataClient::connect(srv.addr, "v", 4).await.unwrap();
+    assert!(c.supports_sync());
+    assert_eq!(c.dirty_regions().await.unwrap().count(), 0);
+    c.write(REGION_SIZE + BLOCK_SIZE, pattern(1), 4 << 40 | 1)
+        .await
+        .unwrap();
+    let token = c.mark_clean().await.unwrap();
+    c.trim(2 * REGION_SIZE, BLOCK_SIZE, 4 << 40 | 2)
+        .await
+        .unwrap();
+    let dirty: Vec<u64> = c.dirty_regions().await.unwrap().dirty().collect();
+    assert_eq!(dirty, vec![1, 2]);
+    assert_eq!(vol.sync.dirty.snapshot().dirty().collect::<Vec<_>>(), dirty);
+    assert_eq!(c.clean(token).await.unwrap(), 1);
+    let dirty: Vec<u64> = c.dirty_regions().await.unwrap().dirty().collect();
+    assert_eq!(dirty, vec![2], "the trim came after the token");
+
+    let mine = Membership {
+        epoch: 4,
+        version: 1,
+        members: vec!["a".into(), "b".into()],
+    };
+    assert!(c.membership().await.unwrap().is_undeclared());
+    assert_eq!(c.set_membership(&mine).await.unwrap(), mine);
+    let older = Membership {
+        version: 0,
+        ..mine.clone()
+    };
+    assert_eq!(c.set_membership(&older).await.unwrap(), mine, "older loses");
+    let forged = Membership {
+        epoch: 9,
+        ..mine.clone()
+    };
+    let e = c.set_membership(&forged).await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::InvalidRequest), "{e}");
+    assert_eq!(c.membership().await.unwrap(), mine);
+    assert_eq!(vol.sync.membership.get(), mine);
+}
+
 #[tokio::test]
 async fn write_then_read_back_flush_and_trim() {
     let reg = FileBackedVolumes::new();
@@ -373,7 +424,7 @@ async fn write_then_read_back_flush_and_trim() {
             info.epoch,
             info.protocol_version
         ),
-        (16 * BLOCK_SIZE, 4096, 1, 1)
+        (16 * BLOCK_SIZE, 4096, 1, PROTOCOL_VERSION)
     );
 
     let mut data = pattern(1);
@@ -606,7 +657,7 @@ async fn unknown_volume_and_unsupported_version_are_refused() {
     assert_eq!(reply.header.status, ErrorCode::UnsupportedVersion as u16);
     assert_eq!(
         decode_error_payload(&reply.payload).0,
-        1,
+        u64::from(PROTOCOL_VERSION),
         "detail is the replica's max version"
     );
     let mut rest = Vec::new();
@@ -616,10 +667,16 @@ async fn unknown_volume_and_unsupported_version_are_refused() {
         .unwrap();
     assert_eq!(n, 0, "connection closed after a refused HELLO");
 
-    // A version range that includes 1 is accepted and reports the volume.
+    // A version range that includes ours is accepted at the highest both speak, and
+    // an engine of version 1 still gets version 1.
     let (_s, ok) = raw_connect(srv.addr, "v", 1, (1, 9)).await;
     let r = HelloReply::decode(&ok.payload).unwrap();
-    assert_eq!((r.version, r.volume_size), (1, 16 * BLOCK_SIZE));
+    assert_eq!(
+        (r.version, r.volume_size),
+        (PROTOCOL_VERSION, 16 * BLOCK_SIZE)
+    );
+    let (_s, ok) = raw_connect(srv.addr, "v", 1, (1, 1)).await;
+    assert_eq!(HelloReply::decode(&ok.payload).unwrap().version, 1);
 }
 
 #[tokio::test]
