@@ -1,5 +1,6 @@
 //! The data path end to end, with real processes and real mounts (issue 3, "How it
-//! must be shown", items a–f).
+//! must be shown", items a–f; g is issue 15's "silent loss": a replica that missed
+//! writes must not serve stale data after the volume moved to its node).
 //!
 //! Every test starts its own cluster: three `tessera-replica` daemons (nodes n1, n2,
 //! n3), the controller, and two nodes, n1 and n2, each with an engine-host (real
@@ -21,21 +22,24 @@
 //! root, `/dev/fuse`, `/dev/loop-control`, `mkfs.ext4` and `mkfs.xfs`; without root
 //! they fail, unless `TESSERA_SKIP_PRIVILEGED_TESTS=1` is set.
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 use tessera_tests::privilege::privileged;
 
 use sha2::{Digest, Sha256};
 use tessera_csi_proto::v1::{NodeGetVolumeStatsRequest, Volume, VolumeCondition};
+use tessera_replica::dataplane::ReplicaDataClient;
+use tessera_replica::sync_state::Membership;
 use tessera_tests::csi::{ControllerClient, NodeClient};
-use tessera_tests::direct_io::{direct_read, direct_write, pattern};
+use tessera_tests::direct_io::{direct_read, direct_write, pattern, DirectFile, ALIGN};
 use tessera_tests::fixtures::create_request_with;
 use tessera_tests::lifecycle::{self, attach, block_capability, filesystem_capability, Attachment};
-use tessera_tests::{mounts, wait_until, Cluster, ClusterBuilder};
+use tessera_tests::{mounts, poll_until, wait_until, Cluster, ClusterBuilder};
 
 const KIB: usize = 1 << 10;
 const MIB: usize = 1 << 20;
@@ -754,4 +758,429 @@ async fn f_node_plugin_killed_during_writes() {
         .unwrap_or_else(|e| panic!("detach through the new plugin: {e:#}"));
     assert_node_clean(&cluster, &a);
     assert!(!a.target.exists(), "NodeUnpublish left the target path");
+}
+
+/// Item g: random writes before the kill of n2's replica daemon.
+const G_BEFORE_KILL: u64 = 1_000;
+/// Item g: random writes after it (all of them missed by n2's replica).
+const G_AFTER_KILL: u64 = 4_000;
+/// Item g: the writer's fdatasync cadence.
+const G_SYNC_EVERY: u64 = 16;
+/// Item g: the writer gives up (an error) after this long or this many writes.
+const G_WRITER_LIMIT: Duration = Duration::from_secs(90);
+const G_MAX_WRITES: u64 = 50_000;
+/// First bytes of every block the random writer writes.
+const STAMP_MAGIC: u64 = u64::from_le_bytes(*b"tss-g-v1");
+/// Block numbers named in a failure message, per kind.
+const FIRST_FEW: usize = 8;
+
+/// Write number `write` (from 1) to block `block`: magic, block and write number
+/// (u64 LE each), then pattern bytes of both, so any read names the write it saw.
+fn stamped_block(block: u64, write: u64) -> Vec<u8> {
+    let mut data = pattern(block.wrapping_mul(0x1_0000_0001) ^ (write << 24), ALIGN);
+    data[..8].copy_from_slice(&STAMP_MAGIC.to_le_bytes());
+    data[8..16].copy_from_slice(&block.to_le_bytes());
+    data[16..24].copy_from_slice(&write.to_le_bytes());
+    data
+}
+
+/// (block, write number) of a block [`stamped_block`] wrote, if it is one.
+fn stamp_of(data: &[u8]) -> Option<(u64, u64)> {
+    let word = |i: usize| u64::from_le_bytes(data[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+    (data.len() == ALIGN && word(0) == STAMP_MAGIC).then(|| (word(1), word(2)))
+}
+
+/// What the random writer did.
+#[derive(Debug)]
+struct RandomWriteLog {
+    /// Per block written, its last write number. Each of them completed and was
+    /// followed by an fdatasync that returned, so it is durable.
+    last_durable: BTreeMap<u64, u64>,
+    /// Per block written, its first write number.
+    first_write: BTreeMap<u64, u64>,
+    /// Writes done (all completed).
+    writes: u64,
+    /// Writes done when the writer learnt of the kill: every later write was
+    /// issued after it.
+    seen_kill_at: u64,
+    /// fdatasyncs done.
+    syncs: u64,
+    elapsed: Duration,
+}
+
+/// A thread writing [`stamped_block`]s to random blocks of a device with O_DIRECT,
+/// fdatasync every [`G_SYNC_EVERY`] writes, until [`G_AFTER_KILL`] writes after
+/// it was told of the kill (bounded by [`G_WRITER_LIMIT`] and [`G_MAX_WRITES`]).
+struct RandomWriter {
+    written: Arc<AtomicU64>,
+    killed: Arc<AtomicBool>,
+    finished: Arc<AtomicBool>,
+    done: mpsc::Receiver<Result<RandomWriteLog, String>>,
+}
+
+impl RandomWriter {
+    fn start(device: PathBuf, seed: u64) -> RandomWriter {
+        let written = Arc::new(AtomicU64::new(0));
+        let killed = Arc::new(AtomicBool::new(false));
+        let finished = Arc::new(AtomicBool::new(false));
+        let (tx, done) = mpsc::channel();
+        let (w, k, f) = (
+            Arc::clone(&written),
+            Arc::clone(&killed),
+            Arc::clone(&finished),
+        );
+        std::thread::spawn(move || {
+            let out = random_writes(&device, seed, &w, &k);
+            f.store(true, Ordering::SeqCst);
+            let _ = tx.send(out);
+        });
+        RandomWriter {
+            written,
+            killed,
+            finished,
+            done,
+        }
+    }
+
+    fn written(&self) -> u64 {
+        self.written.load(Ordering::SeqCst)
+    }
+
+    /// Waits until `n` writes completed; panics if the writer ended or hung first.
+    async fn wait_for(&self, n: u64) {
+        let reached = poll_until(IO_TIMEOUT, || {
+            let finished = self.finished.load(Ordering::SeqCst);
+            std::future::ready((self.written() >= n || finished).then_some(()))
+        })
+        .await;
+        if reached.is_err() || self.written() < n {
+            let why = match self.done.try_recv() {
+                Ok(Err(e)) => e,
+                Ok(Ok(log)) => format!("it ended after {} writes", log.writes),
+                Err(_) => format!("it hung within {IO_TIMEOUT:?}"),
+            };
+            panic!(
+                "the random writer did not reach {n} writes (at {}): {why}",
+                self.written()
+            );
+        }
+    }
+
+    /// Tells the writer that the kill is done.
+    fn kill_done(&self) {
+        self.killed.store(true, Ordering::SeqCst);
+    }
+
+    /// The writer's outcome; panics if it did not end within its own bounds.
+    async fn finish(self) -> Result<RandomWriteLog, String> {
+        let wait = G_WRITER_LIMIT + IO_TIMEOUT;
+        poll_until(wait, || std::future::ready(self.done.try_recv().ok()))
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "the random writer hung (at {} writes, waited {wait:?})",
+                    self.written()
+                )
+            })
+    }
+}
+
+fn random_writes(
+    device: &Path,
+    seed: u64,
+    written: &AtomicU64,
+    killed: &AtomicBool,
+) -> Result<RandomWriteLog, String> {
+    let started = Instant::now();
+    let file = DirectFile::open(device, true)
+        .map_err(|e| format!("opening {} for O_DIRECT: {e}", device.display()))?;
+    let blocks = file.size().map_err(|e| format!("device size: {e}"))? / ALIGN as u64;
+    if blocks == 0 {
+        return Err("the device is empty".to_owned());
+    }
+    let mut rng = seed | 1;
+    let (mut first_write, mut last_durable) = (BTreeMap::new(), BTreeMap::new());
+    let mut unsynced: Vec<(u64, u64)> = Vec::with_capacity(G_SYNC_EVERY as usize);
+    let (mut n, mut syncs, mut seen_kill_at) = (0u64, 0u64, None);
+    loop {
+        if seen_kill_at.is_none() && killed.load(Ordering::SeqCst) {
+            seen_kill_at = Some(n);
+        }
+        if seen_kill_at.is_some_and(|k| n >= k + G_AFTER_KILL) {
+            break;
+        }
+        if n >= G_MAX_WRITES || started.elapsed() > G_WRITER_LIMIT {
+            return Err(format!(
+                "stopped after {n} writes in {:?}, {G_AFTER_KILL} writes after the kill not done \
+                 (kill seen at {seen_kill_at:?})",
+                started.elapsed()
+            ));
+        }
+        // xorshift64
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        let block = rng % blocks;
+        n += 1;
+        file.write_at(block * ALIGN as u64, &stamped_block(block, n))
+            .map_err(|e| {
+                format!("write {n} (block {block}; kill seen at {seen_kill_at:?}) failed: {e}")
+            })?;
+        first_write.entry(block).or_insert(n);
+        unsynced.push((block, n));
+        written.store(n, Ordering::SeqCst);
+        if n % G_SYNC_EVERY == 0 || seen_kill_at.is_some_and(|k| n >= k + G_AFTER_KILL) {
+            file.sync()
+                .map_err(|e| format!("fdatasync after write {n} failed: {e}"))?;
+            syncs += 1;
+            last_durable.extend(unsynced.drain(..));
+        }
+    }
+    Ok(RandomWriteLog {
+        last_durable,
+        first_write,
+        writes: n,
+        seen_kill_at: seen_kill_at.unwrap_or(n),
+        syncs,
+        elapsed: started.elapsed(),
+    })
+}
+
+/// Blocks read back against what they must hold.
+#[derive(Debug, Default)]
+struct ReadBack {
+    intact: u64,
+    /// Blocks that read as zeros.
+    zeros: Vec<u64>,
+    /// Blocks holding an earlier write of the same block.
+    older: Vec<u64>,
+    /// Blocks holding anything else.
+    other: Vec<u64>,
+}
+
+/// Reads every block of `expected` with O_DIRECT and sorts it into a [`ReadBack`].
+fn read_back(device: &Path, expected: &BTreeMap<u64, u64>) -> Result<ReadBack, String> {
+    let file = DirectFile::open(device, false)
+        .map_err(|e| format!("opening {} for O_DIRECT: {e}", device.display()))?;
+    let mut out = ReadBack::default();
+    for (&block, &write) in expected {
+        let got = file
+            .read_at(block * ALIGN as u64, ALIGN)
+            .map_err(|e| format!("reading block {block}: {e}"))?;
+        if got == stamped_block(block, write) {
+            out.intact += 1;
+        } else if got.iter().all(|b| *b == 0) {
+            out.zeros.push(block);
+        } else if matches!(stamp_of(&got), Some((b, w)) if b == block && w < write
+            && got == stamped_block(block, w))
+        {
+            out.older.push(block);
+        } else {
+            out.other.push(block);
+        }
+    }
+    Ok(out)
+}
+
+/// Replica `index`'s in-sync record of `volume_id`, asked over the data plane as a
+/// client of `epoch` (the volume's current one, so nothing is raised or fenced).
+async fn in_sync_record(
+    cluster: &Cluster,
+    index: usize,
+    volume_id: &str,
+    epoch: u64,
+) -> Result<Membership, String> {
+    let replica = cluster.replica(index);
+    let ask = async {
+        let client = ReplicaDataClient::connect(replica.data_addr(), volume_id, epoch)
+            .await
+            .map_err(|e| format!("connecting: {e}"))?;
+        client
+            .membership()
+            .await
+            .map_err(|e| format!("GET_MEMBERSHIP: {e}"))
+    };
+    tokio::time::timeout(IO_TIMEOUT, ask)
+        .await
+        .unwrap_or_else(|_| Err(format!("no answer within {IO_TIMEOUT:?}")))
+        .map_err(|e| format!("in-sync record on replica {}: {e}", replica.node_id()))
+}
+
+/// (g) Issue 15, "silent loss", as reported: RF=3 raw block volume on n1, random
+/// 4 KiB O_DIRECT writes with fdatasync every 16; kill -9 n2's replica daemon and
+/// write thousands more (no error: two of three are a quorum); restart it on its
+/// data, move the volume to n2, where that replica is the local, read-preferred one.
+/// Every block must read back as its last durable write: the new engine must bring
+/// the replica in sync before serving, and declare it in sync again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn g_replica_that_missed_writes_serves_none_stale_after_the_move() {
+    if !privileged("data-path test") {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let mut cluster = two_node_cluster().await;
+    let mut controller = cluster.controller().await.expect("controller");
+    let mut n1 = cluster.node_client("n1").await.expect("n1 plugin");
+    let mut n2 = cluster.node_client("n2").await.expect("n2 plugin");
+    let name = "missed-writes";
+    let volume = create_volume(
+        &mut controller,
+        name,
+        64 * MIB,
+        &[("replicationFactor", "3")],
+        true,
+    )
+    .await;
+    let victim = cluster.replica_index("n2").expect("a replica daemon on n2");
+    let (staging, target) = kubelet_paths(&cluster, "n1", name, true);
+    let on_n1 = attach(
+        &mut controller,
+        &mut n1,
+        &volume,
+        "n1",
+        block_capability(),
+        &staging,
+        &target,
+    )
+    .await
+    .unwrap_or_else(|e| panic!("attach on n1: {e:#}"));
+    let replicas = on_n1
+        .publish_context
+        .get("replicas")
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        replicas.split(',').any(|r| r.starts_with("n2=")),
+        "n2's replica is not in the volume's replica set: {replicas:?}"
+    );
+
+    let writer = RandomWriter::start(target.clone(), 0x15_15_15);
+    writer.wait_for(G_BEFORE_KILL).await;
+    cluster.kill_replica(victim).expect("kill -9 replica n2");
+    let at_kill = writer.written();
+    writer.kill_done();
+    let log = writer
+        .finish()
+        .await
+        .unwrap_or_else(|e| panic!("the random writer failed (n2 killed at write {at_kill}): {e}"));
+    let expected = log.last_durable;
+    let missed = expected.values().filter(|&&w| w > log.seen_kill_at).count();
+    // Blocks n2's replica holds an older write of (the rest of `missed` it lacks).
+    let rewritten = expected
+        .iter()
+        .filter(|(b, &w)| w > log.seen_kill_at && log.first_write[*b] <= log.seen_kill_at)
+        .count();
+    eprintln!(
+        "random writer: {} writes ({} syncs) in {:?}, n2 killed at write {at_kill} (seen at {}), \
+         {} blocks touched, {missed} of them last written after the kill ({rewritten} of \
+         those also before it)",
+        log.writes,
+        log.syncs,
+        log.elapsed,
+        log.seen_kill_at,
+        expected.len(),
+    );
+    assert!(
+        missed as u64 >= G_AFTER_KILL / 2,
+        "only {missed} blocks were last written after the kill: the scenario tests nothing"
+    );
+    let cond = condition(&mut n1, &on_n1).await;
+    assert!(
+        cond.abnormal && cond.message.contains("n2") && !cond.message.contains("below quorum"),
+        "n1's engine does not report n2's replica stale after the kill: {cond:?}"
+    );
+
+    cluster
+        .start_replica(victim)
+        .await
+        .expect("n2's replica daemon restarts on its data");
+    lifecycle::detach(&mut controller, &mut n1, &on_n1)
+        .await
+        .unwrap_or_else(|e| panic!("detach from n1: {e:#}"));
+    assert_node_clean(&cluster, &on_n1);
+    for i in 0..cluster.replicas().len() {
+        let record = in_sync_record(&cluster, i, &volume.volume_id, on_n1.epoch()).await;
+        eprintln!(
+            "before the move, replica {}: {record:?}",
+            cluster.replica(i).node_id()
+        );
+    }
+
+    let (staging2, target2) = kubelet_paths(&cluster, "n2", name, true);
+    let on_n2 = attach(
+        &mut controller,
+        &mut n2,
+        &volume,
+        "n2",
+        block_capability(),
+        &staging2,
+        &target2,
+    )
+    .await
+    .unwrap_or_else(|e| panic!("attach on n2: {e:#}"));
+    assert!(
+        on_n2.epoch() > on_n1.epoch(),
+        "the move raised no epoch: {} -> {}",
+        on_n1.epoch(),
+        on_n2.epoch()
+    );
+
+    let device = target2.clone();
+    let want = expected.clone();
+    let (got, took) = run_bounded(IO_TIMEOUT, move || read_back(&device, &want))
+        .unwrap_or_else(|| panic!("reading the blocks back on n2 hung ({IO_TIMEOUT:?})"));
+    let got = got.unwrap_or_else(|e| panic!("reading back on n2: {e}"));
+    eprintln!(
+        "read back on n2 in {took:?}: {} intact, {} zeros, {} older, {} other",
+        got.intact,
+        got.zeros.len(),
+        got.older.len(),
+        got.other.len()
+    );
+    let first = |v: &[u64]| v.iter().take(FIRST_FEW).copied().collect::<Vec<_>>();
+    assert!(
+        got.zeros.is_empty() && got.older.is_empty() && got.other.is_empty(),
+        "{} of {} blocks do not hold their last durable write on n2: {} read as zeros \
+         (first: {:?}), {} hold an older write (first: {:?}), {} hold something else \
+         (first: {:?}); {missed} blocks were last written after n2's replica was killed",
+        got.zeros.len() + got.older.len() + got.other.len(),
+        expected.len(),
+        got.zeros.len(),
+        first(&got.zeros),
+        got.older.len(),
+        first(&got.older),
+        got.other.len(),
+        first(&got.other),
+    );
+    assert_eq!(got.intact, expected.len() as u64, "blocks read back intact");
+
+    // The restarted replica is in sync again: n2's engine reports no stale replica,
+    // and every replica holds an in-sync record of the new epoch naming all three.
+    let cond = condition(&mut n2, &on_n2).await;
+    assert!(
+        !cond.abnormal,
+        "n2's engine does not have every replica in sync: {cond:?}"
+    );
+    let all: Vec<String> = cluster
+        .replicas()
+        .iter()
+        .map(|r| r.node_id().to_owned())
+        .collect();
+    for i in 0..cluster.replicas().len() {
+        let node = cluster.replica(i).node_id().to_owned();
+        let record = in_sync_record(&cluster, i, &volume.volume_id, on_n2.epoch())
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            record.epoch == on_n2.epoch() && record.members == all,
+            "replica {node}'s in-sync record is not n2's engine's declaration of every \
+             replica (epoch {}, members {all:?}): {record:?}",
+            on_n2.epoch()
+        );
+    }
+
+    lifecycle::detach(&mut controller, &mut n2, &on_n2)
+        .await
+        .unwrap_or_else(|e| panic!("detach from n2: {e:#}"));
+    assert_node_clean(&cluster, &on_n2);
 }
