@@ -9,7 +9,7 @@ use std::fs;
 use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use super::file::{BlockFile, BlockFileFactory, IoPriority};
@@ -107,8 +107,13 @@ pub(crate) struct Layer {
     present: Bitmap,
     /// Block's entry is a valid tombstone.
     trimmed: Bitmap,
-    /// Written since the last sync.
-    dirty: AtomicBool,
+    /// Changes made to the files so far (counted after each completes) and the count
+    /// the last completed sync covers: a flush is done once `synced` reaches what
+    /// `changes` was when it started. Two counters, not a dirty flag, because a
+    /// flush that clears a flag while an earlier flush's sync is still running would
+    /// return before the writes it must cover are durable.
+    changes: AtomicU64,
+    synced: AtomicU64,
     /// Device and inode of the data file: the same for every hard link of the layer,
     /// so space accounting can tell a layer shared by several volumes from copies.
     file_id: (u64, u64),
@@ -161,7 +166,8 @@ impl Layer {
             meta,
             present: Bitmap::default(),
             trimmed: Bitmap::default(),
-            dirty: AtomicBool::new(false),
+            changes: AtomicU64::new(0),
+            synced: AtomicU64::new(0),
         })
     }
 
@@ -219,7 +225,8 @@ impl Layer {
             meta,
             present: Bitmap::default(),
             trimmed: Bitmap::default(),
-            dirty: AtomicBool::new(false),
+            changes: AtomicU64::new(0),
+            synced: AtomicU64::new(0),
         };
         layer.load_index()?;
         Ok(layer)
@@ -388,28 +395,33 @@ impl Layer {
     /// each change completes: a flush that clears the flag first and syncs second then
     /// either covers the change or leaves the flag set for the next flush.
     fn mark_dirty(&self) {
-        self.dirty.store(true, Ordering::Release);
+        self.changes.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// The change count a sync starting now must cover, or `None` when a completed
+    /// sync already covers it.
+    fn sync_target(&self) -> Option<u64> {
+        let target = self.changes.load(Ordering::Acquire);
+        (self.synced.load(Ordering::Acquire) < target).then_some(target)
     }
 
     /// Makes everything written so far durable: data file first, then meta file, so a
-    /// durable entry never points at data that is not.
+    /// durable entry never points at data that is not. Syncs still running for other
+    /// callers do not count: only one that started after this call's changes did.
     pub(crate) fn sync(&self) -> Result<(), StoreError> {
-        if !self.dirty.swap(false, Ordering::AcqRel) {
+        let Some(target) = self.sync_target() else {
             return Ok(());
-        }
-        let r = self
-            .data
+        };
+        self.data
             .sync_data()
             .map_err(io_error("sync data file", &self.data_path()))
             .and_then(|()| {
                 self.meta
                     .sync_data()
                     .map_err(io_error("sync meta file", &self.meta_path()))
-            });
-        if r.is_err() {
-            self.dirty.store(true, Ordering::Release);
-        }
-        r
+            })?;
+        self.synced.fetch_max(target, Ordering::AcqRel);
+        Ok(())
     }
 
     /// [`Self::read_data`] without blocking the thread while the data file's request
@@ -465,23 +477,20 @@ impl Layer {
     }
 
     /// [`Self::sync`] without blocking the thread while the syncs wait. If the future
-    /// is dropped before it finished, the layer stays dirty, so the next flush syncs
-    /// again instead of trusting a sync that may never have happened.
+    /// is dropped before it finished, nothing counts as synced, so the next flush
+    /// syncs again instead of trusting a sync that may never have happened.
     pub(crate) async fn sync_async(&self, priority: IoPriority) -> Result<(), StoreError> {
-        if !self.dirty.swap(false, Ordering::AcqRel) {
+        let Some(target) = self.sync_target() else {
             return Ok(());
-        }
-        let mut pending = StillDirty::new(&self.dirty);
-        let r = match Self::sync_file_async(&self.data, priority).await {
+        };
+        match Self::sync_file_async(&self.data, priority).await {
             Ok(()) => Self::sync_file_async(&self.meta, priority)
                 .await
-                .map_err(io_error("sync meta file", &self.meta_path())),
-            Err(e) => Err(io_error("sync data file", &self.data_path())(e)),
-        };
-        if r.is_ok() {
-            pending.disarm();
+                .map_err(io_error("sync meta file", &self.meta_path()))?,
+            Err(e) => return Err(io_error("sync data file", &self.data_path())(e)),
         }
-        r
+        self.synced.fetch_max(target, Ordering::AcqRel);
+        Ok(())
     }
 
     async fn sync_file_async(file: &Arc<dyn BlockFile>, priority: IoPriority) -> io::Result<()> {
@@ -502,31 +511,6 @@ impl Layer {
             .allocated_bytes()
             .map_err(io_error("stat meta file", &self.meta_path()))?;
         Ok(d + m)
-    }
-}
-
-/// Sets a layer's dirty flag again when dropped armed: an async sync that failed or
-/// was cancelled must leave the work for the next flush.
-struct StillDirty<'a> {
-    flag: &'a AtomicBool,
-    armed: bool,
-}
-
-impl<'a> StillDirty<'a> {
-    fn new(flag: &'a AtomicBool) -> Self {
-        StillDirty { flag, armed: true }
-    }
-
-    fn disarm(&mut self) {
-        self.armed = false;
-    }
-}
-
-impl Drop for StillDirty<'_> {
-    fn drop(&mut self) {
-        if self.armed {
-            self.flag.store(true, Ordering::Release);
-        }
     }
 }
 

@@ -208,6 +208,8 @@ struct Faults {
     fail_meta: AtomicBool,
     fail_data: AtomicBool,
     gate: WriteGate,
+    /// Data-file syncs wait here while it is closed.
+    sync_gate: WriteGate,
 }
 
 /// Data writes wait here while it is closed; `held` counts the writes waiting.
@@ -275,6 +277,9 @@ impl BlockFile for FaultyFile {
         self.inner.write_at(buf, offset)
     }
     fn sync_data(&self) -> io::Result<()> {
+        if !self.is_meta {
+            self.faults.sync_gate.pass();
+        }
         self.inner.sync_data()
     }
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
@@ -296,6 +301,63 @@ impl BlockFileFactory for FaultyFactory {
             faults: Arc::clone(&self.0),
         }))
     }
+}
+
+/// A flush that arrives while another flush's sync is still running must not return
+/// before a sync covering its writes completed (it used to see the dirty flag the
+/// first one had cleared and return at once).
+#[test]
+fn a_second_flush_waits_for_a_sync_that_covers_its_writes() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let faults = Arc::new(Faults::default());
+    let s = Arc::new(
+        LayeredStore::create_with(
+            &tmp.path().join("vol"),
+            4 * B,
+            Arc::new(FaultyFactory(Arc::clone(&faults))),
+        )
+        .expect("create"),
+    );
+    s.write(0, &pattern(0, 1), 1).expect("write");
+    faults.sync_gate.set(true);
+    let first = {
+        let s = Arc::clone(&s);
+        std::thread::spawn(move || s.flush())
+    };
+    faults.sync_gate.wait_for_a_held_write();
+    let second_done = Arc::new(AtomicBool::new(false));
+    let second = {
+        let (s, done, faults) = (
+            Arc::clone(&s),
+            Arc::clone(&second_done),
+            Arc::clone(&faults),
+        );
+        std::thread::spawn(move || {
+            let r = s.flush();
+            done.store(true, Ordering::SeqCst);
+            faults.sync_gate.set(true); // wake the waiter below
+            r
+        })
+    };
+    // Either the second flush returns, or it waits at the gate with the first.
+    {
+        let gate = &faults.sync_gate;
+        let mut closed = gate.closed.lock().expect("gate");
+        while gate.held.load(Ordering::SeqCst) < 2 && !second_done.load(Ordering::SeqCst) {
+            closed = gate.changed.wait(closed).expect("gate");
+        }
+    }
+    assert!(
+        !second_done.load(Ordering::SeqCst),
+        "the second flush returned while the first one's sync was still running"
+    );
+    faults.sync_gate.set(false);
+    first.join().expect("first").expect("first flush");
+    second.join().expect("second").expect("second flush");
+    // Nothing written since: a third flush needs no sync.
+    faults.sync_gate.set(true);
+    s.flush().expect("a flush with nothing to sync");
+    faults.sync_gate.set(false);
 }
 
 #[test]
