@@ -930,7 +930,15 @@ impl ControllerService {
             self.quorum_record(rec, &reads)?;
             // Above any epoch whose seqs a shared base layer holds, so this volume's
             // writes outrank them when its copies are reconciled.
-            let new_epoch = reads.max_epoch().max(reads.max_epoch_floor()) + 1;
+            let Some(new_epoch) =
+                tessera_replica::seq::next_epoch(reads.max_epoch().max(reads.max_epoch_floor()))
+            else {
+                return Err(ControllerError::FailedPrecondition(format!(
+                    "volume {}: its replicas hold epoch {}, the largest a write sequence number can carry; it cannot be published again",
+                    rec.volume_id,
+                    reads.max_epoch()
+                )));
+            };
             let targets: Vec<(&ReplicaRef, RaiseEpochRequest)> = reads
                 .ok()
                 .map(|(rr, r)| {

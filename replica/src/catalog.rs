@@ -152,6 +152,15 @@ pub enum CatalogError {
         /// new_epoch of the request.
         new: u64,
     },
+    /// An epoch a seq cannot carry (`crate::seq::MAX_EPOCH`).
+    #[error(
+        "epoch {epoch} exceeds the largest epoch a write sequence number can carry ({})",
+        crate::seq::MAX_EPOCH
+    )]
+    EpochTooLarge {
+        /// The epoch refused.
+        epoch: u64,
+    },
     /// A create for an existing id whose immutable fields differ.
     #[error("volume {volume_id} already exists with {difference}")]
     Conflict {
@@ -1485,6 +1494,9 @@ impl Catalog {
                 new: new_epoch,
             });
         }
+        if new_epoch > crate::seq::MAX_EPOCH {
+            return Err(CatalogError::EpochTooLarge { epoch: new_epoch });
+        }
         let _guard = self.lock_mutations();
         let record = self.get(volume_id)?;
         if record.epoch != expected_epoch {
@@ -1503,6 +1515,9 @@ impl Catalog {
     /// `VolumeRegistry::adopt_epoch`). Never lowers the epoch; returns the stored one.
     pub fn adopt_epoch(&self, volume_id: &str, epoch: u64) -> Result<u64, CatalogError> {
         validate_volume_id(volume_id)?;
+        if epoch > crate::seq::MAX_EPOCH {
+            return Err(CatalogError::EpochTooLarge { epoch });
+        }
         let _guard = self.lock_mutations();
         let record = self.get(volume_id)?;
         if epoch <= record.epoch {
@@ -2040,6 +2055,16 @@ mod tests {
             cat.raise_epoch("v1", 3, 3),
             Err(CatalogError::EpochNotIncreasing { .. })
         ));
+        // Epochs a seq cannot carry are refused by both paths, and change nothing.
+        assert!(matches!(
+            cat.raise_epoch("v1", 3, u64::MAX),
+            Err(CatalogError::EpochTooLarge { .. })
+        ));
+        assert!(matches!(
+            cat.adopt_epoch("v1", crate::seq::MAX_EPOCH + 1),
+            Err(CatalogError::EpochTooLarge { .. })
+        ));
+        assert_eq!(cat.get("v1").expect("get").epoch, 3);
         assert!(matches!(
             cat.raise_epoch("v1", 5, 2),
             Err(CatalogError::EpochNotIncreasing { .. })

@@ -176,7 +176,8 @@ impl From<CatalogError> for Status {
             | CatalogError::InvalidSize { .. }
             | CatalogError::InvalidQos { .. }
             | CatalogError::InvalidCopySource { .. }
-            | CatalogError::EpochNotIncreasing { .. } => Code::InvalidArgument,
+            | CatalogError::EpochNotIncreasing { .. }
+            | CatalogError::EpochTooLarge { .. } => Code::InvalidArgument,
             CatalogError::Conflict { .. } => Code::AlreadyExists,
             CatalogError::NoCapacity { .. } | CatalogError::DiskFull { .. } => {
                 Code::ResourceExhausted

@@ -18,6 +18,7 @@
 //! * [`health`]: a minimal HTTP server for `/healthz` and `/metrics`.
 //! * [`scheduler`]: the per-device I/O scheduler (EDF deadlines, per-volume token
 //!   buckets, io_uring engine with a sync reference engine).
+//! * [`seq`]: the layout of a write's sequence number (`epoch << 40 | counter`).
 //! * [`snapshot_read`]: serving sealed snapshots to other replicas (`ReadSnapshotBlocks`
 //!   chunks, `SnapshotRanges`).
 //! * [`store`]: the checksummed, layered (snapshot-capable) block store of one replica.
@@ -58,6 +59,7 @@ pub mod health;
 mod park;
 pub mod record;
 pub mod scheduler;
+pub mod seq;
 pub mod snapshot_read;
 pub mod store;
 pub mod sync_state;

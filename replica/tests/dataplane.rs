@@ -410,6 +410,26 @@ async fn sync_requests_mark_declare_and_clean() {
     assert_eq!(vol.sync.membership.get(), mine);
 }
 
+/// A HELLO with an epoch no seq can carry is refused and adopts nothing: a peer
+/// presenting `u64::MAX` used to leave the volume unpublishable.
+#[tokio::test]
+async fn an_epoch_beyond_the_seq_layout_is_refused_at_hello() {
+    use tessera_replica::seq::MAX_EPOCH;
+    let reg = FileBackedVolumes::new();
+    reg.create("v", 16, 3);
+    let srv = start(&reg).await;
+    for epoch in [MAX_EPOCH + 1, u64::MAX] {
+        let (_s, reply) = raw_connect(srv.addr, "v", epoch, (1, PROTOCOL_VERSION)).await;
+        assert_eq!(reply.header.status, ErrorCode::InvalidRequest as u16);
+        assert_eq!(decode_error_payload(&reply.payload).0, MAX_EPOCH);
+    }
+    assert_eq!(reg.durable_epoch("v"), 3);
+    let c = ReplicaDataClient::connect(srv.addr, "v", MAX_EPOCH)
+        .await
+        .unwrap();
+    assert_eq!(c.info().epoch, MAX_EPOCH);
+}
+
 #[tokio::test]
 async fn write_then_read_back_flush_and_trim() {
     let reg = FileBackedVolumes::new();

@@ -100,7 +100,7 @@ impl EngineConfig {
         if self.volume_id.is_empty() {
             return Err(ConfigError::EmptyVolumeId);
         }
-        if self.epoch >= 1 << 24 {
+        if self.epoch > tessera_replica::seq::MAX_EPOCH {
             return Err(ConfigError::EpochTooLarge { epoch: self.epoch });
         }
         if self.replicas.is_empty() {

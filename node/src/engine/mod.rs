@@ -138,9 +138,6 @@ use status::Counters;
 /// frame limit); [`EngineTarget`] splits larger requests.
 pub const MAX_IO_BYTES: usize = MAX_PAYLOAD;
 
-/// Bits of `seq` below the epoch.
-const COUNTER_BITS: u32 = 40;
-
 /// One replica from the engine's point of view.
 struct Replica {
     node_id: String,
@@ -736,7 +733,7 @@ impl Engine {
     ) {
         let inner = &self.inner;
         let counter = inner.counter.fetch_add(1, Ordering::Relaxed) + 1;
-        if counter >= 1 << COUNTER_BITS {
+        let Some(seq) = tessera_replica::seq::seq(inner.epoch, counter) else {
             return done(Err(inner.no_quorum(
                 op,
                 offset,
@@ -745,8 +742,7 @@ impl Engine {
                 "sequence counter exhausted; reopen the volume with a new epoch".into(),
                 false,
             )));
-        }
-        let seq = (inner.epoch << COUNTER_BITS) | counter;
+        };
         let targets = inner.in_sync_mask();
         if (targets.count_ones() as usize) < inner.quorum {
             return done(Err(inner.no_quorum(
@@ -1293,7 +1289,8 @@ impl Inner {
                 .client()
                 .ok_or_else(|| "engine closed".to_owned())?;
             let counter = self.counter.fetch_add(1, Ordering::Relaxed) + 1;
-            let seq = (self.epoch << COUNTER_BITS) | counter;
+            let seq = tessera_replica::seq::seq(self.epoch, counter)
+                .ok_or_else(|| "sequence counter exhausted".to_owned())?;
             match tokio::time::timeout(self.timeout, client.write(start, data, seq)).await {
                 Ok(Ok(())) => Ok(()),
                 Ok(Err(e)) if e.code() == Some(ErrorCode::StaleEpoch) => {

@@ -305,6 +305,17 @@ async fn handshake<R: VolumeRegistry>(
         .open(&hello.volume_id)
         .map_err(|e| RemoteError::from_block_io(&e))?;
     let wanted = h.epoch;
+    if wanted > crate::seq::MAX_EPOCH {
+        // Adopting it would leave the volume with no epoch anyone could publish at.
+        return Err(RemoteError::new(
+            ErrorCode::InvalidRequest,
+            crate::seq::MAX_EPOCH,
+            format!(
+                "epoch {wanted} exceeds the largest epoch a write sequence number can carry ({})",
+                crate::seq::MAX_EPOCH
+            ),
+        ));
+    }
     let current = volume.epoch.load(std::sync::atomic::Ordering::Acquire);
     if wanted > current {
         // Persist first, then publish: a crash between the two leaves the durable
