@@ -259,7 +259,11 @@ impl Inner {
         sources: u32,
     ) -> Result<RegionOutcome, EngineError> {
         let first_block = offset / BLOCK_SIZE;
-        for _ in 0..REGION_ATTEMPTS {
+        // Blocks a source claimed intact but whose data failed its checksum when
+        // fetched: planned again as corrupt there, so another copy wins.
+        let mut found_corrupt: Vec<(usize, u64)> = Vec::new();
+        let mut moved = 0;
+        while moved < REGION_ATTEMPTS {
             self.enough_in_sync()?;
             let versions = futures_util::future::join_all((0..self.replicas.len()).map(|r| {
                 self.ask(r, "reading block versions", move |c| async move {
@@ -267,10 +271,18 @@ impl Inner {
                 })
             }))
             .await;
-            let versions: Vec<Option<Vec<BlockVersion>>> = versions
+            let mut versions: Vec<Option<Vec<BlockVersion>>> = versions
                 .into_iter()
                 .map(|v| v.map(|v| v.versions().to_vec()))
                 .collect();
+            for &(r, b) in &found_corrupt {
+                if let Some(v) = versions[r]
+                    .as_mut()
+                    .and_then(|v| v.get_mut((b - first_block) as usize))
+                {
+                    *v = BlockVersion::Corrupt { seq: v.seq() };
+                }
+            }
             let live_sources = sources & self.in_sync_mask();
             if live_sources == 0 {
                 return Err(
@@ -285,20 +297,30 @@ impl Inner {
             for b in &plan.lost {
                 tracing::error!(volume = %self.volume_id, block = b, "no intact copy of the block on any in-sync replica; left as it is");
             }
-            let mut moved = true;
+            let mut replan = false;
             for run in runs(&plan.fixes) {
                 match self.apply_run(&run).await {
                     RunResult::Done(bytes) => {
                         outcome.blocks_fixed += run.blocks;
                         outcome.bytes_copied += bytes;
                     }
-                    RunResult::SourceMoved => {
-                        moved = false;
+                    RunResult::SourceChanged { corrupt } if corrupt.is_empty() => {
+                        moved += 1;
+                        replan = true;
+                        break;
+                    }
+                    RunResult::SourceChanged { corrupt } => {
+                        for b in corrupt {
+                            tracing::warn!(volume = %self.volume_id, node = %self.replicas[run.source].node_id, block = b,
+                                "block failed its checksum while reconciling; taking another copy");
+                            found_corrupt.push((run.source, b));
+                        }
+                        replan = true;
                         break;
                     }
                 }
             }
-            if moved {
+            if !replan {
                 return Ok(outcome);
             }
         }
@@ -318,14 +340,26 @@ impl Inner {
                     })
                     .await;
                 let Some(fetched) = fetched else {
-                    return RunResult::SourceMoved;
+                    return RunResult::SourceChanged {
+                        corrupt: Vec::new(),
+                    };
                 };
+                let corrupt: Vec<u64> = fetched
+                    .iter()
+                    .filter(|(_, v, _)| *v == BlockVersion::Corrupt { seq })
+                    .map(|(b, _, _)| b)
+                    .collect();
+                if !corrupt.is_empty() {
+                    return RunResult::SourceChanged { corrupt };
+                }
                 if fetched
                     .versions()
                     .iter()
                     .any(|v| *v != BlockVersion::Data { seq })
                 {
-                    return RunResult::SourceMoved;
+                    return RunResult::SourceChanged {
+                        corrupt: Vec::new(),
+                    };
                 }
                 let (_, _, data) = fetched.into_parts();
                 Some(bytes::Bytes::from(data))
@@ -518,6 +552,10 @@ struct RegionOutcome {
 enum RunResult {
     /// Copied; bytes of data sent.
     Done(u64),
-    /// The source no longer holds the planned version (or failed): plan again.
-    SourceMoved,
+    /// The source no longer holds the planned version, failed, or (`corrupt`) its
+    /// data of these blocks failed the checksum: plan the region again.
+    SourceChanged {
+        /// Blocks whose claimed version turned out corrupt on the source.
+        corrupt: Vec<u64>,
+    },
 }

@@ -117,7 +117,10 @@ impl DirtyMap {
         let region_size = u64::from_le_bytes(b.get(0..8)?.try_into().ok()?);
         let regions = u64::from_le_bytes(b.get(8..16)?.try_into().ok()?);
         let bits = b.get(16..)?;
-        if region_size == 0 || bits.len() as u64 != regions.div_ceil(8) {
+        if region_size == 0
+            || region_size % crate::block_io::BLOCK_SIZE != 0
+            || bits.len() as u64 != regions.div_ceil(8)
+        {
             return None;
         }
         Some(DirtyMap {
@@ -435,6 +438,11 @@ mod tests {
         assert!(m.is_dirty(9) && !m.is_dirty(8) && !m.is_dirty(100));
         assert_eq!(DirtyMap::decode(&m.encode()), Some(m.clone()));
         assert_eq!(DirtyMap::decode(&m.encode()[..17]), None);
+        let unaligned = DirtyMap {
+            region_size: 1000,
+            ..m.clone()
+        };
+        assert_eq!(DirtyMap::decode(&unaligned.encode()), None);
         let mut other = DirtyMap::clean(REGION_SIZE, 1);
         other.set(0);
         m.union(&other);
