@@ -1533,10 +1533,18 @@ impl Catalog {
     fn set_epoch(&self, mut record: VolumeRecord, epoch: u64) -> Result<(), CatalogError> {
         record.epoch = epoch;
         self.persist(&record, "raise the epoch of")?;
-        let mut volumes = self.write_volumes();
-        if let Some(entry) = volumes.get_mut(&record.volume_id) {
-            entry.epoch.store(epoch, Ordering::SeqCst);
-            entry.record = record;
+        let store = {
+            let mut volumes = self.write_volumes();
+            volumes.get_mut(&record.volume_id).map(|entry| {
+                entry.epoch.store(epoch, Ordering::SeqCst);
+                entry.record = record;
+                Arc::clone(&entry.store)
+            })
+        };
+        // Writes of older epochs already admitted by the data plane finish before the
+        // raise is answered; later ones see the new epoch and are refused.
+        if let Some(store) = store {
+            store.sync_state().drain_older_epochs_blocking();
         }
         Ok(())
     }
@@ -2037,6 +2045,33 @@ mod tests {
             cat.update("nope", 1, Vec::new(), BTreeMap::new()),
             Err(CatalogError::NotFound(_))
         ));
+    }
+
+    #[test]
+    fn raise_epoch_is_answered_only_after_writes_admitted_under_the_old_epoch() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let cat = Arc::new(open(tmp.path(), Some(100 * MIB)));
+        cat.create(new_volume("v1", MIB)).expect("create");
+        let (store, _) = cat.open_store("v1").expect("store");
+        // A data-plane write admitted under epoch 0 and not yet applied.
+        let admitted = store.sync_state().epoch_fence.try_read().expect("fence");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let raiser = {
+            let cat = Arc::clone(&cat);
+            std::thread::spawn(move || tx.send(cat.raise_epoch("v1", 0, 1)))
+        };
+        let handle = cat.epoch_handle("v1").expect("handle");
+        while handle.load(Ordering::SeqCst) != 1 {
+            std::thread::yield_now();
+        }
+        assert!(
+            rx.recv_timeout(std::time::Duration::from_millis(300))
+                .is_err(),
+            "the raise returned while a write of the old epoch was still on its way"
+        );
+        drop(admitted);
+        assert_eq!(rx.recv().expect("answer").expect("raise"), 1);
+        raiser.join().expect("raiser");
     }
 
     #[test]

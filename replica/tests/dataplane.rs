@@ -82,6 +82,21 @@ impl FileBlocks {
         Ok(())
     }
 
+    /// A read or write at the gated offset waits here until released.
+    async fn wait_at_gate(&self, offset: u64) {
+        let gate = self
+            .gate
+            .lock()
+            .unwrap()
+            .as_ref()
+            .filter(|g| g.offset == offset)
+            .map(|g| (Arc::clone(&g.entered), Arc::clone(&g.release)));
+        if let Some((entered, release)) = gate {
+            entered.notify_one();
+            release.notified().await;
+        }
+    }
+
     fn set_gate(&self, offset: u64) -> (Arc<Notify>, Arc<Notify>) {
         let entered = Arc::new(Notify::new());
         let release = Arc::new(Notify::new());
@@ -98,17 +113,7 @@ impl VolumeBlocks for FileBlocks {
     async fn read(&self, offset: u64, len: u32) -> Result<Vec<u8>, BlockIoError> {
         let _a = Active::new(self);
         self.check(offset, u64::from(len))?;
-        let gate = self
-            .gate
-            .lock()
-            .unwrap()
-            .as_ref()
-            .filter(|g| g.offset == offset)
-            .map(|g| (Arc::clone(&g.entered), Arc::clone(&g.release)));
-        if let Some((entered, release)) = gate {
-            entered.notify_one();
-            release.notified().await;
-        }
+        self.wait_at_gate(offset).await;
         let first = offset / BLOCK_SIZE;
         let last = first + u64::from(len) / BLOCK_SIZE;
         if let Some(b) = (first..last).find(|b| self.corrupt.lock().unwrap().contains(b)) {
@@ -127,6 +132,7 @@ impl VolumeBlocks for FileBlocks {
     async fn write(&self, offset: u64, data: Vec<u8>, _seq: u64) -> Result<(), BlockIoError> {
         let _a = Active::new(self);
         self.check(offset, data.len() as u64)?;
+        self.wait_at_gate(offset).await;
         let file = Arc::clone(&self.file);
         tokio::task::spawn_blocking(move || file.write_all_at(&data, offset))
             .await
@@ -428,6 +434,47 @@ async fn an_epoch_beyond_the_seq_layout_is_refused_at_hello() {
         .await
         .unwrap();
     assert_eq!(c.info().epoch, MAX_EPOCH);
+}
+
+/// A write admitted under epoch 1 that is still on its way to the store when an
+/// engine of epoch 2 says HELLO (the replica adopts 2) lands before that HELLO is
+/// answered, never after; a write of epoch 1 sent afterwards is refused. (Before,
+/// the epoch was checked only at dispatch, so the held write landed after the raise.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_admitted_before_a_raise_lands_before_the_raise_is_answered() {
+    let reg = FileBackedVolumes::new();
+    let vol = reg.create("v", 16, 1);
+    let srv = start(&reg).await;
+    let old = ReplicaDataClient::connect(srv.addr, "v", 1).await.unwrap();
+    let held_at = 3 * BLOCK_SIZE;
+    let (entered, release) = vol.blocks.set_gate(held_at);
+    let held = {
+        let old = old.clone();
+        tokio::spawn(async move { old.write(held_at, pattern(1), 1 << 40 | 1).await })
+    };
+    entered.notified().await;
+    let mut hello = tokio::spawn(ReplicaDataClient::connect(srv.addr, "v", 2));
+    let deadline = tokio::time::Instant::now() + NO_HANG;
+    while vol.epoch.load(Ordering::SeqCst) != 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "epoch 2 never adopted"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    // The new engine's HELLO is not answered while the old write is still held.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), &mut hello)
+            .await
+            .is_err(),
+        "HELLO of epoch 2 was answered while a write of epoch 1 was still on its way"
+    );
+    release.notify_one();
+    held.await.unwrap().expect("the admitted write completes");
+    let new = hello.await.unwrap().expect("HELLO of epoch 2");
+    assert_eq!(new.info().epoch, 2);
+    let e = old.write(0, pattern(2), 1 << 40 | 2).await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::StaleEpoch), "{e}");
 }
 
 #[tokio::test]

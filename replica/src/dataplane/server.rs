@@ -329,6 +329,8 @@ async fn handshake<R: VolumeRegistry>(
         volume
             .epoch
             .fetch_max(wanted, std::sync::atomic::Ordering::AcqRel);
+        // Older engines' writes already admitted land before this engine starts.
+        volume.sync.drain_older_epochs().await;
     }
     // Re-read: the control plane may have raised it while we adopted.
     let current = volume.epoch.load(std::sync::atomic::Ordering::Acquire);
@@ -414,6 +416,23 @@ async fn execute<V: VolumeBlocks>(
     let blocks = &*volume.blocks;
     let sync = &volume.sync;
     let io = |e: BlockIoError| RemoteError::from_block_io(&e);
+    // Mutations hold the fence from their epoch check until applied (see
+    // `SyncState::epoch_fence`); the check at dispatch alone let a write queued before
+    // a raise land after it.
+    let _fence = match &req {
+        Request::Write { .. }
+        | Request::Trim { .. }
+        | Request::SetMembership(_)
+        | Request::Clean { .. } => {
+            let fence = sync.epoch_fence.read().await;
+            let current = volume.epoch.load(std::sync::atomic::Ordering::Acquire);
+            if epoch < current {
+                return Err(stale(epoch, current));
+            }
+            Some(fence)
+        }
+        _ => None,
+    };
     match &req {
         Request::Write { offset, data, .. } => sync
             .dirty

@@ -64,13 +64,19 @@ impl SyncStateError {
     }
 }
 
-/// A volume replica's sync state: its dirty regions and its membership record.
+/// A volume replica's sync state: its dirty regions, its membership record, and
+/// the fence that orders writes against epoch raises.
 #[derive(Debug)]
 pub struct SyncState {
     /// The activity log.
     pub dirty: DirtyRegions,
     /// The in-sync set as last declared by an engine.
     pub membership: MembershipFile,
+    /// Held shared by every data-plane mutation from its epoch check until it is
+    /// applied, and taken exclusively once by whoever raised the epoch, right after
+    /// publishing it: so when a raise returns, no write of an older epoch is still on
+    /// its way to the store (it either finished first or is refused).
+    pub epoch_fence: tokio::sync::RwLock<()>,
 }
 
 impl SyncState {
@@ -83,6 +89,19 @@ impl SyncState {
         SyncState {
             dirty: DirtyRegions::load(&dir.join(DIRTY_FILE), size),
             membership: MembershipFile::load(&dir.join(MEMBERSHIP_FILE)),
+            epoch_fence: tokio::sync::RwLock::new(()),
         }
+    }
+
+    /// Waits until every mutation admitted under an older epoch has been applied.
+    /// Call after the new epoch is visible; blocking (the catalog's raise runs on a
+    /// blocking thread).
+    pub fn drain_older_epochs_blocking(&self) {
+        drop(self.epoch_fence.blocking_write());
+    }
+
+    /// [`Self::drain_older_epochs_blocking`] for async callers.
+    pub async fn drain_older_epochs(&self) {
+        drop(self.epoch_fence.write().await);
     }
 }
