@@ -2071,7 +2071,7 @@ mod tests {
         );
         drop(admitted);
         assert_eq!(rx.recv().expect("answer").expect("raise"), 1);
-        raiser.join().expect("raiser");
+        raiser.join().expect("raiser").expect("answer channel");
     }
 
     #[test]
