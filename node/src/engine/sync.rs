@@ -120,7 +120,9 @@ impl Inner {
             Some((m, d))
         }))
         .await;
-        self.check_usable()?;
+        // The newest record is only known to be the last declaration when a majority
+        // answered (declarations reach a majority; any two majorities meet).
+        self.enough_in_sync()?;
         let newest = states
             .iter()
             .flatten()
