@@ -770,6 +770,14 @@ impl Engine {
     }
 }
 
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Lets the background declarer (which holds only a weak reference) see the
+        // engine is gone and end, instead of waiting for a change forever.
+        self.sync_changed.notify_one();
+    }
+}
+
 fn sep(s: &str) -> &'static str {
     if s.is_empty() {
         ""
