@@ -4,6 +4,8 @@
 //!   controller, engine-host, node plugin), demonstrates a volume's life through CSI
 //!   and tears everything down on Ctrl-C. See [`up`].
 //! * `tessera volumes`, `tessera replicas`: read-only views of a running cluster.
+//! * `tessera verify VOLUME`: compares a volume's blocks on its in-sync replicas
+//!   ([`verify`]).
 //!
 //! Modules: [`up`] orchestrates and [`teardown`] undoes it, [`local_cluster`]
 //! starts and stops the daemons (found by [`binaries`], placed by [`layout`], each a
@@ -29,6 +31,7 @@ mod signals;
 mod supervise;
 mod teardown;
 mod up;
+mod verify;
 mod wait;
 
 use std::path::PathBuf;
@@ -89,6 +92,22 @@ enum Command {
         #[arg(long, default_value = DEFAULT_DIR)]
         dir: PathBuf,
     },
+    /// Compare every block of a volume on its in-sync replicas (versions, and data
+    /// checksums unless --versions-only); exits 1 on any divergence.
+    Verify {
+        /// The volume id.
+        volume_id: String,
+        /// Replica control addresses (comma-separated host:port); default: those of
+        /// `tessera up --dir`.
+        #[arg(long, value_delimiter = ',')]
+        replicas: Vec<String>,
+        /// Compare the recorded versions only (no data read, no checksum verified).
+        #[arg(long)]
+        versions_only: bool,
+        /// Directory of a running `tessera up`, for the defaults.
+        #[arg(long, default_value = DEFAULT_DIR)]
+        dir: PathBuf,
+    },
     /// Show each replica daemon's node, zone, capacity and volumes (GetInfo).
     Replicas {
         /// Replica control addresses (comma-separated host:port); default: those of
@@ -140,6 +159,22 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             commands::volumes(&controller, &replicas).await?;
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Verify {
+            volume_id,
+            mut replicas,
+            versions_only,
+            dir,
+        } => {
+            if replicas.is_empty() {
+                replicas = up::Endpoints::read(&dir)?.replicas;
+            }
+            let verdict = verify::verify(&volume_id, &replicas, versions_only).await?;
+            Ok(if verify::report(&volume_id, &verdict) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
         Command::Replicas { mut replicas, dir } => {
             if replicas.is_empty() {

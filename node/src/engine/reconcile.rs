@@ -35,22 +35,6 @@ pub(crate) struct Fix {
     pub targets: u32,
 }
 
-/// Whether two versions read the same: unwritten and a trim with seq 0 (what a
-/// reconcile writes for "unwritten") are the same; a corrupt copy equals nothing.
-pub(crate) fn same(a: BlockVersion, b: BlockVersion) -> bool {
-    let zero = |v| {
-        matches!(
-            v,
-            BlockVersion::Unwritten | BlockVersion::Trimmed { seq: 0 }
-        )
-    };
-    match (a, b) {
-        (BlockVersion::Corrupt { .. }, _) | (_, BlockVersion::Corrupt { .. }) => false,
-        (x, y) if zero(x) && zero(y) => true,
-        (x, y) => x == y,
-    }
-}
-
 /// The version that wins among `candidates` (replica, version): the highest seq
 /// with an intact checksum; `None` when every candidate is corrupt (or there are
 /// none).
@@ -95,7 +79,7 @@ pub(crate) fn plan_region(
             continue;
         };
         let targets = (0..versions.len())
-            .filter(|&i| at(i).is_some_and(|v| !same(v, version)))
+            .filter(|&i| at(i).is_some_and(|v| !v.reads_like(&version)))
             .fold(0u32, |m, i| m | 1 << i);
         if targets != 0 {
             plan.fixes.push(Fix {

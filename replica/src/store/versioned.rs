@@ -44,6 +44,22 @@ pub enum BlockVersion {
 }
 
 impl BlockVersion {
+    /// Whether two versions read the same: unwritten and a trim at seq 0 (what a
+    /// reconcile writes for "unwritten") are alike; a corrupt copy is like nothing.
+    pub fn reads_like(&self, other: &BlockVersion) -> bool {
+        let zero = |v: &BlockVersion| {
+            matches!(
+                v,
+                BlockVersion::Unwritten | BlockVersion::Trimmed { seq: 0 }
+            )
+        };
+        match (self, other) {
+            (BlockVersion::Corrupt { .. }, _) | (_, BlockVersion::Corrupt { .. }) => false,
+            (a, b) if zero(a) && zero(b) => true,
+            (a, b) => a == b,
+        }
+    }
+
     /// The seq of this version; 0 for [`BlockVersion::Unwritten`].
     pub fn seq(&self) -> u64 {
         match *self {
