@@ -95,9 +95,10 @@ impl SyncState {
 
     /// Waits until every mutation admitted under an older epoch has been applied.
     /// Call after the new epoch is visible; blocking (the catalog's raise runs on a
-    /// blocking thread).
+    /// blocking thread). Parks the thread rather than using tokio's blocking lock,
+    /// which refuses runtime threads even when nothing is held.
     pub fn drain_older_epochs_blocking(&self) {
-        drop(self.epoch_fence.blocking_write());
+        drop(crate::park::block_on(self.epoch_fence.write()));
     }
 
     /// [`Self::drain_older_epochs_blocking`] for async callers.
