@@ -248,9 +248,13 @@ async fn after_a_crash_only_the_regions_written_since_the_last_cleaning_are_reco
 async fn a_winner_whose_data_is_rotten_gives_way_to_another_intact_copy() {
     let mut reps = replicas(8 * MIB).await;
     let e1 = Engine::open(config(1, "node-0", &reps)).await.unwrap();
-    e1.write(0, Bytes::from(pattern(1, BS as usize))).await.unwrap();
+    e1.write(0, Bytes::from(pattern(1, BS as usize)))
+        .await
+        .unwrap();
     reps[2].stop().await;
-    e1.write(0, Bytes::from(pattern(2, BS as usize))).await.unwrap();
+    e1.write(0, Bytes::from(pattern(2, BS as usize)))
+        .await
+        .unwrap();
     e1.flush().await.unwrap();
     drop(e1);
     // node-1's copy of the newest version rots on disk; its entry still claims it.
@@ -258,8 +262,15 @@ async fn a_winner_whose_data_is_rotten_gives_way_to_another_intact_copy() {
     reps[2].restart().await;
     let e2 = Engine::open(config(2, "node-2", &reps)).await.unwrap();
     let report = e2.status().reconciled_at_open;
-    assert_eq!((report.blocks_fixed, report.blocks_lost), (1, 0), "{report:?}");
-    assert_eq!(e2.read(0, BS as u32).await.unwrap(), pattern(2, BS as usize));
+    assert_eq!(
+        (report.blocks_fixed, report.blocks_lost),
+        (1, 0),
+        "{report:?}"
+    );
+    assert_eq!(
+        e2.read(0, BS as u32).await.unwrap(),
+        pattern(2, BS as usize)
+    );
     for r in &reps {
         let store = std::sync::Arc::clone(&r.store);
         let data = tokio::task::spawn_blocking(move || store.read(0, BS))
