@@ -141,10 +141,10 @@ async fn a_replica_that_missed_writes_is_reconciled_before_it_serves_on_its_own_
     e2.close().await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_out_of_sync_replica_the_next_engine_cannot_reach_stays_out() {
-    let mut reps = replicas(8 * MIB).await;
-    let e1 = Engine::open(config(1, "node-0", &reps)).await.unwrap();
+/// Engine 1 writes block 0 (pattern 1) on all three, node-2 stops, it writes block 0
+/// again (pattern 2) on the other two, flushes, records node-2 out of sync, and dies.
+async fn block_0_rewritten_while_node_2_was_down(reps: &mut [StoreReplica]) {
+    let e1 = Engine::open(config(1, "node-0", reps)).await.unwrap();
     e1.write(0, Bytes::from(pattern(1, BS as usize)))
         .await
         .unwrap();
@@ -160,6 +160,12 @@ async fn an_out_of_sync_replica_the_next_engine_cannot_reach_stays_out() {
     })
     .await;
     drop(e1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_out_of_sync_replica_the_next_engine_cannot_reach_stays_out() {
+    let mut reps = replicas(8 * MIB).await;
+    block_0_rewritten_while_node_2_was_down(&mut reps).await;
 
     // node-2 is back, node-1 is down: node-0 is the only source, node-2 a target.
     reps[2].restart().await;
@@ -247,16 +253,7 @@ async fn after_a_crash_only_the_regions_written_since_the_last_cleaning_are_reco
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_winner_whose_data_is_rotten_gives_way_to_another_intact_copy() {
     let mut reps = replicas(8 * MIB).await;
-    let e1 = Engine::open(config(1, "node-0", &reps)).await.unwrap();
-    e1.write(0, Bytes::from(pattern(1, BS as usize)))
-        .await
-        .unwrap();
-    reps[2].stop().await;
-    e1.write(0, Bytes::from(pattern(2, BS as usize)))
-        .await
-        .unwrap();
-    e1.flush().await.unwrap();
-    drop(e1);
+    block_0_rewritten_while_node_2_was_down(&mut reps).await;
     // node-1's copy of the newest version rots on disk; its entry still claims it.
     reps[1].corrupt_on_disk(0);
     reps[2].restart().await;

@@ -1507,6 +1507,12 @@ impl Catalog {
             });
         }
         self.set_epoch(record, new_epoch)?;
+        // Writes of older epochs already admitted by the data plane finish before the
+        // raise is answered; later ones see the new epoch and are refused. (An epoch
+        // adopted at HELLO is drained by the data plane's handshake itself.)
+        if let Ok((store, _)) = self.open_store(volume_id) {
+            store.sync_state().drain_older_epochs_blocking();
+        }
         info!(volume_id, epoch = new_epoch, "volume epoch raised");
         Ok(new_epoch)
     }
@@ -1533,18 +1539,10 @@ impl Catalog {
     fn set_epoch(&self, mut record: VolumeRecord, epoch: u64) -> Result<(), CatalogError> {
         record.epoch = epoch;
         self.persist(&record, "raise the epoch of")?;
-        let store = {
-            let mut volumes = self.write_volumes();
-            volumes.get_mut(&record.volume_id).map(|entry| {
-                entry.epoch.store(epoch, Ordering::SeqCst);
-                entry.record = record;
-                Arc::clone(&entry.store)
-            })
-        };
-        // Writes of older epochs already admitted by the data plane finish before the
-        // raise is answered; later ones see the new epoch and are refused.
-        if let Some(store) = store {
-            store.sync_state().drain_older_epochs_blocking();
+        let mut volumes = self.write_volumes();
+        if let Some(entry) = volumes.get_mut(&record.volume_id) {
+            entry.epoch.store(epoch, Ordering::SeqCst);
+            entry.record = record;
         }
         Ok(())
     }

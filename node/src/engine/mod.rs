@@ -165,6 +165,11 @@ impl Replica {
     fn client(&self) -> Option<ReplicaDataClient> {
         lock(&self.client).clone()
     }
+
+    /// The connection, unless the replica is stale (then it gets no more requests).
+    fn live_client(&self) -> Option<ReplicaDataClient> {
+        self.client().filter(|_| !self.is_stale())
+    }
 }
 
 /// Who fenced the engine.
@@ -1068,7 +1073,7 @@ impl Inner {
             for p in preds {
                 p.wait_done_on(r).await;
             }
-            let Some(client) = rep.client().filter(|_| !rep.is_stale()) else {
+            let Some(client) = rep.live_client() else {
                 return Outcome::Skipped;
             };
             let sent = match payload {
@@ -1099,7 +1104,7 @@ impl Inner {
                         for op in earlier {
                             op.wait_done_on(r).await;
                         }
-                        let Some(client) = rep.client().filter(|_| !rep.is_stale()) else {
+                        let Some(client) = rep.live_client() else {
                             return Outcome::Skipped;
                         };
                         match client.flush().await {

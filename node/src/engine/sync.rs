@@ -54,12 +54,6 @@ pub struct ReconcileReport {
 }
 
 impl Inner {
-    fn client_of(&self, r: usize) -> Option<ReplicaDataClient> {
-        self.replicas[r]
-            .client()
-            .filter(|_| !self.replicas[r].is_stale())
-    }
-
     /// Runs one sync request on replica `r`, bounded by the request timeout; a
     /// failure marks it stale (STALE_EPOCH fences the engine).
     async fn ask<T, F>(
@@ -71,7 +65,7 @@ impl Inner {
     where
         F: std::future::Future<Output = Result<T, ClientError>>,
     {
-        let client = self.client_of(r)?;
+        let client = self.replicas[r].live_client()?;
         match tokio::time::timeout(self.timeout, f(client)).await {
             Ok(Ok(v)) => Some(v),
             Ok(Err(e)) if e.code() == Some(ErrorCode::StaleEpoch) => {
@@ -94,7 +88,7 @@ impl Inner {
     pub(super) async fn bring_in_sync(&self) -> Result<ReconcileReport, EngineError> {
         let n = self.replicas.len();
         for r in 0..n {
-            if let Some(c) = self.client_of(r) {
+            if let Some(c) = self.replicas[r].live_client() {
                 if !c.supports_sync() {
                     self.mark_stale(
                         r,

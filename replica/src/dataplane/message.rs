@@ -346,6 +346,18 @@ impl Request {
         })
     }
 
+    /// Whether the request changes the replica (blocks or sync state), so it must be
+    /// ordered against epoch raises.
+    pub fn mutates(&self) -> bool {
+        matches!(
+            self,
+            Request::Write { .. }
+                | Request::Trim { .. }
+                | Request::SetMembership(_)
+                | Request::Clean { .. }
+        )
+    }
+
     /// Byte range the request touches, for alignment and bounds checks.
     pub fn range(&self) -> Option<(u64, u64)> {
         match self {

@@ -419,33 +419,24 @@ async fn execute<V: VolumeBlocks>(
     // Mutations hold the fence from their epoch check until applied (see
     // `SyncState::epoch_fence`); the check at dispatch alone let a write queued before
     // a raise land after it.
-    let _fence = match &req {
-        Request::Write { .. }
-        | Request::Trim { .. }
-        | Request::SetMembership(_)
-        | Request::Clean { .. } => {
-            let fence = sync.epoch_fence.read().await;
-            let current = volume.epoch.load(std::sync::atomic::Ordering::Acquire);
-            if epoch < current {
-                return Err(stale(epoch, current));
-            }
-            Some(fence)
+    let _fence = if req.mutates() {
+        let fence = sync.epoch_fence.read().await;
+        let current = volume.epoch.load(std::sync::atomic::Ordering::Acquire);
+        if epoch < current {
+            return Err(stale(epoch, current));
         }
-        _ => None,
+        if let (Request::Write { .. } | Request::Trim { .. }, Some((offset, len))) =
+            (&req, req.range())
+        {
+            sync.dirty
+                .mark(offset, len)
+                .await
+                .map_err(|e| io(e.into()))?;
+        }
+        Some(fence)
+    } else {
+        None
     };
-    match &req {
-        Request::Write { offset, data, .. } => sync
-            .dirty
-            .mark(*offset, data.len() as u64)
-            .await
-            .map_err(|e| io(e.into()))?,
-        Request::Trim { offset, len, .. } => sync
-            .dirty
-            .mark(*offset, *len)
-            .await
-            .map_err(|e| io(e.into()))?,
-        _ => {}
-    }
     let r = match req {
         Request::Read { offset, len } => {
             let data = blocks.read(offset, len).await;
