@@ -36,8 +36,8 @@ pub struct ReplicaEndpoint {
 pub struct EngineConfig {
     /// Volume id, sent to every replica at HELLO.
     pub volume_id: String,
-    /// Fencing epoch this engine writes with (from ControllerPublishVolume). Must fit
-    /// in 24 bits so that `seq = epoch << 40 | counter` does not overflow.
+    /// Fencing epoch this engine writes with (from ControllerPublishVolume). At most
+    /// `tessera_replica::seq::MAX_EPOCH`, so its seqs can be encoded.
     pub epoch: u64,
     /// The whole replica set. A majority of *this* list (not of the replicas that
     /// happen to be reachable) must acknowledge every write.
@@ -292,12 +292,13 @@ mod tests {
         c.replicas = vec![];
         assert_eq!(c.validate(), Err(ConfigError::NoReplicas));
         c.replicas = vec![ep("a")];
-        c.epoch = 1 << 24;
+        let max = tessera_replica::seq::MAX_EPOCH;
+        c.epoch = max + 1;
         assert_eq!(
             c.validate(),
-            Err(ConfigError::EpochTooLarge { epoch: 1 << 24 })
+            Err(ConfigError::EpochTooLarge { epoch: max + 1 })
         );
-        c.epoch = (1 << 24) - 1;
+        c.epoch = max;
         assert_eq!(c.validate(), Ok(()));
         c.request_timeout = Duration::ZERO;
         assert_eq!(c.validate(), Err(ConfigError::ZeroTimeout));
