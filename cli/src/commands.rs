@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context};
 use tessera_csi_proto::v1::ListVolumesRequest;
-use tessera_replica::control_proto::{
+use tessera_replica_protocol::control_proto::{
     GetInfoRequest, ListVolumesRequest as RecordsRequest, VolumeRecord,
 };
 
@@ -297,7 +297,7 @@ pub async fn replicas(replicas: &[String]) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tessera_replica::control_proto::{CopyProgress, CopySource, ReplicaRef};
+    use tessera_replica_protocol::control_proto::{CopyProgress, CopySource, ReplicaRef};
 
     fn rec(clone: bool, done: u64, complete: bool) -> VolumeRecord {
         VolumeRecord {

@@ -19,7 +19,7 @@ use tessera_csi_proto::v1::{
     CreateVolumeRequest, DeleteVolumeRequest, NodePublishVolumeRequest, NodeStageVolumeRequest,
     NodeUnpublishVolumeRequest, NodeUnstageVolumeRequest, VolumeCapability,
 };
-use tessera_replica::control_proto::GetVolumeRequest;
+use tessera_replica_protocol::control_proto::GetVolumeRequest;
 use tonic::Code;
 
 use crate::csi_client::{self, ControllerClient, NodeClient};

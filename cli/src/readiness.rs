@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use serde::Deserialize;
-use tessera_replica::control_proto::GetInfoRequest;
+use tessera_replica_protocol::control_proto::GetInfoRequest;
 
 use crate::csi_client;
 

@@ -17,12 +17,12 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
-use tessera_replica::block_io::BLOCK_SIZE;
-use tessera_replica::control_proto::{GetVolumeRequest, VolumeRecord};
-use tessera_replica::dataplane::message::MAX_VERSIONS_LEN;
-use tessera_replica::dataplane::{ClientConfig, ReplicaDataClient};
-use tessera_replica::store::BlockVersion;
-use tessera_replica::sync_state::Membership;
+use tessera_replica_protocol::block::BlockVersion;
+use tessera_replica_protocol::block::BLOCK_SIZE;
+use tessera_replica_protocol::control_proto::{GetVolumeRequest, VolumeRecord};
+use tessera_replica_protocol::data::message::MAX_VERSIONS_LEN;
+use tessera_replica_protocol::data::{ClientConfig, ReplicaDataClient};
+use tessera_replica_protocol::sync::Membership;
 
 use crate::csi_client;
 

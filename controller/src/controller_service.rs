@@ -16,7 +16,7 @@ use tessera_csi_proto::v1::controller_service_capability::rpc::Type as RpcType;
 use tessera_csi_proto::v1::controller_service_capability::{Rpc, Type as CapType};
 use tessera_csi_proto::v1::{self as csi, Topology, TopologyRequirement, VolumeCondition};
 use tessera_csi_proto::{TOPOLOGY_NODE_KEY, TOPOLOGY_ZONE_KEY};
-use tessera_replica::control_proto::{
+use tessera_replica_protocol::control_proto::{
     Attachment, CreateVolumeRequest, ExpandVolumeRequest, RaiseEpochRequest, ReplicaRef,
     UpdateVolumeRequest, VolumeRecord,
 };
@@ -930,9 +930,9 @@ impl ControllerService {
             self.quorum_record(rec, &reads)?;
             // Above any epoch whose seqs a shared base layer holds, so this volume's
             // writes outrank them when its copies are reconciled.
-            let Some(new_epoch) =
-                tessera_replica::seq::next_epoch(reads.max_epoch().max(reads.max_epoch_floor()))
-            else {
+            let Some(new_epoch) = tessera_replica_protocol::seq::next_epoch(
+                reads.max_epoch().max(reads.max_epoch_floor()),
+            ) else {
                 return Err(ControllerError::FailedPrecondition(format!(
                     "volume {}: its replicas hold epoch {}, the largest a write sequence number can carry; it cannot be published again",
                     rec.volume_id,

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use tessera_replica::control_proto::{Attachment, ReplicaRef};
+use tessera_replica_protocol::control_proto::{Attachment, ReplicaRef};
 
 /// publish_context key: the fencing epoch the engine must use.
 pub const CTX_EPOCH: &str = "epoch";

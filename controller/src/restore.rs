@@ -20,7 +20,7 @@ use tessera_csi_proto::v1::volume_content_source::{
     SnapshotSource, Type as SourceType, VolumeSource,
 };
 use tessera_csi_proto::v1::{CapacityRange, VolumeContentSource};
-use tessera_replica::control_proto::{CopySource, ReplicaRef, VolumeRecord};
+use tessera_replica_protocol::control_proto::{CopySource, ReplicaRef, VolumeRecord};
 use tonic::Status;
 
 use crate::capacity;
@@ -541,7 +541,7 @@ impl ControllerService {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tessera_replica::control_proto::CopyProgress;
+    use tessera_replica_protocol::control_proto::CopyProgress;
 
     fn copy(clone: bool) -> CopySource {
         CopySource {

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 
 use sha2::Digest;
 use tessera_csi_proto::v1 as csi;
-use tessera_replica::control_proto::{
+use tessera_replica_protocol::control_proto::{
     CreateSnapshotRequest, DeleteSnapshotRequest, ReplicaRef, SnapshotRecord, VolumeRecord,
 };
 use tonic::Code;

@@ -19,7 +19,7 @@ use tessera_csi_proto::v1::volume_capability::access_mode::Mode;
 use tessera_csi_proto::v1::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume};
 use tessera_csi_proto::v1::*;
 use tessera_csi_proto::{TOPOLOGY_NODE_KEY, TOPOLOGY_ZONE_KEY};
-use tessera_replica::control_proto::CreateVolumeRequest as ReplicaCreateRequest;
+use tessera_replica_protocol::control_proto::CreateVolumeRequest as ReplicaCreateRequest;
 use tonic::Code;
 
 fn mount_cap(fs: &str) -> VolumeCapability {

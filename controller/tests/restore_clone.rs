@@ -26,10 +26,10 @@ use tessera_csi_proto::v1::volume_content_source::{
     SnapshotSource, Type as SourceType, VolumeSource,
 };
 use tessera_csi_proto::v1::*;
-use tessera_replica::control_proto::{
+use tessera_replica_protocol::control_proto::{
     CreateSnapshotRequest as ReplicaSnapshotRequest, ListSnapshotsRequest as ReplicaListSnapshots,
 };
-use tessera_replica::dataplane::ReplicaDataClient;
+use tessera_replica_protocol::data::ReplicaDataClient;
 use tessera_tests::direct_io::pattern;
 use tessera_tests::poll_until;
 use tonic::Code;

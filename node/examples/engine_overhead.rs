@@ -18,8 +18,8 @@ use bytes::Bytes;
 use tessera_node::engine::{Engine, EngineConfig, ReplicaEndpoint};
 use tessera_replica::block_io::{BlockIoError, OpenVolume, VolumeBlocks, VolumeRegistry};
 use tessera_replica::dataplane::serve;
-use tessera_replica::store::{BlockVersion, VersionedBlocks};
 use tessera_replica::sync_state::SyncState;
+use tessera_replica_protocol::block::{BlockVersion, VersionedBlocks};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 

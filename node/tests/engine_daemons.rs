@@ -16,9 +16,9 @@ use bytes::Bytes;
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use tessera_node::engine::{Engine, EngineConfig, EngineErrorKind, ReplicaEndpoint, ReplicaState};
-use tessera_replica::control_proto as proto;
-use tessera_replica::control_proto::replica_control_client::ReplicaControlClient;
-use tessera_replica::dataplane::ReplicaDataClient;
+use tessera_replica_protocol::control_proto as proto;
+use tessera_replica_protocol::control_proto::replica_control_client::ReplicaControlClient;
+use tessera_replica_protocol::data::ReplicaDataClient;
 
 const BS: u64 = 4096;
 const MIB: u64 = 1 << 20;

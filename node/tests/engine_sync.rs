@@ -11,8 +11,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use engine_support::{pattern, wait_for, StoreReplica};
 use tessera_node::engine::{Engine, EngineConfig, ReplicaState};
-use tessera_replica::block_io::BLOCK_SIZE;
 use tessera_replica::sync_state::REGION_SIZE;
+use tessera_replica_protocol::block::BLOCK_SIZE;
 
 const BS: u64 = BLOCK_SIZE;
 const MIB: u64 = 1 << 20;

@@ -47,9 +47,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use bytes::Bytes;
-use tessera_replica::control_proto::replica_control_client::ReplicaControlClient;
-use tessera_replica::control_proto::CreateVolumeRequest;
-use tessera_replica::dataplane::{ClientError, ErrorCode, ReplicaDataClient};
 use tessera_replica::scheduler::{
     AlignedBuf, BackgroundLimits, EngineKind, IoClass, IoRequest, LocalRing, Qos, Scheduler,
     SchedulerConfig, VolumeHandle, DEFAULT_QUEUE_DEPTH,
@@ -57,6 +54,9 @@ use tessera_replica::scheduler::{
 use tessera_replica::store::{
     with_io_priority, BlockFileFactory, IoPriority, LayeredStore, ScheduledFileFactory,
 };
+use tessera_replica_protocol::control_proto::replica_control_client::ReplicaControlClient;
+use tessera_replica_protocol::control_proto::CreateVolumeRequest;
+use tessera_replica_protocol::data::{ClientError, ErrorCode, ReplicaDataClient};
 
 const BLOCK: u64 = 4096;
 const QD: usize = 32;

@@ -12,9 +12,7 @@ use std::sync::Arc;
 use crate::store::VersionedBlocks;
 use crate::sync_state::SyncState;
 
-/// Size of one block. Every data-plane offset and length is a multiple of it, and the
-/// store keeps one checksum and one sequence number per block.
-pub const BLOCK_SIZE: u64 = 4096;
+pub use tessera_replica_protocol::block::BLOCK_SIZE;
 
 /// Why a block operation failed. Each kind maps to its own data-plane error code, so an
 /// engine can tell "try another replica" (corrupt, I/O) from "my request is wrong"

@@ -1,4 +1,4 @@
-//! The Tessera replica daemon and the client side of its protocols.
+//! The Tessera replica daemon.
 //!
 //! A replica daemon owns the replicas of many volumes on one node: their volume
 //! records (the cluster's source of truth), their block stores, and all disk I/O.
@@ -6,9 +6,9 @@
 //! the data-plane protocol.
 //!
 //! Layout:
-//! * [`control_proto`]: generated control-API messages, client and server.
 //! * [`block_io`]: the trait seam between the data-plane server and the block store.
-//! * [`dataplane`]: the framed TCP data-plane protocol, its server and its client.
+//! * [`dataplane`]: the data-plane server (the protocol and its client are
+//!   `tessera_replica_protocol`'s).
 //! * [`record`]: the volume record and its checksummed on-disk format.
 //! * [`capacity`]: size parsing (`10Gi`) and backing-filesystem space.
 //! * [`catalog`]: the volumes of a data directory, crash-safe on disk, with CAS updates.
@@ -18,7 +18,6 @@
 //! * [`health`]: a minimal HTTP server for `/healthz` and `/metrics`.
 //! * [`scheduler`]: the per-device I/O scheduler (EDF deadlines, per-volume token
 //!   buckets, io_uring engine with a sync reference engine).
-//! * [`seq`]: the layout of a write's sequence number (`epoch << 40 | counter`).
 //! * [`snapshot_read`]: serving sealed snapshots to other replicas (`ReadSnapshotBlocks`
 //!   chunks, `SnapshotRanges`).
 //! * [`store`]: the checksummed, layered (snapshot-capable) block store of one replica.
@@ -27,13 +26,13 @@
 //! * [`volume_registry`]: the catalog's volumes (their stores and epochs) served to the
 //!   data plane.
 //!
-//! This crate must not depend on the controller or node crates: they depend on it.
+//! The wire contracts (control API, data-plane protocol and client, block and seq
+//! layouts) are the `tessera_replica_protocol` crate's, which is all the controller
+//! and the node depend on.
 
-/// Generated bindings of `proto/replica_control.proto` (package `tessera.replica.v1`).
-#[allow(clippy::all, missing_docs)]
-pub mod control_proto {
-    tonic::include_proto!("tessera.replica.v1");
-}
+// The wire contracts are the protocol crate's; the daemon's modules name them by
+// these short paths.
+pub(crate) use tessera_replica_protocol::{control_proto, seq};
 
 /// An error and its sources as one line (`outer: cause: root cause`), for status
 /// messages, wire error messages and logs. The one such helper of the crates that
@@ -59,7 +58,6 @@ pub mod health;
 mod park;
 pub mod record;
 pub mod scheduler;
-pub mod seq;
 pub mod snapshot_read;
 pub mod store;
 pub mod sync_state;

@@ -15,7 +15,7 @@ use daemon_support::{
     create_req, entries, get_req, http_get, pgid, spawn, wait_exit, workdir, Daemon, START_TIMEOUT,
 };
 use nix::sys::signal::{killpg, Signal};
-use tessera_replica::control_proto as proto;
+use tessera_replica_protocol::control_proto as proto;
 use tonic::Code;
 
 #[tokio::test]

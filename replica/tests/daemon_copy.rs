@@ -23,10 +23,10 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use daemon_support::{create_req, entries, get_req, http_get, workdir, Daemon, POLL};
-use tessera_replica::control_proto as proto;
-use tessera_replica::dataplane::{ClientError, ErrorCode, ReplicaDataClient};
 use tessera_replica::snapshot_read::chunk::{decode, ChunkGrid, ChunkKind};
-use tessera_replica::store::BlockVersion;
+use tessera_replica_protocol::block::BlockVersion;
+use tessera_replica_protocol::control_proto as proto;
+use tessera_replica_protocol::data::{ClientError, ErrorCode, ReplicaDataClient};
 use tonic::Code;
 
 const BS: u64 = 4096;

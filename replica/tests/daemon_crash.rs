@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 use daemon_support::{create_req, get_req, pgid, wait_exit, workdir, Daemon, EXIT_TIMEOUT};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
-use tessera_replica::dataplane::{ClientError, ErrorCode, ReplicaDataClient};
+use tessera_replica_protocol::data::{ClientError, ErrorCode, ReplicaDataClient};
 use tokio::task::JoinSet;
 
 const BS: u64 = 4096;

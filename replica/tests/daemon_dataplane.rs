@@ -15,8 +15,8 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use daemon_support::{create_req, entries, get_req, workdir, Daemon};
-use tessera_replica::control_proto as proto;
-use tessera_replica::dataplane::{ClientError, ErrorCode, ReplicaDataClient};
+use tessera_replica_protocol::control_proto as proto;
+use tessera_replica_protocol::data::{ClientError, ErrorCode, ReplicaDataClient};
 
 const BS: u64 = 4096;
 const MIB: u64 = 1 << 20;

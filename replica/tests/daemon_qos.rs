@@ -13,8 +13,8 @@ mod daemon_support;
 use std::time::Instant;
 
 use daemon_support::{create_req, http_get, workdir, Daemon};
-use tessera_replica::control_proto as proto;
-use tessera_replica::dataplane::ReplicaDataClient;
+use tessera_replica_protocol::control_proto as proto;
+use tessera_replica_protocol::data::ReplicaDataClient;
 use tonic::Code;
 
 const BS: u64 = 4096;

@@ -15,17 +15,16 @@ use std::time::Duration;
 use tessera_replica::block_io::{
     BlockIoError, OpenVolume, VolumeBlocks, VolumeRegistry, BLOCK_SIZE,
 };
-use tessera_replica::dataplane::frame::{self, Header, Opcode, RESPONSE_BIT};
-use tessera_replica::dataplane::message::{
+use tessera_replica::dataplane::shards::Shards;
+use tessera_replica::dataplane::{serve, serve_with_config, ServerConfig};
+use tessera_replica::sync_state::SyncState;
+use tessera_replica_protocol::block::{BlockVersion, VersionedBlocks};
+use tessera_replica_protocol::data::frame::{self, Header, Opcode, RESPONSE_BIT};
+use tessera_replica_protocol::data::message::{
     decode_error_payload, Hello, HelloReply, PROTOCOL_VERSION,
 };
-use tessera_replica::dataplane::shards::Shards;
-use tessera_replica::dataplane::stream::read_frame;
-use tessera_replica::dataplane::{
-    serve, serve_with_config, ClientError, ErrorCode, ReplicaDataClient, ServerConfig,
-};
-use tessera_replica::store::{BlockVersion, VersionedBlocks};
-use tessera_replica::sync_state::SyncState;
+use tessera_replica_protocol::data::stream::read_frame;
+use tessera_replica_protocol::data::{ClientError, ErrorCode, ReplicaDataClient};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, Notify};
@@ -372,7 +371,8 @@ fn request(op: Opcode, id: u64, epoch: u64, offset: u64, length: u64) -> Header 
 /// epoch; CLEAN clears only what its MARK_CLEAN token covers.
 #[tokio::test]
 async fn sync_requests_mark_declare_and_clean() {
-    use tessera_replica::sync_state::{Membership, REGION_SIZE};
+    use tessera_replica::sync_state::REGION_SIZE;
+    use tessera_replica_protocol::sync::Membership;
     let reg = FileBackedVolumes::new();
     let blocks = 3 * REGION_SIZE / BLOCK_SIZE;
     let vol = reg.create("v", blocks, 4);
@@ -420,7 +420,7 @@ async fn sync_requests_mark_declare_and_clean() {
 /// presenting `u64::MAX` used to leave the volume unpublishable.
 #[tokio::test]
 async fn an_epoch_beyond_the_seq_layout_is_refused_at_hello() {
-    use tessera_replica::seq::MAX_EPOCH;
+    use tessera_replica_protocol::seq::MAX_EPOCH;
     let reg = FileBackedVolumes::new();
     reg.create("v", 16, 3);
     let srv = start(&reg).await;
@@ -880,7 +880,7 @@ async fn request_timeout_fails_only_that_call() {
     let vol = reg.create("v", 16, 1);
     let (entered, release) = vol.blocks.set_gate(0);
     let srv = start(&reg).await;
-    let cfg = tessera_replica::dataplane::ClientConfig {
+    let cfg = tessera_replica_protocol::data::ClientConfig {
         request_timeout: Some(Duration::from_millis(200)),
         ..Default::default()
     };

@@ -15,8 +15,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use tessera_replica::block_io::BLOCK_SIZE;
 use tessera_replica::store::{LayeredStore, StoreError};
+use tessera_replica_protocol::block::BLOCK_SIZE;
 
 const BLOCKS: u64 = 64;
 const ROUNDS: u64 = 20;

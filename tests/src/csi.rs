@@ -19,7 +19,7 @@ pub type ControllerClient = tessera_csi_proto::v1::controller_client::Controller
 pub type NodeClient = tessera_csi_proto::v1::node_client::NodeClient<Channel>;
 /// Replica daemon control-API client.
 pub type ReplicaClient =
-    tessera_replica::control_proto::replica_control_client::ReplicaControlClient<Channel>;
+    tessera_replica_protocol::control_proto::replica_control_client::ReplicaControlClient<Channel>;
 
 /// How long connecting to a daemon may take before the attempt fails.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);

@@ -17,7 +17,9 @@ use tessera_csi_proto::v1::{
     ListSnapshotsRequest, ListVolumesRequest, Snapshot, Volume, VolumeCapability,
     VolumeContentSource,
 };
-use tessera_replica::control_proto::{ListVolumesRequest as ReplicaListRequest, VolumeRecord};
+use tessera_replica_protocol::control_proto::{
+    ListVolumesRequest as ReplicaListRequest, VolumeRecord,
+};
 
 use crate::cluster::Cluster;
 use crate::csi::ControllerClient;

@@ -7,7 +7,7 @@
 use std::collections::BTreeSet;
 
 use tessera_csi_proto::v1::{ControllerGetVolumeRequest, CreateVolumeRequest, Volume};
-use tessera_replica::control_proto::{GetVolumeRequest, VolumeRecord};
+use tessera_replica_protocol::control_proto::{GetVolumeRequest, VolumeRecord};
 use tessera_tests::fixtures::{
     create_request, create_request_with, delete_request, holders_of, list_all_volumes,
     publish_request, records_per_replica, unpublish_request, GIB,

@@ -33,8 +33,8 @@ use tessera_tests::privilege::privileged;
 
 use sha2::{Digest, Sha256};
 use tessera_csi_proto::v1::{NodeGetVolumeStatsRequest, Volume, VolumeCondition};
-use tessera_replica::dataplane::ReplicaDataClient;
-use tessera_replica::sync_state::Membership;
+use tessera_replica_protocol::data::ReplicaDataClient;
+use tessera_replica_protocol::sync::Membership;
 use tessera_tests::csi::{ControllerClient, NodeClient};
 use tessera_tests::direct_io::{direct_read, direct_write, pattern, DirectFile, ALIGN};
 use tessera_tests::fixtures::create_request_with;

@@ -9,7 +9,7 @@ use nix::sys::signal::kill;
 use nix::unistd::Pid;
 use tessera_csi_proto::v1::{GetPluginInfoRequest, NodeGetInfoRequest};
 use tessera_csi_proto::{DRIVER_NAME, TOPOLOGY_NODE_KEY};
-use tessera_replica::control_proto::GetInfoRequest;
+use tessera_replica_protocol::control_proto::GetInfoRequest;
 use tessera_tests::{wait_until, ClusterBuilder};
 
 fn process_exists(pid: u32) -> bool {

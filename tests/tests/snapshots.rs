@@ -53,7 +53,7 @@ use tessera_csi_proto::v1::{
     GetSnapshotRequest, Snapshot, Topology, TopologyRequirement, Volume,
 };
 use tessera_csi_proto::TOPOLOGY_ZONE_KEY;
-use tessera_replica::control_proto::{
+use tessera_replica_protocol::control_proto::{
     CopyProgress, GetVolumeRequest, ListSnapshotsRequest as ReplicaListSnapshots, VolumeRecord,
 };
 use tessera_tests::csi::{connect_unix, ControllerClient};

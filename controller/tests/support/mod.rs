@@ -34,7 +34,7 @@ use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use serde::Deserialize;
 use tessera_csi_proto::v1::ProbeRequest;
-use tessera_replica::control_proto::{
+use tessera_replica_protocol::control_proto::{
     GetVolumeRequest, ListVolumesRequest, ReplicaRef, VolumeRecord,
 };
 use tessera_tests::binaries;

@@ -37,7 +37,7 @@ pub struct EngineConfig {
     /// Volume id, sent to every replica at HELLO.
     pub volume_id: String,
     /// Fencing epoch this engine writes with (from ControllerPublishVolume). At most
-    /// `tessera_replica::seq::MAX_EPOCH`, so its seqs can be encoded.
+    /// `tessera_replica_protocol::seq::MAX_EPOCH`, so its seqs can be encoded.
     pub epoch: u64,
     /// The whole replica set. A majority of *this* list (not of the replicas that
     /// happen to be reachable) must acknowledge every write.
@@ -100,7 +100,7 @@ impl EngineConfig {
         if self.volume_id.is_empty() {
             return Err(ConfigError::EmptyVolumeId);
         }
-        if self.epoch > tessera_replica::seq::MAX_EPOCH {
+        if self.epoch > tessera_replica_protocol::seq::MAX_EPOCH {
             return Err(ConfigError::EpochTooLarge { epoch: self.epoch });
         }
         if self.replicas.is_empty() {
@@ -292,7 +292,7 @@ mod tests {
         c.replicas = vec![];
         assert_eq!(c.validate(), Err(ConfigError::NoReplicas));
         c.replicas = vec![ep("a")];
-        let max = tessera_replica::seq::MAX_EPOCH;
+        let max = tessera_replica_protocol::seq::MAX_EPOCH;
         c.epoch = max + 1;
         assert_eq!(
             c.validate(),

@@ -116,12 +116,12 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use futures_util::stream::{FuturesUnordered, StreamExt};
-use tessera_replica::block_io::BLOCK_SIZE;
-use tessera_replica::dataplane::frame::MAX_PAYLOAD;
-use tessera_replica::dataplane::{
+use tessera_replica_protocol::block::BLOCK_SIZE;
+use tessera_replica_protocol::data::frame::MAX_PAYLOAD;
+use tessera_replica_protocol::data::{
     ClientConfig, ClientError, ErrorCode, ReplicaDataClient, WritePayload,
 };
-use tessera_replica::sync_state::Membership;
+use tessera_replica_protocol::sync::Membership;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
@@ -738,7 +738,7 @@ impl Engine {
     ) {
         let inner = &self.inner;
         let counter = inner.counter.fetch_add(1, Ordering::Relaxed) + 1;
-        let Some(seq) = tessera_replica::seq::seq(inner.epoch, counter) else {
+        let Some(seq) = tessera_replica_protocol::seq::seq(inner.epoch, counter) else {
             return done(Err(inner.no_quorum(
                 op,
                 offset,
@@ -1302,7 +1302,7 @@ impl Inner {
                 .client()
                 .ok_or_else(|| "engine closed".to_owned())?;
             let counter = self.counter.fetch_add(1, Ordering::Relaxed) + 1;
-            let seq = tessera_replica::seq::seq(self.epoch, counter)
+            let seq = tessera_replica_protocol::seq::seq(self.epoch, counter)
                 .ok_or_else(|| "sequence counter exhausted".to_owned())?;
             match tokio::time::timeout(self.timeout, client.write(start, data, seq)).await {
                 Ok(Ok(())) => Ok(()),

@@ -19,8 +19,8 @@
 //! [`plan_region`] is the pure part (which block goes where); the engine's
 //! `reconcile_region` runs it against the replicas.
 
-use tessera_replica::block_io::BLOCK_SIZE;
-use tessera_replica::store::BlockVersion;
+use tessera_replica_protocol::block::BlockVersion;
+use tessera_replica_protocol::block::BLOCK_SIZE;
 
 /// What one target replica must receive for one block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

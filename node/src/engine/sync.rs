@@ -24,10 +24,10 @@ use std::sync::{Arc, Weak};
 use std::time::Instant as StdInstant;
 
 use futures_util::stream::{self, StreamExt};
-use tessera_replica::block_io::BLOCK_SIZE;
-use tessera_replica::dataplane::{ClientError, ErrorCode, ReplicaDataClient};
-use tessera_replica::store::BlockVersion;
-use tessera_replica::sync_state::{DirtyMap, Membership};
+use tessera_replica_protocol::block::BlockVersion;
+use tessera_replica_protocol::block::BLOCK_SIZE;
+use tessera_replica_protocol::data::{ClientError, ErrorCode, ReplicaDataClient};
+use tessera_replica_protocol::sync::{DirtyMap, Membership};
 
 use super::reconcile::{plan_region, runs, Run};
 use super::{bits, describe, sep, EngineError, Inner};
@@ -214,7 +214,7 @@ impl Inner {
         let size = self.size.load(Ordering::Acquire);
         let region = dirty.region_size.clamp(
             BLOCK_SIZE,
-            tessera_replica::dataplane::message::MAX_VERSIONS_LEN,
+            tessera_replica_protocol::data::message::MAX_VERSIONS_LEN,
         );
         // Region boundaries of the replicas' map, cut into requests the protocol
         // allows (a replica's region may be larger than one VERSIONS request).

@@ -30,7 +30,7 @@
 use std::sync::{Mutex, PoisonError};
 
 use bytes::Bytes;
-use tessera_replica::block_io::BLOCK_SIZE;
+use tessera_replica_protocol::block::BLOCK_SIZE;
 use tokio::runtime::Handle;
 
 use super::{Engine, EngineError, EngineErrorKind, MAX_IO_BYTES};

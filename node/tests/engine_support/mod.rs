@@ -23,12 +23,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tessera_node::engine::{EngineConfig, ReplicaEndpoint};
-use tessera_replica::block_io::{
-    BlockIoError, OpenVolume, VolumeBlocks, VolumeRegistry, BLOCK_SIZE,
-};
+use tessera_replica::block_io::{BlockIoError, OpenVolume, VolumeBlocks, VolumeRegistry};
 use tessera_replica::dataplane::serve;
-use tessera_replica::store::{BlockVersion, LayeredStore, StoreHandle, VersionedBlocks};
+use tessera_replica::store::{LayeredStore, StoreHandle};
 use tessera_replica::sync_state::SyncState;
+use tessera_replica_protocol::block::{BlockVersion, VersionedBlocks, BLOCK_SIZE};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;

@@ -6,8 +6,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tessera_replica::dataplane::frame;
-use tessera_replica::dataplane::message::{decode_error_payload, Hello, HelloReply, Request};
+use tessera_replica_protocol::data::frame;
+use tessera_replica_protocol::data::message::{decode_error_payload, Hello, HelloReply, Request};
 
 fuzz_target!(|data: &[u8]| {
     // Random bytes almost never carry a valid crc, so half the inputs are turned into

@@ -39,7 +39,6 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use tessera_replica::capacity::parse_size;
 use tessera_replica::catalog::{Catalog, CatalogConfig, CatalogIo};
-use tessera_replica::control_proto::replica_control_server::ReplicaControlServer;
 use tessera_replica::control_service::{ControlService, NodeInfo};
 use tessera_replica::copy::{CopyConfig, CopyManager};
 use tessera_replica::dataplane;
@@ -50,6 +49,7 @@ use tessera_replica::scheduler::{
     BackgroundLimits, DeadlineBudgets, EngineKind, Scheduler, SchedulerConfig, DEFAULT_QUEUE_DEPTH,
 };
 use tessera_replica::volume_registry::CatalogRegistry;
+use tessera_replica_protocol::control_proto::replica_control_server::ReplicaControlServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;

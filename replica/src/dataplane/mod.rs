@@ -1,136 +1,17 @@
-//! The replica data plane: the binary protocol engines use to read and write a
-//! volume's blocks on a replica, its server and its client.
+//! The replica's data-plane server: accepts engines' connections, runs the
+//! handshake and executes their requests against the block store.
 //!
-//! Layout:
-//! * [`frame`]: byte layout, encode/decode, limits. Pure, no I/O; fuzzed.
-//! * [`message`]: HELLO, error payloads, request validation. Pure.
-//! * [`stream`]: frame reading/writing on async streams (shared by both sides).
+//! The protocol itself (frames, messages, error codes, the client) is
+//! [`tessera_replica_protocol::data`], whose module doc is the wire specification.
+//!
 //! * [`server`]: [`serve`] — accept loop, handshake, pipelined execution.
-//! * [`client`]: [`ReplicaDataClient`] — pipelined, cloneable connection.
-//! * [`error`]: wire error codes and the client's error type.
+//! * [`shards`]: the threads connections run on, each with its own I/O ring.
+//! * [`reply`]: the error reply for each block-store error.
 //!
 //! The server only knows storage through [`crate::block_io::VolumeRegistry`].
-//!
-//! # Wire protocol, version 2
-//!
-//! Version 2 adds the sync requests (opcodes 6–11 below); everything else is as in
-//! version 1, which a version-2 replica still speaks with older engines.
-//!
-//! TCP, `TCP_NODELAY` on both sides. All integers little endian. Every message in
-//! both directions is one frame:
-//!
-//! ```text
-//! offset  size  field
-//!      0     4  length      bytes after this field: 44 + payload + 4
-//!      4     1  opcode      1 HELLO, 2 READ, 3 WRITE, 4 FLUSH, 5 TRIM, 6 VERSIONS,
-//!                           7 DIRTY_REGIONS, 8 GET_MEMBERSHIP, 9 SET_MEMBERSHIP,
-//!                           10 MARK_CLEAN, 11 CLEAN; | 0x80 in responses
-//!      5     1  flags       0, except VERSIONS: bit 0 = with data
-//!      6     2  status      0 = OK; error code in error responses; 0 in requests
-//!      8     8  request_id  chosen by the client, echoed in the response
-//!     16     8  epoch       sender's fencing epoch (echoed in responses)
-//!     24     8  offset      byte offset in the volume
-//!     32     8  length      byte length of the range / payload
-//!     40     8  seq         write sequence number (WRITE, TRIM)
-//!     48     n  payload
-//!   48+n     4  crc32c      over bytes 0 .. 48+n (length prefix, header, payload)
-//! ```
-//!
-//! Limits: `length` must lie in 48 ..= 48 + 8 MiB ([`frame::MAX_PAYLOAD`]). A prefix
-//! outside that range is a protocol error detected before anything is allocated.
-//!
-//! ## Handshake
-//!
-//! The first frame a client sends is HELLO: header `epoch` = the engine's epoch,
-//! payload = magic `"TSDP"`, `u16 min_version`, `u16 max_version`, then the volume id
-//! (UTF-8, 1..=256 bytes). The layout of HELLO and its reply is frozen across
-//! versions so any two builds can negotiate. The server answers:
-//!
-//! * OK: opcode `0x81`, header `epoch` = the replica's epoch for the volume, payload
-//!   (16 bytes) = `u16 version` (highest both speak), `u16` 0, `u32 block_size`,
-//!   `u64 volume_size`;
-//! * or an error reply (`UNSUPPORTED_VERSION`, `UNKNOWN_VOLUME`, `STALE_EPOCH`,
-//!   `INVALID_REQUEST`, `IO_ERROR`) and then closes the connection.
-//!
-//! Epochs at HELLO: lower than the replica's → `STALE_EPOCH`; higher → the replica
-//! adopts it durably (`VolumeRegistry::adopt_epoch`, then `fetch_max` on the shared
-//! atomic) before answering, so a replica that missed a raise learns it from the
-//! engine. A connection is bound to one volume and one epoch.
-//!
-//! ## Requests
-//!
-//! | op | header fields used | request payload | OK reply payload |
-//! |---|---|---|---|
-//! | READ  | offset, length (≤ 8 MiB) | none | `length` bytes |
-//! | WRITE | offset, length = payload size, seq | the data | none |
-//! | FLUSH | — (send 0) | none | none |
-//! | TRIM  | offset, length (u64), seq | none | none |
-//! | VERSIONS | offset, length (≤ 4 MiB), flags | none | per block: kind u8 (0 unwritten, 1 data, 2 trimmed, 3 corrupt) + seq u64; then, with data, 4096 bytes per intact data block |
-//! | DIRTY_REGIONS | — | none | region size u64, region count u64, one bit per region |
-//! | GET_MEMBERSHIP | — | none | in-sync record: epoch u64, version u64, count u16, per node id u16 length + UTF-8 |
-//! | SET_MEMBERSHIP | — | an in-sync record (its epoch must be the connection's) | the record stored afterwards (the newer of the two by (epoch, version)) |
-//! | MARK_CLEAN | — | none | token u64 |
-//! | CLEAN | seq = token | none | regions cleared u64 |
-//!
-//! A WRITE or TRIM is applied only after the regions it touches are marked in the
-//! replica's dirty-region map on disk (`crate::sync_state`); CLEAN clears the
-//! regions whose last write came before the MARK_CLEAN that returned its token. The
-//! engine sends CLEAN only once every replica of the set holds those writes durably,
-//! so after any crash the union of the replicas' maps covers every block on which
-//! copies may differ. VERSIONS reads versions and data together under the blocks'
-//! locks (background I/O): what an engine compares when it reconciles a region.
-//!
-//! Offsets and lengths are multiples of the block size (4096) and nonzero. FLUSH
-//! completes once every write this replica answered OK before the FLUSH arrived is
-//! durable. A client may send any number of requests without waiting; the server
-//! executes them concurrently (up to 256 and 64 MiB of payload per connection, beyond
-//! which it stops reading the socket) and answers each as it completes, so replies
-//! come **in any order**, matched by `request_id`. Ordering between overlapping
-//! requests in flight at once is the engine's business, not the replica's.
-//!
-//! Every request's `epoch` is checked against the volume's *current* epoch when the
-//! request is dispatched (the control plane can raise it while the connection is
-//! open): lower → `STALE_EPOCH`. It must also equal the HELLO epoch
-//! (`INVALID_REQUEST` otherwise). A request already executing when a raise lands
-//! completes.
-//!
-//! ## Errors
-//!
-//! An error reply has `status` = code and payload = `u64 detail` + UTF-8 message
-//! (≤ 256 bytes). Checks run in this order: request validity, epoch, alignment, range.
-//!
-//! | code | name | detail | connection |
-//! |---|---|---|---|
-//! | 1 | STALE_EPOCH | replica's current epoch | stays open |
-//! | 2 | OUT_OF_RANGE | volume size | stays open |
-//! | 3 | UNALIGNED | 0 | stays open |
-//! | 4 | CORRUPT_BLOCK | index of the bad block | stays open |
-//! | 5 | NO_SPACE | 0 | stays open |
-//! | 6 | IO_ERROR | 0 | stays open |
-//! | 7 | BAD_FRAME | 0 | **closed** |
-//! | 8 | UNKNOWN_VOLUME | 0 | closed (HELLO) |
-//! | 9 | UNSUPPORTED_VERSION | replica's max version | closed (HELLO) |
-//! | 10 | INVALID_REQUEST | 0 (or the HELLO epoch) | stays open (closed at HELLO) |
-//!
-//! **Corrupt frames.** A frame whose crc fails, or whose length prefix is out of
-//! range, means the byte stream can't be trusted (we may be mid-frame). The server
-//! stops reading, answers `BAD_FRAME` with the request id from the received header
-//! (best effort — it may itself be corrupt; 0 if the length was bad), lets the
-//! requests it had already read finish and answer, then closes. A client treats a
-//! corrupt frame from the server the same way: it fails every pending call and
-//! closes. Frames that pass the crc but make no sense (unknown opcode, flags) are
-//! answered `INVALID_REQUEST` and the connection continues, so new opcodes can be
-//! probed without losing a connection.
 
-pub mod client;
-mod crc_combine;
-pub mod error;
-pub mod frame;
-pub mod message;
+pub mod reply;
 pub mod server;
 pub mod shards;
-pub mod stream;
 
-pub use client::{ClientConfig, ReplicaDataClient, VolumeInfo, WritePayload};
-pub use error::{ClientError, ErrorCode, RemoteError};
 pub use server::{serve, serve_with_config, ServerConfig};

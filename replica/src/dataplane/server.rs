@@ -24,11 +24,16 @@ use tokio::task::JoinSet;
 
 use crate::block_io::{BlockIoError, OpenVolume, VolumeBlocks, VolumeRegistry, BLOCK_SIZE};
 
-use super::error::{ErrorCode, RemoteError};
-use super::frame::{FrameError, Header, Opcode, MAX_PAYLOAD};
-use super::message::{encode_error, encode_versions, response_header, Hello, HelloReply, Request};
+use super::reply::remote_error;
 use super::shards::Shards;
-use super::stream::{read_body, read_frame, read_head, write_frame, ReadError};
+use tessera_replica_protocol::data::error::{ErrorCode, RemoteError};
+use tessera_replica_protocol::data::frame::{FrameError, Header, Opcode, MAX_PAYLOAD};
+use tessera_replica_protocol::data::message::{
+    self, encode_error, encode_versions, response_header, Hello, HelloReply, Request,
+};
+use tessera_replica_protocol::data::stream::{
+    read_body, read_frame, read_head, write_frame, ReadError,
+};
 
 /// Limits of a data-plane server. The defaults suit one replica daemon serving a few
 /// hundred engine connections.
@@ -281,29 +286,28 @@ async fn handshake<R: VolumeRegistry>(
     h: &Header,
     payload: &[u8],
 ) -> Result<(Session<R::Blocks>, HelloReply), RemoteError> {
-    let invalid = |e: super::message::InvalidMessage| {
-        RemoteError::new(ErrorCode::InvalidRequest, 0, e.to_string())
-    };
+    let invalid =
+        |e: message::InvalidMessage| RemoteError::new(ErrorCode::InvalidRequest, 0, e.to_string());
     if Opcode::from_u8(h.opcode) != Some(Opcode::Hello) {
-        return Err(invalid(super::message::InvalidMessage::HandshakeOrder));
+        return Err(invalid(message::InvalidMessage::HandshakeOrder));
     }
     let hello = Hello::decode(payload).map_err(invalid)?;
     let version = hello.negotiate().ok_or_else(|| {
         RemoteError::new(
             ErrorCode::UnsupportedVersion,
-            u64::from(super::message::PROTOCOL_VERSION),
+            u64::from(message::PROTOCOL_VERSION),
             format!(
                 "client speaks {}..={}, replica speaks {}..={}",
                 hello.min_version,
                 hello.max_version,
-                super::message::MIN_PROTOCOL_VERSION,
-                super::message::PROTOCOL_VERSION
+                message::MIN_PROTOCOL_VERSION,
+                message::PROTOCOL_VERSION
             ),
         )
     })?;
     let volume = registry
         .open(&hello.volume_id)
-        .map_err(|e| RemoteError::from_block_io(&e))?;
+        .map_err(|e| remote_error(&e))?;
     let wanted = h.epoch;
     if wanted > crate::seq::MAX_EPOCH {
         // Adopting it would leave the volume with no epoch anyone could publish at.
@@ -325,7 +329,7 @@ async fn handshake<R: VolumeRegistry>(
         tokio::task::spawn_blocking(move || reg.adopt_epoch(&id, wanted))
             .await
             .map_err(|e| RemoteError::new(ErrorCode::IoError, 0, format!("adopting epoch: {e}")))?
-            .map_err(|e| RemoteError::from_block_io(&e))?;
+            .map_err(|e| remote_error(&e))?;
         volume
             .epoch
             .fetch_max(wanted, std::sync::atomic::Ordering::AcqRel);
@@ -415,7 +419,7 @@ async fn execute<V: VolumeBlocks>(
 ) -> Result<Vec<u8>, RemoteError> {
     let blocks = &*volume.blocks;
     let sync = &volume.sync;
-    let io = |e: BlockIoError| RemoteError::from_block_io(&e);
+    let io = |e: BlockIoError| remote_error(&e);
     // Mutations hold the fence from their epoch check until applied (see
     // `SyncState::epoch_fence`); the check at dispatch alone let a write queued before
     // a raise land after it.
@@ -447,7 +451,7 @@ async fn execute<V: VolumeBlocks>(
                     0,
                     format!("store returned {} bytes for a {len}-byte read", d.len()),
                 )),
-                Err(e) => Err(RemoteError::from_block_io(&e)),
+                Err(e) => Err(remote_error(&e)),
             };
         }
         Request::Write { offset, data, seq } => blocks.write(offset, data, seq).await,
@@ -500,8 +504,7 @@ async fn execute<V: VolumeBlocks>(
                 .map_err(|e| io(e.into()))
         }
     };
-    r.map(|()| Vec::new())
-        .map_err(|e| RemoteError::from_block_io(&e))
+    r.map(|()| Vec::new()).map_err(|e| remote_error(&e))
 }
 
 /// Stops when the connection should stop reading: server shutdown or writer gone.

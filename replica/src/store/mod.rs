@@ -184,7 +184,7 @@ pub use file::{
     ScheduledBlockFile, ScheduledFileFactory, StdBlockFile, StdFileFactory,
 };
 pub use handle::StoreHandle;
-pub use versioned::{BlockVersion, DataLengthMismatch, VersionedBlocks};
+pub use tessera_replica_protocol::block::{BlockVersion, DataLengthMismatch, VersionedBlocks};
 
 use crate::block_io::BLOCK_SIZE;
 use crate::sync_state::SyncState;

@@ -37,6 +37,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
 use super::SyncStateError;
+use tessera_replica_protocol::sync::DirtyMap;
 
 /// Bytes per region. Coarse enough that a 1 TiB volume's map is 32 KiB and a
 /// sequential writer marks a new region every 4 MiB; a reconcile compares the
@@ -46,94 +47,6 @@ pub const REGION_SIZE: u64 = 4 << 20;
 
 const MAGIC: &[u8; 8] = b"TSDIRTY1";
 const HEADER_LEN: usize = 24;
-
-/// A copy of a replica's dirty regions, as sent to an engine.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DirtyMap {
-    /// Bytes per region.
-    pub region_size: u64,
-    /// Number of regions the bitmap covers.
-    pub regions: u64,
-    /// One bit per region (bit r % 8 of byte r / 8).
-    pub bits: Vec<u8>,
-}
-
-impl DirtyMap {
-    /// A map of `regions` regions, none dirty.
-    pub fn clean(region_size: u64, regions: u64) -> DirtyMap {
-        DirtyMap {
-            region_size,
-            regions,
-            bits: vec![0; bytes_for(regions)],
-        }
-    }
-
-    /// Whether region `r` is dirty (regions past the map are clean).
-    pub fn is_dirty(&self, r: u64) -> bool {
-        r < self.regions
-            && self
-                .bits
-                .get((r / 8) as usize)
-                .is_some_and(|b| b & (1 << (r % 8)) != 0)
-    }
-
-    /// Marks region `r` dirty, growing the map if needed.
-    pub fn set(&mut self, r: u64) {
-        if r >= self.regions {
-            self.regions = r + 1;
-            self.bits.resize(bytes_for(self.regions), 0);
-        }
-        self.bits[(r / 8) as usize] |= 1 << (r % 8);
-    }
-
-    /// The dirty regions in ascending order.
-    pub fn dirty(&self) -> impl Iterator<Item = u64> + '_ {
-        (0..self.regions).filter(|&r| self.is_dirty(r))
-    }
-
-    /// How many regions are dirty.
-    pub fn count(&self) -> u64 {
-        self.dirty().count() as u64
-    }
-
-    /// Adds every dirty region of `other` (same region size) to this map.
-    pub fn union(&mut self, other: &DirtyMap) {
-        for r in other.dirty() {
-            self.set(r);
-        }
-    }
-
-    /// The wire and file body: region size, region count, bits.
-    pub fn encode(&self) -> Vec<u8> {
-        let mut v = Vec::with_capacity(16 + self.bits.len());
-        v.extend_from_slice(&self.region_size.to_le_bytes());
-        v.extend_from_slice(&self.regions.to_le_bytes());
-        v.extend_from_slice(&self.bits);
-        v
-    }
-
-    /// Decodes [`Self::encode`]'s output; `None` if it is malformed.
-    pub fn decode(b: &[u8]) -> Option<DirtyMap> {
-        let region_size = u64::from_le_bytes(b.get(0..8)?.try_into().ok()?);
-        let regions = u64::from_le_bytes(b.get(8..16)?.try_into().ok()?);
-        let bits = b.get(16..)?;
-        if region_size == 0
-            || region_size % crate::block_io::BLOCK_SIZE != 0
-            || bits.len() as u64 != regions.div_ceil(8)
-        {
-            return None;
-        }
-        Some(DirtyMap {
-            region_size,
-            regions,
-            bits: bits.to_vec(),
-        })
-    }
-}
-
-fn bytes_for(regions: u64) -> usize {
-    usize::try_from(regions.div_ceil(8)).unwrap_or(usize::MAX)
-}
 
 fn regions_for(size: u64) -> u64 {
     size.div_ceil(REGION_SIZE)
@@ -428,24 +341,5 @@ mod tests {
         assert_eq!(DirtyRegions::load(&path, 16 * MIB).snapshot().count(), 4);
         std::fs::write(&path, &bytes[..10]).unwrap();
         assert_eq!(DirtyRegions::load(&path, 16 * MIB).snapshot().count(), 4);
-    }
-
-    #[test]
-    fn a_map_grows_past_its_end_and_round_trips() {
-        let mut m = DirtyMap::clean(REGION_SIZE, 2);
-        m.set(9);
-        assert_eq!(m.regions, 10);
-        assert!(m.is_dirty(9) && !m.is_dirty(8) && !m.is_dirty(100));
-        assert_eq!(DirtyMap::decode(&m.encode()), Some(m.clone()));
-        assert_eq!(DirtyMap::decode(&m.encode()[..17]), None);
-        let unaligned = DirtyMap {
-            region_size: 1000,
-            ..m.clone()
-        };
-        assert_eq!(DirtyMap::decode(&unaligned.encode()), None);
-        let mut other = DirtyMap::clean(REGION_SIZE, 1);
-        other.set(0);
-        m.union(&other);
-        assert_eq!(m.dirty().collect::<Vec<_>>(), vec![0, 9]);
     }
 }

@@ -16,98 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
 use super::SyncStateError;
-
-/// Most replicas a declaration may name (the engine's replica-set limit).
-pub const MAX_MEMBERS: usize = 32;
-/// Longest node id in a declaration, in bytes.
-pub const MAX_MEMBER_LEN: usize = 256;
-
-/// One declaration of which replicas (by node id) hold every acknowledged write.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Membership {
-    /// Epoch of the engine that declared it; 0 with version 0 means "never declared"
-    /// (a new volume: every replica of the set is in sync).
-    pub epoch: u64,
-    /// Declaration number within the epoch, from 1.
-    pub version: u64,
-    /// Node ids of the replicas in sync, sorted.
-    pub members: Vec<String>,
-}
-
-impl Membership {
-    /// Whether nothing was ever declared.
-    pub fn is_undeclared(&self) -> bool {
-        self.epoch == 0 && self.version == 0
-    }
-
-    /// The order in which declarations replace each other.
-    pub fn key(&self) -> (u64, u64) {
-        (self.epoch, self.version)
-    }
-
-    /// Whether `node_id` is in sync by this declaration (everyone is, if none).
-    pub fn includes(&self, node_id: &str) -> bool {
-        self.is_undeclared() || self.members.iter().any(|m| m == node_id)
-    }
-
-    /// Wire and file body: epoch, version, count (u16), then per member a u16
-    /// length and its UTF-8 bytes; all little endian.
-    pub fn encode(&self) -> Vec<u8> {
-        let mut v =
-            Vec::with_capacity(18 + self.members.iter().map(|m| m.len() + 2).sum::<usize>());
-        v.extend_from_slice(&self.epoch.to_le_bytes());
-        v.extend_from_slice(&self.version.to_le_bytes());
-        v.extend_from_slice(&(self.members.len() as u16).to_le_bytes());
-        for m in &self.members {
-            v.extend_from_slice(&(m.len() as u16).to_le_bytes());
-            v.extend_from_slice(m.as_bytes());
-        }
-        v
-    }
-
-    /// Decodes [`Self::encode`]'s output, checking the limits.
-    pub fn decode(b: &[u8]) -> Result<Membership, SyncStateError> {
-        let bad = |why: &str| SyncStateError::InvalidMembership(why.to_owned());
-        let u64_at = |at: usize| -> Result<u64, SyncStateError> {
-            b.get(at..at + 8)
-                .and_then(|s| s.try_into().ok())
-                .map(u64::from_le_bytes)
-                .ok_or_else(|| bad("truncated"))
-        };
-        let u16_at = |at: usize| -> Result<usize, SyncStateError> {
-            b.get(at..at + 2)
-                .map(|s| usize::from(u16::from_le_bytes([s[0], s[1]])))
-                .ok_or_else(|| bad("truncated"))
-        };
-        let epoch = u64_at(0)?;
-        let version = u64_at(8)?;
-        let count = u16_at(16)?;
-        if count > MAX_MEMBERS {
-            return Err(bad("too many members"));
-        }
-        let mut at = 18;
-        let mut members = Vec::with_capacity(count);
-        for _ in 0..count {
-            let len = u16_at(at)?;
-            at += 2;
-            if len == 0 || len > MAX_MEMBER_LEN {
-                return Err(bad("member id is empty or too long"));
-            }
-            let id = b.get(at..at + len).ok_or_else(|| bad("truncated"))?;
-            let id = std::str::from_utf8(id).map_err(|_| bad("member id is not UTF-8"))?;
-            members.push(id.to_owned());
-            at += len;
-        }
-        if at != b.len() {
-            return Err(bad("trailing bytes"));
-        }
-        Ok(Membership {
-            epoch,
-            version,
-            members,
-        })
-    }
-}
+use tessera_replica_protocol::sync::Membership;
 
 /// The membership record of one volume replica, in memory and on disk.
 #[derive(Debug)]
@@ -225,7 +134,7 @@ mod tests {
     }
 
     #[test]
-    fn damaged_records_read_as_undeclared_and_bad_bodies_are_refused() {
+    fn damaged_records_read_as_undeclared() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("in-sync");
         let f = MembershipFile::load(&path);
@@ -235,15 +144,5 @@ mod tests {
         bytes[last] ^= 1;
         fs::write(&path, &bytes).unwrap();
         assert!(MembershipFile::load(&path).get().is_undeclared());
-
-        let good = decl(1, 2, &["node-a", "node-b"]).encode();
-        assert!(Membership::decode(&good).is_ok());
-        assert!(Membership::decode(&good[..good.len() - 1]).is_err());
-        let mut trailing = good.clone();
-        trailing.push(0);
-        assert!(Membership::decode(&trailing).is_err());
-        let mut many = decl(1, 1, &[]).encode();
-        many[16..18].copy_from_slice(&(MAX_MEMBERS as u16 + 1).to_le_bytes());
-        assert!(Membership::decode(&many).is_err());
     }
 }

@@ -27,8 +27,9 @@ mod membership;
 
 use std::path::Path;
 
-pub use dirty::{DirtyMap, DirtyRegions, REGION_SIZE};
-pub use membership::{Membership, MembershipFile};
+pub use dirty::{DirtyRegions, REGION_SIZE};
+pub use membership::MembershipFile;
+pub use tessera_replica_protocol::sync::{DirtyMap, Membership};
 
 /// File name of the dirty-region bitmap in a store directory.
 pub const DIRTY_FILE: &str = "dirty-regions";
@@ -49,9 +50,6 @@ pub enum SyncStateError {
         #[source]
         source: std::io::Error,
     },
-    /// A membership record names too many replicas or ids that are too long.
-    #[error("invalid membership: {0}")]
-    InvalidMembership(String),
 }
 
 impl SyncStateError {

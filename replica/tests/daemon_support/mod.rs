@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
-use tessera_replica::control_proto as proto;
-use tessera_replica::control_proto::replica_control_client::ReplicaControlClient;
+use tessera_replica_protocol::control_proto as proto;
+use tessera_replica_protocol::control_proto::replica_control_client::ReplicaControlClient;
 use tonic::transport::Channel;
 
 pub const START_TIMEOUT: Duration = Duration::from_secs(30);

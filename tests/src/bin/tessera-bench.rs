@@ -33,7 +33,7 @@ use tessera_csi_proto::v1::{
     CapacityRange, CreateVolumeRequest, DeleteVolumeRequest, NodeUnpublishVolumeRequest,
     NodeUnstageVolumeRequest, Topology, TopologyRequirement,
 };
-use tessera_replica::control_proto::ListVolumesRequest as ReplicaListVolumes;
+use tessera_replica_protocol::control_proto::ListVolumesRequest as ReplicaListVolumes;
 use tessera_tests::csi::{connect_tcp, connect_unix, ControllerClient, NodeClient, ReplicaClient};
 use tessera_tests::fixtures::{
     create_volume_waiting, from_snapshot, from_volume, snapshot_request,
@@ -413,7 +413,7 @@ async fn run_placement(
             .with_context(|| format!("connecting to the replica daemon at {addr}"))?;
         let mut client = ReplicaClient::new(channel);
         let info = client
-            .get_info(tessera_replica::control_proto::GetInfoRequest {})
+            .get_info(tessera_replica_protocol::control_proto::GetInfoRequest {})
             .await
             .with_context(|| format!("GetInfo on {addr}"))?
             .into_inner();

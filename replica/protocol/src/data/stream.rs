@@ -131,7 +131,7 @@ fn encode_prefix(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dataplane::frame::encode;
+    use crate::data::frame::encode;
 
     #[tokio::test]
     async fn stream_round_trip_and_errors() {

@@ -6,9 +6,9 @@
 
 use super::error::RemoteError;
 use super::frame::{Header, Opcode, MAX_PAYLOAD, RESPONSE_BIT};
-use crate::block_io::BLOCK_SIZE;
-use crate::store::{BlockVersion, VersionedBlocks};
-use crate::sync_state::Membership;
+use crate::block::BLOCK_SIZE;
+use crate::block::{BlockVersion, VersionedBlocks};
+use crate::sync::Membership;
 
 /// First bytes of every HELLO payload: identifies the Tessera data-plane protocol.
 pub const HELLO_MAGIC: [u8; 4] = *b"TSDP";
@@ -454,7 +454,7 @@ pub fn response_header(req: &Header, status: u16, payload_len: usize) -> Header 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dataplane::error::ErrorCode;
+    use crate::data::error::ErrorCode;
     use proptest::prelude::*;
 
     #[test]

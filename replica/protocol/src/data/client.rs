@@ -36,8 +36,8 @@ use super::message::{
     MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, SYNC_PROTOCOL_VERSION,
 };
 use super::stream::{read_frame, write_frame, write_frame_with_payload_crc, ReadError};
-use crate::store::VersionedBlocks;
-use crate::sync_state::{DirtyMap, Membership};
+use crate::block::VersionedBlocks;
+use crate::sync::{DirtyMap, Membership};
 
 /// Client settings.
 #[derive(Debug, Clone)]

@@ -7,8 +7,6 @@
 
 use std::fmt;
 
-use crate::block_io::BlockIoError;
-
 use super::frame::FrameError;
 
 /// Error status of a response. The numeric values are the wire encoding.
@@ -95,28 +93,6 @@ pub struct RemoteError {
 }
 
 impl RemoteError {
-    /// Translates a block-store error into the reply the server sends for it.
-    pub fn from_block_io(e: &BlockIoError) -> RemoteError {
-        let (code, detail) = match e {
-            BlockIoError::OutOfRange { size, .. } => (ErrorCode::OutOfRange, *size),
-            BlockIoError::Unaligned { .. } => (ErrorCode::Unaligned, 0),
-            BlockIoError::Corrupt { block } => (ErrorCode::CorruptBlock, *block),
-            BlockIoError::UnknownVolume(_) | BlockIoError::NotReady(_) => {
-                (ErrorCode::UnknownVolume, 0)
-            }
-            BlockIoError::NoSpace => (ErrorCode::NoSpace, 0),
-            BlockIoError::Io(_) => (ErrorCode::IoError, 0),
-            BlockIoError::SyncState(s) if is_no_space(s) => (ErrorCode::NoSpace, 0),
-            BlockIoError::SyncState(_) => (ErrorCode::IoError, 0),
-        };
-        let message = match e {
-            BlockIoError::Io(io) => format!("{e}: {io}"),
-            BlockIoError::SyncState(s) => format!("{e}: {}", crate::error_chain(s)),
-            _ => e.to_string(),
-        };
-        RemoteError::new(code, detail, message)
-    }
-
     /// Builds an error, cutting the message to the wire limit at a char boundary.
     pub fn new(code: ErrorCode, detail: u64, message: impl Into<String>) -> RemoteError {
         let mut message = message.into();
@@ -175,8 +151,4 @@ impl ClientError {
             _ => None,
         }
     }
-}
-
-fn is_no_space(e: &crate::sync_state::SyncStateError) -> bool {
-    matches!(e, crate::sync_state::SyncStateError::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC))
 }
