@@ -6,14 +6,14 @@
 //! INVALID_ARGUMENT (the spec says the fields MUST NOT be negative).
 //!
 //! A volume that may be mounted is never smaller than its filesystem's minimum
-//! ([`FsType::min_volume_bytes`]): the spec lets the capacity exceed
+//! ([`MinVolumeSize::min_volume_bytes`]): the spec lets the capacity exceed
 //! `required_bytes`, so a smaller size is rounded up to the minimum when `limit_bytes`
 //! allows it, and is OUT_OF_RANGE naming the minimum when it does not
 //! ([`raise_to_filesystem_minimum`]).
 
 use tessera_csi_proto::v1::CapacityRange;
 
-use crate::fs_type::FsType;
+use crate::fs_type::{FsType, MinVolumeSize};
 
 /// Volume size granularity: the replicas' block size.
 pub const BLOCK_SIZE: u64 = 4096;

@@ -25,6 +25,7 @@ use tonic::{Code, Request, Response, Status};
 use crate::capabilities::{self, RequestedAccess};
 use crate::capacity::{self, BLOCK_SIZE};
 use crate::error::ControllerError;
+use crate::fs_type::MinVolumeSize;
 use crate::locks::KeyedLocks;
 use crate::metrics::Metrics;
 use crate::parameters::{self, DataLocality, VolumeParameters};
@@ -34,6 +35,7 @@ use crate::replica_pool::{join_all, ReplicaPool};
 use crate::restore::{self, RequestedSource};
 use crate::snapshots::{self, FoundSnapshot};
 use crate::volume_index::{self, is_volume_id, newer, volume_id_for_name, VolumeIndex};
+use tessera_replica_protocol::seq::Epoch;
 
 /// Prefix of ListSnapshots tokens.
 const SNAPSHOT_TOKEN_PREFIX: &str = "s1-";
@@ -796,6 +798,9 @@ impl ControllerService {
             .iter()
             .map(|r| self.pool().resolve_ref(r))
             .collect();
+        // Every epoch a replica holds fits the seq layout: replicas refuse others.
+        let epoch = Epoch::new(epoch)
+            .map_err(|e| ControllerError::Internal(format!("volume {}: {e}", rec.volume_id)))?;
         Ok(csi::ControllerPublishVolumeResponse {
             publish_context: publish::publish_context(epoch, &replicas, rec.size_bytes),
         })

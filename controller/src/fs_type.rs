@@ -5,7 +5,8 @@
 //! quietly degrades) below a certain size. NodeStageVolume cannot fix that, so a
 //! volume too small for its filesystem would fail every stage forever. CreateVolume
 //! therefore sizes mount volumes here, once, before anything exists: this module is
-//! the one place that knows each filesystem's minimum ([`FsType::min_volume_bytes`]).
+//! the one place that knows each filesystem's minimum
+//! ([`MinVolumeSize::min_volume_bytes`]).
 //!
 //! The minimums were measured with the node's own `mkfs` invocations (`mkfs.xfs -q -K`,
 //! `mkfs.ext4 -q -E nodiscard,lazy_itable_init=1,lazy_journal_init=1`) on loop devices
@@ -26,7 +27,7 @@
 //!
 //! Raw block volumes have no filesystem and no minimum beyond one block.
 
-use std::fmt;
+pub use tessera_replica_protocol::volume_params::FsType;
 
 /// Smallest xfs volume, in bytes: 300 MiB, xfsprogs' minimum filesystem size.
 pub const XFS_MIN_VOLUME_BYTES: u64 = 300 << 20;
@@ -38,67 +39,27 @@ pub const EXT4_MIN_VOLUME_BYTES: u64 = 8 << 20;
 const _: () = assert!(XFS_MIN_VOLUME_BYTES.is_multiple_of(crate::capacity::BLOCK_SIZE));
 const _: () = assert!(EXT4_MIN_VOLUME_BYTES.is_multiple_of(crate::capacity::BLOCK_SIZE));
 
-/// Filesystem created on mount volumes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum FsType {
-    /// ext4, the default.
-    #[default]
-    Ext4,
-    /// XFS.
-    Xfs,
-}
-
-impl FsType {
-    /// Every filesystem Tessera offers.
-    pub const ALL: [FsType; 2] = [FsType::Ext4, FsType::Xfs];
-
-    /// Parses the names used in StorageClasses and mount capabilities.
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "ext4" => Some(Self::Ext4),
-            "xfs" => Some(Self::Xfs),
-            _ => None,
-        }
-    }
-
-    /// The name as mkfs and the node plugin expect it.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Ext4 => "ext4",
-            Self::Xfs => "xfs",
-        }
-    }
-
+/// The minimum of each [`FsType`]; a trait because the type is the protocol's and
+/// the minimums are the controller's knowledge alone.
+pub trait MinVolumeSize {
     /// The smallest volume, in bytes, on which the node plugin's mkfs makes a
     /// filesystem of this type that mounts and keeps its journal (see the module doc
     /// for how the numbers were measured). Always a whole number of blocks.
-    pub const fn min_volume_bytes(self) -> u64 {
-        match self {
-            Self::Ext4 => EXT4_MIN_VOLUME_BYTES,
-            Self::Xfs => XFS_MIN_VOLUME_BYTES,
-        }
-    }
+    fn min_volume_bytes(self) -> u64;
 }
 
-impl fmt::Display for FsType {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+impl MinVolumeSize for FsType {
+    fn min_volume_bytes(self) -> u64 {
+        match self {
+            FsType::Ext4 => EXT4_MIN_VOLUME_BYTES,
+            FsType::Xfs => XFS_MIN_VOLUME_BYTES,
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn names_round_trip() {
-        for fs in FsType::ALL {
-            assert_eq!(FsType::parse(fs.as_str()), Some(fs));
-            assert_eq!(fs.to_string(), fs.as_str());
-        }
-        assert_eq!(FsType::parse("btrfs"), None);
-        assert_eq!(FsType::default(), FsType::Ext4);
-    }
 
     #[test]
     fn minimums_are_the_measured_sizes() {

@@ -8,29 +8,13 @@
 //! so two spellings of the same setting (`"1Mi"` and `"1048576"`) are the same volume.
 
 use std::collections::{BTreeMap, HashMap};
-use std::time::Duration;
 
-pub use crate::fs_type::FsType;
-
-/// Parameter key: number of replicas (1..=7).
-pub const KEY_REPLICATION_FACTOR: &str = "replicationFactor";
-/// Parameter key: filesystem for mount volumes (`ext4` or `xfs`).
-pub const KEY_FS_TYPE: &str = "fsType";
-/// Parameter key: IOPS limit per volume (0 or absent = unlimited).
-pub const KEY_MAX_IOPS: &str = "maxIOPS";
-/// Parameter key: IOPS reservation honoured under contention.
-pub const KEY_MIN_IOPS: &str = "minIOPS";
-/// Parameter key: bandwidth limit in bytes per second.
-pub const KEY_MAX_BANDWIDTH: &str = "maxBandwidth";
-/// Parameter key: how long a volume may burst above its limits.
-pub const KEY_BURST_DURATION: &str = "burstDuration";
-/// Parameter key: block checksum algorithm (only `crc32c`).
-pub const KEY_CHECKSUM: &str = "checksum";
-/// Parameter key: whether to place a replica on the consuming node.
-pub const KEY_DATA_LOCALITY: &str = "dataLocality";
-/// Prefix of the keys external-provisioner adds with `--extra-create-metadata`; accepted
-/// and not stored as parameters.
-pub const CSI_METADATA_PREFIX: &str = "csi.storage.k8s.io/";
+use tessera_replica_protocol::units::{parse_duration, parse_size, parse_uint};
+use tessera_replica_protocol::volume_params::QosError;
+pub use tessera_replica_protocol::volume_params::{
+    FsType, QosLimits, CSI_METADATA_PREFIX, KEY_BURST_DURATION, KEY_CHECKSUM, KEY_DATA_LOCALITY,
+    KEY_FS_TYPE, KEY_MAX_BANDWIDTH, KEY_MAX_IOPS, KEY_MIN_IOPS, KEY_REPLICATION_FACTOR,
+};
 
 /// Largest replication factor accepted; more replicas than this only cost latency.
 pub const MAX_REPLICATION_FACTOR: u32 = 7;
@@ -152,14 +136,8 @@ pub struct VolumeParameters {
     /// Filesystem if the StorageClass named one; `None` lets the mount capability or
     /// the default decide.
     pub fs_type: Option<FsType>,
-    /// IOPS limit; `None` = unlimited.
-    pub max_iops: Option<u64>,
-    /// IOPS reservation; `None` = none.
-    pub min_iops: Option<u64>,
-    /// Bytes-per-second limit; `None` = unlimited.
-    pub max_bandwidth: Option<u64>,
-    /// Burst allowance above the limits.
-    pub burst_duration: Option<Duration>,
+    /// QoS limits (unlimited when unset).
+    pub qos: QosLimits,
     /// Data locality preference.
     pub data_locality: DataLocality,
 }
@@ -169,10 +147,7 @@ impl Default for VolumeParameters {
         Self {
             replication_factor: DEFAULT_REPLICATION_FACTOR,
             fs_type: None,
-            max_iops: None,
-            min_iops: None,
-            max_bandwidth: None,
-            burst_duration: None,
+            qos: QosLimits::default(),
             data_locality: DataLocality::Disabled,
         }
     }
@@ -202,25 +177,25 @@ impl VolumeParameters {
                     );
                 }
                 KEY_MAX_IOPS => {
-                    p.max_iops = nonzero(
+                    p.qos.max_iops = nonzero(
                         parse_uint(v)
                             .ok_or_else(|| invalid(KEY_MAX_IOPS, v, "a non-negative integer"))?,
                     );
                 }
                 KEY_MIN_IOPS => {
-                    p.min_iops = nonzero(
+                    p.qos.min_iops = nonzero(
                         parse_uint(v)
                             .ok_or_else(|| invalid(KEY_MIN_IOPS, v, "a non-negative integer"))?,
                     );
                 }
                 KEY_MAX_BANDWIDTH => {
-                    let bw = parse_bytes(v).ok_or_else(|| {
+                    let bw = parse_size(v).map_err(|_| {
                         invalid(KEY_MAX_BANDWIDTH, v, "bytes per second, an integer with optional K, M, G, T, Ki, Mi, Gi or Ti suffix")
                     })?;
-                    p.max_bandwidth = nonzero(bw);
+                    p.qos.max_bandwidth = nonzero(bw);
                 }
                 KEY_BURST_DURATION => {
-                    p.burst_duration = Some(parse_duration(v).ok_or_else(|| {
+                    p.qos.burst_duration = Some(parse_duration(v).ok_or_else(|| {
                         invalid(KEY_BURST_DURATION, v, "a duration such as 500ms, 2s or 1m")
                     })?);
                 }
@@ -240,17 +215,19 @@ impl VolumeParameters {
                 k => return Err(ParameterError::UnknownKey { key: k.to_string() }),
             }
         }
-        if let (Some(min), Some(max)) = (p.min_iops, p.max_iops) {
-            if min > max {
-                return Err(ParameterError::Conflict("minIOPS must not exceed maxIOPS"));
-            }
-        }
-        let has_limit = p.max_iops.is_some() || p.max_bandwidth.is_some();
-        if has_limit && p.burst_duration == Some(Duration::ZERO) {
-            return Err(ParameterError::Conflict(
-                "burstDuration must be greater than zero when maxIOPS or maxBandwidth is set",
-            ));
-        }
+        p.qos.check().map_err(|e| match e {
+            QosError::Conflict(rule) => ParameterError::Conflict(rule),
+            // Values were parsed above; `check` only compares them.
+            QosError::InvalidValue {
+                key,
+                value,
+                expected,
+            } => ParameterError::InvalidValue {
+                key,
+                value,
+                reason: expected,
+            },
+        })?;
         Ok(p)
     }
 
@@ -271,21 +248,7 @@ impl VolumeParameters {
             KEY_DATA_LOCALITY.to_string(),
             self.data_locality.as_str().to_string(),
         );
-        if let Some(v) = self.max_iops {
-            m.insert(KEY_MAX_IOPS.to_string(), v.to_string());
-        }
-        if let Some(v) = self.min_iops {
-            m.insert(KEY_MIN_IOPS.to_string(), v.to_string());
-        }
-        if let Some(v) = self.max_bandwidth {
-            m.insert(KEY_MAX_BANDWIDTH.to_string(), v.to_string());
-        }
-        if let Some(d) = self.burst_duration {
-            m.insert(
-                KEY_BURST_DURATION.to_string(),
-                format!("{}ms", d.as_millis()),
-            );
-        }
+        m.extend(self.qos.record_entries().map(|(k, v)| (k.to_string(), v)));
         m
     }
 }
@@ -302,67 +265,10 @@ fn nonzero(v: u64) -> Option<u64> {
     (v != 0).then_some(v)
 }
 
-/// Digits only: no sign, no spaces, no empty string.
-fn parse_uint(s: &str) -> Option<u64> {
-    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    s.parse().ok()
-}
-
-/// An integer with an optional decimal (K, M, G, T) or binary (Ki, Mi, Gi, Ti) suffix.
-fn parse_bytes(s: &str) -> Option<u64> {
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (digits, suffix) = s.split_at(split);
-    let n = parse_uint(digits)?;
-    let mult: u64 = match suffix {
-        "" => 1,
-        "K" => 1_000,
-        "M" => 1_000_000,
-        "G" => 1_000_000_000,
-        "T" => 1_000_000_000_000,
-        "Ki" => 1 << 10,
-        "Mi" => 1 << 20,
-        "Gi" => 1 << 30,
-        "Ti" => 1 << 40,
-        _ => return None,
-    };
-    n.checked_mul(mult)
-}
-
-/// One or more `<integer><unit>` terms (units ms, s, m, h), e.g. `500ms`, `1m30s`;
-/// shared with the controller's duration flags so both read the same way.
-pub fn parse_duration(s: &str) -> Option<Duration> {
-    if s.is_empty() {
-        return None;
-    }
-    let mut rest = s;
-    let mut total_ms: u64 = 0;
-    while !rest.is_empty() {
-        let digits_end = rest
-            .find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(rest.len());
-        let n = parse_uint(&rest[..digits_end])?;
-        rest = &rest[digits_end..];
-        let unit_end = rest
-            .find(|c: char| c.is_ascii_digit())
-            .unwrap_or(rest.len());
-        let per_unit: u64 = match &rest[..unit_end] {
-            "ms" => 1,
-            "s" => 1_000,
-            "m" => 60_000,
-            "h" => 3_600_000,
-            _ => return None,
-        };
-        rest = &rest[unit_end..];
-        total_ms = total_ms.checked_add(n.checked_mul(per_unit)?)?;
-    }
-    Some(Duration::from_millis(total_ms))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn map(kv: &[(&str, &str)]) -> HashMap<String, String> {
         kv.iter()
@@ -397,10 +303,10 @@ mod tests {
         .unwrap();
         assert_eq!(p.replication_factor, 5);
         assert_eq!(p.fs_type, Some(FsType::Xfs));
-        assert_eq!(p.max_iops, Some(1000));
-        assert_eq!(p.min_iops, Some(100));
-        assert_eq!(p.max_bandwidth, Some(100 << 20));
-        assert_eq!(p.burst_duration, Some(Duration::from_millis(1500)));
+        assert_eq!(p.qos.max_iops, Some(1000));
+        assert_eq!(p.qos.min_iops, Some(100));
+        assert_eq!(p.qos.max_bandwidth, Some(100 << 20));
+        assert_eq!(p.qos.burst_duration, Some(Duration::from_millis(1500)));
         assert_eq!(p.data_locality, DataLocality::BestEffort);
         let m = p.to_map(FsType::Xfs);
         assert_eq!(m.get("maxBandwidth").map(String::as_str), Some("104857600"));
@@ -564,16 +470,5 @@ mod tests {
             apply_mutable(&capped, &map(&[("burstDuration", "0ms")])),
             Err(ParameterError::Conflict(_))
         ));
-    }
-
-    #[test]
-    fn byte_suffixes() {
-        assert_eq!(parse_bytes("1K"), Some(1000));
-        assert_eq!(parse_bytes("1Ki"), Some(1024));
-        assert_eq!(parse_bytes("3G"), Some(3_000_000_000));
-        assert_eq!(parse_bytes("2Gi"), Some(2 << 30));
-        assert_eq!(parse_bytes("7"), Some(7));
-        assert_eq!(parse_bytes("1k"), None);
-        assert_eq!(parse_bytes(""), None);
     }
 }

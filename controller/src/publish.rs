@@ -5,13 +5,8 @@
 use std::collections::HashMap;
 
 use tessera_replica_protocol::control_proto::{Attachment, ReplicaRef};
-
-/// publish_context key: the fencing epoch the engine must use.
-pub const CTX_EPOCH: &str = "epoch";
-/// publish_context key: `node_id=data_address,...` of the volume's replicas.
-pub const CTX_REPLICAS: &str = "replicas";
-/// publish_context key: volume size in bytes.
-pub const CTX_SIZE_BYTES: &str = "sizeBytes";
+use tessera_replica_protocol::publish_context::{PublishContext, ReplicaEndpoint};
+use tessera_replica_protocol::seq::Epoch;
 
 /// What ControllerPublishVolume must do, given the current attachments.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -65,19 +60,22 @@ pub fn majority(n: usize) -> usize {
 
 /// The publish_context handed to the node plugin.
 pub fn publish_context(
-    epoch: u64,
+    epoch: Epoch,
     replicas: &[ReplicaRef],
     size_bytes: u64,
 ) -> HashMap<String, String> {
-    let list: Vec<String> = replicas
-        .iter()
-        .map(|r| format!("{}={}", r.node_id, r.data_address))
-        .collect();
-    HashMap::from([
-        (CTX_EPOCH.to_string(), epoch.to_string()),
-        (CTX_REPLICAS.to_string(), list.join(",")),
-        (CTX_SIZE_BYTES.to_string(), size_bytes.to_string()),
-    ])
+    PublishContext {
+        epoch,
+        replicas: replicas
+            .iter()
+            .map(|r| ReplicaEndpoint {
+                node_id: r.node_id.clone(),
+                data_address: r.data_address.clone(),
+            })
+            .collect(),
+        size_bytes,
+    }
+    .to_map()
 }
 
 #[cfg(test)]
@@ -136,22 +134,5 @@ mod tests {
         assert_eq!(majority(4), 3);
         assert_eq!(majority(5), 3);
         assert_eq!(majority(7), 4);
-    }
-
-    #[test]
-    fn context_lists_replicas_in_record_order() {
-        let r = |n: &str, d: &str| ReplicaRef {
-            node_id: n.into(),
-            data_address: d.into(),
-            ..Default::default()
-        };
-        let ctx = publish_context(
-            7,
-            &[r("n2", "10.0.0.2:9000"), r("n1", "10.0.0.1:9000")],
-            4096,
-        );
-        assert_eq!(ctx[CTX_EPOCH], "7");
-        assert_eq!(ctx[CTX_REPLICAS], "n2=10.0.0.2:9000,n1=10.0.0.1:9000");
-        assert_eq!(ctx[CTX_SIZE_BYTES], "4096");
     }
 }

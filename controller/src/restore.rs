@@ -541,6 +541,7 @@ impl ControllerService {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fs_type::MinVolumeSize;
     use tessera_replica_protocol::control_proto::CopyProgress;
 
     fn copy(clone: bool) -> CopySource {

@@ -13,6 +13,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tessera_replica_protocol::seq::Epoch;
 
 use bytes::Bytes;
 use tessera_node::engine::{Engine, EngineConfig, ReplicaEndpoint};
@@ -158,9 +159,14 @@ async fn main() {
             data_address: a.to_string(),
         })
         .collect();
-    let engine = Engine::open(EngineConfig::new("bench", 1, eps, "n0"))
-        .await
-        .unwrap();
+    let engine = Engine::open(EngineConfig::new(
+        "bench",
+        Epoch::new(1).expect("epoch"),
+        eps,
+        "n0",
+    ))
+    .await
+    .unwrap();
     let dur = Duration::from_secs(3);
     for (name, qd, write) in [
         ("4k randwrite QD1", 1, true),

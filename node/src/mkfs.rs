@@ -20,56 +20,24 @@ use tokio::process::Command;
 /// quorum can take a while; a hang beyond this is reported instead of waited on.
 const TOOL_TIMEOUT: Duration = Duration::from_secs(600);
 
-/// The filesystems Tessera formats and mounts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FsType {
-    /// ext4, the default.
-    Ext4,
-    /// XFS.
-    Xfs,
-}
+pub use tessera_replica_protocol::volume_params::FsType;
 
-impl FsType {
-    /// Parses a CSI `fs_type` / StorageClass `fsType` value (case-insensitive).
-    pub fn parse(name: &str) -> Option<FsType> {
-        match name.to_ascii_lowercase().as_str() {
-            "ext4" => Some(FsType::Ext4),
-            "xfs" => Some(FsType::Xfs),
-            _ => None,
-        }
-    }
-
-    /// The name `mount(2)` and `blkid` use.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FsType::Ext4 => "ext4",
-            FsType::Xfs => "xfs",
-        }
-    }
-
-    /// Filesystem options the node plugin always mounts this filesystem with, on top
-    /// of the CO's `mount_flags`.
-    ///
-    /// xfs gets `nouuid`. A restored or cloned volume carries its source's filesystem
-    /// UUID with its blocks, and the kernel refuses to mount a second xfs with a UUID
-    /// already mounted ("Filesystem has duplicate UUID"), so without it a copy never
-    /// mounts on the node where its source is. Giving the copy a fresh UUID instead
-    /// (`xfs_admin -U generate`) needs a clean log, and a copy of a mounted volume has
-    /// a dirty one (snapshots are crash-consistent), so that route needs a mount anyway
-    /// to replay the log. What the UUID check guards against, one filesystem mounted
-    /// twice through two devices, cannot happen here: a volume has one device per node
-    /// and a single writer fenced by epochs. ext4 mounts duplicate UUIDs as they are.
-    pub fn implied_mount_options(self) -> &'static [&'static str] {
-        match self {
-            FsType::Ext4 => &[],
-            FsType::Xfs => &["nouuid"],
-        }
-    }
-}
-
-impl std::fmt::Display for FsType {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
+/// Filesystem options the node plugin always mounts `fs` with, on top of the CO's
+/// `mount_flags`.
+///
+/// xfs gets `nouuid`. A restored or cloned volume carries its source's filesystem
+/// UUID with its blocks, and the kernel refuses to mount a second xfs with a UUID
+/// already mounted ("Filesystem has duplicate UUID"), so without it a copy never
+/// mounts on the node where its source is. Giving the copy a fresh UUID instead
+/// (`xfs_admin -U generate`) needs a clean log, and a copy of a mounted volume has
+/// a dirty one (snapshots are crash-consistent), so that route needs a mount anyway
+/// to replay the log. What the UUID check guards against, one filesystem mounted
+/// twice through two devices, cannot happen here: a volume has one device per node
+/// and a single writer fenced by epochs. ext4 mounts duplicate UUIDs as they are.
+pub fn implied_mount_options(fs: FsType) -> &'static [&'static str] {
+    match fs {
+        FsType::Ext4 => &[],
+        FsType::Xfs => &["nouuid"],
     }
 }
 
@@ -242,8 +210,8 @@ mod tests {
         assert_eq!(FsType::parse("xfs"), Some(FsType::Xfs));
         assert_eq!(FsType::parse("btrfs"), None);
         assert_eq!(FsType::Xfs.to_string(), "xfs");
-        assert_eq!(FsType::Xfs.implied_mount_options(), ["nouuid"]);
-        assert!(FsType::Ext4.implied_mount_options().is_empty());
+        assert_eq!(implied_mount_options(FsType::Xfs), ["nouuid"]);
+        assert!(implied_mount_options(FsType::Ext4).is_empty());
     }
 
     #[test]

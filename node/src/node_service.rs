@@ -12,7 +12,7 @@
 //! Staging layout:
 //! * mount access: the volume's filesystem is mounted at `staging_target_path` (xfs
 //!   always with `nouuid`, so restores and clones, which carry their source's UUID,
-//!   mount next to it: [`FsType::implied_mount_options`]);
+//!   mount next to it: [`mkfs::implied_mount_options`]);
 //! * block access: the device node is bind-mounted onto the file
 //!   `<staging_target_path>/`[`BLOCK_STAGING_FILE`], so staging is visible in the mount
 //!   table like a mount volume, and publishing binds that file onto the target.
@@ -56,7 +56,6 @@ use tessera_csi_proto::TOPOLOGY_NODE_KEY;
 use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status};
 
-use crate::engine::config::{CTX_EPOCH, CTX_REPLICAS};
 use crate::engine_host::error::chain;
 use crate::engine_host::proto::engine_host_client::EngineHostClient;
 use crate::engine_host::proto::{
@@ -64,6 +63,8 @@ use crate::engine_host::proto::{
 };
 use crate::mkfs::{self, FsType, MkfsError, Probe};
 use crate::mount::{self, MountError, MountOptions, PathState};
+use tessera_replica_protocol::publish_context::{KEY_EPOCH, KEY_REPLICAS};
+use tessera_replica_protocol::volume_params::KEY_FS_TYPE;
 
 /// Default for [`NodeConfig::max_volumes_per_node`].
 pub const DEFAULT_MAX_VOLUMES_PER_NODE: i64 = 64;
@@ -71,9 +72,6 @@ pub const DEFAULT_MAX_VOLUMES_PER_NODE: i64 = 64;
 /// Name of the file inside a block volume's staging directory that the device node
 /// is bind-mounted onto.
 pub const BLOCK_STAGING_FILE: &str = "block";
-
-/// The `volume_context` key holding the StorageClass `fsType` parameter.
-pub const CTX_FS_TYPE: &str = "fsType";
 
 /// What the node plugin knows about the node it runs on.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -273,7 +271,7 @@ fn parse_capability(
         AccessType::Mount(m) => {
             let from_cap = (!m.fs_type.is_empty()).then_some(m.fs_type.as_str());
             let from_ctx = volume_context
-                .get(CTX_FS_TYPE)
+                .get(KEY_FS_TYPE)
                 .map(String::as_str)
                 .filter(|s| !s.is_empty());
             let name = match (from_cap, from_ctx) {
@@ -285,7 +283,7 @@ fn parse_capability(
                 }
                 (Some(a), _) => a,
                 (None, Some(b)) => b,
-                (None, None) => "ext4",
+                (None, None) => FsType::default().as_str(),
             };
             let fs = FsType::parse(name).ok_or_else(|| {
                 NodeError::Unsupported(format!("filesystem {name:?} (ext4 or xfs)"))
@@ -396,7 +394,7 @@ impl NodeService {
         let volume_id = required(&r.volume_id, "volume_id")?.to_owned();
         let staging = PathBuf::from(required(&r.staging_target_path, "staging_target_path")?);
         let cap = parse_capability(r.volume_capability.as_ref(), &r.volume_context)?;
-        for key in [CTX_EPOCH, CTX_REPLICAS] {
+        for key in [KEY_EPOCH, KEY_REPLICAS] {
             if !r.publish_context.contains_key(key) {
                 return Err(NodeError::Invalid {
                     field: "publish_context",
@@ -455,7 +453,7 @@ impl NodeService {
             source,
         })?;
         // `nouuid` for xfs, so restores and clones mount next to their source.
-        for option in fs.implied_mount_options() {
+        for option in mkfs::implied_mount_options(fs) {
             options.add_data_option(option);
         }
         let device = PathBuf::from(&volume.device_path);
@@ -1257,7 +1255,7 @@ mod tests {
     #[test]
     fn capability_resolution() {
         let none = HashMap::new();
-        let xfs_ctx = HashMap::from([(CTX_FS_TYPE.to_owned(), "xfs".to_owned())]);
+        let xfs_ctx = HashMap::from([(KEY_FS_TYPE.to_owned(), "xfs".to_owned())]);
         let c =
             parse_capability(Some(&mount_cap(Mode::SingleNodeWriter, "")), &none).expect("default");
         assert_eq!(
@@ -1303,8 +1301,8 @@ mod tests {
         let s = service();
         let cap = Some(mount_cap(Mode::SingleNodeWriter, "ext4"));
         let ctx = HashMap::from([
-            (CTX_EPOCH.to_owned(), "1".to_owned()),
-            (CTX_REPLICAS.to_owned(), "a=h:1".to_owned()),
+            (KEY_EPOCH.to_owned(), "1".to_owned()),
+            (KEY_REPLICAS.to_owned(), "a=h:1".to_owned()),
         ]);
         let stage =
             |id: &str, path: &str, cap: Option<VolumeCapability>, ctx: &HashMap<String, String>| {

@@ -7,6 +7,7 @@ mod engine_support;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tessera_replica_protocol::seq::Epoch;
 
 use bytes::Bytes;
 use engine_support::{pattern, wait_for, Cluster, Event, StoreReplica};
@@ -588,7 +589,7 @@ async fn corrupt_block_in_the_checksummed_store_is_repaired() {
         })
         .collect();
     // node-1 is local, so reads try its (corrupted) copy first.
-    let mut config = EngineConfig::new("vol-store", 1, eps, "node-1");
+    let mut config = EngineConfig::new("vol-store", Epoch::new(1).unwrap(), eps, "node-1");
     config.request_timeout = NO_HANG;
     let engine = Engine::open(config).await.unwrap();
     let data = pattern(42, 8 * BS as usize);

@@ -11,6 +11,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+use tessera_replica_protocol::seq::Epoch;
 
 use bytes::Bytes;
 use nix::sys::signal::{killpg, Signal};
@@ -213,7 +214,7 @@ impl Cluster {
                 data_address: d.data.clone(),
             })
             .collect();
-        let mut c = EngineConfig::new(&self.volume, epoch, eps, local);
+        let mut c = EngineConfig::new(&self.volume, Epoch::new(epoch).expect("epoch"), eps, local);
         c.request_timeout = timeout;
         c.expected_size = Some(self.size);
         c

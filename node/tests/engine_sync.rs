@@ -7,6 +7,7 @@
 mod engine_support;
 
 use std::time::Duration;
+use tessera_replica_protocol::seq::Epoch;
 
 use bytes::Bytes;
 use engine_support::{pattern, wait_for, StoreReplica};
@@ -31,7 +32,7 @@ async fn replicas(size: u64) -> Vec<StoreReplica> {
 fn config(epoch: u64, local: &str, reps: &[StoreReplica]) -> EngineConfig {
     let mut c = EngineConfig::new(
         VOL,
-        epoch,
+        Epoch::new(epoch).expect("epoch"),
         reps.iter().map(|r| r.endpoint()).collect(),
         local,
     );

@@ -15,7 +15,6 @@ use clap::Parser;
 use tessera_controller::controller_service::DEFAULT_COPY_WAIT;
 use tessera_controller::endpoint::CsiEndpoint;
 use tessera_controller::metrics::{serve_http, Metrics};
-use tessera_controller::parameters::parse_duration;
 use tessera_controller::{
     load_index, ControllerConfig, ControllerService, IdentityService, PoolConfig, ReplicaPool,
     SnapshotMetadataService,
@@ -23,6 +22,7 @@ use tessera_controller::{
 use tessera_csi_proto::v1::controller_server::ControllerServer;
 use tessera_csi_proto::v1::identity_server::IdentityServer;
 use tessera_csi_proto::v1::snapshot_metadata_server::SnapshotMetadataServer;
+use tessera_replica_protocol::units::parse_duration;
 use tokio::sync::watch;
 
 /// Tessera CSI controller plugin (Identity, Controller and SnapshotMetadata services).

@@ -1,15 +1,13 @@
-//! What an engine needs to open a volume, and how it is read from the CSI
-//! `publish_context` the controller hands out at ControllerPublishVolume.
+//! What an engine needs to open a volume, built from the CSI `publish_context` the
+//! controller hands out at ControllerPublishVolume (whose format is the protocol
+//! crate's [`PublishContext`]).
 
 use std::collections::HashMap;
 use std::time::Duration;
 
-/// `publish_context` key holding the fencing epoch (decimal `u64`).
-pub const CTX_EPOCH: &str = "epoch";
-/// `publish_context` key holding the replica set: `node_id=host:port,node_id=host:port`.
-pub const CTX_REPLICAS: &str = "replicas";
-/// `publish_context` key holding the volume size in bytes (decimal `u64`).
-pub const CTX_SIZE_BYTES: &str = "sizeBytes";
+pub use tessera_replica_protocol::publish_context::ReplicaEndpoint;
+use tessera_replica_protocol::publish_context::{PublishContext, PublishContextError};
+use tessera_replica_protocol::seq::Epoch;
 
 /// Largest replica set an engine accepts. Per-operation replica sets are bitmasks of
 /// this width, which keeps the per-I/O bookkeeping to a few atomic words.
@@ -21,24 +19,13 @@ pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// reconciles after a crash is roughly what was written in the last two periods.
 pub const DEFAULT_CLEAN_INTERVAL: Duration = Duration::from_secs(5);
 
-/// One replica of the volume: which node holds it and where its data plane listens.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ReplicaEndpoint {
-    /// Node the replica daemon runs on; compared with [`EngineConfig::local_node_id`]
-    /// to prefer the local copy for reads, and shown in status.
-    pub node_id: String,
-    /// `host:port` of the replica daemon's data plane.
-    pub data_address: String,
-}
-
 /// Everything [`super::Engine::open`] needs.
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
     /// Volume id, sent to every replica at HELLO.
     pub volume_id: String,
-    /// Fencing epoch this engine writes with (from ControllerPublishVolume). At most
-    /// `tessera_replica_protocol::seq::MAX_EPOCH`, so its seqs can be encoded.
-    pub epoch: u64,
+    /// Fencing epoch this engine writes with (from ControllerPublishVolume).
+    pub epoch: Epoch,
     /// The whole replica set. A majority of *this* list (not of the replicas that
     /// happen to be reachable) must acknowledge every write.
     pub replicas: Vec<ReplicaEndpoint>,
@@ -61,7 +48,7 @@ impl EngineConfig {
     /// A configuration with default timeouts and no expected size.
     pub fn new(
         volume_id: impl Into<String>,
-        epoch: u64,
+        epoch: Epoch,
         replicas: Vec<ReplicaEndpoint>,
         local_node_id: impl Into<String>,
     ) -> Self {
@@ -76,21 +63,16 @@ impl EngineConfig {
         }
     }
 
-    /// Builds a configuration from the `publish_context` of ControllerPublishVolume
-    /// (keys [`CTX_EPOCH`], [`CTX_REPLICAS`], [`CTX_SIZE_BYTES`]), so the node plugin
-    /// does not parse the controller's format itself. Each malformed or missing key
-    /// is reported by name.
+    /// Builds a configuration from the `publish_context` of ControllerPublishVolume.
+    /// Each malformed or missing key is reported by name.
     pub fn from_publish_context(
         volume_id: &str,
         ctx: &HashMap<String, String>,
         local_node_id: &str,
     ) -> Result<Self, ConfigError> {
-        let get = |key: &'static str| ctx.get(key).ok_or(ConfigError::MissingKey { key });
-        let epoch = parse_u64(CTX_EPOCH, get(CTX_EPOCH)?)?;
-        let replicas = parse_replicas(get(CTX_REPLICAS)?)?;
-        let size = parse_u64(CTX_SIZE_BYTES, get(CTX_SIZE_BYTES)?)?;
-        let mut config = EngineConfig::new(volume_id, epoch, replicas, local_node_id);
-        config.expected_size = Some(size);
+        let ctx = PublishContext::try_from(ctx)?;
+        let mut config = EngineConfig::new(volume_id, ctx.epoch, ctx.replicas, local_node_id);
+        config.expected_size = Some(ctx.size_bytes);
         config.validate()?;
         Ok(config)
     }
@@ -99,9 +81,6 @@ impl EngineConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.volume_id.is_empty() {
             return Err(ConfigError::EmptyVolumeId);
-        }
-        if self.epoch > tessera_replica_protocol::seq::MAX_EPOCH {
-            return Err(ConfigError::EpochTooLarge { epoch: self.epoch });
         }
         if self.replicas.is_empty() {
             return Err(ConfigError::NoReplicas);
@@ -125,70 +104,16 @@ impl EngineConfig {
     }
 }
 
-fn parse_u64(key: &'static str, value: &str) -> Result<u64, ConfigError> {
-    value.trim().parse().map_err(|_| ConfigError::InvalidValue {
-        key,
-        value: value.to_owned(),
-        expected: "a decimal unsigned integer",
-    })
-}
-
-/// Parses `node_id=host:port,node_id=host:port`. The node id ends at the first `=`,
-/// so addresses may contain any character but `,` (IPv6 `[::1]:7000` works).
-fn parse_replicas(value: &str) -> Result<Vec<ReplicaEndpoint>, ConfigError> {
-    let invalid = || ConfigError::InvalidValue {
-        key: CTX_REPLICAS,
-        value: value.to_owned(),
-        expected: "a comma-separated list of node_id=host:port",
-    };
-    let mut out = Vec::new();
-    for entry in value.split(',') {
-        let (node_id, addr) = entry.trim().split_once('=').ok_or_else(invalid)?;
-        let (node_id, addr) = (node_id.trim(), addr.trim());
-        // The port must be the part after the last colon and parse as a u16.
-        let port_ok = addr
-            .rsplit_once(':')
-            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
-        if node_id.is_empty() || !port_ok {
-            return Err(invalid());
-        }
-        out.push(ReplicaEndpoint {
-            node_id: node_id.to_owned(),
-            data_address: addr.to_owned(),
-        });
-    }
-    Ok(out)
-}
-
 /// Why an [`EngineConfig`] is unusable.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum ConfigError {
-    /// A required `publish_context` key is absent.
-    #[error("publish_context has no {key:?} key")]
-    MissingKey {
-        /// The missing key.
-        key: &'static str,
-    },
-    /// A `publish_context` value does not parse.
-    #[error("publish_context value {value:?} of key {key:?} is not {expected}")]
-    InvalidValue {
-        /// The key whose value is wrong.
-        key: &'static str,
-        /// The value as given.
-        value: String,
-        /// What the value should look like.
-        expected: &'static str,
-    },
+    /// The `publish_context` lacks a key or holds a malformed value.
+    #[error(transparent)]
+    PublishContext(#[from] PublishContextError),
     /// The volume id is empty.
     #[error("volume id is empty")]
     EmptyVolumeId,
-    /// The epoch does not fit the 24 bits left above the 40-bit write counter.
-    #[error("epoch {epoch} does not fit in 24 bits")]
-    EpochTooLarge {
-        /// The epoch given.
-        epoch: u64,
-    },
     /// The replica list is empty.
     #[error("replica list is empty")]
     NoReplicas,
@@ -232,7 +157,7 @@ mod tests {
             "n2",
         )
         .unwrap();
-        assert_eq!(c.epoch, 7);
+        assert_eq!(c.epoch.get(), 7);
         assert_eq!(c.expected_size, Some(1 << 30));
         assert_eq!(c.local_node_id, "n2");
         assert_eq!(c.request_timeout, DEFAULT_REQUEST_TIMEOUT);
@@ -242,38 +167,16 @@ mod tests {
     }
 
     #[test]
-    fn names_the_bad_key() {
-        let base = [("epoch", "1"), ("replicas", "a=h:1"), ("sizeBytes", "4096")];
-        for missing in ["epoch", "replicas", "sizeBytes"] {
-            let m: Vec<_> = base
-                .iter()
-                .copied()
-                .filter(|(k, _)| *k != missing)
-                .collect();
-            let err = EngineConfig::from_publish_context("v", &ctx(&m), "a").unwrap_err();
-            assert_eq!(err, ConfigError::MissingKey { key: missing }, "{missing}");
-            assert!(err.to_string().contains(missing));
-        }
-        for (key, bad) in [
-            ("epoch", "-1"),
-            ("sizeBytes", "1Gi"),
-            ("replicas", "a"),
-            ("replicas", "=h:1"),
-            ("replicas", "a=h"),
-            ("replicas", "a=h:99999"),
-            ("replicas", "a=:1"),
-            ("replicas", "a=h:1,,b=h:2"),
-        ] {
-            let m: Vec<_> = base
-                .iter()
-                .map(|&(k, v)| if k == key { (k, bad) } else { (k, v) })
-                .collect();
-            let err = EngineConfig::from_publish_context("v", &ctx(&m), "a").unwrap_err();
-            assert!(
-                matches!(&err, ConfigError::InvalidValue { key: k, value, .. } if *k == key && value == bad),
-                "{key}={bad}: {err:?}"
-            );
-        }
+    fn a_bad_publish_context_names_its_key() {
+        let err =
+            EngineConfig::from_publish_context("v", &ctx(&[("epoch", "1")]), "a").unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                ConfigError::PublishContext(PublishContextError::MissingKey { key: "replicas" })
+            ),
+            "{err:?}"
+        );
     }
 
     #[test]
@@ -282,7 +185,8 @@ mod tests {
             node_id: n.into(),
             data_address: "h:1".into(),
         };
-        let mut c = EngineConfig::new("v", 1, vec![ep("a"), ep("a")], "a");
+        let one = Epoch::new(1).unwrap();
+        let mut c = EngineConfig::new("v", one, vec![ep("a"), ep("a")], "a");
         assert_eq!(
             c.validate(),
             Err(ConfigError::DuplicateReplica {
@@ -292,13 +196,6 @@ mod tests {
         c.replicas = vec![];
         assert_eq!(c.validate(), Err(ConfigError::NoReplicas));
         c.replicas = vec![ep("a")];
-        let max = tessera_replica_protocol::seq::MAX_EPOCH;
-        c.epoch = max + 1;
-        assert_eq!(
-            c.validate(),
-            Err(ConfigError::EpochTooLarge { epoch: max + 1 })
-        );
-        c.epoch = max;
         assert_eq!(c.validate(), Ok(()));
         c.request_timeout = Duration::ZERO;
         assert_eq!(c.validate(), Err(ConfigError::ZeroTimeout));

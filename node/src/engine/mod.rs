@@ -288,7 +288,7 @@ impl Engine {
             ReplicaDataClient::connect_with(
                 r.data_address.as_str(),
                 &config.volume_id,
-                config.epoch,
+                config.epoch.get(),
                 client_config.clone(),
             )
         });
@@ -318,7 +318,7 @@ impl Engine {
                     };
                     return Err(EngineError::Fenced {
                         volume_id: config.volume_id.clone(),
-                        epoch: config.epoch,
+                        epoch: config.epoch.get(),
                         replica_epoch,
                         node_id: ep.node_id.clone(),
                     });
@@ -387,7 +387,7 @@ impl Engine {
         let engine = Engine {
             inner: Arc::new(Inner {
                 volume_id: config.volume_id,
-                epoch: config.epoch,
+                epoch: config.epoch.get(),
                 size: AtomicU64::new(size),
                 quorum,
                 local,

@@ -171,6 +171,7 @@ impl From<EngineHostError> for Status {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tessera_replica_protocol::publish_context::PublishContextError;
 
     #[test]
     fn codes_follow_what_the_caller_must_do() {
@@ -182,7 +183,7 @@ mod tests {
         assert_eq!(stale.code(), tonic::Code::FailedPrecondition);
         let ctx = EngineHostError::PublishContext {
             volume_id: "v".into(),
-            source: ConfigError::MissingKey { key: "epoch" },
+            source: ConfigError::PublishContext(PublishContextError::MissingKey { key: "epoch" }),
         };
         assert_eq!(ctx.code(), tonic::Code::InvalidArgument);
         let status = Status::from(ctx);

@@ -208,17 +208,18 @@ impl EngineHost {
         let mut slot = slot.lock().await;
         if let Some(current) = &slot.attached {
             let attached = current.info.epoch;
-            if config.epoch == attached {
+            let requested = config.epoch.get();
+            if requested == attached {
                 return Ok(current.info.clone());
             }
-            if config.epoch < attached {
+            if requested < attached {
                 return Err(EngineHostError::StaleEpoch {
                     volume_id: volume_id.to_owned(),
-                    requested: config.epoch,
+                    requested,
                     attached,
                 });
             }
-            tracing::warn!(volume = %volume_id, old_epoch = attached, new_epoch = config.epoch, "newer epoch: replacing the running engine");
+            tracing::warn!(volume = %volume_id, old_epoch = attached, new_epoch = requested, "newer epoch: replacing the running engine");
             if let Some(old) = slot.attached.take() {
                 lock(&self.listed).remove(volume_id);
                 self.teardown(old, true).await?;
@@ -243,7 +244,7 @@ impl EngineHost {
         volume_id: &str,
         config: EngineConfig,
     ) -> Result<Attached, EngineHostError> {
-        let epoch = config.epoch;
+        let epoch = config.epoch.get();
         let mountpoint = self.volume_dir(volume_id).join(FUSE_DIR);
         let io = |what, path: &Path| {
             let path = path.to_owned();

@@ -21,6 +21,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tessera_replica_protocol::seq::Epoch;
 
 use tessera_node::engine::{EngineConfig, ReplicaEndpoint};
 use tessera_replica::block_io::{BlockIoError, OpenVolume, VolumeBlocks, VolumeRegistry};
@@ -431,7 +432,12 @@ impl Cluster {
                 data_address: r.addr.to_string(),
             })
             .collect();
-        let mut c = EngineConfig::new(&self.volume_id, epoch, eps, local);
+        let mut c = EngineConfig::new(
+            &self.volume_id,
+            Epoch::new(epoch).expect("epoch"),
+            eps,
+            local,
+        );
         c.request_timeout = timeout;
         c.expected_size = Some(self.size);
         c

@@ -26,6 +26,72 @@ pub fn next_epoch(current: u64) -> Option<u64> {
     current.checked_add(1).filter(|e| *e <= MAX_EPOCH)
 }
 
+/// A fencing epoch that a seq can carry (at most [`MAX_EPOCH`]). The wire and the
+/// records carry it as a `u64`; an [`Epoch`] is one that has been checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Epoch(u64);
+
+/// An epoch above [`MAX_EPOCH`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("epoch {0} does not fit the seq layout (at most {MAX_EPOCH})")]
+pub struct EpochOutOfRange(pub u64);
+
+impl Epoch {
+    /// Epoch 0: a volume never published.
+    pub const ZERO: Epoch = Epoch(0);
+
+    /// Checks that `epoch` fits the seq layout.
+    pub fn new(epoch: u64) -> Result<Epoch, EpochOutOfRange> {
+        if epoch <= MAX_EPOCH {
+            Ok(Epoch(epoch))
+        } else {
+            Err(EpochOutOfRange(epoch))
+        }
+    }
+
+    /// The number as the wire and the records carry it.
+    pub fn get(self) -> u64 {
+        self.0
+    }
+
+    /// The epoch that fences this one, if the epoch space is not exhausted.
+    pub fn next(self) -> Option<Epoch> {
+        next_epoch(self.0).map(Epoch)
+    }
+
+    /// The seq of write number `counter` of an engine at this epoch; `None` once the
+    /// counter is exhausted.
+    pub fn seq(self, counter: u64) -> Option<u64> {
+        seq(self.0, counter)
+    }
+}
+
+impl std::fmt::Display for Epoch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::str::FromStr for Epoch {
+    type Err = EpochParseError;
+
+    fn from_str(s: &str) -> Result<Epoch, EpochParseError> {
+        let n: u64 = s.trim().parse().map_err(|_| EpochParseError::NotANumber)?;
+        Ok(Epoch::new(n)?)
+    }
+}
+
+/// Why a string is not an [`Epoch`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum EpochParseError {
+    /// Not a decimal unsigned integer.
+    #[error("not a decimal unsigned integer")]
+    NotANumber,
+    /// A number above [`MAX_EPOCH`].
+    #[error(transparent)]
+    OutOfRange(#[from] EpochOutOfRange),
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -43,5 +109,23 @@ mod tests {
         assert_eq!(next_epoch(0), Some(1));
         assert_eq!(next_epoch(MAX_EPOCH), None);
         assert_eq!(next_epoch(u64::MAX), None);
+    }
+
+    #[test]
+    fn epochs_are_checked_where_they_are_made() {
+        assert_eq!(Epoch::new(MAX_EPOCH).map(Epoch::get), Ok(MAX_EPOCH));
+        assert_eq!(
+            Epoch::new(MAX_EPOCH + 1),
+            Err(EpochOutOfRange(MAX_EPOCH + 1))
+        );
+        assert_eq!(Epoch::new(MAX_EPOCH).unwrap().next(), None);
+        assert_eq!(Epoch::ZERO.next(), Epoch::new(1).ok());
+        assert_eq!(Epoch::new(2).unwrap().seq(3), seq(2, 3));
+        assert_eq!("7".parse::<Epoch>(), Ok(Epoch(7)));
+        assert_eq!("-1".parse::<Epoch>(), Err(EpochParseError::NotANumber));
+        assert!(matches!(
+            (MAX_EPOCH + 1).to_string().parse::<Epoch>(),
+            Err(EpochParseError::OutOfRange(_))
+        ));
     }
 }

@@ -37,7 +37,6 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use tessera_replica::capacity::parse_size;
 use tessera_replica::catalog::{Catalog, CatalogConfig, CatalogIo};
 use tessera_replica::control_service::{ControlService, NodeInfo};
 use tessera_replica::copy::{CopyConfig, CopyManager};
@@ -50,6 +49,7 @@ use tessera_replica::scheduler::{
 };
 use tessera_replica::volume_registry::CatalogRegistry;
 use tessera_replica_protocol::control_proto::replica_control_server::ReplicaControlServer;
+use tessera_replica_protocol::units::parse_size;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -223,7 +223,7 @@ fn scheduler_config(args: &Args) -> Result<SchedulerConfig> {
 
 /// A piece size: a size like `128Ki`, 0 to 64 MiB (the largest transfer accepted).
 fn parse_transfer(s: &str) -> Result<usize, String> {
-    let bytes = parse_size(s).map_err(|e| e.to_string())?;
+    let bytes = parse_size(s.trim()).map_err(|e| e.to_string())?;
     match usize::try_from(bytes) {
         Ok(n) if n <= tessera_replica::scheduler::MAX_IO_LEN => Ok(n),
         _ => Err(format!(
@@ -234,7 +234,7 @@ fn parse_transfer(s: &str) -> Result<usize, String> {
 }
 
 fn parse_capacity(s: &str) -> Result<u64, String> {
-    parse_size(s).map_err(|e| e.to_string())
+    parse_size(s.trim()).map_err(|e| e.to_string())
 }
 
 #[tokio::main]

@@ -24,6 +24,8 @@ use tokio::task::JoinSet;
 
 use crate::block_io::{BlockIoError, OpenVolume, VolumeBlocks, VolumeRegistry, BLOCK_SIZE};
 
+use tessera_replica_protocol::seq::{Epoch, MAX_EPOCH};
+
 use super::reply::remote_error;
 use super::shards::Shards;
 use tessera_replica_protocol::data::error::{ErrorCode, RemoteError};
@@ -308,18 +310,11 @@ async fn handshake<R: VolumeRegistry>(
     let volume = registry
         .open(&hello.volume_id)
         .map_err(|e| remote_error(&e))?;
-    let wanted = h.epoch;
-    if wanted > crate::seq::MAX_EPOCH {
-        // Adopting it would leave the volume with no epoch anyone could publish at.
-        return Err(RemoteError::new(
-            ErrorCode::InvalidRequest,
-            crate::seq::MAX_EPOCH,
-            format!(
-                "epoch {wanted} exceeds the largest epoch a write sequence number can carry ({})",
-                crate::seq::MAX_EPOCH
-            ),
-        ));
-    }
+    // Adopting an epoch beyond the seq layout would leave the volume with no epoch
+    // anyone could publish at.
+    let wanted = Epoch::new(h.epoch)
+        .map_err(|e| RemoteError::new(ErrorCode::InvalidRequest, MAX_EPOCH, e.to_string()))?
+        .get();
     let current = volume.epoch.load(std::sync::atomic::Ordering::Acquire);
     if wanted > current {
         // Persist first, then publish: a crash between the two leaves the durable
