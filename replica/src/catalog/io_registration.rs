@@ -193,3 +193,97 @@ impl Catalog {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::catalog::test_support::{new_volume, MIB};
+    use crate::catalog::{CatalogConfig, RECORD_FILE};
+    use crate::record;
+    use crate::scheduler::{EngineKind, SchedulerConfig};
+
+    /// A catalog whose volumes are registered with a scheduler of its own. Needs a
+    /// tokio runtime (the scheduler's timer task).
+    fn open_scheduled(dir: &Path) -> Catalog {
+        let scheduler = Scheduler::new(SchedulerConfig {
+            name: "catalog-test".into(),
+            engine: EngineKind::Sync { threads: 1 },
+            ..SchedulerConfig::default()
+        })
+        .expect("scheduler");
+        Catalog::open_with_io(
+            CatalogConfig {
+                data_dir: dir.to_path_buf(),
+                capacity_bytes: Some(100 * MIB),
+            },
+            Some(CatalogIo {
+                scheduler: Arc::new(scheduler),
+                direct: false,
+            }),
+        )
+        .expect("open catalog")
+    }
+
+    fn max_iops(value: &str) -> BTreeMap<String, String> {
+        [("maxIOPS".to_string(), value.to_string())].into()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn volumes_run_with_their_records_qos_and_updates_apply_live() {
+        tokio::task::spawn_blocking(|| {
+            let tmp = tempfile::tempdir().expect("tempdir");
+            let cat = open_scheduled(tmp.path());
+            let mut new = new_volume("v1", MIB);
+            new.parameters = max_iops("100");
+            cat.create(new).expect("create");
+            let reports = cat.io_reports();
+            assert_eq!(reports.len(), 1);
+            assert_eq!(
+                (reports[0].qos.max_iops, reports[0].qos_error.clone()),
+                (Some(100), None)
+            );
+            let handle = cat.volume_handle("v1").expect("registration");
+            cat.update("v1", 1, Vec::new(), max_iops("200"))
+                .expect("update");
+            assert_eq!(handle.qos().max_iops, Some(200));
+            // The store's I/O goes through the registration.
+            let (store, _) = cat.open_store("v1").expect("store");
+            let before = handle.stats().completed_ops;
+            store.write(0, &[1u8; 4096], 1).expect("write");
+            assert!(handle.stats().completed_ops > before);
+            drop((store, handle));
+
+            // A record holding invalid QoS loads unlimited, with the reason, and is
+            // served until an update fixes it.
+            let path = tmp.path().join("volumes/v1").join(RECORD_FILE);
+            let mut rec = record::read_file(&path).expect("record");
+            rec.parameters = max_iops("lots");
+            record::write_file(&path, &rec).expect("write record");
+            drop(cat);
+            let cat = open_scheduled(tmp.path());
+            let report = cat.io_reports().remove(0);
+            assert_eq!(report.qos, Qos::unlimited());
+            assert!(
+                report
+                    .qos_error
+                    .as_deref()
+                    .is_some_and(|e| e.contains("maxIOPS")),
+                "{report:?}"
+            );
+            assert!(cat.open_store("v1").is_ok());
+            cat.update("v1", rec.generation, Vec::new(), max_iops("50"))
+                .expect("fix");
+            let report = cat.io_reports().remove(0);
+            assert_eq!((report.qos.max_iops, report.qos_error), (Some(50), None));
+
+            // A delete ends the registration.
+            assert!(cat.delete("v1").expect("delete"));
+            assert!(cat.io_reports().is_empty());
+            assert!(cat.volume_handle("v1").is_none());
+        })
+        .await
+        .expect("blocking task");
+    }
+}
