@@ -48,8 +48,8 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use bytes::Bytes;
 use tessera_replica::scheduler::{
-    AlignedBuf, BackgroundLimits, EngineKind, IoClass, IoRequest, LocalRing, Qos, Scheduler,
-    SchedulerConfig, VolumeHandle, DEFAULT_QUEUE_DEPTH,
+    run_with_local_ring, AlignedBuf, BackgroundLimits, EngineKind, IoClass, IoRequest, Qos,
+    Scheduler, SchedulerConfig, VolumeHandle, DEFAULT_QUEUE_DEPTH,
 };
 use tessera_replica::store::{
     with_io_priority, BlockFileFactory, IoPriority, LayeredStore, ScheduledFileFactory,
@@ -1284,7 +1284,8 @@ async fn part_d(dir: &Path, dur: Duration, args: &Args) -> Result<Vec<Row>> {
 }
 
 /// [`store_async_load`] on a thread of its own with a single-threaded runtime and a
-/// [`LocalRing`], as a data-plane shard of the daemon runs a connection.
+/// ring of its own ([`run_with_local_ring`]), as a data-plane shard of the daemon runs a
+/// connection.
 async fn store_load_on_shard(
     store: &Arc<LayeredStore>,
     write: bool,
@@ -1296,15 +1297,9 @@ async fn store_load_on_shard(
             .enable_all()
             .build()?;
         let local = tokio::task::LocalSet::new();
-        let load = rt.block_on(local.run_until(async move {
-            let ring = LocalRing::install(DEFAULT_QUEUE_DEPTH)?;
-            let reaper = tokio::task::spawn_local(ring.run());
-            let load = store_async_load(&store, write, dur).await;
-            reaper.abort();
-            load
-        }));
-        LocalRing::uninstall();
-        load
+        rt.block_on(local.run_until(async move {
+            run_with_local_ring(DEFAULT_QUEUE_DEPTH, store_async_load(&store, write, dur)).await?
+        }))
     });
     tokio::task::spawn_blocking(move || thread.join())
         .await?

@@ -13,7 +13,7 @@ use tonic::{Code, Request, Response, Status};
 use tracing::{error, warn};
 
 use crate::block_io::BLOCK_SIZE;
-use crate::catalog::{Catalog, CatalogError};
+use crate::catalog::{Catalog, CatalogError, NewVolume};
 use crate::control_proto as proto;
 use crate::control_proto::replica_control_server::ReplicaControl;
 use crate::copy::CopyManager;
@@ -249,7 +249,7 @@ impl ReplicaControl for ControlService {
         &self,
         request: Request<proto::CreateVolumeRequest>,
     ) -> Result<Response<proto::VolumeRecord>, Status> {
-        let new = request.into_inner().into();
+        let new = new_volume(request.into_inner());
         let result = self.blocking(move |c| c.create(new)).await;
         if let (Ok(out), Some(copies)) = (&result, &self.copies) {
             if out.record.pending_copy().is_some() {
@@ -425,6 +425,21 @@ impl ReplicaControl for ControlService {
             })
             .await;
         self.finish("SnapshotRanges", result)
+    }
+}
+
+/// The catalog's form of a CreateVolume request.
+fn new_volume(r: proto::CreateVolumeRequest) -> NewVolume {
+    NewVolume {
+        volume_id: r.volume_id,
+        name: r.name,
+        size_bytes: r.size_bytes,
+        replication_factor: r.replication_factor,
+        replicas: r.replicas.into_iter().map(Into::into).collect(),
+        parameters: r.parameters.into_iter().collect(),
+        created_unix_nanos: r.created_unix_nanos,
+        access_type: r.access_type,
+        copy_source: r.copy_source.map(Into::into),
     }
 }
 

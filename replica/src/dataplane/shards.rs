@@ -1,5 +1,5 @@
 //! Data-plane shards: threads that each run a single-threaded tokio runtime with an
-//! io_uring of their own ([`LocalRing`]), so a connection's requests are read, stored
+//! io_uring of their own ([`scheduler::run_with_local_ring`]), so a connection's requests are read, stored
 //! and answered on one thread, disk I/O included.
 //!
 //! Why: see the `scheduler::uring::local` module. The accept loop stays on the
@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
-use crate::scheduler::LocalRing;
+use crate::scheduler;
 
 /// A job for a shard: builds the future to run there (inside the shard's runtime, so
 /// it can register sockets with that runtime's reactor).
@@ -148,37 +148,16 @@ fn run_shard(
             return;
         }
     };
-    runtime.block_on(async move {
-        let ring = match LocalRing::install(ring_depth) {
-            Ok(ring) => ring,
-            Err(e) => {
-                let _ = ready.send(Err(io::Error::other(e)));
-                return;
-            }
-        };
+    let failed = ready.clone();
+    let served = runtime.block_on(scheduler::run_with_local_ring(ring_depth, async move {
         let _ = ready.send(Ok(()));
-        let reaper = ring.run();
-        tokio::pin!(reaper);
-        loop {
-            tokio::select! {
-                _ = &mut reaper => {
-                    // The ring failed; submissions now go to the ring thread. Keep
-                    // serving jobs.
-                    while let Some(job) = jobs.recv().await {
-                        tokio::spawn(job());
-                    }
-                    break;
-                }
-                job = jobs.recv() => match job {
-                    Some(job) => {
-                        tokio::spawn(job());
-                    }
-                    None => break,
-                },
-            }
+        while let Some(job) = jobs.recv().await {
+            tokio::spawn(job());
         }
-    });
-    LocalRing::uninstall();
+    }));
+    if let Err(e) = served {
+        let _ = failed.send(Err(io::Error::other(e)));
+    }
 }
 
 #[cfg(test)]

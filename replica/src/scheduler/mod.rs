@@ -39,16 +39,18 @@
 //! submitted, which is what the engine's write/flush protocol relies on. Picking costs
 //! O(volumes) per dispatch (see the `edf` module).
 //!
-//! *Blocking callers.* Code that runs on a blocking thread (the block store's blocking
-//! API) uses [`VolumeHandle::submit_blocking`]: the request is queued the same way and
-//! the thread parks until the completion callback resolves it. Never call it on a tokio
-//! worker thread: a throttled request is released by the timer task, which then may
-//! not run. The data plane's path is async ([`VolumeHandle::submit`]).
+//! *Waiting.* [`VolumeHandle::submit`] returns a [`Submission`], a named future the
+//! block store's files hand out without boxing. Async callers (the data plane, copies)
+//! await it; a plain thread (the store's blocking API, tools through
+//! [`VolumeHandle::submit_blocking`]) parks until the completion callback resolves it.
+//! Never park that way on a tokio worker thread (a throttled request is released by the
+//! timer task, which then may not run) nor on a thread that runs
+//! [`run_with_local_ring`] (its completions are reaped by that very thread).
 //!
 //! Layout: [`aligned_buf`] (O_DIRECT buffers), [`clock`], [`token_bucket`], `edf`
 //! (pure policy), [`background`] (the background cap), [`engine`] (the engine trait),
 //! [`uring`] and [`sync_engine`] (the two engines; the io_uring one also gives each
-//! data-plane shard thread a ring of its own), [`stats`], [`params`] (QoS from
+//! data-plane shard thread a ring of its own through [`run_with_local_ring`]), [`stats`], [`params`] (QoS from
 //! volume-record parameters).
 
 pub mod aligned_buf;
@@ -70,7 +72,9 @@ use std::fmt;
 use std::fs::File;
 use std::future::Future;
 use std::io;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::sync::{oneshot, Notify};
@@ -82,7 +86,7 @@ pub use engine::{EngineError, EngineOp, IoEngine, Rejected};
 pub use stats::VolumeStats;
 pub use sync_engine::SyncEngine;
 pub use token_bucket::TokenBucket;
-pub use uring::{LocalFirstEngine, LocalRing, UringEngine};
+pub use uring::{run_with_local_ring, LocalFirstEngine, UringEngine};
 
 use background::BackgroundGate;
 use clock::duration_ns;
@@ -838,31 +842,26 @@ impl VolumeHandle {
 
     /// Queues `request` now and returns a future of its outcome. Dropping the future
     /// before dispatch cancels the request; after dispatch it only detaches.
-    pub fn submit(
-        &self,
-        class: IoClass,
-        request: IoRequest,
-    ) -> impl Future<Output = Result<IoCompletion, SchedulerError>> + Send + 'static {
-        let queued = self.enqueue(class, request);
-        async move {
-            match queued {
-                Ok(rx) => rx.await.unwrap_or(Err(SchedulerError::ShutDown)),
-                Err(e) => Err(e),
-            }
+    pub fn submit(&self, class: IoClass, request: IoRequest) -> Submission {
+        Submission {
+            state: match self.enqueue(class, request) {
+                Ok(rx) => SubmissionState::Queued(rx),
+                Err(e) => SubmissionState::Refused(Some(e)),
+            },
         }
     }
 
     /// Queues `request` and waits for its outcome on the calling thread, for code that
-    /// runs on blocking threads (the block store behind `spawn_blocking`). The thread
-    /// parks until the completion callback resolves the request, so it costs one
-    /// wake-up, no polling. Must not run on a tokio worker thread (see the module doc).
+    /// runs on plain threads (tools, benchmarks). The thread parks until the
+    /// completion callback resolves the request, so it costs one wake-up, no polling.
+    /// Must not run on a tokio worker thread, nor on a thread with a ring of its own
+    /// (see the module doc).
     pub fn submit_blocking(
         &self,
         class: IoClass,
         request: IoRequest,
     ) -> Result<IoCompletion, SchedulerError> {
-        let rx = self.enqueue(class, request)?;
-        crate::park::block_on(rx).unwrap_or(Err(SchedulerError::ShutDown))
+        crate::park::block_on(self.submit(class, request))
     }
 
     fn enqueue(
@@ -941,130 +940,33 @@ impl VolumeHandle {
     }
 }
 
-/// A file of one volume with `std`-like async methods, for the block store: it maps
-/// `read_at`/`write_at`/`sync_data`/`punch_hole` onto scheduled requests of the right
-/// class, so the store needs no knowledge of queues or engines.
-#[derive(Debug, Clone)]
-pub struct ScheduledFile {
-    volume: VolumeHandle,
-    file: Arc<File>,
-    background: bool,
+/// The outcome of a request queued by [`VolumeHandle::submit`], as a future. A named
+/// type (not `impl Future`) so the block store's file trait can return it without
+/// boxing a future per I/O.
+#[must_use = "dropping a submission before dispatch cancels its request"]
+#[derive(Debug)]
+pub struct Submission {
+    state: SubmissionState,
 }
 
-impl ScheduledFile {
-    /// Foreground access: reads as [`IoClass::ForegroundRead`], everything else as
-    /// [`IoClass::ForegroundWrite`].
-    pub fn foreground(volume: VolumeHandle, file: Arc<File>) -> Self {
-        Self {
-            volume,
-            file,
-            background: false,
-        }
-    }
+#[derive(Debug)]
+enum SubmissionState {
+    Queued(oneshot::Receiver<Result<IoCompletion, SchedulerError>>),
+    /// Refused before it was queued; the error is handed out once.
+    Refused(Option<SchedulerError>),
+}
 
-    /// Background access (resync, rebuild, scrub): everything as
-    /// [`IoClass::Background`].
-    pub fn background(volume: VolumeHandle, file: Arc<File>) -> Self {
-        Self {
-            volume,
-            file,
-            background: true,
-        }
-    }
+impl Future for Submission {
+    type Output = Result<IoCompletion, SchedulerError>;
 
-    /// The same file with background priority.
-    pub fn to_background(&self) -> Self {
-        Self::background(self.volume.clone(), Arc::clone(&self.file))
-    }
-
-    /// The underlying file.
-    pub fn file(&self) -> &Arc<File> {
-        &self.file
-    }
-
-    fn class(&self, read: bool) -> IoClass {
-        match (self.background, read) {
-            (true, _) => IoClass::Background,
-            (false, true) => IoClass::ForegroundRead,
-            (false, false) => IoClass::ForegroundWrite,
-        }
-    }
-
-    /// Reads `len` bytes at `offset` (fewer at end of file).
-    pub async fn read_at(&self, offset: u64, len: usize) -> Result<AlignedBuf, SchedulerError> {
-        let request = IoRequest::Read {
-            file: Arc::clone(&self.file),
-            offset,
-            len,
-        };
-        let done = self.volume.submit(self.class(true), request).await?;
-        match done.buf {
-            Some(buf) => Ok(buf),
-            None => {
-                AlignedBuf::zeroed(0).map_err(|_| SchedulerError::InvalidRequest("empty buffer"))
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match &mut self.get_mut().state {
+            SubmissionState::Queued(rx) => Pin::new(rx)
+                .poll(cx)
+                .map(|r| r.unwrap_or(Err(SchedulerError::ShutDown))),
+            SubmissionState::Refused(e) => {
+                Poll::Ready(Err(e.take().unwrap_or(SchedulerError::ShutDown)))
             }
         }
-    }
-
-    /// Writes all of `data` at `offset`, copying it into an aligned buffer.
-    pub async fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), SchedulerError> {
-        let buf = AlignedBuf::from_slice(data)
-            .map_err(|_| SchedulerError::InvalidRequest("transfer longer than MAX_IO_LEN"))?;
-        self.write_buf_at(offset, buf).await.map(drop)
-    }
-
-    /// Writes all of `buf` at `offset` without copying; returns the buffer for reuse.
-    pub async fn write_buf_at(
-        &self,
-        offset: u64,
-        buf: AlignedBuf,
-    ) -> Result<AlignedBuf, SchedulerError> {
-        let request = IoRequest::Write {
-            file: Arc::clone(&self.file),
-            offset,
-            buf,
-        };
-        let done = self.volume.submit(self.class(false), request).await?;
-        match done.buf {
-            Some(buf) => Ok(buf),
-            None => {
-                AlignedBuf::zeroed(0).map_err(|_| SchedulerError::InvalidRequest("empty buffer"))
-            }
-        }
-    }
-
-    /// `fdatasync`: makes completed writes durable.
-    pub async fn sync_data(&self) -> Result<(), SchedulerError> {
-        let request = IoRequest::Fdatasync {
-            file: Arc::clone(&self.file),
-        };
-        self.volume
-            .submit(self.class(false), request)
-            .await
-            .map(drop)
-    }
-
-    /// `fsync`: makes completed writes and file metadata durable.
-    pub async fn sync_all(&self) -> Result<(), SchedulerError> {
-        let request = IoRequest::Fsync {
-            file: Arc::clone(&self.file),
-        };
-        self.volume
-            .submit(self.class(false), request)
-            .await
-            .map(drop)
-    }
-
-    /// Deallocates `len` bytes at `offset`; they read as zeros afterwards.
-    pub async fn punch_hole(&self, offset: u64, len: u64) -> Result<(), SchedulerError> {
-        let request = IoRequest::PunchHole {
-            file: Arc::clone(&self.file),
-            offset,
-            len,
-        };
-        self.volume
-            .submit(self.class(false), request)
-            .await
-            .map(drop)
     }
 }

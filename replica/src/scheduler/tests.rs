@@ -417,8 +417,10 @@ fn block(seed: u8) -> Vec<u8> {
     (0..BLOCK).map(|i| (i as u8) ^ seed).collect()
 }
 
+/// Every request kind through a volume handle on the io_uring engine, many of them
+/// concurrently from several tasks, as the block store's files submit them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn scheduled_file_on_io_uring_round_trip() {
+async fn every_request_kind_round_trips_on_io_uring() {
     let dir = tempfile::tempdir().expect("temp dir");
     let sched = Scheduler::new(SchedulerConfig {
         name: "e2e".into(),
@@ -430,29 +432,62 @@ async fn scheduled_file_on_io_uring_round_trip() {
     let vol = sched
         .register_volume("v", Qos::unlimited())
         .expect("register");
-    let file = ScheduledFile::foreground(vol.clone(), open_direct(&dir.path().join("data")));
+    let file = open_direct(&dir.path().join("data"));
+    let read = |offset: u64, len: usize| IoRequest::Read {
+        file: Arc::clone(&file),
+        offset,
+        len,
+    };
     let mut tasks = Vec::new();
     for i in 0..256u64 {
-        let file = file.clone();
-        tasks.push(tokio::spawn(async move {
-            file.write_at(i * BLOCK as u64, &block(i as u8)).await
-        }));
+        let write = IoRequest::Write {
+            file: Arc::clone(&file),
+            offset: i * BLOCK as u64,
+            buf: AlignedBuf::from_slice(&block(i as u8)).expect("buffer"),
+        };
+        tasks.push(tokio::spawn(vol.submit(IoClass::ForegroundWrite, write)));
     }
     for t in tasks {
-        t.await.expect("task").expect("write");
+        let done = t.await.expect("task").expect("write");
+        assert_eq!(done.bytes, BLOCK);
     }
-    file.sync_data().await.expect("fdatasync");
-    file.to_background().sync_all().await.expect("fsync");
+    let fdatasync = IoRequest::Fdatasync {
+        file: Arc::clone(&file),
+    };
+    vol.submit(IoClass::ForegroundWrite, fdatasync)
+        .await
+        .expect("fdatasync");
+    let fsync = IoRequest::Fsync {
+        file: Arc::clone(&file),
+    };
+    vol.submit(IoClass::Background, fsync).await.expect("fsync");
     for i in [0u64, 17, 255] {
-        let buf = file.read_at(i * BLOCK as u64, BLOCK).await.expect("read");
-        assert_eq!(buf.to_vec(), block(i as u8));
+        let done = vol
+            .submit(IoClass::ForegroundRead, read(i * BLOCK as u64, BLOCK))
+            .await
+            .expect("read");
+        assert_eq!(done.buf.expect("data").to_vec(), block(i as u8));
     }
-    file.punch_hole(0, BLOCK as u64).await.expect("punch");
-    let buf = file.read_at(0, 2 * BLOCK).await.expect("read");
+    let punch = IoRequest::PunchHole {
+        file: Arc::clone(&file),
+        offset: 0,
+        len: BLOCK as u64,
+    };
+    vol.submit(IoClass::ForegroundWrite, punch)
+        .await
+        .expect("punch");
+    let done = vol
+        .submit(IoClass::ForegroundRead, read(0, 2 * BLOCK))
+        .await
+        .expect("read");
+    let buf = done.buf.expect("data");
     assert!(buf.as_slice()[..BLOCK].iter().all(|&b| b == 0));
     assert_eq!(&buf.as_slice()[BLOCK..], block(1).as_slice());
-    let past_end = file.read_at(256 * BLOCK as u64, BLOCK).await.expect("read");
-    assert!(past_end.is_empty());
+    let past_end = vol
+        .submit(IoClass::ForegroundRead, read(256 * BLOCK as u64, BLOCK))
+        .await
+        .expect("read");
+    assert_eq!(past_end.bytes, 0);
     let stats = vol.stats();
     assert_eq!(stats.completed_ops, 256 + 2 + 3 + 1 + 2);
     assert_eq!((stats.in_flight, stats.queued, stats.failed_ops), (0, 0, 0));

@@ -25,6 +25,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
+use std::future::Future;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::rc::Rc;
@@ -47,8 +48,9 @@ thread_local! {
 }
 
 /// The io_uring of one shard thread. Created with [`LocalRing::install`] inside the
-/// shard's single-threaded runtime, which must also drive [`LocalRing::run`].
-pub struct LocalRing {
+/// shard's single-threaded runtime, which must also drive [`LocalRing::run`]; outside
+/// this module, [`run_with_local_ring`] does both.
+pub(crate) struct LocalRing {
     core: RefCell<RingCore>,
     /// Operations that found the ring full; started as completions make room.
     backlog: RefCell<VecDeque<EngineOp>>,
@@ -62,7 +64,7 @@ impl LocalRing {
     /// Creates this thread's ring (at most `depth` operations in flight) and routes
     /// every [`LocalFirstEngine`] submission made on this thread to it. Call inside a
     /// current-thread tokio runtime (the eventfd is registered with its reactor).
-    pub fn install(depth: u32) -> Result<Rc<LocalRing>, EngineError> {
+    pub(crate) fn install(depth: u32) -> Result<Rc<LocalRing>, EngineError> {
         let depth = depth.clamp(1, super::MAX_DEPTH);
         let ring = build_ring(depth).map_err(EngineError::Setup)?;
         // SAFETY: `eventfd` has no memory-safety preconditions; the result is checked.
@@ -92,7 +94,7 @@ impl LocalRing {
     /// Reaps completions whenever the ring signals them, until the thread's ring is
     /// uninstalled or fails. Drive it on the shard's runtime for as long as I/O may be
     /// submitted there.
-    pub async fn run(self: Rc<Self>) {
+    pub(crate) async fn run(self: Rc<Self>) {
         while !self.failed.get() {
             let mut guard = match self.eventfd.readable().await {
                 Ok(guard) => guard,
@@ -121,12 +123,13 @@ impl LocalRing {
 
     /// Removes this thread's ring (a shard stopping), so later submissions from the
     /// thread go to the fallback engine.
-    pub fn uninstall() {
+    pub(crate) fn uninstall() {
         LOCAL.with(|l| l.borrow_mut().take());
     }
 
     /// Number of operations the kernel holds.
-    pub fn in_flight(&self) -> usize {
+    #[cfg(test)]
+    fn in_flight(&self) -> usize {
         self.core.borrow().in_flight()
     }
 
@@ -261,6 +264,37 @@ fn is_busy(e: &io::Error) -> bool {
         e.raw_os_error(),
         Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)
     )
+}
+
+/// Runs `work` on this thread with an io_uring of the thread's own: every request the
+/// scheduler dispatches on this thread goes to that ring and completes here, reaped
+/// alongside `work`. The one way a thread gets a ring (data-plane shards, the
+/// benchmark's stand-in for one). Call it inside a current-thread tokio runtime (the
+/// ring's eventfd is registered with its reactor) and spawn `work`'s tasks on that
+/// runtime. If the ring fails, `work` goes on with the thread's I/O on the ring thread;
+/// when `work` ends (or this future is dropped) the ring is removed from the thread.
+///
+/// Nothing on this thread may park waiting for I/O (the store's blocking API, say):
+/// only this thread reaps its ring.
+pub async fn run_with_local_ring<F: Future>(depth: u32, work: F) -> Result<F::Output, EngineError> {
+    let ring = LocalRing::install(depth)?;
+    let _installed = Installed;
+    let reaper = ring.run();
+    tokio::pin!(reaper, work);
+    tokio::select! {
+        out = &mut work => Ok(out),
+        () = &mut reaper => Ok(work.await),
+    }
+}
+
+/// Removes the thread's ring when [`run_with_local_ring`] ends, also by unwinding or
+/// when its future is dropped.
+struct Installed;
+
+impl Drop for Installed {
+    fn drop(&mut self) {
+        LocalRing::uninstall();
+    }
 }
 
 /// The scheduler's engine when shards may exist: operations go to the submitting

@@ -2,8 +2,8 @@
 //! of data-plane shard threads.
 //!
 //! Layout: `core` (the slot table and entry building every ring shares), this module
-//! (the ring thread, [`UringEngine`]), `local` ([`LocalRing`], a ring owned by a shard
-//! thread, and [`LocalFirstEngine`], which sends I/O to the submitting thread's ring if
+//! (the ring thread, [`UringEngine`]), `local` ([`run_with_local_ring`], a ring owned by a
+//! shard thread, and [`LocalFirstEngine`], which sends I/O to the submitting thread's ring if
 //! it has one and to the ring thread otherwise; the scheduler uses it).
 //!
 //! *Design of the ring thread.* Callers (the scheduler, usually from tokio tasks or from completion
@@ -51,7 +51,7 @@ use io_uring::{opcode, types, IoUring};
 use self::core::{build_ring, RingCore};
 use super::engine::{EngineError, EngineOp, IoEngine, Rejected};
 
-pub use local::{LocalFirstEngine, LocalRing};
+pub use local::{run_with_local_ring, LocalFirstEngine};
 
 /// `user_data` of the eventfd read; operation slots use their index.
 const WAKE_TOKEN: u64 = u64::MAX;
