@@ -31,8 +31,8 @@
 //! and the node depend on.
 
 // The wire contracts are the protocol crate's; the daemon's modules name them by
-// these short paths.
-pub(crate) use tessera_replica_protocol::{control_proto, seq};
+// this short path.
+pub(crate) use tessera_replica_protocol::control_proto;
 
 /// An error and its sources as one line (`outer: cause: root cause`), for status
 /// messages, wire error messages and logs. The one such helper of the crates that

@@ -8,6 +8,8 @@ use std::sync::Arc;
 
 use tracing::info;
 
+use tessera_replica_protocol::seq::Epoch;
+
 use super::{validate_volume_id, Catalog, CatalogError};
 use crate::record::VolumeRecord;
 
@@ -35,9 +37,7 @@ impl Catalog {
                 new: new_epoch,
             });
         }
-        if new_epoch > crate::seq::MAX_EPOCH {
-            return Err(CatalogError::EpochTooLarge { epoch: new_epoch });
-        }
+        Epoch::new(new_epoch).map_err(|_| CatalogError::EpochTooLarge { epoch: new_epoch })?;
         let _guard = self.lock_mutations();
         let record = self.get(volume_id)?;
         if record.epoch != expected_epoch {
@@ -62,9 +62,7 @@ impl Catalog {
     /// `VolumeRegistry::adopt_epoch`). Never lowers the epoch; returns the stored one.
     pub fn adopt_epoch(&self, volume_id: &str, epoch: u64) -> Result<u64, CatalogError> {
         validate_volume_id(volume_id)?;
-        if epoch > crate::seq::MAX_EPOCH {
-            return Err(CatalogError::EpochTooLarge { epoch });
-        }
+        Epoch::new(epoch).map_err(|_| CatalogError::EpochTooLarge { epoch })?;
         let _guard = self.lock_mutations();
         let record = self.get(volume_id)?;
         if epoch <= record.epoch {
@@ -145,7 +143,7 @@ mod tests {
             Err(CatalogError::EpochTooLarge { .. })
         ));
         assert!(matches!(
-            cat.adopt_epoch("v1", crate::seq::MAX_EPOCH + 1),
+            cat.adopt_epoch("v1", tessera_replica_protocol::seq::MAX_EPOCH + 1),
             Err(CatalogError::EpochTooLarge { .. })
         ));
         assert_eq!(cat.get("v1").expect("get").epoch, 3);

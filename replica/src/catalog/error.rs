@@ -5,9 +5,9 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use crate::block_io::BLOCK_SIZE;
-use crate::scheduler::params::QosParamError;
 use crate::scheduler::SchedulerError;
 use crate::store::StoreError;
+use tessera_replica_protocol::volume_params::QosError;
 
 /// Why a catalog operation failed. Each variant maps to one gRPC status code in the
 /// control service, so callers can tell their own mistakes from the replica's state.
@@ -30,7 +30,7 @@ pub enum CatalogError {
         volume_id: String,
         /// Which key and value, and why.
         #[source]
-        source: QosParamError,
+        source: QosError,
     },
     /// The I/O scheduler refused to register the volume or to change its QoS.
     #[error("volume {volume_id}: the I/O scheduler refused to {op} it")]
@@ -57,10 +57,10 @@ pub enum CatalogError {
         /// new_epoch of the request.
         new: u64,
     },
-    /// An epoch a seq cannot carry (`crate::seq::MAX_EPOCH`).
+    /// An epoch a seq cannot carry (`tessera_replica_protocol::seq::MAX_EPOCH`).
     #[error(
         "epoch {epoch} exceeds the largest epoch a write sequence number can carry ({})",
-        crate::seq::MAX_EPOCH
+        tessera_replica_protocol::seq::MAX_EPOCH
     )]
     EpochTooLarge {
         /// The epoch refused.

@@ -77,7 +77,7 @@ pub use lifecycle::{CreateOutcome, NewVolume};
 pub use load::CatalogConfig;
 pub use lock::LOCK_FILE;
 pub use quarantine::QuarantinedVolume;
-pub use validate::{validate_volume_id, MAX_VOLUME_ID_LEN};
+pub use validate::validate_volume_id;
 
 use error::mutation_error;
 use io_registration::VolumeIo;

@@ -1,36 +1,17 @@
 //! What the catalog accepts as a volume id and a volume size.
 
+use tessera_replica_protocol::volume_id::VolumeId;
+
 use super::{CatalogError, BLOCK_SIZE};
 
-/// Longest accepted volume id, keeping directory names well under NAME_MAX.
-pub const MAX_VOLUME_ID_LEN: usize = 128;
-
-/// Checks a volume id against the rules in the control API: 1..=128 characters of
-/// `[A-Za-z0-9._-]`, not starting with '.'. Ids become directory names, so this is
-/// also what keeps `..`, `/` and the catalog's own hidden entries out.
+/// Checks a volume id against the protocol's rule ([`VolumeId`]): ids become
+/// directory names, so this is also what keeps `..`, `/` and the catalog's own hidden
+/// entries out.
 pub fn validate_volume_id(id: &str) -> Result<(), CatalogError> {
-    let bad = |reason| {
-        Err(CatalogError::InvalidVolumeId {
-            id: id.to_string(),
-            reason,
-        })
-    };
-    if id.is_empty() {
-        return bad("must not be empty");
-    }
-    if id.len() > MAX_VOLUME_ID_LEN {
-        return bad("must be at most 128 characters");
-    }
-    if id.starts_with('.') {
-        return bad("must not start with '.'");
-    }
-    if !id
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-    {
-        return bad("may only contain A-Z, a-z, 0-9, '.', '_' and '-'");
-    }
-    Ok(())
+    VolumeId::check(id).map_err(|e| CatalogError::InvalidVolumeId {
+        id: e.id,
+        reason: e.reason,
+    })
 }
 
 /// A size must be a positive multiple of the block size.

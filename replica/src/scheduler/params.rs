@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 
-pub use tessera_replica_protocol::volume_params::QosError as QosParamError;
+pub use tessera_replica_protocol::volume_params::QosError;
 use tessera_replica_protocol::volume_params::QosLimits;
 
 use super::Qos;
@@ -16,7 +16,7 @@ use super::Qos;
 /// Parses the QoS keys of a record's parameters; absent keys and zero limits mean
 /// unlimited, an absent or zero `burstDuration` keeps the default burst of
 /// [`Qos::unlimited`].
-pub fn qos_from_parameters(params: &BTreeMap<String, String>) -> Result<Qos, QosParamError> {
+pub fn qos_from_parameters(params: &BTreeMap<String, String>) -> Result<Qos, QosError> {
     let limits = QosLimits::from_record(|k| params.get(k).map(String::as_str))?;
     let mut qos = Qos::unlimited();
     qos.max_iops = limits.max_iops;
@@ -89,11 +89,11 @@ mod tests {
         }
         assert!(matches!(
             qos_from_parameters(&map(&[("minIOPS", "10"), ("maxIOPS", "5")])),
-            Err(QosParamError::Conflict(_))
+            Err(QosError::Conflict(_))
         ));
         assert!(matches!(
             qos_from_parameters(&map(&[("maxIOPS", "5"), ("burstDuration", "0ms")])),
-            Err(QosParamError::Conflict(_))
+            Err(QosError::Conflict(_))
         ));
     }
 }
