@@ -338,7 +338,7 @@ impl Engine {
             });
         }
         let total = replicas.len();
-        let quorum = total / 2 + 1;
+        let quorum = tessera_replica_protocol::quorum::majority(total);
         if sizes.len() < quorum {
             return Err(EngineError::OpenQuorum {
                 volume_id: config.volume_id,

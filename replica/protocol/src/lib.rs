@@ -14,6 +14,7 @@
 //! * [`volume_params`]: StorageClass keys, the normalised parameters in a volume
 //!   record (QoS limits and their rules) and the filesystem types.
 //! * [`publish_context`]: what the controller's publish hands the node's engine.
+//! * [`quorum`]: what a majority of a replica set is.
 //! * [`units`]: how sizes (`10Gi`) and durations (`1m30s`) are written.
 //!
 //! The last four are contracts between the controller, the replicas and the node
@@ -29,6 +30,7 @@ pub mod control_proto {
 pub mod block;
 pub mod data;
 pub mod publish_context;
+pub mod quorum;
 pub mod seq;
 pub mod sync;
 pub mod units;

