@@ -1,17 +1,7 @@
-//! Publish / unpublish decisions and quorum arithmetic, kept free of I/O so the rules
-//! of the CSI spec (idempotent republish, ALREADY_EXISTS, FAILED_PRECONDITION) are
-//! unit-tested on their own.
+//! What ControllerPublishVolume and ControllerUnpublishVolume must do, given the
+//! attachments a majority of the replicas hold.
 
-use std::collections::HashMap;
-
-use tessera_replica::control_proto::{Attachment, ReplicaRef};
-
-/// publish_context key: the fencing epoch the engine must use.
-pub const CTX_EPOCH: &str = "epoch";
-/// publish_context key: `node_id=data_address,...` of the volume's replicas.
-pub const CTX_REPLICAS: &str = "replicas";
-/// publish_context key: volume size in bytes.
-pub const CTX_SIZE_BYTES: &str = "sizeBytes";
+use tessera_replica::control_proto::Attachment;
 
 /// What ControllerPublishVolume must do, given the current attachments.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,28 +46,6 @@ pub fn after_unpublish(attachments: &[Attachment], node_id: &str) -> Option<Vec<
         .cloned()
         .collect();
     (kept.len() != attachments.len()).then_some(kept)
-}
-
-/// Smallest number of replicas that is a majority of `n`.
-pub fn majority(n: usize) -> usize {
-    n / 2 + 1
-}
-
-/// The publish_context handed to the node plugin.
-pub fn publish_context(
-    epoch: u64,
-    replicas: &[ReplicaRef],
-    size_bytes: u64,
-) -> HashMap<String, String> {
-    let list: Vec<String> = replicas
-        .iter()
-        .map(|r| format!("{}={}", r.node_id, r.data_address))
-        .collect();
-    HashMap::from([
-        (CTX_EPOCH.to_string(), epoch.to_string()),
-        (CTX_REPLICAS.to_string(), list.join(",")),
-        (CTX_SIZE_BYTES.to_string(), size_bytes.to_string()),
-    ])
 }
 
 #[cfg(test)]
@@ -126,32 +94,5 @@ mod tests {
             Some(vec![])
         );
         assert_eq!(after_unpublish(&[], ""), None);
-    }
-
-    #[test]
-    fn majorities() {
-        assert_eq!(majority(1), 1);
-        assert_eq!(majority(2), 2);
-        assert_eq!(majority(3), 2);
-        assert_eq!(majority(4), 3);
-        assert_eq!(majority(5), 3);
-        assert_eq!(majority(7), 4);
-    }
-
-    #[test]
-    fn context_lists_replicas_in_record_order() {
-        let r = |n: &str, d: &str| ReplicaRef {
-            node_id: n.into(),
-            data_address: d.into(),
-            ..Default::default()
-        };
-        let ctx = publish_context(
-            7,
-            &[r("n2", "10.0.0.2:9000"), r("n1", "10.0.0.1:9000")],
-            4096,
-        );
-        assert_eq!(ctx[CTX_EPOCH], "7");
-        assert_eq!(ctx[CTX_REPLICAS], "n2=10.0.0.2:9000,n1=10.0.0.1:9000");
-        assert_eq!(ctx[CTX_SIZE_BYTES], "4096");
     }
 }
