@@ -13,23 +13,30 @@
 //! named after the clone's volume id), restores it with `clone = true`, and deletes it
 //! once every replica is complete. Internal snapshots whose clone completed or no
 //! longer exists are swept at controller start and opportunistically.
+//!
+//! [`Restorer`] does all of it for the controller service: it holds the volume records,
+//! the per-volume locks and the copy wait, and hides internal snapshots from the
+//! service's snapshot listings.
 
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tessera_csi_proto::v1::volume_content_source::{
     SnapshotSource, Type as SourceType, VolumeSource,
 };
 use tessera_csi_proto::v1::{CapacityRange, VolumeContentSource};
-use tessera_replica_protocol::control_proto::{CopySource, ReplicaRef, VolumeRecord};
-use tonic::Status;
+use tessera_replica::control_proto::{CopySource, ReplicaRef, VolumeRecord};
 
 use crate::capacity;
-use crate::controller_service::ControllerService;
 use crate::error::ControllerError;
 use crate::fs_type::FsType;
-use crate::locks::KeyGuard;
-use crate::snapshots::{self, is_internal};
+use crate::locks::{KeyGuard, KeyedLocks};
+use crate::quorum::{majority, ReplicaFailure};
+use crate::snapshots::{self, is_internal, FoundSnapshot};
 use crate::volume_index::is_volume_id;
+use crate::volumes::{now_nanos, Volumes};
 
 type Result<T, E = ControllerError> = std::result::Result<T, E>;
 
@@ -54,21 +61,21 @@ impl RequestedSource {
         let Some(source) = source else {
             return Ok(None);
         };
-        let (field, id, make): (&str, &str, fn(String) -> Self) = match &source.r#type {
-            Some(SourceType::Snapshot(s)) => {
-                ("snapshot.snapshot_id", &s.snapshot_id, Self::Snapshot)
-            }
-            Some(SourceType::Volume(v)) => ("volume.volume_id", &v.volume_id, Self::Volume),
-            None => {
-                return Err(ControllerError::InvalidArgument(
-                    "volume_content_source names neither a snapshot nor a volume".into(),
-                ))
-            }
+        let (field, id, make): (&'static str, &str, fn(String) -> Self) = match &source.r#type {
+            Some(SourceType::Snapshot(s)) => (
+                "volume_content_source.snapshot.snapshot_id",
+                &s.snapshot_id,
+                Self::Snapshot,
+            ),
+            Some(SourceType::Volume(v)) => (
+                "volume_content_source.volume.volume_id",
+                &v.volume_id,
+                Self::Volume,
+            ),
+            None => return Err(ControllerError::EmptyContentSource),
         };
         if id.is_empty() {
-            return Err(ControllerError::InvalidArgument(format!(
-                "volume_content_source.{field} is required"
-            )));
+            return Err(ControllerError::Missing { field });
         }
         Ok(Some(make(id.to_string())))
     }
@@ -103,7 +110,7 @@ pub fn content_source(copy: &CopySource) -> VolumeContentSource {
 }
 
 /// A restore or clone checked and ready to place.
-pub(crate) struct PreparedCopy<'a> {
+pub struct PreparedCopy<'a> {
     /// Size of the new volume.
     pub size: u64,
     /// What every replica of the new volume is populated from.
@@ -148,14 +155,13 @@ pub fn copy_size(
         .unwrap_or((0, 0));
     let size = if required == 0 { source_size } else { resolved };
     if size < source_size {
-        return Err(ControllerError::OutOfRange(format!(
-            "requested {size} bytes, less than the source's {source_size} bytes"
-        )));
+        return Err(ControllerError::CopySmallerThanSource {
+            requested: size,
+            source_size,
+        });
     }
     if limit != 0 && u64::try_from(limit).unwrap_or(0) < size {
-        return Err(ControllerError::OutOfRange(format!(
-            "limit_bytes {limit} is less than the source's {source_size} bytes"
-        )));
+        return Err(ControllerError::CopyLimitBelowSource { limit, source_size });
     }
     capacity::raise_to_filesystem_minimum(size, range, filesystem).map_err(ControllerError::from)
 }
@@ -179,7 +185,10 @@ impl CopyStatus {
     /// the copy finish before), never otherwise: its copy may still need the source.
     pub fn of(
         copy: &CopySource,
-        answers: &[(ReplicaRef, std::result::Result<VolumeRecord, Status>)],
+        answers: &[(
+            ReplicaRef,
+            std::result::Result<VolumeRecord, ReplicaFailure>,
+        )],
         unreachable_complete: bool,
     ) -> Self {
         let mut s = CopyStatus {
@@ -198,8 +207,7 @@ impl CopyStatus {
                     None => (0, copy.size_bytes, false),
                 },
                 Err(e) => {
-                    s.problems
-                        .push(format!("{}: unreachable: {}", r.node_id, e.message()));
+                    s.problems.push(format!("{}: {e}", r.node_id));
                     if unreachable_complete {
                         (copy.size_bytes, copy.size_bytes, true)
                     } else {
@@ -240,7 +248,54 @@ impl CopyStatus {
     }
 }
 
-impl ControllerService {
+/// Restores and clones for the controller service: checks sources, waits for copies,
+/// and keeps the clones' internal snapshots out of sight and swept.
+#[derive(Debug, Clone)]
+pub struct Restorer {
+    volumes: Volumes,
+    locks: Arc<KeyedLocks>,
+    copy_wait: Duration,
+    /// Set while a background sweep of internal clone snapshots runs.
+    sweeping: Arc<AtomicBool>,
+}
+
+impl Restorer {
+    /// A restorer over `volumes`, taking the service's per-volume `locks`, waiting up
+    /// to `copy_wait` for a copy (`--copy-wait`).
+    pub fn new(volumes: Volumes, locks: Arc<KeyedLocks>, copy_wait: Duration) -> Self {
+        Self {
+            volumes,
+            locks,
+            copy_wait,
+            sweeping: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// Every user snapshot the live daemons hold, by id; internal clone snapshots are
+    /// left out, since no CSI call may see them. Fails when no daemon answers at all.
+    pub async fn user_snapshots(&self) -> Result<BTreeMap<String, FoundSnapshot>> {
+        let mut all = snapshots::scan(self.volumes.pool()).await?;
+        let before = all.len();
+        all.retain(|id, _| !is_internal(id));
+        if all.len() != before {
+            self.sweep_in_background();
+        }
+        Ok(all)
+    }
+
+    /// Starts a sweep of internal clone snapshots unless one is running: seeing one
+    /// is the opportunity to drop those whose clone is done.
+    fn sweep_in_background(&self) {
+        if self.sweeping.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let restorer = self.clone();
+        tokio::spawn(async move {
+            restorer.sweep_clone_snapshots().await;
+            restorer.sweeping.store(false, Ordering::Release);
+        });
+    }
+
     /// Checks the source of a new volume `volume_id` and returns its size, the
     /// `CopySource` for its replicas and the source volume's lock, which the caller
     /// holds until the replicas are created: DeleteSnapshot takes that lock too, so it
@@ -248,7 +303,7 @@ impl ControllerService {
     /// in the index (and refuses). A restore needs a ready snapshot; a clone seals the
     /// internal snapshot of the source volume first, as CreateSnapshot does. Nothing
     /// is created on any daemon when the source does not exist.
-    pub(crate) async fn prepare_copy(
+    pub async fn prepare_copy(
         &self,
         source: &RequestedSource,
         volume_id: &str,
@@ -271,9 +326,9 @@ impl ControllerService {
                 // daemons merge): held here too, it sees this restore or runs first.
                 let mut guards = Vec::with_capacity(2);
                 if source_volume != volume_id {
-                    guards.push(self.locks().lock(&source_volume).await);
+                    guards.push(self.locks.lock(&source_volume).await);
                 }
-                guards.push(self.locks().lock(id).await);
+                guards.push(self.locks.lock(id).await);
                 // Looked up again under the locks: a DeleteSnapshot may have run first.
                 let found = self
                     .user_snapshots()
@@ -281,29 +336,26 @@ impl ControllerService {
                     .remove(id)
                     .ok_or_else(missing)?;
                 if !found.ready() {
-                    return Err(ControllerError::Unavailable(format!(
-                        "snapshot {id} is sealed on {} reachable replicas; restoring it needs {}",
-                        found.holders.len(),
-                        found.quorum()
-                    )));
+                    return Err(ControllerError::SnapshotNotReady {
+                        snapshot: id.clone(),
+                        sealed: found.holders.len(),
+                        needed: found.quorum(),
+                    });
                 }
                 (found, guards)
             }
             RequestedSource::Volume(src) => {
-                let rec = self
-                    .lookup(src)
-                    .await
-                    .ok_or_else(|| ControllerError::VolumeNotFound(src.clone()))?;
+                let rec = self.volumes.require(src).await?;
                 copy_size(range, rec.size_bytes, filesystem)?;
                 self.check_copy_done(&rec).await?;
                 let snapshot_id = snapshots::clone_snapshot_id(volume_id);
-                let guards = vec![self.locks().lock(src).await];
+                let guards = vec![self.locks.lock(src).await];
                 let found = snapshots::seal(
-                    self.pool(),
+                    self.volumes.pool(),
                     &rec,
                     &snapshot_id,
                     volume_id,
-                    crate::controller_service::now_nanos(),
+                    now_nanos(),
                 )
                 .await?;
                 (found, guards)
@@ -324,7 +376,7 @@ impl ControllerService {
             .holders
             .iter()
             .map(|h| {
-                let h = self.pool().resolve_ref(h);
+                let h = self.volumes.pool().resolve_ref(h);
                 crate::placement::daemon_id(&h.node_id, &h.control_address)
             })
             .collect();
@@ -352,24 +404,24 @@ impl ControllerService {
     /// every target merge the same copies. A listed holder that dies mid-copy stalls
     /// the copy until it is back (its progress is kept), rather than risk that.
     fn copy_holders(&self, holders: &[ReplicaRef], replication_factor: u32) -> Vec<ReplicaRef> {
-        let mut refs: Vec<ReplicaRef> =
-            holders.iter().map(|h| self.pool().resolve_ref(h)).collect();
+        let pool = self.volumes.pool();
+        let mut refs: Vec<ReplicaRef> = holders.iter().map(|h| pool.resolve_ref(h)).collect();
         refs.sort_by(|a, b| {
-            let down = |r: &ReplicaRef| !self.pool().is_live(r);
+            let down = |r: &ReplicaRef| !pool.is_live(r);
             (down(a), &a.node_id, &a.control_address).cmp(&(
                 down(b),
                 &b.node_id,
                 &b.control_address,
             ))
         });
-        refs.truncate(crate::publish::majority(replication_factor as usize).max(1));
+        refs.truncate(majority(replication_factor as usize).max(1));
         refs
     }
 
     /// Refuses to snapshot or clone a volume whose own restore is not complete yet:
     /// its sealed layers would miss the blocks still being copied (UNAVAILABLE, so the
     /// CO retries).
-    pub(crate) async fn check_copy_done(&self, rec: &VolumeRecord) -> Result<()> {
+    pub async fn check_copy_done(&self, rec: &VolumeRecord) -> Result<()> {
         let Some(copy) = rec.copy_source.as_ref() else {
             return Ok(());
         };
@@ -377,46 +429,44 @@ impl ControllerService {
         if status.complete {
             return Ok(());
         }
-        Err(ControllerError::Unavailable(format!(
-            "volume {} is not populated yet ({}); retry once it is",
-            rec.volume_id,
-            status.message(copy)
-        )))
+        Err(ControllerError::NotPopulated {
+            volume: rec.volume_id.clone(),
+            progress: status.message(copy),
+        })
     }
 
     /// Waits (up to `--copy-wait`) until every replica of `rec` reports its copy
     /// complete, then drops a clone's internal snapshot and returns the fresh record.
     /// Past the wait: ABORTED with the progress; the CO retries.
-    pub(crate) async fn finish_copy(&self, rec: VolumeRecord) -> Result<VolumeRecord> {
+    pub async fn finish_copy(&self, rec: VolumeRecord) -> Result<VolumeRecord> {
         let Some(copy) = rec.copy_source.clone() else {
             return Ok(rec);
         };
-        let deadline = Instant::now() + self.copy_wait();
+        let deadline = Instant::now() + self.copy_wait;
         let mut pause = FIRST_POLL_PAUSE;
         loop {
-            let reads = self.read_replicas(&rec).await;
-            let status = CopyStatus::of(&copy, &reads.answers, false);
+            let reads = self.volumes.read(&rec).await;
+            let status = CopyStatus::of(&copy, &reads.0, false);
             if status.complete {
                 let fresh = reads.freshest().unwrap_or(rec);
-                self.index().upsert(fresh.clone());
+                self.volumes.index().upsert(fresh.clone());
                 if copy.clone {
                     // In the background: the merge that deletes it on the daemons can
                     // take longer than a CO waits for this answer, and the clone is
                     // ready now. A failed deletion is retried by the sweep.
-                    let svc = self.clone();
+                    let restorer = self.clone();
                     let id = copy.snapshot_id.clone();
-                    tokio::spawn(async move { svc.drop_internal_snapshot(&id).await });
+                    tokio::spawn(async move { restorer.drop_internal_snapshot(&id).await });
                 }
                 tracing::info!(volume = %fresh.volume_id, source = %describe(&copy), "volume populated");
                 return Ok(fresh);
             }
             let now = Instant::now();
             if now >= deadline {
-                return Err(ControllerError::Aborted(format!(
-                    "volume {}: {}; CreateVolume again to keep waiting",
-                    rec.volume_id,
-                    status.message(&copy)
-                )));
+                return Err(ControllerError::CopyPending {
+                    volume: rec.volume_id.clone(),
+                    progress: status.message(&copy),
+                });
             }
             tokio::time::sleep(pause.min(deadline - now)).await;
             pause = (pause * 2).min(MAX_POLL_PAUSE);
@@ -425,14 +475,14 @@ impl ControllerService {
 
     /// The copy progress of `rec` over all its replicas, right now.
     async fn copy_status(&self, rec: &VolumeRecord, copy: &CopySource) -> CopyStatus {
-        let reads = self.read_replicas(rec).await;
+        let reads = self.volumes.read(rec).await;
         // The index holds a complete copy only once this controller (or the record it
         // loaded) saw it complete.
         let seen_complete = rec.copy.as_ref().is_some_and(|c| c.complete);
-        let status = CopyStatus::of(copy, &reads.answers, seen_complete);
-        if status.complete && reads.ok_count() == reads.answers.len() {
+        let status = CopyStatus::of(copy, &reads.0, seen_complete);
+        if status.complete && reads.ok_count() == reads.total() {
             if let Some(fresh) = reads.freshest() {
-                self.index().merge(fresh);
+                self.volumes.index().merge(fresh);
             }
         }
         status
@@ -440,8 +490,9 @@ impl ControllerService {
 
     /// The volume still being populated from `snapshot_id`, with its progress: while
     /// one exists the snapshot is in use and DeleteSnapshot is FAILED_PRECONDITION.
-    pub(crate) async fn restore_in_progress(&self, snapshot_id: &str) -> Option<String> {
+    pub async fn restore_in_progress(&self, snapshot_id: &str) -> Option<String> {
         let candidates: Vec<VolumeRecord> = self
+            .volumes
             .index()
             .all()
             .into_iter()
@@ -469,8 +520,9 @@ impl ControllerService {
 
     /// Deletes the internal snapshot `snapshot_id` from every daemon holding it; best
     /// effort (a failure is logged and left to the sweep).
-    pub(crate) async fn drop_internal_snapshot(&self, snapshot_id: &str) {
-        let found = match snapshots::scan(self.pool()).await {
+    pub async fn drop_internal_snapshot(&self, snapshot_id: &str) {
+        let pool = self.volumes.pool();
+        let found = match snapshots::scan(pool).await {
             Ok(mut all) => all.remove(snapshot_id),
             Err(e) => {
                 tracing::warn!(snapshot = %snapshot_id, error = %e, "cannot list snapshots to drop a clone's internal snapshot");
@@ -478,7 +530,7 @@ impl ControllerService {
             }
         };
         let Some(found) = found else { return };
-        match snapshots::delete(self.pool(), &found).await {
+        match snapshots::delete(pool, &found).await {
             Ok(()) => tracing::info!(snapshot = %snapshot_id, "internal clone snapshot deleted"),
             Err(e) => {
                 tracing::warn!(snapshot = %snapshot_id, error = %e, "deleting a clone's internal snapshot failed; the sweep retries")
@@ -492,7 +544,8 @@ impl ControllerService {
     /// still copies). Runs under each clone's volume lock, so an in-flight clone is
     /// never swept. Returns how many were deleted.
     pub async fn sweep_clone_snapshots(&self) -> usize {
-        let all = match snapshots::scan(self.pool()).await {
+        let pool = self.volumes.pool();
+        let all = match snapshots::scan(pool).await {
             Ok(all) => all,
             Err(e) => {
                 tracing::warn!(error = %e, "sweeping internal clone snapshots: listing failed");
@@ -509,9 +562,9 @@ impl ControllerService {
                 tracing::warn!(snapshot = %found.record.snapshot_id, name = %clone_id, "internal snapshot does not name a clone volume; kept");
                 continue;
             }
-            let _guard = self.locks().lock(&clone_id).await;
-            let obsolete = match self.lookup(&clone_id).await {
-                None => self.pool().daemons().iter().all(|d| d.live),
+            let _guard = self.locks.lock(&clone_id).await;
+            let obsolete = match self.volumes.lookup(&clone_id).await {
+                None => pool.daemons().iter().all(|d| d.live),
                 Some(rec) => match rec.copy_source.as_ref() {
                     Some(c) if c.snapshot_id == found.record.snapshot_id => {
                         self.copy_status(&rec, c).await.complete
@@ -524,7 +577,7 @@ impl ControllerService {
             if !obsolete {
                 continue;
             }
-            match snapshots::delete(self.pool(), &found).await {
+            match snapshots::delete(pool, &found).await {
                 Ok(()) => {
                     deleted += 1;
                     tracing::info!(snapshot = %found.record.snapshot_id, clone = %clone_id, "swept internal clone snapshot");
@@ -542,7 +595,7 @@ impl ControllerService {
 mod tests {
     use super::*;
     use crate::fs_type::MinVolumeSize;
-    use tessera_replica_protocol::control_proto::CopyProgress;
+    use tessera_replica::control_proto::CopyProgress;
 
     fn copy(clone: bool) -> CopySource {
         CopySource {
@@ -669,7 +722,7 @@ mod tests {
         let partial = vec![
             (node("n1"), Ok(rec(100, true, ""))),
             (node("n2"), Ok(rec(30, false, "holder n3 refused"))),
-            (node("n3"), Err(Status::unavailable("down"))),
+            (node("n3"), Err(ReplicaFailure::Unreachable("down".into()))),
         ];
         let s = CopyStatus::of(&c, &partial, false);
         assert!(!s.complete);
@@ -680,7 +733,7 @@ mod tests {
             m.starts_with("restoring from snapshot ts-1: 43% (130/300 bytes)"),
             "{m}"
         );
-        assert!(m.contains("n2: holder n3 refused") && m.contains("n3: unreachable"));
+        assert!(m.contains("n2: holder n3 refused") && m.contains("n3: unreachable: down"));
 
         // A replica without copy progress (a daemon that ignored copy_source) is not done.
         let none = vec![(node("n1"), Ok(VolumeRecord::default()))];
@@ -688,7 +741,7 @@ mod tests {
         // An unreachable replica counts as done only once the copy was seen complete.
         let down = vec![
             (node("n1"), Ok(rec(100, true, ""))),
-            (node("n2"), Err(Status::unavailable("down"))),
+            (node("n2"), Err(ReplicaFailure::Unreachable("down".into()))),
         ];
         assert!(!CopyStatus::of(&c, &down, false).complete);
         assert!(CopyStatus::of(&c, &down, true).complete);

@@ -22,13 +22,14 @@ use tessera_csi_proto::v1::{
     BlockMetadata, BlockMetadataType, GetMetadataAllocatedRequest, GetMetadataAllocatedResponse,
     GetMetadataDeltaRequest, GetMetadataDeltaResponse,
 };
-use tessera_replica_protocol::control_proto::{ReplicaRef, SnapshotRangesRequest};
+use tessera_replica::control_proto::{ReplicaRef, SnapshotRangesRequest};
 use tokio_stream::Stream;
 use tonic::{Code, Request, Response, Status};
 
 use crate::error::ControllerError;
 use crate::metrics::Metrics;
-use crate::replica_pool::{join_all, ReplicaPool};
+use crate::quorum::{self, Op, QuorumError, ReplicaFailure};
+use crate::replica_pool::ReplicaPool;
 use crate::snapshots::{self, FoundSnapshot};
 
 type Result<T, E = ControllerError> = std::result::Result<T, E>;
@@ -100,28 +101,23 @@ pub fn pages(ranges: &[Range], max: usize) -> Vec<Vec<BlockMetadata>> {
 /// against the snapshot size (`None`: not known yet); negative or beyond the size is
 /// OUT_OF_RANGE, as the spec says.
 fn check_window(starting_offset: i64, max_results: i32, size: Option<u64>) -> Result<(u64, usize)> {
-    let max = usize::try_from(max_results).map_err(|_| {
-        ControllerError::InvalidArgument(format!(
-            "max_results must not be negative (got {max_results})"
-        ))
+    let max = usize::try_from(max_results).map_err(|_| ControllerError::Negative {
+        field: "max_results",
+        value: i64::from(max_results),
     })?;
     let start = u64::try_from(starting_offset)
         .ok()
         .filter(|&s| size.is_none_or(|size| s <= size))
-        .ok_or_else(|| {
-            ControllerError::OutOfRange(format!(
-                "starting_offset {starting_offset} is outside the snapshot ({} bytes)",
-                size.map_or_else(|| "?".to_string(), |s| s.to_string())
-            ))
+        .ok_or(ControllerError::OffsetOutsideSnapshot {
+            offset: starting_offset,
+            size,
         })?;
     Ok((start, max))
 }
 
-fn required(field: &str, value: &str) -> Result<()> {
+fn required(field: &'static str, value: &str) -> Result<()> {
     if value.is_empty() {
-        return Err(ControllerError::InvalidArgument(format!(
-            "{field} is required"
-        )));
+        return Err(ControllerError::Missing { field });
     }
     Ok(())
 }
@@ -154,55 +150,51 @@ impl SnapshotMetadataService {
         let need = target.quorum();
         let id = &target.record.snapshot_id;
         if holders.len() < need {
-            return Err(ControllerError::Unavailable(format!(
-                "only {} reachable daemons hold snapshot {id}{}, {need} are needed",
-                holders.len(),
-                base.map(|b| format!(" and {b}")).unwrap_or_default()
-            )));
+            return Err(ControllerError::TooFewHolders {
+                snapshot: id.clone(),
+                base: base.map(str::to_string),
+                holders: holders.len(),
+                needed: need,
+            });
         }
         let req = SnapshotRangesRequest {
             volume_id: target.record.source_volume_id.clone(),
             snapshot_id: id.clone(),
             base_snapshot_id: base.unwrap_or_default().to_string(),
         };
-        let answers = join_all(
-            holders
-                .iter()
-                .map(|h| self.pool.snapshot_ranges(&h.control_address, req.clone())),
-        )
+        let answers = quorum::ask(holders, |h| {
+            self.pool.snapshot_ranges(&h.control_address, req.clone())
+        })
         .await;
-        let mut ranges = Vec::new();
-        let mut ok = 0;
-        let mut not_found = 0;
-        let mut failures = Vec::new();
-        for (h, a) in holders.iter().zip(answers) {
-            match a {
-                Ok(resp) => {
-                    ok += 1;
-                    ranges.extend(resp.ranges.iter().map(|r| (r.offset, r.length)));
-                }
-                Err(e) if e.code() == Code::FailedPrecondition => {
-                    return Err(ControllerError::InvalidArgument(format!(
-                        "base snapshot is not older than snapshot {id}: {}",
-                        e.message()
-                    )))
-                }
-                Err(e) => {
-                    not_found += usize::from(e.code() == Code::NotFound);
-                    failures.push(format!("{}: {}", h.node_id, e.message()));
-                }
-            }
+        let failures = answers.failures();
+        let base_not_older = failures.find(|f| {
+            matches!(f, ReplicaFailure::Other { code, .. } if *code == Code::FailedPrecondition)
+        });
+        if let Some(e) = base_not_older {
+            let reason = match &e.failure {
+                ReplicaFailure::Other { message, .. } => message.clone(),
+                other => other.to_string(),
+            };
+            return Err(ControllerError::BaseNotOlder {
+                target: id.clone(),
+                reason,
+            });
         }
-        if ok >= need {
-            return Ok(merge(ranges));
+        if answers.ok_count() >= need {
+            return Ok(merge(answers.ok().flat_map(|(_, resp)| {
+                resp.ranges.iter().map(|r| (r.offset, r.length))
+            })));
         }
-        if not_found >= need {
+        if answers.not_found() >= need {
             return Err(ControllerError::SnapshotNotFound(id.clone()));
         }
-        Err(ControllerError::Unavailable(format!(
-            "ranges of snapshot {id} from {ok} daemons, {need} are needed: {}",
-            failures.join("; ")
-        )))
+        Err(QuorumError::NoMajority {
+            op: Op::Ranges {
+                snapshot: id.clone(),
+            },
+            shortfall: answers.shortfall(need),
+        }
+        .into())
     }
 
     async fn allocated(&self, req: &GetMetadataAllocatedRequest) -> Result<Answer> {
@@ -225,23 +217,22 @@ impl SnapshotMetadataService {
         let base = self.find(&req.base_snapshot_id).await?;
         let target = self.find(&req.target_snapshot_id).await?;
         if base.record.source_volume_id != target.record.source_volume_id {
-            return Err(ControllerError::InvalidArgument(format!(
-                "base snapshot {} is of volume {}, target snapshot {} of volume {}",
-                req.base_snapshot_id,
-                base.record.source_volume_id,
-                req.target_snapshot_id,
-                target.record.source_volume_id
-            )));
+            return Err(ControllerError::SnapshotsOfDifferentVolumes {
+                base: req.base_snapshot_id.clone(),
+                base_volume: base.record.source_volume_id.clone(),
+                target: req.target_snapshot_id.clone(),
+                target_volume: target.record.source_volume_id.clone(),
+            });
         }
         // The spec asks for a target "created after the base snapshot"; anything else
         // is an invalid argument.
         if req.base_snapshot_id == req.target_snapshot_id
             || base.record.created_unix_nanos > target.record.created_unix_nanos
         {
-            return Err(ControllerError::InvalidArgument(format!(
-                "target snapshot {} must be created after base snapshot {}",
-                req.target_snapshot_id, req.base_snapshot_id
-            )));
+            return Err(ControllerError::TargetNotAfterBase {
+                base: req.base_snapshot_id.clone(),
+                target: req.target_snapshot_id.clone(),
+            });
         }
         let size = target.record.size_bytes;
         let (start, max) = check_window(req.starting_offset, req.max_results, Some(size))?;

@@ -8,16 +8,14 @@
 
 use std::collections::BTreeMap;
 
+use crate::error::ControllerError;
+use crate::quorum::{self, majority, Op, QuorumError};
+use crate::replica_pool::{join_all, ReplicaPool};
 use sha2::Digest;
 use tessera_csi_proto::v1 as csi;
-use tessera_replica_protocol::control_proto::{
+use tessera_replica::control_proto::{
     CreateSnapshotRequest, DeleteSnapshotRequest, ReplicaRef, SnapshotRecord, VolumeRecord,
 };
-use tonic::Code;
-
-use crate::error::ControllerError;
-use crate::publish::majority;
-use crate::replica_pool::{join_all, ReplicaPool};
 
 /// Prefix of user snapshot ids (`ts-` + 32 hex chars of sha256(name)), so a
 /// CreateSnapshot retried after a crash lands on the same id, and snapshot ids never
@@ -117,10 +115,7 @@ pub async fn scan(pool: &ReplicaPool) -> Result<BTreeMap<String, FoundSnapshot>,
     // live), an empty listing would let DeleteSnapshot report an existing snapshot
     // deleted and a restore report it missing.
     if answered == 0 && !pool.known_node_ids().is_empty() {
-        return Err(ControllerError::Unavailable(format!(
-            "no replica daemon answered ListSnapshots ({} live)",
-            live.len()
-        )));
+        return Err(ControllerError::NoDaemonAnswered { live: live.len() });
     }
     Ok(found)
 }
@@ -142,44 +137,32 @@ pub async fn seal(
         .iter()
         .map(|r| pool.resolve_ref(r))
         .collect();
-    let results = join_all(refs.iter().map(|r| {
-        pool.create_snapshot(
-            &r.control_address,
-            CreateSnapshotRequest {
-                volume_id: volume.volume_id.clone(),
-                snapshot_id: id.to_string(),
-                name: name.to_string(),
-                created_unix_nanos,
-            },
-        )
-    }))
+    let request = CreateSnapshotRequest {
+        volume_id: volume.volume_id.clone(),
+        snapshot_id: id.to_string(),
+        name: name.to_string(),
+        created_unix_nanos,
+    };
+    let answers = quorum::ask(&refs, |r| {
+        pool.create_snapshot(&r.control_address, request.clone())
+    })
     .await;
     let need = majority(refs.len());
-    let mut holders = Vec::new();
-    let mut record = None;
-    let mut failures = Vec::new();
-    let mut not_found = 0;
-    for (r, res) in refs.iter().zip(results) {
-        match res {
-            Ok(s) => {
-                holders.push(r.clone());
-                record.get_or_insert(s);
-            }
-            Err(e) => {
-                not_found += usize::from(e.code() == Code::NotFound);
-                failures.push(format!("{}: {}", r.node_id, e.message()));
-            }
-        }
-    }
+    let holders: Vec<ReplicaRef> = answers.ok().map(|(r, _)| r.clone()).collect();
+    let record = answers.ok().next().map(|(_, record)| record.clone());
     match record {
         Some(record) if holders.len() >= need => Ok(FoundSnapshot { record, holders }),
-        _ if not_found >= need => Err(ControllerError::VolumeNotFound(volume.volume_id.clone())),
-        _ => Err(ControllerError::Unavailable(format!(
-            "snapshot {id} sealed on {} of {} replicas, a majority ({need}) is needed: {}",
-            holders.len(),
-            refs.len(),
-            failures.join("; ")
-        ))),
+        _ if answers.not_found() >= need => {
+            Err(ControllerError::VolumeNotFound(volume.volume_id.clone()))
+        }
+        _ => Err(QuorumError::NoMajority {
+            op: Op::Seal {
+                snapshot: id.to_string(),
+                volume: volume.volume_id.clone(),
+            },
+            shortfall: answers.shortfall(need),
+        }
+        .into()),
     }
 }
 
@@ -188,33 +171,22 @@ pub async fn seal(
 pub async fn delete(pool: &ReplicaPool, found: &FoundSnapshot) -> Result<(), ControllerError> {
     let volume_id = &found.record.source_volume_id;
     let snapshot_id = &found.record.snapshot_id;
-    let results = join_all(found.holders.iter().map(|h| {
-        pool.delete_snapshot(
-            &h.control_address,
-            DeleteSnapshotRequest {
-                volume_id: volume_id.clone(),
-                snapshot_id: snapshot_id.clone(),
-            },
-        )
-    }))
+    let request = DeleteSnapshotRequest {
+        volume_id: volume_id.clone(),
+        snapshot_id: snapshot_id.clone(),
+    };
+    let answers = quorum::ask(&found.holders, |h| {
+        pool.delete_snapshot(&h.control_address, request.clone())
+    })
     .await;
-    let failed: Vec<String> = found
-        .holders
-        .iter()
-        .zip(&results)
-        .filter_map(|(h, r)| {
-            r.as_ref()
-                .err()
-                .map(|e| format!("{} ({}): {}", h.node_id, h.control_address, e.message()))
-        })
-        .collect();
-    if failed.is_empty() {
+    let failures = answers.failures();
+    if failures.is_empty() {
         Ok(())
     } else {
-        Err(ControllerError::Unavailable(format!(
-            "snapshot {snapshot_id} not yet deleted everywhere: {}",
-            failed.join("; ")
-        )))
+        Err(ControllerError::SnapshotNotDeletedEverywhere {
+            snapshot: snapshot_id.clone(),
+            failures,
+        })
     }
 }
 

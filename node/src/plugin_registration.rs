@@ -29,6 +29,11 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use futures_util::TryStreamExt;
+use tessera_telemetry::exposition::gauge;
+use tessera_telemetry::prometheus_client::collector::Collector;
+use tessera_telemetry::prometheus_client::encoding::DescriptorEncoder;
+use tessera_telemetry::prometheus_client::registry::Registry;
+use tessera_telemetry::{Endpoints, HealthCheck};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
@@ -419,10 +424,17 @@ impl PluginProbe {
     pub fn new(registration: Option<Registration>) -> Self {
         PluginProbe { registration }
     }
+
+    /// What `/healthz` and `/metrics` serve for this probe.
+    pub fn endpoints(&self) -> Endpoints {
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(self.clone()));
+        Endpoints::new(Arc::new(self.clone()), Arc::new(registry))
+    }
 }
 
-impl tessera_replica::health::Probe for PluginProbe {
-    fn healthy(&self) -> Result<(), String> {
+impl HealthCheck for PluginProbe {
+    fn check(&self) -> Result<(), String> {
         match self.registration.as_ref().map(Registration::current) {
             Some(RegistrationState::Failed(e)) => {
                 Err(format!("kubelet refused the registration: {e}"))
@@ -430,17 +442,19 @@ impl tessera_replica::health::Probe for PluginProbe {
             _ => Ok(()),
         }
     }
+}
 
-    fn metrics(&self) -> String {
+impl Collector for PluginProbe {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let registered = matches!(
             self.registration.as_ref().map(Registration::current),
             Some(RegistrationState::Registered)
         );
-        format!(
-            "# HELP tessera_node_kubelet_registered 1 when the kubelet reported the plugin registered.\n\
-             # TYPE tessera_node_kubelet_registered gauge\n\
-             tessera_node_kubelet_registered {}\n",
-            u8::from(registered)
+        gauge(
+            &mut encoder,
+            "tessera_node_kubelet_registered",
+            "1 when the kubelet reported the plugin registered.",
+            u32::from(registered),
         )
     }
 }
@@ -450,7 +464,7 @@ mod tests {
     use super::proto::registration_client::RegistrationClient;
     use super::*;
 
-    use tessera_replica::health::Probe;
+    use tessera_telemetry::exposition::render;
 
     /// The kubelet's side: dial the registration socket, ask for the info, report back.
     #[tokio::test]
@@ -487,10 +501,14 @@ mod tests {
         let mut status = reg.status();
         assert_eq!(*status.borrow(), RegistrationState::Pending);
         let probe = PluginProbe::new(Some(reg.clone()));
-        assert!(probe.healthy().is_ok());
-        assert!(probe
-            .metrics()
-            .contains("tessera_node_kubelet_registered 0"));
+        let registry = {
+            let mut r = tessera_telemetry::prometheus_client::registry::Registry::default();
+            r.register_collector(Box::new(probe.clone()));
+            r
+        };
+        let metrics = || render(&registry).expect("render");
+        assert!(probe.check().is_ok());
+        assert!(metrics().contains("\ntessera_node_kubelet_registered 0\n"));
 
         client
             .notify_registration_status(RegistrationStatus {
@@ -501,9 +519,7 @@ mod tests {
             .expect("notify registered");
         status.changed().await.expect("state change");
         assert_eq!(*status.borrow(), RegistrationState::Registered);
-        assert!(probe
-            .metrics()
-            .contains("tessera_node_kubelet_registered 1"));
+        assert!(metrics().contains("\ntessera_node_kubelet_registered 1\n"));
 
         client
             .notify_registration_status(RegistrationStatus {
@@ -518,7 +534,7 @@ mod tests {
             RegistrationState::Failed("unsupported version".to_owned())
         );
         let unhealthy = probe
-            .healthy()
+            .check()
             .expect_err("refused registration is unhealthy");
         assert!(unhealthy.contains("unsupported version"), "{unhealthy}");
 

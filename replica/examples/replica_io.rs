@@ -51,9 +51,7 @@ use tessera_replica::scheduler::{
     run_with_local_ring, AlignedBuf, BackgroundLimits, EngineKind, IoClass, IoRequest, Qos,
     Scheduler, SchedulerConfig, VolumeHandle, DEFAULT_QUEUE_DEPTH,
 };
-use tessera_replica::store::{
-    with_io_priority, BlockFileFactory, IoPriority, LayeredStore, ScheduledFileFactory,
-};
+use tessera_replica::store::{BlockFileFactory, IoPriority, LayeredStore, ScheduledFileFactory};
 use tessera_replica_protocol::control_proto::replica_control_client::ReplicaControlClient;
 use tessera_replica_protocol::control_proto::CreateVolumeRequest;
 use tessera_replica_protocol::data::{ClientError, ErrorCode, ReplicaDataClient};
@@ -1001,7 +999,9 @@ async fn foreground_qd1(store: Arc<LayeredStore>, dur: Duration) -> Result<Load>
     while start.elapsed() < dur {
         let off = rng.below(VOLUME_BYTES / BLOCK) * BLOCK;
         let t0 = Instant::now();
-        store.write_async(off, data.clone(), seq).await?;
+        store
+            .write_async(IoPriority::Foreground, off, data.clone(), seq)
+            .await?;
         load.lat_us.push(micros(t0.elapsed()));
         load.ops += 1;
         seq += 1;
@@ -1011,28 +1011,32 @@ async fn foreground_qd1(store: Arc<LayeredStore>, dur: Duration) -> Result<Load>
 }
 
 /// A stream of 1 MiB sequential writes to `store` from several threads at `priority`
-/// until `stop`; returns the bytes written.
+/// until `stop`; returns the bytes written. Each thread waits for its write as the
+/// store's blocking API does (the write runs on the thread, its I/O on the ring thread).
 fn stream(
     store: Arc<LayeredStore>,
     priority: IoPriority,
     stop: Arc<AtomicBool>,
 ) -> Vec<std::thread::JoinHandle<Result<u64>>> {
     let next = Arc::new(AtomicU64::new(0));
+    let runtime = tokio::runtime::Handle::current();
     (0..STREAM_THREADS)
         .map(|_| {
             let (store, stop, next) = (Arc::clone(&store), Arc::clone(&stop), Arc::clone(&next));
+            let runtime = runtime.clone();
             std::thread::spawn(move || {
                 let chunk = vec![0x77u8; STREAM_CHUNK];
                 let mut bytes = 0u64;
-                with_io_priority(priority, || {
-                    while !stop.load(Ordering::Relaxed) {
-                        let i = next.fetch_add(1, Ordering::Relaxed)
-                            % (VOLUME_BYTES / STREAM_CHUNK as u64);
-                        store.write(i * STREAM_CHUNK as u64, &chunk, 1)?;
-                        bytes += STREAM_CHUNK as u64;
-                    }
-                    anyhow::Ok(bytes)
-                })
+                while !stop.load(Ordering::Relaxed) {
+                    let i =
+                        next.fetch_add(1, Ordering::Relaxed) % (VOLUME_BYTES / STREAM_CHUNK as u64);
+                    // Outside a runtime context the write runs where it is awaited.
+                    let write =
+                        store.write_async(priority, i * STREAM_CHUNK as u64, chunk.clone(), 1);
+                    runtime.block_on(write)?;
+                    bytes += STREAM_CHUNK as u64;
+                }
+                anyhow::Ok(bytes)
             })
         })
         .collect()
@@ -1322,9 +1326,13 @@ async fn store_async_load(store: &Arc<LayeredStore>, write: bool, dur: Duration)
                 let t0 = Instant::now();
                 let offset = rng.below(blocks) * BLOCK;
                 if write {
-                    store.write_async(offset, data.clone(), 1).await?;
+                    store
+                        .write_async(IoPriority::Foreground, offset, data.clone(), 1)
+                        .await?;
                 } else {
-                    store.read_async(offset, BLOCK).await?;
+                    store
+                        .read_async(IoPriority::Foreground, offset, BLOCK)
+                        .await?;
                 }
                 load.lat_us.push(micros(t0.elapsed()));
                 load.ops += 1;

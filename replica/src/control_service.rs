@@ -2,13 +2,12 @@
 //!
 //! This layer only translates: requests into catalog calls, [`CatalogError`]s into
 //! status codes (the mapping is the contract in `proto/replica_control.proto`), and it
-//! counts requests for `/metrics`. Catalog mutations block on fsync, so they run on
+//! counts requests for `/metrics` (rendered by [`crate::metrics`]). Catalog mutations block on fsync, so they run on
 //! tokio's blocking pool; reads are in-memory and run inline.
 
-use std::collections::BTreeMap;
-use std::fmt::Write as _;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 
+use tessera_telemetry::GrpcRequests;
 use tonic::{Code, Request, Response, Status};
 use tracing::{error, warn};
 
@@ -17,7 +16,6 @@ use crate::catalog::{Catalog, CatalogError, NewVolume};
 use crate::control_proto as proto;
 use crate::control_proto::replica_control_server::ReplicaControl;
 use crate::copy::CopyManager;
-use crate::health::Probe;
 use crate::snapshot_read::{self, BlockStream};
 use crate::store::StoreError;
 
@@ -32,57 +30,12 @@ pub struct NodeInfo {
     pub data_address: String,
 }
 
-/// Request counters by method and status code, rendered on `/metrics`.
-#[derive(Debug, Default)]
-pub struct ControlMetrics {
-    /// Keyed by method and `Code as i32` (`Code` is not `Ord`).
-    requests: Mutex<BTreeMap<(&'static str, i32), u64>>,
-}
-
-impl ControlMetrics {
-    fn record(&self, method: &'static str, code: Code) {
-        *self
-            .requests
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .entry((method, code as i32))
-            .or_insert(0) += 1;
-    }
-
-    /// How many `method` calls ended with `code` (for tests and diagnostics).
-    pub fn count(&self, method: &str, code: Code) -> u64 {
-        self.requests
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .iter()
-            .filter(|((m, c), _)| *m == method && *c == code as i32)
-            .map(|(_, n)| *n)
-            .sum()
-    }
-
-    fn render(&self, out: &mut String) {
-        let _ = writeln!(
-            out,
-            "# HELP tessera_replica_control_requests_total Control gRPC requests by method and status code.\n\
-             # TYPE tessera_replica_control_requests_total counter"
-        );
-        let requests = self.requests.lock().unwrap_or_else(PoisonError::into_inner);
-        for ((method, code), n) in requests.iter() {
-            let code = Code::from_i32(*code);
-            let _ = writeln!(
-                out,
-                "tessera_replica_control_requests_total{{method=\"{method}\",code=\"{code:?}\"}} {n}"
-            );
-        }
-    }
-}
-
 /// The control gRPC service. Cheap to clone; clones share the catalog and counters.
 #[derive(Clone)]
 pub struct ControlService {
     catalog: Arc<Catalog>,
     info: Arc<NodeInfo>,
-    metrics: Arc<ControlMetrics>,
+    requests: GrpcRequests,
     /// Runs restore/clone copies; `None` records copy sources without copying (tests
     /// of the catalog side).
     copies: Option<Arc<CopyManager>>,
@@ -94,7 +47,7 @@ impl ControlService {
         ControlService {
             catalog,
             info: Arc::new(info),
-            metrics: Arc::new(ControlMetrics::default()),
+            requests: GrpcRequests::default(),
             copies: None,
         }
     }
@@ -132,9 +85,9 @@ impl ControlService {
         Ok(snapshot_read::stream_snapshot(source.store, req))
     }
 
-    /// The request counters (shared with every clone).
-    pub fn metrics(&self) -> &Arc<ControlMetrics> {
-        &self.metrics
+    /// The request counters (shared with every clone), for [`crate::metrics`].
+    pub fn requests(&self) -> &GrpcRequests {
+        &self.requests
     }
 
     /// Runs a catalog call on the blocking pool, since mutations fsync.
@@ -162,7 +115,7 @@ impl ControlService {
             Ok(_) => Code::Ok,
             Err(s) => s.code(),
         };
-        self.metrics.record(method, code);
+        self.requests.observe(method, code);
         result.map(Response::new)
     }
 }
@@ -459,196 +412,6 @@ fn snapshot_record(
     }
 }
 
-impl Probe for ControlService {
-    fn healthy(&self) -> Result<(), String> {
-        // statvfs on the data directory: fails when the backing disk is gone.
-        self.catalog.capacity().map(|_| ()).map_err(|e| chain(&e))
-    }
-
-    fn metrics(&self) -> String {
-        let mut out = String::new();
-        let _ = writeln!(
-            out,
-            "# HELP tessera_replica_build_info Build version and node of this replica daemon.\n\
-             # TYPE tessera_replica_build_info gauge\n\
-             tessera_replica_build_info{{version=\"{}\",node_id=\"{}\"}} 1",
-            env!("CARGO_PKG_VERSION"),
-            escape_label(&self.info.node_id)
-        );
-        if let Ok(cap) = self.catalog.capacity() {
-            let gauges: [(&str, &str, u64); 5] = [
-                (
-                    "tessera_replica_capacity_bytes",
-                    "Bytes this daemon offers to volumes.",
-                    cap.capacity_bytes,
-                ),
-                (
-                    "tessera_replica_used_bytes",
-                    "Sum of the sizes of the volumes stored here (thick accounting).",
-                    cap.used_bytes,
-                ),
-                (
-                    "tessera_replica_free_bytes",
-                    "Bytes still available to new volumes.",
-                    cap.free_bytes,
-                ),
-                (
-                    "tessera_replica_volumes",
-                    "Volumes stored on this daemon.",
-                    u64::from(cap.volume_count),
-                ),
-                (
-                    "tessera_replica_quarantined_volumes",
-                    "Volumes skipped at start because their record is unreadable.",
-                    u64::from(cap.quarantined_count),
-                ),
-            ];
-            for (name, help, value) in gauges {
-                let _ = writeln!(
-                    out,
-                    "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
-                );
-            }
-        }
-        // Real use of the backing disk (thin), next to the thick figure above; it
-        // stats every layer file, so it is computed per scrape, not kept.
-        if let Ok(bytes) = self.catalog.allocated_bytes() {
-            let name = "tessera_replica_allocated_bytes";
-            let _ = writeln!(
-                out,
-                "# HELP {name} Disk space the volumes' block stores allocate (all layers).\n\
-                 # TYPE {name} gauge\n{name} {bytes}"
-            );
-        }
-        render_volume_io(&self.catalog, &mut out);
-        if let Some(copies) = &self.copies {
-            copies.render_metrics(&mut out, escape_label);
-        }
-        self.metrics.render(&mut out);
-        out
-    }
-}
-
-/// Per-volume QoS and I/O scheduler counters (only when the catalog schedules I/O).
-/// Why these: queued and in-flight show load, throttled time shows a volume's own
-/// limits at work, deadline misses show the device (or its neighbours) failing it, and
-/// the QoS gauges show what the scheduler enforces right now (0 = unlimited), which is
-/// how a ControllerModifyVolume can be seen to have reached this replica.
-fn render_volume_io(catalog: &Catalog, out: &mut String) {
-    let Some(io) = catalog.io() else {
-        return;
-    };
-    let scheduler = &io.scheduler;
-    let _ = writeln!(
-        out,
-        "# HELP tessera_replica_io_in_flight Requests in the I/O engine across all volumes.\n\
-         # TYPE tessera_replica_io_in_flight gauge\n\
-         tessera_replica_io_in_flight{{engine=\"{}\"}} {}",
-        scheduler.engine_name(),
-        scheduler.in_flight()
-    );
-    let reports = catalog.io_reports();
-    type Getter = fn(&crate::catalog::VolumeIoReport) -> String;
-    let series: [(&str, &str, &str, Getter); 13] = [
-        (
-            "tessera_replica_volume_io_queued",
-            "gauge",
-            "Requests waiting in the volume's scheduler queues.",
-            |r| r.stats.queued.to_string(),
-        ),
-        (
-            "tessera_replica_volume_io_in_flight",
-            "gauge",
-            "Requests of the volume in the I/O engine.",
-            |r| r.stats.in_flight.to_string(),
-        ),
-        (
-            "tessera_replica_volume_io_throttled_seconds_total",
-            "counter",
-            "Time the volume had queued requests its token buckets did not admit.",
-            |r| format!("{:.6}", r.stats.throttled.as_secs_f64()),
-        ),
-        (
-            "tessera_replica_volume_io_deadline_misses_total",
-            "counter",
-            "Requests of the volume that completed after their class deadline.",
-            |r| r.stats.deadline_misses.to_string(),
-        ),
-        (
-            "tessera_replica_volume_io_completed_total",
-            "counter",
-            "Requests of the volume completed successfully.",
-            |r| r.stats.completed_ops.to_string(),
-        ),
-        (
-            "tessera_replica_volume_io_completed_bytes_total",
-            "counter",
-            "Bytes read or written by the volume's completed requests.",
-            |r| r.stats.completed_bytes.to_string(),
-        ),
-        (
-            "tessera_replica_volume_io_failed_total",
-            "counter",
-            "Requests of the volume that failed.",
-            |r| r.stats.failed_ops.to_string(),
-        ),
-        (
-            "tessera_replica_volume_io_cancelled_total",
-            "counter",
-            "Queued requests of the volume dropped before dispatch.",
-            |r| r.stats.cancelled_ops.to_string(),
-        ),
-        (
-            "tessera_replica_volume_qos_max_iops",
-            "gauge",
-            "IOPS limit in force (0 = unlimited).",
-            |r| r.qos.max_iops.unwrap_or(0).to_string(),
-        ),
-        (
-            "tessera_replica_volume_qos_min_iops",
-            "gauge",
-            "IOPS reservation in force (0 = none).",
-            |r| r.qos.min_iops.unwrap_or(0).to_string(),
-        ),
-        (
-            "tessera_replica_volume_qos_max_bandwidth_bytes",
-            "gauge",
-            "Bandwidth limit in force in bytes per second (0 = unlimited).",
-            |r| r.qos.max_bandwidth.unwrap_or(0).to_string(),
-        ),
-        (
-            "tessera_replica_volume_qos_burst_seconds",
-            "gauge",
-            "Burst allowance in force.",
-            |r| format!("{:.3}", r.qos.burst_duration.as_secs_f64()),
-        ),
-        (
-            "tessera_replica_volume_qos_invalid",
-            "gauge",
-            "1 when the record's QoS parameters are invalid and the volume runs unlimited.",
-            |r| u8::from(r.qos_error.is_some()).to_string(),
-        ),
-    ];
-    for (name, kind, help, get) in series {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        for r in &reports {
-            let _ = writeln!(
-                out,
-                "{name}{{volume_id=\"{}\"}} {}",
-                escape_label(&r.volume_id),
-                get(r)
-            );
-        }
-    }
-}
-
-/// Escapes a Prometheus label value.
-fn escape_label(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -745,21 +508,9 @@ mod tests {
         let err = svc.raise_epoch(raise(2, 2)).await.expect_err("not raised");
         assert_eq!(err.code(), Code::InvalidArgument);
 
-        assert_eq!(svc.metrics().count("CreateVolume", Code::Ok), 2);
-        assert_eq!(svc.metrics().count("RaiseEpoch", Code::Aborted), 1);
-        let text = svc.metrics();
-        assert!(text.count("CreateVolume", Code::AlreadyExists) == 1);
-        let rendered = Probe::metrics(&svc);
-        assert!(rendered.contains("tessera_replica_volumes 1"), "{rendered}");
-        assert!(
-            rendered.contains(
-                "# TYPE tessera_replica_allocated_bytes gauge\ntessera_replica_allocated_bytes "
-            ),
-            "{rendered}"
-        );
-        assert!(rendered.contains(
-            "tessera_replica_control_requests_total{method=\"CreateVolume\",code=\"Ok\"} 2"
-        ));
+        assert_eq!(svc.requests().count("CreateVolume", Code::Ok), 2);
+        assert_eq!(svc.requests().count("RaiseEpoch", Code::Aborted), 1);
+        assert_eq!(svc.requests().count("CreateVolume", Code::AlreadyExists), 1);
     }
 
     #[tokio::test]

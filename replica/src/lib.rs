@@ -15,7 +15,7 @@
 //! * [`copy`]: restore and clone — populating a new volume by merging the sealed
 //!   copies of a snapshot that other replicas hold.
 //! * [`control_service`]: the control gRPC service over the catalog.
-//! * [`health`]: a minimal HTTP server for `/healthz` and `/metrics`.
+//! * [`metrics`]: what `/metrics` and `/healthz` report (served by `tessera_telemetry`).
 //! * [`scheduler`]: the per-device I/O scheduler (EDF deadlines, per-volume token
 //!   buckets, io_uring engine with a sync reference engine).
 //! * [`snapshot_read`]: serving sealed snapshots to other replicas (`ReadSnapshotBlocks`
@@ -32,21 +32,10 @@
 
 // The wire contracts are the protocol crate's; the daemon's modules name them by
 // this short path.
-pub(crate) use tessera_replica_protocol::control_proto;
+// Transitional: the controller still names these through this crate.
+pub use tessera_replica_protocol::{control_proto, seq};
 
-/// An error and its sources as one line (`outer: cause: root cause`), for status
-/// messages, wire error messages and logs. The one such helper of the crates that
-/// depend on this one too.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut line = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        line.push_str(": ");
-        line.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    line
-}
+pub use tessera_telemetry::error_chain;
 
 pub mod block_io;
 pub mod capacity;
@@ -54,7 +43,7 @@ pub mod catalog;
 pub mod control_service;
 pub mod copy;
 pub mod dataplane;
-pub mod health;
+pub mod metrics;
 mod park;
 pub mod record;
 pub mod scheduler;

@@ -91,17 +91,22 @@ impl std::fmt::Debug for VolumeLatency {
     }
 }
 
-impl VolumeLatency {
-    /// A family registered in `registry` as `name` (which should end in `_seconds`).
-    pub fn register(registry: &mut Registry, name: &str, help: &str) -> Self {
-        let family = Family::new_with_constructor(new_histogram as fn() -> Histogram);
-        registry.register(name, help, family.clone());
+impl Default for VolumeLatency {
+    fn default() -> Self {
         VolumeLatency {
             shared: Arc::new(Shared {
-                family,
+                family: Family::new_with_constructor(new_histogram as fn() -> Histogram),
                 open: Mutex::new(HashMap::new()),
             }),
         }
+    }
+}
+
+impl VolumeLatency {
+    /// Registers the family in `registry` as `name` (which should end in `_seconds`).
+    /// Handles taken before registering observe into the same histograms.
+    pub fn register(&self, registry: &mut Registry, name: &str, help: &str) {
+        registry.register(name, help, self.shared.family.clone());
     }
 
     /// The histograms of `volume_id`, created on first use; shared by every caller
@@ -178,8 +183,9 @@ mod tests {
     #[test]
     fn observes_per_volume_and_op_and_forgets_closed_volumes() {
         let mut registry = Registry::default();
-        let latency = VolumeLatency::register(&mut registry, "t_op_seconds", "Op latency.");
+        let latency = VolumeLatency::default();
         let a = latency.volume("a");
+        latency.register(&mut registry, "t_op_seconds", "Op latency.");
         let a_again = latency.volume("a");
         assert!(Arc::ptr_eq(&a, &a_again), "one set of handles per volume");
         a.observe(Op::Write, Duration::from_micros(80));

@@ -1,6 +1,7 @@
 //! What every Tessera process shares to be observed: the `/healthz` + `/metrics` HTTP
 //! server ([`http`]), Prometheus metrics on `prometheus-client` ([`exposition`] for
-//! rendering and per-scrape collectors, [`latency`] for per-volume operation latency),
+//! rendering and per-scrape collectors, [`latency`] for per-volume operation latency,
+//! [`grpc`] for calls by method and status code),
 //! the one tracing setup ([`logging`]) and the one way to print an error with its
 //! causes ([`error_chain`]).
 //!
@@ -9,11 +10,13 @@
 
 mod chain;
 pub mod exposition;
+pub mod grpc;
 pub mod http;
 pub mod latency;
 pub mod logging;
 
 pub use chain::error_chain;
+pub use grpc::GrpcRequests;
 pub use http::{
     serve, serve_with_limits, AlwaysHealthy, Endpoints, HealthCheck, Limits, ServeError,
 };

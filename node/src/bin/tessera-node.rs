@@ -7,7 +7,6 @@
 //!   every volume engine of the node and serves the engine-host API on
 //!   `DIR/engine-host.sock`; the node plugin is its client.
 
-use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -15,11 +14,14 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
+use tessera_node::engine_host::metrics::HostProbe;
 use tessera_node::engine_host::{self, EngineHost, VolumeSource, SOCKET_NAME};
 use tessera_node::frontend::FuseOptions;
 use tessera_node::node_service::DEFAULT_MAX_VOLUMES_PER_NODE;
 use tessera_node::plugin_registration::{self, PluginProbe, Registration, RegistrationState};
 use tessera_node::NodeConfig;
+use tessera_telemetry::prometheus_client::registry::Registry;
+use tessera_telemetry::LogFormat;
 use tokio::net::UnixListener;
 use tracing::{error, info, warn};
 
@@ -143,20 +145,6 @@ async fn shutdown_signal() {
     info!("shutting down");
 }
 
-fn init_logging(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let subscriber = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
-    if json {
-        subscriber.json().init();
-    } else {
-        subscriber.init();
-    }
-}
-
 async fn run_plugin(args: PluginArgs) -> anyhow::Result<()> {
     let Some(endpoint) = args.endpoint else {
         bail!("--endpoint is required");
@@ -199,15 +187,17 @@ async fn run_plugin(args: PluginArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let probe = Arc::new(PluginProbe::new(registration.as_ref().map(|r| r.0.clone())));
+    let probe = PluginProbe::new(registration.as_ref().map(|r| r.0.clone()));
     let metrics_task = match args.metrics_listen {
         Some(addr) => {
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("binding --metrics-listen {addr}"))?;
             let done = stopped(stop_rx.clone());
-            Some(tokio::spawn(tessera_replica::health::serve(
-                listener, probe, done,
+            Some(tokio::spawn(tessera_telemetry::serve(
+                listener,
+                probe.endpoints(),
+                done,
             )))
         }
         None => None,
@@ -253,23 +243,6 @@ async fn run_plugin(args: PluginArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `/healthz` and `/metrics` of the engine-host.
-struct HostProbe(Arc<EngineHost>);
-
-impl tessera_replica::health::Probe for HostProbe {
-    fn healthy(&self) -> Result<(), String> {
-        if self.0.is_shutting_down() {
-            Err("shutting down".to_owned())
-        } else {
-            Ok(())
-        }
-    }
-
-    fn metrics(&self) -> String {
-        self.0.metrics_text()
-    }
-}
-
 async fn run_engine_host(args: EngineHostArgs) -> anyhow::Result<()> {
     if !nix::unistd::geteuid().is_root() {
         warn!("not running as root: mounting FUSE files and attaching loop devices will fail");
@@ -309,11 +282,11 @@ async fn run_engine_host(args: EngineHostArgs) -> anyhow::Result<()> {
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("binding --metrics-listen {addr}"))?;
-            let probe = Arc::new(HostProbe(Arc::clone(&host)));
+            let endpoints = HostProbe(Arc::clone(&host)).endpoints(Registry::default());
             let mut rx = stop_rx.clone();
-            Some(tokio::spawn(tessera_replica::health::serve(
+            Some(tokio::spawn(tessera_telemetry::serve(
                 listener,
-                probe,
+                endpoints,
                 async move {
                     let _ = rx.wait_for(|stop| *stop).await;
                 },
@@ -344,7 +317,7 @@ async fn run_engine_host(args: EngineHostArgs) -> anyhow::Result<()> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    init_logging(cli.log_json);
+    tessera_telemetry::init_tracing(LogFormat::from_json_flag(cli.log_json))?;
     match cli.command {
         Some(Command::EngineHost(args)) => run_engine_host(args).await,
         Some(Command::Plugin(args)) => run_plugin(args).await,

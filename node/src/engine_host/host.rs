@@ -518,68 +518,14 @@ impl EngineHost {
         })
     }
 
-    /// Prometheus text with the engine-host's volumes and their engines' counters.
-    pub fn metrics_text(&self) -> String {
-        use std::fmt::Write as _;
+    /// The status of every attached volume's engine (none for test file targets),
+    /// ordered by volume id, for `/metrics`.
+    pub fn engine_statuses(&self) -> Vec<crate::engine::EngineStatus> {
         let listed: Vec<Listed> = lock(&self.listed).values().cloned().collect();
-        let mut s = String::new();
-        let _ = writeln!(
-            s,
-            "# HELP tessera_engine_host_volumes Volumes attached to this engine-host."
-        );
-        let _ = writeln!(s, "# TYPE tessera_engine_host_volumes gauge");
-        let _ = writeln!(s, "tessera_engine_host_volumes {}", listed.len());
-        type Counter = fn(&crate::engine::EngineCounters) -> u64;
-        let metrics: [(&str, &str, Counter); 5] = [
-            (
-                "tessera_engine_writes_total",
-                "Writes acknowledged by a majority.",
-                |c| c.writes,
-            ),
-            ("tessera_engine_reads_total", "Reads answered.", |c| c.reads),
-            (
-                "tessera_engine_flushes_total",
-                "Flushes completed on a majority.",
-                |c| c.flushes,
-            ),
-            (
-                "tessera_engine_failed_ops_total",
-                "Operations that returned an error.",
-                |c| c.failed_ops,
-            ),
-            (
-                "tessera_engine_repairs_total",
-                "Corrupt copies repaired from another replica.",
-                |c| c.repairs,
-            ),
-        ];
-        let statuses: Vec<_> = listed
+        listed
             .iter()
             .filter_map(|l| l.opened.engine_status())
-            .collect();
-        for (name, help, get) in metrics {
-            let _ = writeln!(s, "# HELP {name} {help}");
-            let _ = writeln!(s, "# TYPE {name} counter");
-            for st in &statuses {
-                let _ = writeln!(
-                    s,
-                    "{name}{{volume=\"{}\"}} {}",
-                    st.volume_id,
-                    get(&st.counters)
-                );
-            }
-        }
-        let _ = writeln!(s, "# HELP tessera_engine_below_quorum Whether the volume has fewer in-sync replicas than a write needs.");
-        let _ = writeln!(s, "# TYPE tessera_engine_below_quorum gauge");
-        for st in &statuses {
-            let _ = writeln!(
-                s,
-                "tessera_engine_below_quorum{{volume=\"{}\"}} {}",
-                st.volume_id,
-                u8::from(st.below_quorum)
-            );
-        }
-        s
+            .collect()
     }
 
     /// Whether [`EngineHost::shutdown`] has started.

@@ -17,6 +17,7 @@
 //! * [`service`]: the gRPC service over an [`EngineHost`].
 //! * [`client`]: connecting to an engine-host socket.
 //! * [`error`]: [`EngineHostError`] and its gRPC codes.
+//! * [`metrics`]: what the engine-host's `/healthz` and `/metrics` report.
 //!
 //! # Lifecycle decisions
 //!
@@ -34,6 +35,7 @@
 pub mod client;
 pub mod error;
 pub mod host;
+pub mod metrics;
 pub mod service;
 pub mod target;
 

@@ -43,13 +43,14 @@ use tessera_replica::copy::{CopyConfig, CopyManager};
 use tessera_replica::dataplane;
 use tessera_replica::dataplane::server::ServerConfig;
 use tessera_replica::dataplane::shards::Shards;
-use tessera_replica::health;
+use tessera_replica::metrics::{CatalogHealth, DaemonMetrics};
 use tessera_replica::scheduler::{
     BackgroundLimits, DeadlineBudgets, EngineKind, Scheduler, SchedulerConfig, DEFAULT_QUEUE_DEPTH,
 };
 use tessera_replica::volume_registry::CatalogRegistry;
 use tessera_replica_protocol::control_proto::replica_control_server::ReplicaControlServer;
 use tessera_replica_protocol::units::parse_size;
+use tessera_telemetry::{Endpoints, LogFormat};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -240,26 +241,16 @@ fn parse_capacity(s: &str) -> Result<u64, String> {
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    init_tracing(args.log_json);
+    if let Err(e) = tessera_telemetry::init_tracing(LogFormat::from_json_flag(args.log_json)) {
+        eprintln!("tessera-replica: {e}");
+        return ExitCode::FAILURE;
+    }
     match run(args).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!(error = format!("{e:#}"), "tessera-replica failed");
             ExitCode::FAILURE
         }
-    }
-}
-
-fn init_tracing(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
     }
 }
 
@@ -357,9 +348,22 @@ async fn run(args: Args) -> Result<()> {
         });
     }
 
+    let metrics = DaemonMetrics::new(
+        Arc::clone(&catalog),
+        &node_id,
+        service.requests(),
+        Some(Arc::clone(&copies)),
+    );
     let metrics_task = metrics_listener.map(|listener| {
-        let probe = Arc::new(service.clone());
-        tokio::spawn(health::serve(listener, probe, stopped(stop_rx.clone())))
+        let endpoints = Endpoints::new(
+            Arc::new(CatalogHealth(Arc::clone(&catalog))),
+            Arc::new(metrics.registry),
+        );
+        tokio::spawn(tessera_telemetry::serve(
+            listener,
+            endpoints,
+            stopped(stop_rx.clone()),
+        ))
     });
 
     let registry = Arc::new(CatalogRegistry::new(Arc::clone(&catalog)));

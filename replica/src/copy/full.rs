@@ -175,10 +175,10 @@ mod tests {
         );
     }
 
-    #[test]
-    fn stale_writes_past_done_are_cleared_when_the_merge_leaves_them_empty() {
+    #[tokio::test]
+    async fn stale_writes_past_done_are_cleared_when_the_merge_leaves_them_empty() {
         let tmp = tempfile::tempdir().expect("tempdir");
-        let store = LayeredStore::create(&tmp.path().join("v"), 8 * B).expect("create");
+        let store = Arc::new(LayeredStore::create(&tmp.path().join("v"), 8 * B).expect("create"));
         store
             .write(2 * B, &vec![7u8; 2 * B as usize], COPY_SEQ)
             .expect("write");
@@ -192,7 +192,9 @@ mod tests {
                 bytes: &kept,
             },
         ];
-        apply(&store, plan(1, &merged, &stale)).expect("apply");
+        apply(&store, plan(1, &merged, &stale))
+            .await
+            .expect("apply");
         assert_eq!(store.read(2 * B, B).expect("read"), vec![0u8; B as usize]);
         assert_eq!(store.read(3 * B, B).expect("read"), kept);
         assert_eq!(store.block_seq(3).expect("seq"), Some(COPY_SEQ));

@@ -47,7 +47,7 @@
 //!
 //! Progress is logged at start, resume, every 10 % and completion (with MiB/s, and the
 //! blocks fetched: for a reconcile, how far the copies differed), and exported on
-//! `/metrics` ([`CopyManager::render_metrics`]).
+//! `/metrics` ([`CopyManager::running`]).
 
 mod compare;
 pub mod error;
@@ -61,8 +61,7 @@ mod task;
 pub mod throttle;
 
 use std::collections::HashMap;
-use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -259,9 +258,8 @@ impl CopyManager {
             .count()
     }
 
-    /// Appends the copy metrics (Prometheus text) to `out`: active copies, and per
-    /// running copy its live done/total bytes, failed attempts and data fetched.
-    pub fn render_metrics(&self, out: &mut String, escape: impl Fn(&str) -> String) {
+    /// The live progress of every running copy, ordered by volume id (for `/metrics`).
+    pub fn running(&self) -> Vec<(String, Arc<LiveProgress>)> {
         let mut running: Vec<(String, Arc<LiveProgress>)> = self
             .tasks()
             .iter()
@@ -269,46 +267,6 @@ impl CopyManager {
             .map(|(id, r)| (id.clone(), Arc::clone(&r.progress)))
             .collect();
         running.sort_by(|a, b| a.0.cmp(&b.0));
-        let _ = writeln!(
-            out,
-            "# HELP tessera_replica_copies_active Restore/clone copies running on this daemon.\n\
-             # TYPE tessera_replica_copies_active gauge\n\
-             tessera_replica_copies_active {}",
-            running.len()
-        );
-        type Getter = fn(&LiveProgress) -> u64;
-        let series: [(&str, &str, &str, Getter); 4] = [
-            (
-                "tessera_replica_copy_done_bytes",
-                "gauge",
-                "Bytes of the source a running copy has merged and written.",
-                |p| p.done.load(Ordering::Relaxed),
-            ),
-            (
-                "tessera_replica_copy_total_bytes",
-                "gauge",
-                "Bytes a running copy has to copy (the source size).",
-                |p| p.total.load(Ordering::Relaxed),
-            ),
-            (
-                "tessera_replica_copy_retries_total",
-                "counter",
-                "Failed attempts of a running copy (holders unreachable, damage, ...).",
-                |p| p.retries.load(Ordering::Relaxed),
-            ),
-            (
-                "tessera_replica_copy_fetched_bytes",
-                "counter",
-                "Bytes of block data a running copy fetched from holders and wrote \
-                 (over shared layers: only the blocks that differed).",
-                |p| p.fetched.load(Ordering::Relaxed),
-            ),
-        ];
-        for (name, kind, help, get) in series {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-            for (id, p) in &running {
-                let _ = writeln!(out, "{name}{{volume_id=\"{}\"}} {}", escape(id), get(p));
-            }
-        }
+        running
     }
 }

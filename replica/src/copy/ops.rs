@@ -2,8 +2,10 @@
 //! volume. Both copy modes plan a window as [`Ops`] first and write it in one go, so
 //! a failure while planning (a holder lost, a merge refused) writes nothing of it.
 
+use std::sync::Arc;
+
 use crate::block_io::BLOCK_SIZE;
-use crate::store::{with_io_priority, IoPriority, LayeredStore, StoreError};
+use crate::store::{IoPriority, LayeredStore, StoreError};
 
 /// Seq of the blocks a full copy writes, and of the trims that clear blocks the
 /// holders' merge leaves empty: older than any write of an engine of the new volume
@@ -121,17 +123,19 @@ impl Ops {
     }
 }
 
-/// Applies a window's operations to the new volume, as background I/O.
-pub(super) fn apply(store: &LayeredStore, ops: Ops) -> Result<(), StoreError> {
-    with_io_priority(IoPriority::Background, || {
-        for op in ops.ops {
-            match op {
-                Op::Write { offset, data, seq } => store.write(offset, &data, seq)?,
-                Op::Trim { offset, len, seq } => store.trim(offset, len, seq)?,
+/// Applies a window's operations to the new volume, in order, as background I/O on
+/// the store's async path.
+pub(super) async fn apply(store: &Arc<LayeredStore>, ops: Ops) -> Result<(), StoreError> {
+    let priority = IoPriority::Background;
+    for op in ops.ops {
+        match op {
+            Op::Write { offset, data, seq } => {
+                store.write_async(priority, offset, data, seq).await?;
             }
+            Op::Trim { offset, len, seq } => store.trim_async(priority, offset, len, seq).await?,
         }
-        Ok(())
-    })
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -187,17 +191,17 @@ mod tests {
         assert_eq!(ops.blocks(), 8);
     }
 
-    #[test]
-    fn applied_blocks_keep_their_seqs() {
+    #[tokio::test]
+    async fn applied_blocks_keep_their_seqs() {
         let tmp = tempfile::tempdir().expect("tempdir");
-        let store = LayeredStore::create(&tmp.path().join("v"), 8 * B).expect("create");
+        let store = Arc::new(LayeredStore::create(&tmp.path().join("v"), 8 * B).expect("create"));
         store
             .write(0, &vec![9u8; 3 * B as usize], 5)
             .expect("old data");
         let mut ops = Ops::default();
         ops.write(1, &vec![4u8; B as usize], 77);
         ops.trim(2, 1, 78);
-        apply(&store, ops).expect("apply");
+        apply(&store, ops).await.expect("apply");
         assert_eq!(store.block_seq(0).expect("seq"), Some(5));
         assert_eq!(store.block_seq(1).expect("seq"), Some(77));
         assert_eq!(store.block_seq(2).expect("seq"), Some(78));

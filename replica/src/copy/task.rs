@@ -40,7 +40,7 @@ use crate::catalog::{majority, Catalog, CatalogError};
 use crate::control_proto as proto;
 use crate::record::{CopyProgress, CopySource};
 use crate::snapshot_read::ChunkGrid;
-use crate::store::{with_io_priority, IoPriority, LayeredStore};
+use crate::store::{IoPriority, LayeredStore};
 
 use super::throttle::Bandwidth;
 
@@ -218,8 +218,7 @@ impl CopyJob {
 
     /// Flushes the new volume's store (background I/O).
     async fn flush(&self) -> Result<(), CopyError> {
-        let store = Arc::clone(&self.store);
-        blocking(move || with_io_priority(IoPriority::Background, || store.flush())).await??;
+        self.store.flush_async(IoPriority::Background).await?;
         Ok(())
     }
 
@@ -239,15 +238,15 @@ impl CopyJob {
             return Ok(());
         }
         let (bytes, blocks) = (ops.data_bytes(), ops.blocks());
-        let store = Arc::clone(&self.store);
-        blocking(move || ops::apply(&store, ops)).await??;
+        ops::apply(&self.store, ops).await?;
         self.live.fetched.fetch_add(bytes, Ordering::Relaxed);
         self.live.fixed_blocks.fetch_add(blocks, Ordering::Relaxed);
         Ok(())
     }
 }
 
-/// Runs blocking work (store and record I/O) off the runtime's threads.
+/// Runs blocking work (record I/O, versioned reads, range queries) off the runtime's
+/// threads.
 pub(super) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, CopyError> {

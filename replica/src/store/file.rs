@@ -19,66 +19,154 @@
 //!   the scheduler. So a 4 KiB write costs one scheduled request (and one IOPS token),
 //!   and a flush two.
 //!
-//! *Blocking and async.* The [`BlockFile`] methods are synchronous: a scheduled file
-//! submits its request and parks the calling thread until the completion
-//! ([`VolumeHandle::submit_blocking`]); the store's blocking API (control operations,
-//! resync, tools) runs on blocking threads this way. The data plane instead uses the
-//! store's async path, which reaches the same file through [`BlockFile::scheduled`] and
-//! awaits the request (`*_async` methods of [`ScheduledBlockFile`]) in its own task:
-//! no blocking thread and two fewer thread switches per request.
+//! *One path.* Every transfer returns a [`FileIo`], a future: finished at once for
+//! inline I/O (std files, meta transfers), waiting for the scheduler otherwise. The
+//! store's async methods await it in the caller's task; its blocking methods park the
+//! thread on the same future (`crate::park`). `FileIo` is a concrete type, not a boxed
+//! future, so a `dyn BlockFile` costs no allocation per I/O.
 //!
-//! *Priority.* Which scheduler class a blocking request gets is decided per thread:
-//! foreground by default (reads as foreground reads; writes, trims and flushes as
-//! foreground writes), or background inside
-//! [`with_io_priority`]`(IoPriority::Background, ..)`, which resync, rebuild, scrub and
-//! snapshot merges use so they yield to applications. Async requests name their
-//! priority explicitly.
+//! *Priority.* Each transfer names its [`IoPriority`], which picks the scheduler class:
+//! foreground reads as foreground reads, foreground writes, trims and flushes as
+//! foreground writes, everything at background priority as background. Files without a
+//! scheduler ignore it.
 
-use std::cell::Cell;
 use std::fmt::Debug;
 use std::fs::{File, OpenOptions};
+use std::future::Future;
 use std::io;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::Path;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{ready, Context, Poll};
 
 use nix::fcntl::{fallocate, FallocateFlags};
 
-use crate::scheduler::{IoClass, IoCompletion, IoRequest, SchedulerError, VolumeHandle};
+use crate::scheduler::{
+    AlignedBuf, IoClass, IoCompletion, IoRequest, SchedulerError, Submission, VolumeHandle,
+};
 
 /// Positioned I/O on one file of a layer (its data file or its meta file).
 ///
 /// All methods may be called concurrently from many threads; the store guarantees that
-/// concurrent calls never overlap in byte range with a concurrent write.
+/// concurrent calls never overlap in byte range with a concurrent write. Transfers
+/// return a [`FileIo`] (see the module doc): await it, or park on it off any thread
+/// that reaps the I/O it waits for.
 pub trait BlockFile: Send + Sync + Debug {
-    /// Reads into `buf` from `offset` until `buf` is full or end of file, returning the
-    /// bytes read; a short count means end of file, and the store treats the rest as
-    /// zeros (which a checksum then rejects if data was expected).
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize>;
+    /// Reads into `buf` from `offset` until `buf` is full or end of file; the
+    /// [`FileIo`] yields the bytes read. A short count means end of file, and the store
+    /// treats the rest as zeros (which a checksum then rejects if data was expected).
+    fn read_at<'a>(&self, priority: IoPriority, buf: &'a mut [u8], offset: u64) -> FileIo<'a>;
 
-    /// Writes all of `buf` at `offset`.
-    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Writes all of `buf` at `offset` (taken before this returns: the operation does
+    /// not borrow `buf`).
+    fn write_at(&self, priority: IoPriority, buf: &[u8], offset: u64) -> FileIo<'static>;
 
     /// Makes completed writes (and the file size) durable, like `fdatasync`.
-    fn sync_data(&self) -> io::Result<()>;
+    fn sync_data(&self, priority: IoPriority) -> FileIo<'static>;
 
     /// Deallocates a byte range so it reads as zeros and stops using disk space; the
     /// file size is unchanged. Filesystems without hole punching may leave the space
     /// allocated (the store never relies on the bytes of a trimmed block).
-    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()>;
+    fn punch_hole(&self, priority: IoPriority, offset: u64, len: u64) -> FileIo<'static>;
 
     /// Sets the file length (used to create and grow sparse files).
     fn set_len(&self, len: u64) -> io::Result<()>;
 
     /// Bytes of disk space the file occupies (holes excluded), for capacity accounting.
     fn allocated_bytes(&self) -> io::Result<u64>;
+}
 
-    /// The scheduler route of this file, when it has one. The store's async data path
-    /// then awaits the file's requests instead of calling the blocking methods above;
-    /// with `None` (the default: std files, test wrappers) it calls those inline.
-    fn scheduled(&self) -> Option<&ScheduledBlockFile> {
-        None
+/// A [`BlockFile`] transfer in progress, as a future of the bytes it moved (0 for syncs
+/// and holes): finished already, or a scheduled request and what to do with its
+/// completion. Dropping it before the scheduler dispatched the request cancels it.
+#[must_use = "a file operation does nothing unless awaited"]
+#[derive(Debug)]
+pub struct FileIo<'a> {
+    state: FileIoState<'a>,
+}
+
+#[derive(Debug)]
+enum FileIoState<'a> {
+    /// The outcome, handed out once.
+    Done(Option<io::Result<usize>>),
+    /// Waiting for the scheduler; `then` is taken when the request completes.
+    Scheduled {
+        submission: Submission,
+        then: Option<Completion<'a>>,
+    },
+}
+
+/// What a scheduled transfer's completion turns into.
+#[derive(Debug)]
+enum Completion<'a> {
+    /// Copy the data read into the caller's buffer.
+    ReadInto(&'a mut [u8]),
+    /// The bytes written.
+    Written,
+    /// Nothing (a sync).
+    Synced,
+    /// Nothing, and EOPNOTSUPP is success (see [`punch_outcome`]).
+    Punched,
+}
+
+impl Completion<'_> {
+    fn finish(self, completed: io::Result<IoCompletion>) -> io::Result<usize> {
+        match self {
+            Completion::ReadInto(buf) => completed.map(|done| copy_read(done, buf)),
+            Completion::Written => completed.map(|done| done.bytes),
+            Completion::Synced => completed.map(|_| 0),
+            Completion::Punched => punch_outcome(completed).map(|()| 0),
+        }
+    }
+}
+
+impl FileIo<'_> {
+    /// An operation that already finished with `result` (inline I/O).
+    pub fn done(result: io::Result<usize>) -> Self {
+        FileIo {
+            state: FileIoState::Done(Some(result)),
+        }
+    }
+}
+
+impl<'a> FileIo<'a> {
+    fn scheduled(submission: Submission, then: Completion<'a>) -> Self {
+        FileIo {
+            state: FileIoState::Scheduled {
+                submission,
+                then: Some(then),
+            },
+        }
+    }
+}
+
+fn polled_after_completion() -> io::Error {
+    io::Error::other("a file operation was polled after it completed")
+}
+
+impl Future for FileIo<'_> {
+    type Output = io::Result<usize>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match &mut self.get_mut().state {
+            FileIoState::Done(result) => Poll::Ready(
+                result
+                    .take()
+                    .unwrap_or_else(|| Err(polled_after_completion())),
+            ),
+            FileIoState::Scheduled { submission, then } => {
+                if then.is_none() {
+                    return Poll::Ready(Err(polled_after_completion()));
+                }
+                let completed = ready!(Pin::new(submission).poll(cx)).map_err(io::Error::from);
+                Poll::Ready(
+                    then.take()
+                        .map_or_else(|| Err(polled_after_completion()), |t| t.finish(completed)),
+                )
+            }
+        }
     }
 }
 
@@ -104,30 +192,20 @@ impl StdBlockFile {
 }
 
 impl BlockFile for StdBlockFile {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-        read_full_at(&self.file, buf, offset)
+    fn read_at<'a>(&self, _: IoPriority, buf: &'a mut [u8], offset: u64) -> FileIo<'a> {
+        FileIo::done(read_full_at(&self.file, buf, offset))
     }
 
-    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        self.file.write_all_at(buf, offset)
+    fn write_at(&self, _: IoPriority, buf: &[u8], offset: u64) -> FileIo<'static> {
+        FileIo::done(self.file.write_all_at(buf, offset).map(|()| buf.len()))
     }
 
-    fn sync_data(&self) -> io::Result<()> {
-        self.file.sync_data()
+    fn sync_data(&self, _: IoPriority) -> FileIo<'static> {
+        FileIo::done(self.file.sync_data().map(|()| 0))
     }
 
-    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
-        let too_big = || io::Error::new(io::ErrorKind::InvalidInput, "range exceeds off_t");
-        let off = libc::off_t::try_from(offset).map_err(|_| too_big())?;
-        let len = libc::off_t::try_from(len).map_err(|_| too_big())?;
-        let flags = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
-        match fallocate(&self.file, flags, off, len) {
-            Ok(()) => Ok(()),
-            // No hole punching here (e.g. some network filesystems): the trim is still
-            // correct because the tombstone entry, not the bytes, makes it read as zeros.
-            Err(nix::errno::Errno::EOPNOTSUPP) => Ok(()),
-            Err(e) => Err(io::Error::from(e)),
-        }
+    fn punch_hole(&self, _: IoPriority, offset: u64, len: u64) -> FileIo<'static> {
+        FileIo::done(punch_hole_now(&self.file, offset, len).map(|()| 0))
     }
 
     fn set_len(&self, len: u64) -> io::Result<()> {
@@ -137,6 +215,15 @@ impl BlockFile for StdBlockFile {
     fn allocated_bytes(&self) -> io::Result<u64> {
         Ok(self.file.metadata()?.blocks() * 512)
     }
+}
+
+/// `fallocate(PUNCH_HOLE)` on the calling thread.
+fn punch_hole_now(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    let too_big = || io::Error::new(io::ErrorKind::InvalidInput, "range exceeds off_t");
+    let off = libc::off_t::try_from(offset).map_err(|_| too_big())?;
+    let len = libc::off_t::try_from(len).map_err(|_| too_big())?;
+    let flags = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
+    punch_outcome(fallocate(file, flags, off, len).map_err(io::Error::from))
 }
 
 /// Opens [`StdBlockFile`]s (buffered I/O, no scheduler).
@@ -154,54 +241,24 @@ impl BlockFileFactory for StdFileFactory {
     }
 }
 
-/// Scheduling priority of the store I/O a thread issues.
+/// Scheduling priority of a store operation, passed with every call that does I/O.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IoPriority {
-    /// An application waits: data-plane reads, writes, trims and flushes.
+    /// An application waits: data-plane reads, writes, trims and flushes, and the
+    /// store's blocking API (control operations, tools).
     Foreground,
-    /// Nobody waits on one request: resync, rebuild, scrub, snapshot merges.
+    /// Nobody waits on one request: copies, scrubs, snapshot merges, versioned reads.
     Background,
 }
 
-thread_local! {
-    static PRIORITY: Cell<IoPriority> = const { Cell::new(IoPriority::Foreground) };
-}
-
-/// Restores the previous priority when a [`with_io_priority`] scope ends, also by
-/// unwinding.
-struct PriorityGuard(IoPriority);
-
-impl Drop for PriorityGuard {
-    fn drop(&mut self) {
-        PRIORITY.with(|p| p.set(self.0));
-    }
-}
-
-/// Runs `f` with the store I/O of this thread scheduled at `priority`. Why a
-/// thread-local and not a parameter: the store's calls are synchronous and run on the
-/// caller's thread from start to end, so the scope covers exactly the I/O `f` causes
-/// without threading a class through every store and layer method.
-pub fn with_io_priority<T>(priority: IoPriority, f: impl FnOnce() -> T) -> T {
-    let previous = PRIORITY.with(|p| p.replace(priority));
-    let _restore = PriorityGuard(previous);
-    f()
-}
-
-/// The priority in force on this thread.
-pub fn current_io_priority() -> IoPriority {
-    PRIORITY.with(Cell::get)
-}
-
-fn class_for(read: bool) -> IoClass {
-    class_of(current_io_priority(), read)
-}
-
-/// The scheduler class of a read (`read`) or of anything else at `priority`.
-pub(crate) fn class_of(priority: IoPriority, read: bool) -> IoClass {
-    match (priority, read) {
-        (IoPriority::Background, _) => IoClass::Background,
-        (IoPriority::Foreground, true) => IoClass::ForegroundRead,
-        (IoPriority::Foreground, false) => IoClass::ForegroundWrite,
+impl IoPriority {
+    /// The scheduler class of a read (`read`) or of anything else at this priority.
+    pub(crate) fn class(self, read: bool) -> IoClass {
+        match (self, read) {
+            (IoPriority::Background, _) => IoClass::Background,
+            (IoPriority::Foreground, true) => IoClass::ForegroundRead,
+            (IoPriority::Foreground, false) => IoClass::ForegroundWrite,
+        }
     }
 }
 
@@ -217,119 +274,21 @@ enum Transfers {
 /// A layer file whose device I/O goes through the volume's scheduler (see the module
 /// doc for which calls do).
 #[derive(Debug)]
-pub struct ScheduledBlockFile {
+struct ScheduledBlockFile {
     volume: VolumeHandle,
     file: Arc<File>,
     transfers: Transfers,
 }
 
 impl ScheduledBlockFile {
-    fn submit(&self, read: bool, request: IoRequest) -> io::Result<IoCompletion> {
-        self.volume
-            .submit_blocking(class_for(read), request)
-            .map_err(io::Error::from)
-    }
-
-    async fn submit_async(
+    fn submit<'a>(
         &self,
         priority: IoPriority,
         read: bool,
         request: IoRequest,
-    ) -> io::Result<IoCompletion> {
-        self.volume
-            .submit(class_of(priority, read), request)
-            .await
-            .map_err(io::Error::from)
-    }
-
-    fn read_request(&self, offset: u64, len: usize) -> IoRequest {
-        IoRequest::Read {
-            file: Arc::clone(&self.file),
-            offset,
-            len,
-        }
-    }
-
-    fn write_request(&self, buf: &[u8], offset: u64) -> io::Result<IoRequest> {
-        let aligned = crate::scheduler::AlignedBuf::from_slice(buf)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-        Ok(IoRequest::Write {
-            file: Arc::clone(&self.file),
-            offset,
-            buf: aligned,
-        })
-    }
-
-    fn sync_request(&self) -> IoRequest {
-        IoRequest::Fdatasync {
-            file: Arc::clone(&self.file),
-        }
-    }
-
-    fn punch_request(&self, offset: u64, len: u64) -> IoRequest {
-        IoRequest::PunchHole {
-            file: Arc::clone(&self.file),
-            offset,
-            len,
-        }
-    }
-
-    /// [`BlockFile::read_at`] for async callers: the thread is not blocked while the
-    /// request waits (meta files still read the page cache inline).
-    pub async fn read_at_async(
-        &self,
-        priority: IoPriority,
-        buf: &mut [u8],
-        offset: u64,
-    ) -> io::Result<usize> {
-        if self.transfers == Transfers::Buffered {
-            return read_full_at(&self.file, buf, offset);
-        }
-        if buf.is_empty() {
-            return Ok(0);
-        }
-        let done = self
-            .submit_async(priority, true, self.read_request(offset, buf.len()))
-            .await?;
-        Ok(copy_read(done, buf))
-    }
-
-    /// [`BlockFile::write_at`] for async callers (meta files still write the page
-    /// cache inline).
-    pub async fn write_at_async(
-        &self,
-        priority: IoPriority,
-        buf: &[u8],
-        offset: u64,
-    ) -> io::Result<()> {
-        if self.transfers == Transfers::Buffered {
-            return self.file.write_all_at(buf, offset);
-        }
-        if buf.is_empty() {
-            return Ok(());
-        }
-        let request = self.write_request(buf, offset)?;
-        self.submit_async(priority, false, request).await.map(drop)
-    }
-
-    /// [`BlockFile::sync_data`] for async callers.
-    pub async fn sync_data_async(&self, priority: IoPriority) -> io::Result<()> {
-        self.submit_async(priority, false, self.sync_request())
-            .await
-            .map(drop)
-    }
-
-    /// [`BlockFile::punch_hole`] for async callers.
-    pub async fn punch_hole_async(
-        &self,
-        priority: IoPriority,
-        offset: u64,
-        len: u64,
-    ) -> io::Result<()> {
-        let r = self
-            .submit_async(priority, false, self.punch_request(offset, len))
-            .await;
-        punch_outcome(r)
+        then: Completion<'a>,
+    ) -> FileIo<'a> {
+        FileIo::scheduled(self.volume.submit(priority.class(read), request), then)
     }
 }
 
@@ -344,8 +303,8 @@ fn copy_read(done: IoCompletion, buf: &mut [u8]) -> usize {
     n
 }
 
-/// As in [`StdBlockFile`]: without hole punching the tombstone, not the bytes, makes a
-/// trim read zeros, so EOPNOTSUPP is success.
+/// Without hole punching (some network filesystems) a trim is still correct, because
+/// the tombstone, not the bytes, makes it read as zeros: EOPNOTSUPP is success.
 fn punch_outcome<T>(r: io::Result<T>) -> io::Result<()> {
     match r {
         Ok(_) => Ok(()),
@@ -355,34 +314,54 @@ fn punch_outcome<T>(r: io::Result<T>) -> io::Result<()> {
 }
 
 impl BlockFile for ScheduledBlockFile {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    fn read_at<'a>(&self, priority: IoPriority, buf: &'a mut [u8], offset: u64) -> FileIo<'a> {
         if self.transfers == Transfers::Buffered {
-            return read_full_at(&self.file, buf, offset);
+            return FileIo::done(read_full_at(&self.file, buf, offset));
         }
         if buf.is_empty() {
-            return Ok(0);
+            return FileIo::done(Ok(0));
         }
-        let done = self.submit(true, self.read_request(offset, buf.len()))?;
-        Ok(copy_read(done, buf))
+        let request = IoRequest::Read {
+            file: Arc::clone(&self.file),
+            offset,
+            len: buf.len(),
+        };
+        self.submit(priority, true, request, Completion::ReadInto(buf))
     }
 
-    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+    fn write_at(&self, priority: IoPriority, buf: &[u8], offset: u64) -> FileIo<'static> {
         if self.transfers == Transfers::Buffered {
-            return self.file.write_all_at(buf, offset);
+            return FileIo::done(self.file.write_all_at(buf, offset).map(|()| buf.len()));
         }
         if buf.is_empty() {
-            return Ok(());
+            return FileIo::done(Ok(0));
         }
-        let request = self.write_request(buf, offset)?;
-        self.submit(false, request).map(drop)
+        let aligned = match AlignedBuf::from_slice(buf) {
+            Ok(aligned) => aligned,
+            Err(e) => return FileIo::done(Err(io::Error::new(io::ErrorKind::InvalidInput, e))),
+        };
+        let request = IoRequest::Write {
+            file: Arc::clone(&self.file),
+            offset,
+            buf: aligned,
+        };
+        self.submit(priority, false, request, Completion::Written)
     }
 
-    fn sync_data(&self) -> io::Result<()> {
-        self.submit(false, self.sync_request()).map(drop)
+    fn sync_data(&self, priority: IoPriority) -> FileIo<'static> {
+        let request = IoRequest::Fdatasync {
+            file: Arc::clone(&self.file),
+        };
+        self.submit(priority, false, request, Completion::Synced)
     }
 
-    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
-        punch_outcome(self.submit(false, self.punch_request(offset, len)))
+    fn punch_hole(&self, priority: IoPriority, offset: u64, len: u64) -> FileIo<'static> {
+        let request = IoRequest::PunchHole {
+            file: Arc::clone(&self.file),
+            offset,
+            len,
+        };
+        self.submit(priority, false, request, Completion::Punched)
     }
 
     fn set_len(&self, len: u64) -> io::Result<()> {
@@ -392,10 +371,6 @@ impl BlockFile for ScheduledBlockFile {
 
     fn allocated_bytes(&self) -> io::Result<u64> {
         Ok(self.file.metadata()?.blocks() * 512)
-    }
-
-    fn scheduled(&self) -> Option<&ScheduledBlockFile> {
-        Some(self)
     }
 }
 
@@ -508,6 +483,9 @@ fn read_full_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::park::block_on;
+
+    const FG: IoPriority = IoPriority::Foreground;
 
     #[test]
     fn punch_hole_zeroes_and_frees() {
@@ -515,12 +493,15 @@ mod tests {
         let f = StdFileFactory
             .open(&dir.path().join("f"), true)
             .expect("create");
-        f.write_at(&[7u8; 65536], 0).expect("write");
-        f.sync_data().expect("sync");
+        assert_eq!(
+            block_on(f.write_at(FG, &[7u8; 65536], 0)).expect("write"),
+            65536
+        );
+        block_on(f.sync_data(FG)).expect("sync");
         let before = f.allocated_bytes().expect("stat");
-        f.punch_hole(0, 32768).expect("punch");
+        block_on(f.punch_hole(FG, 0, 32768)).expect("punch");
         let mut buf = vec![1u8; 65536];
-        assert_eq!(f.read_at(&mut buf, 0).expect("read"), 65536);
+        assert_eq!(block_on(f.read_at(FG, &mut buf, 0)).expect("read"), 65536);
         assert!(buf[..32768].iter().all(|&b| b == 0));
         assert!(buf[32768..].iter().all(|&b| b == 7));
         assert!(f.allocated_bytes().expect("stat") < before);
@@ -532,16 +513,26 @@ mod tests {
         let f = StdFileFactory
             .open(&dir.path().join("f"), true)
             .expect("create");
-        f.write_at(&[7u8; 100], 0).expect("write");
+        block_on(f.write_at(FG, &[7u8; 100], 0)).expect("write");
         let mut buf = [0u8; 200];
-        assert_eq!(f.read_at(&mut buf, 50).expect("read"), 50);
+        assert_eq!(block_on(f.read_at(FG, &mut buf, 50)).expect("read"), 50);
+    }
+
+    #[test]
+    fn a_finished_operation_polled_again_is_an_error_not_a_panic() {
+        let mut io = FileIo::done(Ok(3));
+        assert_eq!(block_on(&mut io).expect("first poll"), 3);
+        assert!(block_on(&mut io).is_err());
     }
 }
 
 #[cfg(test)]
 mod scheduled_tests {
     use super::*;
+    use crate::park::block_on;
     use crate::scheduler::{EngineKind, Qos, Scheduler, SchedulerConfig};
+
+    const FG: IoPriority = IoPriority::Foreground;
     use crate::store::LayeredStore;
 
     fn scheduler(engine: EngineKind) -> Scheduler {
@@ -570,15 +561,19 @@ mod scheduled_tests {
         let stats_before = vol.stats().completed_ops;
         let data = blocking(move || {
             f.set_len(1 << 20).expect("size");
-            f.write_at(&[7u8; 8192], 4096).expect("write");
-            f.sync_data().expect("sync");
-            f.punch_hole(4096, 4096).expect("punch");
+            assert_eq!(
+                block_on(f.write_at(FG, &[7u8; 8192], 4096)).expect("write"),
+                8192
+            );
+            block_on(f.sync_data(FG)).expect("sync");
+            block_on(f.punch_hole(FG, 4096, 4096)).expect("punch");
             let mut buf = vec![1u8; 12288];
-            let n = f.read_at(&mut buf, 0).expect("read");
+            let n = block_on(f.read_at(FG, &mut buf, 0)).expect("read");
             assert_eq!(n, 12288);
             let mut tail = vec![0u8; 8192];
             // Short read at end of file.
-            assert_eq!(f.read_at(&mut tail, (1 << 20) - 4096).expect("eof"), 4096);
+            let eof = block_on(f.read_at(IoPriority::Background, &mut tail, (1 << 20) - 4096));
+            assert_eq!(eof.expect("eof"), 4096);
             buf
         })
         .await;
@@ -595,7 +590,7 @@ mod scheduled_tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn meta_transfers_stay_inline_and_priority_is_scoped() {
+    async fn meta_transfers_stay_inline() {
         let sched = scheduler(EngineKind::Sync { threads: 2 });
         let vol = sched
             .register_volume("v", Qos::unlimited())
@@ -603,35 +598,28 @@ mod scheduled_tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let factory = ScheduledFileFactory::new(vol.clone(), true);
         let meta = factory.open(&dir.path().join("meta"), true).expect("meta");
-        blocking(move || {
-            meta.write_at(&[1u8; 16], 4096 + 16).expect("entry");
-            let mut e = [0u8; 16];
-            assert_eq!(meta.read_at(&mut e, 4096 + 16).expect("read"), 16);
-            assert_eq!(e, [1u8; 16]);
-        })
-        .await;
+        meta.write_at(FG, &[1u8; 16], 4096 + 16)
+            .await
+            .expect("entry");
+        let mut e = [0u8; 16];
+        assert_eq!(meta.read_at(FG, &mut e, 4096 + 16).await.expect("read"), 16);
+        assert_eq!(e, [1u8; 16]);
         assert_eq!(
             vol.stats().completed_ops,
             0,
             "meta entries are not scheduled"
         );
+    }
 
-        assert_eq!(current_io_priority(), IoPriority::Foreground);
-        let inner = with_io_priority(IoPriority::Background, || {
-            let nested = with_io_priority(IoPriority::Foreground, current_io_priority);
-            (nested, current_io_priority(), class_for(true))
-        });
+    #[test]
+    fn priority_picks_the_scheduler_class() {
+        assert_eq!(IoPriority::Foreground.class(true), IoClass::ForegroundRead);
         assert_eq!(
-            inner,
-            (
-                IoPriority::Foreground,
-                IoPriority::Background,
-                IoClass::Background
-            )
+            IoPriority::Foreground.class(false),
+            IoClass::ForegroundWrite
         );
-        assert_eq!(current_io_priority(), IoPriority::Foreground);
-        assert_eq!(class_for(true), IoClass::ForegroundRead);
-        assert_eq!(class_for(false), IoClass::ForegroundWrite);
+        assert_eq!(IoPriority::Background.class(true), IoClass::Background);
+        assert_eq!(IoPriority::Background.class(false), IoClass::Background);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,14 +2,14 @@
 
 use std::sync::Arc;
 
-use super::{LayeredStore, VersionedBlocks};
+use super::{IoPriority, LayeredStore, VersionedBlocks};
 use crate::block_io::{BlockIoError, VolumeBlocks};
 
 /// A shareable handle that serves a [`LayeredStore`] to the data-plane server.
 ///
-/// Every call takes the store's async path (the `nonblocking` module): the request
-/// is submitted to the volume's scheduler and awaited in the calling task, so no
-/// blocking thread is involved, and always at foreground priority.
+/// Reads, writes, trims and flushes take the store's async path (the `data_path`
+/// module) at foreground priority: the request is submitted to the volume's scheduler
+/// and awaited in the calling task, so no blocking thread is involved.
 #[derive(Debug, Clone)]
 pub struct StoreHandle {
     store: Arc<LayeredStore>,
@@ -36,7 +36,7 @@ impl VolumeBlocks for StoreHandle {
         let store = Arc::clone(&self.store);
         async move {
             store
-                .read_async(offset, u64::from(len))
+                .read_async(IoPriority::Foreground, offset, u64::from(len))
                 .await
                 .map_err(BlockIoError::from)
         }
@@ -48,13 +48,20 @@ impl VolumeBlocks for StoreHandle {
         data: Vec<u8>,
         seq: u64,
     ) -> impl std::future::Future<Output = Result<(), BlockIoError>> + Send {
-        let write = self.store.write_async(offset, data, seq);
+        let write = self
+            .store
+            .write_async(IoPriority::Foreground, offset, data, seq);
         async move { write.await.map_err(BlockIoError::from) }
     }
 
     fn flush(&self) -> impl std::future::Future<Output = Result<(), BlockIoError>> + Send {
         let store = Arc::clone(&self.store);
-        async move { store.flush_async().await.map_err(BlockIoError::from) }
+        async move {
+            store
+                .flush_async(IoPriority::Foreground)
+                .await
+                .map_err(BlockIoError::from)
+        }
     }
 
     fn trim(
@@ -66,7 +73,7 @@ impl VolumeBlocks for StoreHandle {
         let store = Arc::clone(&self.store);
         async move {
             store
-                .trim_async(offset, len, seq)
+                .trim_async(IoPriority::Foreground, offset, len, seq)
                 .await
                 .map_err(BlockIoError::from)
         }

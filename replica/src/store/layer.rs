@@ -16,6 +16,7 @@ use super::file::{BlockFile, BlockFileFactory, IoPriority};
 use super::format::{self, Entry, ENTRY_SIZE, META_HEADER_SIZE};
 use super::{io_error, LayerId, StoreError};
 use crate::block_io::BLOCK_SIZE;
+use crate::park::block_on;
 
 /// A growable bitmap whose bits can be flipped concurrently.
 ///
@@ -148,12 +149,14 @@ impl Layer {
             .map_err(io_error("create meta file", &meta_path))?;
         data.set_len(nblocks * BLOCK_SIZE)
             .map_err(io_error("size data file", &data_path))?;
-        meta.write_at(&format::encode_layer_header(id), 0)
+        // A control operation on a blocking thread (snapshot, create).
+        let priority = IoPriority::Foreground;
+        block_on(meta.write_at(priority, &format::encode_layer_header(id), 0))
             .map_err(io_error("write layer header", &meta_path))?;
         meta.set_len(meta_len(nblocks))
             .map_err(io_error("size meta file", &meta_path))?;
-        data.sync_data().map_err(io_error("sync", &data_path))?;
-        meta.sync_data().map_err(io_error("sync", &meta_path))?;
+        block_on(data.sync_data(priority)).map_err(io_error("sync", &data_path))?;
+        block_on(meta.sync_data(priority)).map_err(io_error("sync", &meta_path))?;
         sync_dir(&dir)?;
         if let Some(parent) = dir.parent() {
             sync_dir(parent)?;
@@ -203,8 +206,7 @@ impl Layer {
             .open(&meta_path, false)
             .map_err(io_error("open meta file", &meta_path))?;
         let mut header = vec![0u8; META_HEADER_SIZE as usize];
-        let n = meta
-            .read_at(&mut header, 0)
+        let n = block_on(meta.read_at(IoPriority::Foreground, &mut header, 0))
             .map_err(io_error("read layer header", &meta_path))?;
         let found =
             format::decode_layer_header(&header[..n]).map_err(|reason| StoreError::BadLayer {
@@ -240,9 +242,8 @@ impl Layer {
         let mut buf = vec![0u8; (CHUNK_ENTRIES * ENTRY_SIZE) as usize];
         let mut first = 0u64;
         loop {
-            let n = self
-                .meta
-                .read_at(&mut buf, META_HEADER_SIZE + first * ENTRY_SIZE)
+            let at = META_HEADER_SIZE + first * ENTRY_SIZE;
+            let n = block_on(self.meta.read_at(IoPriority::Foreground, &mut buf, at))
                 .map_err(io_error("read meta file", &self.meta_path()))?;
             let whole = n / ENTRY_SIZE as usize;
             for (i, raw) in buf[..whole * ENTRY_SIZE as usize]
@@ -310,15 +311,17 @@ impl Layer {
     }
 
     /// Reads the entries of `count` blocks from `first`; missing ones are `None`.
-    pub(crate) fn read_entries(
+    pub(crate) async fn read_entries(
         &self,
+        priority: IoPriority,
         first: u64,
         count: usize,
     ) -> Result<Vec<Option<Entry>>, StoreError> {
         let mut buf = vec![0u8; count * ENTRY_SIZE as usize];
         let n = self
             .meta
-            .read_at(&mut buf, META_HEADER_SIZE + first * ENTRY_SIZE)
+            .read_at(priority, &mut buf, META_HEADER_SIZE + first * ENTRY_SIZE)
+            .await
             .map_err(io_error("read meta file", &self.meta_path()))?;
         buf[n..].fill(0);
         Ok(buf
@@ -332,14 +335,21 @@ impl Layer {
     }
 
     /// Writes entries for consecutive blocks from `first`.
-    pub(crate) fn write_entries(&self, first: u64, entries: &[Entry]) -> Result<(), StoreError> {
+    pub(crate) async fn write_entries(
+        &self,
+        priority: IoPriority,
+        first: u64,
+        entries: &[Entry],
+    ) -> Result<(), StoreError> {
         let mut buf = Vec::with_capacity(entries.len() * ENTRY_SIZE as usize);
         for e in entries {
             buf.extend_from_slice(&e.encode());
         }
         let r = self
             .meta
-            .write_at(&buf, META_HEADER_SIZE + first * ENTRY_SIZE)
+            .write_at(priority, &buf, META_HEADER_SIZE + first * ENTRY_SIZE)
+            .await
+            .map(drop)
             .map_err(io_error("write meta file", &self.meta_path()));
         self.mark_dirty();
         r
@@ -347,30 +357,50 @@ impl Layer {
 
     /// Reads the data of consecutive blocks from `first` into `buf`; bytes past the end
     /// of the file read as zeros.
-    pub(crate) fn read_data(&self, first: u64, buf: &mut [u8]) -> Result<(), StoreError> {
+    pub(crate) async fn read_data(
+        &self,
+        priority: IoPriority,
+        first: u64,
+        buf: &mut [u8],
+    ) -> Result<(), StoreError> {
         let n = self
             .data
-            .read_at(buf, first * BLOCK_SIZE)
+            .read_at(priority, buf, first * BLOCK_SIZE)
+            .await
             .map_err(io_error("read data file", &self.data_path()))?;
         buf[n..].fill(0);
         Ok(())
     }
 
     /// Writes the data of consecutive blocks from `first`.
-    pub(crate) fn write_data(&self, first: u64, buf: &[u8]) -> Result<(), StoreError> {
+    pub(crate) async fn write_data(
+        &self,
+        priority: IoPriority,
+        first: u64,
+        buf: &[u8],
+    ) -> Result<(), StoreError> {
         let r = self
             .data
-            .write_at(buf, first * BLOCK_SIZE)
+            .write_at(priority, buf, first * BLOCK_SIZE)
+            .await
+            .map(drop)
             .map_err(io_error("write data file", &self.data_path()));
         self.mark_dirty();
         r
     }
 
     /// Deallocates the data of `count` blocks from `first`.
-    pub(crate) fn punch(&self, first: u64, count: u64) -> Result<(), StoreError> {
+    pub(crate) async fn punch(
+        &self,
+        priority: IoPriority,
+        first: u64,
+        count: u64,
+    ) -> Result<(), StoreError> {
         let r = self
             .data
-            .punch_hole(first * BLOCK_SIZE, count * BLOCK_SIZE)
+            .punch_hole(priority, first * BLOCK_SIZE, count * BLOCK_SIZE)
+            .await
+            .map(drop)
             .map_err(io_error("punch hole in data file", &self.data_path()));
         self.mark_dirty();
         r
@@ -407,97 +437,23 @@ impl Layer {
 
     /// Makes everything written so far durable: data file first, then meta file, so a
     /// durable entry never points at data that is not. Syncs still running for other
-    /// callers do not count: only one that started after this call's changes did.
-    pub(crate) fn sync(&self) -> Result<(), StoreError> {
+    /// callers do not count: only one that started after this call's changes did. If
+    /// the future is dropped before it finished, nothing counts as synced, so the next
+    /// sync runs again instead of trusting one that may never have happened.
+    pub(crate) async fn sync(&self, priority: IoPriority) -> Result<(), StoreError> {
         let Some(target) = self.sync_target() else {
             return Ok(());
         };
         self.data
-            .sync_data()
-            .map_err(io_error("sync data file", &self.data_path()))
-            .and_then(|()| {
-                self.meta
-                    .sync_data()
-                    .map_err(io_error("sync meta file", &self.meta_path()))
-            })?;
+            .sync_data(priority)
+            .await
+            .map_err(io_error("sync data file", &self.data_path()))?;
+        self.meta
+            .sync_data(priority)
+            .await
+            .map_err(io_error("sync meta file", &self.meta_path()))?;
         self.synced.fetch_max(target, Ordering::AcqRel);
         Ok(())
-    }
-
-    /// [`Self::read_data`] without blocking the thread while the data file's request
-    /// waits (see [`BlockFile::scheduled`]).
-    pub(crate) async fn read_data_async(
-        &self,
-        priority: IoPriority,
-        first: u64,
-        buf: &mut [u8],
-    ) -> Result<(), StoreError> {
-        let offset = first * BLOCK_SIZE;
-        let n = match self.data.scheduled() {
-            Some(f) => f.read_at_async(priority, buf, offset).await,
-            None => self.data.read_at(buf, offset),
-        }
-        .map_err(io_error("read data file", &self.data_path()))?;
-        buf[n..].fill(0);
-        Ok(())
-    }
-
-    /// [`Self::write_data`] without blocking the thread while the request waits.
-    pub(crate) async fn write_data_async(
-        &self,
-        priority: IoPriority,
-        first: u64,
-        buf: &[u8],
-    ) -> Result<(), StoreError> {
-        let offset = first * BLOCK_SIZE;
-        let r = match self.data.scheduled() {
-            Some(f) => f.write_at_async(priority, buf, offset).await,
-            None => self.data.write_at(buf, offset),
-        }
-        .map_err(io_error("write data file", &self.data_path()));
-        self.mark_dirty();
-        r
-    }
-
-    /// [`Self::punch`] without blocking the thread while the request waits.
-    pub(crate) async fn punch_async(
-        &self,
-        priority: IoPriority,
-        first: u64,
-        count: u64,
-    ) -> Result<(), StoreError> {
-        let (offset, len) = (first * BLOCK_SIZE, count * BLOCK_SIZE);
-        let r = match self.data.scheduled() {
-            Some(f) => f.punch_hole_async(priority, offset, len).await,
-            None => self.data.punch_hole(offset, len),
-        }
-        .map_err(io_error("punch hole in data file", &self.data_path()));
-        self.mark_dirty();
-        r
-    }
-
-    /// [`Self::sync`] without blocking the thread while the syncs wait. If the future
-    /// is dropped before it finished, nothing counts as synced, so the next flush
-    /// syncs again instead of trusting a sync that may never have happened.
-    pub(crate) async fn sync_async(&self, priority: IoPriority) -> Result<(), StoreError> {
-        let Some(target) = self.sync_target() else {
-            return Ok(());
-        };
-        match Self::sync_file_async(&self.data, priority).await {
-            Ok(()) => Self::sync_file_async(&self.meta, priority)
-                .await
-                .map_err(io_error("sync meta file", &self.meta_path()))?,
-            Err(e) => return Err(io_error("sync data file", &self.data_path())(e)),
-        }
-        self.synced.fetch_max(target, Ordering::AcqRel);
-        Ok(())
-    }
-
-    async fn sync_file_async(file: &Arc<dyn BlockFile>, priority: IoPriority) -> io::Result<()> {
-        match file.scheduled() {
-            Some(f) => f.sync_data_async(priority).await,
-            None => file.sync_data(),
-        }
     }
 
     /// Disk space of both files.

@@ -4,12 +4,11 @@
 //!   copies hold their blocks' stripes exclusively, reads shared, for the whole of their
 //!   disk I/O. Several stripes are always taken in ascending index order, so two
 //!   callers can never wait on each other in a cycle.
-//! * **Gate**: async data operations hold it shared from start to end; every change of
-//!   the layer chain (sealing a snapshot, dropping a merged layer, deleting or retiring
-//!   the volume) takes it exclusively first. Blocking data operations do not need it:
-//!   they hold the chain's `std` read lock for their duration, which those changes
-//!   also wait for. Async operations cannot hold that lock across an `await`, so the
-//!   gate is what keeps the chain they looked at alive until they finish.
+//! * **Gate**: data operations (the `data_path` module, async or parked on) hold it
+//!   shared from start to end; every change of the layer chain (sealing a snapshot,
+//!   dropping a merged layer, deleting or retiring the volume) takes it exclusively
+//!   first. The chain's `std` lock cannot be held across an `await`, so the gate is
+//!   what keeps the chain an operation looked at alive until it finishes.
 //!
 //! Why tokio locks: an async task holds its stripes while it awaits its disk request,
 //! and `std` guards can neither cross an `await` in a task (they are not `Send`) nor be
@@ -76,13 +75,6 @@ impl BlockLocks {
             .collect()
     }
 
-    /// Exclusive stripes of `n` blocks from `first`, for a blocking caller.
-    pub(crate) fn exclusive_blocking(&self, first: u64, n: u64) -> Vec<StripeWrite<'_>> {
-        stripe_indices(first, n)
-            .map(|i| block_on(self.stripes[i].write()))
-            .collect()
-    }
-
     /// Shared stripes of `n` blocks from `first`, for an async caller.
     pub(crate) async fn shared(&self, first: u64, n: u64) -> Vec<StripeRead<'_>> {
         let mut guards = Vec::with_capacity(n.min(STRIPES as u64) as usize);
@@ -101,13 +93,13 @@ impl BlockLocks {
         guards
     }
 
-    /// The gate, shared: held by an async data operation for its whole duration.
+    /// The gate, shared: held by a data operation for its whole duration.
     pub(crate) async fn gate_shared(&self) -> RwLockReadGuard<'_, ()> {
         self.gate.read().await
     }
 
     /// The gate, exclusive: taken (blocking) before the layer chain changes; returns
-    /// once no async data operation is running.
+    /// once no data operation is running.
     pub(crate) fn gate_exclusive_blocking(&self) -> RwLockWriteGuard<'_, ()> {
         block_on(self.gate.write())
     }

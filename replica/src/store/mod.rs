@@ -120,11 +120,14 @@
 //!
 //! # Concurrency
 //!
-//! Data operations hold a shared lock on the layer chain for their duration, plus
-//! striped per-block locks (block b → stripe b mod 1024, taken in stripe order):
-//! writes, trims and merge copies exclusively, reads shared. Writes to different
-//! blocks run in parallel; a read never sees half of a write. Snapshot takes the chain
-//! lock exclusively, which is the barrier that seals the head. Control operations
+//! Data operations hold the chain's *gate* shared for their duration, plus striped
+//! per-block locks (block b → stripe b mod 1024, taken in stripe order): writes, trims
+//! and merge copies exclusively, reads shared. Writes to different blocks run in
+//! parallel; a read never sees half of a write. Every change of the layer chain
+//! (sealing, merge removal, delete, retire) takes the gate exclusively first, which is
+//! the barrier that seals the head. The reads that exist only blocking (versioned
+//! reads, [`LayeredStore::block_seq`]) hold the chain's `std` read lock instead, which
+//! those changes also wait for. See the `locks` module. Control operations
 //! (snapshot, delete, expand) are serialised among themselves, except the block copy of
 //! a snapshot deletion, which can take minutes: deletions are serialised by a lock of
 //! their own and copy without the control lock, taking it only to mark the layer and to
@@ -132,11 +135,11 @@
 //! top) and copying into a sealed child changes no view; an expansion only grows the
 //! head; a volume delete that drops the target leaves blocks nobody needs.
 //!
-//! The data plane uses the async variants ([`LayeredStore::read_async`] and friends,
-//! module `nonblocking`): they hold the same stripes (tokio locks, shared with the
-//! blocking methods) and, instead of the chain lock, an async *gate* that every change
-//! of the layer chain (sealing, merge removal, delete, retire) takes exclusively first.
-//! See the `locks` module.
+//! One data path (module `data_path`): [`LayeredStore::read_async`] and friends are
+//! the implementation, at the priority the caller passes; the blocking
+//! [`LayeredStore::read`], [`LayeredStore::write`], ... park the calling thread on the
+//! same futures at foreground priority. Background work (copies, merges, scrubs,
+//! versioned reads) passes [`IoPriority::Background`].
 //!
 //! # Limitations
 //!
@@ -144,8 +147,8 @@
 //!   ([`ScheduledFileFactory`]); meta files stay buffered (16-byte entries), only their
 //!   `fdatasync` is scheduled. [`StdFileFactory`] (tests, tools) is buffered throughout.
 //!   The blocking methods park the calling thread while a scheduled request runs; the
-//!   async ones (data plane) await it, but still read and write meta entries inline
-//!   (page cache). Control operations and resync stay blocking.
+//!   async ones (data plane, copies) await it. Both read and write meta entries
+//!   inline (page cache). Control operations stay blocking.
 //! * The index is a bitmap per layer (32 MiB per TiB per layer); opening scans every
 //!   meta file.
 //! * A snapshot deletion holds the control lock until its merge finishes, so a new
@@ -158,13 +161,13 @@
 //!
 //! [`BlockIoError::Corrupt`]: crate::block_io::BlockIoError::Corrupt
 
+mod data_path;
 mod error;
 mod file;
 mod format;
 mod handle;
 mod layer;
 mod locks;
-mod nonblocking;
 #[cfg(test)]
 mod tests;
 mod versioned;
@@ -180,17 +183,19 @@ use std::time::{Duration, Instant};
 pub(crate) use error::io_error;
 pub use error::StoreError;
 pub use file::{
-    current_io_priority, with_io_priority, BlockFile, BlockFileFactory, IoPriority,
-    ScheduledBlockFile, ScheduledFileFactory, StdBlockFile, StdFileFactory,
+    BlockFile, BlockFileFactory, FileIo, IoPriority, ScheduledFileFactory, StdBlockFile,
+    StdFileFactory,
 };
 pub use handle::StoreHandle;
 pub use tessera_replica_protocol::block::{BlockVersion, DataLengthMismatch, VersionedBlocks};
 
 use crate::block_io::BLOCK_SIZE;
+use crate::park::block_on;
 use crate::sync_state::SyncState;
+use data_path::check_block;
 use format::{Entry, ManifestLayer, ManifestV1, Verdict, FLAG_TRIMMED};
 use layer::{is_not_found, sync_dir, Layer};
-use locks::{BlockLocks, StripeRead, StripeWrite};
+use locks::{BlockLocks, StripeRead};
 
 /// Identifies a layer within one volume; never reused, so a stale id cannot alias.
 pub type LayerId = u64;
@@ -629,7 +634,7 @@ impl LayeredStore {
         // Sealed layers are synced when sealed and after every merge into them; this is
         // a no-op then, and makes a merge that failed before its sync durable.
         for (layer, _, _) in &chain {
-            layer.sync()?;
+            block_on(layer.sync(IoPriority::Foreground))?;
         }
         prepare_volume_dir(dir)?;
         let built = Self::link_and_build(dir, &chain, next_layer_id, size_bytes, factory);
@@ -819,10 +824,6 @@ impl LayeredStore {
         self.locks.shared_blocking(first, n)
     }
 
-    fn lock_exclusive(&self, first: u64, n: u64) -> Vec<StripeWrite<'_>> {
-        self.locks.exclusive_blocking(first, n)
-    }
-
     fn write_manifest(&self, m: &ManifestV1) -> Result<(), StoreError> {
         let tmp = self.dir.join(MANIFEST_TMP);
         let path = self.dir.join(MANIFEST);
@@ -841,150 +842,6 @@ impl LayeredStore {
         sync_dir(&self.dir)
     }
 
-    /// Reads `len` bytes at `offset` of the volume; never-written and trimmed blocks
-    /// read as zeros.
-    pub fn read(&self, offset: u64, len: u64) -> Result<Vec<u8>, StoreError> {
-        self.read_view(None, offset, len)
-    }
-
-    /// Reads `len` bytes at `offset` of a snapshot, as the volume was when it was taken.
-    pub fn read_snapshot(
-        &self,
-        snapshot_id: &str,
-        offset: u64,
-        len: u64,
-    ) -> Result<Vec<u8>, StoreError> {
-        self.read_view(Some(snapshot_id), offset, len)
-    }
-
-    fn read_view(
-        &self,
-        snapshot: Option<&str>,
-        offset: u64,
-        len: u64,
-    ) -> Result<Vec<u8>, StoreError> {
-        let state = self.state_read();
-        let (top, size) = state.view(snapshot)?;
-        let (first, n) = check_range(offset, len, size)?;
-        let buf_len =
-            usize::try_from(len).map_err(|_| StoreError::OutOfRange { offset, len, size })?;
-        let mut out = vec![0u8; buf_len];
-        let _stripes = self.lock_shared(first, n);
-        let end = first + n;
-        let mut b = first;
-        while b < end {
-            let owner = state.owner(top, b);
-            let mut run_end = b + 1;
-            while run_end < end && state.owner(top, run_end) == owner {
-                run_end += 1;
-            }
-            if let Some(i) = owner {
-                let lo = ((b - first) * BLOCK_SIZE) as usize;
-                let hi = ((run_end - first) * BLOCK_SIZE) as usize;
-                read_verified(&state.layers[i].layer, b, &mut out[lo..hi])?;
-            }
-            b = run_end;
-        }
-        Ok(out)
-    }
-
-    /// Writes `data` at `offset` into the head, tagged with `seq`; durable after
-    /// [`Self::flush`].
-    pub fn write(&self, offset: u64, data: &[u8], seq: u64) -> Result<(), StoreError> {
-        self.write_impl(offset, data, seq, false).map(|_| ())
-    }
-
-    /// Writes each block of `data` only where the volume's current version of that
-    /// block is older than `seq`, missing, or damaged: the primitive of resync and
-    /// rebuild, which must never replace a newer write with an older copy.
-    pub fn write_if_newer(
-        &self,
-        offset: u64,
-        data: &[u8],
-        seq: u64,
-    ) -> Result<Vec<WriteOutcome>, StoreError> {
-        self.write_impl(offset, data, seq, true)
-    }
-
-    fn write_impl(
-        &self,
-        offset: u64,
-        data: &[u8],
-        seq: u64,
-        conditional: bool,
-    ) -> Result<Vec<WriteOutcome>, StoreError> {
-        let state = self.state_read();
-        let head = Arc::clone(state.head()?);
-        let (first, n) = check_range(offset, data.len() as u64, state.size)?;
-        let _stripes = self.lock_exclusive(first, n);
-        let top = state.layers.len() - 1;
-        let mut outcomes = Vec::with_capacity(n as usize);
-        for b in first..first + n {
-            let apply = !conditional || is_newer(&state, top, b, seq)?;
-            outcomes.push(if apply {
-                WriteOutcome::Applied
-            } else {
-                WriteOutcome::Skipped
-            });
-        }
-        let mut i = 0usize;
-        while i < outcomes.len() {
-            if outcomes[i] == WriteOutcome::Skipped {
-                i += 1;
-                continue;
-            }
-            let mut j = i + 1;
-            while j < outcomes.len() && outcomes[j] == WriteOutcome::Applied {
-                j += 1;
-            }
-            let run_first = first + i as u64;
-            let entries: Vec<Entry> = data[i * BS..j * BS]
-                .chunks_exact(BS)
-                .enumerate()
-                .map(|(k, block)| Entry::for_data(run_first + k as u64, seq, block))
-                .collect();
-            head.write_data(run_first, &data[i * BS..j * BS])?;
-            head.write_entries(run_first, &entries)?;
-            for (k, e) in entries.iter().enumerate() {
-                head.mark(run_first + k as u64, e);
-            }
-            i = j;
-        }
-        Ok(outcomes)
-    }
-
-    /// Discards `len` bytes at `offset`: they read as zeros (hiding any older layer's
-    /// data), keep `seq` as their version, and their space in the head is freed.
-    pub fn trim(&self, offset: u64, len: u64, seq: u64) -> Result<(), StoreError> {
-        let state = self.state_read();
-        let head = Arc::clone(state.head()?);
-        let (first, n) = check_range(offset, len, state.size)?;
-        if n == 0 {
-            return Ok(());
-        }
-        let _stripes = self.lock_exclusive(first, n);
-        let entries: Vec<Entry> = (first..first + n)
-            .map(|b| Entry::tombstone(b, seq))
-            .collect();
-        head.write_entries(first, &entries)?;
-        for (k, e) in entries.iter().enumerate() {
-            head.mark(first + k as u64, e);
-        }
-        head.punch(first, n)
-    }
-
-    /// Makes every write and trim completed before the call durable.
-    pub fn flush(&self) -> Result<(), StoreError> {
-        let state = self.state_read();
-        if state.removed {
-            return Err(StoreError::VolumeDeleted);
-        }
-        for slot in &state.layers {
-            slot.layer.sync()?;
-        }
-        Ok(())
-    }
-
     /// The seq of the current version of `block` (a write or a trim), `None` if it was
     /// never written; resync compares these across replicas.
     pub fn block_seq(&self, block: u64) -> Result<Option<u64>, StoreError> {
@@ -996,7 +853,7 @@ impl LayeredStore {
             return Ok(None);
         };
         let layer = &state.layers[i].layer;
-        match check_block(layer, block)? {
+        match block_on(check_block(layer, IoPriority::Foreground, block))? {
             (Verdict::Corrupt, _) => Err(StoreError::Corrupt {
                 layer: layer.id,
                 block,
@@ -1039,7 +896,7 @@ impl LayeredStore {
             new_id,
             nblocks,
         )?);
-        // The chain changes: wait for async data operations (`locks` module).
+        // The chain changes: wait for the data operations running (`locks` module).
         let _gate = self.locks.gate_exclusive_blocking();
         let mut state = self.state_write();
         let sealed = {
@@ -1060,7 +917,8 @@ impl LayeredStore {
                     shared: false,
                 },
             );
-            if let Err(e) = head.sync().and_then(|()| self.write_manifest(&m)) {
+            let synced = block_on(head.sync(IoPriority::Foreground));
+            if let Err(e) = synced.and_then(|()| self.write_manifest(&m)) {
                 drop(state);
                 let _ = remove_layer_dir(&new_dir);
                 return Err(e);
@@ -1172,15 +1030,16 @@ impl LayeredStore {
         };
         if let Some(child) = &child {
             // Nobody waits on a merge: it yields to application I/O.
-            with_io_priority(IoPriority::Background, || {
+            let priority = IoPriority::Background;
+            block_on(async {
                 for b in layer.present_bits().ones() {
-                    let _stripe = self.lock_exclusive(b, 1);
+                    let _stripe = self.locks.exclusive(b, 1).await;
                     if child.has(b) {
                         continue;
                     }
-                    copy_block(&layer, child, b)?;
+                    copy_block(&layer, child, priority, b).await?;
                 }
-                child.sync()
+                child.sync(priority).await
             })?;
         }
         Ok(())
@@ -1189,7 +1048,7 @@ impl LayeredStore {
     /// Drops merged layer `id` from the chain (manifest, then files). Caller holds
     /// the control lock.
     fn merge_finish(&self, id: LayerId) -> Result<(), StoreError> {
-        // The chain changes: wait for async data operations (`locks` module).
+        // The chain changes: wait for the data operations running (`locks` module).
         let _gate = self.locks.gate_exclusive_blocking();
         let mut state = self.state_write();
         let Some(i) = state.layers.iter().position(|s| s.layer.id == id) else {
@@ -1232,7 +1091,7 @@ impl LayeredStore {
     /// as they are; [`Self::open`] on the directory serves them again.
     pub fn retire(&self) {
         let _control = self.control();
-        // The chain changes: wait for async data operations (`locks` module).
+        // The chain changes: wait for the data operations running (`locks` module).
         let _gate = self.locks.gate_exclusive_blocking();
         let mut state = self.state_write();
         state.layers.clear();
@@ -1244,7 +1103,7 @@ impl LayeredStore {
     /// snapshot's deletion frees the rest. Repeating the call is harmless.
     pub fn delete_volume(&self) -> Result<VolumeRemoval, StoreError> {
         let _control = self.control();
-        // The chain changes: wait for async data operations (`locks` module).
+        // The chain changes: wait for the data operations running (`locks` module).
         let _gate = self.locks.gate_exclusive_blocking();
         let mut state = self.state_write();
         if state.removed {
@@ -1297,7 +1156,7 @@ impl LayeredStore {
             return Ok(());
         }
         head.grow(new_size / BLOCK_SIZE)?;
-        head.sync()?;
+        block_on(head.sync(IoPriority::Foreground))?;
         let mut state = self.state_write();
         let mut m = state.manifest();
         m.size_bytes = new_size;
@@ -1366,30 +1225,29 @@ impl LayeredStore {
     /// Scrubs every stored block of every layer and lists the damaged ones. Its reads
     /// are background I/O.
     pub fn verify(&self) -> Result<Vec<CorruptBlock>, StoreError> {
-        with_io_priority(IoPriority::Background, || self.verify_all())
-    }
-
-    fn verify_all(&self) -> Result<Vec<CorruptBlock>, StoreError> {
         let layers: Vec<(Arc<Layer>, Option<String>)> = self
             .state_read()
             .layers
             .iter()
             .map(|s| (Arc::clone(&s.layer), s.snapshot_id.clone()))
             .collect();
-        let mut bad = Vec::new();
-        for (layer, snapshot_id) in layers {
-            for block in layer.present_bits().ones() {
-                let _stripe = self.lock_shared(block, 1);
-                if check_block(&layer, block)?.0 == Verdict::Corrupt {
-                    bad.push(CorruptBlock {
-                        layer: layer.id,
-                        snapshot_id: snapshot_id.clone(),
-                        block,
-                    });
+        block_on(async {
+            let mut bad = Vec::new();
+            for (layer, snapshot_id) in layers {
+                for block in layer.present_bits().ones() {
+                    let _stripe = self.locks.shared(block, 1).await;
+                    let (verdict, _) = check_block(&layer, IoPriority::Background, block).await?;
+                    if verdict == Verdict::Corrupt {
+                        bad.push(CorruptBlock {
+                            layer: layer.id,
+                            snapshot_id: snapshot_id.clone(),
+                            block,
+                        });
+                    }
                 }
             }
-        }
-        Ok(bad)
+            Ok(bad)
+        })
     }
 
     /// Disk space of every layer, so capacity accounting can charge snapshots too.
@@ -1413,84 +1271,27 @@ impl LayeredStore {
     }
 }
 
-/// Reads and verifies consecutive blocks of one layer into `buf`.
-fn read_verified(layer: &Layer, first: u64, buf: &mut [u8]) -> Result<(), StoreError> {
-    let entries = layer.read_entries(first, buf.len() / BS)?;
-    if needs_data(&entries) {
-        layer.read_data(first, buf)?;
-    }
-    verify_run(layer, first, &entries, buf)
-}
-
-/// Whether a run with these entries has data to read (anything but tombstones).
-fn needs_data(entries: &[Option<Entry>]) -> bool {
-    entries
-        .iter()
-        .any(|e| !matches!(e, Some(e) if e.flags == FLAG_TRIMMED))
-}
-
-/// Checks the blocks read into `buf` against their `entries`; zeroes tombstones.
-fn verify_run(
-    layer: &Layer,
-    first: u64,
-    entries: &[Option<Entry>],
-    buf: &mut [u8],
-) -> Result<(), StoreError> {
-    for (i, (entry, chunk)) in entries.iter().zip(buf.chunks_exact_mut(BS)).enumerate() {
-        let block = first + i as u64;
-        match entry.map(|e| e.verify(block, chunk)) {
-            Some(Verdict::Data) => {}
-            Some(Verdict::Trimmed) => chunk.fill(0),
-            // The index says the layer has the block but its entry is gone: damage.
-            None | Some(Verdict::Corrupt) => {
-                return Err(StoreError::Corrupt {
-                    layer: layer.id,
-                    block,
-                })
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Verifies one block of one layer; returns the verdict and the entry's seq.
-fn check_block(layer: &Layer, block: u64) -> Result<(Verdict, u64), StoreError> {
-    let Some(entry) = layer.read_entries(block, 1)?.into_iter().next().flatten() else {
-        return Ok((Verdict::Corrupt, 0));
-    };
-    if entry.is_valid_tombstone(block) {
-        return Ok((Verdict::Trimmed, entry.seq));
-    }
-    let mut buf = vec![0u8; BS];
-    layer.read_data(block, &mut buf)?;
-    Ok((entry.verify(block, &buf), entry.seq))
-}
-
-/// Whether a write at `seq` should replace the current version of `block`: yes when
-/// there is none, it is older, or it is damaged (so rebuild repairs bad blocks).
-fn is_newer(state: &State, top: usize, block: u64, seq: u64) -> Result<bool, StoreError> {
-    let Some(i) = state.owner(top, block) else {
-        return Ok(true);
-    };
-    let (verdict, current) = check_block(&state.layers[i].layer, block)?;
-    Ok(verdict == Verdict::Corrupt || current < seq)
-}
-
 /// Copies one block's entry (and data, unless a tombstone) verbatim from `from` to
 /// `to`: data first, then entry, then index. Damaged blocks stay detectably damaged.
-fn copy_block(from: &Layer, to: &Layer, block: u64) -> Result<(), StoreError> {
+async fn copy_block(
+    from: &Layer,
+    to: &Layer,
+    priority: IoPriority,
+    block: u64,
+) -> Result<(), StoreError> {
     let entry = from
-        .read_entries(block, 1)?
+        .read_entries(priority, block, 1)
+        .await?
         .into_iter()
         .next()
         .flatten()
         .unwrap_or_else(Entry::poisoned);
     if entry.flags != FLAG_TRIMMED && entry != Entry::poisoned() {
         let mut buf = vec![0u8; BS];
-        from.read_data(block, &mut buf)?;
-        to.write_data(block, &buf)?;
+        from.read_data(priority, block, &mut buf).await?;
+        to.write_data(priority, block, &buf).await?;
     }
-    to.write_entries(block, &[entry])?;
+    to.write_entries(priority, block, &[entry]).await?;
     to.mark(block, &entry);
     Ok(())
 }

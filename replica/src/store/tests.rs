@@ -259,31 +259,31 @@ struct FaultyFile {
 }
 
 impl BlockFile for FaultyFile {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-        self.inner.read_at(buf, offset)
+    fn read_at<'a>(&self, priority: IoPriority, buf: &'a mut [u8], offset: u64) -> FileIo<'a> {
+        self.inner.read_at(priority, buf, offset)
     }
-    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+    fn write_at(&self, priority: IoPriority, buf: &[u8], offset: u64) -> FileIo<'static> {
         let flag = if self.is_meta {
             &self.faults.fail_meta
         } else {
             &self.faults.fail_data
         };
         if flag.load(Ordering::SeqCst) {
-            return Err(io::Error::other("injected write failure"));
+            return FileIo::done(Err(io::Error::other("injected write failure")));
         }
         if !self.is_meta {
             self.faults.gate.pass();
         }
-        self.inner.write_at(buf, offset)
+        self.inner.write_at(priority, buf, offset)
     }
-    fn sync_data(&self) -> io::Result<()> {
+    fn sync_data(&self, priority: IoPriority) -> FileIo<'static> {
         if !self.is_meta {
             self.faults.sync_gate.pass();
         }
-        self.inner.sync_data()
+        self.inner.sync_data(priority)
     }
-    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.inner.punch_hole(offset, len)
+    fn punch_hole(&self, priority: IoPriority, offset: u64, len: u64) -> FileIo<'static> {
+        self.inner.punch_hole(priority, offset, len)
     }
     fn set_len(&self, len: u64) -> io::Result<()> {
         self.inner.set_len(len)

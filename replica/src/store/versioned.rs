@@ -17,8 +17,12 @@
 
 use super::format::{Entry, Verdict, FLAG_DATA};
 use super::layer::Layer;
-use super::{check_range, with_io_priority, IoPriority, LayeredStore, StoreError, BS};
+use super::{check_range, IoPriority, LayeredStore, StoreError, BS};
 use super::{BlockVersion, VersionedBlocks};
+use crate::park::block_on;
+
+/// Versioned reads serve copies and reconciles: nobody's application waits on them.
+const PRIORITY: IoPriority = IoPriority::Background;
 
 impl LayeredStore {
     /// Reads `len` bytes at `offset` of snapshot `snapshot_id` as versions: per block
@@ -31,9 +35,7 @@ impl LayeredStore {
         offset: u64,
         len: u64,
     ) -> Result<VersionedBlocks, StoreError> {
-        with_io_priority(IoPriority::Background, || {
-            self.read_versions(Some(snapshot_id), offset, len, true)
-        })
+        self.read_versions(Some(snapshot_id), offset, len, true)
     }
 
     /// [`Self::read_snapshot_versions`] of the current view (the head included): what
@@ -43,9 +45,7 @@ impl LayeredStore {
         offset: u64,
         len: u64,
     ) -> Result<VersionedBlocks, StoreError> {
-        with_io_priority(IoPriority::Background, || {
-            self.read_versions(None, offset, len, true)
-        })
+        self.read_versions(None, offset, len, true)
     }
 
     /// The versions of `len` bytes at `offset` of the current view (`None`, the head
@@ -62,9 +62,7 @@ impl LayeredStore {
         offset: u64,
         len: u64,
     ) -> Result<VersionedBlocks, StoreError> {
-        with_io_priority(IoPriority::Background, || {
-            self.read_versions(snapshot, offset, len, false)
-        })
+        self.read_versions(snapshot, offset, len, false)
     }
 
     fn read_versions(
@@ -106,7 +104,8 @@ impl LayeredStore {
             }
             if let Some(i) = owner {
                 let layer = &state.layers[i].layer;
-                let entries = layer.read_entries(b, (run_end - b) as usize)?;
+                let count = (run_end - b) as usize;
+                let entries = block_on(layer.read_entries(PRIORITY, b, count))?;
                 let out = &mut versions[(b - first) as usize..(run_end - first) as usize];
                 if with_data {
                     verify_run(layer, b, &entries, out, &mut data)?;
@@ -152,7 +151,7 @@ fn verify_run(
         .enumerate()
         .all(|(k, e)| matches!(e, Some(e) if e.is_valid_tombstone(first + k as u64)));
     if !only_tombstones {
-        layer.read_data(first, &mut buf)?;
+        block_on(layer.read_data(PRIORITY, first, &mut buf))?;
     }
     for (k, ((entry, bytes), v)) in entries
         .iter()

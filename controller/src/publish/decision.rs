@@ -1,12 +1,7 @@
-//! Publish / unpublish decisions and quorum arithmetic, kept free of I/O so the rules
-//! of the CSI spec (idempotent republish, ALREADY_EXISTS, FAILED_PRECONDITION) are
-//! unit-tested on their own.
+//! What ControllerPublishVolume and ControllerUnpublishVolume must do, given the
+//! attachments a majority of the replicas hold.
 
-use std::collections::HashMap;
-
-use tessera_replica_protocol::control_proto::{Attachment, ReplicaRef};
-use tessera_replica_protocol::publish_context::{PublishContext, ReplicaEndpoint};
-use tessera_replica_protocol::seq::Epoch;
+use tessera_replica::control_proto::Attachment;
 
 /// What ControllerPublishVolume must do, given the current attachments.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,31 +46,6 @@ pub fn after_unpublish(attachments: &[Attachment], node_id: &str) -> Option<Vec<
         .cloned()
         .collect();
     (kept.len() != attachments.len()).then_some(kept)
-}
-
-/// Smallest number of replicas that is a majority of `n`.
-pub fn majority(n: usize) -> usize {
-    n / 2 + 1
-}
-
-/// The publish_context handed to the node plugin.
-pub fn publish_context(
-    epoch: Epoch,
-    replicas: &[ReplicaRef],
-    size_bytes: u64,
-) -> HashMap<String, String> {
-    PublishContext {
-        epoch,
-        replicas: replicas
-            .iter()
-            .map(|r| ReplicaEndpoint {
-                node_id: r.node_id.clone(),
-                data_address: r.data_address.clone(),
-            })
-            .collect(),
-        size_bytes,
-    }
-    .to_map()
 }
 
 #[cfg(test)]
@@ -124,15 +94,5 @@ mod tests {
             Some(vec![])
         );
         assert_eq!(after_unpublish(&[], ""), None);
-    }
-
-    #[test]
-    fn majorities() {
-        assert_eq!(majority(1), 1);
-        assert_eq!(majority(2), 2);
-        assert_eq!(majority(3), 2);
-        assert_eq!(majority(4), 3);
-        assert_eq!(majority(5), 3);
-        assert_eq!(majority(7), 4);
     }
 }

@@ -1,0 +1,188 @@
+//! Volume records as the controller sees them: the in-memory index, filled from the
+//! replicas when a record is missing, and the quorum reads and compare-and-set writes
+//! ([`crate::quorum`]) every record mutation goes through, keeping the index in step.
+//!
+//! The index is updated after the replicas, never before, so a crash in between loses
+//! nothing: the next start rebuilds it from the records.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use tessera_replica::control_proto::{Attachment, ReplicaRef, UpdateVolumeRequest, VolumeRecord};
+
+use crate::error::ControllerError;
+use crate::quorum::{self, majority, Committed, Op, Plan, QuorumError, Reads, RecordWrite};
+use crate::replica_pool::{join_all, ReplicaPool};
+use crate::volume_index::{is_volume_id, VolumeIndex};
+
+type Result<T, E = ControllerError> = std::result::Result<T, E>;
+
+/// Now, in nanoseconds since the Unix epoch (record timestamps).
+pub fn now_nanos() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// The replica pool and the record index, shared by everything that reads or
+/// changes volume records.
+#[derive(Debug, Clone)]
+pub struct Volumes {
+    pool: Arc<ReplicaPool>,
+    index: Arc<VolumeIndex>,
+}
+
+impl Volumes {
+    /// Records of the daemons in `pool`, indexed in `index` (see
+    /// [`crate::load_index`]).
+    pub fn new(pool: Arc<ReplicaPool>, index: Arc<VolumeIndex>) -> Self {
+        Self { pool, index }
+    }
+
+    /// The replica daemons.
+    pub fn pool(&self) -> &ReplicaPool {
+        &self.pool
+    }
+
+    /// The record index.
+    pub fn index(&self) -> &VolumeIndex {
+        &self.index
+    }
+
+    /// The replicas of `rec` with their current addresses.
+    pub fn replicas(&self, rec: &VolumeRecord) -> Vec<ReplicaRef> {
+        rec.replicas
+            .iter()
+            .map(|r| self.pool.resolve_ref(r))
+            .collect()
+    }
+
+    /// The record of `volume_id`: from the index, else from any live daemon (lazy
+    /// refresh after another controller instance or a daemon that was down at start).
+    pub async fn lookup(&self, volume_id: &str) -> Option<VolumeRecord> {
+        if let Some(r) = self.index.get(volume_id) {
+            return Some(r);
+        }
+        if !is_volume_id(volume_id) {
+            return None;
+        }
+        let live = self.pool.live();
+        let answers = join_all(
+            live.iter()
+                .map(|(addr, _)| self.pool.get_volume(addr, volume_id)),
+        )
+        .await;
+        let records: Vec<VolumeRecord> = answers
+            .into_iter()
+            .filter_map(|a| a.ok())
+            .filter(|r| r.volume_id == volume_id)
+            .collect();
+        let found = quorum::newest(&records)?.clone();
+        self.index.merge(found.clone());
+        Some(found)
+    }
+
+    /// [`Self::lookup`], NOT_FOUND when there is no such volume.
+    pub async fn require(&self, volume_id: &str) -> Result<VolumeRecord> {
+        self.lookup(volume_id)
+            .await
+            .ok_or_else(|| ControllerError::VolumeNotFound(volume_id.to_string()))
+    }
+
+    /// GetVolume on every replica of `rec`, in parallel.
+    pub async fn read(&self, rec: &VolumeRecord) -> Reads {
+        quorum::read(&self.pool, &rec.volume_id, &self.replicas(rec)).await
+    }
+
+    /// The current record as a majority of the replicas that answered `reads` see it;
+    /// a volume a majority lacks leaves the index.
+    pub fn current(&self, rec: &VolumeRecord, reads: &Reads) -> Result<VolumeRecord> {
+        reads
+            .current(&rec.volume_id)
+            .map_err(|e| self.forget_missing(e))
+    }
+
+    /// A compare-and-set on the replicas of `rec` ([`quorum::compare_and_set`]); a
+    /// volume a majority lacks leaves the index.
+    pub async fn compare_and_set<P>(&self, rec: &VolumeRecord, op: Op, plan: P) -> Result<Committed>
+    where
+        P: FnMut(&VolumeRecord, &Reads) -> Result<Plan>,
+    {
+        let replicas = self.replicas(rec);
+        quorum::compare_and_set(&self.pool, &rec.volume_id, &replicas, op, plan)
+            .await
+            .map_err(|e| match e {
+                ControllerError::Quorum(q) => self.forget_missing(q),
+                other => other,
+            })
+    }
+
+    fn forget_missing(&self, e: QuorumError) -> ControllerError {
+        if let QuorumError::VolumeNotFound { volume } = &e {
+            self.index.remove(volume);
+        }
+        e.into()
+    }
+
+    /// Sets the attachments to `change(current)` on a majority of replicas.
+    /// `change` returning `None` means "keep", which still repairs replicas that lag
+    /// behind the majority view.
+    pub async fn update_attachments<F>(&self, rec: &VolumeRecord, change: F) -> Result<VolumeRecord>
+    where
+        F: Fn(&[Attachment]) -> Option<Vec<Attachment>>,
+    {
+        self.update_record(rec, |cur| {
+            Ok(change(&cur.attachments).map(|att| (att, cur.parameters.clone())))
+        })
+        .await
+    }
+
+    /// Sets a volume's attachments and parameters to `change(current record)` on a
+    /// majority of replicas with compare-and-set on each replica's generation.
+    /// `change` returning `Ok(None)` means "keep", which still repairs replicas that
+    /// lag behind the majority view; an error aborts before anything is written.
+    pub async fn update_record<F>(&self, rec: &VolumeRecord, change: F) -> Result<VolumeRecord>
+    where
+        F: Fn(&VolumeRecord) -> Result<Option<(Vec<Attachment>, HashMap<String, String>)>>,
+    {
+        let op = Op::Update {
+            volume: rec.volume_id.clone(),
+        };
+        let committed = self
+            .compare_and_set(rec, op, |cur, reads| {
+                let target = change(cur)?;
+                let changing = target.is_some();
+                let (attachments, parameters) =
+                    target.unwrap_or_else(|| (cur.attachments.clone(), cur.parameters.clone()));
+                let holds_target =
+                    |r: &VolumeRecord| r.attachments == attachments && r.parameters == parameters;
+                let in_sync = reads.ok().filter(|(_, r)| holds_target(r)).count();
+                if !changing && in_sync >= majority(reads.total()) {
+                    return Ok(Plan::Done);
+                }
+                let writes = reads
+                    .ok()
+                    .filter(|(_, r)| changing || !holds_target(r))
+                    .map(|(replica, r)| {
+                        let write = UpdateVolumeRequest {
+                            volume_id: rec.volume_id.clone(),
+                            expected_generation: r.generation,
+                            attachments: attachments.clone(),
+                            parameters: parameters.clone(),
+                        };
+                        (replica.clone(), RecordWrite::Update(write))
+                    })
+                    .collect();
+                Ok(Plan::Write {
+                    writes,
+                    already: if changing { 0 } else { in_sync },
+                })
+            })
+            .await?;
+        let newest = committed.newest();
+        self.index.upsert(newest.clone());
+        Ok(newest)
+    }
+}
