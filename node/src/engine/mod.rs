@@ -265,7 +265,7 @@ impl Tally {
     }
 }
 
-use tessera_replica::error_chain as describe;
+use tessera_telemetry::error_chain as describe;
 
 fn bits(mask: u32) -> impl Iterator<Item = usize> {
     (0..32).filter(move |i| mask & (1 << i) != 0)

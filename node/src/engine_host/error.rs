@@ -160,7 +160,7 @@ impl EngineHostError {
 }
 
 /// Renders an error with its whole source chain, for status messages and logs.
-pub use tessera_replica::error_chain as chain;
+pub use tessera_telemetry::error_chain as chain;
 
 impl From<EngineHostError> for Status {
     fn from(e: EngineHostError) -> Status {
