@@ -1,29 +1,33 @@
 //! End-to-end tests of the CSI Node service and the engine-host, as real processes.
 //!
-//! Each test starts `tessera-node engine-host` and `tessera-node plugin` in a
-//! directory of its own and talks to them over their unix sockets, the way the
-//! kubelet and the node plugin do. The engine-host runs with
-//! `--file-backed-targets-for-tests`: every volume is a sparse local file, because
-//! these tests are about staging, publishing, idempotency and process restarts, not
-//! replication (the replica daemons' data plane is tested elsewhere).
+//! Each test starts a cluster of three `tessera-replica` daemons and the controller
+//! (`tessera_tests::ClusterBuilder`, without its node), then `tessera-node
+//! engine-host` and `tessera-node plugin` in a directory of its own, and talks to
+//! them over their unix sockets, the way the kubelet and the node plugin do. Volumes
+//! are created and published through the controller, so every publish_context is a
+//! real one and every attached volume is a quorum engine on the replicas.
 //!
-//! They need root, `/dev/fuse`, `/dev/loop-control`, `blkid`, `mkfs.ext4` and
-//! `mkfs.xfs`. Without root they fail with a message saying so, unless
-//! `TESSERA_SKIP_PRIVILEGED_TESTS=1` is set.
+//! They need root, `/dev/fuse`, `/dev/loop-control`, `blkid`, `mkfs.ext4`,
+//! `mkfs.xfs` and the workspace's binaries (`cargo build --workspace`). Without root
+//! they fail with a message saying so, unless `TESSERA_SKIP_PRIVILEGED_TESTS=1` is
+//! set.
 //!
 //! Cleanup never depends on the test passing: [`Env`]'s drop unmounts everything
 //! under the test directory, stops the engine-host (SIGTERM, then SIGKILL), kills
-//! the plugin, detaches leftover loop devices and removes the directory.
+//! the plugin, detaches leftover loop devices and removes the directory; the
+//! cluster's own drop then stops the replicas and the controller.
 
 use std::collections::HashMap;
 use std::fs;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tessera_tests::csi::ControllerClient;
+use tessera_tests::fixtures::{create_request, publish_request, unpublish_request};
 use tessera_tests::privilege::privileged;
 
 use nix::mount::{umount2, MntFlags};
@@ -42,12 +46,16 @@ use tessera_node::engine_host::proto::engine_host_client::EngineHostClient;
 use tessera_node::engine_host::proto::{AttachRequest, DetachRequest, ListRequest, StatusRequest};
 use tessera_node::frontend::cleanup::{parse_mountinfo, read_mountinfo};
 use tessera_node::frontend::{cleanup_stale, list_bound};
+use tessera_replica_protocol::volume_params::KEY_FS_TYPE;
 use tonic::transport::Channel;
 use tonic::Code;
 
 const MIB: u64 = 1 << 20;
-/// Large enough for mkfs.xfs (which wants at least 300 MiB).
-const VOLUME_SIZE: u64 = 512 * MIB;
+/// The smallest xfs volume (mkfs.xfs refuses less).
+const XFS_VOLUME_SIZE: u64 = 300 * MIB;
+/// Volumes whose size does not matter to the test: above ext4's minimum, small
+/// enough that mkfs and teardown stay quick.
+const SMALL_VOLUME_SIZE: u64 = 16 * MIB;
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
 const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -155,24 +163,27 @@ async fn wait_for_socket(path: &Path) -> Channel {
     }
 }
 
-/// One test's world: a directory, an engine-host and a node plugin.
+/// One test's world: replica daemons and a controller, and a directory with an
+/// engine-host and a node plugin on the node of the first replica daemon.
 struct Env {
     dir: PathBuf,
     node_id: String,
-    file_backed: bool,
     plugin: Option<Proc>,
     engine_host: Option<Proc>,
     plugin_socket: PathBuf,
     host_socket: PathBuf,
+    /// Dropped after [`Env`]'s own drop: the engine-host flushes its engines to
+    /// these replicas when it stops.
+    cluster: tessera_tests::Cluster,
 }
 
 impl Env {
     async fn start(tag: &str) -> Env {
-        Env::start_with(tag, true).await
-    }
-
-    /// `file_backed`: serve volumes from local files instead of real engines.
-    async fn start_with(tag: &str, file_backed: bool) -> Env {
+        let cluster = tessera_tests::ClusterBuilder::new()
+            .node(false)
+            .start()
+            .await
+            .expect("start replicas and controller");
         static COUNTER: AtomicU64 = AtomicU64::new(0);
         let nanos = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -188,10 +199,10 @@ impl Env {
             plugin_socket: dir.join("csi.sock"),
             host_socket: dir.join("state").join("engine-host.sock"),
             dir,
-            node_id: "node-a".to_owned(),
-            file_backed,
+            node_id: cluster.replica(0).node_id().to_owned(),
             plugin: None,
             engine_host: None,
+            cluster,
         };
         env.start_engine_host().await;
         env.start_plugin().await;
@@ -200,17 +211,16 @@ impl Env {
 
     async fn start_engine_host(&mut self) {
         let state = self.dir.join("state");
-        let images = self.dir.join("images");
         let log = self.dir.join(format!(
             "engine-host-{}.log",
             COUNTER_LOGS.fetch_add(1, Ordering::Relaxed)
         ));
         let _ = fs::remove_file(&self.host_socket);
-        let mut args = vec!["engine-host", "--state-dir", path_str(&state)];
-        if self.file_backed {
-            args.extend(["--file-backed-targets-for-tests", path_str(&images)]);
-        }
-        self.engine_host = Some(Proc::spawn("engine-host", &args, log));
+        self.engine_host = Some(Proc::spawn(
+            "engine-host",
+            &["engine-host", "--state-dir", path_str(&state)],
+            log,
+        ));
         wait_for_socket(&self.host_socket).await;
     }
 
@@ -245,12 +255,67 @@ impl Env {
         EngineHostClient::new(wait_for_socket(&self.host_socket).await)
     }
 
-    fn path(&self, rel: &str) -> PathBuf {
-        self.dir.join("kubelet").join(rel)
+    async fn controller(&self) -> ControllerClient {
+        self.cluster.controller().await.expect("controller client")
     }
 
-    fn image(&self, volume_id: &str) -> PathBuf {
-        self.dir.join("images").join(format!("{volume_id}.img"))
+    /// Creates volume `name` through the controller with `cap` (which decides its
+    /// filesystem, or raw block) and publishes it to this node.
+    async fn volume(&self, name: &str, size: u64, cap: VolumeCapability) -> Vol {
+        let mut controller = self.controller().await;
+        let mut req = create_request(name, size as i64);
+        req.volume_capabilities = vec![cap.clone()];
+        let created = controller
+            .create_volume(req)
+            .await
+            .unwrap_or_else(|s| panic!("create volume {name}: {s}"))
+            .into_inner()
+            .volume
+            .expect("volume");
+        let mut publish = publish_request(&created.volume_id, &self.node_id);
+        publish.volume_capability = Some(cap.clone());
+        let publish_context = controller
+            .controller_publish_volume(publish)
+            .await
+            .unwrap_or_else(|s| panic!("controller publish {name}: {s}"))
+            .into_inner()
+            .publish_context;
+        assert_eq!(created.capacity_bytes, size as i64, "{created:?}");
+        Vol {
+            id: created.volume_id,
+            size,
+            cap,
+            publish_context,
+            volume_context: created.volume_context,
+        }
+    }
+
+    /// Moves `vol` to a new epoch the way a CO does: ControllerUnpublish, then
+    /// ControllerPublish to the same node again.
+    async fn new_epoch(&self, vol: &mut Vol) {
+        let mut controller = self.controller().await;
+        controller
+            .controller_unpublish_volume(unpublish_request(&vol.id, &self.node_id))
+            .await
+            .expect("controller unpublish");
+        let mut publish = publish_request(&vol.id, &self.node_id);
+        publish.volume_capability = Some(vol.cap.clone());
+        let ctx = controller
+            .controller_publish_volume(publish)
+            .await
+            .expect("controller publish again")
+            .into_inner()
+            .publish_context;
+        assert!(
+            epoch_of(&ctx) > epoch_of(&vol.publish_context),
+            "{:?} -> {ctx:?}",
+            vol.publish_context
+        );
+        vol.publish_context = ctx;
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.dir.join("kubelet").join(rel)
     }
 
     fn logs(&self) -> String {
@@ -328,50 +393,68 @@ fn block_cap() -> VolumeCapability {
     }
 }
 
-fn publish_context(epoch: u64) -> HashMap<String, String> {
-    HashMap::from([
-        ("epoch".to_owned(), epoch.to_string()),
-        (
-            "replicas".to_owned(),
-            "node-a=127.0.0.1:1,node-b=127.0.0.1:2,node-c=127.0.0.1:3".to_owned(),
-        ),
-        ("sizeBytes".to_owned(), VOLUME_SIZE.to_string()),
-    ])
+/// A volume created through the controller and published to the test's node.
+struct Vol {
+    id: String,
+    size: u64,
+    /// The capability it was created and published with.
+    cap: VolumeCapability,
+    /// What ControllerPublishVolume returned: epoch, replicas, sizeBytes.
+    publish_context: HashMap<String, String>,
+    /// The volume's normalised parameters, which the CO passes on to the node.
+    volume_context: HashMap<String, String>,
 }
 
-fn stage_req(
-    volume_id: &str,
-    staging: &Path,
-    cap: VolumeCapability,
-    epoch: u64,
-) -> NodeStageVolumeRequest {
+fn epoch_of(publish_context: &HashMap<String, String>) -> u64 {
+    publish_context
+        .get("epoch")
+        .and_then(|e| e.parse().ok())
+        .unwrap_or_else(|| panic!("no epoch in {publish_context:?}"))
+}
+
+fn stage_req(vol: &Vol, staging: &Path, cap: VolumeCapability) -> NodeStageVolumeRequest {
     NodeStageVolumeRequest {
-        volume_id: volume_id.to_owned(),
-        publish_context: publish_context(epoch),
+        volume_id: vol.id.clone(),
+        publish_context: vol.publish_context.clone(),
         staging_target_path: path_str(staging).to_owned(),
         volume_capability: Some(cap),
         secrets: HashMap::new(),
-        volume_context: HashMap::new(),
+        volume_context: vol.volume_context.clone(),
     }
 }
 
 fn publish_req(
-    volume_id: &str,
+    vol: &Vol,
     staging: &Path,
     target: &Path,
     cap: VolumeCapability,
     readonly: bool,
 ) -> NodePublishVolumeRequest {
     NodePublishVolumeRequest {
-        volume_id: volume_id.to_owned(),
-        publish_context: publish_context(1),
+        volume_id: vol.id.clone(),
+        publish_context: vol.publish_context.clone(),
         staging_target_path: path_str(staging).to_owned(),
         target_path: path_str(target).to_owned(),
         volume_capability: Some(cap),
         readonly,
         secrets: HashMap::new(),
-        volume_context: HashMap::new(),
+        volume_context: vol.volume_context.clone(),
     }
+}
+
+/// Reads `len` bytes at `offset` of `path` with O_DIRECT, so they come from the
+/// device (and so from the replicas), not from the page cache.
+fn read_direct(path: &Path, offset: u64, len: usize) -> Vec<u8> {
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .unwrap_or_else(|e| panic!("open {} with O_DIRECT: {e}", path.display()));
+    let layout = std::alloc::Layout::from_size_align(len, 4096).expect("layout");
+    let mut buf = AlignedBuf::new(layout);
+    f.read_exact_at(buf.as_mut(), offset)
+        .unwrap_or_else(|e| panic!("direct read of {}: {e}", path.display()));
+    buf.as_mut().to_vec()
 }
 
 async fn unpublish(node: &mut NodeClient<Channel>, volume_id: &str, target: &Path) {
@@ -437,19 +520,22 @@ fn pattern(seed: u64, len: usize) -> Vec<u8> {
 }
 
 /// Stage, publish rw and ro, write, stats, idempotent teardown, restage without
-/// reformat, and refusal to stage as another filesystem — for one filesystem.
-async fn filesystem_lifecycle(fs_name: &str) {
+/// reformat at a new epoch, and refusal to stage as another filesystem — for one
+/// filesystem.
+async fn filesystem_lifecycle(fs_name: &str, size: u64) {
     let env = Env::start(fs_name).await;
     let mut node = env.node().await;
-    let vol = format!("tv-{fs_name}-1");
+    let cap = mount_cap(fs_name, &["noatime"]);
+    let mut vol = env
+        .volume(&format!("lifecycle-{fs_name}"), size, cap.clone())
+        .await;
     let staging = env.path("staging");
     let rw = env.path("pod-rw");
     let ro = env.path("pod-ro");
     fs::create_dir_all(&staging).expect("staging dir");
 
-    let cap = mount_cap(fs_name, &["noatime"]);
     for attempt in 0..2 {
-        node.node_stage_volume(stage_req(&vol, &staging, cap.clone(), 1))
+        node.node_stage_volume(stage_req(&vol, &staging, cap.clone()))
             .await
             .unwrap_or_else(|s| panic!("stage attempt {attempt}: {s}\n{}", env.logs()));
     }
@@ -485,14 +571,14 @@ async fn filesystem_lifecycle(fs_name: &str) {
     let e = fs::File::create(ro.join("nope")).expect_err("ro target refuses writes");
     assert_eq!(e.raw_os_error(), Some(libc::EROFS));
 
-    let s = stats(&mut node, &vol, &rw).await.expect("stats");
+    let s = stats(&mut node, &vol.id, &rw).await.expect("stats");
     let bytes = s
         .usage
         .iter()
         .find(|u| u.unit == Unit::Bytes as i32)
         .expect("bytes usage");
     assert!(
-        bytes.total > (VOLUME_SIZE / 2) as i64 && bytes.total <= VOLUME_SIZE as i64,
+        bytes.total > (vol.size / 2) as i64 && bytes.total <= vol.size as i64,
         "{bytes:?}"
     );
     assert!(bytes.used >= data.len() as i64, "{bytes:?}");
@@ -505,7 +591,7 @@ async fn filesystem_lifecycle(fs_name: &str) {
     let cond = s.volume_condition.expect("condition");
     assert!(!cond.abnormal, "{cond:?}");
     for (id, path) in [
-        (vol.as_str(), Path::new("/nonexistent/x")),
+        (vol.id.as_str(), Path::new("/nonexistent/x")),
         ("tv-unknown", rw.as_path()),
     ] {
         let st = stats(&mut node, id, path).await.expect_err("not found");
@@ -519,27 +605,34 @@ async fn filesystem_lifecycle(fs_name: &str) {
     }
 
     for target in [&rw, &ro] {
-        unpublish(&mut node, &vol, target).await;
-        unpublish(&mut node, &vol, target).await;
+        unpublish(&mut node, &vol.id, target).await;
+        unpublish(&mut node, &vol.id, target).await;
         assert!(!target.exists(), "{} must be removed", target.display());
     }
-    unstage(&mut node, &vol, &staging).await;
-    unstage(&mut node, &vol, &staging).await;
+    unstage(&mut node, &vol.id, &staging).await;
+    unstage(&mut node, &vol.id, &staging).await;
     assert_eq!(mount_count(&staging), 0);
     let listed = env.host().await.list(ListRequest {}).await.expect("list");
     assert!(listed.into_inner().volumes.is_empty(), "unstage detaches");
 
-    // Staging as another filesystem is refused and formats nothing.
+    // Staging as another filesystem than the device holds is refused and formats
+    // nothing. (The request names no fsType parameter: one that disagrees with the
+    // capability is refused before the device is looked at.)
+    env.new_epoch(&mut vol).await;
     let other = if fs_name == "ext4" { "xfs" } else { "ext4" };
+    let mut req = stage_req(&vol, &staging, mount_cap(other, &[]));
+    req.volume_context.remove(KEY_FS_TYPE);
     let st = node
-        .node_stage_volume(stage_req(&vol, &staging, mount_cap(other, &[]), 2))
+        .node_stage_volume(req)
         .await
         .expect_err("other filesystem on the device");
     assert_eq!(st.code(), Code::FailedPrecondition, "{}", st.message());
     assert_eq!(mount_count(&staging), 0);
 
-    // A new epoch finds the filesystem and the file: no reformat.
-    node.node_stage_volume(stage_req(&vol, &staging, cap.clone(), 3))
+    // A new epoch finds the filesystem and the file, read from the replicas through
+    // a new engine and loop device: no reformat.
+    env.new_epoch(&mut vol).await;
+    node.node_stage_volume(stage_req(&vol, &staging, cap.clone()))
         .await
         .expect("restage");
     node.node_publish_volume(publish_req(&vol, &staging, &rw, cap.clone(), false))
@@ -549,8 +642,8 @@ async fn filesystem_lifecycle(fs_name: &str) {
         fs::read(rw.join("data.bin")).expect("read after restage"),
         data
     );
-    unpublish(&mut node, &vol, &rw).await;
-    unstage(&mut node, &vol, &staging).await;
+    unpublish(&mut node, &vol.id, &rw).await;
+    unstage(&mut node, &vol.id, &staging).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -558,7 +651,7 @@ async fn ext4_lifecycle() {
     if !privileged("node service test") {
         return;
     }
-    filesystem_lifecycle("ext4").await;
+    filesystem_lifecycle("ext4", 64 * MIB).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -566,7 +659,7 @@ async fn xfs_lifecycle() {
     if !privileged("node service test") {
         return;
     }
-    filesystem_lifecycle("xfs").await;
+    filesystem_lifecycle("xfs", XFS_VOLUME_SIZE).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -576,22 +669,22 @@ async fn block_volume_publish_and_stats() {
     }
     let env = Env::start("block").await;
     let mut node = env.node().await;
-    let vol = "tv-block-1";
+    let mut vol = env.volume("block", SMALL_VOLUME_SIZE, block_cap()).await;
     let staging = env.path("staging");
     let target = env.path("pod-dev");
     let target_ro = env.path("pod-dev-ro");
     fs::create_dir_all(&staging).expect("staging dir");
     for _ in 0..2 {
-        node.node_stage_volume(stage_req(vol, &staging, block_cap(), 1))
+        node.node_stage_volume(stage_req(&vol, &staging, block_cap()))
             .await
             .unwrap_or_else(|s| panic!("stage block: {s}\n{}", env.logs()));
     }
     for _ in 0..2 {
-        node.node_publish_volume(publish_req(vol, &staging, &target, block_cap(), false))
+        node.node_publish_volume(publish_req(&vol, &staging, &target, block_cap(), false))
             .await
             .expect("publish block");
     }
-    node.node_publish_volume(publish_req(vol, &staging, &target_ro, block_cap(), true))
+    node.node_publish_volume(publish_req(&vol, &staging, &target_ro, block_cap(), true))
         .await
         .expect("publish block ro");
 
@@ -626,7 +719,7 @@ async fn block_volume_publish_and_stats() {
     // Staging the block-staged volume as a filesystem is refused; nothing is
     // formatted and the volume stays attached.
     let st = node
-        .node_stage_volume(stage_req(vol, &staging, mount_cap("ext4", &[]), 1))
+        .node_stage_volume(stage_req(&vol, &staging, mount_cap("ext4", &[])))
         .await
         .expect_err("staged as block");
     assert_eq!(st.code(), Code::AlreadyExists, "{}", st.message());
@@ -639,25 +732,34 @@ async fn block_volume_publish_and_stats() {
     let listed = env.host().await.list(ListRequest {}).await.expect("list");
     assert_eq!(listed.into_inner().volumes.len(), 1, "still attached");
 
-    let s = stats(&mut node, vol, &target).await.expect("block stats");
+    let s = stats(&mut node, &vol.id, &target)
+        .await
+        .expect("block stats");
     assert_eq!(s.usage.len(), 1);
     assert_eq!(s.usage[0].unit, Unit::Bytes as i32);
-    assert_eq!(s.usage[0].total, VOLUME_SIZE as i64);
+    assert_eq!(s.usage[0].total, vol.size as i64);
 
     for t in [&target, &target_ro] {
-        unpublish(&mut node, vol, t).await;
-        unpublish(&mut node, vol, t).await;
+        unpublish(&mut node, &vol.id, t).await;
+        unpublish(&mut node, &vol.id, t).await;
         assert!(!t.exists());
     }
-    unstage(&mut node, vol, &staging).await;
-    unstage(&mut node, vol, &staging).await;
+    unstage(&mut node, &vol.id, &staging).await;
+    unstage(&mut node, &vol.id, &staging).await;
     assert!(!staging.join("block").exists());
-    // The bytes reached the volume's backing store.
-    let mut img = vec![0u8; data.len()];
-    fs::File::open(env.image(vol))
-        .and_then(|f| f.read_exact_at(&mut img, offset))
-        .expect("read image");
-    assert_eq!(img, data);
+
+    // The bytes reached the replicas: staged again at a new epoch (a new engine and
+    // loop device), the device reads them back.
+    env.new_epoch(&mut vol).await;
+    node.node_stage_volume(stage_req(&vol, &staging, block_cap()))
+        .await
+        .expect("restage block");
+    assert_eq!(
+        read_direct(&staging.join("block"), offset, data.len()),
+        data
+    );
+    unstage(&mut node, &vol.id, &staging).await;
+    assert!(!staging.join("block").exists());
 }
 
 /// A heap buffer with the alignment O_DIRECT needs, freed on drop.
@@ -695,46 +797,64 @@ async fn engine_host_epochs_detach_and_errors() {
     }
     let env = Env::start("epochs").await;
     let mut host = env.host().await;
-    let attach = |vol: &str, epoch: u64| AttachRequest {
-        volume_id: vol.to_owned(),
-        publish_context: publish_context(epoch),
-        local_node_id: "node-a".to_owned(),
+    let vol = env
+        .volume("epochs", SMALL_VOLUME_SIZE, mount_cap("ext4", &[]))
+        .await;
+    // Attaches at epochs above the controller's: a replica adopts a higher epoch at
+    // HELLO (and refuses a lower one), so each attach below is a real engine.
+    let base = epoch_of(&vol.publish_context);
+    let attach = |volume_id: &str, epoch: u64| {
+        let mut publish_context = vol.publish_context.clone();
+        publish_context.insert("epoch".to_owned(), epoch.to_string());
+        AttachRequest {
+            volume_id: volume_id.to_owned(),
+            publish_context,
+            local_node_id: env.node_id.clone(),
+        }
     };
     let first = host
-        .attach(attach("tv-e", 2))
+        .attach(attach(&vol.id, base + 1))
         .await
         .unwrap_or_else(|s| panic!("attach: {s}\n{}", env.logs()))
         .into_inner()
         .volume
         .expect("volume");
     assert!(first.device_path.starts_with("/dev/loop"), "{first:?}");
-    assert_eq!((first.epoch, first.size_bytes), (2, VOLUME_SIZE));
-    assert_eq!(first.backend, "file");
-    let again = host.attach(attach("tv-e", 2)).await.expect("same epoch");
+    assert_eq!((first.epoch, first.size_bytes), (base + 1, vol.size));
+    assert_eq!(first.backend, "engine");
+    let again = host
+        .attach(attach(&vol.id, base + 1))
+        .await
+        .expect("same epoch");
     assert_eq!(again.into_inner().volume.as_ref(), Some(&first));
     let st = host
-        .attach(attach("tv-e", 1))
+        .attach(attach(&vol.id, base))
         .await
         .expect_err("older epoch");
     assert_eq!(st.code(), Code::FailedPrecondition, "{}", st.message());
     let newer = host
-        .attach(attach("tv-e", 3))
+        .attach(attach(&vol.id, base + 2))
         .await
         .expect("newer epoch replaces")
         .into_inner()
         .volume
         .expect("volume");
-    assert_eq!(newer.epoch, 3);
+    assert_eq!(newer.epoch, base + 2);
     let listed = host.list(ListRequest {}).await.expect("list").into_inner();
     assert_eq!(listed.volumes, vec![newer.clone()]);
     let status = host
         .status(StatusRequest {
-            volume_id: "tv-e".into(),
+            volume_id: vol.id.clone(),
         })
         .await
         .expect("status")
         .into_inner();
-    assert!(!status.abnormal);
+    assert!(!status.abnormal, "{status:?}");
+    assert_eq!(
+        (status.replicas.len(), status.in_sync, status.fenced),
+        (3, 3, false),
+        "{status:?}"
+    );
     let st = host
         .status(StatusRequest {
             volume_id: "tv-none".into(),
@@ -744,9 +864,9 @@ async fn engine_host_epochs_detach_and_errors() {
     assert_eq!(st.code(), Code::NotFound);
 
     // Bad input changes nothing.
-    let mut no_size = attach("tv-x", 1);
+    let mut no_size = attach("tv-x", base + 1);
     no_size.publish_context.remove("sizeBytes");
-    for req in [no_size, attach("a/b", 1), attach("", 1)] {
+    for req in [no_size, attach("a/b", base + 1), attach("", base + 1)] {
         let st = host.attach(req).await.expect_err("invalid");
         assert_eq!(st.code(), Code::InvalidArgument, "{}", st.message());
     }
@@ -779,7 +899,7 @@ async fn engine_host_epochs_detach_and_errors() {
     .expect("mount by hand");
     let st = host
         .detach(DetachRequest {
-            volume_id: "tv-e".into(),
+            volume_id: vol.id.clone(),
         })
         .await
         .expect_err("in use");
@@ -788,7 +908,7 @@ async fn engine_host_epochs_detach_and_errors() {
 
     let d = host
         .detach(DetachRequest {
-            volume_id: "tv-e".into(),
+            volume_id: vol.id.clone(),
         })
         .await
         .expect("detach")
@@ -796,7 +916,7 @@ async fn engine_host_epochs_detach_and_errors() {
     assert!(d.was_attached);
     let d = host
         .detach(DetachRequest {
-            volume_id: "tv-e".into(),
+            volume_id: vol.id.clone(),
         })
         .await
         .expect("detach again")
@@ -824,14 +944,18 @@ async fn engine_host_restart_cleans_up_dead_attachments() {
         return;
     }
     let mut env = Env::start("restart").await;
+    let vol = env
+        .volume("restart", SMALL_VOLUME_SIZE, mount_cap("ext4", &[]))
+        .await;
+    let attach = AttachRequest {
+        volume_id: vol.id.clone(),
+        publish_context: vol.publish_context.clone(),
+        local_node_id: env.node_id.clone(),
+    };
     let mut host = env.host().await;
-    host.attach(AttachRequest {
-        volume_id: "tv-r".into(),
-        publish_context: publish_context(1),
-        local_node_id: "node-a".into(),
-    })
-    .await
-    .unwrap_or_else(|s| panic!("attach: {s}\n{}", env.logs()));
+    host.attach(attach.clone())
+        .await
+        .unwrap_or_else(|s| panic!("attach: {s}\n{}", env.logs()));
     let state = env.dir.join("state");
     assert_eq!(mounts_below(&state).len(), 1, "one FUSE mount");
     if let Some(mut p) = env.engine_host.take() {
@@ -855,14 +979,23 @@ async fn engine_host_restart_cleans_up_dead_attachments() {
         bound.iter().all(|(_, f)| !f.starts_with(&state)),
         "{bound:?}"
     );
-    // The volume attaches again on the new engine-host.
-    host.attach(AttachRequest {
-        volume_id: "tv-r".into(),
-        publish_context: publish_context(1),
-        local_node_id: "node-a".into(),
-    })
-    .await
-    .expect("attach after restart");
+    // The volume attaches again on the new engine-host, with the same publish.
+    let again = host
+        .attach(attach)
+        .await
+        .expect("attach after restart")
+        .into_inner()
+        .volume
+        .expect("volume");
+    assert_eq!(again.epoch, epoch_of(&vol.publish_context));
+    let status = host
+        .status(StatusRequest {
+            volume_id: vol.id.clone(),
+        })
+        .await
+        .expect("status")
+        .into_inner();
+    assert_eq!((status.in_sync, status.abnormal), (3, false), "{status:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -872,15 +1005,15 @@ async fn plugin_kill9_during_writes_does_not_disturb_io() {
     }
     let mut env = Env::start("kill9").await;
     let mut node = env.node().await;
-    let vol = "tv-k";
+    let cap = mount_cap("ext4", &[]);
+    let vol = env.volume("kill9", 128 * MIB, cap.clone()).await;
     let staging = env.path("staging");
     let target = env.path("pod");
     fs::create_dir_all(&staging).expect("staging dir");
-    let cap = mount_cap("ext4", &[]);
-    node.node_stage_volume(stage_req(vol, &staging, cap.clone(), 1))
+    node.node_stage_volume(stage_req(&vol, &staging, cap.clone()))
         .await
         .unwrap_or_else(|s| panic!("stage: {s}\n{}", env.logs()));
-    node.node_publish_volume(publish_req(vol, &staging, &target, cap.clone(), false))
+    node.node_publish_volume(publish_req(&vol, &staging, &target, cap.clone(), false))
         .await
         .expect("publish");
 
@@ -919,88 +1052,48 @@ async fn plugin_kill9_during_writes_does_not_disturb_io() {
         .join()
         .expect("writer thread")
         .expect("the write stream sees no error");
-    let mut got = Vec::new();
-    fs::File::open(&file)
-        .and_then(|mut f| f.read_to_end(&mut got))
-        .expect("read back");
-    assert_eq!(got.len() as u64, 64 * MIB);
-    for (i, chunk) in got.chunks(MIB as usize).enumerate() {
+    // Read back with O_DIRECT: from the device, not from the page cache.
+    let len = fs::metadata(&file).expect("stat").len();
+    assert_eq!(len, 64 * MIB);
+    for i in 0..64u64 {
         assert!(
-            chunk == pattern(i as u64, MIB as usize).as_slice(),
+            read_direct(&file, i * MIB, MIB as usize) == pattern(i, MIB as usize),
             "chunk {i} differs"
         );
     }
 
     // The new plugin instance finds the volume and tears it down cleanly.
     let mut node = env.node().await;
-    let s = stats(&mut node, vol, &target)
+    let s = stats(&mut node, &vol.id, &target)
         .await
         .expect("stats via new plugin");
     assert!(!s.usage.is_empty());
-    unpublish(&mut node, vol, &target).await;
-    unstage(&mut node, vol, &staging).await;
+    unpublish(&mut node, &vol.id, &target).await;
+    unstage(&mut node, &vol.id, &staging).await;
     assert_eq!(mount_count(&staging), 0);
     let listed = env.host().await.list(ListRequest {}).await.expect("list");
     assert!(listed.into_inner().volumes.is_empty());
 }
 
-/// The real data path: three `tessera-replica` daemons and the controller (from the
-/// `tessera-tests` harness), real quorum engines in the engine-host. Writes files on
-/// ext4, unstages, moves the volume to a new epoch (ControllerUnpublish + Publish),
-/// stages it again through a new plugin instance and verifies every file.
+/// Writes files on ext4, unstages, moves the volume to a new epoch (ControllerUnpublish
+/// + Publish), stages it again through a new plugin instance and verifies every file
+/// and the engine's view of its replicas.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_engine_ext4_restage_with_new_epoch() {
-    use tessera_tests::fixtures::{create_request, publish_request, unpublish_request};
     if !privileged("node service test") {
         return;
     }
-    let cluster = tessera_tests::ClusterBuilder::new()
-        .node(false)
-        .start()
-        .await
-        .expect("start replicas and controller");
-    let mut controller = cluster.controller().await.expect("controller client");
-    let mut env = Env::start_with("real", false).await;
-    env.node_id = cluster.replica(0).node_id().to_owned();
-    if let Some(mut p) = env.plugin.take() {
-        p.stop(Signal::SIGKILL, STOP_TIMEOUT);
-    }
-    env.start_plugin().await;
+    let mut env = Env::start("real").await;
     let mut node = env.node().await;
-
-    let vol = controller
-        .create_volume(create_request("real-engine-ext4", (256 * MIB) as i64))
-        .await
-        .expect("create volume")
-        .into_inner()
-        .volume
-        .expect("volume");
-    let vid = vol.volume_id.clone();
-    let staging_str = path_str(&env.path("staging")).to_owned();
-    let publish = |ctx: HashMap<String, String>, cap| NodeStageVolumeRequest {
-        volume_id: vid.clone(),
-        publish_context: ctx,
-        staging_target_path: staging_str.clone(),
-        volume_capability: Some(cap),
-        secrets: HashMap::new(),
-        volume_context: vol.volume_context.clone(),
-    };
-    let ctx1 = controller
-        .controller_publish_volume(publish_request(&vid, &env.node_id))
-        .await
-        .expect("controller publish")
-        .into_inner()
-        .publish_context;
+    let cap = mount_cap("ext4", &[]);
+    let mut vol = env.volume("real-engine-ext4", 64 * MIB, cap.clone()).await;
     let staging = env.path("staging");
     let target = env.path("pod");
     fs::create_dir_all(&staging).expect("staging dir");
-    let cap = mount_cap("ext4", &[]);
-    node.node_stage_volume(publish(ctx1.clone(), cap.clone()))
+    node.node_stage_volume(stage_req(&vol, &staging, cap.clone()))
         .await
         .unwrap_or_else(|s| panic!("stage: {s}\n{}", env.logs()));
-    let mut pubreq = publish_req(&vid, &staging, &target, cap.clone(), false);
-    pubreq.publish_context = ctx1.clone();
-    node.node_publish_volume(pubreq.clone())
+    node.node_publish_volume(publish_req(&vol, &staging, &target, cap.clone(), false))
         .await
         .expect("publish");
     let files: Vec<(PathBuf, Vec<u8>)> = (0..8u64)
@@ -1016,14 +1109,14 @@ async fn real_engine_ext4_restage_with_new_epoch() {
         f.write_all(data).expect("write");
         f.sync_all().expect("fsync");
     }
-    let s = stats(&mut node, &vid, &target).await.expect("stats");
+    let s = stats(&mut node, &vol.id, &target).await.expect("stats");
     let cond = s.volume_condition.expect("condition");
     assert!(!cond.abnormal, "{cond:?}");
     let status = env
         .host()
         .await
         .status(StatusRequest {
-            volume_id: vid.clone(),
+            volume_id: vol.id.clone(),
         })
         .await
         .expect("engine status")
@@ -1034,31 +1127,21 @@ async fn real_engine_ext4_restage_with_new_epoch() {
         "{status:?}"
     );
     assert!(status.counters.expect("counters").writes > 0);
-    unpublish(&mut node, &vid, &target).await;
-    unstage(&mut node, &vid, &staging).await;
-    controller
-        .controller_unpublish_volume(unpublish_request(&vid, &env.node_id))
-        .await
-        .expect("controller unpublish");
+    unpublish(&mut node, &vol.id, &target).await;
+    unstage(&mut node, &vol.id, &staging).await;
 
-    let ctx2 = controller
-        .controller_publish_volume(publish_request(&vid, &env.node_id))
-        .await
-        .expect("publish again")
-        .into_inner()
-        .publish_context;
-    let epoch = |c: &HashMap<String, String>| c.get("epoch").and_then(|e| e.parse::<u64>().ok());
-    assert!(epoch(&ctx2) > epoch(&ctx1), "{ctx1:?} -> {ctx2:?}");
+    env.new_epoch(&mut vol).await;
     if let Some(mut p) = env.plugin.take() {
         p.stop(Signal::SIGKILL, STOP_TIMEOUT);
     }
     env.start_plugin().await;
     let mut node = env.node().await;
-    node.node_stage_volume(publish(ctx2.clone(), cap.clone()))
+    node.node_stage_volume(stage_req(&vol, &staging, cap.clone()))
         .await
         .expect("restage with the new epoch");
-    pubreq.publish_context = ctx2;
-    node.node_publish_volume(pubreq).await.expect("republish");
+    node.node_publish_volume(publish_req(&vol, &staging, &target, cap.clone(), false))
+        .await
+        .expect("republish");
     for (path, data) in &files {
         assert!(
             fs::read(path).expect("read back") == *data,
@@ -1066,6 +1149,6 @@ async fn real_engine_ext4_restage_with_new_epoch() {
             path.display()
         );
     }
-    unpublish(&mut node, &vid, &target).await;
-    unstage(&mut node, &vid, &staging).await;
+    unpublish(&mut node, &vol.id, &target).await;
+    unstage(&mut node, &vol.id, &staging).await;
 }

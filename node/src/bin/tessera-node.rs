@@ -15,7 +15,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use tessera_node::engine_host::metrics::HostProbe;
-use tessera_node::engine_host::{self, EngineHost, VolumeSource, SOCKET_NAME};
+use tessera_node::engine_host::{self, EngineHost, SOCKET_NAME};
 use tessera_node::frontend::FuseOptions;
 use tessera_node::node_service::DEFAULT_MAX_VOLUMES_PER_NODE;
 use tessera_node::plugin_registration::{self, PluginProbe, Registration, RegistrationState};
@@ -101,11 +101,6 @@ struct EngineHostArgs {
     /// FUSE worker threads per volume.
     #[arg(long, default_value_t = FuseOptions::default().threads)]
     fuse_threads: usize,
-
-    /// TESTS ONLY: serve every volume from a sparse local file `<DIR>/<volume_id>.img`
-    /// instead of a replicated engine. No replication, no fencing by replicas.
-    #[arg(long, hide = true, value_name = "DIR")]
-    file_backed_targets_for_tests: Option<PathBuf>,
 }
 
 /// Turns a CSI endpoint into a socket path.
@@ -247,20 +242,12 @@ async fn run_engine_host(args: EngineHostArgs) -> anyhow::Result<()> {
     if !nix::unistd::geteuid().is_root() {
         warn!("not running as root: mounting FUSE files and attaching loop devices will fail");
     }
-    let source = match args.file_backed_targets_for_tests {
-        Some(dir) => {
-            std::fs::create_dir_all(&dir).with_context(|| format!("creating {dir:?}"))?;
-            warn!(dir = %dir.display(), "TEST MODE: volumes are served from local files, not replicated");
-            VolumeSource::TestFiles(dir)
-        }
-        None => VolumeSource::Engines,
-    };
     let fuse = FuseOptions {
         threads: args.fuse_threads,
         ..FuseOptions::default()
     };
     let state_dir = args.state_dir.clone();
-    let (host, report) = tokio::task::block_in_place(|| EngineHost::new(&state_dir, source, fuse))
+    let (host, report) = tokio::task::block_in_place(|| EngineHost::new(&state_dir, fuse))
         .context("starting the engine-host")?;
     info!(
         ?report,
@@ -294,7 +281,7 @@ async fn run_engine_host(args: EngineHostArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
-    info!(socket = %socket.display(), source = host.source_name(), state_dir = %host.state_dir().display(), "engine-host ready");
+    info!(socket = %socket.display(), state_dir = %host.state_dir().display(), "engine-host ready");
 
     let served = engine_host::serve(listener, Arc::clone(&host), shutdown_signal()).await;
     let attached = host.list();
@@ -363,17 +350,10 @@ mod tests {
         assert!(
             matches!(sub.command, Some(Command::Plugin(ref p)) if p.state_dir == Path::new("/x"))
         );
-        let eh = Cli::try_parse_from([
-            "tessera-node",
-            "engine-host",
-            "--state-dir",
-            "/x",
-            "--file-backed-targets-for-tests",
-            "/y",
-        ])
-        .expect("engine-host");
+        let eh = Cli::try_parse_from(["tessera-node", "engine-host", "--state-dir", "/x"])
+            .expect("engine-host");
         assert!(
-            matches!(eh.command, Some(Command::EngineHost(ref a)) if a.file_backed_targets_for_tests.is_some())
+            matches!(eh.command, Some(Command::EngineHost(ref a)) if a.state_dir == Path::new("/x"))
         );
     }
 }

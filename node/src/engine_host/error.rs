@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use tonic::Status;
 
 use crate::engine::{ConfigError, EngineError, EngineErrorKind};
-use crate::frontend::{FileTargetError, FuseError, LoopError, TargetError};
+use crate::frontend::{FuseError, LoopError, TargetError};
 
 /// Why an engine-host operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -64,15 +64,6 @@ pub enum EngineHostError {
         /// The cause.
         #[source]
         source: TargetError,
-    },
-    /// Opening or creating a test file target failed.
-    #[error("volume {volume_id}: cannot open the file-backed test target")]
-    FileTarget {
-        /// The volume.
-        volume_id: String,
-        /// The cause.
-        #[source]
-        source: FileTargetError,
     },
     /// Mounting or unmounting the FUSE file failed.
     #[error("volume {volume_id}: FUSE frontend failed")]
@@ -151,8 +142,7 @@ impl EngineHostError {
             EngineHostError::Flush { .. } => Code::Unavailable,
             EngineHostError::NotAttached { .. } => Code::NotFound,
             EngineHostError::ShuttingDown => Code::Unavailable,
-            EngineHostError::FileTarget { .. }
-            | EngineHostError::Fuse { .. }
+            EngineHostError::Fuse { .. }
             | EngineHostError::Loop { .. }
             | EngineHostError::Io { .. } => Code::Internal,
         }

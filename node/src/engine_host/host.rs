@@ -23,7 +23,7 @@ use crate::frontend::{
 use crate::mount::{block_device_claimed, block_device_number};
 
 use super::error::{chain, EngineHostError};
-use super::target::{Opened, VolumeSource};
+use super::target::{Opened, BACKEND};
 
 /// Directory under the state dir holding one directory per attached volume.
 pub const VOLUMES_DIR: &str = "volumes";
@@ -45,7 +45,7 @@ pub struct VolumeInfo {
     pub size_bytes: u64,
     /// Fencing epoch of the engine.
     pub epoch: u64,
-    /// `engine` or `file`.
+    /// What serves the volume: always [`BACKEND`] (`engine`).
     pub backend: &'static str,
 }
 
@@ -54,7 +54,7 @@ pub struct VolumeInfo {
 pub struct VolumeHealth {
     /// The volume.
     pub info: VolumeInfo,
-    /// The engine's status; `None` for a test file target.
+    /// The engine's status.
     pub engine: Option<crate::engine::EngineStatus>,
 }
 
@@ -81,7 +81,6 @@ struct Listed {
 /// Hosts the engines of every volume attached on this node.
 pub struct EngineHost {
     state_dir: PathBuf,
-    source: VolumeSource,
     fuse_options: FuseOptions,
     slots: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Slot>>>>,
     listed: Mutex<BTreeMap<String, Listed>>,
@@ -92,7 +91,6 @@ impl std::fmt::Debug for EngineHost {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EngineHost")
             .field("state_dir", &self.state_dir)
-            .field("source", &self.source)
             .finish_non_exhaustive()
     }
 }
@@ -133,7 +131,6 @@ impl EngineHost {
     /// them).
     pub fn new(
         state_dir: &Path,
-        source: VolumeSource,
         fuse_options: FuseOptions,
     ) -> Result<(EngineHost, CleanupReport), EngineHostError> {
         let volumes = state_dir.join(VOLUMES_DIR);
@@ -158,7 +155,6 @@ impl EngineHost {
         Ok((
             EngineHost {
                 state_dir,
-                source,
                 fuse_options,
                 slots: Mutex::new(HashMap::new()),
                 listed: Mutex::new(BTreeMap::new()),
@@ -171,11 +167,6 @@ impl EngineHost {
     /// The state directory (absolute).
     pub fn state_dir(&self) -> &Path {
         &self.state_dir
-    }
-
-    /// Name of the volume source (`engine` or `file`).
-    pub fn source_name(&self) -> &'static str {
-        self.source.name()
     }
 
     fn volume_dir(&self, volume_id: &str) -> PathBuf {
@@ -262,7 +253,7 @@ impl EngineHost {
         }
         std::fs::create_dir_all(&mountpoint).map_err(io("create", &mountpoint))?;
 
-        let opened = self.source.open(config).await?;
+        let opened = Opened::open(config).await?;
         let options = self.fuse_options.clone();
         let target = opened.block_target();
         let fuse =
@@ -305,7 +296,7 @@ impl EngineHost {
                         fuse_file,
                         size_bytes: opened.size(),
                         epoch,
-                        backend: self.source.name(),
+                        backend: BACKEND,
                     },
                     loop_dev,
                     fuse,
@@ -329,7 +320,7 @@ impl EngineHost {
                 fuse_file,
                 size_bytes: opened.size(),
                 epoch,
-                backend: self.source.name(),
+                backend: BACKEND,
             },
             loop_dev,
             fuse,
@@ -372,11 +363,7 @@ impl EngineHost {
             // acknowledged writes reached a majority before they were acknowledged;
             // only their durability on those replicas is unconfirmed. Any other
             // failure keeps the volume so a retry flushes again.
-            let below_quorum = attached
-                .opened
-                .engine_status()
-                .is_some_and(|s| s.below_quorum);
-            if !below_quorum {
+            if !attached.opened.engine_status().below_quorum {
                 return Err(EngineHostError::Flush {
                     volume_id: volume_id.to_owned(),
                     source,
@@ -395,7 +382,7 @@ impl EngineHost {
         Ok(true)
     }
 
-    /// Grows an attached volume: the engine (or test file) first, then the FUSE file,
+    /// Grows an attached volume: the engine first, then the FUSE file,
     /// then the loop device, each step only once the one below it holds the bytes.
     /// Idempotent: repeating it finds every layer at the size already. Returns the
     /// volume with the loop device's new size.
@@ -514,18 +501,15 @@ impl EngineHost {
         })?;
         Ok(VolumeHealth {
             info: listed.info,
-            engine: listed.opened.engine_status(),
+            engine: Some(listed.opened.engine_status()),
         })
     }
 
-    /// The status of every attached volume's engine (none for test file targets),
-    /// ordered by volume id, for `/metrics`.
+    /// The status of every attached volume's engine, ordered by volume id, for
+    /// `/metrics`.
     pub fn engine_statuses(&self) -> Vec<crate::engine::EngineStatus> {
         let listed: Vec<Listed> = lock(&self.listed).values().cloned().collect();
-        listed
-            .iter()
-            .filter_map(|l| l.opened.engine_status())
-            .collect()
+        listed.iter().map(|l| l.opened.engine_status()).collect()
     }
 
     /// Whether [`EngineHost::shutdown`] has started.

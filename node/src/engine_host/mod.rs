@@ -12,8 +12,7 @@
 //! Layout:
 //! * [`proto`]: the generated API (`proto/engine_host.proto`), client and server.
 //! * [`host`]: [`EngineHost`], the attach/detach state machine and volume table.
-//! * [`target`]: [`VolumeSource`], what serves a volume's blocks (a real engine, or a
-//!   test-only local file).
+//! * [`target`]: what serves a volume's blocks: its quorum engine.
 //! * [`service`]: the gRPC service over an [`EngineHost`].
 //! * [`client`]: connecting to an engine-host socket.
 //! * [`error`]: [`EngineHostError`] and its gRPC codes.
@@ -55,7 +54,6 @@ pub use client::connect_lazy;
 pub use error::EngineHostError;
 pub use host::{EngineHost, VolumeHealth, VolumeInfo};
 pub use service::EngineHostService;
-pub use target::VolumeSource;
 
 /// Default socket file name inside the state directory.
 pub const SOCKET_NAME: &str = "engine-host.sock";
