@@ -55,7 +55,7 @@ pub struct VolumeHealth {
     /// The volume.
     pub info: VolumeInfo,
     /// The engine's status.
-    pub engine: Option<crate::engine::EngineStatus>,
+    pub engine: crate::engine::EngineStatus,
 }
 
 /// Everything one attached volume holds. Field order is teardown order.
@@ -501,7 +501,7 @@ impl EngineHost {
         })?;
         Ok(VolumeHealth {
             info: listed.info,
-            engine: Some(listed.opened.engine_status()),
+            engine: listed.opened.engine_status(),
         })
     }
 

@@ -97,59 +97,57 @@ impl EngineHostApi for EngineHostService {
     ) -> Result<Response<proto::StatusResponse>, Status> {
         let r = request.into_inner();
         let health = self.host.status(&r.volume_id)?;
+        let st = health.engine;
         let mut out = proto::StatusResponse {
             volume: Some(to_proto(&health.info)),
-            condition_message: "served from a local test file (no replicas)".to_owned(),
             ..Default::default()
         };
-        if let Some(st) = health.engine {
-            let (abnormal, message) = st.condition();
-            out.abnormal = abnormal;
-            out.condition_message = message;
-            out.quorum = u32::try_from(st.quorum).unwrap_or(u32::MAX);
-            out.in_sync = u32::try_from(st.in_sync).unwrap_or(u32::MAX);
-            out.below_quorum = st.below_quorum;
-            out.fenced = st.fenced;
-            out.closed = st.closed;
-            out.inflight_ops = st.inflight_ops as u64;
-            let c = &st.counters;
-            out.counters = Some(proto::Counters {
-                writes: c.writes,
-                reads: c.reads,
-                flushes: c.flushes,
-                trims: c.trims,
-                bytes_written: c.bytes_written,
-                bytes_read: c.bytes_read,
-                repairs: c.repairs,
-                repair_failures: c.repair_failures,
-                failed_ops: c.failed_ops,
-            });
-            out.replicas = st
-                .replicas
-                .iter()
-                .map(|r| {
-                    let (in_sync, stale_reason, since) = match &r.state {
-                        ReplicaState::InSync => (true, String::new(), 0),
-                        ReplicaState::Stale { reason, since } => (
-                            false,
-                            reason.clone(),
-                            since
-                                .duration_since(UNIX_EPOCH)
-                                .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-                                .unwrap_or(0),
-                        ),
-                    };
-                    proto::ReplicaStatus {
-                        node_id: r.node_id.clone(),
-                        address: r.address.clone(),
-                        local: r.local,
-                        in_sync,
-                        stale_reason,
-                        stale_since_unix_ms: since,
-                    }
-                })
-                .collect();
-        }
+        let (abnormal, message) = st.condition();
+        out.abnormal = abnormal;
+        out.condition_message = message;
+        out.quorum = u32::try_from(st.quorum).unwrap_or(u32::MAX);
+        out.in_sync = u32::try_from(st.in_sync).unwrap_or(u32::MAX);
+        out.below_quorum = st.below_quorum;
+        out.fenced = st.fenced;
+        out.closed = st.closed;
+        out.inflight_ops = st.inflight_ops as u64;
+        let c = &st.counters;
+        out.counters = Some(proto::Counters {
+            writes: c.writes,
+            reads: c.reads,
+            flushes: c.flushes,
+            trims: c.trims,
+            bytes_written: c.bytes_written,
+            bytes_read: c.bytes_read,
+            repairs: c.repairs,
+            repair_failures: c.repair_failures,
+            failed_ops: c.failed_ops,
+        });
+        out.replicas = st
+            .replicas
+            .iter()
+            .map(|r| {
+                let (in_sync, stale_reason, since) = match &r.state {
+                    ReplicaState::InSync => (true, String::new(), 0),
+                    ReplicaState::Stale { reason, since } => (
+                        false,
+                        reason.clone(),
+                        since
+                            .duration_since(UNIX_EPOCH)
+                            .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+                            .unwrap_or(0),
+                    ),
+                };
+                proto::ReplicaStatus {
+                    node_id: r.node_id.clone(),
+                    address: r.address.clone(),
+                    local: r.local,
+                    in_sync,
+                    stale_reason,
+                    stale_since_unix_ms: since,
+                }
+            })
+            .collect();
         Ok(Response::new(out))
     }
 }

@@ -519,7 +519,7 @@ impl LoopDevice {
     /// someone else already unbound, returns `Ok`.
     ///
     /// The kernel tears the device down when its last opener closes it. If the device
-    /// is still open elsewhere (a mounted filesystem) after [`DETACH_TIMEOUT`], the
+    /// is still open elsewhere (a mounted filesystem) after `DETACH_TIMEOUT`, the
     /// kernel finishes later on its own and [`LoopError::DetachDeferred`] is returned.
     /// This never waits on the backing file itself: if its FUSE server is gone the
     /// kernel fails the outstanding I/O instead of blocking.
