@@ -362,6 +362,14 @@ impl std::fmt::Display for Difference {
     }
 }
 
+/// MISSING (INVALID_ARGUMENT) when the request field `field` is empty.
+pub fn required(field: &'static str, value: &str) -> Result<(), ControllerError> {
+    if value.is_empty() {
+        return Err(ControllerError::Missing { field });
+    }
+    Ok(())
+}
+
 impl ControllerError {
     /// The gRPC code the CSI spec prescribes for this error.
     pub fn code(&self) -> Code {
