@@ -16,6 +16,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
+use tessera_telemetry::VolumeLatency;
+
 use crate::engine::EngineConfig;
 use crate::frontend::{
     cleanup_stale, CleanupReport, FuseError, FuseOptions, FuseVolume, LoopDevice, LoopError,
@@ -86,6 +88,8 @@ pub struct EngineHost {
     slots: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Slot>>>>,
     listed: Mutex<BTreeMap<String, Listed>>,
     shutting_down: AtomicBool,
+    /// Per volume and op latency of the engines' requests, for `/metrics`.
+    op_latency: VolumeLatency,
 }
 
 impl std::fmt::Debug for EngineHost {
@@ -163,6 +167,7 @@ impl EngineHost {
                 slots: Mutex::new(HashMap::new()),
                 listed: Mutex::new(BTreeMap::new()),
                 shutting_down: AtomicBool::new(false),
+                op_latency: VolumeLatency::default(),
             },
             report,
         ))
@@ -171,6 +176,11 @@ impl EngineHost {
     /// The state directory (absolute).
     pub fn state_dir(&self) -> &Path {
         &self.state_dir
+    }
+
+    /// The engines' request latency per volume and op (registered by the caller).
+    pub fn op_latency(&self) -> &VolumeLatency {
+        &self.op_latency
     }
 
     /// Name of the volume source (`engine` or `file`).
