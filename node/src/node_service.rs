@@ -53,11 +53,11 @@ use tessera_csi_proto::v1::{
     VolumeCondition, VolumeUsage,
 };
 use tessera_csi_proto::TOPOLOGY_NODE_KEY;
+use tessera_telemetry::error_chain;
 use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status};
 
 use crate::engine::config::{CTX_EPOCH, CTX_REPLICAS};
-use crate::engine_host::error::chain;
 use crate::engine_host::proto::engine_host_client::EngineHostClient;
 use crate::engine_host::proto::{
     AttachRequest, AttachedVolume, DetachRequest, ListRequest, ResizeRequest, StatusRequest,
@@ -211,7 +211,7 @@ impl From<NodeError> for Status {
     fn from(e: NodeError) -> Status {
         let message = match &e {
             NodeError::EngineHost(s) => format!("engine-host: {}", s.message()),
-            other => chain(other),
+            other => error_chain(other),
         };
         Status::new(e.code(), message)
     }
@@ -1079,9 +1079,9 @@ fn remove_path(path: &Path) -> Result<(), MountError> {
 fn log_failure(rpc: &str, volume_id: &str, e: &NodeError) {
     match e.code() {
         Code::InvalidArgument | Code::NotFound | Code::AlreadyExists | Code::Aborted => {
-            tracing::debug!(rpc, volume = %volume_id, error = %chain(e), "request refused")
+            tracing::debug!(rpc, volume = %volume_id, error = %error_chain(e), "request refused")
         }
-        _ => tracing::warn!(rpc, volume = %volume_id, error = %chain(e), "request failed"),
+        _ => tracing::warn!(rpc, volume = %volume_id, error = %error_chain(e), "request failed"),
     }
 }
 

@@ -191,7 +191,7 @@ impl Opened {
     pub(crate) async fn close(&self, volume_id: &str) {
         if let Opened::Engine { engine, .. } = self {
             if let Err(e) = engine.close().await {
-                tracing::error!(volume = %volume_id, error = %super::error::chain(&e), "closing the engine: final flush failed");
+                tracing::error!(volume = %volume_id, error = %tessera_telemetry::error_chain(&e), "closing the engine: final flush failed");
             }
         }
     }
