@@ -522,7 +522,7 @@ mod tests {
         );
         let msg = create(vec![down, full]).to_string();
         assert!(
-            msg.starts_with("creating volume tv-1: 1 of 3 replicas confirmed, 2 are needed: n2"),
+            msg.starts_with("creating volume tv-1: 1 of 3 replicas succeeded, 2 are needed: n2"),
             "{msg}"
         );
         assert!(msg.contains("n3 (n3:7000): out of space: full"), "{msg}");
