@@ -1,10 +1,10 @@
 //! The CSI Controller service, split by concern:
 //!
-//! * [`lifecycle`]: CreateVolume (with restores and clones) and DeleteVolume.
-//! * [`publish`]: ControllerPublishVolume / Unpublish, with fencing.
-//! * [`resize`]: ControllerExpandVolume and ControllerModifyVolume.
-//! * [`snapshots`]: CreateSnapshot, DeleteSnapshot, ListSnapshots, GetSnapshot.
-//! * [`inspect`]: ValidateVolumeCapabilities, ListVolumes, ControllerGetVolume,
+//! * `lifecycle`: CreateVolume (with restores and clones) and DeleteVolume.
+//! * `publish`: ControllerPublishVolume / Unpublish, with fencing.
+//! * `resize`: ControllerExpandVolume and ControllerModifyVolume.
+//! * `snapshots`: CreateSnapshot, DeleteSnapshot, ListSnapshots, GetSnapshot.
+//! * `inspect`: ValidateVolumeCapabilities, ListVolumes, ControllerGetVolume,
 //!   GetCapacity.
 //!
 //! Every mutating call takes the volume's keyed lock, then talks to the volume's
@@ -84,7 +84,7 @@ fn size_i64(size: u64) -> i64 {
 }
 
 impl ControllerService {
-    /// A service over `pool` with an already loaded `index` (see [`load_index`]).
+    /// A service over `pool` with an already loaded `index` (see [`crate::load_index`]).
     pub fn new(
         pool: Arc<ReplicaPool>,
         index: Arc<VolumeIndex>,
