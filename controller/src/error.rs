@@ -362,6 +362,14 @@ impl std::fmt::Display for Difference {
     }
 }
 
+/// MISSING (INVALID_ARGUMENT) when the request field `field` is empty.
+pub fn required(field: &'static str, value: &str) -> Result<(), ControllerError> {
+    if value.is_empty() {
+        return Err(ControllerError::Missing { field });
+    }
+    Ok(())
+}
+
 impl ControllerError {
     /// The gRPC code the CSI spec prescribes for this error.
     pub fn code(&self) -> Code {
@@ -514,7 +522,7 @@ mod tests {
         );
         let msg = create(vec![down, full]).to_string();
         assert!(
-            msg.starts_with("creating volume tv-1: 1 of 3 replicas confirmed, 2 are needed: n2"),
+            msg.starts_with("creating volume tv-1: 1 of 3 replicas succeeded, 2 are needed: n2"),
             "{msg}"
         );
         assert!(msg.contains("n3 (n3:7000): out of space: full"), "{msg}");

@@ -50,7 +50,8 @@ pub mod snapshots;
 pub mod volume_index;
 pub mod volumes;
 
-pub use controller_service::{load_index, ControllerConfig, ControllerService};
+pub use controller_service::{ControllerConfig, ControllerService};
 pub use replica_pool::{PoolConfig, ReplicaPool};
 pub use snapshot_metadata::SnapshotMetadataService;
 pub use tessera_csi_proto::identity::IdentityService;
+pub use volumes::load_index;

@@ -150,9 +150,9 @@ impl fmt::Display for Failures {
 
 /// Too few replicas confirmed something a majority had to.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{reached} of {total} replicas confirmed, {needed} are needed: {failures}")]
+#[error("{reached} of {total} replicas succeeded, {needed} are needed: {failures}")]
 pub struct Shortfall {
-    /// Replicas that confirmed.
+    /// Replicas that answered or confirmed.
     pub reached: usize,
     /// Replicas asked (or that should have been).
     pub total: usize,
@@ -243,6 +243,11 @@ where
 }
 
 impl<T> Answers<T> {
+    /// Every replica with its answer or failure, in the order asked.
+    pub fn all(&self) -> &[(ReplicaRef, Result<T, ReplicaFailure>)] {
+        &self.0
+    }
+
     /// The replicas that answered, with their answers.
     pub fn ok(&self) -> impl Iterator<Item = (&ReplicaRef, &T)> {
         self.0

@@ -446,7 +446,7 @@ impl Restorer {
         let mut pause = FIRST_POLL_PAUSE;
         loop {
             let reads = self.volumes.read(&rec).await;
-            let status = CopyStatus::of(&copy, &reads.0, false);
+            let status = CopyStatus::of(&copy, reads.all(), false);
             if status.complete {
                 let fresh = reads.freshest().unwrap_or(rec);
                 self.volumes.index().upsert(fresh.clone());
@@ -479,7 +479,7 @@ impl Restorer {
         // The index holds a complete copy only once this controller (or the record it
         // loaded) saw it complete.
         let seen_complete = rec.copy.as_ref().is_some_and(|c| c.complete);
-        let status = CopyStatus::of(copy, &reads.0, seen_complete);
+        let status = CopyStatus::of(copy, reads.all(), seen_complete);
         if status.complete && reads.ok_count() == reads.total() {
             if let Some(fresh) = reads.freshest() {
                 self.volumes.index().merge(fresh);

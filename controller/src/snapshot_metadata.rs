@@ -26,7 +26,7 @@ use tessera_replica::control_proto::{ReplicaRef, SnapshotRangesRequest};
 use tokio_stream::Stream;
 use tonic::{Code, Request, Response, Status};
 
-use crate::error::ControllerError;
+use crate::error::{required, ControllerError};
 use crate::metrics::Metrics;
 use crate::quorum::{self, Op, QuorumError, ReplicaFailure};
 use crate::replica_pool::ReplicaPool;
@@ -113,13 +113,6 @@ fn check_window(starting_offset: i64, max_results: i32, size: Option<u64>) -> Re
             size,
         })?;
     Ok((start, max))
-}
-
-fn required(field: &'static str, value: &str) -> Result<()> {
-    if value.is_empty() {
-        return Err(ControllerError::Missing { field });
-    }
-    Ok(())
 }
 
 impl SnapshotMetadataService {

@@ -58,7 +58,7 @@ impl FoundSnapshot {
     /// Ready once a majority of the source's replicas sealed it: only then is every
     /// write acknowledged before the CreateSnapshot in some sealed copy.
     pub fn ready(&self) -> bool {
-        self.holders.len() >= majority(self.record.replication_factor.max(1) as usize)
+        self.holders.len() >= self.quorum()
     }
 
     /// Majority of the source's replication factor: how many holders a reader must

@@ -26,6 +26,25 @@ pub fn now_nanos() -> i64 {
         .unwrap_or(0)
 }
 
+/// Loads every record from every live daemon into a fresh index (highest generation
+/// wins); returns the index and how many daemons could not be listed.
+pub async fn load_index(pool: &ReplicaPool) -> (VolumeIndex, usize) {
+    let live = pool.live();
+    let lists = join_all(live.iter().map(|(addr, _)| pool.list_volumes(addr))).await;
+    let mut failed = 0;
+    let index = VolumeIndex::default();
+    for ((addr, _), r) in live.iter().zip(lists) {
+        match r {
+            Ok(records) => records.into_iter().for_each(|rec| index.merge(rec)),
+            Err(e) => {
+                failed += 1;
+                tracing::warn!(address = %addr, error = %e.message(), "listing volumes of replica daemon failed");
+            }
+        }
+    }
+    (index, failed)
+}
+
 /// The replica pool and the record index, shared by everything that reads or
 /// changes volume records.
 #[derive(Debug, Clone)]

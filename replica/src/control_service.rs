@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 
-use tessera_telemetry::GrpcRequests;
+use tessera_telemetry::{error_chain, GrpcRequests};
 use tonic::{Code, Request, Response, Status};
 use tracing::{error, warn};
 
@@ -120,8 +120,6 @@ impl ControlService {
     }
 }
 
-use crate::error_chain as chain;
-
 impl From<CatalogError> for Status {
     fn from(e: CatalogError) -> Self {
         let code = match &e {
@@ -147,7 +145,7 @@ impl From<CatalogError> for Status {
             CatalogError::Store { source, .. } => store_code(source),
             CatalogError::Io { .. } | CatalogError::Scheduler { .. } => Code::Internal,
         };
-        let msg = chain(&e);
+        let msg = error_chain(&e);
         match code {
             // The replica's own failure: an operator has to look, so log it here,
             // where it is handled.

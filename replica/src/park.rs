@@ -1,12 +1,12 @@
 //! Waiting for a future on a plain thread by parking it.
 //!
-//! Blocking code (the block store's synchronous API, which runs on blocking threads)
-//! sometimes has to wait for something async: a scheduled request's completion, or a
-//! lock that async tasks also take. [`block_on`] polls the future on the calling thread
-//! and parks between polls; the future's waker unparks it. Unlike tokio's
+//! The block store's blocking API is a wait on its async path (scheduled requests,
+//! locks that async tasks also take). [`block_on`] polls the future on the calling
+//! thread and parks between polls; the future's waker unparks it. Unlike tokio's
 //! `blocking_recv`/`blocking_lock`, it never panics inside a runtime context, so code
-//! paths shared by tests and the daemon work from any thread. The caller must not be a
-//! runtime worker whose own tasks are needed to resolve the future.
+//! paths shared by tests and the daemon work from any thread. The caller's own work
+//! must not be what resolves the future: not a runtime worker whose tasks are needed,
+//! not a data-plane shard (only that thread reaps its ring).
 
 use std::future::Future;
 use std::sync::Arc;

@@ -3,8 +3,9 @@
 //! Kubernetes probes and Prometheus scrapes send one small GET at a time, so this serves
 //! HTTP/1.1 with one request per connection (every answer says `Connection: close`). A
 //! client gets [`REQUEST_TIMEOUT`] for its whole exchange, a request head may be at most
-//! [`MAX_HEAD`] bytes, and at most [`MAX_CONNECTIONS`] connections are served at once:
-//! more are closed unanswered, so a flood cannot exhaust the process it observes.
+//! [`MAX_HEAD`] bytes, and at most [`MAX_CONNECTIONS`] connections are served at once
+//! (defaults, see [`Limits`]): more are closed unanswered, so a flood cannot exhaust the
+//! process it observes.
 //!
 //! * `GET /healthz`: 200 `ok`, or 503 with the reason the [`HealthCheck`] gave.
 //! * `GET /metrics`: the registry in the Prometheus text format (0.0.4).

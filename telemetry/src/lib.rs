@@ -1,9 +1,8 @@
 //! What every Tessera process shares to be observed: the `/healthz` + `/metrics` HTTP
-//! server ([`http`]), Prometheus metrics on `prometheus-client` ([`exposition`] for
-//! rendering and per-scrape collectors, [`latency`] for per-volume operation latency,
-//! [`grpc`] for calls by method and status code),
-//! the one tracing setup ([`logging`]) and the one way to print an error with its
-//! causes ([`error_chain`]).
+//! server ([`http`]); Prometheus metrics on `prometheus-client` ([`exposition`] renders a
+//! registry and helps per-scrape collectors, [`grpc`] counts calls by method and status
+//! code, [`latency`] keeps per-volume operation latency); the one tracing setup
+//! ([`logging`]); and the one way to print an error with its causes ([`error_chain`]).
 //!
 //! This crate depends on no other Tessera crate, so the replica daemon, the controller,
 //! the node plugin and the engine-host can all use it.

@@ -14,7 +14,7 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use tessera_controller::controller_service::DEFAULT_COPY_WAIT;
 use tessera_controller::endpoint::CsiEndpoint;
-use tessera_controller::metrics::{serve_http, Metrics};
+use tessera_controller::metrics::Metrics;
 use tessera_controller::{
     load_index, ControllerConfig, ControllerService, IdentityService, PoolConfig, ReplicaPool,
     SnapshotMetadataService,
@@ -75,19 +75,6 @@ fn parse_wait(s: &str) -> Result<Duration, String> {
     parse_duration(s).ok_or_else(|| format!("{s:?} is not a duration like 8s, 500ms or 1m"))
 }
 
-fn init_logging(json: bool) {
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-}
-
 async fn shutdown_signal(mut rx: watch::Receiver<bool>) {
     // Either the sender flipped the flag or it is gone; both mean stop.
     let _ = rx.wait_for(|stop| *stop).await;
@@ -96,7 +83,7 @@ async fn shutdown_signal(mut rx: watch::Receiver<bool>) {
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
-    init_logging(args.log_json);
+    tessera_telemetry::init_tracing(tessera_telemetry::LogFormat::from_json_flag(args.log_json))?;
     let endpoint: CsiEndpoint = args.endpoint.parse()?;
     let statics: Vec<String> = args
         .replicas
@@ -145,12 +132,16 @@ async fn main() -> Result<()> {
             .await
             .with_context(|| format!("binding metrics listener {addr}"))?;
         tracing::info!(address = %listener.local_addr()?, "serving /metrics and /healthz");
-        let (m, p, i) = (metrics.clone(), pool.clone(), index.clone());
-        tokio::spawn(serve_http(
-            listener,
-            move || m.render(&p, &i),
-            shutdown_signal(stop_rx.clone()),
-        ));
+        let endpoints = tessera_telemetry::Endpoints::new(
+            Arc::new(tessera_telemetry::AlwaysHealthy),
+            Arc::new(metrics.registry(pool.clone(), index.clone())),
+        );
+        let stopped = shutdown_signal(stop_rx.clone());
+        tokio::spawn(async move {
+            if let Err(e) = tessera_telemetry::serve(listener, endpoints, stopped).await {
+                tracing::error!(error = %tessera_telemetry::error_chain(&e), "metrics server failed");
+            }
+        });
     }
     let identity = IdentityService::new(ready.clone());
     tokio::spawn(async move {

@@ -6,10 +6,10 @@ use std::collections::{BTreeSet, HashMap};
 use tessera_csi_proto::v1 as csi;
 use tessera_csi_proto::{TOPOLOGY_NODE_KEY, TOPOLOGY_ZONE_KEY};
 
-use super::{condition, required, size_i64, ControllerService, Result};
+use super::{condition, size_i64, ControllerService, Result};
 use crate::capabilities;
 use crate::capacity::BLOCK_SIZE;
-use crate::error::ControllerError;
+use crate::error::{required, ControllerError};
 use crate::fs_type::MinVolumeSize;
 use crate::parameters::{self, VolumeParameters};
 use crate::placement::{self, Candidate};

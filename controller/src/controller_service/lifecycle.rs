@@ -8,10 +8,10 @@ use tessera_csi_proto::v1::{self as csi, Topology, TopologyRequirement};
 use tessera_csi_proto::{TOPOLOGY_NODE_KEY, TOPOLOGY_ZONE_KEY};
 use tessera_replica::control_proto::{CreateVolumeRequest, ReplicaRef, VolumeRecord};
 
-use super::{required, ControllerService, Result};
+use super::{ControllerService, Result};
 use crate::capabilities::{self, RequestedAccess};
 use crate::capacity;
-use crate::error::{ControllerError, Difference};
+use crate::error::{required, ControllerError, Difference};
 use crate::parameters::{self, DataLocality, VolumeParameters};
 use crate::placement::{self, Candidate, PlacementRequest};
 use crate::quorum::{self, majority};

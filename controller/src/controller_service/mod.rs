@@ -1,10 +1,10 @@
 //! The CSI Controller service, split by concern:
 //!
-//! * [`lifecycle`]: CreateVolume (with restores and clones) and DeleteVolume.
-//! * [`publish`]: ControllerPublishVolume / Unpublish, with fencing.
-//! * [`resize`]: ControllerExpandVolume and ControllerModifyVolume.
-//! * [`snapshots`]: CreateSnapshot, DeleteSnapshot, ListSnapshots, GetSnapshot.
-//! * [`inspect`]: ValidateVolumeCapabilities, ListVolumes, ControllerGetVolume,
+//! * `lifecycle`: CreateVolume (with restores and clones) and DeleteVolume.
+//! * `publish`: ControllerPublishVolume / Unpublish, with fencing.
+//! * `resize`: ControllerExpandVolume and ControllerModifyVolume.
+//! * `snapshots`: CreateSnapshot, DeleteSnapshot, ListSnapshots, GetSnapshot.
+//! * `inspect`: ValidateVolumeCapabilities, ListVolumes, ControllerGetVolume,
 //!   GetCapacity.
 //!
 //! Every mutating call takes the volume's keyed lock, then talks to the volume's
@@ -27,7 +27,7 @@ use crate::error::ControllerError;
 use crate::locks::KeyedLocks;
 use crate::metrics::Metrics;
 use crate::quorum::majority;
-use crate::replica_pool::{join_all, ReplicaPool};
+use crate::replica_pool::ReplicaPool;
 use crate::restore::{self, Restorer};
 use crate::volume_index::VolumeIndex;
 use crate::volumes::Volumes;
@@ -37,8 +37,6 @@ mod lifecycle;
 mod publish;
 mod resize;
 mod snapshots;
-
-pub use crate::snapshots::snapshot_id_for_name;
 
 /// How long a CreateVolume with a content source waits for the copy by default
 /// before it answers ABORTED with the progress (the CO retries).
@@ -81,38 +79,12 @@ struct Inner {
 
 type Result<T, E = ControllerError> = std::result::Result<T, E>;
 
-/// Loads every record from every live daemon into a fresh index (highest generation
-/// wins); returns the index and how many daemons could not be listed.
-pub async fn load_index(pool: &ReplicaPool) -> (VolumeIndex, usize) {
-    let live = pool.live();
-    let lists = join_all(live.iter().map(|(addr, _)| pool.list_volumes(addr))).await;
-    let mut failed = 0;
-    let index = VolumeIndex::default();
-    for ((addr, _), r) in live.iter().zip(lists) {
-        match r {
-            Ok(records) => records.into_iter().for_each(|rec| index.merge(rec)),
-            Err(e) => {
-                failed += 1;
-                tracing::warn!(address = %addr, error = %e.message(), "listing volumes of replica daemon failed");
-            }
-        }
-    }
-    (index, failed)
-}
-
-fn required(field: &'static str, value: &str) -> Result<()> {
-    if value.is_empty() {
-        return Err(ControllerError::Missing { field });
-    }
-    Ok(())
-}
-
 fn size_i64(size: u64) -> i64 {
     i64::try_from(size).unwrap_or(i64::MAX)
 }
 
 impl ControllerService {
-    /// A service over `pool` with an already loaded `index` (see [`load_index`]).
+    /// A service over `pool` with an already loaded `index` (see [`crate::load_index`]).
     pub fn new(
         pool: Arc<ReplicaPool>,
         index: Arc<VolumeIndex>,

@@ -5,9 +5,9 @@
 use tessera_csi_proto::v1 as csi;
 use tessera_replica::control_proto::Attachment;
 
-use super::{required, ControllerService, Result};
+use super::{ControllerService, Result};
 use crate::capabilities;
-use crate::error::ControllerError;
+use crate::error::{required, ControllerError};
 use crate::publish::{self, PublishDecision};
 
 impl ControllerService {

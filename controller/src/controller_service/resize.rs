@@ -5,10 +5,10 @@
 use tessera_csi_proto::v1 as csi;
 use tessera_replica::control_proto::ExpandVolumeRequest;
 
-use super::{required, size_i64, ControllerService, Result};
+use super::{size_i64, ControllerService, Result};
 use crate::capabilities;
 use crate::capacity;
-use crate::error::ControllerError;
+use crate::error::{required, ControllerError};
 use crate::parameters;
 use crate::quorum::{Op, Plan, QuorumError, RecordWrite, ReplicaFailure};
 

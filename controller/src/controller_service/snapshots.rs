@@ -4,8 +4,8 @@
 
 use tessera_csi_proto::v1 as csi;
 
-use super::{required, ControllerService, Result};
-use crate::error::ControllerError;
+use super::{ControllerService, Result};
+use crate::error::{required, ControllerError};
 use crate::snapshots::{self, snapshot_id_for_name, FoundSnapshot};
 use crate::volumes::now_nanos;
 

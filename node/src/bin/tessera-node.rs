@@ -269,7 +269,14 @@ async fn run_engine_host(args: EngineHostArgs) -> anyhow::Result<()> {
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("binding --metrics-listen {addr}"))?;
-            let endpoints = HostProbe(Arc::clone(&host)).endpoints(Registry::default());
+            let mut registry = Registry::default();
+            host.op_latency().register(
+                &mut registry,
+                "tessera_engine_op_duration_seconds",
+                "Requests of a volume's engine by op, from the frontend's call to its answer \
+                 (a write: acknowledged by a majority).",
+            );
+            let endpoints = HostProbe(Arc::clone(&host)).endpoints(registry);
             let mut rx = stop_rx.clone();
             Some(tokio::spawn(tessera_telemetry::serve(
                 listener,

@@ -7,6 +7,7 @@
 use std::io;
 use std::path::PathBuf;
 
+use tessera_telemetry::error_chain;
 use tonic::Status;
 
 use crate::engine::{ConfigError, EngineError, EngineErrorKind};
@@ -149,12 +150,9 @@ impl EngineHostError {
     }
 }
 
-/// Renders an error with its whole source chain, for status messages and logs.
-pub use tessera_telemetry::error_chain as chain;
-
 impl From<EngineHostError> for Status {
     fn from(e: EngineHostError) -> Status {
-        Status::new(e.code(), chain(&e))
+        Status::new(e.code(), error_chain(&e))
     }
 }
 

@@ -16,13 +16,15 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
+use tessera_telemetry::{error_chain, VolumeLatency};
+
 use crate::engine::EngineConfig;
 use crate::frontend::{
     cleanup_stale, CleanupReport, FuseError, FuseOptions, FuseVolume, LoopDevice, LoopError,
 };
 use crate::mount::{block_device_claimed, block_device_number};
 
-use super::error::{chain, EngineHostError};
+use super::error::EngineHostError;
 use super::target::{Opened, BACKEND};
 
 /// Directory under the state dir holding one directory per attached volume.
@@ -85,6 +87,8 @@ pub struct EngineHost {
     slots: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Slot>>>>,
     listed: Mutex<BTreeMap<String, Listed>>,
     shutting_down: AtomicBool,
+    /// Per volume and op latency of the engines' requests, for `/metrics`.
+    op_latency: VolumeLatency,
 }
 
 impl std::fmt::Debug for EngineHost {
@@ -150,7 +154,7 @@ impl EngineHost {
                 volume_id: String::new(),
                 what: "clean up leftovers under",
                 path: state_dir.join(VOLUMES_DIR),
-                source: std::io::Error::other(chain(&e)),
+                source: std::io::Error::other(error_chain(&e)),
             })?;
         Ok((
             EngineHost {
@@ -159,6 +163,7 @@ impl EngineHost {
                 slots: Mutex::new(HashMap::new()),
                 listed: Mutex::new(BTreeMap::new()),
                 shutting_down: AtomicBool::new(false),
+                op_latency: VolumeLatency::default(),
             },
             report,
         ))
@@ -167,6 +172,11 @@ impl EngineHost {
     /// The state directory (absolute).
     pub fn state_dir(&self) -> &Path {
         &self.state_dir
+    }
+
+    /// The engines' request latency per volume and op (registered by the caller).
+    pub fn op_latency(&self) -> &VolumeLatency {
+        &self.op_latency
     }
 
     fn volume_dir(&self, volume_id: &str) -> PathBuf {
@@ -249,7 +259,7 @@ impl EngineHost {
         // Leftovers of an earlier engine-host for this volume (a dead FUSE mount, a
         // loop device on it) would shadow the new mount.
         if let Err(e) = tokio::task::block_in_place(|| cleanup_stale(&self.volume_dir(volume_id))) {
-            tracing::warn!(volume = %volume_id, error = %chain(&e), "cleaning up leftovers before attach");
+            tracing::warn!(volume = %volume_id, error = %error_chain(&e), "cleaning up leftovers before attach");
         }
         std::fs::create_dir_all(&mountpoint).map_err(io("create", &mountpoint))?;
 
@@ -273,7 +283,7 @@ impl EngineHost {
             Err(source) => {
                 let mut fuse = fuse;
                 if let Err(e) = tokio::task::block_in_place(|| fuse.unmount()) {
-                    tracing::warn!(volume = %volume_id, error = %chain(&e), "unmounting FUSE after failed loop attach");
+                    tracing::warn!(volume = %volume_id, error = %error_chain(&e), "unmounting FUSE after failed loop attach");
                 }
                 opened.close(volume_id).await;
                 return Err(EngineHostError::Loop {
@@ -308,7 +318,7 @@ impl EngineHost {
                     volume_id: volume_id.to_owned(),
                     what: "stat",
                     path: PathBuf::from("loop device"),
-                    source: std::io::Error::other(chain(&e)),
+                    source: std::io::Error::other(error_chain(&e)),
                 });
             }
         };
@@ -352,7 +362,7 @@ impl EngineHost {
                 }
                 Ok(false) => {}
                 Err(e) => {
-                    tracing::warn!(volume = %volume_id, error = %chain(&e), "cannot check whether the loop device is in use; detaching anyway")
+                    tracing::warn!(volume = %volume_id, error = %error_chain(&e), "cannot check whether the loop device is in use; detaching anyway")
                 }
             }
             detach_loop(volume_id, &mut attached.loop_dev)?;
@@ -369,7 +379,7 @@ impl EngineHost {
                     source,
                 });
             }
-            tracing::error!(volume = %volume_id, error = %chain(&source), "volume is below quorum and cannot be flushed; detaching anyway: acknowledged writes are on a majority of replicas, their durability there is unconfirmed");
+            tracing::error!(volume = %volume_id, error = %error_chain(&source), "volume is below quorum and cannot be flushed; detaching anyway: acknowledged writes are on a majority of replicas, their durability there is unconfirmed");
         }
         if let Some(attached) = guard.attached.take() {
             lock(&self.listed).remove(volume_id);
@@ -435,10 +445,10 @@ impl EngineHost {
                 tracing::error!(volume = %volume_id, device = %attached.info.device_path.display(), "tearing down a volume whose device is still mounted: I/O on that mount will fail");
             }
             if let Err(e) = detach_loop(&volume_id, &mut attached.loop_dev) {
-                tracing::error!(volume = %volume_id, error = %chain(&e), "detaching the loop device");
+                tracing::error!(volume = %volume_id, error = %error_chain(&e), "detaching the loop device");
             }
             if let Err(e) = attached.opened.flush().await {
-                tracing::error!(volume = %volume_id, error = %chain(&e), "flush before teardown failed");
+                tracing::error!(volume = %volume_id, error = %error_chain(&e), "flush before teardown failed");
             }
         }
         match tokio::task::block_in_place(|| attached.fuse.unmount()) {
@@ -469,7 +479,7 @@ impl EngineHost {
             }
             Ok(_) => {}
             Err(e) => {
-                tracing::warn!(volume = %volume_id, error = %chain(&e), "cleaning up leftovers");
+                tracing::warn!(volume = %volume_id, error = %error_chain(&e), "cleaning up leftovers");
                 return;
             }
         }
@@ -535,7 +545,7 @@ impl EngineHost {
             };
             lock(&self.listed).remove(&volume_id);
             if let Err(e) = self.teardown(attached, true).await {
-                tracing::error!(volume = %volume_id, error = %chain(&e), "tearing down at shutdown");
+                tracing::error!(volume = %volume_id, error = %error_chain(&e), "tearing down at shutdown");
             }
         }
     }

@@ -50,7 +50,7 @@ impl EngineHostApi for EngineHostService {
             .attach(&r.volume_id, &r.publish_context, &r.local_node_id)
             .await
             .inspect_err(|e| {
-                tracing::warn!(volume = %r.volume_id, error = %super::error::chain(e), "attach failed")
+                tracing::warn!(volume = %r.volume_id, error = %tessera_telemetry::error_chain(e), "attach failed")
             })?;
         Ok(Response::new(proto::AttachResponse {
             volume: Some(to_proto(&info)),
@@ -63,7 +63,7 @@ impl EngineHostApi for EngineHostService {
     ) -> Result<Response<proto::DetachResponse>, Status> {
         let r = request.into_inner();
         let was_attached = self.host.detach(&r.volume_id).await.inspect_err(|e| {
-            tracing::warn!(volume = %r.volume_id, error = %super::error::chain(e), "detach failed")
+            tracing::warn!(volume = %r.volume_id, error = %tessera_telemetry::error_chain(e), "detach failed")
         })?;
         Ok(Response::new(proto::DetachResponse { was_attached }))
     }
@@ -75,7 +75,7 @@ impl EngineHostApi for EngineHostService {
         let r = request.into_inner();
         let wanted = (r.new_size > 0).then_some(r.new_size);
         let info = self.host.resize(&r.volume_id, wanted).await.inspect_err(|e| {
-            tracing::warn!(volume = %r.volume_id, error = %super::error::chain(e), "resize failed")
+            tracing::warn!(volume = %r.volume_id, error = %tessera_telemetry::error_chain(e), "resize failed")
         })?;
         Ok(Response::new(proto::ResizeResponse {
             volume: Some(to_proto(&info)),

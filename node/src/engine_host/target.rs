@@ -85,7 +85,7 @@ impl Opened {
     /// is nobody to return them to but the log.
     pub(crate) async fn close(&self, volume_id: &str) {
         if let Err(e) = self.engine.close().await {
-            tracing::error!(volume = %volume_id, error = %super::error::chain(&e), "closing the engine: final flush failed");
+            tracing::error!(volume = %volume_id, error = %tessera_telemetry::error_chain(&e), "closing the engine: final flush failed");
         }
     }
 }

@@ -127,7 +127,7 @@ impl From<NodeError> for Status {
     fn from(e: NodeError) -> Status {
         let message = match &e {
             NodeError::EngineHost(s) => format!("engine-host: {}", s.message()),
-            other => chain(other),
+            other => error_chain(other),
         };
         Status::new(e.code(), message)
     }

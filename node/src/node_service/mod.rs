@@ -56,7 +56,6 @@ use tessera_csi_proto::TOPOLOGY_NODE_KEY;
 use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status};
 
-use crate::engine_host::error::chain;
 use crate::engine_host::proto::engine_host_client::EngineHostClient;
 use crate::engine_host::proto::{
     AttachRequest, AttachedVolume, DetachRequest, ListRequest, ResizeRequest, StatusRequest,
@@ -65,6 +64,7 @@ use crate::mkfs::{self, FsType, MkfsError, Probe};
 use crate::mount::{self, MountError, MountOptions, PathState};
 use tessera_replica_protocol::publish_context::{KEY_EPOCH, KEY_REPLICAS};
 use tessera_replica_protocol::volume_params::KEY_FS_TYPE;
+use tessera_telemetry::error_chain;
 
 mod capability;
 mod error;
@@ -183,9 +183,9 @@ impl NodeService {
 fn log_failure(rpc: &str, volume_id: &str, e: &NodeError) {
     match e.code() {
         Code::InvalidArgument | Code::NotFound | Code::AlreadyExists | Code::Aborted => {
-            tracing::debug!(rpc, volume = %volume_id, error = %chain(e), "request refused")
+            tracing::debug!(rpc, volume = %volume_id, error = %error_chain(e), "request refused")
         }
-        _ => tracing::warn!(rpc, volume = %volume_id, error = %chain(e), "request failed"),
+        _ => tracing::warn!(rpc, volume = %volume_id, error = %error_chain(e), "request failed"),
     }
 }
 

@@ -16,10 +16,10 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
+use tessera_telemetry::error_chain;
 use tracing::{error, info};
 
 use super::{Catalog, CatalogError};
-use crate::error_chain;
 use crate::scheduler::params::qos_from_parameters;
 use crate::scheduler::{Qos, Scheduler, VolumeHandle, VolumeStats};
 use crate::store::{BlockFileFactory, LayeredStore, ScheduledFileFactory, StoreError};

@@ -13,6 +13,7 @@ use std::io;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
+use tessera_telemetry::error_chain;
 use tracing::{error, info, warn};
 
 use super::error::{io_error, mutation_error, store_error};
@@ -23,7 +24,6 @@ use super::{
     copy_state, now_unix_nanos, validate_volume_id, Catalog, CatalogError, Entry,
     QuarantinedVolume, CREATING_PREFIX, DELETING_PREFIX, RECORD_FILE, STORE_DIR,
 };
-use crate::error_chain;
 use crate::record::{self, CopySource, ReplicaRef, VolumeRecord};
 use crate::store::LayeredStore;
 

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, RwLock};
 
+use tessera_telemetry::error_chain;
 use tracing::{info, warn};
 
 use super::error::io_error;
@@ -18,7 +19,6 @@ use super::{
     CREATING_PREFIX, DELETING_PREFIX, RECORD_FILE, STORE_DIR, VOLUMES_DIR,
 };
 use crate::capacity;
-use crate::error_chain;
 use crate::record::{self, VolumeRecord};
 use crate::store::LayeredStore;
 

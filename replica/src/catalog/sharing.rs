@@ -16,11 +16,11 @@ use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use tessera_telemetry::error_chain;
 use tracing::warn;
 
 use super::error::store_error;
 use super::{Catalog, CatalogError};
-use crate::error_chain;
 use crate::record::{CopySource, VolumeRecord};
 use crate::store::{LayeredStore, StoreError};
 

@@ -5,10 +5,10 @@ use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
+use tessera_telemetry::error_chain;
 use tracing::error;
 
 use super::{copy_state, validate_volume_id, Catalog, CatalogError, STORE_DIR};
-use crate::error_chain;
 use crate::store::{LayeredStore, StoreError};
 
 impl Catalog {

@@ -86,6 +86,12 @@ impl LayeredStore {
     pub fn flush(&self) -> Result<(), StoreError> {
         block_on(self.flush_async(IoPriority::Foreground))
     }
+
+    /// The seq of the current version of `block` (a write or a trim), `None` if it was
+    /// never written; resync compares these across replicas.
+    pub fn block_seq(&self, block: u64) -> Result<Option<u64>, StoreError> {
+        block_on(self.block_seq_async(IoPriority::Foreground, block))
+    }
 }
 
 /// The async API, the implementation.
@@ -109,15 +115,7 @@ impl LayeredStore {
         len: u64,
     ) -> Result<Vec<u8>, StoreError> {
         let _gate = self.locks.gate_shared().await;
-        let (layers, size) = {
-            let state = self.state_read();
-            let (top, size) = state.view(snapshot)?;
-            let layers: Vec<Arc<Layer>> = state.layers[..=top]
-                .iter()
-                .map(|s| Arc::clone(&s.layer))
-                .collect();
-            (layers, size)
-        };
+        let (layers, size) = self.view_layers(snapshot)?;
         let (first, n) = check_range(offset, len, size)?;
         let buf_len =
             usize::try_from(len).map_err(|_| StoreError::OutOfRange { offset, len, size })?;
@@ -139,6 +137,43 @@ impl LayeredStore {
             b = run_end;
         }
         Ok(out)
+    }
+
+    /// The layers of the head's (`None`) or a snapshot's view, base first, and its
+    /// size. Call with the gate held: it keeps them the view's until released.
+    pub(super) fn view_layers(
+        &self,
+        snapshot: Option<&str>,
+    ) -> Result<(Vec<Arc<Layer>>, u64), StoreError> {
+        let state = self.state_read();
+        let (top, size) = state.view(snapshot)?;
+        let layers = state.layers[..=top]
+            .iter()
+            .map(|s| Arc::clone(&s.layer))
+            .collect();
+        Ok((layers, size))
+    }
+
+    /// [`Self::block_seq`] at `priority`.
+    async fn block_seq_async(
+        &self,
+        priority: IoPriority,
+        block: u64,
+    ) -> Result<Option<u64>, StoreError> {
+        let _gate = self.locks.gate_shared().await;
+        let (layers, size) = self.view_layers(None)?;
+        check_range(block.saturating_mul(BLOCK_SIZE), BLOCK_SIZE, size)?;
+        let _stripes = self.locks.shared(block, 1).await;
+        let Some(i) = owner(&layers, block) else {
+            return Ok(None);
+        };
+        match check_block(&layers[i], priority, block).await? {
+            (Verdict::Corrupt, _) => Err(StoreError::Corrupt {
+                layer: layers[i].id,
+                block,
+            }),
+            (_, seq) => Ok(Some(seq)),
+        }
     }
 
     /// [`Self::write`] for async callers, at `priority`. The write starts at once, in a
@@ -297,7 +332,7 @@ impl LayeredStore {
 }
 
 /// Index (in `layers`, base first) of the newest layer with an entry for `block`.
-fn owner(layers: &[Arc<Layer>], block: u64) -> Option<usize> {
+pub(super) fn owner(layers: &[Arc<Layer>], block: u64) -> Option<usize> {
     layers.iter().rposition(|l| l.has(block))
 }
 

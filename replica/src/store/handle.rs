@@ -7,9 +7,10 @@ use crate::block_io::{BlockIoError, VolumeBlocks};
 
 /// A shareable handle that serves a [`LayeredStore`] to the data-plane server.
 ///
-/// Reads, writes, trims and flushes take the store's async path (the `data_path`
-/// module) at foreground priority: the request is submitted to the volume's scheduler
-/// and awaited in the calling task, so no blocking thread is involved.
+/// Every call takes the store's async path (the `data_path` module): the request is
+/// submitted to the volume's scheduler and awaited in the calling task, so no blocking
+/// thread is involved (and a data-plane shard never parks on its own ring). Reads,
+/// writes, trims and flushes are foreground I/O, versioned reads background.
 #[derive(Debug, Clone)]
 pub struct StoreHandle {
     store: Arc<LayeredStore>,
@@ -86,20 +87,13 @@ impl VolumeBlocks for StoreHandle {
         with_data: bool,
     ) -> impl std::future::Future<Output = Result<VersionedBlocks, BlockIoError>> + Send {
         let store = Arc::clone(&self.store);
-        // The versioned reads are blocking (background I/O through the scheduler);
-        // a data-plane shard must never wait on its own ring, so they run on the
-        // blocking pool. They are rare: a new engine's reconcile of dirty regions.
+        // Background I/O, awaited in the calling task like every other request. They
+        // are rare: a new engine's reconcile of dirty regions.
         async move {
-            tokio::task::spawn_blocking(move || {
-                if with_data {
-                    store.read_current_versions(offset, len)
-                } else {
-                    store.read_versions_only(None, offset, len)
-                }
-            })
-            .await
-            .map_err(|e| BlockIoError::Io(std::io::Error::other(e.to_string())))?
-            .map_err(BlockIoError::from)
+            store
+                .read_versions(None, offset, len, with_data)
+                .await
+                .map_err(BlockIoError::from)
         }
     }
 

@@ -68,13 +68,6 @@ fn stripe_indices(first: u64, n: u64) -> impl Iterator<Item = usize> {
 }
 
 impl BlockLocks {
-    /// Shared stripes of `n` blocks from `first`, for a blocking caller.
-    pub(crate) fn shared_blocking(&self, first: u64, n: u64) -> Vec<StripeRead<'_>> {
-        stripe_indices(first, n)
-            .map(|i| block_on(self.stripes[i].read()))
-            .collect()
-    }
-
     /// Shared stripes of `n` blocks from `first`, for an async caller.
     pub(crate) async fn shared(&self, first: u64, n: u64) -> Vec<StripeRead<'_>> {
         let mut guards = Vec::with_capacity(n.min(STRIPES as u64) as usize);
@@ -131,7 +124,7 @@ mod tests {
         let (tx, rx) = std::sync::mpsc::channel();
         let l = std::sync::Arc::clone(&locks);
         let waiter = tokio::task::spawn_blocking(move || {
-            let _g = l.shared_blocking(11, 1);
+            let _g = block_on(l.shared(11, 1));
             let _ = tx.send(());
         });
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;

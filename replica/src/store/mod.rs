@@ -125,9 +125,7 @@
 //! and merge copies exclusively, reads shared. Writes to different blocks run in
 //! parallel; a read never sees half of a write. Every change of the layer chain
 //! (sealing, merge removal, delete, retire) takes the gate exclusively first, which is
-//! the barrier that seals the head. The reads that exist only blocking (versioned
-//! reads, [`LayeredStore::block_seq`]) hold the chain's `std` read lock instead, which
-//! those changes also wait for. See the `locks` module. Control operations
+//! the barrier that seals the head. See the `locks` module. Control operations
 //! (snapshot, delete, expand) are serialised among themselves, except the block copy of
 //! a snapshot deletion, which can take minutes: deletions are serialised by a lock of
 //! their own and copy without the control lock, taking it only to mark the layer and to
@@ -195,7 +193,7 @@ use crate::sync_state::SyncState;
 use data_path::check_block;
 use format::{Entry, ManifestLayer, ManifestV1, Verdict, FLAG_TRIMMED};
 use layer::{is_not_found, sync_dir, Layer};
-use locks::{BlockLocks, StripeRead};
+use locks::BlockLocks;
 
 /// Identifies a layer within one volume; never reused, so a stale id cannot alias.
 pub type LayerId = u64;
@@ -341,11 +339,6 @@ impl State {
                 Ok((i, self.layers[i].size))
             }
         }
-    }
-
-    /// Index of the newest layer at or below `top` with an entry for `block`.
-    fn owner(&self, top: usize, block: u64) -> Option<usize> {
-        (0..=top).rev().find(|&i| self.layers[i].layer.has(block))
     }
 
     fn manifest(&self) -> ManifestV1 {
@@ -820,10 +813,6 @@ impl LayeredStore {
         }
     }
 
-    fn lock_shared(&self, first: u64, n: u64) -> Vec<StripeRead<'_>> {
-        self.locks.shared_blocking(first, n)
-    }
-
     fn write_manifest(&self, m: &ManifestV1) -> Result<(), StoreError> {
         let tmp = self.dir.join(MANIFEST_TMP);
         let path = self.dir.join(MANIFEST);
@@ -840,26 +829,6 @@ impl LayeredStore {
         }
         fs::rename(&tmp, &path).map_err(io_error("rename manifest", &path))?;
         sync_dir(&self.dir)
-    }
-
-    /// The seq of the current version of `block` (a write or a trim), `None` if it was
-    /// never written; resync compares these across replicas.
-    pub fn block_seq(&self, block: u64) -> Result<Option<u64>, StoreError> {
-        let state = self.state_read();
-        let (top, size) = state.view(None)?;
-        check_range(block.saturating_mul(BLOCK_SIZE), BLOCK_SIZE, size)?;
-        let _stripes = self.lock_shared(block, 1);
-        let Some(i) = state.owner(top, block) else {
-            return Ok(None);
-        };
-        let layer = &state.layers[i].layer;
-        match block_on(check_block(layer, IoPriority::Foreground, block))? {
-            (Verdict::Corrupt, _) => Err(StoreError::Corrupt {
-                layer: layer.id,
-                block,
-            }),
-            (_, seq) => Ok(Some(seq)),
-        }
     }
 
     /// Takes snapshot `snapshot_id`: seals the head as the snapshot's layer and starts

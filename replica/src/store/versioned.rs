@@ -15,6 +15,7 @@
 //! sealed layers of the snapshot compares those claims with the other holders' and
 //! fetches data only for the blocks where they differ.
 
+use super::data_path::owner;
 use super::format::{Entry, Verdict, FLAG_DATA};
 use super::layer::Layer;
 use super::{check_range, IoPriority, LayeredStore, StoreError, BS};
@@ -35,7 +36,7 @@ impl LayeredStore {
         offset: u64,
         len: u64,
     ) -> Result<VersionedBlocks, StoreError> {
-        self.read_versions(Some(snapshot_id), offset, len, true)
+        block_on(self.read_versions(Some(snapshot_id), offset, len, true))
     }
 
     /// [`Self::read_snapshot_versions`] of the current view (the head included): what
@@ -45,7 +46,7 @@ impl LayeredStore {
         offset: u64,
         len: u64,
     ) -> Result<VersionedBlocks, StoreError> {
-        self.read_versions(None, offset, len, true)
+        block_on(self.read_versions(None, offset, len, true))
     }
 
     /// The versions of `len` bytes at `offset` of the current view (`None`, the head
@@ -62,21 +63,22 @@ impl LayeredStore {
         offset: u64,
         len: u64,
     ) -> Result<VersionedBlocks, StoreError> {
-        self.read_versions(snapshot, offset, len, false)
+        block_on(self.read_versions(snapshot, offset, len, false))
     }
 
-    fn read_versions(
+    /// The versioned read behind the methods above; the data-plane handle awaits it.
+    pub(super) async fn read_versions(
         &self,
         snapshot: Option<&str>,
         offset: u64,
         len: u64,
         with_data: bool,
     ) -> Result<VersionedBlocks, StoreError> {
-        let state = self.state_read();
-        let (top, size) = state.view(snapshot)?;
+        let _gate = self.locks.gate_shared().await;
+        let (layers, size) = self.view_layers(snapshot)?;
         let (first, n) = check_range(offset, len, size)?;
         let count = usize::try_from(n).map_err(|_| StoreError::OutOfRange { offset, len, size })?;
-        let _stripes = self.lock_shared(first, n);
+        let _stripes = self.locks.shared(first, n).await;
         let end = first + n;
         let mut versions = vec![BlockVersion::Unwritten; count];
         let mut data = Vec::new();
@@ -85,30 +87,30 @@ impl LayeredStore {
             // Memory-only skip of whole bitmap words no layer of the view touches, so
             // a sparse snapshot is scanned at bitmap speed.
             let word = usize::try_from(b / 64).unwrap_or(usize::MAX);
-            let touched = state.layers[..=top]
+            let touched = layers
                 .iter()
-                .fold(0u64, |acc, s| acc | s.layer.present_bits().word(word));
+                .fold(0u64, |acc, l| acc | l.present_bits().word(word));
             if touched == 0 {
                 b = ((b / 64 + 1) * 64).min(end);
                 continue;
             }
-            let owner = state.owner(top, b);
+            let here = owner(&layers, b);
             // An unowned run stops at the word's end so the next word can be skipped.
-            let limit = match owner {
+            let limit = match here {
                 Some(_) => end,
                 None => ((b / 64 + 1) * 64).min(end),
             };
             let mut run_end = b + 1;
-            while run_end < limit && state.owner(top, run_end) == owner {
+            while run_end < limit && owner(&layers, run_end) == here {
                 run_end += 1;
             }
-            if let Some(i) = owner {
-                let layer = &state.layers[i].layer;
+            if let Some(i) = here {
+                let layer = &layers[i];
                 let count = (run_end - b) as usize;
-                let entries = block_on(layer.read_entries(PRIORITY, b, count))?;
+                let entries = layer.read_entries(PRIORITY, b, count).await?;
                 let out = &mut versions[(b - first) as usize..(run_end - first) as usize];
                 if with_data {
-                    verify_run(layer, b, &entries, out, &mut data)?;
+                    verify_run(layer, b, &entries, out, &mut data).await?;
                 } else {
                     for (k, (entry, v)) in entries.iter().zip(out.iter_mut()).enumerate() {
                         *v = claimed_version(entry.as_ref(), b + k as u64);
@@ -138,7 +140,7 @@ impl LayeredStore {
 
 /// Versions of a run of blocks owned by `layer` from `first`, their data checked
 /// against the entries; the bytes of intact data blocks are appended to `data`.
-fn verify_run(
+async fn verify_run(
     layer: &Layer,
     first: u64,
     entries: &[Option<Entry>],
@@ -151,7 +153,7 @@ fn verify_run(
         .enumerate()
         .all(|(k, e)| matches!(e, Some(e) if e.is_valid_tombstone(first + k as u64)));
     if !only_tombstones {
-        block_on(layer.read_data(PRIORITY, first, &mut buf))?;
+        layer.read_data(PRIORITY, first, &mut buf).await?;
     }
     for (k, ((entry, bytes), v)) in entries
         .iter()
