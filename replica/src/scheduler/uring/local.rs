@@ -593,4 +593,58 @@ mod tests {
             "the fallback's write landed"
         );
     }
+
+    #[test]
+    fn run_with_local_ring_routes_the_threads_io_while_work_runs_and_removes_the_ring_after() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let file = open_direct(&dir.path().join("f"));
+        let (engine, fallback) = engine();
+        let (e, f) = (Arc::clone(&engine), Arc::clone(&file));
+        let (inside, completed_on, shard, after) = thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            let write = |seed: u8| IoRequest::Write {
+                file: Arc::clone(&f),
+                offset: 0,
+                buf: block(seed),
+            };
+            let work = async {
+                // A spawned task, as a shard runs each connection.
+                let task = tokio::spawn(submit(e.as_ref(), write(1)));
+                task.await.expect("task").expect("callback called")
+            };
+            let served = rt.block_on(run_with_local_ring(4, work));
+            let (inside, completed_on) = served.expect("io_uring available");
+            let inside = inside.map(|c| c.bytes);
+            // The ring is gone with `work`: the thread's I/O now takes the fallback.
+            // (A ring left installed would hold it forever: nothing reaps it now.)
+            let after = rt.block_on(async {
+                tokio::time::timeout(Duration::from_secs(30), submit(e.as_ref(), write(2))).await
+            });
+            let (after, _) = after
+                .expect("the write completes")
+                .expect("callback called");
+            (
+                inside,
+                completed_on,
+                thread::current().id(),
+                after.map(|c| c.bytes),
+            )
+        })
+        .join()
+        .expect("shard thread");
+        assert_eq!(inside.expect("write on the thread's ring"), BLOCK);
+        assert_eq!(after.expect("write on the fallback"), BLOCK);
+        assert_eq!(
+            completed_on, shard,
+            "completed on the thread that ran `work`"
+        );
+        assert_eq!(
+            fallback.load(Ordering::SeqCst),
+            1,
+            "only the write after `work` ended fell back"
+        );
+    }
 }
