@@ -13,7 +13,7 @@
 use std::fmt;
 use std::future::Future;
 
-use tessera_replica::control_proto::{
+use tessera_replica_protocol::control_proto::{
     ExpandVolumeRequest, RaiseEpochRequest, ReplicaRef, UpdateVolumeRequest, VolumeRecord,
 };
 use tonic::{Code, Status};
@@ -25,10 +25,7 @@ use crate::volume_index::newer;
 /// follows a lost race against another writer.
 pub const CAS_ATTEMPTS: usize = 5;
 
-/// Smallest number of replicas that is a majority of `n`.
-pub fn majority(n: usize) -> usize {
-    n / 2 + 1
-}
+pub use tessera_replica_protocol::quorum::majority;
 
 /// Why one replica did not do what it was asked, sorted by what the caller can do
 /// about it. The daemon's own words are kept.
@@ -487,7 +484,7 @@ where
 
 #[cfg(test)]
 pub(crate) mod tests_support {
-    use tessera_replica::control_proto::ReplicaRef;
+    use tessera_replica_protocol::control_proto::ReplicaRef;
 
     /// A replica on node `n` with control address `n:7000`.
     pub(crate) fn replica(n: &str) -> ReplicaRef {
@@ -511,16 +508,6 @@ mod tests {
             epoch,
             ..Default::default()
         }
-    }
-
-    #[test]
-    fn majorities() {
-        assert_eq!(majority(1), 1);
-        assert_eq!(majority(2), 2);
-        assert_eq!(majority(3), 2);
-        assert_eq!(majority(4), 3);
-        assert_eq!(majority(5), 3);
-        assert_eq!(majority(7), 4);
     }
 
     #[test]

@@ -11,8 +11,8 @@ use std::future::Future;
 use std::sync::{Mutex, RwLock};
 use std::time::Duration;
 
-use tessera_replica::control_proto::replica_control_client::ReplicaControlClient;
-use tessera_replica::control_proto::{
+use tessera_replica_protocol::control_proto::replica_control_client::ReplicaControlClient;
+use tessera_replica_protocol::control_proto::{
     CreateSnapshotRequest, CreateVolumeRequest, DeleteSnapshotRequest, DeleteVolumeRequest,
     ExpandVolumeRequest, GetInfoRequest, GetVolumeRequest, ListSnapshotsRequest,
     ListVolumesRequest, RaiseEpochRequest, ReplicaInfo, ReplicaRef, SnapshotRangesRequest,

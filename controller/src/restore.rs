@@ -27,7 +27,7 @@ use tessera_csi_proto::v1::volume_content_source::{
     SnapshotSource, Type as SourceType, VolumeSource,
 };
 use tessera_csi_proto::v1::{CapacityRange, VolumeContentSource};
-use tessera_replica::control_proto::{CopySource, ReplicaRef, VolumeRecord};
+use tessera_replica_protocol::control_proto::{CopySource, ReplicaRef, VolumeRecord};
 
 use crate::capacity;
 use crate::error::ControllerError;
@@ -595,7 +595,7 @@ impl Restorer {
 mod tests {
     use super::*;
     use crate::fs_type::MinVolumeSize;
-    use tessera_replica::control_proto::CopyProgress;
+    use tessera_replica_protocol::control_proto::CopyProgress;
 
     fn copy(clone: bool) -> CopySource {
         CopySource {

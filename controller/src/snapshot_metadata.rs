@@ -22,7 +22,7 @@ use tessera_csi_proto::v1::{
     BlockMetadata, BlockMetadataType, GetMetadataAllocatedRequest, GetMetadataAllocatedResponse,
     GetMetadataDeltaRequest, GetMetadataDeltaResponse,
 };
-use tessera_replica::control_proto::{ReplicaRef, SnapshotRangesRequest};
+use tessera_replica_protocol::control_proto::{ReplicaRef, SnapshotRangesRequest};
 use tokio_stream::Stream;
 use tonic::{Code, Request, Response, Status};
 

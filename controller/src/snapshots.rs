@@ -13,7 +13,7 @@ use crate::quorum::{self, majority, Op, QuorumError};
 use crate::replica_pool::{join_all, ReplicaPool};
 use sha2::Digest;
 use tessera_csi_proto::v1 as csi;
-use tessera_replica::control_proto::{
+use tessera_replica_protocol::control_proto::{
     CreateSnapshotRequest, DeleteSnapshotRequest, ReplicaRef, SnapshotRecord, VolumeRecord,
 };
 

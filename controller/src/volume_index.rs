@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::RwLock;
 
 use sha2::{Digest, Sha256};
-use tessera_replica::control_proto::VolumeRecord;
+use tessera_replica_protocol::control_proto::VolumeRecord;
 
 /// Prefix of every Tessera volume id.
 pub const VOLUME_ID_PREFIX: &str = "tv-";

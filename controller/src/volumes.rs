@@ -9,7 +9,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use tessera_replica::control_proto::{Attachment, ReplicaRef, UpdateVolumeRequest, VolumeRecord};
+use tessera_replica_protocol::control_proto::{
+    Attachment, ReplicaRef, UpdateVolumeRequest, VolumeRecord,
+};
 
 use crate::error::ControllerError;
 use crate::quorum::{self, majority, Committed, Op, Plan, QuorumError, Reads, RecordWrite};

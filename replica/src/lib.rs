@@ -32,8 +32,7 @@
 
 // The wire contracts are the protocol crate's; the daemon's modules name them by
 // this short path.
-// Transitional: the controller still names these through this crate.
-pub use tessera_replica_protocol::{control_proto, seq};
+pub(crate) use tessera_replica_protocol::control_proto;
 
 pub use tessera_telemetry::error_chain;
 

@@ -6,7 +6,7 @@ use std::collections::{BTreeSet, HashMap};
 
 use tessera_csi_proto::v1::{self as csi, Topology, TopologyRequirement};
 use tessera_csi_proto::{TOPOLOGY_NODE_KEY, TOPOLOGY_ZONE_KEY};
-use tessera_replica::control_proto::{CreateVolumeRequest, ReplicaRef, VolumeRecord};
+use tessera_replica_protocol::control_proto::{CreateVolumeRequest, ReplicaRef, VolumeRecord};
 
 use super::{ControllerService, Result};
 use crate::capabilities::{self, RequestedAccess};

@@ -20,7 +20,7 @@ use tessera_csi_proto::v1::controller_service_capability::rpc::Type as RpcType;
 use tessera_csi_proto::v1::controller_service_capability::{Rpc, Type as CapType};
 use tessera_csi_proto::v1::{self as csi, Topology, VolumeCondition};
 use tessera_csi_proto::TOPOLOGY_NODE_KEY;
-use tessera_replica::control_proto::VolumeRecord;
+use tessera_replica_protocol::control_proto::VolumeRecord;
 use tonic::{Code, Request, Response, Status};
 
 use crate::error::ControllerError;

@@ -3,7 +3,8 @@
 //! engine ([`crate::publish::fencing`]) and the attachment, in that order.
 
 use tessera_csi_proto::v1 as csi;
-use tessera_replica::control_proto::Attachment;
+use tessera_replica_protocol::control_proto::Attachment;
+use tessera_replica_protocol::seq::Epoch;
 
 use super::{ControllerService, Result};
 use crate::capabilities;
@@ -84,6 +85,11 @@ impl ControllerService {
                 (epoch, rec)
             }
         };
+        // Replicas refuse epochs beyond the seq layout, so every one they hold fits.
+        let epoch = Epoch::new(epoch).map_err(|e| ControllerError::EpochExhausted {
+            volume: rec.volume_id.clone(),
+            epoch: e.0,
+        })?;
         let replicas = volumes.replicas(&rec);
         Ok(csi::ControllerPublishVolumeResponse {
             publish_context: publish::publish_context(epoch, &replicas, rec.size_bytes),

@@ -3,7 +3,7 @@
 //! published.
 
 use tessera_csi_proto::v1 as csi;
-use tessera_replica::control_proto::ExpandVolumeRequest;
+use tessera_replica_protocol::control_proto::ExpandVolumeRequest;
 
 use super::{size_i64, ControllerService, Result};
 use crate::capabilities;

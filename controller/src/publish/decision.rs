@@ -1,7 +1,7 @@
 //! What ControllerPublishVolume and ControllerUnpublishVolume must do, given the
 //! attachments a majority of the replicas hold.
 
-use tessera_replica::control_proto::Attachment;
+use tessera_replica_protocol::control_proto::Attachment;
 
 /// What ControllerPublishVolume must do, given the current attachments.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -6,7 +6,7 @@
 //! engine held the volume before (a node that lost its unpublish, a crashed
 //! controller's half-done publish): at most one engine can reach a majority.
 
-use tessera_replica::control_proto::{RaiseEpochRequest, VolumeRecord};
+use tessera_replica_protocol::control_proto::{RaiseEpochRequest, VolumeRecord};
 
 use crate::error::ControllerError;
 use crate::quorum::{Op, Plan, Reads, RecordWrite};
@@ -18,12 +18,12 @@ use crate::volumes::Volumes;
 /// volume's writes outrank them when its copies are reconciled.
 pub fn next_epoch(volume: &str, reads: &Reads) -> Result<u64, ControllerError> {
     let highest = reads.max_epoch();
-    tessera_replica::seq::next_epoch(highest.max(reads.max_epoch_floor())).ok_or_else(|| {
-        ControllerError::EpochExhausted {
+    tessera_replica_protocol::seq::next_epoch(highest.max(reads.max_epoch_floor())).ok_or_else(
+        || ControllerError::EpochExhausted {
             volume: volume.to_string(),
             epoch: highest,
-        }
-    })
+        },
+    )
 }
 
 /// Raises the fencing epoch of `rec` to [`next_epoch`] on a majority of its replicas
@@ -58,7 +58,7 @@ pub async fn raise_epoch(volumes: &Volumes, rec: &VolumeRecord) -> Result<u64, C
 mod tests {
     use super::*;
     use crate::quorum::{Answers, ReplicaFailure};
-    use tessera_replica::control_proto::{CopyProgress, ReplicaRef};
+    use tessera_replica_protocol::control_proto::{CopyProgress, ReplicaRef};
 
     fn at(epoch: u64, floor: Option<u64>) -> (ReplicaRef, Result<VolumeRecord, ReplicaFailure>) {
         let rec = VolumeRecord {
@@ -90,7 +90,7 @@ mod tests {
 
     #[test]
     fn an_exhausted_epoch_space_is_a_failed_precondition() {
-        let max = tessera_replica::seq::MAX_EPOCH;
+        let max = tessera_replica_protocol::seq::MAX_EPOCH;
         let err = next_epoch("tv-1", &Answers(vec![at(max, None)])).unwrap_err();
         assert_eq!(err.code(), tonic::Code::FailedPrecondition);
         assert!(err.to_string().contains("tv-1"), "{err}");

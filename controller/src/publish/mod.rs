@@ -10,7 +10,9 @@
 
 use std::collections::HashMap;
 
-use tessera_replica::control_proto::ReplicaRef;
+use tessera_replica_protocol::control_proto::ReplicaRef;
+use tessera_replica_protocol::publish_context::{PublishContext, ReplicaEndpoint};
+use tessera_replica_protocol::seq::Epoch;
 
 pub mod decision;
 pub mod fencing;
@@ -18,28 +20,25 @@ pub mod fencing;
 pub use decision::{after_unpublish, decide_publish, PublishDecision};
 pub use fencing::raise_epoch;
 
-/// publish_context key: the fencing epoch the engine must use.
-pub const CTX_EPOCH: &str = "epoch";
-/// publish_context key: `node_id=data_address,...` of the volume's replicas.
-pub const CTX_REPLICAS: &str = "replicas";
-/// publish_context key: volume size in bytes.
-pub const CTX_SIZE_BYTES: &str = "sizeBytes";
-
-/// The publish_context handed to the node plugin.
+/// The publish_context handed to the node plugin (its format is the protocol's
+/// [`PublishContext`]).
 pub fn publish_context(
-    epoch: u64,
+    epoch: Epoch,
     replicas: &[ReplicaRef],
     size_bytes: u64,
 ) -> HashMap<String, String> {
-    let list: Vec<String> = replicas
-        .iter()
-        .map(|r| format!("{}={}", r.node_id, r.data_address))
-        .collect();
-    HashMap::from([
-        (CTX_EPOCH.to_string(), epoch.to_string()),
-        (CTX_REPLICAS.to_string(), list.join(",")),
-        (CTX_SIZE_BYTES.to_string(), size_bytes.to_string()),
-    ])
+    PublishContext {
+        epoch,
+        replicas: replicas
+            .iter()
+            .map(|r| ReplicaEndpoint {
+                node_id: r.node_id.clone(),
+                data_address: r.data_address.clone(),
+            })
+            .collect(),
+        size_bytes,
+    }
+    .to_map()
 }
 
 #[cfg(test)]
@@ -54,12 +53,14 @@ mod tests {
             ..Default::default()
         };
         let ctx = publish_context(
-            7,
+            Epoch::new(7).unwrap(),
             &[r("n2", "10.0.0.2:9000"), r("n1", "10.0.0.1:9000")],
             4096,
         );
-        assert_eq!(ctx[CTX_EPOCH], "7");
-        assert_eq!(ctx[CTX_REPLICAS], "n2=10.0.0.2:9000,n1=10.0.0.1:9000");
-        assert_eq!(ctx[CTX_SIZE_BYTES], "4096");
+        let parsed = PublishContext::try_from(&ctx).unwrap();
+        assert_eq!(parsed.epoch.get(), 7);
+        let nodes: Vec<_> = parsed.replicas.iter().map(|r| r.node_id.as_str()).collect();
+        assert_eq!(nodes, ["n2", "n1"]);
+        assert_eq!(parsed.size_bytes, 4096);
     }
 }
