@@ -279,3 +279,146 @@ async fn a_winner_whose_data_is_rotten_gives_way_to_another_intact_copy() {
     }
     e2.close().await.unwrap();
 }
+
+/// Every block's (seq, data) on all three replicas is the same.
+async fn assert_copies_equal(reps: &[StoreReplica], blocks: u64) {
+    let reference = versions_of(&reps[0], blocks).await;
+    for r in &reps[1..] {
+        assert_eq!(versions_of(r, blocks).await, reference, "{}", r.node_id);
+    }
+}
+
+fn resyncing_config(reps: &[StoreReplica]) -> EngineConfig {
+    let mut c = config(1, "node-0", reps);
+    c.reconnect_interval = Duration::from_millis(50);
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_back_online_is_resynced_and_counts_again_without_reopening() {
+    let mut reps = replicas(16 * MIB).await;
+    let blocks = 64;
+    let e = Engine::open(resyncing_config(&reps)).await.unwrap();
+    for b in 0..blocks {
+        e.write(b * BS, Bytes::from(pattern(b, BS as usize)))
+            .await
+            .unwrap();
+    }
+    e.flush().await.unwrap();
+
+    // node-2's daemon dies; what it misses: 32 blocks rewritten, 8 trimmed, one far
+    // away in another region.
+    reps[2].stop().await;
+    for b in 0..32 {
+        e.write(b * BS, Bytes::from(pattern(1000 + b, BS as usize)))
+            .await
+            .unwrap();
+    }
+    e.trim(40 * BS, 8 * BS).await.unwrap();
+    e.write(12 * MIB, Bytes::from(pattern(7, BS as usize)))
+        .await
+        .unwrap();
+    e.flush().await.unwrap();
+    assert!(!in_sync(&e, "node-2"));
+
+    // It comes back on its address: the engine reconnects, copies what it missed
+    // (and nothing else) and readmits it, while still open.
+    reps[2].resume().await;
+    wait_for("node-2 resynced", NO_HANG, || in_sync(&e, "node-2")).await;
+    let st = e.status();
+    assert_eq!(st.counters.resyncs, 1);
+    assert_eq!(st.counters.resync_bytes, 33 * BS, "{:?}", st.counters);
+    assert!(!st.condition().0, "{:?}", st.condition());
+    e.flush().await.unwrap();
+    assert_copies_equal(&reps, blocks).await;
+    assert_eq!(
+        versions_of(&reps[2], 12 * MIB / BS + 1).await.last(),
+        versions_of(&reps[0], 12 * MIB / BS + 1).await.last()
+    );
+    wait_for("node-2 declared in sync", NO_HANG, || {
+        reps.iter()
+            .all(|r| r.store.sync_state().membership.get().members.len() == 3)
+    })
+    .await;
+
+    // node-2 counts again: with node-0 gone too, node-1 and node-2 are a majority.
+    reps[0].stop().await;
+    e.write(0, Bytes::from(pattern(5000, BS as usize)))
+        .await
+        .unwrap();
+    e.flush().await.unwrap();
+    assert_eq!(e.read(0, BS as u32).await.unwrap(), pattern(5000, BS as usize));
+    assert!(in_sync(&e, "node-2") && !in_sync(&e, "node-0"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_during_a_resync_reach_the_returning_replica_and_are_never_undone() {
+    let mut reps = replicas(8 * MIB).await;
+    let blocks: u64 = 512;
+    let e = Engine::open(resyncing_config(&reps)).await.unwrap();
+    reps[2].stop().await;
+    let mut expect: Vec<Vec<u8>> = Vec::new();
+    for b in 0..blocks {
+        let data = pattern(b, BS as usize);
+        e.write(b * BS, Bytes::from(data.clone())).await.unwrap();
+        expect.push(data);
+    }
+    e.flush().await.unwrap();
+    reps[2].resume().await;
+    // Overwrites of the same blocks race with the catch-up copying older versions.
+    let mut round = 0u64;
+    let deadline = tokio::time::Instant::now() + NO_HANG;
+    while !in_sync(&e, "node-2") || round < 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "node-2 never came back in sync"
+        );
+        for b in (round % 7..blocks).step_by(7) {
+            let data = pattern(10_000 * (round + 1) + b, BS as usize);
+            e.write(b * BS, Bytes::from(data.clone())).await.unwrap();
+            expect[b as usize] = data;
+        }
+        round += 1;
+    }
+    e.flush().await.unwrap();
+    wait_for("acks", NO_HANG, || e.status().inflight_ops == 0).await;
+    assert_copies_equal(&reps, blocks).await;
+    let on_2 = versions_of(&reps[2], blocks).await;
+    for (b, want) in expect.iter().enumerate() {
+        assert_eq!(&on_2[b].1, want, "block {b} on node-2");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_block_only_the_returning_replica_holds_is_replaced_by_the_in_sync_version() {
+    let mut reps = replicas(8 * MIB).await;
+    let e = Engine::open(resyncing_config(&reps)).await.unwrap();
+    for b in 0..8 {
+        e.write(b * BS, Bytes::from(pattern(b, BS as usize)))
+            .await
+            .unwrap();
+    }
+    e.flush().await.unwrap();
+    reps[2].stop().await;
+    // While node-2 is out, block 5 there gets a write no other replica took, with a
+    // seq above every acknowledged one (a write that never reached a majority).
+    let store = std::sync::Arc::clone(&reps[2].store);
+    tokio::task::spawn_blocking(move || {
+        store
+            .write(5 * BS, &pattern(99, BS as usize), (1 << 40) | 1_000_000)
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    e.write(0, Bytes::from(pattern(100, BS as usize)))
+        .await
+        .unwrap();
+    e.flush().await.unwrap();
+    reps[2].resume().await;
+    wait_for("node-2 resynced", NO_HANG, || in_sync(&e, "node-2")).await;
+    e.flush().await.unwrap();
+    assert_copies_equal(&reps, 8).await;
+    let on_2 = versions_of(&reps[2], 8).await;
+    assert_eq!(on_2[5].1, pattern(5, BS as usize));
+    assert_eq!(on_2[0].1, pattern(100, BS as usize));
+}

@@ -808,10 +808,24 @@ struct RandomWriteLog {
     elapsed: Duration,
 }
 
+/// How long, and for how many writes at most, a [`RandomWriter`] may run.
+#[derive(Debug, Clone, Copy)]
+struct WriterBounds {
+    time: Duration,
+    writes: u64,
+}
+
+/// The bounds of test (g).
+const G_BOUNDS: WriterBounds = WriterBounds {
+    time: G_WRITER_LIMIT,
+    writes: G_MAX_WRITES,
+};
+
 /// A thread writing [`stamped_block`]s to random blocks of a device with O_DIRECT,
 /// fdatasync every [`G_SYNC_EVERY`] writes, until [`G_AFTER_KILL`] writes after
-/// it was told of the kill (bounded by [`G_WRITER_LIMIT`] and [`G_MAX_WRITES`]).
+/// it was told of the kill (within its [`WriterBounds`]).
 struct RandomWriter {
+    bounds: WriterBounds,
     written: Arc<AtomicU64>,
     killed: Arc<AtomicBool>,
     finished: Arc<AtomicBool>,
@@ -819,7 +833,7 @@ struct RandomWriter {
 }
 
 impl RandomWriter {
-    fn start(device: PathBuf, seed: u64) -> RandomWriter {
+    fn start(device: PathBuf, seed: u64, bounds: WriterBounds) -> RandomWriter {
         let written = Arc::new(AtomicU64::new(0));
         let killed = Arc::new(AtomicBool::new(false));
         let finished = Arc::new(AtomicBool::new(false));
@@ -830,11 +844,12 @@ impl RandomWriter {
             Arc::clone(&finished),
         );
         std::thread::spawn(move || {
-            let out = random_writes(&device, seed, &w, &k);
+            let out = random_writes(&device, seed, &w, &k, bounds);
             f.store(true, Ordering::SeqCst);
             let _ = tx.send(out);
         });
         RandomWriter {
+            bounds,
             written,
             killed,
             finished,
@@ -873,7 +888,7 @@ impl RandomWriter {
 
     /// The writer's outcome; panics if it did not end within its own bounds.
     async fn finish(self) -> Result<RandomWriteLog, String> {
-        let wait = G_WRITER_LIMIT + IO_TIMEOUT;
+        let wait = self.bounds.time + IO_TIMEOUT;
         poll_until(wait, || std::future::ready(self.done.try_recv().ok()))
             .await
             .unwrap_or_else(|_| {
@@ -890,6 +905,7 @@ fn random_writes(
     seed: u64,
     written: &AtomicU64,
     killed: &AtomicBool,
+    bounds: WriterBounds,
 ) -> Result<RandomWriteLog, String> {
     let started = Instant::now();
     let file = DirectFile::open(device, true)
@@ -909,7 +925,7 @@ fn random_writes(
         if seen_kill_at.is_some_and(|k| n >= k + G_AFTER_KILL) {
             break;
         }
-        if n >= G_MAX_WRITES || started.elapsed() > G_WRITER_LIMIT {
+        if n >= bounds.writes || started.elapsed() > bounds.time {
             return Err(format!(
                 "stopped after {n} writes in {:?}, {G_AFTER_KILL} writes after the kill not done \
                  (kill seen at {seen_kill_at:?})",
@@ -1054,7 +1070,7 @@ async fn g_replica_that_missed_writes_serves_none_stale_after_the_move() {
         "n2's replica is not in the volume's replica set: {replicas:?}"
     );
 
-    let writer = RandomWriter::start(target.clone(), 0x15_15_15);
+    let writer = RandomWriter::start(target.clone(), 0x15_15_15, G_BOUNDS);
     writer.wait_for(G_BEFORE_KILL).await;
     cluster.kill_replica(victim).expect("kill -9 replica n2");
     let at_kill = writer.written();
@@ -1183,4 +1199,114 @@ async fn g_replica_that_missed_writes_serves_none_stale_after_the_move() {
         .await
         .unwrap_or_else(|e| panic!("detach from n2: {e:#}"));
     assert_node_clean(&cluster, &on_n2);
+}
+
+/// How long a restarted replica daemon may take to be caught up and readmitted.
+const H_BACK_IN_SYNC: Duration = Duration::from_secs(60);
+
+/// (h) A rolling restart: each of the three replica daemons in turn is killed with
+/// SIGKILL under a random writer (fdatasync every 16 writes) and started again on
+/// its data; the next one goes down only once the volume reports every replica in
+/// sync again. The engine reconnects and resyncs each one online, so the writer sees
+/// no error although two of the three daemons have been down by the end, and every
+/// durable block reads back current on the same engine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h_rolling_restart_of_every_replica_daemon_under_writes() {
+    if !privileged("data-path test") {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let mut cluster = two_node_cluster().await;
+    let mut controller = cluster.controller().await.expect("controller");
+    let mut n1 = cluster.node_client("n1").await.expect("n1 plugin");
+    let name = "rolling-restart";
+    let volume = create_volume(
+        &mut controller,
+        name,
+        64 * MIB,
+        &[("replicationFactor", "3")],
+        true,
+    )
+    .await;
+    let (staging, target) = kubelet_paths(&cluster, "n1", name, true);
+    let a = attach(
+        &mut controller,
+        &mut n1,
+        &volume,
+        "n1",
+        block_capability(),
+        &staging,
+        &target,
+    )
+    .await
+    .unwrap_or_else(|e| panic!("attach on n1: {e:#}"));
+    let bounds = WriterBounds {
+        time: Duration::from_secs(300),
+        writes: 2_000_000,
+    };
+    let writer = RandomWriter::start(target.clone(), 0x4_4_4, bounds);
+    writer.wait_for(500).await;
+    for victim in 0..cluster.replicas().len() {
+        let node = cluster.replica(victim).node_id().to_owned();
+        cluster.kill_replica(victim).expect("kill -9 a replica daemon");
+        let killed_at = writer.written();
+        // The writer goes on with two of three; the volume reports the dead one.
+        writer.wait_for(killed_at + 200).await;
+        let down = condition(&mut n1, &a).await;
+        assert!(
+            down.abnormal && down.message.contains(&node),
+            "replica {node} killed, the condition does not say so: {down:?}"
+        );
+        let restarted = Instant::now();
+        cluster
+            .start_replica(victim)
+            .await
+            .expect("the replica daemon restarts on its data");
+        let back = poll_until(H_BACK_IN_SYNC, || {
+            let (mut node, a) = (n1.clone(), &a);
+            async move { (!condition(&mut node, a).await.abnormal).then_some(()) }
+        })
+        .await;
+        let last = condition(&mut n1, &a).await;
+        assert!(
+            back.is_ok(),
+            "replica {node} not back in sync within {H_BACK_IN_SYNC:?} of its restart: {last:?}"
+        );
+        eprintln!(
+            "replica {node}: killed at write {killed_at}, back in sync {:?} after its restart \
+             (writer at {})",
+            restarted.elapsed(),
+            writer.written()
+        );
+    }
+    writer.kill_done();
+    let log = writer
+        .finish()
+        .await
+        .unwrap_or_else(|e| panic!("the random writer failed during the rolling restart: {e}"));
+    eprintln!(
+        "random writer: {} writes ({} syncs) in {:?}, {} blocks durable",
+        log.writes,
+        log.syncs,
+        log.elapsed,
+        log.last_durable.len()
+    );
+    let expected = log.last_durable;
+    let device = target.clone();
+    let read = tokio::task::spawn_blocking(move || read_back(&device, &expected))
+        .await
+        .expect("reader task")
+        .unwrap_or_else(|e| panic!("reading back: {e}"));
+    assert!(
+        read.zeros.is_empty() && read.older.is_empty() && read.other.is_empty(),
+        "after the rolling restart: {} intact, zeros {:?}, older {:?}, other {:?}",
+        read.intact,
+        &read.zeros[..read.zeros.len().min(FIRST_FEW)],
+        &read.older[..read.older.len().min(FIRST_FEW)],
+        &read.other[..read.other.len().min(FIRST_FEW)],
+    );
+    lifecycle::detach(&mut controller, &mut n1, &a)
+        .await
+        .unwrap_or_else(|e| panic!("detach: {e:#}"));
+    assert_node_clean(&cluster, &a);
 }

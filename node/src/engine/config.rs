@@ -15,6 +15,11 @@ pub const MAX_REPLICAS: usize = 32;
 
 /// Default bound on one replica request (and on connecting at open).
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default first wait before reconnecting a replica that dropped; it doubles after
+/// every failed attempt up to [`MAX_RECONNECT_INTERVAL`].
+pub const DEFAULT_RECONNECT_INTERVAL: Duration = Duration::from_secs(1);
+/// Longest wait between two reconnection attempts of one replica.
+pub const MAX_RECONNECT_INTERVAL: Duration = Duration::from_secs(30);
 /// Default period of dirty-region cleaning while writes happen: what a new engine
 /// reconciles after a crash is roughly what was written in the last two periods.
 pub const DEFAULT_CLEAN_INTERVAL: Duration = Duration::from_secs(5);
@@ -42,6 +47,9 @@ pub struct EngineConfig {
     /// dirty regions are cleaned (flush everywhere, then clear what every replica
     /// holds).
     pub clean_interval: Duration,
+    /// First wait before reconnecting a replica that dropped (then doubling, up to
+    /// [`MAX_RECONNECT_INTERVAL`]).
+    pub reconnect_interval: Duration,
 }
 
 impl EngineConfig {
@@ -60,6 +68,7 @@ impl EngineConfig {
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             expected_size: None,
             clean_interval: DEFAULT_CLEAN_INTERVAL,
+            reconnect_interval: DEFAULT_RECONNECT_INTERVAL,
         }
     }
 
@@ -97,7 +106,10 @@ impl EngineConfig {
                 });
             }
         }
-        if self.request_timeout.is_zero() || self.clean_interval.is_zero() {
+        if self.request_timeout.is_zero()
+            || self.clean_interval.is_zero()
+            || self.reconnect_interval.is_zero()
+        {
             return Err(ConfigError::ZeroTimeout);
         }
         Ok(())
@@ -129,8 +141,9 @@ pub enum ConfigError {
         /// The repeated node id.
         node_id: String,
     },
-    /// `request_timeout` (which would fail every request) or `clean_interval` is zero.
-    #[error("request timeout or clean interval is zero")]
+    /// `request_timeout` (which would fail every request), `clean_interval` or
+    /// `reconnect_interval` is zero.
+    #[error("request timeout, clean interval or reconnect interval is zero")]
     ZeroTimeout,
 }
 

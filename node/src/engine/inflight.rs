@@ -148,6 +148,29 @@ impl Inflight {
         Self::insert(&mut t, start, len, targets)
     }
 
+    /// [`Self::register`] with the targets computed under the table's lock, so they
+    /// are ordered against [`Self::snapshot_after`]. Returns the op.
+    pub(crate) fn register_with(
+        &self,
+        start: u64,
+        len: u64,
+        targets: impl FnOnce() -> u32,
+        preds: &mut Vec<Arc<Op>>,
+    ) -> Arc<Op> {
+        let mut t = self.lock();
+        preds.extend(t.overlapping(start, start + len).cloned());
+        let targets = targets();
+        Self::insert(&mut t, start, len, targets)
+    }
+
+    /// Runs `change` under the table's lock and returns every op in the table then:
+    /// an op registered later (with [`Self::register_with`]) saw the change.
+    pub(crate) fn snapshot_after(&self, change: impl FnOnce()) -> Vec<Arc<Op>> {
+        let t = self.lock();
+        change();
+        t.ops.values().cloned().collect()
+    }
+
     /// Registers an op only if nothing overlapping is in flight (used for repair
     /// writes, which must never be ordered after a newer write to the same blocks).
     /// Returns an op that is in the way otherwise.

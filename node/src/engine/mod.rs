@@ -17,7 +17,9 @@
 //!   overlapping writes, picks replicas for reads and scopes flushes.
 //! * `sync`: bringing the replicas in sync at open, declaring the in-sync set on
 //!   the replicas, cleaning their dirty regions; `reconcile`: which version of a
-//!   block wins and where it goes (pure).
+//!   block wins and where it goes (pure); `resync`: reconnecting a replica that
+//!   dropped and catching it up online.
+//! * `replicate`: the write path; `read`: the read path and self-healing reads.
 //!
 //! # Behaviour
 //!
@@ -73,13 +75,11 @@
 //!   dirty regions every one of them holds, so the next engine reconciles only what
 //!   was written since.
 //!
-//! # Not done yet
-//!
-//! A stale replica stays stale for the life of the engine: it is neither reconnected
-//! nor resynced online; the next engine that reaches it brings it back at open
-//! (reconciling the regions the others marked while it was away). Until then the
-//! volume runs degraded, and below quorum it fails all I/O until it is reopened with
-//! a new epoch.
+//! * **Resync** (`resync` module): a stale replica is reconnected with backoff,
+//!   gets every new write while it is caught up on what it missed (its acks do not
+//!   count and it serves no reads meanwhile), and is readmitted and declared in sync
+//!   again, all while the engine serves; so a rolling restart of the replica daemons
+//!   never takes the volume below quorum as long as one daemon is down at a time.
 //!
 //! # Expansion
 //!
@@ -107,14 +107,15 @@ mod inflight;
 mod read;
 mod reconcile;
 mod replicate;
+mod resync;
 pub mod status;
 mod sync;
 pub mod target;
 
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use futures_util::stream::{FuturesUnordered, StreamExt};
@@ -147,9 +148,12 @@ struct Replica {
     address: String,
     /// `None` once the engine is closed, or if it never connected.
     client: Mutex<Option<ReplicaDataClient>>,
-    /// Fast check on the hot path; [`Replica::stale_info`] has the details.
-    stale: AtomicBool,
+    /// [`IN_SYNC`], [`STALE`] or [`RESYNCING`]: a fast check on the hot path;
+    /// [`Replica::stale_info`] has the details of the last time it went stale.
+    state: AtomicU8,
     stale_info: Mutex<Option<(String, SystemTime)>>,
+    /// When [`Replica::state`] last became [`RESYNCING`].
+    resyncing_since: Mutex<Option<SystemTime>>,
     /// Reads in flight, for least-loaded replica choice.
     reads_in_flight: AtomicUsize,
 }
@@ -160,9 +164,25 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// A replica that holds every acknowledged write: it takes writes (its acks count
+/// toward the quorum) and serves reads.
+const IN_SYNC: u8 = 0;
+/// A replica that failed, timed out or could not be reached: it gets no requests
+/// until the reconnector brings it back.
+const STALE: u8 = 1;
+/// A replica being caught up online (`resync` module): it takes every new write, but
+/// its acks do not count and it serves no reads until it is readmitted.
+const RESYNCING: u8 = 2;
+
 impl Replica {
+    /// Whether the replica is not in sync (stale or still resyncing).
     fn is_stale(&self) -> bool {
-        self.stale.load(Ordering::SeqCst)
+        self.state.load(Ordering::SeqCst) != IN_SYNC
+    }
+
+    /// Whether the replica gets requests (in sync or resyncing).
+    fn takes_writes(&self) -> bool {
+        self.state.load(Ordering::SeqCst) != STALE
     }
 
     fn client(&self) -> Option<ReplicaDataClient> {
@@ -171,7 +191,7 @@ impl Replica {
 
     /// The connection, unless the replica is stale (then it gets no more requests).
     fn live_client(&self) -> Option<ReplicaDataClient> {
-        self.client().filter(|_| !self.is_stale())
+        self.client().filter(|_| self.takes_writes())
     }
 }
 
@@ -205,6 +225,8 @@ struct Inner {
     sync_changed: Arc<tokio::sync::Notify>,
     /// How often the dirty regions are cleaned while writes happen.
     clean_interval: Duration,
+    /// First wait before reconnecting a dropped replica (`resync` module).
+    reconnect_interval: Duration,
     /// What reconciling at open did.
     reconciled: Mutex<ReconcileReport>,
 }
@@ -296,8 +318,9 @@ impl Engine {
                 node_id: ep.node_id.clone(),
                 address: ep.data_address.clone(),
                 client: Mutex::new(client),
-                stale: AtomicBool::new(stale.is_some()),
+                state: AtomicU8::new(if stale.is_some() { STALE } else { IN_SYNC }),
                 stale_info: Mutex::new(stale.map(|r| (r, now))),
+                resyncing_since: Mutex::new(None),
                 reads_in_flight: AtomicUsize::new(0),
             });
         }
@@ -336,7 +359,7 @@ impl Engine {
             let reason =
                 format!("holds {replica_size} bytes, the volume {size}: it missed an expansion");
             if let Some(r) = replicas.iter().find(|r| &r.node_id == node) {
-                r.stale.store(true, Ordering::Release);
+                r.state.store(STALE, Ordering::Release);
                 *lock(&r.stale_info) = Some((reason, now));
             }
         }
@@ -367,6 +390,7 @@ impl Engine {
                 declared: tokio::sync::Mutex::new(Membership::default()),
                 sync_changed: Arc::new(tokio::sync::Notify::new()),
                 clean_interval: config.clean_interval,
+                reconnect_interval: config.reconnect_interval,
                 reconciled: Mutex::new(ReconcileReport::default()),
             }),
         };
@@ -622,10 +646,13 @@ impl Engine {
                 node_id: r.node_id.clone(),
                 address: r.address.clone(),
                 local: inner.local == Some(i),
-                state: match &*lock(&r.stale_info) {
-                    Some((reason, since)) if r.is_stale() => ReplicaState::Stale {
+                state: match (r.state.load(Ordering::SeqCst), &*lock(&r.stale_info)) {
+                    (STALE, Some((reason, since))) => ReplicaState::Stale {
                         reason: reason.clone(),
                         since: *since,
+                    },
+                    (RESYNCING, _) => ReplicaState::Resyncing {
+                        since: lock(&r.resyncing_since).unwrap_or(UNIX_EPOCH),
                     },
                     _ => ReplicaState::InSync,
                 },
@@ -712,8 +739,7 @@ impl Engine {
                 false,
             )));
         };
-        let targets = inner.in_sync_mask();
-        if (targets.count_ones() as usize) < inner.quorum {
+        if (inner.in_sync_mask().count_ones() as usize) < inner.quorum {
             return done(Err(inner.no_quorum(
                 op,
                 offset,
@@ -724,7 +750,11 @@ impl Engine {
             )));
         }
         let mut preds = Vec::new();
-        let entry = inner.inflight.register(offset, len, targets, &mut preds);
+        // The targets are read under the table's lock, so a replica that starts
+        // resyncing either gets this write or sees it in the resync's snapshot.
+        let entry = inner
+            .inflight
+            .register_with(offset, len, || inner.write_mask(), &mut preds);
         tokio::spawn(Inner::drive(
             Arc::clone(inner),
             entry,
@@ -840,7 +870,7 @@ impl Inner {
     fn mark_stale(&self, r: usize, reason: String) {
         let rep = &self.replicas[r];
         let mut info = lock(&rep.stale_info);
-        if !rep.stale.swap(true, Ordering::SeqCst) {
+        if rep.state.swap(STALE, Ordering::SeqCst) != STALE {
             tracing::warn!(volume = %self.volume_id, node = %rep.node_id, address = %rep.address, %reason, "replica marked stale");
             *info = Some((reason, SystemTime::now()));
             self.sync_changed.notify_one();
@@ -848,16 +878,29 @@ impl Inner {
     }
 
     fn in_sync_mask(&self) -> u32 {
+        self.mask(|r| !r.is_stale())
+    }
+
+    /// Replicas that get writes: in sync or resyncing.
+    fn write_mask(&self) -> u32 {
+        self.mask(Replica::takes_writes)
+    }
+
+    fn mask(&self, pred: impl Fn(&Replica) -> bool) -> u32 {
         self.replicas
             .iter()
             .enumerate()
-            .filter(|(_, r)| !r.is_stale())
+            .filter(|(_, r)| pred(r))
             .fold(0, |m, (i, _)| m | 1 << i)
     }
 
     fn stale_summary(&self) -> String {
         let mut s = String::new();
         for r in self.replicas.iter().filter(|r| r.is_stale()) {
+            if r.takes_writes() {
+                let _ = write!(s, "{}{}: resyncing", sep(&s), r.node_id);
+                continue;
+            }
             let reason = lock(&r.stale_info)
                 .as_ref()
                 .map_or_else(String::new, |(reason, _)| reason.clone());

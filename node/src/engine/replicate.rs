@@ -51,6 +51,8 @@ impl Inner {
         let node = &self.replicas[r].node_id;
         let acked = match outcome {
             Outcome::Acked if !self.replicas[r].is_stale() => true,
+            // A resyncing replica takes the write but does not count yet.
+            Outcome::Acked if self.replicas[r].takes_writes() => false,
             Outcome::Acked | Outcome::Skipped => {
                 let _ = write!(tally.failures, "{}{node}: stale", sep(&tally.failures));
                 false

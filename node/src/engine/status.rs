@@ -9,10 +9,16 @@ use std::time::SystemTime;
 pub enum ReplicaState {
     /// Receives every write and may serve reads.
     InSync,
-    /// Failed, timed out or could not be reached; receives nothing for the rest of
-    /// this engine's life, so it may miss writes. The engine records it out of sync
-    /// on the others; the next engine brings it back (reconciling what it missed)
-    /// if it can reach it. Reconnecting within one engine is not built yet.
+    /// Being caught up online: receives every new write while what it missed is
+    /// copied to it; serves no reads and does not count toward the quorum until it
+    /// is readmitted.
+    Resyncing {
+        /// When the catch-up started.
+        since: SystemTime,
+    },
+    /// Failed, timed out or could not be reached; receives nothing, so it may miss
+    /// writes. The engine records it out of sync on the others and keeps trying to
+    /// reconnect it (then it resyncs); the next engine brings it back too.
     Stale {
         /// What made the engine give up on it (the first failure).
         reason: String,
@@ -56,6 +62,10 @@ pub struct EngineCounters {
     pub repair_failures: u64,
     /// Reads, writes, flushes and trims that returned an error.
     pub failed_ops: u64,
+    /// Replicas caught up online and readmitted.
+    pub resyncs: u64,
+    /// Bytes of data copied to resyncing replicas.
+    pub resync_bytes: u64,
 }
 
 /// A snapshot of an engine's state.
@@ -95,28 +105,36 @@ impl EngineStatus {
         if self.fenced {
             return (true, "engine was fenced by a newer epoch".to_owned());
         }
-        let stale: Vec<&str> = self
+        let out: Vec<String> = self
             .replicas
             .iter()
-            .filter(|r| r.state != ReplicaState::InSync)
-            .map(|r| r.node_id.as_str())
+            .filter_map(|r| match r.state {
+                ReplicaState::InSync => None,
+                ReplicaState::Resyncing { .. } => Some(format!("{} resyncing", r.node_id)),
+                ReplicaState::Stale { .. } => Some(format!("{} stale", r.node_id)),
+            })
             .collect();
         if self.below_quorum {
             return (
                 true,
                 format!(
-                    "below quorum: {} of {} replicas in sync, {} needed (stale: {})",
+                    "below quorum: {} of {} replicas in sync, {} needed ({})",
                     self.in_sync,
                     self.replicas.len(),
                     self.quorum,
-                    stale.join(", ")
+                    out.join(", ")
                 ),
             );
         }
-        if !stale.is_empty() {
+        if !out.is_empty() {
             return (
                 true,
-                format!("degraded: stale replicas {}", stale.join(", ")),
+                format!(
+                    "degraded: {} of {} replicas in sync; {}",
+                    self.in_sync,
+                    self.replicas.len(),
+                    out.join(", ")
+                ),
             );
         }
         (false, "all replicas in sync".to_owned())
@@ -135,6 +153,8 @@ pub(crate) struct Counters {
     pub(crate) repairs: AtomicU64,
     pub(crate) repair_failures: AtomicU64,
     pub(crate) failed_ops: AtomicU64,
+    pub(crate) resyncs: AtomicU64,
+    pub(crate) resync_bytes: AtomicU64,
 }
 
 impl Counters {
@@ -154,6 +174,8 @@ impl Counters {
             repairs: g(&self.repairs),
             repair_failures: g(&self.repair_failures),
             failed_ops: g(&self.failed_ops),
+            resyncs: g(&self.resyncs),
+            resync_bytes: g(&self.resync_bytes),
         }
     }
 }

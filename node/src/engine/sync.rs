@@ -56,7 +56,7 @@ pub struct ReconcileReport {
 impl Inner {
     /// Runs one sync request on replica `r`, bounded by the request timeout; a
     /// failure marks it stale (STALE_EPOCH fences the engine).
-    async fn ask<T, F>(
+    pub(super) async fn ask<T, F>(
         &self,
         r: usize,
         what: &str,
@@ -211,25 +211,7 @@ impl Inner {
         sources: u32,
         report: &mut ReconcileReport,
     ) -> Result<(), EngineError> {
-        let size = self.size.load(Ordering::Acquire);
-        let region = dirty.region_size.clamp(
-            BLOCK_SIZE,
-            tessera_replica_protocol::data::message::MAX_VERSIONS_LEN,
-        );
-        // Region boundaries of the replicas' map, cut into requests the protocol
-        // allows (a replica's region may be larger than one VERSIONS request).
-        let ranges: Vec<(u64, u64)> = dirty
-            .dirty()
-            .filter_map(|r| {
-                let start = r.checked_mul(dirty.region_size)?;
-                (start < size).then(|| (start, (start + dirty.region_size).min(size)))
-            })
-            .flat_map(|(start, end)| {
-                (start..end)
-                    .step_by(region as usize)
-                    .map(move |s| (s, (s + region).min(end) - s))
-            })
-            .collect();
+        let ranges = dirty_ranges(dirty, self.size.load(Ordering::Acquire));
         let results: Vec<Result<RegionOutcome, EngineError>> = stream::iter(ranges)
             .map(|(offset, len)| self.reconcile_region(offset, len, sources))
             .buffer_unordered(REGIONS_IN_FLIGHT)
@@ -521,6 +503,7 @@ pub(super) fn spawn_background(inner: &Arc<Inner>) {
     });
     let weak: Weak<Inner> = Arc::downgrade(inner);
     let interval = inner.clean_interval;
+    super::resync::spawn_reconnector(inner);
     tokio::spawn(async move {
         let mut seen = 0;
         loop {
@@ -536,6 +519,28 @@ pub(super) fn spawn_background(inner: &Arc<Inner>) {
             }
         }
     });
+}
+
+/// The byte ranges of `dirty`'s regions inside a volume of `size` bytes, cut into
+/// requests the protocol allows (a replica's region may be larger than one VERSIONS
+/// request).
+pub(super) fn dirty_ranges(dirty: &DirtyMap, size: u64) -> Vec<(u64, u64)> {
+    let region = dirty.region_size.clamp(
+        BLOCK_SIZE,
+        tessera_replica_protocol::data::message::MAX_VERSIONS_LEN,
+    );
+    dirty
+        .dirty()
+        .filter_map(|r| {
+            let start = r.checked_mul(dirty.region_size)?;
+            (start < size).then(|| (start, (start + dirty.region_size).min(size)))
+        })
+        .flat_map(|(start, end)| {
+            (start..end)
+                .step_by(region as usize)
+                .map(move |s| (s, (s + region).min(end) - s))
+        })
+        .collect()
 }
 
 #[derive(Debug, Default)]

@@ -553,6 +553,17 @@ impl StoreReplica {
         ));
     }
 
+    /// Serves the same store again on the same address, as a restarted daemon
+    /// does (an engine reconnects to it).
+    pub async fn resume(&mut self) {
+        let listener = TcpListener::bind(self.addr).await.unwrap();
+        self.task = tokio::spawn(serve(
+            listener,
+            Arc::clone(&self.registry),
+            std::future::pending(),
+        ));
+    }
+
     /// The replica's endpoint for an engine configuration.
     pub fn endpoint(&self) -> ReplicaEndpoint {
         ReplicaEndpoint {

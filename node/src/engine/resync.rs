@@ -1,0 +1,458 @@
+//! Bringing a replica that dropped back while the engine serves (DESIGN.md
+//! "Recovery"): reconnect it, catch it up on what it missed, readmit it.
+//!
+//! * **Reconnect** ([`spawn_reconnector`]): a replica marked stale is tried again
+//!   after `reconnect_interval`, then with a doubling wait up to
+//!   [`MAX_RECONNECT_INTERVAL`], for as long as the engine lives. A HELLO that
+//!   answers `STALE_EPOCH` fences the engine; a replica smaller than the volume
+//!   (it missed an expansion) or one that cannot take conditional writes stays out
+//!   (the next engine reconciles it at open).
+//! * **Switch** ([`Inner::resync`]): the new connection is installed and the replica
+//!   becomes *resyncing* under the in-flight table's lock, so every write registered
+//!   afterwards is sent to it too (its acknowledgements do not count toward the
+//!   quorum and it serves no reads), and every write registered before is waited for,
+//!   so none can land on the others only after the catch-up read them.
+//! * **Catch up** ([`Inner::catch_up`]): nothing is cleaned while a replica is out,
+//!   so the in-sync replicas' dirty regions cover everything it missed; the
+//!   replica's own map adds what only it may hold (a write that never reached a
+//!   majority). Per block, the highest intact seq among the in-sync replicas wins.
+//!   Where the returning replica holds an older version, the winner is copied with a
+//!   *conditional* write or trim (applied only where the replica still holds an older
+//!   seq), so a live write that reached it first is never overwritten; the copies run
+//!   at the replica's background I/O class. Where it holds a newer version than every
+//!   in-sync copy (a leftover of a write that was never acknowledged), the range is
+//!   registered exclusively in the in-flight table, looked at again, and overwritten
+//!   only if the leftover is still there.
+//! * **Readmit**: the replica is flushed, becomes in sync and the in-sync set is
+//!   declared again (which also lets the dirty regions be cleaned once every replica
+//!   is back).
+//!
+//! A catch-up that fails marks the replica stale again and is retried from the
+//! start; blocks already copied compare equal then, so a retry moves only what is
+//! still missing. An engine that crashes mid-resync leaves the replica out of the
+//! in-sync record: the next engine copies to it at open.
+
+use std::time::Duration;
+
+use futures_util::stream::{self, StreamExt, TryStreamExt};
+use tessera_replica_protocol::block::BlockVersion;
+use tessera_replica_protocol::sync::DirtyMap;
+
+use super::config::MAX_RECONNECT_INTERVAL;
+use super::reconcile::{plan_region, runs, Run};
+use super::sync::dirty_ranges;
+use super::*;
+
+/// Ranges caught up at once: few, so a resync leaves the disks to the application.
+const RANGES_IN_FLIGHT: usize = 2;
+/// Times a range is planned again when a source's copy turned out corrupt.
+const RANGE_ATTEMPTS: usize = 3;
+
+/// What one online resync did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ResyncReport {
+    /// Ranges (at most one VERSIONS request each) compared.
+    pub ranges: u64,
+    /// Blocks copied to the returning replica.
+    pub blocks_copied: u64,
+    /// Bytes of data sent to it.
+    pub bytes_copied: u64,
+    /// Blocks where it held a version no in-sync replica had, overwritten.
+    pub leftovers_overwritten: u64,
+    /// Blocks no in-sync replica held intact (left as they are).
+    pub blocks_lost: u64,
+}
+
+impl ResyncReport {
+    fn add(mut self, o: ResyncReport) -> ResyncReport {
+        self.ranges += o.ranges;
+        self.blocks_copied += o.blocks_copied;
+        self.bytes_copied += o.bytes_copied;
+        self.leftovers_overwritten += o.leftovers_overwritten;
+        self.blocks_lost += o.blocks_lost;
+        self
+    }
+}
+
+/// Starts the engine's reconnector (module doc); it ends with the engine.
+pub(super) fn spawn_reconnector(inner: &Arc<Inner>) {
+    let weak = Arc::downgrade(inner);
+    let first = inner.reconnect_interval;
+    let n = inner.replicas.len();
+    tokio::spawn(async move {
+        let mut wait = vec![first; n];
+        let mut next_try: Vec<Option<Instant>> = vec![None; n];
+        loop {
+            tokio::time::sleep(first.min(Duration::from_secs(1))).await;
+            let Some(inner) = weak.upgrade() else { return };
+            if inner.check_usable().is_err() {
+                return;
+            }
+            for r in 0..n {
+                if inner.replicas[r].state.load(Ordering::SeqCst) != STALE {
+                    (wait[r], next_try[r]) = (first, None);
+                    continue;
+                }
+                let now = Instant::now();
+                let due = *next_try[r].get_or_insert(now + wait[r]);
+                if now < due {
+                    continue;
+                }
+                if let Err(reason) = inner.resync(r).await {
+                    tracing::debug!(volume = %inner.volume_id, node = %inner.replicas[r].node_id,
+                        %reason, retry_in_ms = wait[r].as_millis() as u64, "replica not brought back yet");
+                    wait[r] = (wait[r] * 2).min(MAX_RECONNECT_INTERVAL);
+                    next_try[r] = Some(Instant::now() + wait[r]);
+                }
+            }
+        }
+    });
+}
+
+impl Inner {
+    /// Reconnects stale replica `r`, catches it up and readmits it (module doc).
+    pub(super) async fn resync(&self, r: usize) -> Result<ResyncReport, String> {
+        let rep = &self.replicas[r];
+        let config = ClientConfig {
+            connect_timeout: self.timeout,
+            request_timeout: Some(self.timeout),
+            ..ClientConfig::default()
+        };
+        let client = match ReplicaDataClient::connect_with(
+            rep.address.as_str(),
+            &self.volume_id,
+            self.epoch,
+            config,
+        )
+        .await
+        {
+            Ok(c) => c,
+            Err(e) if e.code() == Some(ErrorCode::StaleEpoch) => {
+                return Err(describe(&self.fence(r, &e)));
+            }
+            Err(e) => return Err(format!("connecting failed: {}", describe(&e))),
+        };
+        if !client.supports_if_newer() {
+            return Err(format!(
+                "replica speaks data-plane protocol {}, which cannot be resynced online; it is reconciled at the next open",
+                client.info().protocol_version
+            ));
+        }
+        let size = self.size.load(Ordering::Acquire);
+        if client.info().size < size {
+            return Err(format!(
+                "holds {} bytes, the volume {size}: it missed an expansion",
+                client.info().size
+            ));
+        }
+        self.check_usable().map_err(|e| describe(&e))?;
+        let started = Instant::now();
+        *lock(&rep.client) = Some(client);
+        *lock(&rep.resyncing_since) = Some(SystemTime::now());
+        let earlier = self
+            .inflight
+            .snapshot_after(|| rep.state.store(RESYNCING, Ordering::SeqCst));
+        tracing::info!(volume = %self.volume_id, node = %rep.node_id, address = %rep.address,
+            "replica reconnected; resyncing");
+        for op in earlier {
+            op.wait_done().await;
+        }
+        let outcome = match self.catch_up(r).await {
+            Ok(report) => self
+                .ask(r, "flushing after the resync", |c| async move {
+                    c.flush().await
+                })
+                .await
+                .map(|()| report)
+                .ok_or_else(|| "flushing after the resync failed".to_owned()),
+            Err(reason) => Err(reason),
+        };
+        let report = match outcome {
+            Ok(report) => report,
+            Err(reason) => {
+                self.mark_stale(r, format!("resync failed: {reason}"));
+                return Err(reason);
+            }
+        };
+        if rep
+            .state
+            .compare_exchange(RESYNCING, IN_SYNC, Ordering::SeqCst, Ordering::SeqCst)
+            .is_err()
+        {
+            return Err("went stale again while resyncing".to_owned());
+        }
+        Counters::add(&self.counters.resyncs, 1);
+        self.sync_changed.notify_one();
+        tracing::info!(volume = %self.volume_id, node = %rep.node_id, ranges = report.ranges,
+            blocks_copied = report.blocks_copied, bytes_copied = report.bytes_copied,
+            leftovers_overwritten = report.leftovers_overwritten, blocks_lost = report.blocks_lost,
+            elapsed_ms = started.elapsed().as_millis() as u64, "replica resynced and back in sync");
+        Ok(report)
+    }
+
+    /// Copies to resyncing replica `r` every block it lacks (module doc).
+    async fn catch_up(&self, r: usize) -> Result<ResyncReport, String> {
+        let sources = self.in_sync_mask();
+        if (sources.count_ones() as usize) < self.quorum {
+            return Err(self.stale_summary());
+        }
+        let maps = futures_util::future::join_all(bits(sources | 1 << r).map(|i| async move {
+            let map = self
+                .ask(i, "reading the dirty regions", |c| async move {
+                    c.dirty_regions().await
+                })
+                .await;
+            (i, map)
+        }))
+        .await;
+        let mut dirty: Option<DirtyMap> = None;
+        for (i, map) in maps {
+            match (map, i == r) {
+                (Some(map), _) => match &mut dirty {
+                    Some(all) => all.union(&map),
+                    None => dirty = Some(map),
+                },
+                // A source that failed is stale now; the others' maps still cover
+                // what `r` missed (every write reached a majority of them).
+                (None, false) => {}
+                (None, true) => return Err("reading its dirty regions failed".into()),
+            }
+        }
+        let Some(dirty) = dirty else {
+            return Ok(ResyncReport::default());
+        };
+        let ranges = dirty_ranges(&dirty, self.size.load(Ordering::Acquire));
+        stream::iter(ranges)
+            .map(|(offset, len)| self.catch_up_range(r, offset, len))
+            .buffer_unordered(RANGES_IN_FLIGHT)
+            .try_fold(ResyncReport::default(), |all, one| async move {
+                Ok(all.add(one))
+            })
+            .await
+    }
+
+    /// One range of [`Self::catch_up`] (at most one VERSIONS request long).
+    async fn catch_up_range(
+        &self,
+        r: usize,
+        offset: u64,
+        len: u64,
+    ) -> Result<ResyncReport, String> {
+        let first_block = offset / BLOCK_SIZE;
+        let mut found_corrupt: Vec<(usize, u64)> = Vec::new();
+        for _ in 0..RANGE_ATTEMPTS {
+            self.check_usable().map_err(|e| describe(&e))?;
+            let sources = self.in_sync_mask();
+            if (sources.count_ones() as usize) < self.quorum {
+                return Err(self.stale_summary());
+            }
+            let mut versions = self.versions_of(sources | 1 << r, offset, len).await;
+            if versions[r].is_none() {
+                return Err("reading its block versions failed".into());
+            }
+            for &(i, b) in &found_corrupt {
+                if let Some(v) = versions[i]
+                    .as_mut()
+                    .and_then(|v| v.get_mut((b - first_block) as usize))
+                {
+                    *v = BlockVersion::Corrupt { seq: v.seq() };
+                }
+            }
+            let plan = plan_region(first_block, &versions, sources);
+            let mut report = ResyncReport {
+                ranges: 1,
+                blocks_lost: plan.lost.len() as u64,
+                ..ResyncReport::default()
+            };
+            let held = |b: u64| versions[r].as_ref().map(|v| v[(b - first_block) as usize]);
+            // Only `r` is caught up: the sources may differ among themselves only by
+            // writes still in flight, which reach every replica on their own.
+            let (mut older, mut newer) = (Vec::new(), Vec::new());
+            for mut fix in plan.fixes.into_iter().filter(|f| f.targets & 1 << r != 0) {
+                fix.targets = 1 << r;
+                match held(fix.block) {
+                    Some(v @ (BlockVersion::Data { .. } | BlockVersion::Trimmed { .. }))
+                        if v.seq() > fix.version.seq() =>
+                    {
+                        newer.push(fix)
+                    }
+                    _ => older.push(fix),
+                }
+            }
+            let mut retry = false;
+            for run in runs(&older) {
+                match self.copy_if_newer(r, &run).await? {
+                    Copied::Done { blocks, bytes } => {
+                        report.blocks_copied += blocks;
+                        report.bytes_copied += bytes;
+                    }
+                    Copied::SourceCorrupt(blocks) => {
+                        found_corrupt.extend(blocks.into_iter().map(|b| (run.source, b)));
+                        retry = true;
+                    }
+                }
+            }
+            for fix in &newer {
+                report.leftovers_overwritten += self.overwrite_leftover(r, fix.block).await?;
+            }
+            if !retry {
+                Counters::add(&self.counters.resync_bytes, report.bytes_copied);
+                return Ok(report);
+            }
+        }
+        Err(format!(
+            "blocks at {offset}+{len} kept failing their checksum on the in-sync replicas"
+        ))
+    }
+
+    /// Block versions of the range on every replica of `mask` (`None` elsewhere and
+    /// for replicas that failed, which are marked stale).
+    async fn versions_of(
+        &self,
+        mask: u32,
+        offset: u64,
+        len: u64,
+    ) -> Vec<Option<Vec<BlockVersion>>> {
+        futures_util::future::join_all((0..self.replicas.len()).map(|i| async move {
+            if mask & 1 << i == 0 {
+                return None;
+            }
+            self.ask(i, "reading block versions", move |c| async move {
+                c.versions(offset, len, false).await
+            })
+            .await
+            .map(|v| v.versions().to_vec())
+        }))
+        .await
+    }
+
+    /// Copies one run to `r` with conditional writes (or a conditional trim). Blocks
+    /// the source no longer holds at the planned version got a newer write meanwhile,
+    /// which reaches `r` on its own: they are skipped.
+    async fn copy_if_newer(&self, r: usize, run: &Run) -> Result<Copied, String> {
+        let (offset, len, seq) = (run.offset(), run.len(), run.version.seq());
+        let BlockVersion::Data { .. } = run.version else {
+            let applied = self
+                .ask(r, "copying a trim", |c| async move {
+                    c.trim_if_newer(offset, len, seq).await
+                })
+                .await
+                .ok_or_else(|| "copying a trim failed".to_owned())?;
+            return Ok(Copied::Done {
+                blocks: applied,
+                bytes: 0,
+            });
+        };
+        let fetched = self
+            .ask(run.source, "reading blocks to copy", |c| async move {
+                c.versions(offset, len, true).await
+            })
+            .await
+            .ok_or_else(|| "reading blocks to copy failed".to_owned())?;
+        let corrupt: Vec<u64> = fetched
+            .iter()
+            .filter(|(_, v, _)| *v == BlockVersion::Corrupt { seq })
+            .map(|(b, _, _)| b)
+            .collect();
+        if !corrupt.is_empty() {
+            return Ok(Copied::SourceCorrupt(corrupt));
+        }
+        // Segments of consecutive blocks still at the planned version, with data.
+        let mut segments: Vec<(u64, Vec<u8>)> = Vec::new();
+        for (b, v, data) in fetched.iter() {
+            let (BlockVersion::Data { seq: s }, Some(d)) = (v, data) else {
+                continue;
+            };
+            if s != seq {
+                continue;
+            }
+            match segments.last_mut() {
+                Some((start, buf)) if *start + buf.len() as u64 / BLOCK_SIZE == b => {
+                    buf.extend_from_slice(d)
+                }
+                _ => segments.push((b, d.to_vec())),
+            }
+        }
+        let (mut blocks, mut bytes) = (0, 0);
+        for (start, data) in segments {
+            bytes += data.len() as u64;
+            blocks += self
+                .ask(r, "copying blocks", |c| async move {
+                    c.write_if_newer(start * BLOCK_SIZE, data, seq).await
+                })
+                .await
+                .ok_or_else(|| "copying blocks failed".to_owned())?;
+        }
+        Ok(Copied::Done { blocks, bytes })
+    }
+
+    /// Overwrites block `block` on `r`, where `r` held a version newer than every
+    /// in-sync copy, once nothing overlapping is in flight and if that is still so.
+    /// Returns the blocks overwritten (0 or 1).
+    async fn overwrite_leftover(&self, r: usize, block: u64) -> Result<u64, String> {
+        let (offset, len) = (block * BLOCK_SIZE, BLOCK_SIZE);
+        let deadline = Instant::now() + self.timeout * 4;
+        let entry = loop {
+            match self.inflight.register_exclusive(offset, len, 1 << r) {
+                Ok(entry) => break entry,
+                Err(blocker) => {
+                    if tokio::time::timeout_at(deadline, blocker.wait_done())
+                        .await
+                        .is_err()
+                    {
+                        return Err(format!("block {block} stayed busy"));
+                    }
+                }
+            }
+        };
+        let result = async {
+            let sources = self.in_sync_mask();
+            let versions = self.versions_of(sources | 1 << r, offset, len).await;
+            let plan = plan_region(block, &versions, sources);
+            let Some(fix) = plan.fixes.iter().find(|f| f.targets & 1 << r != 0) else {
+                return Ok(0);
+            };
+            let seq = fix.version.seq();
+            let copied = match fix.version {
+                BlockVersion::Data { .. } => {
+                    let fetched = self
+                        .ask(fix.source, "reading a block to copy", |c| async move {
+                            c.versions(offset, len, true).await
+                        })
+                        .await
+                        .ok_or_else(|| "reading a block to copy failed".to_owned())?;
+                    if fetched.versions() != [fix.version] {
+                        // The source changed under us: leave it to the next attempt.
+                        return Err(format!("block {block} changed while being resynced"));
+                    }
+                    let (_, _, data) = fetched.into_parts();
+                    self.ask(r, "overwriting a leftover", |c| async move {
+                        c.write(offset, data, seq).await
+                    })
+                    .await
+                }
+                _ => {
+                    self.ask(r, "overwriting a leftover", |c| async move {
+                        c.trim(offset, len, seq).await
+                    })
+                    .await
+                }
+            };
+            copied
+                .map(|()| 1)
+                .ok_or_else(|| format!("overwriting block {block} failed"))
+        }
+        .await;
+        entry.finish(r, result.is_ok());
+        self.inflight.remove(&entry);
+        result
+    }
+}
+
+/// How [`Inner::copy_if_newer`] ended.
+enum Copied {
+    /// Blocks the replica applied, and bytes of data sent.
+    Done { blocks: u64, bytes: u64 },
+    /// The source's copy of these blocks failed its checksum.
+    SourceCorrupt(Vec<u64>),
+}
