@@ -1,15 +1,16 @@
-//! The store's data path: read, write, trim and flush. The async methods are the
-//! implementation; the blocking ones park the calling thread on the very same futures
-//! ([`crate::park::block_on`]), so both have one behaviour, one lock protocol and one
-//! way to pass priority (a parameter).
+//! The store's data path: read, write, trim, flush (the versioned reads in `versioned`
+//! follow the same pattern). The async methods are the implementation; the blocking
+//! ones park the calling thread on the very same futures ([`crate::park::block_on`]),
+//! so both have one behaviour, one lock protocol and one way to pass priority (a
+//! parameter).
 //!
 //! Why async: a data-plane request awaits its scheduled disk I/O in its own task,
 //! without a blocking thread per request (which cost a hop task → blocking pool →
 //! io_uring thread → back, several thread switches per 4 KiB).
 //!
-//! On-disk effects and ordering are the module doc's of [`super`]: data before its
-//! entry, entry before the index; tombstones before the hole; data file synced before
-//! the meta file.
+//! On-disk effects and ordering are those of the module doc of [`super`]: data
+//! before its entry, entry before the index; tombstones before the hole; data file
+//! synced before the meta file.
 //!
 //! * *Locks.* An operation holds the gate shared from start to end (every chain change
 //!   takes it exclusively first) and its blocks' stripes, all tokio locks that blocking
@@ -24,10 +25,10 @@
 //!   anything but its locks. A write dropped between its data and its entry would
 //!   leave a torn block, so [`LayeredStore::write_async`] runs in a task of its own
 //!   that finishes even when the caller's future is dropped.
-//! * *Where the blocking methods may run.* On a thread that no I/O they wait for
-//!   depends on: blocking-pool and plain threads. Never on a data-plane shard thread
-//!   (its ring is reaped by that thread) nor on a runtime worker whose tasks they wait
-//!   for.
+//! * *Where the blocking methods may run.* On threads whose own work nothing they
+//!   wait for depends on: the blocking pool, plain threads. Never on a data-plane shard
+//!   thread (only it reaps its ring), nor on a runtime worker whose tasks they would
+//!   wait for.
 
 use std::future::Future;
 use std::io;
