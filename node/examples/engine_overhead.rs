@@ -43,6 +43,17 @@ impl VolumeBlocks for NullBlocks {
     async fn trim(&self, _offset: u64, _len: u64, _seq: u64) -> Result<(), BlockIoError> {
         Ok(())
     }
+    async fn write_if_newer(
+        &self,
+        _offset: u64,
+        data: Vec<u8>,
+        _seq: u64,
+    ) -> Result<u64, BlockIoError> {
+        Ok(data.len() as u64 / BS)
+    }
+    async fn trim_if_newer(&self, _offset: u64, len: u64, _seq: u64) -> Result<u64, BlockIoError> {
+        Ok(len / BS)
+    }
     async fn versions(
         &self,
         offset: u64,

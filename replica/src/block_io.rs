@@ -104,6 +104,28 @@ pub trait VolumeBlocks: Send + Sync + 'static {
         seq: u64,
     ) -> impl Future<Output = Result<(), BlockIoError>> + Send;
 
+    /// Writes each block of `data` at `offset` only where the current version of that
+    /// block has a lower seq than `seq` (a corrupt or never-written block counts as
+    /// seq 0; an equal seq is left alone), at background priority: a resync copy that
+    /// must never replace a newer live write. Returns the number of blocks written.
+    fn write_if_newer(
+        &self,
+        offset: u64,
+        data: Vec<u8>,
+        seq: u64,
+    ) -> impl Future<Output = Result<u64, BlockIoError>> + Send;
+
+    /// Trims each block of `len` bytes at `offset` only where the current version of
+    /// that block has a lower seq than `seq` (the rule of [`Self::write_if_newer`]);
+    /// a trimmed block keeps `seq` as its version. Returns the number of blocks
+    /// trimmed.
+    fn trim_if_newer(
+        &self,
+        offset: u64,
+        len: u64,
+        seq: u64,
+    ) -> impl Future<Output = Result<u64, BlockIoError>> + Send;
+
     /// The version (seq; data, trim, unwritten or corrupt) of every block of `len`
     /// bytes at `offset` in the current view, with the verified bytes of the intact
     /// data blocks when `with_data`, read together under the blocks' locks so a

@@ -165,6 +165,32 @@ impl VolumeBlocks for FileBlocks {
         .map_err(BlockIoError::from)
     }
 
+    /// Keeps no versions, so every block counts as never written (seq 0): applied
+    /// whole for any newer seq. The conditional rule is tested on the real store
+    /// (`daemon_dataplane`).
+    async fn write_if_newer(
+        &self,
+        offset: u64,
+        data: Vec<u8>,
+        seq: u64,
+    ) -> Result<u64, BlockIoError> {
+        let blocks = data.len() as u64 / BLOCK_SIZE;
+        if seq == 0 {
+            self.check(offset, data.len() as u64)?;
+            return Ok(0);
+        }
+        self.write(offset, data, seq).await.map(|()| blocks)
+    }
+
+    /// As [`Self::write_if_newer`].
+    async fn trim_if_newer(&self, offset: u64, len: u64, seq: u64) -> Result<u64, BlockIoError> {
+        if seq == 0 {
+            self.check(offset, len)?;
+            return Ok(0);
+        }
+        self.trim(offset, len, seq).await.map(|()| len / BLOCK_SIZE)
+    }
+
     /// Keeps no versions: every block reads as never written. The protocol tests of
     /// VERSIONS use the real store (`dataplane_sync` tests).
     async fn versions(

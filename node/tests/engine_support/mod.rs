@@ -94,6 +94,54 @@ impl BlocksInner {
         Ok(())
     }
 
+    /// Applies `put` (given the state, the block and its index in the range) to each
+    /// block of the range whose seq is lower than `seq` or whose bytes fail their
+    /// crc, sets its seq, and logs `event` per run of applied blocks. Returns how
+    /// many were applied.
+    fn apply_if_newer(
+        &self,
+        offset: u64,
+        len: u64,
+        seq: u64,
+        mut put: impl FnMut(&mut State, u64, usize) -> std::io::Result<()>,
+        event: impl Fn(u64, u64) -> Event,
+    ) -> Result<u64, BlockIoError> {
+        let mut st = self.state.lock().unwrap();
+        let first = offset / BLOCK_SIZE;
+        let mut applied = 0;
+        let mut run: Option<(u64, u64)> = None;
+        let mut buf = vec![0u8; BS];
+        for (k, b) in (first..first + len / BLOCK_SIZE).enumerate() {
+            self.file.read_exact_at(&mut buf, b * BLOCK_SIZE)?;
+            let intact = crc32c::crc32c(&buf) == st.crcs[b as usize];
+            let held = if intact { st.seqs[b as usize] } else { 0 };
+            if held >= seq {
+                continue;
+            }
+            put(&mut st, b, k)?;
+            st.seqs[b as usize] = seq;
+            applied += 1;
+            run = match run {
+                Some((f, n)) if f + n == b => Some((f, n + 1)),
+                Some((f, n)) => {
+                    self.log
+                        .lock()
+                        .unwrap()
+                        .push(event(f * BLOCK_SIZE, n * BLOCK_SIZE));
+                    Some((b, 1))
+                }
+                None => Some((b, 1)),
+            };
+        }
+        if let Some((f, n)) = run {
+            self.log
+                .lock()
+                .unwrap()
+                .push(event(f * BLOCK_SIZE, n * BLOCK_SIZE));
+        }
+        Ok(applied)
+    }
+
     async fn wait_unfrozen(&self) {
         let mut rx = self.frozen.subscribe();
         let _ = rx.wait_for(|f| !*f).await;
@@ -228,6 +276,62 @@ impl VolumeBlocks for CrcFileBlocks {
                 .unwrap()
                 .push(Event::Trim { offset, len, seq });
             Ok(())
+        })
+        .await
+        .map_err(io_err)?
+    }
+
+    /// Per block as the store does: applied where the held seq is lower (a block
+    /// failing its crc counts as 0). Held by [`Self::hold_writes`] like writes; logs
+    /// one [`Event::Write`] per run of applied blocks.
+    async fn write_if_newer(
+        &self,
+        offset: u64,
+        data: Vec<u8>,
+        seq: u64,
+    ) -> Result<u64, BlockIoError> {
+        self.wait_unfrozen().await;
+        let mut held = self.hold_writes.subscribe();
+        let _ = held.wait_for(|h| !*h).await;
+        self.check(offset, data.len() as u64)?;
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || {
+            me.apply_if_newer(
+                offset,
+                data.len() as u64,
+                seq,
+                |st, b, k| {
+                    let block = &data[k * BS..(k + 1) * BS];
+                    me.file.write_all_at(block, b * BLOCK_SIZE)?;
+                    st.crcs[b as usize] = crc32c::crc32c(block);
+                    Ok(())
+                },
+                |offset, len| Event::Write { offset, len, seq },
+            )
+        })
+        .await
+        .map_err(io_err)?
+    }
+
+    /// As [`Self::write_if_newer`], for trims; logs [`Event::Trim`] per run.
+    async fn trim_if_newer(&self, offset: u64, len: u64, seq: u64) -> Result<u64, BlockIoError> {
+        self.wait_unfrozen().await;
+        self.check(offset, len)?;
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let zeros = vec![0u8; BS];
+            let zero_crc = crc32c::crc32c(&zeros);
+            me.apply_if_newer(
+                offset,
+                len,
+                seq,
+                |st, b, _| {
+                    me.file.write_all_at(&zeros, b * BLOCK_SIZE)?;
+                    st.crcs[b as usize] = zero_crc;
+                    Ok(())
+                },
+                |offset, len| Event::Trim { offset, len, seq },
+            )
         })
         .await
         .map_err(io_err)?

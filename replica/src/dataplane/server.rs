@@ -281,6 +281,9 @@ struct Session<V> {
     /// The epoch the client presented (after adoption, never below the replica's at
     /// handshake time). Every request must carry it.
     epoch: u64,
+    /// The protocol version negotiated at HELLO; requests are parsed as it defines
+    /// them.
+    version: u16,
 }
 
 async fn handshake<R: VolumeRegistry>(
@@ -346,6 +349,7 @@ async fn handshake<R: VolumeRegistry>(
             volume_id: hello.volume_id,
             volume,
             epoch: wanted,
+            version,
         },
         reply,
     ))
@@ -404,9 +408,11 @@ fn precheck<V: VolumeBlocks>(
     Ok(())
 }
 
-/// Runs one request. Writes and trims (reconcile copies included) first mark their
-/// regions dirty durably (`sync_state`): nothing lands on this replica that a new
-/// engine could not find by the dirty-region maps.
+/// Runs one request. Writes and trims (reconcile and resync copies included) first
+/// mark their regions dirty durably (`sync_state`): nothing lands on this replica that
+/// a new engine could not find by the dirty-region maps. Conditional ones (IF_NEWER)
+/// run at background priority (the store handle's choice) and answer the number of
+/// blocks they applied.
 async fn execute<V: VolumeBlocks>(
     volume: &OpenVolume<V>,
     epoch: u64,
@@ -424,8 +430,13 @@ async fn execute<V: VolumeBlocks>(
         if epoch < current {
             return Err(stale(epoch, current));
         }
-        if let (Request::Write { .. } | Request::Trim { .. }, Some((offset, len))) =
-            (&req, req.range())
+        if let (
+            Request::Write { .. }
+            | Request::WriteIfNewer { .. }
+            | Request::Trim { .. }
+            | Request::TrimIfNewer { .. },
+            Some((offset, len)),
+        ) = (&req, req.range())
         {
             sync.dirty
                 .mark(offset, len)
@@ -452,6 +463,20 @@ async fn execute<V: VolumeBlocks>(
         Request::Write { offset, data, seq } => blocks.write(offset, data, seq).await,
         Request::Flush => blocks.flush().await,
         Request::Trim { offset, len, seq } => blocks.trim(offset, len, seq).await,
+        Request::WriteIfNewer { offset, data, seq } => {
+            return blocks
+                .write_if_newer(offset, data, seq)
+                .await
+                .map(|applied| applied.to_le_bytes().to_vec())
+                .map_err(io)
+        }
+        Request::TrimIfNewer { offset, len, seq } => {
+            return blocks
+                .trim_if_newer(offset, len, seq)
+                .await
+                .map(|applied| applied.to_le_bytes().to_vec())
+                .map_err(io)
+        }
         Request::Versions {
             offset,
             len,
@@ -592,7 +617,7 @@ async fn read_loop<V: VolumeBlocks>(
             Err(e) => break Err(e.into()),
         };
         let h = head.header;
-        let req = match Request::parse(&h, payload) {
+        let req = match Request::parse_at(session.version, &h, payload) {
             Ok(r) => r,
             Err(e) => {
                 let r = RemoteError::new(ErrorCode::InvalidRequest, 0, e.to_string());

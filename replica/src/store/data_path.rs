@@ -1,15 +1,16 @@
-//! The store's data path: read, write, trim and flush. The async methods are the
-//! implementation; the blocking ones park the calling thread on the very same futures
-//! ([`crate::park::block_on`]), so both have one behaviour, one lock protocol and one
-//! way to pass priority (a parameter).
+//! The store's data path: read, write, trim, flush (the versioned reads in `versioned`
+//! follow the same pattern). The async methods are the implementation; the blocking
+//! ones park the calling thread on the very same futures ([`crate::park::block_on`]),
+//! so both have one behaviour, one lock protocol and one way to pass priority (a
+//! parameter).
 //!
 //! Why async: a data-plane request awaits its scheduled disk I/O in its own task,
 //! without a blocking thread per request (which cost a hop task → blocking pool →
 //! io_uring thread → back, several thread switches per 4 KiB).
 //!
-//! On-disk effects and ordering are the module doc's of [`super`]: data before its
-//! entry, entry before the index; tombstones before the hole; data file synced before
-//! the meta file.
+//! On-disk effects and ordering are those of the module doc of [`super`]: data
+//! before its entry, entry before the index; tombstones before the hole; data file
+//! synced before the meta file.
 //!
 //! * *Locks.* An operation holds the gate shared from start to end (every chain change
 //!   takes it exclusively first) and its blocks' stripes, all tokio locks that blocking
@@ -24,10 +25,10 @@
 //!   anything but its locks. A write dropped between its data and its entry would
 //!   leave a torn block, so [`LayeredStore::write_async`] runs in a task of its own
 //!   that finishes even when the caller's future is dropped.
-//! * *Where the blocking methods may run.* On a thread that no I/O they wait for
-//!   depends on: blocking-pool and plain threads. Never on a data-plane shard thread
-//!   (its ring is reaped by that thread) nor on a runtime worker whose tasks they wait
-//!   for.
+//! * *Where the blocking methods may run.* On threads whose own work nothing they
+//!   wait for depends on: the blocking pool, plain threads. Never on a data-plane shard
+//!   thread (only it reaps its ring), nor on a runtime worker whose tasks they would
+//!   wait for.
 
 use std::future::Future;
 use std::io;
@@ -74,6 +75,19 @@ impl LayeredStore {
         seq: u64,
     ) -> Result<Vec<WriteOutcome>, StoreError> {
         block_on(self.write_where_newer(IoPriority::Foreground, offset, data, seq))
+    }
+
+    /// Trims each block of `len` bytes at `offset` only where the volume's current
+    /// version of that block is older than `seq`, missing, or damaged (the rule of
+    /// [`Self::write_if_newer`]); a trimmed block is as after [`Self::trim`]: zeros,
+    /// `seq` kept in its tombstone, its space in the head freed.
+    pub fn trim_if_newer(
+        &self,
+        offset: u64,
+        len: u64,
+        seq: u64,
+    ) -> Result<Vec<WriteOutcome>, StoreError> {
+        block_on(self.trim_where_newer(IoPriority::Foreground, offset, len, seq))
     }
 
     /// Discards `len` bytes at `offset`: they read as zeros (hiding any older layer's
@@ -285,6 +299,84 @@ impl LayeredStore {
         Ok(outcomes)
     }
 
+    /// [`Self::write_if_newer`] for async callers, at `priority`. Like
+    /// [`Self::write_async`] it runs in a task of its own and completes even if the
+    /// returned future is dropped.
+    pub fn write_if_newer_async(
+        self: &Arc<Self>,
+        priority: IoPriority,
+        offset: u64,
+        data: Vec<u8>,
+        seq: u64,
+    ) -> impl Future<Output = Result<Vec<WriteOutcome>, StoreError>> + Send + 'static {
+        detached(self, move |store| async move {
+            store.write_where_newer(priority, offset, &data, seq).await
+        })
+    }
+
+    /// [`Self::trim_if_newer`] for async callers, at `priority`, in a task of its own
+    /// like [`Self::write_if_newer_async`]: its checks come before its tombstones, so
+    /// a dropped caller must not stop it between them.
+    pub fn trim_if_newer_async(
+        self: &Arc<Self>,
+        priority: IoPriority,
+        offset: u64,
+        len: u64,
+        seq: u64,
+    ) -> impl Future<Output = Result<Vec<WriteOutcome>, StoreError>> + Send + 'static {
+        detached(self, move |store| async move {
+            store.trim_where_newer(priority, offset, len, seq).await
+        })
+    }
+
+    /// Trims the blocks whose current version is older than `seq`, missing or damaged
+    /// (see [`Self::trim_if_newer`]). As [`Self::trim_async`]: every tombstone is
+    /// written before any hole is punched, so a crash leaves each block at its old
+    /// version or trimmed at `seq` (zeros, hole punched or not).
+    async fn trim_where_newer(
+        &self,
+        priority: IoPriority,
+        offset: u64,
+        len: u64,
+        seq: u64,
+    ) -> Result<Vec<WriteOutcome>, StoreError> {
+        let _gate = self.locks.gate_shared().await;
+        let (layers, first, n) = {
+            let state = self.state_read();
+            state.head()?;
+            let (first, n) = check_range(offset, len, state.size)?;
+            let layers: Vec<Arc<Layer>> =
+                state.layers.iter().map(|s| Arc::clone(&s.layer)).collect();
+            (layers, first, n)
+        };
+        let Some(head) = layers.last() else {
+            return Err(StoreError::VolumeDeleted);
+        };
+        let _stripes = self.locks.exclusive(first, n).await;
+        let mut outcomes = Vec::with_capacity(n as usize);
+        for b in first..first + n {
+            outcomes.push(if is_newer(&layers, priority, b, seq).await? {
+                WriteOutcome::Applied
+            } else {
+                WriteOutcome::Skipped
+            });
+        }
+        let runs = applied_runs(first, &outcomes);
+        for (run_first, count) in &runs {
+            let entries: Vec<Entry> = (*run_first..run_first + count)
+                .map(|b| Entry::tombstone(b, seq))
+                .collect();
+            head.write_entries(priority, *run_first, &entries).await?;
+            for (k, e) in entries.iter().enumerate() {
+                head.mark(run_first + k as u64, e);
+            }
+        }
+        for (run_first, count) in runs {
+            head.punch(priority, run_first, count).await?;
+        }
+        Ok(outcomes)
+    }
+
     /// [`Self::trim`] for async callers, at `priority`.
     pub async fn trim_async(
         &self,
@@ -329,6 +421,53 @@ impl LayeredStore {
         }
         Ok(())
     }
+}
+
+/// Runs `op` on `store` in a task of its own that finishes even if the returned
+/// future is dropped (outside a runtime it runs when awaited instead).
+fn detached<T, Fut>(
+    store: &Arc<LayeredStore>,
+    op: impl FnOnce(Arc<LayeredStore>) -> Fut,
+) -> impl Future<Output = Result<T, StoreError>> + Send + 'static
+where
+    T: Send + 'static,
+    Fut: Future<Output = Result<T, StoreError>> + Send + 'static,
+{
+    let dir = store.dir.clone();
+    let op = op(Arc::clone(store));
+    let task = match tokio::runtime::Handle::try_current() {
+        Ok(runtime) => Ok(runtime.spawn(op)),
+        Err(_) => Err(op),
+    };
+    async move {
+        match task {
+            Ok(task) => task.await.unwrap_or_else(|e| {
+                Err(StoreError::Io {
+                    op: "run the store task",
+                    path: dir,
+                    source: io::Error::other(e),
+                })
+            }),
+            Err(op) => op.await,
+        }
+    }
+}
+
+/// The runs of consecutive applied blocks in `outcomes` (of blocks from `first`), as
+/// (first block, count).
+fn applied_runs(first: u64, outcomes: &[WriteOutcome]) -> Vec<(u64, u64)> {
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for (k, o) in outcomes.iter().enumerate() {
+        if *o != WriteOutcome::Applied {
+            continue;
+        }
+        let b = first + k as u64;
+        match runs.last_mut() {
+            Some((f, count)) if *f + *count == b => *count += 1,
+            _ => runs.push((b, 1)),
+        }
+    }
+    runs
 }
 
 /// Index (in `layers`, base first) of the newest layer with an entry for `block`.

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use super::{IoPriority, LayeredStore, VersionedBlocks};
+use super::{IoPriority, LayeredStore, VersionedBlocks, WriteOutcome};
 use crate::block_io::{BlockIoError, VolumeBlocks};
 
 /// A shareable handle that serves a [`LayeredStore`] to the data-plane server.
@@ -10,7 +10,8 @@ use crate::block_io::{BlockIoError, VolumeBlocks};
 /// Every call takes the store's async path (the `data_path` module): the request is
 /// submitted to the volume's scheduler and awaited in the calling task, so no blocking
 /// thread is involved (and a data-plane shard never parks on its own ring). Reads,
-/// writes, trims and flushes are foreground I/O, versioned reads background.
+/// writes, trims and flushes are foreground I/O; versioned reads and conditional
+/// writes and trims (resync copies) background.
 #[derive(Debug, Clone)]
 pub struct StoreHandle {
     store: Arc<LayeredStore>,
@@ -80,6 +81,30 @@ impl VolumeBlocks for StoreHandle {
         }
     }
 
+    fn write_if_newer(
+        &self,
+        offset: u64,
+        data: Vec<u8>,
+        seq: u64,
+    ) -> impl std::future::Future<Output = Result<u64, BlockIoError>> + Send {
+        let write = self
+            .store
+            .write_if_newer_async(IoPriority::Background, offset, data, seq);
+        async move { write.await.map(applied).map_err(BlockIoError::from) }
+    }
+
+    fn trim_if_newer(
+        &self,
+        offset: u64,
+        len: u64,
+        seq: u64,
+    ) -> impl std::future::Future<Output = Result<u64, BlockIoError>> + Send {
+        let trim = self
+            .store
+            .trim_if_newer_async(IoPriority::Background, offset, len, seq);
+        async move { trim.await.map(applied).map_err(BlockIoError::from) }
+    }
+
     fn versions(
         &self,
         offset: u64,
@@ -100,4 +125,12 @@ impl VolumeBlocks for StoreHandle {
     fn size(&self) -> u64 {
         self.store.size()
     }
+}
+
+/// How many of `outcomes` were applied.
+fn applied(outcomes: Vec<WriteOutcome>) -> u64 {
+    outcomes
+        .iter()
+        .filter(|o| **o == WriteOutcome::Applied)
+        .count() as u64
 }

@@ -898,6 +898,7 @@ enum Op {
     Write { block: u64, len: u64 },
     WriteIfNewer { block: u64, len: u64, back: u64 },
     Trim { block: u64, len: u64 },
+    TrimIfNewer { block: u64, len: u64, back: u64 },
     Snapshot,
     DeleteSnapshot(usize),
     Expand(u64),
@@ -911,6 +912,8 @@ fn op_strategy() -> impl Strategy<Value = Op> {
         2 => (0u64..40, 1u64..4, 0u64..40)
             .prop_map(|(block, len, back)| Op::WriteIfNewer { block, len, back }),
         2 => (0u64..40, 1u64..6).prop_map(|(block, len)| Op::Trim { block, len }),
+        2 => (0u64..40, 1u64..6, 0u64..40)
+            .prop_map(|(block, len, back)| Op::TrimIfNewer { block, len, back }),
         2 => Just(Op::Snapshot),
         1 => (0usize..8).prop_map(Op::DeleteSnapshot),
         1 => (1u64..8).prop_map(Op::Expand),
@@ -1032,7 +1035,7 @@ fn run_model(ops: Vec<Op>) {
         let n = head.len() as u64;
         match op {
             Op::Write { block, len } | Op::WriteIfNewer { block, len, .. } if block + len > n => {}
-            Op::Trim { block, len } if block + len > n => {}
+            Op::Trim { block, len } | Op::TrimIfNewer { block, len, .. } if block + len > n => {}
             Op::Write { block, len } => {
                 let data: Vec<u8> = (block..block + len).flat_map(|b| pattern(b, seq)).collect();
                 s.write(block * B, &data, seq).expect("write");
@@ -1064,6 +1067,23 @@ fn run_model(ops: Vec<Op>) {
                 for b in block..block + len {
                     head[b as usize] = Some((seq, false));
                     changes.entry(epoch).or_default().push(b);
+                }
+            }
+            Op::TrimIfNewer { block, len, back } => {
+                let q = seq - back * 5;
+                let got = s.trim_if_newer(block * B, len * B, q).expect("tif");
+                for (k, b) in (block..block + len).enumerate() {
+                    let apply = head[b as usize].is_none_or(|(cur, _)| cur < q);
+                    let want = if apply {
+                        WriteOutcome::Applied
+                    } else {
+                        WriteOutcome::Skipped
+                    };
+                    assert_eq!(got[k], want, "block {b} seq {q}");
+                    if apply {
+                        head[b as usize] = Some((q, false));
+                        changes.entry(epoch).or_default().push(b);
+                    }
                 }
             }
             Op::Snapshot => {
@@ -1564,4 +1584,251 @@ fn manifests_keep_shared_layers_sealed_and_at_the_base() {
     ] {
         assert!(validate_manifest(&m).is_err(), "{what} accepted");
     }
+}
+
+// ---- Conditional trims (`trim_if_newer`) and the handle's conditional ops ----
+
+/// Per block, a conditional trim applies only where the held version's seq is lower
+/// (an equal one stays, damage and never-written count as 0), also against a sealed
+/// layer's version; what it trims reads as zeros, keeps its seq against later copies,
+/// frees its space and survives a reopen.
+#[test]
+fn trim_if_newer_trims_only_where_the_held_seq_is_lower() {
+    use WriteOutcome::{Applied, Skipped};
+    let (_t, s) = new_store(9);
+    // Block 7 at seq 1 and block 8 at seq 40 in a sealed layer, the rest in the head.
+    s.write(7 * B, &pattern(7, 1), 1).expect("write");
+    s.write(8 * B, &pattern(8, 40), 40).expect("write");
+    s.snapshot("s").expect("snapshot");
+    s.write(0, &pattern(0, 25), 25).expect("write"); // newer
+    s.write(B, &pattern(1, 20), 20).expect("write"); // equal
+    s.write(2 * B, &pattern(2, 3), 3).expect("write"); // older
+    s.trim(4 * B, B, 2).expect("trim"); // trimmed older
+    s.trim(5 * B, B, 30).expect("trim"); // trimmed newer
+    s.write(6 * B, &pattern(6, 50), 50).expect("write"); // newer, but damaged
+    s.flush().expect("flush");
+    let head = s.space_used().expect("space").layers[1].layer;
+    poke(
+        &layer_file(&s, head, "data"),
+        6 * B + 9,
+        &[pattern(6, 50)[9] ^ 0x40],
+    );
+    assert!(is_corrupt_at(s.read(6 * B, B), 6));
+    let before = s.space_used().expect("space").layers[1].allocated_bytes;
+
+    let got = s.trim_if_newer(0, 9 * B, 20).expect("trim_if_newer");
+    assert_eq!(
+        got,
+        vec![Skipped, Skipped, Applied, Applied, Applied, Skipped, Applied, Applied, Skipped]
+    );
+    let zeros = vec![0u8; BS];
+    let want_seqs = [
+        Some(25),
+        Some(20),
+        Some(20),
+        Some(20),
+        Some(20),
+        Some(30),
+        Some(20),
+        Some(20),
+        Some(40),
+    ];
+    let check = |s: &LayeredStore| {
+        assert_eq!(s.read(0, B).expect("read"), pattern(0, 25));
+        assert_eq!(s.read(B, B).expect("read"), pattern(1, 20));
+        for b in [2, 3, 4, 5, 6, 7] {
+            assert_eq!(s.read(b * B, B).expect("read"), zeros, "block {b}");
+        }
+        assert_eq!(s.read(8 * B, B).expect("read"), pattern(8, 40));
+        let seqs: Vec<_> = (0..9).map(|b| s.block_seq(b).expect("seq")).collect();
+        assert_eq!(seqs, want_seqs);
+        // The snapshot still has its own versions.
+        assert_eq!(s.read_snapshot("s", 7 * B, B).expect("snap"), pattern(7, 1));
+        assert!(
+            s.verify().expect("verify").is_empty(),
+            "the damage was trimmed"
+        );
+    };
+    check(&s);
+    s.flush().expect("flush");
+    let after = s.space_used().expect("space").layers[1].allocated_bytes;
+    assert!(
+        after < before,
+        "the trim freed nothing: {before} -> {after}"
+    );
+    // The tombstones keep their seq: an older copy cannot bring the data back, a
+    // newer one can, and a second identical trim changes nothing.
+    assert_eq!(
+        s.write_if_newer(2 * B, &pattern(2, 19), 19).expect("wif"),
+        vec![Skipped]
+    );
+    assert_eq!(
+        s.trim_if_newer(0, 9 * B, 20).expect("again"),
+        vec![Skipped; 9]
+    );
+    let dir = s.dir().to_path_buf();
+    drop(s);
+    let s = LayeredStore::open(&dir).expect("reopen");
+    check(&s);
+    assert_eq!(
+        s.write_if_newer(3 * B, &pattern(3, 21), 21).expect("wif"),
+        vec![Applied]
+    );
+    assert_eq!(s.read(3 * B, B).expect("read"), pattern(3, 21));
+    // Range errors are the trim's.
+    assert!(matches!(
+        s.trim_if_newer(B, 9 * B, 99),
+        Err(StoreError::OutOfRange { .. })
+    ));
+    assert!(matches!(
+        s.trim_if_newer(1, B, 99),
+        Err(StoreError::Unaligned { .. })
+    ));
+}
+
+/// As a trim: the tombstones are written before anything else changes, so a failed
+/// tombstone write leaves the old versions, and one that landed reads as trimmed
+/// whether or not the hole was punched.
+#[test]
+fn a_failed_conditional_trim_leaves_the_old_versions() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("vol");
+    let faults = Arc::new(Faults::default());
+    let s = LayeredStore::create_with(&dir, 4 * B, Arc::new(FaultyFactory(Arc::clone(&faults))))
+        .expect("create");
+    s.write(0, &[pattern(0, 1), pattern(1, 1)].concat(), 1)
+        .expect("write");
+    s.flush().expect("flush");
+    faults.fail_meta.store(true, Ordering::SeqCst);
+    assert!(matches!(
+        s.trim_if_newer(0, 2 * B, 2),
+        Err(StoreError::Io { .. })
+    ));
+    faults.fail_meta.store(false, Ordering::SeqCst);
+    assert_eq!(
+        s.read(0, 2 * B).expect("read"),
+        [pattern(0, 1), pattern(1, 1)].concat()
+    );
+    assert_eq!(s.block_seq(0).expect("seq"), Some(1));
+    drop(s);
+    let s = LayeredStore::open(&dir).expect("reopen");
+    assert_eq!(
+        s.read(0, 2 * B).expect("read"),
+        [pattern(0, 1), pattern(1, 1)].concat()
+    );
+    // A tombstone that landed without its hole: zeros at the trim's seq.
+    drop(s);
+    let meta = dir.join("layers/1/meta");
+    poke(
+        &meta,
+        META_HEADER_SIZE + ENTRY_SIZE,
+        &Entry::tombstone(1, 2).encode(),
+    );
+    let s = LayeredStore::open(&dir).expect("reopen");
+    assert_eq!(s.read(B, B).expect("read"), vec![0u8; BS]);
+    assert_eq!(s.block_seq(1).expect("seq"), Some(2));
+    assert_eq!(
+        s.trim_if_newer(0, 2 * B, 2).expect("trim_if_newer"),
+        vec![WriteOutcome::Applied, WriteOutcome::Skipped]
+    );
+    assert!(s.verify().expect("verify").is_empty());
+}
+
+/// Records the priority of every data-file I/O.
+#[derive(Debug, Default)]
+struct PriorityLog(std::sync::Mutex<Vec<IoPriority>>);
+
+#[derive(Debug)]
+struct LoggedFile {
+    inner: Arc<dyn BlockFile>,
+    log: Option<Arc<PriorityLog>>,
+}
+
+impl LoggedFile {
+    fn note(&self, priority: IoPriority) {
+        if let Some(log) = &self.log {
+            log.0.lock().expect("log").push(priority);
+        }
+    }
+}
+
+impl BlockFile for LoggedFile {
+    fn read_at<'a>(&self, priority: IoPriority, buf: &'a mut [u8], offset: u64) -> FileIo<'a> {
+        self.note(priority);
+        self.inner.read_at(priority, buf, offset)
+    }
+    fn write_at(&self, priority: IoPriority, buf: &[u8], offset: u64) -> FileIo<'static> {
+        self.note(priority);
+        self.inner.write_at(priority, buf, offset)
+    }
+    fn sync_data(&self, priority: IoPriority) -> FileIo<'static> {
+        self.inner.sync_data(priority)
+    }
+    fn punch_hole(&self, priority: IoPriority, offset: u64, len: u64) -> FileIo<'static> {
+        self.note(priority);
+        self.inner.punch_hole(priority, offset, len)
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.inner.set_len(len)
+    }
+    fn allocated_bytes(&self) -> io::Result<u64> {
+        self.inner.allocated_bytes()
+    }
+}
+
+#[derive(Debug)]
+struct LoggedFactory(Arc<PriorityLog>);
+
+impl BlockFileFactory for LoggedFactory {
+    fn open(&self, path: &Path, create: bool) -> io::Result<Arc<dyn BlockFile>> {
+        let is_data = path.file_name().is_some_and(|n| n == "data");
+        Ok(Arc::new(LoggedFile {
+            inner: StdFileFactory.open(path, create)?,
+            log: is_data.then(|| Arc::clone(&self.0)),
+        }))
+    }
+}
+
+/// The data plane's conditional writes and trims count the blocks they applied and
+/// do all their data I/O at background priority (resync yields to applications);
+/// plain writes stay foreground.
+#[test]
+fn handle_runs_conditional_ops_at_background_priority() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let log = Arc::new(PriorityLog::default());
+    let store = LayeredStore::create_with(
+        &tmp.path().join("vol"),
+        4 * B,
+        Arc::new(LoggedFactory(Arc::clone(&log))),
+    )
+    .expect("create");
+    let h = StoreHandle::new(Arc::new(store));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
+    let taken = || std::mem::take(&mut *log.0.lock().expect("log"));
+    rt.block_on(async {
+        h.write(0, pattern(0, 10), 10).await.expect("write");
+        let fg = taken();
+        assert!(!fg.is_empty() && fg.iter().all(|p| *p == IoPriority::Foreground));
+        let data = [pattern(0, 5), pattern(1, 5), pattern(2, 5)].concat();
+        assert_eq!(h.write_if_newer(0, data, 5).await.expect("wif"), 2);
+        assert_eq!(h.trim_if_newer(0, 4 * B, 7).await.expect("tif"), 3);
+        assert_eq!(h.trim_if_newer(0, 4 * B, 7).await.expect("tif"), 0);
+        let bg = taken();
+        assert!(!bg.is_empty());
+        assert!(
+            bg.iter().all(|p| *p == IoPriority::Background),
+            "conditional ops did foreground I/O: {bg:?}"
+        );
+        assert_eq!(h.read(0, B as u32).await.expect("read"), pattern(0, 10));
+        assert_eq!(
+            h.read(B, 3 * B as u32).await.expect("read"),
+            vec![0u8; 3 * BS]
+        );
+        assert!(matches!(
+            h.write_if_newer(4 * B, pattern(4, 1), 99).await,
+            Err(BlockIoError::OutOfRange { .. })
+        ));
+    });
 }

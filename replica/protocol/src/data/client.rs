@@ -32,8 +32,9 @@ use tokio::task::JoinHandle;
 use super::error::{ClientError, ErrorCode, RemoteError};
 use super::frame::{Frame, Header, Opcode, MAX_PAYLOAD, RESPONSE_BIT};
 use super::message::{
-    decode_error_payload, decode_versions, Hello, HelloReply, FLAG_WITH_DATA, MAX_VERSIONS_LEN,
-    MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, SYNC_PROTOCOL_VERSION,
+    decode_error_payload, decode_versions, Hello, HelloReply, FLAG_IF_NEWER, FLAG_WITH_DATA,
+    IF_NEWER_PROTOCOL_VERSION, MAX_VERSIONS_LEN, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+    SYNC_PROTOCOL_VERSION,
 };
 use super::stream::{read_frame, write_frame, write_frame_with_payload_crc, ReadError};
 use crate::block::VersionedBlocks;
@@ -49,6 +50,9 @@ pub struct ClientConfig {
     pub request_timeout: Option<Duration>,
     /// Frames queued for the writer before callers wait (backpressure on callers).
     pub max_queued: usize,
+    /// Highest protocol version offered at HELLO: [`PROTOCOL_VERSION`] unless a test
+    /// plays an older engine.
+    pub max_protocol_version: u16,
 }
 
 impl Default for ClientConfig {
@@ -57,6 +61,7 @@ impl Default for ClientConfig {
             connect_timeout: Duration::from_secs(5),
             request_timeout: None,
             max_queued: 1024,
+            max_protocol_version: PROTOCOL_VERSION,
         }
     }
 }
@@ -224,7 +229,14 @@ impl ReplicaDataClient {
             let (rd, wr) = socket.into_split();
             let mut rd = BufReader::with_capacity(64 * 1024, rd);
             let mut wr = BufWriter::with_capacity(64 * 1024, wr);
-            let info = handshake(&mut rd, &mut wr, volume_id, epoch).await?;
+            let info = handshake(
+                &mut rd,
+                &mut wr,
+                volume_id,
+                epoch,
+                config.max_protocol_version,
+            )
+            .await?;
             Ok(Self::start(rd, wr, epoch, info, config.clone()))
         })
         .await
@@ -342,6 +354,72 @@ impl ReplicaDataClient {
     /// Whether the replica speaks the sync requests (protocol version 2).
     pub fn supports_sync(&self) -> bool {
         self.shared.info.protocol_version >= SYNC_PROTOCOL_VERSION
+    }
+
+    /// Whether the replica takes conditional writes and trims
+    /// ([`Self::write_if_newer`], [`Self::trim_if_newer`]; protocol version 3).
+    pub fn supports_if_newer(&self) -> bool {
+        self.shared.info.protocol_version >= IF_NEWER_PROTOCOL_VERSION
+    }
+
+    /// Writes each block of `data` at `offset` only where the replica's current
+    /// version of that block has a lower seq than `seq` (a corrupt or unwritten block
+    /// counts as 0; an equal seq is left alone): a resync copy that never overwrites
+    /// a newer live write. Returns the number of blocks written. Needs
+    /// [`Self::supports_if_newer`]; refused locally otherwise.
+    pub async fn write_if_newer(
+        &self,
+        offset: u64,
+        data: impl Into<Bytes>,
+        seq: u64,
+    ) -> Result<u64, ClientError> {
+        self.require_if_newer()?;
+        let payload = WritePayload::new(data);
+        let len = payload.data.len();
+        if len > MAX_PAYLOAD {
+            return Err(ClientError::InvalidArgument(format!(
+                "write of {len} bytes exceeds the {MAX_PAYLOAD}-byte frame limit"
+            )));
+        }
+        let reply = self
+            .call(
+                Opcode::Write,
+                FLAG_IF_NEWER,
+                offset,
+                len as u64,
+                seq,
+                payload,
+            )
+            .await?;
+        u64_reply(&reply.payload)
+    }
+
+    /// Trims each block of `len` bytes at `offset` only where the replica's current
+    /// version of that block has a lower seq than `seq` (as [`Self::write_if_newer`]);
+    /// a trimmed block keeps `seq`. Returns the number of blocks trimmed.
+    pub async fn trim_if_newer(&self, offset: u64, len: u64, seq: u64) -> Result<u64, ClientError> {
+        self.require_if_newer()?;
+        let reply = self
+            .call(
+                Opcode::Trim,
+                FLAG_IF_NEWER,
+                offset,
+                len,
+                seq,
+                WritePayload::empty(),
+            )
+            .await?;
+        u64_reply(&reply.payload)
+    }
+
+    fn require_if_newer(&self) -> Result<(), ClientError> {
+        if self.supports_if_newer() {
+            return Ok(());
+        }
+        Err(ClientError::InvalidArgument(format!(
+            "the replica speaks protocol version {}; conditional writes need {IF_NEWER_PROTOCOL_VERSION}",
+            self.shared.info.protocol_version
+        )))
     }
 
     /// The versions of the blocks of `len` bytes at `offset` (at most
@@ -506,10 +584,11 @@ async fn handshake(
     wr: &mut BufWriter<OwnedWriteHalf>,
     volume_id: &str,
     epoch: u64,
+    max_version: u16,
 ) -> Result<VolumeInfo, ClientError> {
     let hello = Hello {
         min_version: MIN_PROTOCOL_VERSION,
-        max_version: PROTOCOL_VERSION,
+        max_version,
         volume_id: volume_id.to_owned(),
     };
     let header = Header {

@@ -79,7 +79,8 @@ impl Opcode {
 pub struct Header {
     /// Operation, with [`RESPONSE_BIT`] set in responses.
     pub opcode: u8,
-    /// Reserved for future use; version 1 senders write 0.
+    /// Per-operation flags: VERSIONS bit 0 = with data (v2), WRITE and TRIM bit 1 =
+    /// if newer (v3); 0 everywhere else.
     pub flags: u8,
     /// 0 in requests and successful responses, otherwise an error code.
     pub status: u16,

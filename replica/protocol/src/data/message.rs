@@ -14,12 +14,19 @@ use crate::sync::Membership;
 pub const HELLO_MAGIC: [u8; 4] = *b"TSDP";
 /// Highest protocol version this build speaks. Version 2 adds the sync requests
 /// (VERSIONS, DIRTY_REGIONS, GET/SET_MEMBERSHIP, MARK_CLEAN, CLEAN) and marks dirty
-/// regions before every write and trim; an engine needs it to reconcile.
-pub const PROTOCOL_VERSION: u16 = 2;
+/// regions before every write and trim; an engine needs it to reconcile. Version 3
+/// adds conditional writes and trims ([`FLAG_IF_NEWER`]), which online resync needs.
+pub const PROTOCOL_VERSION: u16 = 3;
 /// The version that introduced the sync requests.
 pub const SYNC_PROTOCOL_VERSION: u16 = 2;
+/// The version that introduced [`FLAG_IF_NEWER`].
+pub const IF_NEWER_PROTOCOL_VERSION: u16 = 3;
 /// VERSIONS flag: return the verified data of intact data blocks too.
 pub const FLAG_WITH_DATA: u8 = 1;
+/// WRITE and TRIM flag (version 3): apply each block only where the replica's current
+/// version of it has a lower seq than the request's (a corrupt or unwritten block
+/// counts as seq 0); the OK reply carries the number of blocks applied (u64).
+pub const FLAG_IF_NEWER: u8 = 2;
 /// Longest range one VERSIONS request may cover: with data, its reply (9 bytes of
 /// version and 4096 of data per block) must fit one frame.
 pub const MAX_VERSIONS_LEN: u64 = 4 << 20;
@@ -229,6 +236,16 @@ pub enum Request {
         /// Engine-assigned sequence number.
         seq: u64,
     },
+    /// WRITE with [`FLAG_IF_NEWER`]: write each block of `data` only where the held
+    /// version's seq is lower than `seq`.
+    WriteIfNewer {
+        /// Byte offset.
+        offset: u64,
+        /// Bytes to write; the frame's payload buffer, moved, not copied.
+        data: Vec<u8>,
+        /// Sequence number of the copied version.
+        seq: u64,
+    },
     /// Make completed writes durable.
     Flush,
     /// Discard `len` bytes at `offset` tagged with `seq`.
@@ -238,6 +255,16 @@ pub enum Request {
         /// Byte count.
         len: u64,
         /// Engine-assigned sequence number.
+        seq: u64,
+    },
+    /// TRIM with [`FLAG_IF_NEWER`]: trim each block only where the held version's
+    /// seq is lower than `seq`.
+    TrimIfNewer {
+        /// Byte offset.
+        offset: u64,
+        /// Byte count.
+        len: u64,
+        /// Sequence number of the copied trim.
         seq: u64,
     },
     /// The versions of the blocks of a range, with their data if `with_data`.
@@ -265,15 +292,23 @@ pub enum Request {
 }
 
 impl Request {
-    /// Validates a request frame after its crc passed. HELLO is an error here: it is
-    /// only valid as the first frame, which the handshake consumes.
+    /// Validates a request frame after its crc passed, as [`PROTOCOL_VERSION`]
+    /// defines it. HELLO is an error here: it is only valid as the first frame, which
+    /// the handshake consumes.
     pub fn parse(h: &Header, payload: Vec<u8>) -> Result<Request, InvalidMessage> {
+        Self::parse_at(PROTOCOL_VERSION, h, payload)
+    }
+
+    /// [`Self::parse`] on a connection that negotiated `version`: flags the version
+    /// does not define are invalid ([`FLAG_IF_NEWER`] needs version 3).
+    pub fn parse_at(version: u16, h: &Header, payload: Vec<u8>) -> Result<Request, InvalidMessage> {
         let op = Opcode::from_u8(h.opcode).ok_or(InvalidMessage::UnknownOpcode(h.opcode))?;
-        let allowed_flags = if op == Opcode::Versions {
-            FLAG_WITH_DATA
-        } else {
-            0
+        let allowed_flags = match op {
+            Opcode::Versions => FLAG_WITH_DATA,
+            Opcode::Write | Opcode::Trim if version >= IF_NEWER_PROTOCOL_VERSION => FLAG_IF_NEWER,
+            _ => 0,
         };
+        let if_newer = h.flags & FLAG_IF_NEWER != 0;
         if h.flags & !allowed_flags != 0 {
             return Err(InvalidMessage::Flags(h.flags));
         }
@@ -309,13 +344,26 @@ impl Request {
                         payload: payload.len(),
                     });
                 }
-                Request::Write {
-                    offset: h.offset,
-                    data: payload,
-                    seq: h.seq,
+                if if_newer {
+                    Request::WriteIfNewer {
+                        offset: h.offset,
+                        data: payload,
+                        seq: h.seq,
+                    }
+                } else {
+                    Request::Write {
+                        offset: h.offset,
+                        data: payload,
+                        seq: h.seq,
+                    }
                 }
             }
             Opcode::Flush => Request::Flush,
+            Opcode::Trim if if_newer => Request::TrimIfNewer {
+                offset: h.offset,
+                len: h.length,
+                seq: h.seq,
+            },
             Opcode::Trim => Request::Trim {
                 offset: h.offset,
                 len: h.length,
@@ -352,7 +400,9 @@ impl Request {
         matches!(
             self,
             Request::Write { .. }
+                | Request::WriteIfNewer { .. }
                 | Request::Trim { .. }
+                | Request::TrimIfNewer { .. }
                 | Request::SetMembership(_)
                 | Request::Clean { .. }
         )
@@ -362,8 +412,12 @@ impl Request {
     pub fn range(&self) -> Option<(u64, u64)> {
         match self {
             Request::Read { offset, len } => Some((*offset, u64::from(*len))),
-            Request::Write { offset, data, .. } => Some((*offset, data.len() as u64)),
-            Request::Trim { offset, len, .. } => Some((*offset, *len)),
+            Request::Write { offset, data, .. } | Request::WriteIfNewer { offset, data, .. } => {
+                Some((*offset, data.len() as u64))
+            }
+            Request::Trim { offset, len, .. } | Request::TrimIfNewer { offset, len, .. } => {
+                Some((*offset, *len))
+            }
             Request::Versions { offset, len, .. } => Some((*offset, *len)),
             Request::Flush
             | Request::DirtyRegions
@@ -638,6 +692,112 @@ mod tests {
             Request::parse(&clean, vec![0]),
             Err(InvalidMessage::Payload { .. })
         ));
+    }
+
+    #[test]
+    fn if_newer_is_a_version_3_flag_of_write_and_trim_only() {
+        let w = Header {
+            opcode: Opcode::Write as u8,
+            flags: FLAG_IF_NEWER,
+            offset: 4096,
+            length: 4096,
+            seq: 77,
+            ..Header::default()
+        };
+        assert_eq!(
+            Request::parse(&w, vec![5; 4096]),
+            Ok(Request::WriteIfNewer {
+                offset: 4096,
+                data: vec![5; 4096],
+                seq: 77
+            })
+        );
+        let plain = Header { flags: 0, ..w };
+        assert_eq!(
+            Request::parse(&plain, vec![5; 4096]),
+            Ok(Request::Write {
+                offset: 4096,
+                data: vec![5; 4096],
+                seq: 77
+            })
+        );
+        let t = Header {
+            opcode: Opcode::Trim as u8,
+            length: 3 * 4096,
+            ..w
+        };
+        let trim_if_newer = Request::parse(&t, vec![]);
+        assert_eq!(
+            trim_if_newer,
+            Ok(Request::TrimIfNewer {
+                offset: 4096,
+                len: 3 * 4096,
+                seq: 77
+            })
+        );
+        let trim_if_newer = trim_if_newer.unwrap();
+        assert!(trim_if_newer.mutates());
+        assert_eq!(trim_if_newer.range(), Some((4096, 3 * 4096)));
+        // The flag is still a write's: a payload on a conditional trim, an empty
+        // conditional write, a length mismatch are refused as without it.
+        assert!(matches!(
+            Request::parse(&t, vec![0]),
+            Err(InvalidMessage::Payload { .. })
+        ));
+        assert_eq!(
+            Request::parse(&Header { length: 0, ..w }, vec![]),
+            Err(InvalidMessage::EmptyRange)
+        );
+        assert!(matches!(
+            Request::parse(&w, vec![0; 512]),
+            Err(InvalidMessage::LengthMismatch { .. })
+        ));
+        // On a connection of version 1 or 2 the flag is not defined.
+        for version in [1, 2] {
+            assert_eq!(
+                Request::parse_at(version, &w, vec![5; 4096]),
+                Err(InvalidMessage::Flags(FLAG_IF_NEWER))
+            );
+            assert_eq!(
+                Request::parse_at(version, &t, vec![]),
+                Err(InvalidMessage::Flags(FLAG_IF_NEWER))
+            );
+            assert!(matches!(
+                Request::parse_at(version, &plain, vec![5; 4096]),
+                Ok(Request::Write { .. })
+            ));
+        }
+        assert!(matches!(
+            Request::parse_at(IF_NEWER_PROTOCOL_VERSION, &w, vec![5; 4096]),
+            Ok(Request::WriteIfNewer { .. })
+        ));
+        // On every other opcode it is invalid, and so are undefined bits beside it.
+        for op in [
+            Opcode::Read,
+            Opcode::Flush,
+            Opcode::Versions,
+            Opcode::DirtyRegions,
+            Opcode::GetMembership,
+            Opcode::SetMembership,
+            Opcode::MarkClean,
+            Opcode::Clean,
+        ] {
+            let h = Header {
+                opcode: op as u8,
+                ..t
+            };
+            assert_eq!(
+                Request::parse(&h, vec![]),
+                Err(InvalidMessage::Flags(FLAG_IF_NEWER)),
+                "{op:?}"
+            );
+        }
+        for flags in [FLAG_IF_NEWER | FLAG_WITH_DATA, FLAG_IF_NEWER | 4, 0x80] {
+            assert_eq!(
+                Request::parse(&Header { flags, ..w }, vec![5; 4096]),
+                Err(InvalidMessage::Flags(flags))
+            );
+        }
     }
 
     proptest! {

@@ -11,10 +11,13 @@
 //! The server is the replica daemon's (`tessera_replica::dataplane`); this crate
 //! holds everything both ends must agree on.
 //!
-//! # Wire protocol, version 2
+//! # Wire protocol, version 3
 //!
-//! Version 2 adds the sync requests (opcodes 6–11 below); everything else is as in
-//! version 1, which a version-2 replica still speaks with older engines.
+//! Version 2 adds the sync requests (opcodes 6–11 below); version 3 adds the
+//! IF_NEWER flag of WRITE and TRIM (conditional writes, for online resync).
+//! Everything else is as in version 1; a version-3 replica still speaks versions 1
+//! and 2 with older engines, and an engine sends IF_NEWER only on a connection that
+//! negotiated 3 or more (`ReplicaDataClient::supports_if_newer`).
 //!
 //! TCP, `TCP_NODELAY` on both sides. All integers little endian. Every message in
 //! both directions is one frame:
@@ -25,7 +28,8 @@
 //!      4     1  opcode      1 HELLO, 2 READ, 3 WRITE, 4 FLUSH, 5 TRIM, 6 VERSIONS,
 //!                           7 DIRTY_REGIONS, 8 GET_MEMBERSHIP, 9 SET_MEMBERSHIP,
 //!                           10 MARK_CLEAN, 11 CLEAN; | 0x80 in responses
-//!      5     1  flags       0, except VERSIONS: bit 0 = with data
+//!      5     1  flags       0, except VERSIONS: bit 0 = with data;
+//!                           WRITE and TRIM (v3): bit 1 (value 2) = IF_NEWER
 //!      6     2  status      0 = OK; error code in error responses; 0 in requests
 //!      8     8  request_id  chosen by the client, echoed in the response
 //!     16     8  epoch       sender's fencing epoch (echoed in responses)
@@ -65,6 +69,8 @@
 //! | WRITE | offset, length = payload size, seq | the data | none |
 //! | FLUSH | — (send 0) | none | none |
 //! | TRIM  | offset, length (u64), seq | none | none |
+//! | WRITE + IF_NEWER (v3) | as WRITE, flags = 2 | the data | blocks applied u64 |
+//! | TRIM + IF_NEWER (v3) | as TRIM, flags = 2 | none | blocks applied u64 |
 //! | VERSIONS | offset, length (≤ 4 MiB), flags | none | per block: kind u8 (0 unwritten, 1 data, 2 trimmed, 3 corrupt) + seq u64; then, with data, 4096 bytes per intact data block |
 //! | DIRTY_REGIONS | — | none | region size u64, region count u64, one bit per region |
 //! | GET_MEMBERSHIP | — | none | in-sync record: epoch u64, version u64, count u16, per node id u16 length + UTF-8 |
@@ -79,6 +85,19 @@
 //! so after any crash the union of the replicas' maps covers every block on which
 //! copies may differ. VERSIONS reads versions and data together under the blocks'
 //! locks (background I/O): what an engine compares when it reconciles a region.
+//!
+//! **IF_NEWER** (version 3). A WRITE or TRIM with flags = 2 is applied block by
+//! block, each only where the seq of the replica's current version of that block is
+//! *lower* than the request's `seq`: newer-seq-wins, an equal seq is left alone, and a
+//! corrupt or never-written block counts as seq 0 (so it is always replaced). A
+//! conditional trim leaves a tombstone carrying its seq, like TRIM. The OK reply's
+//! payload is the number of blocks actually written or trimmed (u64), so the sender
+//! can account what it copied. This is how an engine copies the blocks a returning
+//! replica missed while live writes reach it too: a copy never overwrites a newer
+//! live write. The replica runs them as background I/O (its scheduler favours
+//! foreground requests), with the same epoch checks, dirty-region marking and
+//! ordering against epoch raises as WRITE and TRIM. IF_NEWER on any other opcode, or
+//! on a connection that negotiated version 1 or 2, is `INVALID_REQUEST`.
 //!
 //! Offsets and lengths are multiples of the block size (4096) and nonzero. FLUSH
 //! completes once every write this replica answered OK before the FLUSH arrived is
