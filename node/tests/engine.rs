@@ -30,7 +30,7 @@ fn stale_reason(engine: &Engine, node: &str) -> Option<String> {
         .find(|r| r.node_id == node)
         .and_then(|r| match r.state {
             ReplicaState::Stale { reason, .. } => Some(reason),
-            ReplicaState::InSync => None,
+            ReplicaState::InSync | ReplicaState::Resyncing { .. } => None,
         })
 }
 

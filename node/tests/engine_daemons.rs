@@ -217,6 +217,8 @@ impl Cluster {
         let mut c = EngineConfig::new(&self.volume, Epoch::new(epoch).expect("epoch"), eps, local);
         c.request_timeout = timeout;
         c.expected_size = Some(self.size);
+        // A replica these tests kill stays out unless a test brings it back.
+        c.reconnect_interval = Duration::from_secs(3600);
         c
     }
 }

@@ -37,8 +37,10 @@ fn config(epoch: u64, local: &str, reps: &[StoreReplica]) -> EngineConfig {
         local,
     );
     c.request_timeout = Duration::from_secs(2);
-    // No background cleaning: each test decides when regions are cleaned.
+    // No background cleaning: each test decides when regions are cleaned; no
+    // reconnecting unless a test asks for it.
     c.clean_interval = Duration::from_secs(3600);
+    c.reconnect_interval = Duration::from_secs(3600);
     c
 }
 
@@ -347,7 +349,10 @@ async fn a_replica_back_online_is_resynced_and_counts_again_without_reopening() 
         .await
         .unwrap();
     e.flush().await.unwrap();
-    assert_eq!(e.read(0, BS as u32).await.unwrap(), pattern(5000, BS as usize));
+    assert_eq!(
+        e.read(0, BS as u32).await.unwrap(),
+        pattern(5000, BS as usize)
+    );
     assert!(in_sync(&e, "node-2") && !in_sync(&e, "node-0"));
 }
 

@@ -1248,7 +1248,9 @@ async fn h_rolling_restart_of_every_replica_daemon_under_writes() {
     writer.wait_for(500).await;
     for victim in 0..cluster.replicas().len() {
         let node = cluster.replica(victim).node_id().to_owned();
-        cluster.kill_replica(victim).expect("kill -9 a replica daemon");
+        cluster
+            .kill_replica(victim)
+            .expect("kill -9 a replica daemon");
         let killed_at = writer.written();
         // The writer goes on with two of three; the volume reports the dead one.
         writer.wait_for(killed_at + 200).await;

@@ -7,7 +7,7 @@
 //!   write either acknowledged it or was marked stale before its bit was cleared, so
 //!   "not pending and in sync" means "holds the data".
 //! * **What must a new write wait for** on each replica? Every overlapping op already
-//!   in the table ([`Inflight::register`] returns them): replicas execute requests in
+//!   in the table ([`Inflight::register_with`] returns them): replicas execute requests in
 //!   any order, so two overlapping writes sent at once could land in different orders
 //!   on different replicas and leave the copies different. The engine sends the
 //!   later one to a replica only after the earlier one finished there.
@@ -133,23 +133,10 @@ impl Inflight {
         self.table.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Registers an op on `targets` (a replica bitmask) and appends every overlapping
-    /// op already in the table to `preds`: on each replica the new op may be sent only
-    /// after those finished there.
-    pub(crate) fn register(
-        &self,
-        start: u64,
-        len: u64,
-        targets: u32,
-        preds: &mut Vec<Arc<Op>>,
-    ) -> Arc<Op> {
-        let mut t = self.lock();
-        preds.extend(t.overlapping(start, start + len).cloned());
-        Self::insert(&mut t, start, len, targets)
-    }
-
-    /// [`Self::register`] with the targets computed under the table's lock, so they
-    /// are ordered against [`Self::snapshot_after`]. Returns the op.
+    /// Registers an op on `targets` (a replica bitmask, computed under the table's
+    /// lock, so it is ordered against [`Self::snapshot_after`]) and appends every
+    /// overlapping op already in the table to `preds`: on each replica the new op
+    /// may be sent only after those finished there.
     pub(crate) fn register_with(
         &self,
         start: u64,
@@ -261,17 +248,17 @@ mod tests {
     fn overlap_queries_find_exactly_the_overlapping_ops() {
         let t = Inflight::default();
         let mut preds = Vec::new();
-        let a = t.register(0, 8192, 0b111, &mut preds);
+        let a = t.register_with(0, 8192, || 0b111, &mut preds);
         assert!(preds.is_empty());
-        let b = t.register(1 << 20, 1 << 20, 0b011, &mut preds);
+        let b = t.register_with(1 << 20, 1 << 20, || 0b011, &mut preds);
         assert!(preds.is_empty());
         // Overlaps b's tail only.
-        let c = t.register((2 << 20) - 4096, 4096, 0b001, &mut preds);
+        let c = t.register_with((2 << 20) - 4096, 4096, || 0b001, &mut preds);
         assert_eq!(preds.len(), 1);
         assert!(Arc::ptr_eq(&preds[0], &b));
         preds.clear();
         // Adjacent to a, overlapping nothing.
-        t.register(8192, 4096, 0b001, &mut preds);
+        t.register_with(8192, 4096, || 0b001, &mut preds);
         assert!(preds.is_empty());
 
         let (busy, _) = t.busy_replicas(4096, 4096, 0b111);
@@ -300,7 +287,7 @@ mod tests {
     #[tokio::test]
     async fn waiters_wake_on_finish() {
         let t = Inflight::default();
-        let op = t.register(0, 4096, 0b11, &mut Vec::new());
+        let op = t.register_with(0, 4096, || 0b11, &mut Vec::new());
         let waiter = {
             let op = Arc::clone(&op);
             tokio::spawn(async move { op.wait_done().await })

@@ -122,27 +122,29 @@ impl EngineHostApi for EngineHostService {
             repairs: c.repairs,
             repair_failures: c.repair_failures,
             failed_ops: c.failed_ops,
+            resyncs: c.resyncs,
+            resync_bytes: c.resync_bytes,
         });
         out.replicas = st
             .replicas
             .iter()
             .map(|r| {
+                let millis = |t: &std::time::SystemTime| {
+                    t.duration_since(UNIX_EPOCH)
+                        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+                        .unwrap_or(0)
+                };
                 let (in_sync, stale_reason, since) = match &r.state {
                     ReplicaState::InSync => (true, String::new(), 0),
-                    ReplicaState::Stale { reason, since } => (
-                        false,
-                        reason.clone(),
-                        since
-                            .duration_since(UNIX_EPOCH)
-                            .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-                            .unwrap_or(0),
-                    ),
+                    ReplicaState::Resyncing { since } => (false, String::new(), millis(since)),
+                    ReplicaState::Stale { reason, since } => (false, reason.clone(), millis(since)),
                 };
                 proto::ReplicaStatus {
                     node_id: r.node_id.clone(),
                     address: r.address.clone(),
                     local: r.local,
                     in_sync,
+                    resyncing: matches!(r.state, ReplicaState::Resyncing { .. }),
                     stale_reason,
                     stale_since_unix_ms: since,
                 }
