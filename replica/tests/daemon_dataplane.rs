@@ -15,6 +15,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use daemon_support::{create_req, entries, get_req, workdir, Daemon};
+use tessera_replica_protocol::block::BlockVersion;
 use tessera_replica_protocol::control_proto as proto;
 use tessera_replica_protocol::data::{ClientError, ErrorCode, ReplicaDataClient};
 
@@ -293,5 +294,171 @@ async fn delete_while_connected_fails_further_requests() {
             .await
             .expect("untouched by the old one"),
         vec![0u8; BS as usize]
+    );
+}
+
+/// Flips one byte of block `b` in the volume's head data file.
+fn flip_byte(data_dir: &Path, volume: &str, b: u64) {
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(head_data_file(data_dir, volume))
+        .expect("open layer data file");
+    let at = b * BS + 77;
+    let mut byte = [0u8; 1];
+    file.read_exact_at(&mut byte, at).expect("read byte");
+    byte[0] ^= 0x10;
+    file.write_all_at(&byte, at).expect("corrupt byte");
+    file.sync_all().expect("sync");
+}
+
+/// Resync copies over the daemon's checksummed store: a conditional write or trim
+/// applies a block only where the held seq is lower (an equal one stays; damaged,
+/// never-written and older-trimmed blocks are replaced), answers how many blocks it
+/// applied, marks its regions dirty, leaves trims' seqs in place against older
+/// copies, survives kill -9 once flushed, and is fenced by an epoch raise.
+#[tokio::test]
+async fn conditional_writes_and_trims_apply_only_over_older_versions() {
+    let work = workdir();
+    let data_dir = work.path().join("data");
+    let daemon = Daemon::start(work.path(), &data_dir, ARGS).await;
+    create(&daemon, "v1", 16 * MIB).await;
+    let c = connect(&daemon, "v1", 1).await;
+    assert!(c.supports_if_newer());
+    let seq = |n: u64| (1 << 40) | n;
+    // The live writes: block 0 newer than the copy (seq 20), 1 equal (10), 2 older
+    // (5), 3 never written, 4 trimmed older (5), 5 trimmed newer (30), 6 damaged
+    // (40, a byte flipped on disk), 7 never written.
+    c.write(0, pattern(0, 1), seq(20)).await.expect("write");
+    c.write(BS, pattern(1, 1), seq(10)).await.expect("write");
+    c.write(2 * BS, pattern(2, 1), seq(5)).await.expect("write");
+    c.trim(4 * BS, BS, seq(5)).await.expect("trim");
+    c.trim(5 * BS, BS, seq(30)).await.expect("trim");
+    c.write(6 * BS, pattern(6, 1), seq(40))
+        .await
+        .expect("write");
+    c.flush().await.expect("flush");
+    flip_byte(&data_dir, "v1", 6);
+    let err = c.read(6 * BS, BS as u32).await.expect_err("damaged");
+    assert_eq!(remote(&err), (ErrorCode::CorruptBlock, 6));
+    let token = c.mark_clean().await.expect("mark");
+    assert_eq!(c.clean(token).await.expect("clean"), 1);
+    assert_eq!(c.dirty_regions().await.expect("dirty").count(), 0);
+
+    // The copy at seq 10 of blocks 0..7.
+    let copy: Vec<u8> = (0..7).flat_map(|b| pattern(b, 2)).collect();
+    assert_eq!(
+        c.write_if_newer(0, copy.clone(), seq(10))
+            .await
+            .expect("wif"),
+        4,
+        "blocks 2, 3, 4 and 6"
+    );
+    let zeros = vec![0u8; BS as usize];
+    let want = [
+        pattern(0, 1),
+        pattern(1, 1),
+        pattern(2, 2),
+        pattern(3, 2),
+        pattern(4, 2),
+        zeros.clone(),
+        pattern(6, 2),
+    ]
+    .concat();
+    assert_eq!(c.read(0, 7 * BS as u32).await.expect("read"), want);
+    assert_eq!(
+        c.dirty_regions()
+            .await
+            .expect("dirty")
+            .dirty()
+            .collect::<Vec<_>>(),
+        vec![0],
+        "the copy marked its region"
+    );
+    assert_eq!(
+        c.write_if_newer(0, copy, seq(10)).await.expect("again"),
+        0,
+        "nothing older is left"
+    );
+
+    // A conditional trim at seq 15 of blocks 0..8: all but 0 (20) and 5 (30).
+    assert_eq!(c.trim_if_newer(0, 8 * BS, seq(15)).await.expect("tif"), 6);
+    let mut want = vec![0u8; 8 * BS as usize];
+    want[..BS as usize].copy_from_slice(&pattern(0, 1));
+    assert_eq!(c.read(0, 8 * BS as u32).await.expect("read"), want);
+    let versions = c.versions(0, 8 * BS, false).await.expect("versions");
+    let trimmed = |n| BlockVersion::Trimmed { seq: seq(n) };
+    assert_eq!(
+        versions.versions(),
+        &[
+            BlockVersion::Data { seq: seq(20) },
+            trimmed(15),
+            trimmed(15),
+            trimmed(15),
+            trimmed(15),
+            trimmed(30),
+            trimmed(15),
+            trimmed(15),
+        ]
+    );
+    // A trim's seq stays: an older copy does not resurrect data, a newer one lands.
+    assert_eq!(
+        c.write_if_newer(BS, pattern(1, 3), seq(12))
+            .await
+            .expect("wif"),
+        0
+    );
+    assert_eq!(
+        c.write_if_newer(BS, pattern(1, 4), seq(16))
+            .await
+            .expect("wif"),
+        1
+    );
+    assert_eq!(c.trim_if_newer(0, BS, seq(20)).await.expect("equal seq"), 0);
+    let err = c
+        .write_if_newer(16 * MIB, pattern(0, 5), seq(50))
+        .await
+        .expect_err("past the end");
+    assert_eq!(remote(&err), (ErrorCode::OutOfRange, 16 * MIB));
+
+    // What was flushed survives kill -9, seqs included.
+    c.flush().await.expect("flush");
+    drop(c);
+    daemon.kill9().await;
+    let daemon = Daemon::start(work.path(), &data_dir, ARGS).await;
+    let c = connect(&daemon, "v1", 1).await;
+    let mut want = vec![0u8; 8 * BS as usize];
+    want[..BS as usize].copy_from_slice(&pattern(0, 1));
+    want[BS as usize..2 * BS as usize].copy_from_slice(&pattern(1, 4));
+    assert_eq!(c.read(0, 8 * BS as u32).await.expect("read"), want);
+    assert_eq!(
+        c.write_if_newer(2 * BS, pattern(2, 5), seq(14))
+            .await
+            .expect("wif"),
+        0,
+        "the trim at seq 15 survived the restart"
+    );
+
+    // A raise fences conditional requests like any other mutation.
+    let mut ctl = daemon.client().await;
+    ctl.raise_epoch(proto::RaiseEpochRequest {
+        volume_id: "v1".into(),
+        expected_epoch: 1,
+        new_epoch: 2,
+    })
+    .await
+    .expect("raise");
+    let err = c
+        .write_if_newer(3 * BS, pattern(3, 6), seq(60))
+        .await
+        .expect_err("fenced");
+    assert_eq!(remote(&err), (ErrorCode::StaleEpoch, 2));
+    let err = c.trim_if_newer(0, BS, seq(60)).await.expect_err("fenced");
+    assert_eq!(remote(&err), (ErrorCode::StaleEpoch, 2));
+    let c2 = connect(&daemon, "v1", 2).await;
+    assert_eq!(
+        c2.read(0, BS as u32).await.expect("read"),
+        pattern(0, 1),
+        "the fenced trim changed nothing"
     );
 }

@@ -21,10 +21,10 @@ use tessera_replica::sync_state::SyncState;
 use tessera_replica_protocol::block::{BlockVersion, VersionedBlocks};
 use tessera_replica_protocol::data::frame::{self, Header, Opcode, RESPONSE_BIT};
 use tessera_replica_protocol::data::message::{
-    decode_error_payload, Hello, HelloReply, PROTOCOL_VERSION,
+    decode_error_payload, Hello, HelloReply, FLAG_IF_NEWER, FLAG_WITH_DATA, PROTOCOL_VERSION,
 };
 use tessera_replica_protocol::data::stream::read_frame;
-use tessera_replica_protocol::data::{ClientError, ErrorCode, ReplicaDataClient};
+use tessera_replica_protocol::data::{ClientConfig, ClientError, ErrorCode, ReplicaDataClient};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, Notify};
@@ -920,4 +920,163 @@ async fn request_timeout_fails_only_that_call() {
     // The late reply is discarded; the connection keeps working.
     assert_eq!(c.read(4096, 4096).await.unwrap(), vec![0u8; 4096]);
     assert!(!c.is_closed());
+}
+
+/// Sends one request frame on a raw connection and reads the reply.
+async fn raw_call(s: &mut TcpStream, h: Header, payload: &[u8]) -> frame::Frame {
+    s.write_all(&frame::encode(&h, payload).unwrap())
+        .await
+        .unwrap();
+    tokio::time::timeout(NO_HANG, read_frame(s))
+        .await
+        .expect("a reply")
+        .unwrap()
+        .expect("the connection stays open")
+}
+
+/// IF_NEWER (flags bit 1) is a version-3 flag of WRITE and TRIM only: on a
+/// connection that negotiated version 2, and on every other opcode, it is refused
+/// with INVALID_REQUEST before anything is marked or written, and the connection
+/// keeps working; on version 3 a conditional WRITE or TRIM answers OK with the
+/// number of blocks applied (u64).
+#[tokio::test]
+async fn if_newer_is_refused_where_undefined_and_answers_blocks_applied() {
+    let reg = FileBackedVolumes::new();
+    let vol = reg.create("v", 16, 1);
+    let srv = start(&reg).await;
+    let seq = |n: u64| 1 << 40 | n;
+    let invalid = ErrorCode::InvalidRequest as u16;
+
+    let (mut v2, ok) = raw_connect(srv.addr, "v", 1, (1, 2)).await;
+    assert_eq!(HelloReply::decode(&ok.payload).unwrap().version, 2);
+    let w = Header {
+        flags: FLAG_IF_NEWER,
+        seq: seq(1),
+        ..request(Opcode::Write, 1, 1, 0, BLOCK_SIZE)
+    };
+    let r = raw_call(&mut v2, w, &pattern(0)).await;
+    assert_eq!((r.header.request_id, r.header.status), (1, invalid));
+    let t = Header {
+        flags: FLAG_IF_NEWER,
+        seq: seq(2),
+        ..request(Opcode::Trim, 2, 1, 0, BLOCK_SIZE)
+    };
+    let r = raw_call(&mut v2, t, &[]).await;
+    assert_eq!((r.header.request_id, r.header.status), (2, invalid));
+    assert_eq!(
+        vol.sync.dirty.snapshot().count(),
+        0,
+        "a refusal marks nothing"
+    );
+    let r = raw_call(&mut v2, request(Opcode::Read, 3, 1, 0, BLOCK_SIZE), &[]).await;
+    assert_eq!((r.header.status, r.payload), (0, vec![0u8; 4096]));
+    let plain = Header {
+        seq: seq(3),
+        ..request(Opcode::Write, 4, 1, 0, BLOCK_SIZE)
+    };
+    let r = raw_call(&mut v2, plain, &pattern(0)).await;
+    assert_eq!((r.header.status, r.payload.len()), (0, 0));
+    let r = raw_call(&mut v2, request(Opcode::Read, 5, 1, 0, BLOCK_SIZE), &[]).await;
+    assert_eq!((r.header.status, r.payload), (0, pattern(0)));
+    let r = raw_call(&mut v2, request(Opcode::DirtyRegions, 6, 1, 0, 0), &[]).await;
+    assert_eq!(r.header.status, 0);
+
+    let (mut v3, ok) = raw_connect(srv.addr, "v", 1, (1, PROTOCOL_VERSION)).await;
+    assert_eq!(HelloReply::decode(&ok.payload).unwrap().version, 3);
+    for (i, (op, len)) in [
+        (Opcode::Read, BLOCK_SIZE),
+        (Opcode::Flush, 0),
+        (Opcode::Versions, BLOCK_SIZE),
+        (Opcode::DirtyRegions, 0),
+        (Opcode::GetMembership, 0),
+        (Opcode::SetMembership, 0),
+        (Opcode::MarkClean, 0),
+        (Opcode::Clean, 0),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let h = Header {
+            flags: FLAG_IF_NEWER,
+            ..request(op, 10 + i as u64, 1, 0, len)
+        };
+        let r = raw_call(&mut v3, h, &[]).await;
+        assert_eq!(r.header.status, invalid, "{op:?} with IF_NEWER");
+    }
+    let both = Header {
+        flags: FLAG_IF_NEWER | FLAG_WITH_DATA,
+        ..w
+    };
+    assert_eq!(
+        raw_call(&mut v3, both, &pattern(0)).await.header.status,
+        invalid
+    );
+    // Defined on version 3: OK, and the payload counts the blocks applied (this
+    // backend keeps no versions, so every block is applied).
+    let r = raw_call(&mut v3, Header { seq: seq(7), ..w }, &pattern(5)).await;
+    assert_eq!(
+        (r.header.status, r.payload),
+        (0, 1u64.to_le_bytes().to_vec())
+    );
+    assert_eq!(r.header.opcode, Opcode::Write as u8 | RESPONSE_BIT);
+    let t3 = Header {
+        length: 3 * BLOCK_SIZE,
+        seq: seq(8),
+        ..t
+    };
+    let r = raw_call(&mut v3, t3, &[]).await;
+    assert_eq!(
+        (r.header.status, r.payload),
+        (0, 3u64.to_le_bytes().to_vec())
+    );
+    let r = raw_call(&mut v3, request(Opcode::Read, 20, 1, 0, BLOCK_SIZE), &[]).await;
+    assert_eq!(r.payload, vec![0u8; 4096]);
+    assert_eq!(
+        vol.sync.dirty.snapshot().count(),
+        1,
+        "marked before applied"
+    );
+
+    // The client: a version-2 engine is never offered the flag, a version-3 one is.
+    let old = ReplicaDataClient::connect_with(
+        srv.addr,
+        "v",
+        1,
+        ClientConfig {
+            max_protocol_version: 2,
+            ..ClientConfig::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(old.info().protocol_version, 2);
+    assert!(old.supports_sync() && !old.supports_if_newer());
+    assert!(matches!(
+        old.write_if_newer(0, pattern(0), seq(9)).await,
+        Err(ClientError::InvalidArgument(_))
+    ));
+    assert!(matches!(
+        old.trim_if_newer(0, BLOCK_SIZE, seq(9)).await,
+        Err(ClientError::InvalidArgument(_))
+    ));
+    old.write(BLOCK_SIZE, pattern(1), seq(10)).await.unwrap();
+    assert_eq!(old.read(BLOCK_SIZE, 4096).await.unwrap(), pattern(1));
+    let c = ReplicaDataClient::connect(srv.addr, "v", 1).await.unwrap();
+    assert!(c.supports_if_newer());
+    let two = [pattern(2), pattern(3)].concat();
+    assert_eq!(
+        c.write_if_newer(2 * BLOCK_SIZE, two.clone(), seq(11))
+            .await
+            .unwrap(),
+        2
+    );
+    assert_eq!(c.read(2 * BLOCK_SIZE, 8192).await.unwrap(), two);
+    assert_eq!(
+        c.trim_if_newer(2 * BLOCK_SIZE, BLOCK_SIZE, seq(12))
+            .await
+            .unwrap(),
+        1
+    );
+    let e = c.write_if_newer(1, pattern(0), seq(13)).await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::Unaligned), "{e}");
 }

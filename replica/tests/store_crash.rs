@@ -1,7 +1,8 @@
 //! Crash test of the layered block store with a real process and `kill -9`.
 //!
 //! The test binary re-executes itself as a writer child (selected by an environment
-//! variable) that applies a deterministic stream of writes, trims, flushes, snapshots
+//! variable) that applies a deterministic stream of writes and trims (every other
+//! step through the conditional, resync path), flushes, snapshots
 //! and snapshot deletions to a store, printing `W <step>` after each step and `F <step>` after each flush returns.
 //! The parent kills it with SIGKILL at a random step, reopens the
 //! store and checks every block of the head and of every snapshot: it must be a
@@ -87,17 +88,32 @@ fn crash_writer_child() {
     for step in 1..=MAX_STEPS {
         let op = step_op(epoch, step);
         let seq = seq_of(epoch, step);
+        // Every other step goes through the conditional (resync) path; seqs only
+        // grow, so it applies every block, and a crash inside it must leave what a
+        // crash inside the plain one leaves.
+        let conditional = step % 2 == 0;
         if op.trim {
-            store
-                .trim(op.first * BLOCK_SIZE, op.count * BLOCK_SIZE, seq)
-                .expect("trim");
+            let (offset, len) = (op.first * BLOCK_SIZE, op.count * BLOCK_SIZE);
+            if conditional {
+                store
+                    .trim_if_newer(offset, len, seq)
+                    .expect("trim_if_newer");
+            } else {
+                store.trim(offset, len, seq).expect("trim");
+            }
         } else {
             let data: Vec<u8> = (op.first..op.first + op.count)
                 .flat_map(|b| content(b, seq))
                 .collect();
-            store
-                .write(op.first * BLOCK_SIZE, &data, seq)
-                .expect("write");
+            if conditional {
+                store
+                    .write_if_newer(op.first * BLOCK_SIZE, &data, seq)
+                    .expect("write_if_newer");
+            } else {
+                store
+                    .write(op.first * BLOCK_SIZE, &data, seq)
+                    .expect("write");
+            }
         }
         writeln!(out, "W {step}").expect("stdout");
         out.flush().expect("stdout");
