@@ -8,9 +8,8 @@
 //! * **Replica daemon**: restarted, on the same data directory and the same
 //!   addresses (engines and the controller know it by them). Meanwhile the volume
 //!   serves I/O on the remaining replicas (writes need a majority of the replica
-//!   set). The engine marked the dead replica stale and does not reconnect it for
-//!   its lifetime (resync is not built yet), so the demo volume stays degraded until
-//!   it is staged again; new volumes and stagings use the restarted daemon fully.
+//!   set). The engine marked the dead replica stale; once the daemon is back it
+//!   reconnects it, copies what it missed and counts it again (online resync).
 //! * **Controller**: restarted. It keeps no state of its own (its index is rebuilt
 //!   from the replica daemons at start), so a new one is indistinguishable.
 //! * **Node plugin**: restarted. It holds no data-path state by design (it can
