@@ -3,8 +3,9 @@
 //! replica states, read at scrape time from [`EngineHost::engine_statuses`].
 //!
 //! The replica gauges are what an operator alerts on: a volume whose in-sync replicas
-//! are fewer than its replicas is degraded (it keeps serving, with less redundancy),
-//! one below quorum fails every I/O.
+//! are fewer than its replicas is degraded (it keeps serving, with less redundancy,
+//! while the engine reconnects and resyncs the others), one below quorum fails every
+//! I/O.
 
 use std::fmt;
 use std::sync::Arc;
@@ -16,7 +17,7 @@ use tessera_telemetry::prometheus_client::registry::Registry;
 use tessera_telemetry::{Endpoints, HealthCheck};
 
 use super::EngineHost;
-use crate::engine::{EngineCounters, EngineStatus};
+use crate::engine::{EngineCounters, EngineStatus, ReplicaState};
 
 /// The engine-host's health (unhealthy once shutting down) and metrics.
 #[derive(Clone)]
@@ -63,7 +64,7 @@ impl Collector for HostProbe {
 /// Per-volume engine counters and replica gauges.
 fn encode_engines(statuses: &[EngineStatus], encoder: &mut DescriptorEncoder) -> fmt::Result {
     type Counter = (&'static str, &'static str, fn(&EngineCounters) -> u64);
-    let counter_series: [Counter; 9] = [
+    let counter_series: [Counter; 11] = [
         (
             "tessera_engine_writes",
             "Writes acknowledged by a majority.",
@@ -101,6 +102,16 @@ fn encode_engines(statuses: &[EngineStatus], encoder: &mut DescriptorEncoder) ->
             "Corrupt copies found that could not be repaired yet.",
             |c| c.repair_failures,
         ),
+        (
+            "tessera_engine_resyncs",
+            "Replicas caught up online and readmitted.",
+            |c| c.resyncs,
+        ),
+        (
+            "tessera_engine_resync_bytes",
+            "Bytes of data copied to resyncing replicas.",
+            |c| c.resync_bytes,
+        ),
     ];
     for (name, help, get) in counter_series {
         counters(
@@ -113,7 +124,7 @@ fn encode_engines(statuses: &[EngineStatus], encoder: &mut DescriptorEncoder) ->
         )?;
     }
     type Gauge = (&'static str, &'static str, fn(&EngineStatus) -> u64);
-    let gauge_series: [Gauge; 5] = [
+    let gauge_series: [Gauge; 6] = [
         (
             "tessera_engine_replicas",
             "Replicas of the volume.",
@@ -123,6 +134,16 @@ fn encode_engines(statuses: &[EngineStatus], encoder: &mut DescriptorEncoder) ->
             "tessera_engine_replicas_in_sync",
             "Replicas the engine still sends every write to; fewer than the replicas means the volume is degraded.",
             |s| s.in_sync as u64,
+        ),
+        (
+            "tessera_engine_replicas_resyncing",
+            "Replicas being caught up online (they get new writes, not yet reads or the quorum).",
+            |s| {
+                s.replicas
+                    .iter()
+                    .filter(|r| matches!(r.state, ReplicaState::Resyncing { .. }))
+                    .count() as u64
+            },
         ),
         (
             "tessera_engine_write_quorum",
@@ -156,7 +177,7 @@ fn encode_engines(statuses: &[EngineStatus], encoder: &mut DescriptorEncoder) ->
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::{ReplicaState, ReplicaStatus};
+    use crate::engine::ReplicaStatus;
     use tessera_telemetry::exposition::render;
 
     #[derive(Debug)]
@@ -178,14 +199,19 @@ mod tests {
     }
 
     #[test]
-    fn a_degraded_volume_shows_fewer_replicas_in_sync() {
+    fn replica_gauges_show_a_degraded_volume() {
         let status = EngineStatus {
             volume_id: "tv-1".to_owned(),
             epoch: 3,
             size: 1 << 20,
             replicas: vec![
                 replica("a", ReplicaState::InSync),
-                replica("b", ReplicaState::InSync),
+                replica(
+                    "b",
+                    ReplicaState::Resyncing {
+                        since: std::time::SystemTime::UNIX_EPOCH,
+                    },
+                ),
                 replica(
                     "c",
                     ReplicaState::Stale {
@@ -195,8 +221,8 @@ mod tests {
                 ),
             ],
             quorum: 2,
-            in_sync: 2,
-            below_quorum: false,
+            in_sync: 1,
+            below_quorum: true,
             fenced: false,
             closed: false,
             reconciled_at_open: Default::default(),
@@ -214,9 +240,10 @@ mod tests {
             "tessera_engine_writes_total{volume_id=\"tv-1\"} 7\n",
             "tessera_engine_failed_ops_total{volume_id=\"tv-1\"} 1\n",
             "tessera_engine_replicas{volume_id=\"tv-1\"} 3\n",
-            "tessera_engine_replicas_in_sync{volume_id=\"tv-1\"} 2\n",
+            "tessera_engine_replicas_in_sync{volume_id=\"tv-1\"} 1\n",
+            "tessera_engine_replicas_resyncing{volume_id=\"tv-1\"} 1\n",
             "tessera_engine_write_quorum{volume_id=\"tv-1\"} 2\n",
-            "tessera_engine_below_quorum{volume_id=\"tv-1\"} 0\n",
+            "tessera_engine_below_quorum{volume_id=\"tv-1\"} 1\n",
         ] {
             assert!(page.contains(line), "{line:?} missing from\n{page}");
         }
