@@ -413,7 +413,7 @@ impl Inner {
                 return Ok(0);
             };
             let seq = fix.version.seq();
-            let copied = match fix.version {
+            let data = match fix.version {
                 BlockVersion::Data { .. } => {
                     let fetched = self
                         .ask(fix.source, "reading a block to copy", |c| async move {
@@ -425,19 +425,11 @@ impl Inner {
                         // The source changed under us: leave it to the next attempt.
                         return Err(format!("block {block} changed while being resynced"));
                     }
-                    let (_, _, data) = fetched.into_parts();
-                    self.ask(r, "overwriting a leftover", |c| async move {
-                        c.write(offset, data, seq).await
-                    })
-                    .await
+                    Some(bytes::Bytes::from(fetched.into_parts().2))
                 }
-                _ => {
-                    self.ask(r, "overwriting a leftover", |c| async move {
-                        c.trim(offset, len, seq).await
-                    })
-                    .await
-                }
+                _ => None,
             };
+            let copied = self.put(r, offset, len, seq, data).await;
             copied
                 .map(|()| 1)
                 .ok_or_else(|| format!("overwriting block {block} failed"))

@@ -347,23 +347,7 @@ impl Inner {
         let seq = run.version.seq();
         let sends = bits(run.targets).map(|t| {
             let data = data.clone();
-            async move {
-                match data {
-                    Some(d) => {
-                        self.ask(t, "copying blocks", |c| async move {
-                            c.write(offset, d, seq).await
-                        })
-                        .await
-                    }
-                    None => {
-                        self.ask(t, "copying a trim", |c| async move {
-                            c.trim(offset, len, seq).await
-                        })
-                        .await
-                    }
-                }
-                .is_some()
-            }
+            async move { self.put(t, offset, len, seq, data).await.is_some() }
         });
         let copied = futures_util::future::join_all(sends)
             .await
@@ -371,6 +355,32 @@ impl Inner {
             .filter(|ok| *ok)
             .count() as u64;
         RunResult::Done(if data.is_some() { copied * len } else { 0 })
+    }
+
+    /// Writes `data` at `offset` with `seq` on replica `t`, unconditionally, or
+    /// without data trims `len` bytes there; a failure marks `t` stale.
+    pub(super) async fn put(
+        &self,
+        t: usize,
+        offset: u64,
+        len: u64,
+        seq: u64,
+        data: Option<bytes::Bytes>,
+    ) -> Option<()> {
+        match data {
+            Some(d) => {
+                self.ask(t, "copying blocks", |c| async move {
+                    c.write(offset, d, seq).await
+                })
+                .await
+            }
+            None => {
+                self.ask(t, "copying a trim", |c| async move {
+                    c.trim(offset, len, seq).await
+                })
+                .await
+            }
+        }
     }
 
     /// Flushes every replica in sync; one that fails is marked stale.
