@@ -34,8 +34,6 @@
 // this short path.
 pub(crate) use tessera_replica_protocol::control_proto;
 
-pub use tessera_telemetry::error_chain;
-
 pub mod block_io;
 pub mod capacity;
 pub mod catalog;

@@ -251,7 +251,7 @@ impl std::fmt::Debug for Engine {
     }
 }
 
-use tessera_telemetry::error_chain as describe;
+use tessera_telemetry::error_chain;
 
 fn bits(mask: u32) -> impl Iterator<Item = usize> {
     (0..32).filter(move |i| mask & (1 << i) != 0)
@@ -309,7 +309,10 @@ impl Engine {
                         node_id: ep.node_id.clone(),
                     });
                 }
-                Err(e) => (None, Some(format!("connecting failed: {}", describe(&e)))),
+                Err(e) => (
+                    None,
+                    Some(format!("connecting failed: {}", error_chain(&e))),
+                ),
             };
             if let Some(reason) = &stale {
                 let _ = write!(failures, "{}{}: {reason}", sep(&failures), ep.node_id);
@@ -435,7 +438,7 @@ impl Engine {
                 )
                 .await
                 .map(|c| c.info().size)
-                .map_err(|e| format!("{}: {}", r.node_id, describe(&e)))
+                .map_err(|e| format!("{}: {}", r.node_id, error_chain(&e)))
             }
         });
         let answers = futures_util::future::join_all(asks).await;

@@ -110,7 +110,7 @@ impl Inner {
                     corrupt.push((r, e.detail));
                 }
                 Ok(Err(e)) => {
-                    let reason = describe(&e);
+                    let reason = error_chain(&e);
                     let _ = write!(failures, "{}{node}: {reason}", sep(&failures));
                     self.mark_stale(r, reason);
                 }
@@ -161,7 +161,7 @@ impl Inner {
             let (data, _) = self
                 .read_any(start, span, 1 << r)
                 .await
-                .map_err(|e| format!("no good copy: {}", describe(&e)))?;
+                .map_err(|e| format!("no good copy: {}", error_chain(&e)))?;
             let client = self.replicas[r]
                 .client()
                 .ok_or_else(|| "engine closed".to_owned())?;
@@ -171,10 +171,10 @@ impl Inner {
             match tokio::time::timeout(self.timeout, client.write(start, data, seq)).await {
                 Ok(Ok(())) => Ok(()),
                 Ok(Err(e)) if e.code() == Some(ErrorCode::StaleEpoch) => {
-                    Err(describe(&self.fence(r, &e)))
+                    Err(error_chain(&self.fence(r, &e)))
                 }
                 Ok(Err(e)) => {
-                    let reason = format!("repair write failed: {}", describe(&e));
+                    let reason = format!("repair write failed: {}", error_chain(&e));
                     self.mark_stale(r, reason.clone());
                     Err(reason)
                 }

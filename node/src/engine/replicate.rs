@@ -63,7 +63,7 @@ impl Inner {
             }
             Outcome::Failed(e) => {
                 tally.no_space |= e.code() == Some(ErrorCode::NoSpace);
-                let reason = describe(&e);
+                let reason = error_chain(&e);
                 let _ = write!(tally.failures, "{}{node}: {reason}", sep(&tally.failures));
                 self.mark_stale(r, reason);
                 false

@@ -128,9 +128,9 @@ impl Inner {
         {
             Ok(c) => c,
             Err(e) if e.code() == Some(ErrorCode::StaleEpoch) => {
-                return Err(describe(&self.fence(r, &e)));
+                return Err(error_chain(&self.fence(r, &e)));
             }
-            Err(e) => return Err(format!("connecting failed: {}", describe(&e))),
+            Err(e) => return Err(format!("connecting failed: {}", error_chain(&e))),
         };
         if !client.supports_if_newer() {
             return Err(format!(
@@ -145,7 +145,7 @@ impl Inner {
                 client.info().size
             ));
         }
-        self.check_usable().map_err(|e| describe(&e))?;
+        self.check_usable().map_err(|e| error_chain(&e))?;
         let started = Instant::now();
         *lock(&rep.client) = Some(client);
         *lock(&rep.resyncing_since) = Some(SystemTime::now());
@@ -241,7 +241,7 @@ impl Inner {
         let first_block = offset / BLOCK_SIZE;
         let mut found_corrupt: Vec<(usize, u64)> = Vec::new();
         for _ in 0..RANGE_ATTEMPTS {
-            self.check_usable().map_err(|e| describe(&e))?;
+            self.check_usable().map_err(|e| error_chain(&e))?;
             let sources = self.in_sync_mask();
             if (sources.count_ones() as usize) < self.quorum {
                 return Err(self.stale_summary());

@@ -30,7 +30,7 @@ use tessera_replica_protocol::data::{ClientError, ErrorCode, ReplicaDataClient};
 use tessera_replica_protocol::sync::{DirtyMap, Membership};
 
 use super::reconcile::{plan_region, runs, Run};
-use super::{bits, describe, sep, EngineError, Inner};
+use super::{bits, error_chain, sep, EngineError, Inner};
 
 /// Regions reconciled at once.
 const REGIONS_IN_FLIGHT: usize = 4;
@@ -73,7 +73,7 @@ impl Inner {
                 None
             }
             Ok(Err(e)) => {
-                self.mark_stale(r, format!("{what} failed: {}", describe(&e)));
+                self.mark_stale(r, format!("{what} failed: {}", error_chain(&e)));
                 None
             }
             Err(_) => {
@@ -506,7 +506,7 @@ pub(super) fn spawn_background(inner: &Arc<Inner>) {
                 return;
             }
             if let Err(e) = inner.declare_in_sync().await {
-                tracing::warn!(volume = %inner.volume_id, error = %describe(&e),
+                tracing::warn!(volume = %inner.volume_id, error = %error_chain(&e),
                     "could not declare the replicas still in sync; the next engine reconciles from the dirty regions");
             }
         }

@@ -20,7 +20,7 @@ pub fn remote_error(e: &BlockIoError) -> RemoteError {
     };
     let message = match e {
         BlockIoError::Io(io) => format!("{e}: {io}"),
-        BlockIoError::SyncState(s) => format!("{e}: {}", crate::error_chain(s)),
+        BlockIoError::SyncState(s) => format!("{e}: {}", tessera_telemetry::error_chain(s)),
         _ => e.to_string(),
     };
     RemoteError::new(code, detail, message)
