@@ -229,7 +229,13 @@ async fn sync_engine_serves_the_data_plane() {
         [vec![0u8; BS as usize], vec![5u8; 2 * BS as usize]].concat()
     );
     let addr = daemon.metrics.as_deref().expect("metrics");
-    assert!(http_get(addr, "/metrics")
-        .await
-        .contains("tessera_replica_io_in_flight{engine=\"sync\"}"));
+    let page = http_get(addr, "/metrics").await;
+    assert!(page.contains("tessera_replica_io_in_flight{engine=\"sync\"}"));
+    // Each request was timed before its reply was sent, so the counts are exact.
+    for (op, n) in [("read", 1), ("write", 1), ("flush", 1), ("trim", 0)] {
+        let line = format!(
+            "tessera_replica_data_op_duration_seconds_count{{volume_id=\"s1\",op=\"{op}\"}} {n}\n"
+        );
+        assert!(page.contains(&line), "{line:?} missing from\n{page}");
+    }
 }

@@ -384,6 +384,7 @@ async fn run(args: Args) -> Result<()> {
     );
     let data_config = ServerConfig {
         shards,
+        op_latency: Some(metrics.data_latency.clone()),
         ..ServerConfig::default()
     };
     let data_task = tokio::spawn(dataplane::server::serve_with_config(

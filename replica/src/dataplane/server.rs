@@ -14,8 +14,9 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use tessera_telemetry::{Op, VolumeLatency};
 use tokio::io::{AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
@@ -53,6 +54,9 @@ pub struct ServerConfig {
     /// Threads to serve connections on, each with its own io_uring (see
     /// [`Shards`]); `None` serves them on the caller's runtime.
     pub shards: Option<Arc<Shards>>,
+    /// Where the latency of foreground reads, writes, trims and flushes is recorded,
+    /// per volume (the daemon's `/metrics`); `None` records nothing.
+    pub op_latency: Option<VolumeLatency>,
 }
 
 impl Default for ServerConfig {
@@ -63,6 +67,7 @@ impl Default for ServerConfig {
             max_in_flight_bytes: 64 * 1024 * 1024,
             handshake_timeout: Duration::from_secs(10),
             shards: None,
+            op_latency: None,
         }
     }
 }
@@ -535,6 +540,19 @@ async fn stopped(stop: &mut watch::Receiver<bool>, tx: &mpsc::UnboundedSender<Ou
     }
 }
 
+/// The latency histogram a request is timed in: the foreground block operations. The
+/// conditional writes and trims of a resync or copy run at background priority and
+/// would blur what the application sees, so they are not timed.
+fn timed_op(req: &Request) -> Option<Op> {
+    match req {
+        Request::Read { .. } => Some(Op::Read),
+        Request::Write { .. } => Some(Op::Write),
+        Request::Trim { .. } => Some(Op::Trim),
+        Request::Flush => Some(Op::Flush),
+        _ => None,
+    }
+}
+
 async fn read_loop<V: VolumeBlocks>(
     mut rd: BufReader<OwnedReadHalf>,
     session: Session<V>,
@@ -544,6 +562,11 @@ async fn read_loop<V: VolumeBlocks>(
 ) -> Result<(), ConnectionError> {
     let requests = Arc::new(Semaphore::new(config.max_in_flight_requests));
     let bytes = Arc::new(Semaphore::new(config.max_in_flight_bytes));
+    // Resolved once per connection: a request only clones the handle.
+    let latency = config
+        .op_latency
+        .as_ref()
+        .map(|l| l.volume(&session.volume_id));
     let mut tasks = JoinSet::new();
     let result = loop {
         while tasks.try_join_next().is_some() {}
@@ -632,6 +655,10 @@ async fn read_loop<V: VolumeBlocks>(
         let volume = session.volume.clone();
         let epoch = session.epoch;
         let tx = tx.clone();
+        let timed = latency
+            .as_ref()
+            .zip(timed_op(&req))
+            .map(|(histograms, op)| (Arc::clone(histograms), op, Instant::now()));
         tasks.spawn(async move {
             let out = match execute(&volume, epoch, req).await {
                 Ok(payload) => Outgoing {
@@ -641,6 +668,9 @@ async fn read_loop<V: VolumeBlocks>(
                 },
                 Err(r) => error_reply(&h, &r, Some(permits)),
             };
+            if let Some((histograms, op, started)) = timed {
+                histograms.observe(op, started.elapsed());
+            }
             // Fails only if the writer is gone, i.e. the connection is dead anyway.
             let _ = tx.send(out);
         });
