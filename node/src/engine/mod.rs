@@ -114,7 +114,7 @@ pub mod target;
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -125,6 +125,7 @@ use tessera_replica_protocol::data::{
     ClientConfig, ClientError, ErrorCode, ReplicaDataClient, WritePayload,
 };
 use tessera_replica_protocol::sync::Membership;
+use tessera_telemetry::{latency, VolumeOpHistograms};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
@@ -229,6 +230,9 @@ struct Inner {
     reconnect_interval: Duration,
     /// What reconciling at open did.
     reconciled: Mutex<ReconcileReport>,
+    /// Where the latency of reads, writes, trims and flushes is recorded, once the
+    /// engine-host set it ([`Engine::record_latency`]).
+    op_latency: OnceLock<Arc<VolumeOpHistograms>>,
 }
 
 /// The replicated volume served by one engine. Cheap to clone (clones share the
@@ -395,6 +399,7 @@ impl Engine {
                 clean_interval: config.clean_interval,
                 reconnect_interval: config.reconnect_interval,
                 reconciled: Mutex::new(ReconcileReport::default()),
+                op_latency: OnceLock::new(),
             }),
         };
         let report = engine.inner.bring_in_sync().await?;
@@ -488,10 +493,18 @@ impl Engine {
         self.inner.epoch
     }
 
+    /// Records the latency of every later read, write, trim and flush, from the call
+    /// to its answer, in `histograms` (resolved once per volume by the engine-host).
+    /// Only the first call has an effect.
+    pub fn record_latency(&self, histograms: Arc<VolumeOpHistograms>) {
+        let _ = self.inner.op_latency.set(histograms);
+    }
+
     /// Reads `len` bytes at `offset` (multiples of 4096, `len` ≤ [`MAX_IO_BYTES`]).
     /// Never returns data older than the last write acknowledged before the call.
     pub async fn read(&self, offset: u64, len: u32) -> Result<Vec<u8>, EngineError> {
         let inner = &self.inner;
+        let started = Instant::now();
         let result = async {
             inner.check(IoOp::Read, offset, u64::from(len))?;
             let (data, corrupt) = inner.read_any(offset, len, 0).await?;
@@ -516,6 +529,7 @@ impl Engine {
             }
             Err(_) => Counters::add(&inner.counters.failed_ops, 1),
         }
+        inner.observe(latency::Op::Read, started);
         result
     }
 
@@ -581,7 +595,8 @@ impl Engine {
         }
     }
 
-    /// Wraps `done` so the outcome is counted (writes with `bytes`, trims) first.
+    /// Wraps `done` so the outcome is counted (writes with `bytes`, trims) and timed
+    /// first.
     fn counted(
         &self,
         op: IoOp,
@@ -589,7 +604,16 @@ impl Engine {
         done: impl FnOnce(Result<(), EngineError>) + Send + 'static,
     ) -> impl FnOnce(Result<(), EngineError>) + Send + 'static {
         let inner = Arc::clone(&self.inner);
+        let started = Instant::now();
         move |result| {
+            inner.observe(
+                if op == IoOp::Trim {
+                    latency::Op::Trim
+                } else {
+                    latency::Op::Write
+                },
+                started,
+            );
             let c = &inner.counters;
             match &result {
                 Ok(()) => {
@@ -633,8 +657,10 @@ impl Engine {
 
     /// Makes every write acknowledged before the call durable on a majority.
     pub async fn flush(&self) -> Result<(), EngineError> {
+        let started = Instant::now();
         let result = self.inner.flush().await;
         self.count(&result, &self.inner.counters.flushes, 0);
+        self.inner.observe(latency::Op::Flush, started);
         result
     }
 
@@ -789,6 +815,13 @@ fn sep(s: &str) -> &'static str {
 }
 
 impl Inner {
+    /// Records that a `op` started at `started` has been answered (when measured).
+    fn observe(&self, op: latency::Op, started: Instant) {
+        if let Some(histograms) = self.op_latency.get() {
+            histograms.observe(op, started.elapsed());
+        }
+    }
+
     fn check(&self, op: IoOp, offset: u64, len: u64) -> Result<(), EngineError> {
         if len > MAX_IO_BYTES as u64 {
             return Err(EngineError::Unaligned {

@@ -264,6 +264,7 @@ impl EngineHost {
         std::fs::create_dir_all(&mountpoint).map_err(io("create", &mountpoint))?;
 
         let opened = Opened::open(config).await?;
+        opened.record_latency(self.op_latency.volume(volume_id));
         let options = self.fuse_options.clone();
         let target = opened.block_target();
         let fuse =

@@ -4,6 +4,8 @@
 
 use std::sync::Arc;
 
+use tessera_telemetry::VolumeOpHistograms;
+
 use crate::engine::{Engine, EngineConfig, EngineStatus, EngineTarget};
 use crate::frontend::{BlockTarget, TargetError, TargetErrorKind, TargetOp};
 
@@ -32,6 +34,12 @@ impl Opened {
             tokio::runtime::Handle::current(),
         ));
         Ok(Opened { engine, target })
+    }
+
+    /// Records the engine's request latency in `histograms` (the engine-host's
+    /// `/metrics`).
+    pub(crate) fn record_latency(&self, histograms: Arc<VolumeOpHistograms>) {
+        self.engine.record_latency(histograms);
     }
 
     /// What the FUSE frontend serves.
