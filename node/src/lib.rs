@@ -1,12 +1,15 @@
 //! The Tessera CSI node plugin.
 //!
-//! The kubelet talks to this process over a unix socket to learn which node it runs
-//! on and, once the data path exists, to stage and publish volumes there.
+//! The kubelet talks to the node plugin over a unix socket to learn which node it runs
+//! on and to stage and publish volumes there; the engine-host (the same binary,
+//! `tessera-node engine-host`) serves the volumes' data path.
 //!
 //! Layout:
 //! * CSI Identity comes from `tessera_csi_proto::identity` (shared with the controller).
 //! * [`engine`]: the per-volume quorum coordinator that replicates block I/O to the
-//!   volume's replicas, and its [`frontend::BlockTarget`] adapter.
+//!   volume's replicas (reconciling, resyncing and readmitting them), and its
+//!   [`frontend::BlockTarget`] adapter.
+//! * [`frontend`]: the kernel side: a FUSE file per volume and the loop device over it.
 //! * [`engine_host`]: the per-node process that hosts every volume's engine, FUSE
 //!   file and loop device, and its API (attach, detach, list, status) on a unix socket.
 //! * [`node_service`]: the CSI Node service: stages (mkfs + mount, or a block device),
@@ -18,8 +21,9 @@
 //! * [`serve`]: runs both services on an already-bound unix listener until a
 //!   shutdown future completes.
 //!
-//! This crate depends on `tessera-csi-proto` for the wire types and will depend on
-//! `tessera-replica` for the data-plane client; it must not depend on the controller.
+//! This crate depends on `tessera-csi-proto` (CSI), `tessera-replica-protocol` (the
+//! data-plane client and the publish context) and `tessera-telemetry`; not on the
+//! replica daemon, nor on the controller.
 
 pub mod engine;
 pub mod engine_host;
