@@ -124,6 +124,7 @@ use tessera_replica_protocol::data::frame::MAX_PAYLOAD;
 use tessera_replica_protocol::data::{
     ClientConfig, ClientError, ErrorCode, ReplicaDataClient, WritePayload,
 };
+use tessera_replica_protocol::seq::{Epoch, Seq};
 use tessera_replica_protocol::sync::Membership;
 use tessera_telemetry::{latency, VolumeOpHistograms};
 use tokio::sync::oneshot;
@@ -205,7 +206,7 @@ struct FenceInfo {
 
 struct Inner {
     volume_id: String,
-    epoch: u64,
+    epoch: Epoch,
     /// Grows only, through [`Engine::resize`]; read on every I/O's range check.
     size: AtomicU64,
     quorum: usize,
@@ -381,7 +382,7 @@ impl Engine {
         let engine = Engine {
             inner: Arc::new(Inner {
                 volume_id: config.volume_id,
-                epoch: config.epoch.get(),
+                epoch: config.epoch,
                 size: AtomicU64::new(size),
                 quorum,
                 local,
@@ -438,7 +439,7 @@ impl Engine {
                 ReplicaDataClient::connect_with(
                     r.address.as_str(),
                     &inner.volume_id,
-                    inner.epoch,
+                    inner.epoch.get(),
                     cfg,
                 )
                 .await
@@ -490,7 +491,7 @@ impl Engine {
 
     /// The engine's fencing epoch.
     pub fn epoch(&self) -> u64 {
-        self.inner.epoch
+        self.inner.epoch.get()
     }
 
     /// Records the latency of every later read, write, trim and flush, from the call
@@ -693,7 +694,7 @@ impl Engine {
             .count();
         EngineStatus {
             volume_id: inner.volume_id.clone(),
-            epoch: inner.epoch,
+            epoch: inner.epoch.get(),
             size: inner.size.load(Ordering::Acquire),
             quorum: inner.quorum,
             in_sync,
@@ -758,7 +759,7 @@ impl Engine {
     ) {
         let inner = &self.inner;
         let counter = inner.counter.fetch_add(1, Ordering::Relaxed) + 1;
-        let Some(seq) = tessera_replica_protocol::seq::seq(inner.epoch, counter) else {
+        let Some(seq) = inner.epoch.seq(counter).map(Seq::get) else {
             return done(Err(inner.no_quorum(
                 op,
                 offset,
@@ -875,7 +876,7 @@ impl Inner {
             info.map_or((0, String::new()), |i| (i.replica_epoch, i.node_id));
         EngineError::Fenced {
             volume_id: self.volume_id.clone(),
-            epoch: self.epoch,
+            epoch: self.epoch.get(),
             replica_epoch,
             node_id,
         }
@@ -894,7 +895,7 @@ impl Inner {
                     replica_epoch,
                     node_id: self.replicas[r].node_id.clone(),
                 });
-                tracing::error!(volume = %self.volume_id, epoch = self.epoch, replica_epoch, node = %self.replicas[r].node_id, "engine fenced: the volume has a newer epoch; failing all I/O");
+                tracing::error!(volume = %self.volume_id, epoch = self.epoch.get(), replica_epoch, node = %self.replicas[r].node_id, "engine fenced: the volume has a newer epoch; failing all I/O");
             }
         }
         self.fenced.store(true, Ordering::SeqCst);

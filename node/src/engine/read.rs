@@ -166,7 +166,10 @@ impl Inner {
                 .client()
                 .ok_or_else(|| "engine closed".to_owned())?;
             let counter = self.counter.fetch_add(1, Ordering::Relaxed) + 1;
-            let seq = tessera_replica_protocol::seq::seq(self.epoch, counter)
+            let seq = self
+                .epoch
+                .seq(counter)
+                .map(Seq::get)
                 .ok_or_else(|| "sequence counter exhausted".to_owned())?;
             match tokio::time::timeout(self.timeout, client.write(start, data, seq)).await {
                 Ok(Ok(())) => Ok(()),

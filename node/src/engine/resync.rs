@@ -121,7 +121,7 @@ impl Inner {
         let client = match ReplicaDataClient::connect_with(
             rep.address.as_str(),
             &self.volume_id,
-            self.epoch,
+            self.epoch.get(),
             config,
         )
         .await

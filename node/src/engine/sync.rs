@@ -174,7 +174,7 @@ impl Inner {
         // Nothing was written since the flush above.
         self.clean_round(false).await;
         if report.regions > 0 || !report.readmitted.is_empty() {
-            tracing::info!(volume = %self.volume_id, epoch = self.epoch, regions = report.regions,
+            tracing::info!(volume = %self.volume_id, epoch = self.epoch.get(), regions = report.regions,
                 blocks_fixed = report.blocks_fixed, bytes_copied = report.bytes_copied,
                 blocks_lost = report.blocks_lost, readmitted = ?report.readmitted,
                 elapsed_ms = started.elapsed().as_millis() as u64,
@@ -406,12 +406,12 @@ impl Inner {
             .map(|r| self.replicas[r].node_id.clone())
             .collect();
         members.sort();
-        if last.epoch == self.epoch && last.members == members {
+        if last.epoch == self.epoch.get() && last.members == members {
             return Ok(());
         }
         let next = Membership {
-            epoch: self.epoch,
-            version: if last.epoch == self.epoch {
+            epoch: self.epoch.get(),
+            version: if last.epoch == self.epoch.get() {
                 last.version + 1
             } else {
                 1

@@ -14,10 +14,33 @@ pub const MAX_EPOCH: u64 = (1 << (64 - COUNTER_BITS)) - 1;
 /// Highest counter an engine may use within one epoch.
 pub const MAX_COUNTER: u64 = (1 << COUNTER_BITS) - 1;
 
-/// The seq of write number `counter` (from 1) of the engine with `epoch`; `None`
-/// when either is out of range.
-pub fn seq(epoch: u64, counter: u64) -> Option<u64> {
-    (epoch <= MAX_EPOCH && counter <= MAX_COUNTER).then_some(epoch << COUNTER_BITS | counter)
+/// A write's sequence number: `epoch << COUNTER_BITS | counter`. Seqs of a later
+/// epoch are always greater, so "highest seq wins" picks the last writer's data. The
+/// wire and the store carry it as a `u64`; a [`Seq`] is one built by this layout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Seq(u64);
+
+impl Seq {
+    /// The seq of write number `counter` (from 1) of the engine with `epoch`; `None`
+    /// once the counter is beyond [`MAX_COUNTER`].
+    pub fn of(epoch: Epoch, counter: u64) -> Option<Seq> {
+        (counter <= MAX_COUNTER).then_some(Seq(epoch.0 << COUNTER_BITS | counter))
+    }
+
+    /// The number as the wire and the store carry it.
+    pub fn get(self) -> u64 {
+        self.0
+    }
+
+    /// The epoch of the engine that wrote it.
+    pub fn epoch(self) -> Epoch {
+        Epoch(self.0 >> COUNTER_BITS)
+    }
+
+    /// The write's number within its epoch.
+    pub fn counter(self) -> u64 {
+        self.0 & MAX_COUNTER
+    }
 }
 
 /// The epoch that fences `current` (the highest any replica holds), if the epoch
@@ -61,8 +84,8 @@ impl Epoch {
 
     /// The seq of write number `counter` of an engine at this epoch; `None` once the
     /// counter is exhausted.
-    pub fn seq(self, counter: u64) -> Option<u64> {
-        seq(self.0, counter)
+    pub fn seq(self, counter: u64) -> Option<Seq> {
+        Seq::of(self, counter)
     }
 }
 
@@ -98,14 +121,12 @@ mod tests {
 
     #[test]
     fn seqs_order_by_epoch_then_counter_and_bounds_hold() {
-        assert_eq!(seq(1, 1), Some((1 << 40) | 1));
-        assert!(seq(2, 1) > seq(1, MAX_COUNTER));
-        assert_eq!(seq(MAX_EPOCH + 1, 1), None);
-        assert_eq!(seq(1, MAX_COUNTER + 1), None);
-        assert_eq!(
-            seq(MAX_EPOCH, 5).map(|s| s >> COUNTER_BITS),
-            Some(MAX_EPOCH)
-        );
+        let e = |n| Epoch::new(n).unwrap();
+        assert_eq!(e(1).seq(1).map(Seq::get), Some((1 << 40) | 1));
+        assert!(e(2).seq(1) > e(1).seq(MAX_COUNTER));
+        assert_eq!(e(1).seq(MAX_COUNTER + 1), None);
+        let last = e(MAX_EPOCH).seq(5).unwrap();
+        assert_eq!((last.epoch(), last.counter()), (e(MAX_EPOCH), 5));
         assert_eq!(next_epoch(0), Some(1));
         assert_eq!(next_epoch(MAX_EPOCH), None);
         assert_eq!(next_epoch(u64::MAX), None);
@@ -120,7 +141,10 @@ mod tests {
         );
         assert_eq!(Epoch::new(MAX_EPOCH).unwrap().next(), None);
         assert_eq!(Epoch::ZERO.next(), Epoch::new(1).ok());
-        assert_eq!(Epoch::new(2).unwrap().seq(3), seq(2, 3));
+        assert_eq!(
+            Epoch::new(2).unwrap().seq(3).map(Seq::get),
+            Some(2 << 40 | 3)
+        );
         assert_eq!("7".parse::<Epoch>(), Ok(Epoch(7)));
         assert_eq!("-1".parse::<Epoch>(), Err(EpochParseError::NotANumber));
         assert!(matches!(
