@@ -9,7 +9,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
 use anyhow::{anyhow, Context};
-use tessera_csi_proto::v1::ListVolumesRequest;
+use tessera_csi_proto::v1::{ControllerGetVolumeRequest, ListVolumesRequest};
 use tessera_replica_protocol::control_proto::{
     GetInfoRequest, ListVolumesRequest as RecordsRequest, VolumeRecord,
 };
@@ -66,12 +66,29 @@ pub async fn volumes(controller: &str, replicas: &[String]) -> anyhow::Result<()
         token = page.next_token;
     }
     let (details, answered) = details_from_replicas(replicas).await;
+    // ControllerGetVolume asks the replicas, so its condition says which are in sync
+    // (ListVolumes' only says which daemons the controller reaches).
+    let mut conditions = HashMap::new();
+    for e in &entries {
+        let Some(volume) = &e.volume else { continue };
+        let request = ControllerGetVolumeRequest {
+            volume_id: volume.volume_id.clone(),
+        };
+        if let Ok(resp) = client.controller_get_volume(request).await {
+            if let Some(c) = resp.into_inner().status.and_then(|s| s.volume_condition) {
+                conditions.insert(volume.volume_id.clone(), c);
+            }
+        }
+    }
     let rows: Vec<Vec<String>> = entries
         .into_iter()
         .filter_map(|e| {
             let volume = e.volume?;
             let status = e.status.unwrap_or_default();
-            let condition = match status.volume_condition {
+            let condition = match conditions
+                .remove(&volume.volume_id)
+                .or(status.volume_condition)
+            {
                 Some(c) if c.abnormal => format!("abnormal: {}", c.message),
                 Some(c) if !c.message.is_empty() => format!("ok: {}", c.message),
                 Some(_) => "ok".to_owned(),

@@ -232,10 +232,22 @@ impl ReplicaControl for ControlService {
         &self,
         request: Request<proto::GetVolumeRequest>,
     ) -> Result<Response<proto::VolumeRecord>, Status> {
+        let volume_id = request.into_inner().volume_id;
         let result = self
             .catalog
-            .get(&request.into_inner().volume_id)
-            .map(Into::into)
+            .get(&volume_id)
+            .map(|record| {
+                let mut out: proto::VolumeRecord = record.into();
+                out.in_sync = self.catalog.open_store(&volume_id).ok().map(|(store, _)| {
+                    let m = store.sync_state().membership.get();
+                    proto::InSyncRecord {
+                        epoch: m.epoch,
+                        version: m.version,
+                        members: m.members,
+                    }
+                });
+                out
+            })
             .map_err(Status::from);
         self.finish("GetVolume", result)
     }

@@ -509,6 +509,8 @@ impl From<VolumeRecord> for proto::VolumeRecord {
             access_type: r.access_type,
             copy_source: r.copy_source.map(Into::into),
             copy: r.copy.map(Into::into),
+            // Not part of the record: the control service adds it for GetVolume.
+            in_sync: None,
         }
     }
 }

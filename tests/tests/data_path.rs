@@ -32,7 +32,9 @@ use std::time::{Duration, Instant};
 use tessera_tests::privilege::privileged;
 
 use sha2::{Digest, Sha256};
-use tessera_csi_proto::v1::{NodeGetVolumeStatsRequest, Volume, VolumeCondition};
+use tessera_csi_proto::v1::{
+    ControllerGetVolumeRequest, NodeGetVolumeStatsRequest, Volume, VolumeCondition,
+};
 use tessera_replica_protocol::data::ReplicaDataClient;
 use tessera_replica_protocol::sync::Membership;
 use tessera_tests::csi::{ControllerClient, NodeClient};
@@ -1201,6 +1203,23 @@ async fn g_replica_that_missed_writes_serves_none_stale_after_the_move() {
     assert_node_clean(&cluster, &on_n2);
 }
 
+/// The controller's view of a volume (ControllerGetVolume's condition).
+async fn controller_condition(
+    controller: &mut ControllerClient,
+    volume_id: &str,
+) -> VolumeCondition {
+    controller
+        .controller_get_volume(ControllerGetVolumeRequest {
+            volume_id: volume_id.to_owned(),
+        })
+        .await
+        .unwrap_or_else(|s| panic!("ControllerGetVolume {volume_id}: {s}"))
+        .into_inner()
+        .status
+        .and_then(|s| s.volume_condition)
+        .expect("ControllerGetVolume reports a volume condition")
+}
+
 /// How long a restarted replica daemon may take to be caught up and readmitted.
 const H_BACK_IN_SYNC: Duration = Duration::from_secs(60);
 
@@ -1259,6 +1278,11 @@ async fn h_rolling_restart_of_every_replica_daemon_under_writes() {
             down.abnormal && down.message.contains(&node),
             "replica {node} killed, the condition does not say so: {down:?}"
         );
+        let ctl = controller_condition(&mut controller, &volume.volume_id).await;
+        assert!(
+            !ctl.abnormal && ctl.message.starts_with("degraded: 2 of 3"),
+            "replica {node} killed, the controller's condition does not say so: {ctl:?}"
+        );
         let restarted = Instant::now();
         cluster
             .start_replica(victim)
@@ -1279,6 +1303,21 @@ async fn h_rolling_restart_of_every_replica_daemon_under_writes() {
              (writer at {})",
             restarted.elapsed(),
             writer.written()
+        );
+        // The controller sees it too, from the in-sync record the engine declares.
+        let all_in_sync = "all 3 replicas reachable and in sync";
+        let seen = poll_until(H_BACK_IN_SYNC, || {
+            let (mut ctl, id) = (controller.clone(), volume.volume_id.clone());
+            async move {
+                let c = controller_condition(&mut ctl, &id).await;
+                (c.message == all_in_sync).then_some(())
+            }
+        })
+        .await;
+        let last = controller_condition(&mut controller, &volume.volume_id).await;
+        assert!(
+            seen.is_ok(),
+            "the controller does not report every replica in sync after {node}'s resync: {last:?}"
         );
     }
     writer.kill_done();

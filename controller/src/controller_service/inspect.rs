@@ -13,6 +13,7 @@ use crate::error::{required, ControllerError};
 use crate::fs_type::MinVolumeSize;
 use crate::parameters::{self, VolumeParameters};
 use crate::placement::{self, Candidate};
+use crate::quorum::Reads;
 use crate::volume_index::{self, newer};
 
 impl ControllerService {
@@ -126,6 +127,11 @@ impl ControllerService {
             rec.replicas.len(),
             "hold the volume record",
         );
+        if !cond.abnormal {
+            if let Some(in_sync) = in_sync_condition(&reads) {
+                cond = in_sync;
+            }
+        }
         let failures = reads.failures();
         if !failures.is_empty() {
             cond.message = format!("{}: {failures}", cond.message);
@@ -210,5 +216,89 @@ impl ControllerService {
             maximum_volume_size: Some(size_i64(max)),
             minimum_volume_size: Some(size_i64(minimum)),
         })
+    }
+}
+
+/// The volume's condition by the newest in-sync record its reachable replicas hold
+/// (the engines' declarations): replicas that answered and are named in it count.
+/// `None` when no replica reports a record (daemons older than the records).
+fn in_sync_condition(reads: &Reads) -> Option<csi::VolumeCondition> {
+    let newest = reads
+        .ok()
+        .filter_map(|(_, r)| r.in_sync.as_ref())
+        .max_by_key(|m| (m.epoch, m.version))?;
+    let declared = newest.epoch != 0 || newest.version != 0;
+    let in_sync = |node: &str| !declared || newest.members.iter().any(|m| m == node);
+    let good = reads.ok().filter(|(r, _)| in_sync(&r.node_id)).count();
+    let mut cond = condition(good, reads.total(), "reachable and in sync");
+    let out: Vec<&str> = reads
+        .ok()
+        .filter(|(r, _)| !in_sync(&r.node_id))
+        .map(|(r, _)| r.node_id.as_str())
+        .collect();
+    if !out.is_empty() {
+        cond.message = format!("{} (out of sync: {})", cond.message, out.join(", "));
+    }
+    Some(cond)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quorum::{Answers, ReplicaFailure};
+    use tessera_replica_protocol::control_proto::{InSyncRecord, ReplicaRef, VolumeRecord};
+
+    fn answer(
+        node: &str,
+        in_sync: Option<(u64, &[&str])>,
+    ) -> (ReplicaRef, Result<VolumeRecord, ReplicaFailure>) {
+        let record = VolumeRecord {
+            in_sync: in_sync.map(|(epoch, members)| InSyncRecord {
+                epoch,
+                version: u64::from(epoch != 0),
+                members: members.iter().map(|m| m.to_string()).collect(),
+            }),
+            ..Default::default()
+        };
+        let r = ReplicaRef {
+            node_id: node.into(),
+            ..Default::default()
+        };
+        (r, Ok(record))
+    }
+
+    #[test]
+    fn the_newest_in_sync_record_decides_which_reachable_replicas_count() {
+        // a's record is older; b and c hold the newest, which leaves c out.
+        let reads = Answers(vec![
+            answer("a", Some((1, &["a", "b", "c"]))),
+            answer("b", Some((2, &["a", "b"]))),
+            answer("c", Some((2, &["a", "b"]))),
+        ]);
+        let cond = in_sync_condition(&reads).unwrap();
+        assert!(!cond.abnormal);
+        assert_eq!(
+            cond.message,
+            "degraded: 2 of 3 replicas reachable and in sync (out of sync: c)"
+        );
+        // One reachable and in sync is below the majority.
+        let reads = Answers(vec![
+            answer("a", Some((3, &["a"]))),
+            answer("b", Some((3, &["a"]))),
+            (
+                ReplicaRef::default(),
+                Err(ReplicaFailure::Unreachable("down".into())),
+            ),
+        ]);
+        assert!(in_sync_condition(&reads).unwrap().abnormal);
+        // No declaration yet: every reachable replica counts.
+        let reads = Answers(vec![
+            answer("a", Some((0, &[]))),
+            answer("b", Some((0, &[]))),
+        ]);
+        let cond = in_sync_condition(&reads).unwrap();
+        assert_eq!(cond.message, "all 2 replicas reachable and in sync");
+        // Daemons that report no record leave the condition to reachability.
+        assert!(in_sync_condition(&Answers(vec![answer("a", None)])).is_none());
     }
 }
