@@ -102,11 +102,18 @@ async fn volume_lifecycle_over_grpc() {
         .map(|v| v.volume_id.as_str())
         .collect();
     assert_eq!(ids, vec!["vol-a", "vol-b"]);
+    let got = c
+        .get_volume(get_req("vol-b"))
+        .await
+        .expect("get")
+        .into_inner();
+    // GetVolume adds the replica's in-sync record: none declared yet for a new volume.
+    assert_eq!(got.in_sync, Some(proto::InSyncRecord::default()));
     assert_eq!(
-        c.get_volume(get_req("vol-b"))
-            .await
-            .expect("get")
-            .into_inner(),
+        proto::VolumeRecord {
+            in_sync: None,
+            ..got
+        },
         b
     );
 
