@@ -37,6 +37,7 @@ use std::sync::Arc;
 use super::file::IoPriority;
 use super::format::{Entry, Verdict, FLAG_TRIMMED};
 use super::layer::Layer;
+use super::locks::StripeWrite;
 use super::{check_range, LayeredStore, StoreError, WriteOutcome, BS};
 use crate::block_io::BLOCK_SIZE;
 use crate::park::block_on;
@@ -254,18 +255,47 @@ impl LayeredStore {
         seq: u64,
     ) -> Result<Vec<WriteOutcome>, StoreError> {
         let _gate = self.locks.gate_shared().await;
+        let older = self
+            .older_blocks(priority, offset, data.len() as u64, seq)
+            .await?;
+        for (run_first, count) in applied_runs(older.first, &older.outcomes) {
+            let at = ((run_first - older.first) as usize) * BS;
+            let run = &data[at..at + count as usize * BS];
+            write_run(
+                &older.head,
+                priority,
+                run_first,
+                run,
+                &data_entries(run_first, run, seq),
+            )
+            .await?;
+        }
+        Ok(older.outcomes)
+    }
+
+    /// The blocks of a range whose current version is older than `seq` (missing or
+    /// damaged counts as older), with the range's stripes locked exclusively until
+    /// the result is dropped: the conditional writes and trims apply exactly these.
+    /// The caller holds the gate.
+    async fn older_blocks(
+        &self,
+        priority: IoPriority,
+        offset: u64,
+        len: u64,
+        seq: u64,
+    ) -> Result<OlderBlocks<'_>, StoreError> {
         let (layers, first, n) = {
             let state = self.state_read();
             state.head()?;
-            let (first, n) = check_range(offset, data.len() as u64, state.size)?;
+            let (first, n) = check_range(offset, len, state.size)?;
             let layers: Vec<Arc<Layer>> =
                 state.layers.iter().map(|s| Arc::clone(&s.layer)).collect();
             (layers, first, n)
         };
-        let Some(head) = layers.last() else {
+        let Some(head) = layers.last().cloned() else {
             return Err(StoreError::VolumeDeleted);
         };
-        let _stripes = self.locks.exclusive(first, n).await;
+        let stripes = self.locks.exclusive(first, n).await;
         let mut outcomes = Vec::with_capacity(n as usize);
         for b in first..first + n {
             outcomes.push(if is_newer(&layers, priority, b, seq).await? {
@@ -274,29 +304,12 @@ impl LayeredStore {
                 WriteOutcome::Skipped
             });
         }
-        let mut i = 0usize;
-        while i < outcomes.len() {
-            if outcomes[i] == WriteOutcome::Skipped {
-                i += 1;
-                continue;
-            }
-            let mut j = i + 1;
-            while j < outcomes.len() && outcomes[j] == WriteOutcome::Applied {
-                j += 1;
-            }
-            let run_first = first + i as u64;
-            let run = &data[i * BS..j * BS];
-            write_run(
-                head,
-                priority,
-                run_first,
-                run,
-                &data_entries(run_first, run, seq),
-            )
-            .await?;
-            i = j;
-        }
-        Ok(outcomes)
+        Ok(OlderBlocks {
+            head,
+            first,
+            outcomes,
+            _stripes: stripes,
+        })
     }
 
     /// [`Self::write_if_newer`] for async callers, at `priority`. Like
@@ -341,27 +354,9 @@ impl LayeredStore {
         seq: u64,
     ) -> Result<Vec<WriteOutcome>, StoreError> {
         let _gate = self.locks.gate_shared().await;
-        let (layers, first, n) = {
-            let state = self.state_read();
-            state.head()?;
-            let (first, n) = check_range(offset, len, state.size)?;
-            let layers: Vec<Arc<Layer>> =
-                state.layers.iter().map(|s| Arc::clone(&s.layer)).collect();
-            (layers, first, n)
-        };
-        let Some(head) = layers.last() else {
-            return Err(StoreError::VolumeDeleted);
-        };
-        let _stripes = self.locks.exclusive(first, n).await;
-        let mut outcomes = Vec::with_capacity(n as usize);
-        for b in first..first + n {
-            outcomes.push(if is_newer(&layers, priority, b, seq).await? {
-                WriteOutcome::Applied
-            } else {
-                WriteOutcome::Skipped
-            });
-        }
-        let runs = applied_runs(first, &outcomes);
+        let older = self.older_blocks(priority, offset, len, seq).await?;
+        let head = &older.head;
+        let runs = applied_runs(older.first, &older.outcomes);
         for (run_first, count) in &runs {
             let entries: Vec<Entry> = (*run_first..run_first + count)
                 .map(|b| Entry::tombstone(b, seq))
@@ -374,7 +369,7 @@ impl LayeredStore {
         for (run_first, count) in runs {
             head.punch(priority, run_first, count).await?;
         }
-        Ok(outcomes)
+        Ok(older.outcomes)
     }
 
     /// [`Self::trim`] for async callers, at `priority`.
@@ -455,6 +450,14 @@ where
 
 /// The runs of consecutive applied blocks in `outcomes` (of blocks from `first`), as
 /// (first block, count).
+/// What [`LayeredStore::older_blocks`] found, holding the range's stripes.
+struct OlderBlocks<'a> {
+    head: Arc<Layer>,
+    first: u64,
+    outcomes: Vec<WriteOutcome>,
+    _stripes: Vec<StripeWrite<'a>>,
+}
+
 fn applied_runs(first: u64, outcomes: &[WriteOutcome]) -> Vec<(u64, u64)> {
     let mut runs: Vec<(u64, u64)> = Vec::new();
     for (k, o) in outcomes.iter().enumerate() {
