@@ -387,6 +387,8 @@ impl Restorer {
             holders: self.copy_holders(&found.holders, found.record.replication_factor),
             size_bytes: found.record.size_bytes,
             clone,
+            rebuild: false,
+            fence_epoch: 0,
         };
         Ok(PreparedCopy {
             size,
@@ -605,6 +607,7 @@ mod tests {
             holders: vec![],
             size_bytes: 100,
             clone,
+            ..Default::default()
         }
     }
 

@@ -192,6 +192,7 @@ impl Volumes {
                             expected_generation: r.generation,
                             attachments: attachments.clone(),
                             parameters: parameters.clone(),
+                            replicas: Vec::new(),
                         };
                         (replica.clone(), RecordWrite::Update(write))
                     })

@@ -744,6 +744,7 @@ async fn a_create_interrupted_after_one_replica_is_completed_by_the_retry() {
             created_unix_nanos: 1,
             access_type: "mount".into(),
             copy_source: None,
+            epoch: 0,
         })
         .await
         .expect("CreateVolume on n2")

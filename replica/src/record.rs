@@ -146,6 +146,12 @@ pub struct CopySource {
     pub size_bytes: u64,
     /// The CSI source was a volume (clone) rather than a snapshot.
     pub clone: bool,
+    /// A rebuild: the head of this same volume, copied from its surviving replicas
+    /// with every block's own seq.
+    pub rebuild: bool,
+    /// With `rebuild`: the epoch the controller fenced a detached volume at before
+    /// the copy (0 otherwise); the controller's, stored only.
+    pub fence_epoch: u64,
 }
 
 impl CopySource {
@@ -157,6 +163,7 @@ impl CopySource {
             && self.source_volume_id == other.source_volume_id
             && self.size_bytes == other.size_bytes
             && self.clone == other.clone
+            && self.rebuild == other.rebuild
     }
 }
 
@@ -408,6 +415,8 @@ impl From<proto::CopySource> for CopySource {
             holders: c.holders.into_iter().map(Into::into).collect(),
             size_bytes: c.size_bytes,
             clone: c.clone,
+            rebuild: c.rebuild,
+            fence_epoch: c.fence_epoch,
         }
     }
 }
@@ -421,6 +430,8 @@ impl From<CopySource> for proto::CopySource {
             holders: c.holders.into_iter().map(Into::into).collect(),
             size_bytes: c.size_bytes,
             clone: c.clone,
+            rebuild: c.rebuild,
+            fence_epoch: c.fence_epoch,
         }
     }
 }
@@ -553,6 +564,7 @@ mod tests {
                 }],
                 size_bytes: 1 << 29,
                 clone: false,
+                ..CopySource::default()
             }),
             copy: Some(CopyProgress {
                 done_bytes: 1 << 20,

@@ -222,6 +222,7 @@ async fn kill9_and_restart_keeps_records_and_epochs() {
                 readonly: false,
             }],
             parameters: [("maxIOPS".to_string(), "500".to_string())].into(),
+            replicas: Vec::new(),
         })
         .await
         .expect("update")

@@ -227,6 +227,8 @@ fn copy_source(
         holders: holders.iter().map(|n| n.holder()).collect(),
         size_bytes: size,
         clone: false,
+        rebuild: false,
+        fence_epoch: 0,
     }
 }
 

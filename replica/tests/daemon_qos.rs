@@ -92,6 +92,7 @@ async fn update_volume_changes_the_live_qos() {
                 ("burstDuration", "100ms"),
                 ("fsType", "ext4"),
             ]),
+            replicas: Vec::new(),
         })
         .await
         .expect("update")
@@ -140,6 +141,7 @@ async fn update_volume_changes_the_live_qos() {
             expected_generation: 2,
             attachments: vec![],
             parameters: params(&[("maxIOPS", "-5")]),
+            replicas: Vec::new(),
         })
         .await
         .expect_err("negative maxIOPS");
@@ -151,6 +153,7 @@ async fn update_volume_changes_the_live_qos() {
             expected_generation: 2,
             attachments: vec![],
             parameters: params(&[("maxIOPS", "10"), ("burstDuration", "0ms")]),
+            replicas: Vec::new(),
         })
         .await
         .expect_err("zero burst with a limit");

@@ -135,6 +135,7 @@ impl ControllerService {
             created_unix_nanos: now_nanos(),
             access_type: access.record_access_type().to_string(),
             copy_source: copy_source.clone(),
+            epoch: 0,
         };
         let created = self
             .place_and_create(
@@ -238,6 +239,7 @@ impl ControllerService {
             // The same source again: a replica that missed the first create starts
             // its copy, the others answer with their record.
             copy_source: rec.copy_source.clone(),
+            epoch: 0,
         };
         let created = self.create_on_replicas(&create, false).await?;
         Ok(if newer(&rec, &created) { rec } else { created })

@@ -55,6 +55,7 @@ pub fn source(snapshot: &str) -> CopySource {
             .collect(),
         size_bytes: MIB,
         clone: false,
+        ..CopySource::default()
     }
 }
 
