@@ -12,7 +12,7 @@ use tonic::{Code, Request, Response, Status};
 use tracing::{error, warn};
 
 use crate::block_io::BLOCK_SIZE;
-use crate::catalog::{Catalog, CatalogError, NewVolume};
+use crate::catalog::{Catalog, CatalogError, NewVolume, RecordUpdate};
 use crate::control_proto as proto;
 use crate::control_proto::replica_control_server::ReplicaControl;
 use crate::copy::CopyManager;
@@ -127,6 +127,7 @@ impl From<CatalogError> for Status {
             | CatalogError::InvalidSize { .. }
             | CatalogError::InvalidQos { .. }
             | CatalogError::InvalidCopySource { .. }
+            | CatalogError::InvalidReplicaSet { .. }
             | CatalogError::EpochNotIncreasing { .. }
             | CatalogError::EpochTooLarge { .. } => Code::InvalidArgument,
             CatalogError::Conflict { .. } => Code::AlreadyExists,
@@ -267,13 +268,18 @@ impl ReplicaControl for ControlService {
         let req = request.into_inner();
         let attachments = req.attachments.into_iter().map(Into::into).collect();
         let parameters = req.parameters.into_iter().collect();
+        let replicas =
+            (!req.replicas.is_empty()).then(|| req.replicas.into_iter().map(Into::into).collect());
         let result = self
             .blocking(move |c| {
                 c.update(
                     &req.volume_id,
                     req.expected_generation,
-                    attachments,
-                    parameters,
+                    RecordUpdate {
+                        attachments,
+                        parameters,
+                        replicas,
+                    },
                 )
             })
             .await

@@ -89,6 +89,7 @@ impl Catalog {
 
 #[cfg(test)]
 mod tests {
+    use crate::catalog::RecordUpdate;
     use std::collections::BTreeMap;
 
     use super::*;
@@ -163,8 +164,16 @@ mod tests {
         // A raise does not touch the update CAS token.
         assert_eq!(cat.get("v1").expect("get").generation, 1);
         // The handle is the same Arc after an update.
-        cat.update("v1", 1, Vec::new(), BTreeMap::new())
-            .expect("update");
+        cat.update(
+            "v1",
+            1,
+            RecordUpdate {
+                attachments: Vec::new(),
+                parameters: BTreeMap::new(),
+                replicas: None,
+            },
+        )
+        .expect("update");
         assert!(Arc::ptr_eq(&handle, &cat.epoch_handle("v1").expect("h")));
     }
 }

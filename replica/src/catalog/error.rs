@@ -112,6 +112,15 @@ pub enum CatalogError {
         /// What is wrong with the source.
         reason: String,
     },
+    /// An UpdateVolume replica set that cannot be a volume's set (wrong size, a
+    /// node twice, a member without an id or address).
+    #[error("volume {volume_id}: invalid replica set: {reason}")]
+    InvalidReplicaSet {
+        /// The volume.
+        volume_id: String,
+        /// What is wrong with the set.
+        reason: String,
+    },
     /// A restore or clone into a volume smaller than its source.
     #[error("volume {volume_id} of {size} bytes cannot hold its source of {source_size} bytes")]
     CopyTooSmall {

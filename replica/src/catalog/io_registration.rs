@@ -196,6 +196,7 @@ impl Catalog {
 
 #[cfg(test)]
 mod tests {
+    use crate::catalog::RecordUpdate;
     use std::path::Path;
 
     use super::*;
@@ -245,8 +246,16 @@ mod tests {
                 (Some(100), None)
             );
             let handle = cat.volume_handle("v1").expect("registration");
-            cat.update("v1", 1, Vec::new(), max_iops("200"))
-                .expect("update");
+            cat.update(
+                "v1",
+                1,
+                RecordUpdate {
+                    attachments: Vec::new(),
+                    parameters: max_iops("200"),
+                    replicas: None,
+                },
+            )
+            .expect("update");
             assert_eq!(handle.qos().max_iops, Some(200));
             // The store's I/O goes through the registration.
             let (store, _) = cat.open_store("v1").expect("store");
@@ -273,8 +282,16 @@ mod tests {
                 "{report:?}"
             );
             assert!(cat.open_store("v1").is_ok());
-            cat.update("v1", rec.generation, Vec::new(), max_iops("50"))
-                .expect("fix");
+            cat.update(
+                "v1",
+                rec.generation,
+                RecordUpdate {
+                    attachments: Vec::new(),
+                    parameters: max_iops("50"),
+                    replicas: None,
+                },
+            )
+            .expect("fix");
             let report = cat.io_reports().remove(0);
             assert_eq!((report.qos.max_iops, report.qos_error), (Some(50), None));
 

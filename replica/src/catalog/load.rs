@@ -191,6 +191,7 @@ fn load_volume(
 
 #[cfg(test)]
 mod tests {
+    use crate::catalog::RecordUpdate;
     use std::sync::atomic::Ordering;
 
     use super::*;
@@ -210,11 +211,14 @@ mod tests {
             cat.update(
                 "b",
                 1,
-                vec![Attachment {
-                    node_id: "n".into(),
-                    readonly: true,
-                }],
-                BTreeMap::new(),
+                RecordUpdate {
+                    attachments: vec![Attachment {
+                        node_id: "n".into(),
+                        readonly: true,
+                    }],
+                    parameters: BTreeMap::new(),
+                    replicas: None,
+                },
             )
             .expect("update");
             cat.list()

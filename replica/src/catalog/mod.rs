@@ -77,6 +77,7 @@ pub use lifecycle::{CreateOutcome, NewVolume};
 pub use load::CatalogConfig;
 pub use lock::LOCK_FILE;
 pub use quarantine::QuarantinedVolume;
+pub use update::RecordUpdate;
 pub use validate::validate_volume_id;
 
 use error::mutation_error;

@@ -1,5 +1,6 @@
-//! The generation compare-and-set mutations of a volume: its attachments and
-//! parameters (QoS applied live), and its size. `generation` is the controller's
+//! The generation compare-and-set mutations of a volume: its attachments,
+//! parameters (QoS applied live) and replica set (when the controller replaces a lost
+//! replica), and its size. `generation` is the controller's
 //! token: each of these bumps it, and each is refused unless the caller names the
 //! current one.
 
@@ -12,18 +13,34 @@ use super::error::store_error;
 use super::io_registration::requested_qos;
 use super::validate::validate_size;
 use super::{validate_volume_id, Catalog, CatalogError};
-use crate::record::{Attachment, VolumeRecord};
+use crate::record::{Attachment, ReplicaRef, VolumeRecord};
+
+/// The mutable part of a record an UpdateVolume replaces.
+#[derive(Debug, Clone, Default)]
+pub struct RecordUpdate {
+    /// Nodes the volume is published to.
+    pub attachments: Vec<Attachment>,
+    /// Validated StorageClass parameters.
+    pub parameters: BTreeMap<String, String>,
+    /// A new replica set, or `None` to keep the stored one.
+    pub replicas: Option<Vec<ReplicaRef>>,
+}
 
 impl Catalog {
-    /// Replaces a volume's attachments and parameters if its generation equals
-    /// `expected_generation`; returns the new record (generation + 1).
+    /// Replaces a volume's attachments, parameters and (if given) replica set if its
+    /// generation equals `expected_generation`; returns the new record
+    /// (generation + 1).
     pub fn update(
         &self,
         volume_id: &str,
         expected_generation: u64,
-        attachments: Vec<Attachment>,
-        parameters: BTreeMap<String, String>,
+        change: RecordUpdate,
     ) -> Result<VolumeRecord, CatalogError> {
+        let RecordUpdate {
+            attachments,
+            parameters,
+            replicas,
+        } = change;
         validate_volume_id(volume_id)?;
         let _guard = self.lock_mutations();
         let mut record = self.get(volume_id)?;
@@ -37,6 +54,14 @@ impl Catalog {
         // Checked before anything is written: a record whose QoS cannot be applied is
         // refused rather than stored and then ignored.
         let qos = requested_qos(volume_id, &parameters)?;
+        if let Some(replicas) = replicas {
+            validate_replica_set(volume_id, record.replication_factor, &replicas)?;
+            if replicas != record.replicas {
+                info!(volume_id, from = ?node_ids(&record.replicas), to = ?node_ids(&replicas),
+                    "replica set replaced");
+            }
+            record.replicas = replicas;
+        }
         let qos_changed = record.parameters != parameters;
         record.attachments = attachments;
         record.parameters = parameters;
@@ -115,6 +140,42 @@ impl Catalog {
     }
 }
 
+/// A replica set a volume can have: `replication_factor` members on distinct nodes,
+/// each with a node id and both addresses.
+fn validate_replica_set(
+    volume_id: &str,
+    replication_factor: u32,
+    replicas: &[ReplicaRef],
+) -> Result<(), CatalogError> {
+    let invalid = |reason: String| CatalogError::InvalidReplicaSet {
+        volume_id: volume_id.to_string(),
+        reason,
+    };
+    if replicas.len() != replication_factor as usize {
+        return Err(invalid(format!(
+            "{} members for a replication factor of {replication_factor}",
+            replicas.len()
+        )));
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for r in replicas {
+        if r.node_id.is_empty() || r.control_address.is_empty() || r.data_address.is_empty() {
+            return Err(invalid(format!(
+                "member {:?} lacks a node id, control address or data address",
+                r.node_id
+            )));
+        }
+        if !seen.insert(r.node_id.as_str()) {
+            return Err(invalid(format!("node {} appears twice", r.node_id)));
+        }
+    }
+    Ok(())
+}
+
+fn node_ids(replicas: &[ReplicaRef]) -> Vec<&str> {
+    replicas.iter().map(|r| r.node_id.as_str()).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -131,14 +192,30 @@ mod tests {
         }];
         let params: BTreeMap<_, _> = [("maxIOPS".to_string(), "100".to_string())].into();
         let rec = cat
-            .update("v1", 1, att.clone(), params.clone())
+            .update(
+                "v1",
+                1,
+                RecordUpdate {
+                    attachments: att.clone(),
+                    parameters: params.clone(),
+                    replicas: None,
+                },
+            )
             .expect("update");
         assert_eq!(rec.generation, 2);
         assert_eq!(rec.attachments, att);
         assert_eq!(rec.parameters, params);
 
         let err = cat
-            .update("v1", 1, Vec::new(), BTreeMap::new())
+            .update(
+                "v1",
+                1,
+                RecordUpdate {
+                    attachments: Vec::new(),
+                    parameters: BTreeMap::new(),
+                    replicas: None,
+                },
+            )
             .expect_err("stale generation");
         assert!(matches!(
             err,
@@ -147,7 +224,15 @@ mod tests {
         assert!(err.to_string().contains("current generation is 2"), "{err}");
         assert_eq!(cat.get("v1").expect("get"), rec);
         assert!(matches!(
-            cat.update("nope", 1, Vec::new(), BTreeMap::new()),
+            cat.update(
+                "nope",
+                1,
+                RecordUpdate {
+                    attachments: Vec::new(),
+                    parameters: BTreeMap::new(),
+                    replicas: None
+                }
+            ),
             Err(CatalogError::NotFound(_))
         ));
     }
@@ -159,10 +244,86 @@ mod tests {
         let before = cat.create(new_volume("v1", MIB)).expect("create").record;
         let params: BTreeMap<_, _> = [("maxIOPS".to_string(), "lots".to_string())].into();
         assert!(matches!(
-            cat.update("v1", 1, Vec::new(), params),
+            cat.update(
+                "v1",
+                1,
+                RecordUpdate {
+                    attachments: Vec::new(),
+                    parameters: params,
+                    replicas: None
+                }
+            ),
             Err(CatalogError::InvalidQos { .. })
         ));
         assert_eq!(cat.get("v1").expect("get"), before);
+    }
+
+    fn member(node: &str) -> ReplicaRef {
+        ReplicaRef {
+            node_id: node.into(),
+            zone: String::new(),
+            control_address: format!("{node}:7400"),
+            data_address: format!("{node}:7401"),
+        }
+    }
+
+    fn replacing(replicas: Vec<ReplicaRef>) -> RecordUpdate {
+        RecordUpdate {
+            replicas: Some(replicas),
+            ..RecordUpdate::default()
+        }
+    }
+
+    #[test]
+    fn update_replaces_the_replica_set_only_with_a_valid_one() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let cat = open(tmp.path(), Some(100 * MIB));
+        let mut nv = new_volume("v1", MIB);
+        nv.replication_factor = 3;
+        nv.replicas = ["a", "b", "c"].map(member).to_vec();
+        let before = cat.create(nv).expect("create").record;
+        for (set, why) in [
+            (
+                ["a", "b"].map(member).to_vec(),
+                "2 members for a replication factor of 3",
+            ),
+            (["a", "b", "b"].map(member).to_vec(), "node b appears twice"),
+            (
+                vec![member("a"), member("b"), member("")],
+                "lacks a node id",
+            ),
+        ] {
+            let err = cat.update("v1", 1, replacing(set)).expect_err(why);
+            assert!(
+                matches!(err, CatalogError::InvalidReplicaSet { .. }),
+                "{err}"
+            );
+            assert!(err.to_string().contains(why), "{err}");
+            assert_eq!(cat.get("v1").expect("get"), before, "nothing changed");
+        }
+        let mut no_data = member("d");
+        no_data.data_address.clear();
+        assert!(matches!(
+            cat.update("v1", 1, replacing(vec![member("a"), member("b"), no_data])),
+            Err(CatalogError::InvalidReplicaSet { .. })
+        ));
+
+        let new_set = ["a", "b", "d"].map(member).to_vec();
+        let rec = cat
+            .update("v1", 1, replacing(new_set.clone()))
+            .expect("replace");
+        assert_eq!((rec.generation, &rec.replicas), (2, &new_set));
+        assert!(matches!(
+            cat.update("v1", 1, replacing(before.replicas.clone())),
+            Err(CatalogError::GenerationMismatch { current: 2, .. })
+        ));
+        // An update without a set keeps the stored one; the set survives a reopen.
+        cat.update("v1", 2, RecordUpdate::default())
+            .expect("update");
+        drop(cat);
+        let cat = open(tmp.path(), Some(100 * MIB));
+        let reopened = cat.get("v1").expect("get");
+        assert_eq!((reopened.generation, reopened.replicas), (3, new_set));
     }
 
     #[test]
