@@ -37,6 +37,7 @@ pub mod controller_service;
 pub use tessera_csi_proto::endpoint;
 pub mod error;
 pub mod fs_type;
+pub mod heal;
 pub mod locks;
 pub mod metrics;
 pub mod parameters;

@@ -4,9 +4,10 @@
 //! `/metrics` endpoint.
 
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use tessera_telemetry::exposition::{gauge, gauges};
+use tessera_telemetry::exposition::{counters, gauge, gauges};
 use tessera_telemetry::prometheus_client::collector::Collector;
 use tessera_telemetry::prometheus_client::encoding::DescriptorEncoder;
 use tessera_telemetry::prometheus_client::registry::Registry;
@@ -20,9 +21,33 @@ use crate::volume_index::VolumeIndex;
 #[derive(Debug, Default)]
 pub struct Metrics {
     csi_requests: GrpcRequests,
+    heal: Arc<HealCounters>,
+}
+
+/// Steps the healing pass took (`crate::heal`).
+#[derive(Debug, Default)]
+struct HealCounters {
+    replaced: AtomicU64,
+    declared: AtomicU64,
+    leftovers: AtomicU64,
 }
 
 impl Metrics {
+    /// Counts a lost replica replaced.
+    pub fn count_replacement(&self) {
+        self.heal.replaced.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a rebuilt replica the controller declared in sync.
+    pub fn count_rebuild_declared(&self) {
+        self.heal.declared.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a leftover copy deleted.
+    pub fn count_leftover_collected(&self) {
+        self.heal.leftovers.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Counts one finished CSI call.
     pub fn observe_rpc(&self, method: &'static str, code: Code) {
         self.csi_requests.observe(method, code);
@@ -41,16 +66,22 @@ impl Metrics {
             "tessera_controller_csi_requests",
             "CSI calls answered, by method and gRPC code.",
         );
-        registry.register_collector(Box::new(PoolAndIndex { pool, index }));
+        registry.register_collector(Box::new(PoolAndIndex {
+            pool,
+            index,
+            heal: self.heal.clone(),
+        }));
         registry
     }
 }
 
-/// The replica daemons the pool knows and the volumes the index holds, read per scrape.
+/// The replica daemons the pool knows and the volumes the index holds, read per
+/// scrape, and the healing counters.
 #[derive(Debug)]
 struct PoolAndIndex {
     pool: Arc<ReplicaPool>,
     index: Arc<VolumeIndex>,
+    heal: Arc<HealCounters>,
 }
 
 impl Collector for PoolAndIndex {
@@ -80,6 +111,26 @@ impl Collector for PoolAndIndex {
                     info.free_bytes,
                 ))
             }),
+        )?;
+        counters(
+            &mut encoder,
+            "tessera_controller_heal_steps",
+            "Steps the healing pass took: lost replicas replaced, rebuilt replicas of \
+             detached volumes declared in sync, leftover copies deleted.",
+            [
+                (
+                    [("step", "replace")],
+                    self.heal.replaced.load(Ordering::Relaxed),
+                ),
+                (
+                    [("step", "declare")],
+                    self.heal.declared.load(Ordering::Relaxed),
+                ),
+                (
+                    [("step", "collect_leftover")],
+                    self.heal.leftovers.load(Ordering::Relaxed),
+                ),
+            ],
         )?;
         gauge(
             &mut encoder,
@@ -144,6 +195,7 @@ mod tests {
             "tessera_controller_replica_daemons{state=\"live\"} 0\n",
             "tessera_controller_replica_daemons{state=\"down\"} 1\n",
             "tessera_controller_volumes 0\n",
+            "tessera_controller_heal_steps_total{step=\"replace\"} 0\n",
         ] {
             assert!(body.contains(line), "{line:?} missing from\n{body}");
         }

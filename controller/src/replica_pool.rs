@@ -9,7 +9,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
 use std::sync::{Mutex, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tessera_replica_protocol::control_proto::replica_control_client::ReplicaControlClient;
 use tessera_replica_protocol::control_proto::{
@@ -56,6 +56,13 @@ pub struct ReplicaPool {
     cfg: PoolConfig,
     daemons: RwLock<BTreeMap<String, DaemonStatus>>,
     channels: Mutex<HashMap<String, Channel>>,
+    /// When a daemon last answered, by node id: what "lost for longer than the
+    /// replacement delay" is measured against (a node's daemon may come back under
+    /// another address, and a pod gone from DNS leaves `daemons`).
+    node_last_seen: Mutex<HashMap<String, Instant>>,
+    /// Stands in for the last sighting of a node never seen since this start: a
+    /// controller that restarts waits a whole delay before it declares anyone lost.
+    started: Instant,
 }
 
 fn normalise(addr: &str) -> String {
@@ -90,6 +97,8 @@ impl ReplicaPool {
             cfg,
             daemons: RwLock::new(daemons),
             channels: Mutex::new(HashMap::new()),
+            node_last_seen: Mutex::new(HashMap::new()),
+            started: Instant::now(),
         }
     }
 
@@ -144,6 +153,16 @@ impl ReplicaPool {
             .unzip();
         let calls = addrs.iter().map(|a| self.get_info(a));
         let results = join_all(calls).await;
+        let now = Instant::now();
+        {
+            let mut seen = self
+                .node_last_seen
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            for info in results.iter().flatten() {
+                seen.insert(info.node_id.clone(), now);
+            }
+        }
         let mut d = self.write();
         for ((a, r), was_live) in addrs.into_iter().zip(results).zip(was_live) {
             let Some(s) = d.get_mut(&a) else { continue };
@@ -235,6 +254,28 @@ impl ReplicaPool {
             },
             _ => r.clone(),
         }
+    }
+
+    /// How long no daemon of `node_id` has answered; `None` while one is live. A node
+    /// not seen since this controller started counts from the start.
+    pub fn unreachable_for(&self, node_id: &str) -> Option<Duration> {
+        let live = self
+            .read()
+            .values()
+            .any(|s| s.live && s.info.as_ref().is_some_and(|i| i.node_id == node_id));
+        if live {
+            return None;
+        }
+        let seen = self
+            .node_last_seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        Some(seen.get(node_id).copied().unwrap_or(self.started).elapsed())
+    }
+
+    /// Whether replica `r`'s node has been unreachable for longer than `delay`.
+    pub fn is_lost(&self, r: &ReplicaRef, delay: Duration) -> bool {
+        self.unreachable_for(&r.node_id).is_some_and(|d| d > delay)
     }
 
     /// Whether the daemon holding replica `r` answered its last contact.

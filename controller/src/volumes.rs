@@ -5,8 +5,8 @@
 //! The index is updated after the replicas, never before, so a crash in between loses
 //! nothing: the next start rebuilds it from the records.
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use tessera_replica_protocol::control_proto::{
@@ -53,13 +53,36 @@ pub async fn load_index(pool: &ReplicaPool) -> (VolumeIndex, usize) {
 pub struct Volumes {
     pool: Arc<ReplicaPool>,
     index: Arc<VolumeIndex>,
+    /// Volumes this controller deleted while some member was lost: their copies on
+    /// those daemons are collected when they return.
+    deleted_while_lost: Arc<Mutex<BTreeSet<String>>>,
 }
 
 impl Volumes {
     /// Records of the daemons in `pool`, indexed in `index` (see
     /// [`crate::load_index`]).
     pub fn new(pool: Arc<ReplicaPool>, index: Arc<VolumeIndex>) -> Self {
-        Self { pool, index }
+        Self {
+            pool,
+            index,
+            deleted_while_lost: Arc::default(),
+        }
+    }
+
+    /// Notes that `volume_id` was deleted while some member was lost.
+    pub fn note_deleted_while_lost(&self, volume_id: &str) {
+        self.deleted_while_lost
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(volume_id.to_string());
+    }
+
+    /// Whether this controller deleted `volume_id` while some member was lost.
+    pub fn deleted_while_lost(&self, volume_id: &str) -> bool {
+        self.deleted_while_lost
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(volume_id)
     }
 
     /// The replica daemons.
@@ -168,31 +191,72 @@ impl Volumes {
     where
         F: Fn(&VolumeRecord) -> Result<Option<(Vec<Attachment>, HashMap<String, String>)>>,
     {
+        self.update_to(rec, |cur| {
+            Ok(change(cur)?.map(|(attachments, parameters)| RecordTarget {
+                attachments,
+                parameters,
+                replicas: cur.replicas.clone(),
+            }))
+        })
+        .await
+    }
+
+    /// Replaces the replica set of `rec` with `replicas` on a majority of its current
+    /// replicas (a lost member swapped for its replacement), keeping attachments and
+    /// parameters as the majority holds them.
+    pub async fn replace_replicas(
+        &self,
+        rec: &VolumeRecord,
+        replicas: Vec<ReplicaRef>,
+    ) -> Result<VolumeRecord> {
+        self.update_to(rec, |cur| {
+            Ok(Some(RecordTarget {
+                attachments: cur.attachments.clone(),
+                parameters: cur.parameters.clone(),
+                replicas: replicas.clone(),
+            }))
+        })
+        .await
+    }
+
+    /// The compare-and-set of [`Self::update_record`] and [`Self::replace_replicas`]:
+    /// `target(current)` (or `None`: keep, and repair replicas that lag behind).
+    async fn update_to<F>(&self, rec: &VolumeRecord, target: F) -> Result<VolumeRecord>
+    where
+        F: Fn(&VolumeRecord) -> Result<Option<RecordTarget>>,
+    {
         let op = Op::Update {
             volume: rec.volume_id.clone(),
         };
         let committed = self
             .compare_and_set(rec, op, |cur, reads| {
-                let target = change(cur)?;
-                let changing = target.is_some();
-                let (attachments, parameters) =
-                    target.unwrap_or_else(|| (cur.attachments.clone(), cur.parameters.clone()));
-                let holds_target =
-                    |r: &VolumeRecord| r.attachments == attachments && r.parameters == parameters;
-                let in_sync = reads.ok().filter(|(_, r)| holds_target(r)).count();
+                let wanted = target(cur)?;
+                let changing = wanted.is_some();
+                let wanted = wanted.unwrap_or_else(|| RecordTarget {
+                    attachments: cur.attachments.clone(),
+                    parameters: cur.parameters.clone(),
+                    replicas: cur.replicas.clone(),
+                });
+                let in_sync = reads.ok().filter(|(_, r)| wanted.held_by(r)).count();
                 if !changing && in_sync >= majority(reads.total()) {
                     return Ok(Plan::Done);
                 }
                 let writes = reads
                     .ok()
-                    .filter(|(_, r)| changing || !holds_target(r))
+                    .filter(|(_, r)| changing || !wanted.held_by(r))
                     .map(|(replica, r)| {
                         let write = UpdateVolumeRequest {
                             volume_id: rec.volume_id.clone(),
                             expected_generation: r.generation,
-                            attachments: attachments.clone(),
-                            parameters: parameters.clone(),
-                            replicas: Vec::new(),
+                            attachments: wanted.attachments.clone(),
+                            parameters: wanted.parameters.clone(),
+                            // Sent only where it differs: a record from before data
+                            // addresses were recorded keeps working for other updates.
+                            replicas: if r.replicas == wanted.replicas {
+                                Vec::new()
+                            } else {
+                                wanted.replicas.clone()
+                            },
                         };
                         (replica.clone(), RecordWrite::Update(write))
                     })
@@ -206,5 +270,20 @@ impl Volumes {
         let newest = committed.newest();
         self.index.upsert(newest.clone());
         Ok(newest)
+    }
+}
+
+/// The mutable part of a record an update writes.
+struct RecordTarget {
+    attachments: Vec<Attachment>,
+    parameters: HashMap<String, String>,
+    replicas: Vec<ReplicaRef>,
+}
+
+impl RecordTarget {
+    fn held_by(&self, r: &VolumeRecord) -> bool {
+        r.attachments == self.attachments
+            && r.parameters == self.parameters
+            && r.replicas == self.replicas
     }
 }

@@ -14,6 +14,7 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use tessera_controller::controller_service::DEFAULT_COPY_WAIT;
 use tessera_controller::endpoint::CsiEndpoint;
+use tessera_controller::heal::{self, HealConfig};
 use tessera_controller::metrics::Metrics;
 use tessera_controller::{
     load_index, ControllerConfig, ControllerService, IdentityService, PoolConfig, ReplicaPool,
@@ -69,6 +70,17 @@ struct Args {
     /// e.g. `8s`, `500ms`, `1m` [default: 8s].
     #[arg(long, value_parser = parse_wait)]
     copy_wait: Option<Duration>,
+
+    /// How long a replica daemon's node may be unreachable before its replicas are
+    /// replaced on other nodes (and DeleteVolume stops waiting for it), e.g. `10m`,
+    /// `30s` [default: 10m].
+    #[arg(long, value_parser = parse_wait)]
+    replacement_delay: Option<Duration>,
+
+    /// How often the healing pass looks at every volume (replacements, rebuilds,
+    /// missed creates and expansions, leftover copies), e.g. `10s` [default: 10s].
+    #[arg(long, value_parser = parse_wait)]
+    heal_interval: Option<Duration>,
 }
 
 fn parse_wait(s: &str) -> Result<Duration, String> {
@@ -158,6 +170,15 @@ async fn main() -> Result<()> {
         ControllerConfig {
             extra_nodes,
             copy_wait: args.copy_wait.unwrap_or(DEFAULT_COPY_WAIT),
+            heal: HealConfig {
+                replacement_delay: args
+                    .replacement_delay
+                    .unwrap_or(heal::DEFAULT_REPLACEMENT_DELAY),
+                interval: args
+                    .heal_interval
+                    .unwrap_or(heal::DEFAULT_HEAL_INTERVAL)
+                    .max(Duration::from_millis(100)),
+            },
         },
         metrics,
     );
@@ -171,6 +192,11 @@ async fn main() -> Result<()> {
                 tracing::info!(swept, "internal clone snapshots swept at start");
             }
         }
+    });
+    tokio::spawn({
+        let healer = controller.healer();
+        let stop = shutdown_signal(stop_rx.clone());
+        async move { healer.run(stop).await }
     });
     let router = tonic::transport::Server::builder()
         .add_service(IdentityServer::new(identity))

@@ -5,12 +5,14 @@ use std::collections::{BTreeSet, HashMap};
 
 use tessera_csi_proto::v1 as csi;
 use tessera_csi_proto::{TOPOLOGY_NODE_KEY, TOPOLOGY_ZONE_KEY};
+use tessera_replica_protocol::control_proto::VolumeRecord;
 
 use super::{condition, size_i64, ControllerService, Result};
 use crate::capabilities;
 use crate::capacity::BLOCK_SIZE;
 use crate::error::{required, ControllerError};
 use crate::fs_type::MinVolumeSize;
+use crate::heal::InSyncView;
 use crate::parameters::{self, VolumeParameters};
 use crate::placement::{self, Candidate};
 use crate::quorum::Reads;
@@ -221,20 +223,23 @@ impl ControllerService {
 
 /// The volume's condition by the newest in-sync record its reachable replicas hold
 /// (the engines' declarations): replicas that answered and are named in it count.
-/// `None` when no replica reports a record (daemons older than the records).
+/// Those out of sync are named, with how far a rebuild of theirs got. `None` when no
+/// replica reports a record (daemons older than the records).
 fn in_sync_condition(reads: &Reads) -> Option<csi::VolumeCondition> {
-    let newest = reads
+    let view = InSyncView::of(reads);
+    view.newest.as_ref()?;
+    let good = reads
         .ok()
-        .filter_map(|(_, r)| r.in_sync.as_ref())
-        .max_by_key(|m| (m.epoch, m.version))?;
-    let declared = newest.epoch != 0 || newest.version != 0;
-    let in_sync = |node: &str| !declared || newest.members.iter().any(|m| m == node);
-    let good = reads.ok().filter(|(r, _)| in_sync(&r.node_id)).count();
+        .filter(|(r, _)| view.includes(&r.node_id))
+        .count();
     let mut cond = condition(good, reads.total(), "reachable and in sync");
-    let out: Vec<&str> = reads
+    let out: Vec<String> = reads
         .ok()
-        .filter(|(r, _)| !in_sync(&r.node_id))
-        .map(|(r, _)| r.node_id.as_str())
+        .filter(|(r, _)| !view.includes(&r.node_id))
+        .map(|(r, rec)| match rebuild_progress(rec) {
+            Some(progress) => format!("{} {progress}", r.node_id),
+            None => r.node_id.clone(),
+        })
         .collect();
     if !out.is_empty() {
         cond.message = format!("{} (out of sync: {})", cond.message, out.join(", "));
@@ -242,11 +247,31 @@ fn in_sync_condition(reads: &Reads) -> Option<csi::VolumeCondition> {
     Some(cond)
 }
 
+/// How far the rebuild of a replacement copy got ("rebuilding 43 %", "rebuilt,
+/// waiting for its resync"); `None` for a copy that is not a rebuild.
+fn rebuild_progress(rec: &VolumeRecord) -> Option<String> {
+    rec.copy_source.as_ref().filter(|c| c.rebuild)?;
+    let copy = rec.copy.as_ref()?;
+    if copy.complete {
+        return Some("rebuilt, waiting for its resync".into());
+    }
+    let percent = (copy.done_bytes as u128 * 100)
+        .checked_div(copy.total_bytes as u128)
+        .unwrap_or(0);
+    let mut s = format!("rebuilding {percent} %");
+    if !copy.last_error.is_empty() {
+        s.push_str(&format!(" (retrying: {})", copy.last_error));
+    }
+    Some(s)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::quorum::{Answers, ReplicaFailure};
-    use tessera_replica_protocol::control_proto::{InSyncRecord, ReplicaRef, VolumeRecord};
+    use tessera_replica_protocol::control_proto::{
+        CopyProgress, CopySource, InSyncRecord, ReplicaRef,
+    };
 
     fn answer(
         node: &str,
@@ -300,5 +325,31 @@ mod tests {
         assert_eq!(cond.message, "all 2 replicas reachable and in sync");
         // Daemons that report no record leave the condition to reachability.
         assert!(in_sync_condition(&Answers(vec![answer("a", None)])).is_none());
+    }
+
+    #[test]
+    fn a_rebuilding_replica_shows_its_progress() {
+        let mut d = answer("d", Some((0, &[])));
+        if let (_, Ok(rec)) = &mut d {
+            rec.copy_source = Some(CopySource {
+                rebuild: true,
+                ..Default::default()
+            });
+            rec.copy = Some(CopyProgress {
+                done_bytes: 43,
+                total_bytes: 100,
+                ..Default::default()
+            });
+        }
+        let reads = Answers(vec![
+            answer("a", Some((2, &["a", "b"]))),
+            answer("b", Some((2, &["a", "b"]))),
+            d,
+        ]);
+        let cond = in_sync_condition(&reads).unwrap();
+        assert_eq!(
+            cond.message,
+            "degraded: 2 of 3 replicas reachable and in sync (out of sync: d rebuilding 43 %)"
+        );
     }
 }

@@ -313,11 +313,23 @@ impl ControllerService {
         })
         .await;
         let failures = answers.failures();
-        if !failures.is_empty() {
+        // A member whose node is lost (unreachable past the replacement delay) is not
+        // waited for once a majority deleted: its copy is collected when it returns.
+        let delay = self.inner.cfg.heal.replacement_delay;
+        let only_lost = failures
+            .0
+            .iter()
+            .all(|f| self.pool().is_lost(&f.replica, delay));
+        if !failures.is_empty() && (!only_lost || answers.ok_count() < majority(refs.len())) {
             return Err(ControllerError::NotDeletedEverywhere {
                 volume: rec.volume_id.clone(),
                 failures,
             });
+        }
+        if !failures.is_empty() {
+            self.volumes().note_deleted_while_lost(&rec.volume_id);
+            tracing::warn!(volume = %rec.volume_id, lost = %failures,
+                "volume deleted without its lost replicas; their copies are deleted when they return");
         }
         self.index().remove(&rec.volume_id);
         tracing::info!(volume = %rec.volume_id, name = %rec.name, "volume deleted");

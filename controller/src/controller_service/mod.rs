@@ -24,6 +24,7 @@ use tessera_replica_protocol::control_proto::VolumeRecord;
 use tonic::{Code, Request, Response, Status};
 
 use crate::error::ControllerError;
+use crate::heal::{HealConfig, Healer};
 use crate::locks::KeyedLocks;
 use crate::metrics::Metrics;
 use crate::quorum::majority;
@@ -51,6 +52,10 @@ pub struct ControllerConfig {
     /// How long CreateVolume waits for a restore or clone to be copied on every
     /// replica before answering ABORTED with the progress (`--copy-wait`).
     pub copy_wait: Duration,
+    /// When lost replicas are replaced and how often the healing pass runs
+    /// (`--replacement-delay`, `--heal-interval`); DeleteVolume stops waiting for a
+    /// member unreachable for longer than the delay.
+    pub heal: HealConfig,
 }
 
 impl Default for ControllerConfig {
@@ -58,6 +63,7 @@ impl Default for ControllerConfig {
         Self {
             extra_nodes: BTreeSet::new(),
             copy_wait: DEFAULT_COPY_WAIT,
+            heal: HealConfig::default(),
         }
     }
 }
@@ -103,6 +109,17 @@ impl ControllerService {
                 metrics,
             }),
         }
+    }
+
+    /// The healing pass over this service's volumes, under the same per-volume locks
+    /// (run it with [`Healer::run`]).
+    pub fn healer(&self) -> Healer {
+        Healer::new(
+            self.inner.volumes.clone(),
+            self.inner.locks.clone(),
+            self.inner.cfg.heal,
+            self.inner.metrics.clone(),
+        )
     }
 
     fn finish<T>(
