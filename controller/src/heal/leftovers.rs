@@ -50,8 +50,7 @@ impl Healer {
     ) -> Result<bool, HealError> {
         let is_member = |r: &VolumeRecord| r.replicas.iter().any(|m| m.node_id == node);
         let indexed = self.volumes.index().get(&held.volume_id);
-        if indexed.as_ref().is_some_and(|r| is_member(r)) || (indexed.is_none() && !is_member(held))
-        {
+        if indexed.as_ref().is_some_and(&is_member) || (indexed.is_none() && !is_member(held)) {
             // A member by the index; or a copy whose own record never named this node
             // (nothing to compare with: left for an operator).
             return Ok(false);
