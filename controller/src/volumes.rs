@@ -53,9 +53,10 @@ pub async fn load_index(pool: &ReplicaPool) -> (VolumeIndex, usize) {
 pub struct Volumes {
     pool: Arc<ReplicaPool>,
     index: Arc<VolumeIndex>,
-    /// Volumes this controller deleted while some member was lost: their copies on
-    /// those daemons are collected when they return.
-    deleted_while_lost: Arc<Mutex<BTreeSet<String>>>,
+    /// Copies this controller knows are garbage, as (volume, node): members replaced
+    /// while lost, and members a DeleteVolume did not reach. Collected when their
+    /// daemons answer again (`crate::heal`).
+    forsaken: Arc<Mutex<BTreeSet<(String, String)>>>,
 }
 
 impl Volumes {
@@ -65,24 +66,25 @@ impl Volumes {
         Self {
             pool,
             index,
-            deleted_while_lost: Arc::default(),
+            forsaken: Arc::default(),
         }
     }
 
-    /// Notes that `volume_id` was deleted while some member was lost.
-    pub fn note_deleted_while_lost(&self, volume_id: &str) {
-        self.deleted_while_lost
+    /// Notes that the copy of `volume_id` on `node_id` is garbage: the member was
+    /// replaced, or the volume's deletion did not reach it.
+    pub fn forsake(&self, volume_id: &str, node_id: &str) {
+        self.forsaken
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(volume_id.to_string());
+            .insert((volume_id.to_string(), node_id.to_string()));
     }
 
-    /// Whether this controller deleted `volume_id` while some member was lost.
-    pub fn deleted_while_lost(&self, volume_id: &str) -> bool {
-        self.deleted_while_lost
+    /// Whether [`Self::forsake`] named this copy.
+    pub fn is_forsaken(&self, volume_id: &str, node_id: &str) -> bool {
+        self.forsaken
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .contains(volume_id)
+            .contains(&(volume_id.to_string(), node_id.to_string()))
     }
 
     /// The replica daemons.

@@ -18,6 +18,8 @@
 //! * [`fixtures`]: CSI request builders and list-everything helpers for tests.
 //! * [`lifecycle`]: ControllerPublish + NodeStage + NodePublish of a volume on a node,
 //!   and the way back, as the attacher and the kubelet call them.
+//! * [`random_writer`]: stamped random O_DIRECT writes that record what was durable,
+//!   and the read-back that finds lost or stale blocks (fault tests).
 //! * [`privilege`]: whether the mount/loop/FUSE tests may run here, or skip loudly.
 //! * [`binaries`]: where the binaries under test are found (`TESSERA_BIN_DIR`).
 //! * [`wait`]: [`wait_until`] / [`poll_until`]: poll a condition with a timeout;
@@ -37,6 +39,7 @@ pub mod metrics;
 pub mod mounts;
 pub mod privilege;
 pub mod process;
+pub mod random_writer;
 pub mod wait;
 
 pub use cluster::{Cluster, ClusterBuilder, NodeHost, Replica};

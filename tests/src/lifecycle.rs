@@ -11,12 +11,15 @@ use anyhow::Context;
 use tessera_csi_proto::v1::volume_capability::{access_mode, AccessMode, AccessType};
 use tessera_csi_proto::v1::volume_capability::{BlockVolume, MountVolume};
 use tessera_csi_proto::v1::{
-    ControllerPublishVolumeRequest, ControllerUnpublishVolumeRequest, NodePublishVolumeRequest,
-    NodeStageVolumeRequest, NodeUnpublishVolumeRequest, NodeUnstageVolumeRequest, Volume,
-    VolumeCapability,
+    ControllerGetVolumeRequest, ControllerPublishVolumeRequest, ControllerUnpublishVolumeRequest,
+    NodeGetVolumeStatsRequest, NodePublishVolumeRequest, NodeStageVolumeRequest,
+    NodeUnpublishVolumeRequest, NodeUnstageVolumeRequest, Volume, VolumeCapability,
+    VolumeCondition,
 };
 
 use crate::csi::{ControllerClient, NodeClient};
+use crate::fixtures::create_request_with;
+use crate::Cluster;
 
 /// A raw block volume, writable by one node.
 pub fn block_capability() -> VolumeCapability {
@@ -213,4 +216,71 @@ pub async fn detach(
 ) -> anyhow::Result<()> {
     unpublish_and_unstage(node, a).await?;
     controller_unpublish(controller, a).await
+}
+
+/// Kubelet-style paths for `name` on `node`: (staging dir, publish target).
+pub fn kubelet_paths(cluster: &Cluster, node: &str, name: &str, block: bool) -> (PathBuf, PathBuf) {
+    let base = cluster.dir().join("kubelet").join(node);
+    let staging = base.join("staging").join(name);
+    let pod = base.join("pods").join(name);
+    let target = if block {
+        pod.join("dev")
+    } else {
+        pod.join("mount")
+    };
+    (staging, target)
+}
+
+/// CreateVolume of `name` (a raw block volume if `block`, else a mount volume);
+/// panics on failure.
+pub async fn create_volume(
+    controller: &mut ControllerClient,
+    name: &str,
+    size: usize,
+    params: &[(&str, &str)],
+    block: bool,
+) -> Volume {
+    let mut request =
+        create_request_with(name, i64::try_from(size).expect("size fits i64"), params);
+    if block {
+        request.volume_capabilities = vec![block_capability()];
+    }
+    controller
+        .create_volume(request)
+        .await
+        .unwrap_or_else(|s| panic!("CreateVolume {name}: {s}"))
+        .into_inner()
+        .volume
+        .expect("CreateVolume returns the volume")
+}
+
+/// The node's view of an attached volume (NodeGetVolumeStats' condition).
+pub async fn node_condition(node: &mut NodeClient, a: &Attachment) -> VolumeCondition {
+    node.node_get_volume_stats(NodeGetVolumeStatsRequest {
+        volume_id: a.volume_id.clone(),
+        volume_path: a.target.to_string_lossy().into_owned(),
+        staging_target_path: a.staging.to_string_lossy().into_owned(),
+    })
+    .await
+    .unwrap_or_else(|s| panic!("NodeGetVolumeStats {} on {}: {s}", a.volume_id, a.node_id))
+    .into_inner()
+    .volume_condition
+    .expect("NodeGetVolumeStats reports a volume condition")
+}
+
+/// The controller's view of a volume (ControllerGetVolume's condition).
+pub async fn controller_condition(
+    controller: &mut ControllerClient,
+    volume_id: &str,
+) -> VolumeCondition {
+    controller
+        .controller_get_volume(ControllerGetVolumeRequest {
+            volume_id: volume_id.to_owned(),
+        })
+        .await
+        .unwrap_or_else(|s| panic!("ControllerGetVolume {volume_id}: {s}"))
+        .into_inner()
+        .status
+        .and_then(|s| s.volume_condition)
+        .expect("ControllerGetVolume reports a volume condition")
 }

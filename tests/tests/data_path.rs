@@ -22,25 +22,23 @@
 //! root, `/dev/fuse`, `/dev/loop-control`, `mkfs.ext4` and `mkfs.xfs`; without root
 //! they fail, unless `TESSERA_SKIP_PRIVILEGED_TESTS=1` is set.
 
-use std::collections::BTreeMap;
 use std::fs;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 use tessera_tests::privilege::privileged;
 
 use sha2::{Digest, Sha256};
-use tessera_csi_proto::v1::{
-    ControllerGetVolumeRequest, NodeGetVolumeStatsRequest, Volume, VolumeCondition,
-};
 use tessera_replica_protocol::data::ReplicaDataClient;
 use tessera_replica_protocol::sync::Membership;
-use tessera_tests::csi::{ControllerClient, NodeClient};
-use tessera_tests::direct_io::{direct_read, direct_write, pattern, DirectFile, ALIGN};
-use tessera_tests::fixtures::create_request_with;
-use tessera_tests::lifecycle::{self, attach, block_capability, filesystem_capability, Attachment};
+use tessera_tests::direct_io::{direct_read, direct_write, pattern};
+use tessera_tests::lifecycle::{
+    self, attach, block_capability, controller_condition, create_volume, filesystem_capability,
+    kubelet_paths, node_condition, Attachment,
+};
+use tessera_tests::random_writer::{read_back, RandomWriter, WriterBounds};
 use tessera_tests::{mounts, poll_until, wait_until, Cluster, ClusterBuilder};
 
 const KIB: usize = 1 << 10;
@@ -60,53 +58,6 @@ async fn two_node_cluster() -> Cluster {
         .start()
         .await
         .expect("cluster starts")
-}
-
-/// Kubelet-style paths for `name` on `node`: (staging dir, publish target).
-fn kubelet_paths(cluster: &Cluster, node: &str, name: &str, block: bool) -> (PathBuf, PathBuf) {
-    let base = cluster.dir().join("kubelet").join(node);
-    let staging = base.join("staging").join(name);
-    let pod = base.join("pods").join(name);
-    let target = if block {
-        pod.join("dev")
-    } else {
-        pod.join("mount")
-    };
-    (staging, target)
-}
-
-async fn create_volume(
-    controller: &mut ControllerClient,
-    name: &str,
-    size: usize,
-    params: &[(&str, &str)],
-    block: bool,
-) -> Volume {
-    let mut request =
-        create_request_with(name, i64::try_from(size).expect("size fits i64"), params);
-    if block {
-        request.volume_capabilities = vec![block_capability()];
-    }
-    controller
-        .create_volume(request)
-        .await
-        .unwrap_or_else(|s| panic!("CreateVolume {name}: {s}"))
-        .into_inner()
-        .volume
-        .expect("CreateVolume returns the volume")
-}
-
-async fn condition(node: &mut NodeClient, a: &Attachment) -> VolumeCondition {
-    node.node_get_volume_stats(NodeGetVolumeStatsRequest {
-        volume_id: a.volume_id.clone(),
-        volume_path: a.target.to_string_lossy().into_owned(),
-        staging_target_path: a.staging.to_string_lossy().into_owned(),
-    })
-    .await
-    .unwrap_or_else(|s| panic!("NodeGetVolumeStats {} on {}: {s}", a.volume_id, a.node_id))
-    .into_inner()
-    .volume_condition
-    .expect("NodeGetVolumeStats reports a volume condition")
 }
 
 /// Nothing of `a` is left on its node: no mount at or below its staging and target
@@ -341,7 +292,7 @@ async fn files_survive_a_move(cluster: &Cluster, fs_type: &str) {
     .await
     .expect("verifier task");
 
-    let cond = condition(&mut n2, &on_n2).await;
+    let cond = node_condition(&mut n2, &on_n2).await;
     assert!(!cond.abnormal, "{cond:?}");
     lifecycle::detach(&mut controller, &mut n2, &on_n2)
         .await
@@ -477,7 +428,7 @@ async fn c_one_replica_killed_during_writes() {
     )
     .await
     .unwrap_or_else(|e| panic!("attach: {e:#}"));
-    let before = condition(&mut n1, &a).await;
+    let before = node_condition(&mut n1, &a).await;
     assert!(!before.abnormal, "{before:?}");
 
     const CHUNKS: u64 = 64;
@@ -501,7 +452,7 @@ async fn c_one_replica_killed_during_writes() {
         .await
         .expect("verifier task");
 
-    let after = condition(&mut n1, &a).await;
+    let after = node_condition(&mut n1, &a).await;
     assert!(
         after.abnormal,
         "the killed replica is not reported: {after:?}"
@@ -576,7 +527,7 @@ async fn d_two_replicas_killed_io_fails_in_bounded_time() {
     assert!(took <= BELOW_QUORUM_BOUND, "the failing read took {took:?}");
     assert_eq!(err.raw_os_error(), Some(nix::libc::EIO), "{err}");
 
-    let cond = condition(&mut n1, &a).await;
+    let cond = node_condition(&mut n1, &a).await;
     assert!(
         cond.abnormal && cond.message.contains("below quorum"),
         "{cond:?}"
@@ -664,7 +615,7 @@ async fn e_old_epoch_writes_are_refused_after_a_move() {
             "{err} after {took:?}"
         );
     }
-    let cond = condition(&mut n1, &on_n1).await;
+    let cond = node_condition(&mut n1, &on_n1).await;
     assert!(cond.abnormal && cond.message.contains("fenced"), "{cond:?}");
 
     let dev2 = target2.clone();
@@ -750,7 +701,7 @@ async fn f_node_plugin_killed_during_writes() {
         .expect("verifier task");
 
     let mut n1 = cluster.node_client("n1").await.expect("new n1 plugin");
-    let cond = condition(&mut n1, &a).await;
+    let cond = node_condition(&mut n1, &a).await;
     assert!(
         !cond.abnormal,
         "the adopted engine is not healthy: {cond:?}"
@@ -771,234 +722,15 @@ const G_SYNC_EVERY: u64 = 16;
 /// Item g: the writer gives up (an error) after this long or this many writes.
 const G_WRITER_LIMIT: Duration = Duration::from_secs(90);
 const G_MAX_WRITES: u64 = 50_000;
-/// First bytes of every block the random writer writes.
-const STAMP_MAGIC: u64 = u64::from_le_bytes(*b"tss-g-v1");
-/// Block numbers named in a failure message, per kind.
-const FIRST_FEW: usize = 8;
-
-/// Write number `write` (from 1) to block `block`: magic, block and write number
-/// (u64 LE each), then pattern bytes of both, so any read names the write it saw.
-fn stamped_block(block: u64, write: u64) -> Vec<u8> {
-    let mut data = pattern(block.wrapping_mul(0x1_0000_0001) ^ (write << 24), ALIGN);
-    data[..8].copy_from_slice(&STAMP_MAGIC.to_le_bytes());
-    data[8..16].copy_from_slice(&block.to_le_bytes());
-    data[16..24].copy_from_slice(&write.to_le_bytes());
-    data
-}
-
-/// (block, write number) of a block [`stamped_block`] wrote, if it is one.
-fn stamp_of(data: &[u8]) -> Option<(u64, u64)> {
-    let word = |i: usize| u64::from_le_bytes(data[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
-    (data.len() == ALIGN && word(0) == STAMP_MAGIC).then(|| (word(1), word(2)))
-}
-
-/// What the random writer did.
-#[derive(Debug)]
-struct RandomWriteLog {
-    /// Per block written, its last write number. Each of them completed and was
-    /// followed by an fdatasync that returned, so it is durable.
-    last_durable: BTreeMap<u64, u64>,
-    /// Per block written, its first write number.
-    first_write: BTreeMap<u64, u64>,
-    /// Writes done (all completed).
-    writes: u64,
-    /// Writes done when the writer learnt of the kill: every later write was
-    /// issued after it.
-    seen_kill_at: u64,
-    /// fdatasyncs done.
-    syncs: u64,
-    elapsed: Duration,
-}
-
-/// How long, and for how many writes at most, a [`RandomWriter`] may run.
-#[derive(Debug, Clone, Copy)]
-struct WriterBounds {
-    time: Duration,
-    writes: u64,
-}
-
 /// The bounds of test (g).
 const G_BOUNDS: WriterBounds = WriterBounds {
     time: G_WRITER_LIMIT,
     writes: G_MAX_WRITES,
+    after_kill: G_AFTER_KILL,
+    sync_every: G_SYNC_EVERY,
 };
-
-/// A thread writing [`stamped_block`]s to random blocks of a device with O_DIRECT,
-/// fdatasync every [`G_SYNC_EVERY`] writes, until [`G_AFTER_KILL`] writes after
-/// it was told of the kill (within its [`WriterBounds`]).
-struct RandomWriter {
-    bounds: WriterBounds,
-    written: Arc<AtomicU64>,
-    killed: Arc<AtomicBool>,
-    finished: Arc<AtomicBool>,
-    done: mpsc::Receiver<Result<RandomWriteLog, String>>,
-}
-
-impl RandomWriter {
-    fn start(device: PathBuf, seed: u64, bounds: WriterBounds) -> RandomWriter {
-        let written = Arc::new(AtomicU64::new(0));
-        let killed = Arc::new(AtomicBool::new(false));
-        let finished = Arc::new(AtomicBool::new(false));
-        let (tx, done) = mpsc::channel();
-        let (w, k, f) = (
-            Arc::clone(&written),
-            Arc::clone(&killed),
-            Arc::clone(&finished),
-        );
-        std::thread::spawn(move || {
-            let out = random_writes(&device, seed, &w, &k, bounds);
-            f.store(true, Ordering::SeqCst);
-            let _ = tx.send(out);
-        });
-        RandomWriter {
-            bounds,
-            written,
-            killed,
-            finished,
-            done,
-        }
-    }
-
-    fn written(&self) -> u64 {
-        self.written.load(Ordering::SeqCst)
-    }
-
-    /// Waits until `n` writes completed; panics if the writer ended or hung first.
-    async fn wait_for(&self, n: u64) {
-        let reached = poll_until(IO_TIMEOUT, || {
-            let finished = self.finished.load(Ordering::SeqCst);
-            std::future::ready((self.written() >= n || finished).then_some(()))
-        })
-        .await;
-        if reached.is_err() || self.written() < n {
-            let why = match self.done.try_recv() {
-                Ok(Err(e)) => e,
-                Ok(Ok(log)) => format!("it ended after {} writes", log.writes),
-                Err(_) => format!("it hung within {IO_TIMEOUT:?}"),
-            };
-            panic!(
-                "the random writer did not reach {n} writes (at {}): {why}",
-                self.written()
-            );
-        }
-    }
-
-    /// Tells the writer that the kill is done.
-    fn kill_done(&self) {
-        self.killed.store(true, Ordering::SeqCst);
-    }
-
-    /// The writer's outcome; panics if it did not end within its own bounds.
-    async fn finish(self) -> Result<RandomWriteLog, String> {
-        let wait = self.bounds.time + IO_TIMEOUT;
-        poll_until(wait, || std::future::ready(self.done.try_recv().ok()))
-            .await
-            .unwrap_or_else(|_| {
-                panic!(
-                    "the random writer hung (at {} writes, waited {wait:?})",
-                    self.written()
-                )
-            })
-    }
-}
-
-fn random_writes(
-    device: &Path,
-    seed: u64,
-    written: &AtomicU64,
-    killed: &AtomicBool,
-    bounds: WriterBounds,
-) -> Result<RandomWriteLog, String> {
-    let started = Instant::now();
-    let file = DirectFile::open(device, true)
-        .map_err(|e| format!("opening {} for O_DIRECT: {e}", device.display()))?;
-    let blocks = file.size().map_err(|e| format!("device size: {e}"))? / ALIGN as u64;
-    if blocks == 0 {
-        return Err("the device is empty".to_owned());
-    }
-    let mut rng = seed | 1;
-    let (mut first_write, mut last_durable) = (BTreeMap::new(), BTreeMap::new());
-    let mut unsynced: Vec<(u64, u64)> = Vec::with_capacity(G_SYNC_EVERY as usize);
-    let (mut n, mut syncs, mut seen_kill_at) = (0u64, 0u64, None);
-    loop {
-        if seen_kill_at.is_none() && killed.load(Ordering::SeqCst) {
-            seen_kill_at = Some(n);
-        }
-        if seen_kill_at.is_some_and(|k| n >= k + G_AFTER_KILL) {
-            break;
-        }
-        if n >= bounds.writes || started.elapsed() > bounds.time {
-            return Err(format!(
-                "stopped after {n} writes in {:?}, {G_AFTER_KILL} writes after the kill not done \
-                 (kill seen at {seen_kill_at:?})",
-                started.elapsed()
-            ));
-        }
-        // xorshift64
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        let block = rng % blocks;
-        n += 1;
-        file.write_at(block * ALIGN as u64, &stamped_block(block, n))
-            .map_err(|e| {
-                format!("write {n} (block {block}; kill seen at {seen_kill_at:?}) failed: {e}")
-            })?;
-        first_write.entry(block).or_insert(n);
-        unsynced.push((block, n));
-        written.store(n, Ordering::SeqCst);
-        if n % G_SYNC_EVERY == 0 || seen_kill_at.is_some_and(|k| n >= k + G_AFTER_KILL) {
-            file.sync()
-                .map_err(|e| format!("fdatasync after write {n} failed: {e}"))?;
-            syncs += 1;
-            last_durable.extend(unsynced.drain(..));
-        }
-    }
-    Ok(RandomWriteLog {
-        last_durable,
-        first_write,
-        writes: n,
-        seen_kill_at: seen_kill_at.unwrap_or(n),
-        syncs,
-        elapsed: started.elapsed(),
-    })
-}
-
-/// Blocks read back against what they must hold.
-#[derive(Debug, Default)]
-struct ReadBack {
-    intact: u64,
-    /// Blocks that read as zeros.
-    zeros: Vec<u64>,
-    /// Blocks holding an earlier write of the same block.
-    older: Vec<u64>,
-    /// Blocks holding anything else.
-    other: Vec<u64>,
-}
-
-/// Reads every block of `expected` with O_DIRECT and sorts it into a [`ReadBack`].
-fn read_back(device: &Path, expected: &BTreeMap<u64, u64>) -> Result<ReadBack, String> {
-    let file = DirectFile::open(device, false)
-        .map_err(|e| format!("opening {} for O_DIRECT: {e}", device.display()))?;
-    let mut out = ReadBack::default();
-    for (&block, &write) in expected {
-        let got = file
-            .read_at(block * ALIGN as u64, ALIGN)
-            .map_err(|e| format!("reading block {block}: {e}"))?;
-        if got == stamped_block(block, write) {
-            out.intact += 1;
-        } else if got.iter().all(|b| *b == 0) {
-            out.zeros.push(block);
-        } else if matches!(stamp_of(&got), Some((b, w)) if b == block && w < write
-            && got == stamped_block(block, w))
-        {
-            out.older.push(block);
-        } else {
-            out.other.push(block);
-        }
-    }
-    Ok(out)
-}
+/// Block numbers named in a failure message, per kind.
+const FIRST_FEW: usize = 8;
 
 /// Replica `index`'s in-sync record of `volume_id`, asked over the data plane as a
 /// client of `epoch` (the volume's current one, so nothing is raised or fenced).
@@ -1102,7 +834,7 @@ async fn g_replica_that_missed_writes_serves_none_stale_after_the_move() {
         missed as u64 >= G_AFTER_KILL / 2,
         "only {missed} blocks were last written after the kill: the scenario tests nothing"
     );
-    let cond = condition(&mut n1, &on_n1).await;
+    let cond = node_condition(&mut n1, &on_n1).await;
     assert!(
         cond.abnormal && cond.message.contains("n2") && !cond.message.contains("below quorum"),
         "n1's engine does not report n2's replica stale after the kill: {cond:?}"
@@ -1174,7 +906,7 @@ async fn g_replica_that_missed_writes_serves_none_stale_after_the_move() {
 
     // The restarted replica is in sync again: n2's engine reports no stale replica,
     // and every replica holds an in-sync record of the new epoch naming all three.
-    let cond = condition(&mut n2, &on_n2).await;
+    let cond = node_condition(&mut n2, &on_n2).await;
     assert!(
         !cond.abnormal,
         "n2's engine does not have every replica in sync: {cond:?}"
@@ -1201,23 +933,6 @@ async fn g_replica_that_missed_writes_serves_none_stale_after_the_move() {
         .await
         .unwrap_or_else(|e| panic!("detach from n2: {e:#}"));
     assert_node_clean(&cluster, &on_n2);
-}
-
-/// The controller's view of a volume (ControllerGetVolume's condition).
-async fn controller_condition(
-    controller: &mut ControllerClient,
-    volume_id: &str,
-) -> VolumeCondition {
-    controller
-        .controller_get_volume(ControllerGetVolumeRequest {
-            volume_id: volume_id.to_owned(),
-        })
-        .await
-        .unwrap_or_else(|s| panic!("ControllerGetVolume {volume_id}: {s}"))
-        .into_inner()
-        .status
-        .and_then(|s| s.volume_condition)
-        .expect("ControllerGetVolume reports a volume condition")
 }
 
 /// How long a restarted replica daemon may take to be caught up and readmitted.
@@ -1262,6 +977,7 @@ async fn h_rolling_restart_of_every_replica_daemon_under_writes() {
     let bounds = WriterBounds {
         time: Duration::from_secs(300),
         writes: 2_000_000,
+        ..G_BOUNDS
     };
     let writer = RandomWriter::start(target.clone(), 0x4_4_4, bounds);
     writer.wait_for(500).await;
@@ -1273,7 +989,7 @@ async fn h_rolling_restart_of_every_replica_daemon_under_writes() {
         let killed_at = writer.written();
         // The writer goes on with two of three; the volume reports the dead one.
         writer.wait_for(killed_at + 200).await;
-        let down = condition(&mut n1, &a).await;
+        let down = node_condition(&mut n1, &a).await;
         assert!(
             down.abnormal && down.message.contains(&node),
             "replica {node} killed, the condition does not say so: {down:?}"
@@ -1290,10 +1006,10 @@ async fn h_rolling_restart_of_every_replica_daemon_under_writes() {
             .expect("the replica daemon restarts on its data");
         let back = poll_until(H_BACK_IN_SYNC, || {
             let (mut node, a) = (n1.clone(), &a);
-            async move { (!condition(&mut node, a).await.abnormal).then_some(()) }
+            async move { (!node_condition(&mut node, a).await.abnormal).then_some(()) }
         })
         .await;
-        let last = condition(&mut n1, &a).await;
+        let last = node_condition(&mut n1, &a).await;
         assert!(
             back.is_ok(),
             "replica {node} not back in sync within {H_BACK_IN_SYNC:?} of its restart: {last:?}"

@@ -313,6 +313,10 @@ impl ControllerService {
         })
         .await;
         let failures = answers.failures();
+        for f in &failures.0 {
+            // Whatever this member still holds is garbage once a majority deleted.
+            self.volumes().forsake(&rec.volume_id, &f.replica.node_id);
+        }
         // A member whose node is lost (unreachable past the replacement delay) is not
         // waited for once a majority deleted: its copy is collected when it returns.
         let delay = self.inner.cfg.heal.replacement_delay;
@@ -327,7 +331,6 @@ impl ControllerService {
             });
         }
         if !failures.is_empty() {
-            self.volumes().note_deleted_while_lost(&rec.volume_id);
             tracing::warn!(volume = %rec.volume_id, lost = %failures,
                 "volume deleted without its lost replicas; their copies are deleted when they return");
         }

@@ -1,10 +1,11 @@
 //! Copies no volume needs any more: of members replaced while away, and of volumes
 //! deleted while their daemon was away (DeleteVolume succeeds without a lost
 //! daemon). Each is confirmed by a quorum read of the volume's newest set, under the
-//! volume's lock, before it is deleted: a replaced member's copy only when a
+//! volume's lock, before it is deleted: a copy whose daemon is not a member when a
 //! majority of the set holds the volume without it, a deleted volume's copy only
-//! when this controller deleted the volume itself ([`crate::volumes::Volumes::deleted_while_lost`])
-//! and a majority still lacks it. A copy of a volume that a majority lacks and
+//! when this controller forsook it (a member it replaced, or one its DeleteVolume
+//! did not reach: [`crate::volumes::Volumes::forsake`]) and a majority lacks the
+//! volume. A copy of a volume that a majority lacks and
 //! this controller did not delete is reported, never deleted: two daemons that
 //! came back with empty disks look exactly like a deletion, and then the copy is
 //! the last one.
@@ -74,9 +75,10 @@ impl Healer {
                     .collect::<Vec<_>>()
             ),
             Err(ControllerError::Quorum(QuorumError::VolumeNotFound { .. }))
-                if self.volumes.deleted_while_lost(&held.volume_id) =>
+                if self.volumes.is_forsaken(&held.volume_id, node) =>
             {
-                "the volume was deleted while this daemon was lost".to_string()
+                "the volume was deleted, or this member replaced, while this daemon was away"
+                    .to_string()
             }
             Err(ControllerError::Quorum(QuorumError::VolumeNotFound { .. })) => {
                 tracing::warn!(volume = %held.volume_id, node, name = %held.name,

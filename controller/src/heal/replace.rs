@@ -32,6 +32,7 @@ impl Healer {
         let mut set = cur.replicas.clone();
         set[member] = new.clone();
         let updated = self.volumes.replace_replicas(cur, set).await?;
+        self.volumes.forsake(&cur.volume_id, &lost.node_id);
         tracing::warn!(volume = %cur.volume_id, lost = %lost.node_id, new = %new.node_id,
             unreachable_s = pool.unreachable_for(&lost.node_id).map(|d| d.as_secs()),
             fenced_at_epoch = fence_epoch, "replacing a lost replica");

@@ -1,0 +1,258 @@
+//! A random writer for fault tests: stamped 4 KiB blocks written with O_DIRECT to
+//! random blocks of a device, fdatasync every few writes, recording which write of
+//! each block was durable, and the read-back that sorts every block into current,
+//! zeros, older or other. A block read back "older" is a lost acknowledged write.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use crate::direct_io::{pattern, DirectFile, ALIGN};
+use crate::poll_until;
+
+/// Longest the writer may take for one step a test waits for.
+pub const WRITER_IO_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// First bytes of every block the random writer writes.
+pub const STAMP_MAGIC: u64 = u64::from_le_bytes(*b"tss-g-v1");
+
+/// Write number `write` (from 1) to block `block`: magic, block and write number
+/// (u64 LE each), then pattern bytes of both, so any read names the write it saw.
+pub fn stamped_block(block: u64, write: u64) -> Vec<u8> {
+    let mut data = pattern(block.wrapping_mul(0x1_0000_0001) ^ (write << 24), ALIGN);
+    data[..8].copy_from_slice(&STAMP_MAGIC.to_le_bytes());
+    data[8..16].copy_from_slice(&block.to_le_bytes());
+    data[16..24].copy_from_slice(&write.to_le_bytes());
+    data
+}
+
+/// (block, write number) of a block [`stamped_block`] wrote, if it is one.
+pub fn stamp_of(data: &[u8]) -> Option<(u64, u64)> {
+    let word = |i: usize| u64::from_le_bytes(data[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+    (data.len() == ALIGN && word(0) == STAMP_MAGIC).then(|| (word(1), word(2)))
+}
+
+/// What the random writer did.
+#[derive(Debug)]
+pub struct RandomWriteLog {
+    /// Per block written, its last write number. Each of them completed and was
+    /// followed by an fdatasync that returned, so it is durable.
+    pub last_durable: BTreeMap<u64, u64>,
+    /// Per block written, its first write number.
+    pub first_write: BTreeMap<u64, u64>,
+    /// Writes done (all completed).
+    pub writes: u64,
+    /// Writes done when the writer learnt of the kill: every later write was
+    /// issued after it.
+    pub seen_kill_at: u64,
+    /// fdatasyncs done.
+    pub syncs: u64,
+    /// How long it ran.
+    pub elapsed: Duration,
+}
+
+/// How long, and for how many writes at most, a [`RandomWriter`] may run.
+#[derive(Debug, Clone, Copy)]
+pub struct WriterBounds {
+    /// Longest it may run; past it, it stops with an error.
+    pub time: Duration,
+    /// Most writes it may do; past them, it stops with an error.
+    pub writes: u64,
+    /// Writes it does after it was told of the kill ([`RandomWriter::kill_done`]),
+    /// then it ends.
+    pub after_kill: u64,
+    /// An fdatasync after every this many writes.
+    pub sync_every: u64,
+}
+
+/// A thread writing [`stamped_block`]s to random blocks of a device with O_DIRECT,
+/// fdatasync every `sync_every` writes, until `after_kill` writes after it was told
+/// of the kill (within its [`WriterBounds`]).
+pub struct RandomWriter {
+    bounds: WriterBounds,
+    written: Arc<AtomicU64>,
+    killed: Arc<AtomicBool>,
+    finished: Arc<AtomicBool>,
+    done: mpsc::Receiver<Result<RandomWriteLog, String>>,
+}
+
+impl RandomWriter {
+    /// Starts writing to `device`, blocks chosen by a xorshift seeded with `seed`.
+    pub fn start(device: PathBuf, seed: u64, bounds: WriterBounds) -> RandomWriter {
+        let written = Arc::new(AtomicU64::new(0));
+        let killed = Arc::new(AtomicBool::new(false));
+        let finished = Arc::new(AtomicBool::new(false));
+        let (tx, done) = mpsc::channel();
+        let (w, k, f) = (
+            Arc::clone(&written),
+            Arc::clone(&killed),
+            Arc::clone(&finished),
+        );
+        std::thread::spawn(move || {
+            let out = random_writes(&device, seed, &w, &k, bounds);
+            f.store(true, Ordering::SeqCst);
+            let _ = tx.send(out);
+        });
+        RandomWriter {
+            bounds,
+            written,
+            killed,
+            finished,
+            done,
+        }
+    }
+
+    /// Writes completed so far.
+    pub fn written(&self) -> u64 {
+        self.written.load(Ordering::SeqCst)
+    }
+
+    /// Waits until `n` writes completed; panics if the writer ended or hung first.
+    pub async fn wait_for(&self, n: u64) {
+        let reached = poll_until(WRITER_IO_TIMEOUT, || {
+            let finished = self.finished.load(Ordering::SeqCst);
+            std::future::ready((self.written() >= n || finished).then_some(()))
+        })
+        .await;
+        if reached.is_err() || self.written() < n {
+            let why = match self.done.try_recv() {
+                Ok(Err(e)) => e,
+                Ok(Ok(log)) => format!("it ended after {} writes", log.writes),
+                Err(_) => format!("it hung within {WRITER_IO_TIMEOUT:?}"),
+            };
+            panic!(
+                "the random writer did not reach {n} writes (at {}): {why}",
+                self.written()
+            );
+        }
+    }
+
+    /// Tells the writer that the kill is done.
+    pub fn kill_done(&self) {
+        self.killed.store(true, Ordering::SeqCst);
+    }
+
+    /// The writer's outcome; panics if it did not end within its own bounds.
+    pub async fn finish(self) -> Result<RandomWriteLog, String> {
+        let wait = self.bounds.time + WRITER_IO_TIMEOUT;
+        poll_until(wait, || std::future::ready(self.done.try_recv().ok()))
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "the random writer hung (at {} writes, waited {wait:?})",
+                    self.written()
+                )
+            })
+    }
+}
+
+fn random_writes(
+    device: &Path,
+    seed: u64,
+    written: &AtomicU64,
+    killed: &AtomicBool,
+    bounds: WriterBounds,
+) -> Result<RandomWriteLog, String> {
+    let started = Instant::now();
+    let file = DirectFile::open(device, true)
+        .map_err(|e| format!("opening {} for O_DIRECT: {e}", device.display()))?;
+    let blocks = file.size().map_err(|e| format!("device size: {e}"))? / ALIGN as u64;
+    if blocks == 0 {
+        return Err("the device is empty".to_owned());
+    }
+    let mut rng = seed | 1;
+    let (mut first_write, mut last_durable) = (BTreeMap::new(), BTreeMap::new());
+    let mut unsynced: Vec<(u64, u64)> = Vec::with_capacity(bounds.sync_every as usize);
+    let (mut n, mut syncs, mut seen_kill_at) = (0u64, 0u64, None);
+    loop {
+        if seen_kill_at.is_none() && killed.load(Ordering::SeqCst) {
+            seen_kill_at = Some(n);
+        }
+        if seen_kill_at.is_some_and(|k| n >= k + bounds.after_kill) {
+            break;
+        }
+        if n >= bounds.writes || started.elapsed() > bounds.time {
+            return Err(format!(
+                "stopped after {n} writes in {:?}, {} writes after the kill not done \
+                 (kill seen at {seen_kill_at:?})",
+                started.elapsed(),
+                bounds.after_kill
+            ));
+        }
+        // xorshift64
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        let block = rng % blocks;
+        n += 1;
+        file.write_at(block * ALIGN as u64, &stamped_block(block, n))
+            .map_err(|e| {
+                format!("write {n} (block {block}; kill seen at {seen_kill_at:?}) failed: {e}")
+            })?;
+        first_write.entry(block).or_insert(n);
+        unsynced.push((block, n));
+        written.store(n, Ordering::SeqCst);
+        if n % bounds.sync_every.max(1) == 0
+            || seen_kill_at.is_some_and(|k| n >= k + bounds.after_kill)
+        {
+            file.sync()
+                .map_err(|e| format!("fdatasync after write {n} failed: {e}"))?;
+            syncs += 1;
+            last_durable.extend(unsynced.drain(..));
+        }
+    }
+    Ok(RandomWriteLog {
+        last_durable,
+        first_write,
+        writes: n,
+        seen_kill_at: seen_kill_at.unwrap_or(n),
+        syncs,
+        elapsed: started.elapsed(),
+    })
+}
+
+/// Blocks read back against what they must hold.
+#[derive(Debug, Default)]
+pub struct ReadBack {
+    /// Blocks holding their last durable write.
+    pub intact: u64,
+    /// Blocks that read as zeros.
+    pub zeros: Vec<u64>,
+    /// Blocks holding an earlier write of the same block.
+    pub older: Vec<u64>,
+    /// Blocks holding anything else.
+    pub other: Vec<u64>,
+}
+
+impl ReadBack {
+    /// Whether every block held its last durable write.
+    pub fn all_current(&self) -> bool {
+        self.zeros.is_empty() && self.older.is_empty() && self.other.is_empty()
+    }
+}
+
+/// Reads every block of `expected` with O_DIRECT and sorts it into a [`ReadBack`].
+pub fn read_back(device: &Path, expected: &BTreeMap<u64, u64>) -> Result<ReadBack, String> {
+    let file = DirectFile::open(device, false)
+        .map_err(|e| format!("opening {} for O_DIRECT: {e}", device.display()))?;
+    let mut out = ReadBack::default();
+    for (&block, &write) in expected {
+        let got = file
+            .read_at(block * ALIGN as u64, ALIGN)
+            .map_err(|e| format!("reading block {block}: {e}"))?;
+        if got == stamped_block(block, write) {
+            out.intact += 1;
+        } else if got.iter().all(|b| *b == 0) {
+            out.zeros.push(block);
+        } else if matches!(stamp_of(&got), Some((b, w)) if b == block && w < write
+            && got == stamped_block(block, w))
+        {
+            out.older.push(block);
+        } else {
+            out.other.push(block);
+        }
+    }
+    Ok(out)
+}
