@@ -138,6 +138,20 @@ impl ControllerService {
         if !failures.is_empty() {
             cond.message = format!("{}: {failures}", cond.message);
         }
+        let delay = self.inner.cfg.heal.replacement_delay;
+        let lost: Vec<&str> = failures
+            .0
+            .iter()
+            .filter(|f| self.pool().is_lost(&f.replica, delay))
+            .map(|f| f.replica.node_id.as_str())
+            .collect();
+        if !lost.is_empty() {
+            cond.message = format!(
+                "{} (lost, unreachable for over {delay:?}: {}; being replaced where a node is free)",
+                cond.message,
+                lost.join(", ")
+            );
+        }
         Ok(csi::ControllerGetVolumeResponse {
             volume: Some(self.volume(&rec, &[])),
             status: Some(csi::controller_get_volume_response::VolumeStatus {
