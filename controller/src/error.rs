@@ -117,6 +117,13 @@ pub enum ControllerError {
         /// Its copy progress ("restoring from snapshot X: 43% (n/m bytes)").
         progress: String,
     },
+    /// A replacement of a lost replica found the replica set changed by someone else
+    /// (another controller instance's healing pass); the next pass looks again.
+    #[error("volume {volume}: its replica set changed while a replacement was being made")]
+    ReplicaSetChanged {
+        /// The volume id.
+        volume: String,
+    },
 
     // --- NOT_FOUND -------------------------------------------------------------------
     /// The volume does not exist.
@@ -394,6 +401,7 @@ impl ControllerError {
             Self::InvalidToken(_)
             | Self::InvalidSnapshotToken(_)
             | Self::CopyPending { .. }
+            | Self::ReplicaSetChanged { .. }
             | Self::Quorum(QuorumError::LostRaces { .. }) => Code::Aborted,
             Self::VolumeNotFound(_)
             | Self::NodeNotFound(_)

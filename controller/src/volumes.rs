@@ -205,13 +205,23 @@ impl Volumes {
 
     /// Replaces the replica set of `rec` with `replicas` on a majority of its current
     /// replicas (a lost member swapped for its replacement), keeping attachments and
-    /// parameters as the majority holds them.
+    /// parameters as the majority holds them. Only while the set is still the one
+    /// `rec` holds: a set another controller changed meanwhile is ABORTED, never
+    /// overwritten (two healers must not each install their own replacement).
     pub async fn replace_replicas(
         &self,
         rec: &VolumeRecord,
         replicas: Vec<ReplicaRef>,
     ) -> Result<VolumeRecord> {
         self.update_to(rec, |cur| {
+            if cur.replicas == replicas {
+                return Ok(None);
+            }
+            if cur.replicas != rec.replicas {
+                return Err(ControllerError::ReplicaSetChanged {
+                    volume: rec.volume_id.clone(),
+                });
+            }
             Ok(Some(RecordTarget {
                 attachments: cur.attachments.clone(),
                 parameters: cur.parameters.clone(),
