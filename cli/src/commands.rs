@@ -44,6 +44,38 @@ fn print_table(header: &[&str], rows: &[Vec<String>]) {
     }
 }
 
+/// `tessera volumes --watch`: the table again every `every`, on a cleared screen, until
+/// interrupted (a rebuild's or resync's progress as it moves).
+pub async fn watch_volumes(
+    controller: &str,
+    replicas: &[String],
+    every: Duration,
+) -> anyhow::Result<()> {
+    loop {
+        // Clear the screen and go home, then draw; an error is shown, not fatal: the
+        // controller may be restarting.
+        print!("\x1b[2J\x1b[H");
+        println!("every {every:?}, {} (Ctrl-C to stop)\n", clock_now());
+        if let Err(e) = volumes(controller, replicas).await {
+            println!("{e:#}");
+        }
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+            _ = tokio::time::sleep(every) => {}
+        }
+    }
+}
+
+/// Wall-clock time as seconds since the Unix epoch (no timezone database needed).
+fn clock_now() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let (h, m, s) = ((secs / 3600) % 24, (secs / 60) % 60, secs % 60);
+    format!("{h:02}:{m:02}:{s:02} UTC")
+}
+
 /// `tessera volumes`: every volume the controller lists.
 pub async fn volumes(controller: &str, replicas: &[String]) -> anyhow::Result<()> {
     let socket = csi_client::socket_of(controller)?;
@@ -143,8 +175,11 @@ struct VolumeDetail {
     total_bytes: u64,
     /// Every replica that answered has its copy complete.
     complete: bool,
-    /// The replica set: (node id, control address), from the first record seen.
+    /// The replica set: (node id, control address), from the newest record seen
+    /// (highest generation: a replaced member's leftover record names the old set).
     replica_set: Vec<(String, String)>,
+    /// Generation of the record `replica_set` came from.
+    set_generation: u64,
     /// Control addresses of the daemons that returned a record of the volume.
     holders: BTreeSet<String>,
 }
@@ -155,15 +190,18 @@ impl VolumeDetail {
         if self.name.is_empty() {
             self.name = rec.name;
         }
-        if self.replica_set.is_empty() {
+        if self.replica_set.is_empty() || rec.generation > self.set_generation {
             self.replica_set = rec
                 .replicas
                 .iter()
                 .map(|r| (r.node_id.clone(), r.control_address.clone()))
                 .collect();
+            self.set_generation = rec.generation;
         }
         self.holders.insert(from.to_owned());
-        if let Some(src) = rec.copy_source {
+        // A rebuild's progress is the controller's condition ("rebuilding 43 %"); the
+        // COPY column is about restores and clones.
+        if let Some(src) = rec.copy_source.filter(|s| !s.rebuild) {
             self.clone = Some(src.clone);
             let (done, total, complete) = rec.copy.map_or((0, src.size_bytes, false), |c| {
                 (c.done_bytes, c.total_bytes, c.complete)

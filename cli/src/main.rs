@@ -36,6 +36,7 @@ mod wait;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::bail;
 use clap::{Parser, Subcommand};
@@ -91,6 +92,10 @@ enum Command {
         /// Directory of a running `tessera up`, for the defaults.
         #[arg(long, default_value = DEFAULT_DIR)]
         dir: PathBuf,
+        /// Redraw the table every second (resyncs and rebuilds as they progress)
+        /// until Ctrl-C.
+        #[arg(long)]
+        watch: bool,
     },
     /// Compare every block of a volume on its in-sync replicas (versions, and data
     /// checksums unless --versions-only); exits 1 on any divergence.
@@ -146,6 +151,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             controller,
             mut replicas,
             dir,
+            watch,
         } => {
             let controller = match controller {
                 Some(c) => c,
@@ -157,7 +163,11 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                     endpoints.controller
                 }
             };
-            commands::volumes(&controller, &replicas).await?;
+            if watch {
+                commands::watch_volumes(&controller, &replicas, Duration::from_secs(1)).await?;
+            } else {
+                commands::volumes(&controller, &replicas).await?;
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Verify {
