@@ -172,6 +172,7 @@ mod handle;
 mod inspect;
 mod layer;
 mod locks;
+mod scrub;
 mod snapshots;
 #[cfg(test)]
 mod tests;
@@ -192,6 +193,7 @@ pub use file::{
     StdFileFactory,
 };
 pub use handle::StoreHandle;
+pub use scrub::{DamagedBlock, Repair, ScrubLayer, ScrubStep};
 pub use tessera_replica_protocol::block::{BlockVersion, DataLengthMismatch, VersionedBlocks};
 
 use crate::block_io::BLOCK_SIZE;

@@ -16,7 +16,7 @@ use crate::block_io::{BlockIoError, VolumeBlocks};
 const B: u64 = BLOCK_SIZE;
 
 /// Content unique to (block, version): a reader can tell every version apart.
-fn pattern(block: u64, version: u64) -> Vec<u8> {
+pub(super) fn pattern(block: u64, version: u64) -> Vec<u8> {
     let mut v = Vec::with_capacity(BS);
     let mut x =
         block.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ version.wrapping_mul(0xD1B5_4A32_D192_ED03);
@@ -31,13 +31,13 @@ fn pattern(block: u64, version: u64) -> Vec<u8> {
     v
 }
 
-fn new_store(blocks: u64) -> (tempfile::TempDir, LayeredStore) {
+pub(super) fn new_store(blocks: u64) -> (tempfile::TempDir, LayeredStore) {
     let tmp = tempfile::tempdir().expect("tempdir");
     let store = LayeredStore::create(&tmp.path().join("vol"), blocks * B).expect("create");
     (tmp, store)
 }
 
-fn layer_file(store: &LayeredStore, layer: LayerId, name: &str) -> PathBuf {
+pub(super) fn layer_file(store: &LayeredStore, layer: LayerId, name: &str) -> PathBuf {
     store
         .dir()
         .join("layers")
@@ -45,7 +45,7 @@ fn layer_file(store: &LayeredStore, layer: LayerId, name: &str) -> PathBuf {
         .join(name)
 }
 
-fn poke(path: &Path, offset: u64, bytes: &[u8]) {
+pub(super) fn poke(path: &Path, offset: u64, bytes: &[u8]) {
     use std::os::unix::fs::FileExt;
     let f = std::fs::OpenOptions::new()
         .write(true)
