@@ -44,6 +44,7 @@ pub mod metrics;
 mod park;
 pub mod record;
 pub mod scheduler;
+pub mod scrub;
 pub mod snapshot_read;
 pub mod store;
 pub mod sync_state;

@@ -47,9 +47,10 @@ use tessera_replica::metrics::{CatalogHealth, DaemonMetrics};
 use tessera_replica::scheduler::{
     BackgroundLimits, DeadlineBudgets, EngineKind, Scheduler, SchedulerConfig, DEFAULT_QUEUE_DEPTH,
 };
+use tessera_replica::scrub::{ScrubConfig, Scrubber};
 use tessera_replica::volume_registry::CatalogRegistry;
 use tessera_replica_protocol::control_proto::replica_control_server::ReplicaControlServer;
-use tessera_replica_protocol::units::parse_size;
+use tessera_replica_protocol::units::{parse_duration, parse_size};
 use tessera_telemetry::{Endpoints, LogFormat};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -95,6 +96,17 @@ struct Args {
     /// 0 = unlimited.
     #[arg(long, value_parser = parse_capacity, default_value = "0")]
     copy_max_bandwidth: u64,
+
+    /// Time between the starts of two scrub passes, which read back and check every
+    /// block of every volume and snapshot here and repair damaged ones from another
+    /// replica, e.g. 168h, 30m, 2s; 0 disables scrubbing.
+    #[arg(long, value_parser = parse_period, default_value = "168h")]
+    scrub_period: Duration,
+
+    /// Bytes per second a scrub pass reads at most (background I/O), e.g. 32Mi;
+    /// 0 = unlimited.
+    #[arg(long, value_parser = parse_capacity, default_value = "32Mi")]
+    scrub_rate: u64,
 
     /// HOST:PORT for HTTP /healthz and /metrics; disabled when unset.
     #[arg(long)]
@@ -234,6 +246,13 @@ fn parse_transfer(s: &str) -> Result<usize, String> {
     }
 }
 
+fn parse_period(s: &str) -> Result<Duration, String> {
+    if s == "0" {
+        return Ok(Duration::ZERO);
+    }
+    parse_duration(s).ok_or_else(|| format!("{s:?} is not a duration like 168h, 30m or 2s"))
+}
+
 fn parse_capacity(s: &str) -> Result<u64, String> {
     parse_size(s.trim()).map_err(|e| e.to_string())
 }
@@ -348,12 +367,24 @@ async fn run(args: Args) -> Result<()> {
         });
     }
 
-    let metrics = DaemonMetrics::new(
+    let scrubber = Arc::new(Scrubber::new(
+        Arc::clone(&catalog),
+        ScrubConfig {
+            period: args.scrub_period,
+            rate: args.scrub_rate,
+            node_id: node_id.clone(),
+            peer_timeout: Duration::from_secs(10),
+        },
+    ));
+    let mut metrics = DaemonMetrics::new(
         Arc::clone(&catalog),
         &node_id,
         service.requests(),
         Some(Arc::clone(&copies)),
     );
+    metrics
+        .registry
+        .register_collector(Box::new(scrubber.collector()));
     let metrics_task = metrics_listener.map(|listener| {
         let endpoints = Endpoints::new(
             Arc::new(CatalogHealth(Arc::clone(&catalog))),
@@ -406,10 +437,13 @@ async fn run(args: Args) -> Result<()> {
     // After the ready file: a copy may read from this very daemon, whose control
     // server starts below; its first attempt retries until then.
     copies.resume_all();
+    tokio::spawn(Arc::clone(&scrubber).run(stop_rx.clone()));
     info!(
         node_id = %node_id,
         control = %control_addr,
         copy_max_bandwidth = args.copy_max_bandwidth,
+        scrub_period = ?args.scrub_period,
+        scrub_rate = args.scrub_rate,
         data = %data_addr,
         metrics = metrics_addr.as_deref().unwrap_or("disabled"),
         version = env!("CARGO_PKG_VERSION"),

@@ -56,7 +56,7 @@ mod holders;
 pub mod merge;
 mod ops;
 mod reconcile;
-mod source;
+pub(crate) mod source;
 mod task;
 pub mod throttle;
 
