@@ -23,8 +23,9 @@
 //! * *Cancellation.* Dropping a read or flush future is harmless (a cancelled flush
 //!   leaves the layer dirty); a trim writes its tombstones before it waits for
 //!   anything but its locks. A write dropped between its data and its entry would
-//!   leave a torn block, so [`LayeredStore::write_async`] runs in a task of its own
-//!   that finishes even when the caller's future is dropped.
+//!   leave a torn block, so [`LayeredStore::write_async`] (and
+//!   [`LayeredStore::write_versions_async`]) runs in a task of its own that finishes
+//!   even when the caller's future is dropped.
 //! * *Where the blocking methods may run.* On threads whose own work nothing they
 //!   wait for depends on: the blocking pool, plain threads. Never on a data-plane shard
 //!   thread (only it reaps its ring), nor on a runtime worker whose tasks they would
