@@ -36,8 +36,8 @@ pub struct ControlService {
     catalog: Arc<Catalog>,
     info: Arc<NodeInfo>,
     requests: GrpcRequests,
-    /// Runs restore/clone copies; `None` records copy sources without copying (tests
-    /// of the catalog side).
+    /// Runs restore, clone and rebuild copies; `None` records copy sources without
+    /// copying (tests of the catalog side).
     copies: Option<Arc<CopyManager>>,
 }
 
@@ -59,7 +59,8 @@ impl ControlService {
     }
 
     /// Checks a `ReadSnapshotBlocks` request and starts its stream (with data, or
-    /// versions only for `seqs_only`: the checks are the same either way).
+    /// versions only for `seqs_only`: the checks are the same either way). An empty
+    /// snapshot id reads the volume's head, for a rebuild: live volumes only.
     fn snapshot_stream(
         &self,
         req: proto::ReadSnapshotBlocksRequest,
@@ -70,15 +71,21 @@ impl ControlService {
                 req.offset, req.length
             )));
         }
-        let source = self
-            .catalog
-            .snapshot_source(&req.volume_id, &req.snapshot_id)?;
+        let (source, view) = if req.snapshot_id.is_empty() {
+            let source = self.catalog.head_source(&req.volume_id)?;
+            (source, format!("volume {}", req.volume_id))
+        } else {
+            let source = self
+                .catalog
+                .snapshot_source(&req.volume_id, &req.snapshot_id)?;
+            (source, format!("snapshot {}", req.snapshot_id))
+        };
         match req.offset.checked_add(req.length) {
             Some(end) if end <= source.size_bytes => {}
             _ => {
                 return Err(Status::out_of_range(format!(
-                    "range {}+{} is outside snapshot {} of {} bytes",
-                    req.offset, req.length, req.snapshot_id, source.size_bytes
+                    "range {}+{} is outside {view} of {} bytes",
+                    req.offset, req.length, source.size_bytes
                 )))
             }
         }
@@ -409,6 +416,7 @@ fn new_volume(r: proto::CreateVolumeRequest) -> NewVolume {
         created_unix_nanos: r.created_unix_nanos,
         access_type: r.access_type,
         copy_source: r.copy_source.map(Into::into),
+        epoch: r.epoch,
     }
 }
 

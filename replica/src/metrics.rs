@@ -255,7 +255,7 @@ fn encode_volume_io(catalog: &Catalog, encoder: &mut DescriptorEncoder) -> fmt::
     Ok(())
 }
 
-/// Restore/clone copies running on this daemon and their live progress.
+/// Restore, clone and rebuild copies running on this daemon and their live progress.
 struct CopyCollector(Arc<CopyManager>);
 
 impl fmt::Debug for CopyCollector {
@@ -270,7 +270,7 @@ impl Collector for CopyCollector {
         gauge(
             &mut encoder,
             "tessera_replica_copies_active",
-            "Restore/clone copies running on this daemon.",
+            "Restore, clone and rebuild copies running on this daemon.",
             running.len(),
         )?;
         let per_copy = |field: fn(&crate::copy::LiveProgress) -> &std::sync::atomic::AtomicU64| {

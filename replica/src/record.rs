@@ -109,8 +109,8 @@ pub struct VolumeRecord {
     /// layers and this record stay until the last snapshot is deleted. Such a volume
     /// is not listed and not served; only its snapshots are.
     pub deleted: bool,
-    /// Where the volume's data is copied from, when it was restored from a snapshot
-    /// or cloned; kept after the copy completes, as provenance.
+    /// Where the volume's data is copied from, when it was restored from a snapshot,
+    /// cloned or rebuilt; kept after the copy completes, as provenance.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub copy_source: Option<CopySource>,
     /// Durable progress of that copy (`None` exactly when `copy_source` is).
@@ -129,7 +129,7 @@ impl VolumeRecord {
     }
 }
 
-/// Where a restored or cloned volume's data comes from (mirror of the proto
+/// Where a restored, cloned or rebuilt volume's data comes from (mirror of the proto
 /// `CopySource`; the proto comments are the contract).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(default)]
@@ -155,6 +155,17 @@ pub struct CopySource {
 }
 
 impl CopySource {
+    /// What the copy is, for logs and messages: "rebuild", "clone" or "restore".
+    pub fn kind(&self) -> &'static str {
+        if self.rebuild {
+            "rebuild"
+        } else if self.clone {
+            "clone"
+        } else {
+            "restore"
+        }
+    }
+
     /// Whether `other` names the same data (snapshot, volume, size, kind). Holders and
     /// replication factor are where to fetch it from, which may legitimately change
     /// between a create and its retry (daemons move).

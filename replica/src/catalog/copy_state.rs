@@ -1,6 +1,6 @@
-//! The catalog's side of restore and clone: checking a copy source at create, the
-//! copy's durable progress in the record, and the sealed snapshots other replicas
-//! read from.
+//! The catalog's side of restore, clone and rebuild: checking a copy source at
+//! create, the copy's durable progress in the record, and what other replicas read
+//! from here (sealed snapshots; a live volume's head, for a rebuild).
 //!
 //! Progress updates do not bump `generation`: that is the controller's
 //! compare-and-set token for attachments and parameters, and a copy reporting
@@ -31,12 +31,13 @@ pub struct CopyTarget {
     pub store: Arc<LayeredStore>,
 }
 
-/// A sealed snapshot another replica reads: the store holding it and its size.
+/// A sealed snapshot, or a live volume's head, another replica reads: the store
+/// holding it and its size.
 #[derive(Debug, Clone)]
 pub struct SnapshotSource {
-    /// The store of the snapshot's volume (live or deleted).
+    /// The store of the snapshot's volume (live or deleted), or of the live volume.
     pub store: Arc<LayeredStore>,
-    /// Size of the snapshot in bytes.
+    /// Size of the snapshot (or of the volume) in bytes.
     pub size_bytes: u64,
 }
 
@@ -59,7 +60,7 @@ pub(super) fn refuse_while_copying(record: &VolumeRecord) -> Result<(), CatalogE
     match record.pending_copy() {
         Some((source, progress)) => Err(CatalogError::Populating {
             volume_id: record.volume_id.clone(),
-            snapshot_id: source.snapshot_id.clone(),
+            snapshot_id: (!source.rebuild).then(|| source.snapshot_id.clone()),
             percent: progress.percent(),
         }),
         None => Ok(()),
@@ -75,12 +76,41 @@ pub(super) fn validate_copy_source(new: &NewVolume) -> Result<(), CatalogError> 
         volume_id: new.volume_id.clone(),
         reason,
     };
-    for (what, id) in [
-        ("snapshot_id", &src.snapshot_id),
-        ("source_volume_id", &src.source_volume_id),
-    ] {
-        validate_volume_id(id).map_err(|e| invalid(format!("{what}: {e}")))?;
+    if src.rebuild {
+        // A rebuild copies this very volume's heads: anything else named would be
+        // another volume's data under this one's id.
+        if !src.snapshot_id.is_empty() {
+            return Err(invalid(format!(
+                "a rebuild copies the replicas' heads, not snapshot {:?}",
+                src.snapshot_id
+            )));
+        }
+        if src.source_volume_id != new.volume_id {
+            return Err(invalid(format!(
+                "a rebuild copies the volume itself, not volume {:?}",
+                src.source_volume_id
+            )));
+        }
+        if src.size_bytes != new.size_bytes {
+            return Err(invalid(format!(
+                "a rebuild's size_bytes {} differs from the volume's {}",
+                src.size_bytes, new.size_bytes
+            )));
+        }
+        if src.clone {
+            return Err(invalid("a rebuild is not a clone".into()));
+        }
+    } else {
+        validate_volume_id(&src.snapshot_id).map_err(|e| invalid(format!("snapshot_id: {e}")))?;
+        if src.fence_epoch != 0 {
+            return Err(invalid(format!(
+                "fence_epoch {} is only for rebuilds",
+                src.fence_epoch
+            )));
+        }
     }
+    validate_volume_id(&src.source_volume_id)
+        .map_err(|e| invalid(format!("source_volume_id: {e}")))?;
     if src.holders.is_empty() {
         return Err(invalid("it names no holders".into()));
     }
@@ -124,6 +154,10 @@ pub(super) fn copy_source_difference(
 ) -> Option<String> {
     let describe = |c: &Option<CopySource>| match c {
         None => "none".to_string(),
+        Some(c) if c.rebuild => format!(
+            "rebuild of volume {} ({} bytes)",
+            c.source_volume_id, c.size_bytes
+        ),
         Some(c) => format!(
             "snapshot {} of volume {} ({} bytes{})",
             c.snapshot_id,
@@ -214,6 +248,18 @@ impl Catalog {
                     source,
                 })?;
         Ok(SnapshotSource { store, size_bytes })
+    }
+
+    /// The head of a live volume whose own copy (if any) is complete, for a replica
+    /// rebuilding it to read: a deleted volume is NOT_FOUND (only its snapshots are
+    /// left), one still being populated [`CatalogError::Populating`] (its head is not
+    /// a replica's yet), a quarantined one [`CatalogError::Quarantined`].
+    pub fn head_source(&self, volume_id: &str) -> Result<SnapshotSource, CatalogError> {
+        let (store, _) = self.open_store(volume_id)?;
+        Ok(SnapshotSource {
+            size_bytes: store.size(),
+            store,
+        })
     }
 
     /// A repeated create of a copying volume may name other holders (daemons moved):
@@ -420,5 +466,121 @@ mod tests {
         ));
         assert_eq!(majority(0), 1);
         assert_eq!(majority(3), 2);
+    }
+
+    /// A rebuild of volume "v" (1 MiB) at `epoch` from holders a, b, c.
+    fn rebuild(epoch: u64) -> NewVolume {
+        let mut src = source("");
+        src.source_volume_id = "v".into();
+        src.rebuild = true;
+        src.fence_epoch = 4;
+        NewVolume {
+            epoch,
+            ..restore("v", MIB, src)
+        }
+    }
+
+    #[test]
+    fn rebuild_sources_name_the_volume_itself_or_nothing_is_created() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let cat = open(tmp.path());
+        let with = |f: fn(&mut CopySource)| {
+            let mut new = rebuild(3);
+            f(new.copy_source.as_mut().expect("source"));
+            new
+        };
+        for (what, bad) in [
+            ("a snapshot", with(|s| s.snapshot_id = "s1".into())),
+            ("another volume", with(|s| s.source_volume_id = "w".into())),
+            ("another size", with(|s| s.size_bytes = MIB / 2)),
+            ("a clone", with(|s| s.clone = true)),
+            ("no holders", with(|s| s.holders.clear())),
+            ("a minority", with(|s| s.holders.truncate(1))),
+            ("no address", with(|s| s.holders[2].control_address.clear())),
+        ] {
+            let err = cat.create(bad).expect_err(what);
+            assert!(
+                matches!(err, CatalogError::InvalidCopySource { .. }),
+                "{what}: {err}"
+            );
+        }
+        // A restore still needs its snapshot, and has no fence.
+        let mut no_snapshot = restore("r", MIB, source(""));
+        assert!(matches!(
+            cat.create(no_snapshot.clone()),
+            Err(CatalogError::InvalidCopySource { .. })
+        ));
+        no_snapshot.copy_source = Some(CopySource {
+            fence_epoch: 2,
+            ..source("s")
+        });
+        let err = cat.create(no_snapshot).expect_err("fenced restore");
+        assert!(err.to_string().contains("only for rebuilds"), "{err}");
+        let too_late = NewVolume {
+            epoch: tessera_replica_protocol::seq::MAX_EPOCH + 1,
+            ..rebuild(0)
+        };
+        assert!(matches!(
+            cat.create(too_late),
+            Err(CatalogError::EpochTooLarge { .. })
+        ));
+        assert_eq!(volume_dirs(tmp.path()), 0);
+    }
+
+    #[test]
+    fn a_rebuild_starts_at_its_epoch_unserved_and_repeats_whatever_the_epoch_became() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let cat = open(tmp.path());
+        let out = cat.create(rebuild(7)).expect("create");
+        assert!(out.created);
+        assert_eq!(out.record.epoch, 7);
+        assert_eq!(out.record.copy_source, rebuild(7).copy_source);
+        assert_eq!(
+            cat.epoch_handle("v")
+                .expect("handle")
+                .load(std::sync::atomic::Ordering::SeqCst),
+            7
+        );
+        assert!(!out.record.copy.as_ref().expect("progress").shared_layers);
+        let refused = cat.open_store("v").expect_err("not served yet");
+        assert_eq!(
+            refused.to_string(),
+            "volume v is being rebuilt from its replicas (0%)"
+        );
+        assert!(matches!(
+            cat.head_source("v"),
+            Err(CatalogError::Populating { .. })
+        ));
+
+        // An engine raised the epoch meanwhile: the same request still returns the
+        // record, which keeps its epoch.
+        cat.raise_epoch("v", 7, 9).expect("raise");
+        let again = cat.create(rebuild(7)).expect("repeat");
+        assert!(!again.created);
+        assert_eq!(again.record.epoch, 9);
+        let mut restored = rebuild(7);
+        restored.copy_source = Some(source("s1"));
+        let err = cat.create(restored).expect_err("another source");
+        assert!(matches!(err, CatalogError::Conflict { .. }), "{err}");
+        assert!(err.to_string().contains("rebuild of volume v"), "{err}");
+
+        // Durable, and served once complete.
+        drop(cat);
+        let cat = open(tmp.path());
+        assert_eq!(cat.get("v").expect("get").epoch, 9);
+        let target = cat.copy_target("v").expect("target");
+        cat.update_copy_progress("v", &target.store, |p| {
+            p.done_bytes = MIB;
+            p.complete = true;
+        })
+        .expect("complete");
+        let head = cat.head_source("v").expect("head");
+        assert_eq!(head.size_bytes, MIB);
+        assert!(Arc::ptr_eq(&head.store, &target.store));
+        cat.delete("v").expect("delete");
+        assert!(matches!(
+            cat.head_source("v"),
+            Err(CatalogError::NotFound(_))
+        ));
     }
 }

@@ -133,14 +133,12 @@ pub enum CatalogError {
     },
     /// The volume is still being filled from its copy source; it is not served and
     /// cannot be snapshotted until the copy completes.
-    #[error(
-        "volume {volume_id} is still being populated from snapshot {snapshot_id} ({percent}%)"
-    )]
+    #[error("volume {volume_id} {} ({percent}%)", populating_from(snapshot_id.as_deref()))]
     Populating {
         /// The volume.
         volume_id: String,
-        /// The snapshot it is copied from.
-        snapshot_id: String,
+        /// The snapshot it is copied from; `None` for a rebuild from its replicas.
+        snapshot_id: Option<String>,
         /// Durable progress in whole percent.
         percent: u64,
     },
@@ -215,6 +213,14 @@ pub enum CatalogError {
         #[source]
         source: io::Error,
     },
+}
+
+/// What a volume being populated is filled from, for [`CatalogError::Populating`].
+fn populating_from(snapshot_id: Option<&str>) -> String {
+    match snapshot_id {
+        Some(id) => format!("is still being populated from snapshot {id}"),
+        None => "is being rebuilt from its replicas".to_string(),
+    }
 }
 
 /// ENOSPC or EDQUOT: the backing filesystem (or its quota) is full.

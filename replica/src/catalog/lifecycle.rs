@@ -13,6 +13,7 @@ use std::io;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
+use tessera_replica_protocol::seq::Epoch;
 use tessera_telemetry::error_chain;
 use tracing::{error, info, warn};
 
@@ -46,8 +47,12 @@ pub struct NewVolume {
     pub created_unix_nanos: i64,
     /// "block", "mount" or "".
     pub access_type: String,
-    /// Restore or clone: where the data is copied from in the background.
+    /// Restore, clone or rebuild: where the data is copied from in the background.
     pub copy_source: Option<CopySource>,
+    /// Epoch the record starts at (a replacement replica joins at the volume's
+    /// current one); 0 for a new volume. Ignored when the volume exists already: its
+    /// stored epoch may have been raised since, and an epoch is never lowered.
+    pub epoch: u64,
 }
 
 /// Result of [`Catalog::create`].
@@ -60,13 +65,16 @@ pub struct CreateOutcome {
 }
 
 impl Catalog {
-    /// Creates a volume: an empty block store of `size_bytes` and its record, durable
-    /// before this returns. Repeating a create with the same name, size and
-    /// replication factor returns the stored record; any difference is
+    /// Creates a volume: an empty block store of `size_bytes` and its record at
+    /// `new.epoch`, durable before this returns. Repeating a create with the same
+    /// name, size and replication factor returns the stored record; any difference is
     /// [`CatalogError::Conflict`]. On failure nothing is left on disk.
     pub fn create(&self, new: NewVolume) -> Result<CreateOutcome, CatalogError> {
         validate_volume_id(&new.volume_id)?;
         validate_size(new.size_bytes)?;
+        // The data plane's fence starts here; an epoch no seq can carry would leave
+        // the volume with none an engine could write at.
+        Epoch::new(new.epoch).map_err(|_| CatalogError::EpochTooLarge { epoch: new.epoch })?;
         copy_state::validate_copy_source(&new)?;
         let qos = requested_qos(&new.volume_id, &new.parameters)?;
         let _guard = self.lock_mutations();
@@ -104,7 +112,7 @@ impl Catalog {
             replication_factor: new.replication_factor,
             replicas: new.replicas,
             parameters: new.parameters,
-            epoch: 0,
+            epoch: new.epoch,
             generation: 1,
             created_unix_nanos: if new.created_unix_nanos == 0 {
                 now_unix_nanos()
@@ -121,9 +129,11 @@ impl Catalog {
                 .map(|src| copy_state::initial_progress(src, false)),
             copy_source: new.copy_source,
         };
+        // A rebuild copies the replicas' heads, which no local snapshot holds.
         let base = record
             .copy_source
             .as_ref()
+            .filter(|src| !src.rebuild)
             .and_then(|src| self.local_base(src));
         let io = match &self.io {
             Some(io) => Some(VolumeIo::register(io, &id, qos, None)?),
@@ -132,6 +142,9 @@ impl Catalog {
         let mut record = record;
         let store = self.build_volume_dir(&mut record, io.as_ref(), base.as_ref())?;
         match &record.copy_source {
+            Some(src) if src.rebuild => info!(volume_id = %id, size_bytes = record.size_bytes,
+                epoch = record.epoch, holders = src.holders.len(),
+                "volume created; it is rebuilt from its replicas"),
             Some(src) => info!(volume_id = %id, size_bytes = record.size_bytes,
                 snapshot_id = %src.snapshot_id, source_volume_id = %src.source_volume_id,
                 clone = src.clone,

@@ -1,5 +1,6 @@
-//! Restore and clone: populating a new volume from the sealed copies of a snapshot
-//! that other replicas (the *holders*) keep.
+//! Restore, clone and rebuild: populating a new volume from the sealed copies of a
+//! snapshot that other replicas (the *holders*) keep, or, for a rebuild, a new replica
+//! of a volume from the *heads* of its surviving replicas.
 //!
 //! A CreateVolume with a copy source creates a volume whose record carries the source
 //! and `copy` progress; the data plane refuses the volume until the copy is complete.
@@ -18,6 +19,15 @@
 //!
 //! * **Full copy** (the volume starts empty): stream every holder's data, merge, write
 //!   every kept block.
+//!
+//! A **rebuild** (`CopySource.rebuild`, a replacement for a lost replica) is a full
+//! copy of the holders' heads (`ReadSnapshotBlocks` without a snapshot id; the holders
+//! keep writing meanwhile, and the copy does not follow them), merged the same way,
+//! but it makes a replica like the others rather than a new volume: every kept block
+//! keeps the seq it carries and every kept trim is written as a tombstone with its
+//! seq, so engines reconcile and resync it by seq; a block an interrupted attempt
+//! wrote where no holder has anything is *forgotten* (never written again), not
+//! trimmed. It never shares layers, and its record starts at the volume's epoch.
 //! * **Reconcile** (the volume's base is this daemon's own sealed layers of the
 //!   snapshot, hard-linked at create: readable at once, nothing copied). The local
 //!   copy is still only *one* sealed copy, and it may differ from the merge: it may

@@ -7,7 +7,8 @@
 //! mode, and applies them to the new volume at background priority:
 //!
 //! * a volume that starts empty gets the full copy ([`FullCopy`]): data streams,
-//!   merged, every kept block written with [`COPY_SEQ`](super::COPY_SEQ);
+//!   merged, every kept block written with [`COPY_SEQ`](super::COPY_SEQ), or for a
+//!   rebuild (the holders' heads) with the seq it carries, trims included;
 //! * a volume whose base shares this daemon's sealed layers (`copy.shared_layers`)
 //!   gets the reconcile ([`Reconcile`]): versions-only streams compared with the local
 //!   versions, and only the blocks that differ fixed.
@@ -107,8 +108,8 @@ pub(super) async fn run(mut job: CopyJob) {
                 }
                 job.live.retries.fetch_add(1, Ordering::Relaxed);
                 let message = error.to_string();
-                warn!(volume_id = %job.volume_id, error = %message, retry_in = ?backoff,
-                    "copy attempt failed; retrying");
+                warn!(volume_id = %job.volume_id, kind = source.kind(), error = %message,
+                    retry_in = ?backoff, "{} attempt failed; retrying", what(&source));
                 let keep = if progressed { done } else { 0 };
                 if !job.record_error(keep, message).await {
                     return;
@@ -170,15 +171,21 @@ impl CopyJob {
             return;
         }
         let copied = source.size_bytes.saturating_sub(first_done);
+        let served = if source.rebuild {
+            "the replica is served from now on and in sync once an engine resynced it"
+        } else {
+            "the volume is served from now on"
+        };
         info!(
             volume_id = %self.volume_id,
+            kind = source.kind(),
             snapshot_id = %source.snapshot_id,
             bytes = source.size_bytes,
             copied_bytes = copied,
             fetched_blocks,
             seconds = format!("{secs:.1}"),
             mib_per_s = format!("{:.1}", copied as f64 / MIB / secs),
-            "copy complete; the volume is served from now on"
+            "{} complete; {served}", what(source)
         );
     }
 
@@ -245,6 +252,16 @@ impl CopyJob {
     }
 }
 
+/// What the logs call a copy: "rebuild" for a rebuild (what an operator looks for
+/// after replacing a replica), "copy" for restores and clones.
+fn what(source: &CopySource) -> &'static str {
+    if source.rebuild {
+        "rebuild"
+    } else {
+        "copy"
+    }
+}
+
 /// Runs blocking work (record I/O, versioned reads, range queries) off the runtime's
 /// threads.
 pub(super) async fn blocking<T: Send + 'static>(
@@ -267,15 +284,11 @@ async fn attempt(
     job.live.total.store(total, Ordering::Relaxed);
     // Start and resume are logged once per task; retries already logged their cause.
     if done < total && job.live.retries.load(Ordering::Relaxed) == 0 {
-        let verb = if done == 0 {
-            "copy started"
-        } else {
-            "copy resumed"
-        };
-        info!(volume_id = %job.volume_id, snapshot_id = %source.snapshot_id,
-            source_volume_id = %source.source_volume_id, clone = source.clone,
+        let verb = if done == 0 { "started" } else { "resumed" };
+        info!(volume_id = %job.volume_id, kind = source.kind(),
+            snapshot_id = %source.snapshot_id, source_volume_id = %source.source_volume_id,
             holders = source.holders.len(), shared_layers = progress.shared_layers,
-            total_bytes = total, done_bytes = done, "{verb}");
+            total_bytes = total, done_bytes = done, "{} {verb}", what(source));
     }
     let walked = if done < total {
         walk(job, source, progress.shared_layers, &mut done).await
@@ -326,7 +339,7 @@ async fn walk(
     let mode = if shared_layers {
         Mode::Reconcile(Reconcile::new(source, quorum))
     } else {
-        Mode::Full(FullCopy::prepare(&job.store, *done, total).await?)
+        Mode::Full(FullCopy::prepare(&job.store, *done, total, source.rebuild).await?)
     };
 
     let grid = ChunkGrid::of_request(*done, total - *done);
@@ -360,8 +373,8 @@ async fn walk(
         let now_decile = done.saturating_mul(10) / total;
         if now_decile > decile && *done < total {
             decile = now_decile;
-            info!(volume_id = %job.volume_id, percent = now_decile * 10, done_bytes = *done,
-                total_bytes = total, "copy progress");
+            info!(volume_id = %job.volume_id, kind = source.kind(), percent = now_decile * 10,
+                done_bytes = *done, total_bytes = total, "{} progress", what(source));
         }
         if *done - last_checkpoint.0 >= job.config.checkpoint_bytes
             || last_checkpoint.1.elapsed() >= job.config.checkpoint_interval

@@ -1,6 +1,7 @@
 //! Reading sealed snapshots on behalf of other replicas: the `ReadSnapshotBlocks`
-//! stream a restoring or cloning replica pulls, and the `SnapshotRanges` query (CSI
-//! SnapshotMetadata, incremental backups).
+//! stream a restoring or cloning replica pulls (or, with no snapshot named, the
+//! volume's head, which a rebuilding replica pulls), and the `SnapshotRanges` query
+//! (CSI SnapshotMetadata, incremental backups).
 //!
 //! * [`chunk`]: the wire form of a chunk of versioned blocks, encoded by the holder and
 //!   decoded and checked by the reader.

@@ -1,5 +1,9 @@
 //! The holder side of `ReadSnapshotBlocks`: streams a sealed snapshot's versioned
-//! blocks, chunk by chunk, to a replica that restores or clones it.
+//! blocks, chunk by chunk, to a replica that restores or clones it; or, with an empty
+//! snapshot id, the volume's head (every layer, as a read sees it) to a replica that
+//! rebuilds it. A head chunk is read under that chunk's block locks only, so writes
+//! go on meanwhile: a block written during the stream is sent in its old or its new
+//! version, both of which a rebuild may keep (it is resynced by seq afterwards).
 //!
 //! Each chunk is read on the blocking pool (store I/O parks its thread) at background
 //! priority and sent through a small channel, so a slow reader holds back the reads
@@ -28,8 +32,9 @@ pub type BlockStream = ReceiverStream<Result<proto::SnapshotBlocks, Status>>;
 
 /// Streams the range of `request` (the caller has checked alignment, existence and
 /// range) from `store`: versioned blocks with their data, or versions only when the
-/// request says `seqs_only`. A failure mid-way ends the stream with its status (a
-/// snapshot deleted meanwhile is NOT_FOUND).
+/// request says `seqs_only`, of the snapshot it names or of the head when it names
+/// none. A failure mid-way ends the stream with its status (a snapshot or volume
+/// deleted meanwhile is NOT_FOUND).
 pub fn stream_snapshot(
     store: Arc<LayeredStore>,
     request: proto::ReadSnapshotBlocksRequest,
@@ -44,22 +49,24 @@ pub fn stream_snapshot(
             seqs_only,
         } = request;
         let grid = ChunkGrid::of_request(offset, length);
+        // `None`: the head.
+        let view = (!snapshot_id.is_empty()).then_some(snapshot_id);
         for (first, n) in grid.slots() {
             let store = Arc::clone(&store);
-            let id = snapshot_id.clone();
+            let view_of_chunk = view.clone();
             let read = tokio::task::spawn_blocking(move || {
                 let (at, len) = (first * BLOCK_SIZE, n * BLOCK_SIZE);
-                if seqs_only {
-                    store.read_versions_only(Some(&id), at, len)
-                } else {
-                    store.read_snapshot_versions(&id, at, len)
+                match (seqs_only, view_of_chunk.as_deref()) {
+                    (true, view) => store.read_versions_only(view, at, len),
+                    (false, Some(id)) => store.read_snapshot_versions(id, at, len),
+                    (false, None) => store.read_current_versions(at, len),
                 }
             })
             .await;
             let item = match read {
                 Ok(Ok(blocks)) if blocks.is_unwritten() => continue,
                 Ok(Ok(blocks)) => Ok(encode(blocks)),
-                Ok(Err(e)) => Err(read_status(&volume_id, &snapshot_id, &e)),
+                Ok(Err(e)) => Err(read_status(&volume_id, view.as_deref(), &e)),
                 Err(join) => Err(Status::internal(format!(
                     "snapshot read task failed: {join}"
                 ))),
@@ -74,12 +81,17 @@ pub fn stream_snapshot(
     ReceiverStream::new(rx)
 }
 
-fn read_status(volume_id: &str, snapshot_id: &str, e: &StoreError) -> Status {
-    let msg = format!("reading snapshot {snapshot_id} of volume {volume_id}: {e}");
+/// The status ending a stream of `view` (a snapshot, or `None` for the head).
+fn read_status(volume_id: &str, view: Option<&str>, e: &StoreError) -> Status {
+    let what = match view {
+        Some(id) => format!("snapshot {id}"),
+        None => "the head".to_string(),
+    };
+    let msg = format!("reading {what} of volume {volume_id}: {e}");
     match e {
         StoreError::SnapshotNotFound(_) | StoreError::VolumeDeleted => Status::not_found(msg),
         _ => {
-            warn!(volume_id, snapshot_id, error = %e, "snapshot read failed");
+            warn!(volume_id, view = %what, error = %e, "snapshot read failed");
             Status::internal(msg)
         }
     }

@@ -23,8 +23,9 @@
 //! * *Cancellation.* Dropping a read or flush future is harmless (a cancelled flush
 //!   leaves the layer dirty); a trim writes its tombstones before it waits for
 //!   anything but its locks. A write dropped between its data and its entry would
-//!   leave a torn block, so [`LayeredStore::write_async`] runs in a task of its own
-//!   that finishes even when the caller's future is dropped.
+//!   leave a torn block, so [`LayeredStore::write_async`] (and
+//!   [`LayeredStore::write_versions_async`]) runs in a task of its own that finishes
+//!   even when the caller's future is dropped.
 //! * *Where the blocking methods may run.* On threads whose own work nothing they
 //!   wait for depends on: the blocking pool, plain threads. Never on a data-plane shard
 //!   thread (only it reaps its ring), nor on a runtime worker whose tasks they would
@@ -63,7 +64,7 @@ impl LayeredStore {
     /// Writes `data` at `offset` into the head, tagged with `seq`; durable after
     /// [`Self::flush`].
     pub fn write(&self, offset: u64, data: &[u8], seq: u64) -> Result<(), StoreError> {
-        block_on(self.write_now(IoPriority::Foreground, offset, data, seq))
+        block_on(self.write_now(IoPriority::Foreground, offset, data, Seqs::One(seq)))
     }
 
     /// Writes each block of `data` only where the volume's current version of that
@@ -95,6 +96,12 @@ impl LayeredStore {
     /// data), keep `seq` as their version, and their space in the head is freed.
     pub fn trim(&self, offset: u64, len: u64, seq: u64) -> Result<(), StoreError> {
         block_on(self.trim_async(IoPriority::Foreground, offset, len, seq))
+    }
+
+    /// Removes the head's own version of `len` bytes at `offset` (see
+    /// [`Self::forget_async`]).
+    pub fn forget(&self, offset: u64, len: u64) -> Result<(), StoreError> {
+        block_on(self.forget_async(IoPriority::Foreground, offset, len))
     }
 
     /// Makes every write and trim completed before the call durable.
@@ -202,26 +209,29 @@ impl LayeredStore {
         data: Vec<u8>,
         seq: u64,
     ) -> impl Future<Output = Result<(), StoreError>> + Send + 'static {
-        let store = Arc::clone(self);
-        let dir = store.dir.clone();
-        let task =
-            match tokio::runtime::Handle::try_current() {
-                Ok(runtime) => Ok(runtime
-                    .spawn(async move { store.write_now(priority, offset, &data, seq).await })),
-                Err(_) => Err((store, data)),
-            };
-        async move {
-            match task {
-                Ok(task) => task.await.unwrap_or_else(|e| {
-                    Err(StoreError::Io {
-                        op: "run the write task",
-                        path: dir,
-                        source: io::Error::other(e),
-                    })
-                }),
-                Err((store, data)) => store.write_now(priority, offset, &data, seq).await,
-            }
-        }
+        detached(self, move |store| async move {
+            store
+                .write_now(priority, offset, &data, Seqs::One(seq))
+                .await
+        })
+    }
+
+    /// [`Self::write_async`] with one seq per block (`seqs[i]` for the i-th block of
+    /// `data`): what a rebuild writes, a run of blocks copied from other replicas with
+    /// the versions they carry, in one I/O. Another number of seqs than blocks is
+    /// [`StoreError::SeqCount`] and writes nothing.
+    pub fn write_versions_async(
+        self: &Arc<Self>,
+        priority: IoPriority,
+        offset: u64,
+        data: Vec<u8>,
+        seqs: Vec<u64>,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send + 'static {
+        detached(self, move |store| async move {
+            store
+                .write_now(priority, offset, &data, Seqs::PerBlock(&seqs))
+                .await
+        })
     }
 
     /// Writes `data` at `offset` into the head, every block.
@@ -230,7 +240,7 @@ impl LayeredStore {
         priority: IoPriority,
         offset: u64,
         data: &[u8],
-        seq: u64,
+        seqs: Seqs<'_>,
     ) -> Result<(), StoreError> {
         let _gate = self.locks.gate_shared().await;
         let (head, first, n) = {
@@ -240,7 +250,21 @@ impl LayeredStore {
             (head, first, n)
         };
         // Checksums before the locks: they depend on nothing the locks protect.
-        let entries = data_entries(first, data, seq);
+        let entries = match seqs {
+            Seqs::One(seq) => data_entries(first, data, seq),
+            Seqs::PerBlock(seqs) if seqs.len() as u64 == n => data
+                .chunks_exact(BS)
+                .zip(seqs)
+                .enumerate()
+                .map(|(k, (block, &seq))| Entry::for_data(first + k as u64, seq, block))
+                .collect(),
+            Seqs::PerBlock(seqs) => {
+                return Err(StoreError::SeqCount {
+                    blocks: n,
+                    seqs: seqs.len(),
+                })
+            }
+        };
         let _stripes = self.locks.exclusive(first, n).await;
         write_run(&head, priority, first, data, &entries).await
     }
@@ -401,6 +425,38 @@ impl LayeredStore {
         head.punch(priority, first, n).await
     }
 
+    /// Removes the head's own version of `len` bytes at `offset`: their entries are
+    /// zeroed, then their data is deallocated, so each block reads as its version in
+    /// the older layers, or as never written where none has one. Only a copy that
+    /// owns a volume nobody else writes yet uses this: a rebuild clearing blocks an
+    /// interrupted attempt wrote where every replica it copies from has nothing (a
+    /// trim would leave a version those replicas lack). A crash in between leaves a
+    /// block forgotten (entry zeroed, data still allocated) or, like a torn trim,
+    /// corrupt; the copy redoes both.
+    pub async fn forget_async(
+        &self,
+        priority: IoPriority,
+        offset: u64,
+        len: u64,
+    ) -> Result<(), StoreError> {
+        let _gate = self.locks.gate_shared().await;
+        let (head, first, n) = {
+            let state = self.state_read();
+            let head = Arc::clone(state.head()?);
+            let (first, n) = check_range(offset, len, state.size)?;
+            (head, first, n)
+        };
+        if n == 0 {
+            return Ok(());
+        }
+        let _stripes = self.locks.exclusive(first, n).await;
+        head.clear_entries(priority, first, n as usize).await?;
+        for b in first..first + n {
+            head.unmark(b);
+        }
+        head.punch(priority, first, n).await
+    }
+
     /// [`Self::flush`] for async callers, at `priority`.
     pub async fn flush_async(&self, priority: IoPriority) -> Result<(), StoreError> {
         let _gate = self.locks.gate_shared().await;
@@ -448,8 +504,15 @@ where
     }
 }
 
-/// The runs of consecutive applied blocks in `outcomes` (of blocks from `first`), as
-/// (first block, count).
+/// The seqs of a write's blocks.
+#[derive(Clone, Copy)]
+enum Seqs<'a> {
+    /// Every block has this one.
+    One(u64),
+    /// One per block, in order.
+    PerBlock(&'a [u64]),
+}
+
 /// What [`LayeredStore::older_blocks`] found, holding the range's stripes.
 struct OlderBlocks<'a> {
     head: Arc<Layer>,
@@ -458,6 +521,8 @@ struct OlderBlocks<'a> {
     _stripes: Vec<StripeWrite<'a>>,
 }
 
+/// The runs of consecutive applied blocks in `outcomes` (of blocks from `first`), as
+/// (first block, count).
 fn applied_runs(first: u64, outcomes: &[WriteOutcome]) -> Vec<(u64, u64)> {
     let mut runs: Vec<(u64, u64)> = Vec::new();
     for (k, o) in outcomes.iter().enumerate() {
@@ -664,6 +729,49 @@ mod tests {
         }
         let dir = tempfile::tempdir().expect("tempdir");
         round_trip(create(dir.path(), Arc::new(StdFileFactory))).await;
+    }
+
+    #[test]
+    fn writes_with_a_seq_per_block_and_forgetting_the_heads_versions() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Arc::new(LayeredStore::create(dir.path(), 8 * 4096).expect("create"));
+        let three = [block(1), block(2), block(3)].concat();
+        block_on(store.write_versions_async(FG, 4096, three.clone(), vec![10, 12, 11]))
+            .expect("write");
+        let seqs = |s: &LayeredStore| -> Vec<Option<u64>> {
+            (0..8).map(|b| s.block_seq(b).expect("seq")).collect()
+        };
+        assert_eq!(
+            seqs(&store),
+            vec![None, Some(10), Some(12), Some(11), None, None, None, None]
+        );
+        assert_eq!(store.read(4096, 3 * 4096).expect("read"), three);
+        assert!(matches!(
+            block_on(store.write_versions_async(
+                FG,
+                5 * 4096,
+                [block(4), block(5)].concat(),
+                vec![1]
+            )),
+            Err(StoreError::SeqCount { blocks: 2, seqs: 1 })
+        ));
+        assert_eq!(store.block_seq(5).expect("seq"), None, "nothing written");
+
+        // Forgetting the head's versions uncovers the snapshot's, or nothing.
+        store.snapshot("s").expect("snapshot");
+        store.write(4096, &block(9), 20).expect("write");
+        store.trim(2 * 4096, 4096, 21).expect("trim");
+        store.write(6 * 4096, &block(6), 22).expect("write");
+        store.forget(4096, 6 * 4096).expect("forget");
+        let want = vec![None, Some(10), Some(12), Some(11), None, None, None, None];
+        assert_eq!(seqs(&store), want);
+        assert_eq!(store.read(4096, 3 * 4096).expect("read"), three);
+        assert_eq!(store.read(6 * 4096, 4096).expect("read"), block(0));
+        store.flush().expect("flush");
+        drop(store);
+        let reopened = LayeredStore::open(dir.path()).expect("reopen");
+        assert_eq!(seqs(&reopened), want);
+        assert!(reopened.verify().expect("verify").is_empty());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -33,6 +33,14 @@ pub enum StoreError {
         /// Length requested.
         len: u64,
     },
+    /// A write with one seq per block was given another number of seqs than blocks.
+    #[error("{seqs} seqs given for a write of {blocks} blocks")]
+    SeqCount {
+        /// Blocks of the write.
+        blocks: u64,
+        /// Seqs given.
+        seqs: usize,
+    },
     /// A stored block failed verification (torn write, bit rot, damaged entry); its
     /// bytes are never returned.
     #[error("block {block} in layer {layer} failed checksum verification")]

@@ -8,6 +8,23 @@ impl LayeredStore {
     /// clone must copy. Trimmed and never-written blocks are left out; damaged blocks
     /// are included (a reader of them gets an error rather than silent zeros).
     pub fn allocated_ranges(&self, snapshot: Option<&str>) -> Result<Vec<Range<u64>>, StoreError> {
+        self.view_ranges(snapshot, false)
+    }
+
+    /// Byte ranges where the head (`None`) or a snapshot has any version at all: data,
+    /// trim tombstones and damaged entries; only never-written blocks are left out.
+    /// What a rebuild must clear where its sources have nothing.
+    pub fn written_ranges(&self, snapshot: Option<&str>) -> Result<Vec<Range<u64>>, StoreError> {
+        self.view_ranges(snapshot, true)
+    }
+
+    /// The ranges of [`Self::allocated_ranges`], or with `tombstones` those of
+    /// [`Self::written_ranges`].
+    fn view_ranges(
+        &self,
+        snapshot: Option<&str>,
+        tombstones: bool,
+    ) -> Result<Vec<Range<u64>>, StoreError> {
         let state = self.state_read();
         let (top, size) = state.view(snapshot)?;
         let nblocks = size / BLOCK_SIZE;
@@ -15,13 +32,17 @@ impl LayeredStore {
         let mut out = Vec::with_capacity(words);
         for w in 0..words {
             let mut covered = 0u64;
-            let mut data = 0u64;
+            let mut kept = 0u64;
             for slot in state.layers[..=top].iter().rev() {
                 let present = slot.layer.present_bits().word(w) & !covered;
-                data |= present & !slot.layer.trimmed_bits().word(w);
+                kept |= if tombstones {
+                    present
+                } else {
+                    present & !slot.layer.trimmed_bits().word(w)
+                };
                 covered |= present;
             }
-            out.push(data);
+            out.push(kept);
         }
         Ok(ranges_from_words(&out, nblocks))
     }

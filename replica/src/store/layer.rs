@@ -310,6 +310,14 @@ impl Layer {
         }
     }
 
+    /// Records in the index that `block` has no entry any more (call after the zeroed
+    /// entry is on disk). The present bit goes first, so a lock-free scan never sees a
+    /// forgotten tombstone as data.
+    pub(crate) fn unmark(&self, block: u64) {
+        self.present.put(block, false);
+        self.trimmed.put(block, false);
+    }
+
     /// Reads the entries of `count` blocks from `first`; missing ones are `None`.
     pub(crate) async fn read_entries(
         &self,
@@ -348,6 +356,25 @@ impl Layer {
         let r = self
             .meta
             .write_at(priority, &buf, META_HEADER_SIZE + first * ENTRY_SIZE)
+            .await
+            .map(drop)
+            .map_err(io_error("write meta file", &self.meta_path()));
+        self.mark_dirty();
+        r
+    }
+
+    /// Zeroes the entries of `count` blocks from `first`: the on-disk "no entry in this
+    /// layer" value.
+    pub(crate) async fn clear_entries(
+        &self,
+        priority: IoPriority,
+        first: u64,
+        count: usize,
+    ) -> Result<(), StoreError> {
+        let zeros = vec![0u8; count * ENTRY_SIZE as usize];
+        let r = self
+            .meta
+            .write_at(priority, &zeros, META_HEADER_SIZE + first * ENTRY_SIZE)
             .await
             .map(drop)
             .map_err(io_error("write meta file", &self.meta_path()));

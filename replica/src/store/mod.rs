@@ -65,6 +65,9 @@
 //! * half a block landed: mismatch → corrupt.
 //! * tombstone landed, hole not punched: reads zeros (tombstones do not look at
 //!   data); hole punched, tombstone not: the old entry mismatches zeros → corrupt.
+//! * [`LayeredStore::forget_async`] (a rebuild clearing blocks its sources never
+//!   wrote) zeroes the entry before it punches the hole, with the same two outcomes:
+//!   the block falls through (data left allocated) or, hole punched first, corrupt.
 //!
 //! So a torn overwrite loses the old version of that block too, but detectably; the
 //! engine then reads another replica and repairs this one (`write_if_newer`).
