@@ -6,13 +6,19 @@
 //!   reported whole again; a second original daemon is then killed and every durable
 //!   block still reads back current; the first daemon, back on its old data, learns it
 //!   was replaced and its copy is deleted.
+//! * A member whose daemon comes back with an empty disk gets its copy rebuilt in
+//!   place and counts as in sync only once it is declared so (the newest in-sync
+//!   record naming its node says nothing about the new copy).
 //! * DeleteVolume of a volume whose daemon is lost succeeds once the daemon is
 //!   declared lost, and the daemon's copy is deleted when it returns.
 //!
 //! Waiting is on conditions polled with deadlines; the tests run one at a time.
 
+use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use tessera_csi_proto::v1::Volume;
 use tessera_replica_protocol::control_proto::GetVolumeRequest;
 use tessera_tests::fixtures::{delete_request, holders_of};
 use tessera_tests::lifecycle::{
@@ -93,20 +99,19 @@ async fn write_randomly(
         .last_durable
 }
 
-/// (c) of issue 15's fault suite, detached: a lost daemon's replica is rebuilt on the
-/// spare node after the replacement delay, RF is 3 again (every replica in sync), and
-/// a second original daemon can then be lost without losing a write. The replaced
-/// daemon, started again on its old data, has its leftover copy deleted.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_lost_replica_is_rebuilt_elsewhere_and_a_second_loss_loses_nothing() {
-    if !privileged("healing test") {
-        return;
-    }
-    let _serial = SERIAL.lock().await;
-    let mut cluster = healing_cluster(4).await;
+/// A written, detached RF=3 raw block volume.
+struct Written {
+    volume: Volume,
+    staging: PathBuf,
+    target: PathBuf,
+    /// Per block, its last durable write.
+    expected: BTreeMap<u64, u64>,
+}
+
+/// Creates `name` (64 MiB, RF 3), writes it randomly on n1 and detaches it.
+async fn written_volume(cluster: &Cluster, name: &str) -> Written {
     let mut controller = cluster.controller().await.expect("controller");
     let mut n1 = cluster.node_client("n1").await.expect("n1 plugin");
-    let name = "rebuilt";
     let volume = create_volume(
         &mut controller,
         name,
@@ -115,8 +120,7 @@ async fn a_lost_replica_is_rebuilt_elsewhere_and_a_second_loss_loses_nothing() {
         true,
     )
     .await;
-    let id = volume.volume_id.clone();
-    let (staging, target) = kubelet_paths(&cluster, "n1", name, true);
+    let (staging, target) = kubelet_paths(cluster, "n1", name, true);
     let a = attach(
         &mut controller,
         &mut n1,
@@ -132,15 +136,100 @@ async fn a_lost_replica_is_rebuilt_elsewhere_and_a_second_loss_loses_nothing() {
     lifecycle::detach(&mut controller, &mut n1, &a)
         .await
         .unwrap_or_else(|e| panic!("detach: {e:#}"));
+    Written {
+        volume,
+        staging,
+        target,
+        expected,
+    }
+}
 
-    let all = ["n1", "n2", "n3", "n4"];
+/// Waits until the controller reports every replica of `id` reachable and in sync.
+async fn wait_whole(cluster: &Cluster, id: &str, after: &str) {
+    let controller = cluster.controller().await.expect("controller");
+    let healed =
+        poll_until(HEALED_WITHIN, || {
+            let (mut ctl, id) = (controller.clone(), id.to_owned());
+            async move {
+                (controller_condition(&mut ctl, &id).await.message == ALL_IN_SYNC).then_some(())
+            }
+        })
+        .await;
+    let last = controller_condition(&mut controller.clone(), id).await;
+    assert!(
+        healed.is_ok(),
+        "the volume is not whole again {HEALED_WITHIN:?} after {after}: {last:?}"
+    );
+}
+
+/// Attaches `w` on n1 and checks every durable block reads back current.
+async fn assert_reads_back(cluster: &Cluster, w: &Written, when: &str) {
+    let mut controller = cluster.controller().await.expect("controller");
+    let mut n1 = cluster.node_client("n1").await.expect("n1 plugin");
+    let a = attach(
+        &mut controller,
+        &mut n1,
+        &w.volume,
+        "n1",
+        block_capability(),
+        &w.staging,
+        &w.target,
+    )
+    .await
+    .unwrap_or_else(|e| panic!("attach on n1 {when}: {e:#}"));
+    let (device, expected) = (w.target.clone(), w.expected.clone());
+    let read = tokio::task::spawn_blocking(move || read_back(&device, &expected))
+        .await
+        .expect("reader task")
+        .unwrap_or_else(|e| panic!("reading back: {e}"));
+    assert!(
+        read.all_current(),
+        "{when}: {} intact, zeros {:?}, older {:?}, other {:?}",
+        read.intact,
+        &read.zeros[..read.zeros.len().min(8)],
+        &read.older[..read.older.len().min(8)],
+        &read.other[..read.other.len().min(8)],
+    );
+    lifecycle::detach(&mut controller, &mut n1, &a)
+        .await
+        .unwrap_or_else(|e| panic!("detach: {e:#}"));
+}
+
+/// Waits until the daemon at `index` holds nothing of `id` on disk.
+async fn wait_collected(cluster: &Cluster, index: usize, id: &str) {
+    let collected = poll_until(HEALED_WITHIN, || {
+        let dirs = cluster.replica(index).volume_dirs_on_disk();
+        std::future::ready(dirs.ok().filter(|d| !d.iter().any(|x| x == id)).map(|_| ()))
+    })
+    .await;
+    assert!(
+        collected.is_ok(),
+        "n{} still holds its copy of {id}: {:?}",
+        index + 1,
+        cluster.replica(index).volume_dirs_on_disk()
+    );
+}
+
+/// (c) of issue 15's fault suite, detached: a lost daemon's replica is rebuilt on the
+/// spare node after the replacement delay, RF is 3 again (every replica in sync), and
+/// a second original daemon can then be lost without losing a write. The replaced
+/// daemon, started again on its old data, has its leftover copy deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_replica_is_rebuilt_elsewhere_and_a_second_loss_loses_nothing() {
+    if !privileged("healing test") {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let mut cluster = healing_cluster(4).await;
+    let w = written_volume(&cluster, "rebuilt").await;
+    let id = w.volume.volume_id.clone();
     let original = holders_of(&cluster, &id).await.expect("holders");
     assert_eq!(
         original.len(),
         3,
         "RF=3 volume on three daemons: {original:?}"
     );
-    let spare = all
+    let spare = ["n1", "n2", "n3", "n4"]
         .iter()
         .find(|n| !original.iter().any(|o| o == *n))
         .expect("one node holds no replica")
@@ -149,20 +238,7 @@ async fn a_lost_replica_is_rebuilt_elsewhere_and_a_second_loss_loses_nothing() {
     let lost_index = cluster.replica_index(&lost).expect("lost daemon");
     cluster.kill_replica(lost_index).expect("kill -9 a member");
     let killed = Instant::now();
-
-    let healed =
-        poll_until(HEALED_WITHIN, || {
-            let (mut ctl, id) = (controller.clone(), id.clone());
-            async move {
-                (controller_condition(&mut ctl, &id).await.message == ALL_IN_SYNC).then_some(())
-            }
-        })
-        .await;
-    let last = controller_condition(&mut controller, &id).await;
-    assert!(
-        healed.is_ok(),
-        "the volume is not whole again {HEALED_WITHIN:?} after {lost} was killed: {last:?}"
-    );
+    wait_whole(&cluster, &id, &format!("{lost} was killed")).await;
     eprintln!(
         "replica on {lost} lost: rebuilt on {spare}, all in sync {:?} after the kill",
         killed.elapsed()
@@ -179,54 +255,55 @@ async fn a_lost_replica_is_rebuilt_elsewhere_and_a_second_loss_loses_nothing() {
     );
 
     // A second original daemon lost: the rebuilt copy makes the majority.
-    let second = cluster.replica_index(&original[1]).expect("second daemon");
     cluster
-        .kill_replica(second)
+        .kill_replica(survivor)
         .expect("kill -9 a second member");
-    let a = attach(
-        &mut controller,
-        &mut n1,
-        &volume,
-        "n1",
-        block_capability(),
-        &staging,
-        &target,
+    assert_reads_back(
+        &cluster,
+        &w,
+        &format!("with {} and {lost} down", original[1]),
     )
-    .await
-    .unwrap_or_else(|e| panic!("attach on n1 with {} and {lost} down: {e:#}", original[1]));
-    let device = target.clone();
-    let read = tokio::task::spawn_blocking(move || read_back(&device, &expected))
-        .await
-        .expect("reader task")
-        .unwrap_or_else(|e| panic!("reading back: {e}"));
-    assert!(
-        read.all_current(),
-        "after the rebuild and a second loss: {} intact, zeros {:?}, older {:?}, other {:?}",
-        read.intact,
-        &read.zeros[..read.zeros.len().min(8)],
-        &read.older[..read.older.len().min(8)],
-        &read.other[..read.other.len().min(8)],
-    );
-    lifecycle::detach(&mut controller, &mut n1, &a)
-        .await
-        .unwrap_or_else(|e| panic!("detach: {e:#}"));
+    .await;
 
     // The replaced daemon comes back on its data: its copy is a leftover.
     cluster
         .start_replica(lost_index)
         .await
         .expect("the replaced daemon starts on its data");
-    let collected = poll_until(HEALED_WITHIN, || {
-        let dirs = cluster.replica(lost_index).volume_dirs_on_disk();
-        let id = id.clone();
-        std::future::ready(dirs.ok().filter(|d| !d.contains(&id)).map(|_| ()))
-    })
-    .await;
+    wait_collected(&cluster, lost_index, &id).await;
+}
+
+/// A member whose disk was replaced (its daemon back with an empty data directory,
+/// same node) gets its copy made again there, and the volume reports every replica in
+/// sync; then another member is lost and nothing is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_back_without_its_copy_gets_it_rebuilt_in_place() {
+    if !privileged("healing test") {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let mut cluster = healing_cluster(3).await;
+    let w = written_volume(&cluster, "wiped").await;
+    let id = w.volume.volume_id.clone();
+    cluster.kill_replica(1).expect("kill -9 n2");
+    let data_dir = cluster.replica(1).data_dir().to_path_buf();
+    std::fs::remove_dir_all(&data_dir).expect("n2's disk is gone");
+    std::fs::create_dir_all(&data_dir).expect("a new, empty disk");
+    cluster
+        .start_replica(1)
+        .await
+        .expect("n2 starts on an empty disk");
+    wait_whole(&cluster, &id, "n2 came back empty").await;
     assert!(
-        collected.is_ok(),
-        "the replaced daemon {lost} still holds its copy: {:?}",
-        cluster.replica(lost_index).volume_dirs_on_disk()
+        cluster
+            .replica(1)
+            .volume_dirs_on_disk()
+            .expect("n2 data dir")
+            .contains(&id),
+        "n2 holds a copy again"
     );
+    cluster.kill_replica(2).expect("kill -9 n3");
+    assert_reads_back(&cluster, &w, "with n3 down after n2's rebuild").await;
 }
 
 /// Item 4: DeleteVolume of a volume whose daemon is down fails while the daemon may

@@ -244,12 +244,12 @@ fn in_sync_condition(reads: &Reads) -> Option<csi::VolumeCondition> {
     view.newest.as_ref()?;
     let good = reads
         .ok()
-        .filter(|(r, _)| view.includes(&r.node_id))
+        .filter(|(r, rec)| view.in_sync(&r.node_id, rec))
         .count();
     let mut cond = condition(good, reads.total(), "reachable and in sync");
     let out: Vec<String> = reads
         .ok()
-        .filter(|(r, _)| !view.includes(&r.node_id))
+        .filter(|(r, rec)| !view.in_sync(&r.node_id, rec))
         .map(|(r, rec)| match rebuild_progress(rec) {
             Some(progress) => format!("{} {progress}", r.node_id),
             None => r.node_id.clone(),

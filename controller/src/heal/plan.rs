@@ -58,6 +58,21 @@ impl InSyncView {
                 .as_ref()
                 .is_some_and(|m| m.members.iter().any(|n| n == node))
     }
+
+    /// Whether the replica on `node`, which answered with `held`, is in sync: named
+    /// by the newest record *and* by its own. A copy made again under the same node
+    /// id (a replaced disk) holds no record of its own, or one without itself, until
+    /// it is declared: the newest record naming its node says nothing about it.
+    pub fn in_sync(&self, node: &str, held: &VolumeRecord) -> bool {
+        if !self.declared() {
+            return true;
+        }
+        let own = held
+            .in_sync
+            .as_ref()
+            .is_some_and(|m| m.members.iter().any(|n| n == node));
+        self.includes(node) && own
+    }
 }
 
 /// What a read says about one member.
@@ -119,7 +134,7 @@ pub fn decide(cur: &VolumeRecord, reads: &Reads, lost: impl Fn(&ReplicaRef) -> b
             && source.fence_epoch == epoch
             && cur.attachments.is_empty()
             && in_sync.declared()
-            && !in_sync.includes(&r.node_id)
+            && !in_sync.in_sync(&r.node_id, rec)
     };
     if let Some(member) = first(&declarable) {
         return Action::Declare { member, epoch };
@@ -261,12 +276,32 @@ mod tests {
         assert_eq!(decide(&r, &unfenced, |_| false), Action::Nothing);
         // Already declared in sync.
         let r3 = record(7, &["a", "b", "c"]);
-        let done = reads([
-            Ok(r3.clone()),
-            Ok(r3.clone()),
-            Ok(rebuilt(r3.clone(), 7, true)),
-        ]);
+        let mut declared = rebuilt(r3.clone(), 7, true);
+        declared.in_sync = r3.in_sync.clone();
+        let done = reads([Ok(r3.clone()), Ok(r3.clone()), Ok(declared)]);
         assert_eq!(decide(&r3, &done, |_| false), Action::Nothing);
+    }
+
+    #[test]
+    fn a_copy_made_again_under_a_listed_node_is_not_in_sync_until_declared() {
+        let r = record(7, &["a", "b", "c"]);
+        // c's disk was replaced: its copy was rebuilt, its own record is empty.
+        let c = rebuilt(r.clone(), 7, true);
+        let reads = reads([Ok(r.clone()), Ok(r.clone()), Ok(c.clone())]);
+        let view = InSyncView::of(&reads);
+        assert!(view.includes("c"), "the newest record names c");
+        assert!(
+            !view.in_sync("c", &c),
+            "but c's copy is not the one it named"
+        );
+        assert!(view.in_sync("a", &r));
+        assert_eq!(
+            decide(&r, &reads, |_| false),
+            Action::Declare {
+                member: 2,
+                epoch: 7
+            }
+        );
     }
 
     #[test]
