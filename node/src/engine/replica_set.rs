@@ -76,7 +76,10 @@ impl Inner {
                 .filter(ReplicaDataClient::supports_replica_set)?;
             Some(async move {
                 match tokio::time::timeout(self.timeout, client.replica_set()).await {
-                    Ok(Ok(set)) => Some(set.members),
+                    Ok(Ok(set)) => {
+                        Counters::add(&self.counters.replica_set_answers, 1);
+                        Some(set.members)
+                    }
                     Ok(Err(e)) if e.code() == Some(ErrorCode::StaleEpoch) => {
                         self.fence(r, &e);
                         None

@@ -80,6 +80,8 @@ pub struct EngineCounters {
     pub full_resyncs: u64,
     /// Slots taken over by a new member after the controller replaced one.
     pub replica_set_changes: u64,
+    /// REPLICA_SET answers received from in-sync replicas (each poll asks all).
+    pub replica_set_answers: u64,
 }
 
 /// A snapshot of an engine's state.
@@ -186,6 +188,7 @@ pub(crate) struct Counters {
     pub(crate) resync_compared_bytes: AtomicU64,
     pub(crate) full_resyncs: AtomicU64,
     pub(crate) replica_set_changes: AtomicU64,
+    pub(crate) replica_set_answers: AtomicU64,
 }
 
 impl Counters {
@@ -210,6 +213,7 @@ impl Counters {
             resync_compared_bytes: g(&self.resync_compared_bytes),
             full_resyncs: g(&self.full_resyncs),
             replica_set_changes: g(&self.replica_set_changes),
+            replica_set_answers: g(&self.replica_set_answers),
         }
     }
 }

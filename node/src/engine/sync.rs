@@ -150,9 +150,9 @@ impl Inner {
                 sources |= 1 << r;
             } else {
                 out_of_sync.push(r);
-                if !own.members.contains(&node_id) {
-                    never_declared |= 1 << r;
-                }
+            }
+            if !newest.is_undeclared() && !own.members.contains(&node_id) {
+                never_declared |= 1 << r;
             }
             match &mut dirty {
                 Some(all) => all.union(map),
@@ -188,16 +188,6 @@ impl Inner {
         };
         if in_full {
             report.compared_in_full = names(never_declared);
-        } else if never_declared != 0 {
-            report.left_for_full_resync = names(never_declared);
-            for r in bits(never_declared) {
-                self.replicas[r].flag_full_compare();
-                self.mark_stale(
-                    r,
-                    "never declared in sync: compared over the whole volume once the engine serves"
-                        .to_owned(),
-                );
-            }
         }
         let started = StdInstant::now();
         let ranges = match (in_full, dirty) {
@@ -211,6 +201,19 @@ impl Inner {
         // What was copied must be durable before anyone is declared in sync by it,
         // and before any region is cleared.
         self.flush_all("flushing after reconcile").await;
+        if !in_full && never_declared != 0 {
+            // Only now: one the newest record names was a source for the dirty
+            // regions (it may be the only replica reached holding a write there).
+            report.left_for_full_resync = names(never_declared);
+            for r in bits(never_declared) {
+                self.replicas[r].flag_full_compare();
+                self.mark_stale(
+                    r,
+                    "its own in-sync record does not name it: compared over the whole volume once the engine serves"
+                        .to_owned(),
+                );
+            }
+        }
         self.check_usable()?;
         report.readmitted = out_of_sync
             .iter()

@@ -127,6 +127,7 @@ impl EngineHostApi for EngineHostService {
             resync_compared_bytes: c.resync_compared_bytes,
             full_resyncs: c.full_resyncs,
             replica_set_changes: c.replica_set_changes,
+            replica_set_answers: c.replica_set_answers,
         });
         out.replicas = st
             .replicas
