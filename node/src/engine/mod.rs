@@ -18,7 +18,8 @@
 //! * `sync`: bringing the replicas in sync at open, declaring the in-sync set on
 //!   the replicas, cleaning their dirty regions; `reconcile`: which version of a
 //!   block wins and where it goes (pure); `resync`: reconnecting a replica that
-//!   dropped and catching it up online.
+//!   dropped and catching it up online; `replica_set`: learning that the
+//!   controller replaced a member and giving its slot to the new one.
 //! * `replicate`: the write path; `read`: the read path and self-healing reads.
 //!
 //! # Behaviour
@@ -80,6 +81,12 @@
 //!   count and it serves no reads meanwhile), and is readmitted and declared in sync
 //!   again, all while the engine serves; so a rolling restart of the replica daemons
 //!   never takes the volume below quorum as long as one daemon is down at a time.
+//!   A replica that was never declared in sync is compared over the whole volume.
+//!
+//! * **Replica-set changes** (`replica_set` module): a slot is a position in the
+//!   set, its identity (node id, data address) can change. The set a majority of
+//!   the replicas report replaces the engine's; a slot whose member left it is taken
+//!   out, given to the new member and brought in by the resync above.
 //!
 //! # Expansion
 //!
