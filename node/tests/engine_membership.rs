@@ -343,34 +343,34 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
     );
 }
 
-/// A replica whose own in-sync record does not name it was never declared in sync
-/// as it is: here node-c's copy is put back to an older state (its maps clean, its
-/// in-sync file gone) after later writes were cleaned from every map. The dirty
-/// maps say nothing is missing; the next engine compares node-c over the whole
-/// volume and repairs it before it counts.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_replica_its_own_record_does_not_name_is_compared_over_the_whole_volume() {
-    let work = tempfile::tempdir().unwrap();
-    let mut daemons = three(work.path()).await;
-    let e1 = Engine::open(config(1, &daemons)).await.unwrap();
+/// Leaves node-c (`daemons[2]`) with an older copy of the volume than node-a and
+/// node-b, its maps clean and its in-sync file gone, while every map is clean: the
+/// blocks it lacks were written by an engine of epoch 2 with all three in sync and
+/// cleaned since, then node-c's copy was put back to what it held before. Returns
+/// what a read must return for each block written.
+async fn node_c_put_back_to_an_older_copy(
+    work: &std::path::Path,
+    daemons: &mut [Daemon],
+) -> HashMap<u64, u64> {
+    let e1 = Engine::open(config(1, daemons)).await.unwrap();
     write_blocks(&e1, 0, 32, 100).await;
     write_blocks(&e1, 2 * REGION_SIZE / BS, 32, 200).await;
     e1.close().await.unwrap();
 
     // node-c's volume as it is now, kept aside.
     daemons[2].kill9().await;
-    let backup = work.path().join("backup");
+    let backup = work.join("backup");
     std::fs::create_dir(&backup).unwrap();
     copy_dir(&daemons[2].volume_dir(VOL), &backup);
     daemons[2].restart().await;
 
     // A later engine rewrites the same blocks on all three and closes cleanly:
     // every map is clean again.
-    let e2 = Engine::open(config(2, &daemons)).await.unwrap();
+    let e2 = Engine::open(config(2, daemons)).await.unwrap();
     let mut written = write_blocks(&e2, 0, 32, 300).await;
     written.extend(write_blocks(&e2, 2 * REGION_SIZE / BS, 32, 400).await);
     e2.close().await.unwrap();
-    for d in &daemons {
+    for d in daemons.iter() {
         assert!(dirty_regions(d, 2).await.is_empty(), "{}", d.node_id);
     }
 
@@ -382,12 +382,37 @@ async fn a_replica_its_own_record_does_not_name_is_compared_over_the_whole_volum
     std::fs::remove_file(dir.join("store").join(MEMBERSHIP_FILE)).unwrap();
     daemons[2].restart().await;
     assert!(dirty_regions(&daemons[2], 2).await.is_empty());
-    let stale_copy = blocks_of(&daemons[2], 2).await;
+    let older = blocks_of(&daemons[2], 2).await;
     assert_ne!(
-        stale_copy[0].1.as_deref(),
+        older[0].1.as_deref(),
         Some(&pattern(300, BS as usize)[..]),
         "node-c holds the older copy"
     );
+    written
+}
+
+/// `d` holds exactly what `written` says for every block written.
+async fn assert_holds(d: &Daemon, epoch: u64, written: &HashMap<u64, u64>) {
+    let on = blocks_of(d, epoch).await;
+    for (&b, &stamp) in written {
+        assert_eq!(
+            on[b as usize].1.as_deref(),
+            Some(&pattern(stamp, BS as usize)[..]),
+            "block {b} on {}",
+            d.node_id
+        );
+    }
+}
+
+/// A replica whose own in-sync record does not name it was never declared in sync
+/// as it is. The dirty maps say nothing is missing; with the others a majority,
+/// the next engine leaves it out at open and compares it over the whole volume
+/// online, repairing it before it counts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_its_own_record_does_not_name_is_compared_over_the_whole_volume() {
+    let work = tempfile::tempdir().unwrap();
+    let mut daemons = three(work.path()).await;
+    let written = node_c_put_back_to_an_older_copy(work.path(), &mut daemons).await;
 
     let e3 = Engine::open(config(3, &daemons)).await.unwrap();
     let report = e3.status().reconciled_at_open;
@@ -400,14 +425,7 @@ async fn a_replica_its_own_record_does_not_name_is_compared_over_the_whole_volum
     )
     .await;
     assert_same_blocks(&daemons[0], &daemons[2], 3).await;
-    let on_c = blocks_of(&daemons[2], 3).await;
-    for (&b, &stamp) in &written {
-        assert_eq!(
-            on_c[b as usize].1.as_deref(),
-            Some(&pattern(stamp, BS as usize)[..]),
-            "block {b} on node-c"
-        );
-    }
+    assert_holds(&daemons[2], 3, &written).await;
     let st = e3.status();
     assert_eq!(st.counters.full_resyncs, 1, "{:?}", st.counters);
     assert_eq!(st.counters.resync_compared_bytes, SIZE, "{:?}", st.counters);
@@ -421,6 +439,27 @@ async fn a_replica_its_own_record_does_not_name_is_compared_over_the_whole_volum
         members_on(&daemons[2], 3).await.len() == 3
     })
     .await;
+    e3.close().await.unwrap();
+}
+
+/// The same replica when the others are no majority without it (node-b is down):
+/// the engine compares the whole volume at open, before it serves, and counts it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_majority_otherwise_it_is_compared_over_the_whole_volume_at_open() {
+    let work = tempfile::tempdir().unwrap();
+    let mut daemons = three(work.path()).await;
+    let written = node_c_put_back_to_an_older_copy(work.path(), &mut daemons).await;
+    daemons[1].kill9().await;
+
+    let e3 = Engine::open(config(3, &daemons)).await.unwrap();
+    let report = e3.status().reconciled_at_open;
+    assert_eq!(report.compared_in_full, ["node-c"], "{report:?}");
+    assert_eq!(report.regions, SIZE / MAX_VERSIONS_LEN, "{report:?}");
+    assert_eq!(report.blocks_fixed, 64, "{report:?}");
+    assert!(in_sync(&e3.status(), "node-c"));
+    assert_same_blocks(&daemons[0], &daemons[2], 3).await;
+    assert_holds(&daemons[2], 3, &written).await;
+    assert_reads(&e3, &written).await;
     e3.close().await.unwrap();
 }
 

@@ -320,6 +320,8 @@ struct Inner {
     /// How often the in-sync replicas are asked for the replica set
     /// (`replica_set` module).
     replica_set_poll: Duration,
+    /// The last agreed set that could not be adopted (logged once).
+    rejected_set: Mutex<Vec<(String, String)>>,
     /// What reconciling at open did.
     reconciled: Mutex<ReconcileReport>,
     /// Where the latency of reads, writes, trims and flushes is recorded, once the
@@ -491,6 +493,7 @@ impl Engine {
                 clean_interval: config.clean_interval,
                 reconnect_interval: config.reconnect_interval,
                 replica_set_poll: config.replica_set_poll,
+                rejected_set: Mutex::new(Vec::new()),
                 reconciled: Mutex::new(ReconcileReport::default()),
                 op_latency: OnceLock::new(),
             }),

@@ -78,7 +78,9 @@ impl Inner {
                 match tokio::time::timeout(self.timeout, client.replica_set()).await {
                     Ok(Ok(set)) => {
                         Counters::add(&self.counters.replica_set_answers, 1);
-                        Some(set.members)
+                        // A record without a set (made without one, by tests or
+                        // tools) says nothing about the engine's.
+                        Some(set.members).filter(|m| !m.is_empty())
                     }
                     Ok(Err(e)) if e.code() == Some(ErrorCode::StaleEpoch) => {
                         self.fence(r, &e);
@@ -119,9 +121,14 @@ impl Inner {
             .enumerate()
             .all(|(i, m)| set[..i].iter().all(|o| o.node_id != m.node_id));
         if set.len() != self.replicas.len() || !distinct {
-            tracing::warn!(volume = %self.volume_id, slots = self.replicas.len(),
-                members = ?set.iter().map(|m| &m.node_id).collect::<Vec<_>>(),
-                "replica set agreed on by a majority does not fit the engine's slots; ignored");
+            // Once per such set, not at every poll.
+            let mut rejected = lock(&self.rejected_set);
+            if *rejected != canonical(set) {
+                *rejected = canonical(set);
+                tracing::warn!(volume = %self.volume_id, slots = self.replicas.len(),
+                    members = ?set.iter().map(|m| &m.node_id).collect::<Vec<_>>(),
+                    "replica set agreed on by a majority does not fit the engine's slots; ignored");
+            }
             return Vec::new();
         }
         for (r, id) in current.iter().enumerate() {
