@@ -195,7 +195,13 @@ impl Inner {
             op.wait_done().await;
         }
         let outcome = match self.resync_scope(r, &id).await {
-            Ok(full) => self.catch_up(r, full).await,
+            Ok(full) => {
+                if full {
+                    // Kept until a full comparison succeeds; the status shows it.
+                    rep.flag_full_compare();
+                }
+                self.catch_up(r, full).await
+            }
             Err(reason) => Err(reason),
         };
         let outcome = match outcome {

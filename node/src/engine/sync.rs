@@ -10,12 +10,14 @@
 //!   not reached stays out.
 //! * **Never declared in sync**: the dirty maps bound what a replica lacks only if
 //!   it was a member and missed writes since (nothing is cleaned while a member is
-//!   out). A reached replica that the newest record leaves out *and* whose own
-//!   record does not name it (a rebuilt copy, a lost in-sync file, a replacement)
-//!   may lack writes cleaned from every map before it joined. It is left stale and
-//!   compared over the whole volume online (`resync`) when the others are a
-//!   majority without it; otherwise the whole volume is reconciled at open, before
-//!   the engine serves.
+//!   out). A reached replica whose own record does not name it while the newest
+//!   record is a declaration (a rebuilt copy, a lost in-sync file, a replacement)
+//!   may lack writes cleaned from every map before it joined. If the others reached
+//!   are a majority without it, it takes part in reconciling the dirty regions as
+//!   the newest record says (a source if named there: it may hold the only reached
+//!   copy of a write), then is left stale and compared over the whole volume online
+//!   (`resync`); otherwise the whole volume is reconciled at open, before the
+//!   engine serves.
 //! * **While serving**: a replica marked stale is declared out at once, in the
 //!   background ([`Inner::declare_in_sync`]); writes do not wait for it, because
 //!   the dirty regions of the replicas that took them already let the next engine
@@ -59,9 +61,9 @@ pub struct ReconcileReport {
     pub blocks_lost: u64,
     /// Replicas the in-sync record had left out that were brought back.
     pub readmitted: Vec<String>,
-    /// Replicas never declared in sync (the newest record and their own leave them
-    /// out) that were compared over the whole volume at open, because without them
-    /// a majority was not in sync.
+    /// Replicas never declared in sync (their own in-sync record leaves them out)
+    /// that were compared over the whole volume at open, because without them a
+    /// majority was not in sync.
     pub compared_in_full: Vec<String>,
     /// Replicas never declared in sync that were left stale at open, to be compared
     /// over the whole volume online (the rest were a majority without them).
