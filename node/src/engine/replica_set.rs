@@ -111,9 +111,8 @@ impl Inner {
             .map(|(_, members)| members)
     }
 
-    /// Makes the slots stand for `set` (module doc). Returns the slots taken over by
-    /// a new member.
-    pub(super) fn adopt_replica_set(&self, set: &[ReplicaEndpoint]) -> Vec<usize> {
+    /// Makes the slots stand for `set` (module doc).
+    fn adopt_replica_set(&self, set: &[ReplicaEndpoint]) {
         let current: Vec<Arc<Identity>> = self.replicas.iter().map(Replica::id).collect();
         let held = |node: &str| current.iter().any(|id| id.node_id == node);
         let distinct = set
@@ -129,7 +128,7 @@ impl Inner {
                     members = ?set.iter().map(|m| &m.node_id).collect::<Vec<_>>(),
                     "replica set agreed on by a majority does not fit the engine's slots; ignored");
             }
-            return Vec::new();
+            return;
         }
         for (r, id) in current.iter().enumerate() {
             let Some(m) = set.iter().find(|m| m.node_id == id.node_id) else {
@@ -148,12 +147,12 @@ impl Inner {
         let newcomers = set.iter().filter(|m| !held(&m.node_id));
         let leaving =
             (0..current.len()).filter(|&r| !set.iter().any(|m| m.node_id == current[r].node_id));
-        let mut taken = Vec::new();
+        let mut taken = 0;
         for (r, member) in leaving.zip(newcomers) {
             self.take_over(r, member);
-            taken.push(r);
+            taken += 1;
         }
-        if !taken.is_empty() {
+        if taken > 0 {
             let local = self
                 .replicas
                 .iter()
@@ -165,7 +164,6 @@ impl Inner {
                 to = ?self.replicas.iter().map(|rep| rep.id().node_id.clone()).collect::<Vec<_>>(),
                 "replica set changed");
         }
-        taken
     }
 
     /// Gives slot `r` to `member`: out of sync first, then a new identity whose
