@@ -1,180 +1,21 @@
 //! The engine against three real `tessera-replica` processes (data plane over the
-//! checksummed store), volumes created through the control gRPC API.
-//!
-//! The daemon binary is not built by this package's tests: build it first
-//! (`cargo build -p tessera-replica`, or `cargo build --workspace`), or point
-//! `TESSERA_BIN_DIR` at the directory holding it. Each daemon runs in its own process
-//! group and is killed with SIGKILL in `Drop`; waits poll with deadlines.
+//! checksummed store), volumes created through the control gRPC API
+//! (`engine_support::daemons`: build the daemon first).
 
-use std::os::unix::fs::FileExt;
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+mod engine_support;
+
 use std::time::{Duration, Instant};
 use tessera_replica_protocol::seq::Epoch;
 
 use bytes::Bytes;
-use nix::sys::signal::{killpg, Signal};
-use nix::unistd::Pid;
+use engine_support::daemons::{poll, Daemon};
 use tessera_node::engine::{Engine, EngineConfig, EngineErrorKind, ReplicaEndpoint, ReplicaState};
-use tessera_replica_protocol::control_proto as proto;
-use tessera_replica_protocol::control_proto::replica_control_client::ReplicaControlClient;
 use tessera_replica_protocol::data::ReplicaDataClient;
 
 const BS: u64 = 4096;
 const MIB: u64 = 1 << 20;
-const START_TIMEOUT: Duration = Duration::from_secs(30);
 const NO_HANG: Duration = Duration::from_secs(20);
 const SHORT: Duration = Duration::from_millis(500);
-
-fn replica_binary() -> PathBuf {
-    let dir = if let Some(d) = std::env::var_os("TESSERA_BIN_DIR") {
-        PathBuf::from(d)
-    } else {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .parent()
-            .expect("node crate has a parent")
-            .to_path_buf();
-        match std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from) {
-            Some(t) if t.is_absolute() => t.join("debug"),
-            Some(t) => root.join(t).join("debug"),
-            None => root.join("target/debug"),
-        }
-    };
-    let bin = dir.join("tessera-replica");
-    assert!(
-        bin.is_file(),
-        "{} not found: run `cargo build -p tessera-replica` first or set TESSERA_BIN_DIR",
-        bin.display()
-    );
-    bin
-}
-
-/// Polls `f` until it returns `Some`; panics with `what` after `limit`.
-async fn poll<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// One replica daemon process; SIGKILLed (whole group) and reaped on drop.
-struct Daemon {
-    node_id: String,
-    child: Child,
-    control: String,
-    data: String,
-    data_dir: PathBuf,
-    log: PathBuf,
-}
-
-impl Daemon {
-    async fn start(work: &Path, node_id: &str) -> Daemon {
-        let data_dir = work.join(node_id);
-        let ready = work.join(format!("{node_id}.ready.json"));
-        let log = work.join(format!("{node_id}.log"));
-        let out = std::fs::File::create(&log).unwrap();
-        let err = out.try_clone().unwrap();
-        let mut child = Command::new(replica_binary())
-            .arg("--data-dir")
-            .arg(&data_dir)
-            .args(["--listen", "127.0.0.1:0", "--data-listen", "127.0.0.1:0"])
-            .args(["--node-id", node_id, "--zone", "z1", "--capacity", "1Gi"])
-            .arg("--ready-file")
-            .arg(&ready)
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .process_group(0)
-            .spawn()
-            .expect("spawn tessera-replica");
-        let json: serde_json::Value = poll("ready file", START_TIMEOUT, || {
-            if let Ok(Some(status)) = child.try_wait() {
-                panic!(
-                    "daemon exited with {status}: {}",
-                    std::fs::read_to_string(&log).unwrap_or_default()
-                );
-            }
-            serde_json::from_str(&std::fs::read_to_string(&ready).ok()?).ok()
-        })
-        .await;
-        let field = |k: &str| json[k].as_str().expect("ready file field").to_owned();
-        Daemon {
-            node_id: node_id.to_owned(),
-            control: field("control"),
-            data: field("data"),
-            child,
-            data_dir,
-            log,
-        }
-    }
-
-    async fn create_volume(&self, id: &str, size: u64) {
-        let mut c = ReplicaControlClient::connect(format!("http://{}", self.control))
-            .await
-            .expect("control connect");
-        c.create_volume(proto::CreateVolumeRequest {
-            volume_id: id.into(),
-            name: format!("pv-{id}"),
-            size_bytes: size,
-            replication_factor: 3,
-            access_type: "block".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap_or_else(|e| panic!("create volume on {}: {e}", self.node_id));
-    }
-
-    /// SIGKILL and reap.
-    async fn kill9(&mut self) {
-        let pid = Pid::from_raw(i32::try_from(self.child.id()).unwrap());
-        killpg(pid, Signal::SIGKILL).expect("kill -9");
-        let child = &mut self.child;
-        poll("exit after SIGKILL", NO_HANG, || {
-            child.try_wait().ok().flatten()
-        })
-        .await;
-    }
-
-    /// Flips one byte of block `b` in the volume's head-layer data file.
-    fn corrupt_on_disk(&self, volume: &str, b: u64) {
-        let layers = self
-            .data_dir
-            .join("volumes")
-            .join(volume)
-            .join("store/layers");
-        let heads: Vec<PathBuf> = std::fs::read_dir(&layers)
-            .unwrap_or_else(|e| panic!("{}: {e}", layers.display()))
-            .map(|e| e.unwrap().path())
-            .collect();
-        assert_eq!(heads.len(), 1, "only the head layer: {heads:?}");
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(heads[0].join("data"))
-            .unwrap();
-        let mut byte = [0u8];
-        f.read_exact_at(&mut byte, b * BS + 9).unwrap();
-        byte[0] ^= 0xff;
-        f.write_all_at(&byte, b * BS + 9).unwrap();
-        f.sync_all().unwrap();
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            if let Ok(pid) = i32::try_from(self.child.id()) {
-                let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
-            }
-        }
-        let _ = self.child.wait();
-    }
-}
 
 struct Cluster {
     _work: tempfile::TempDir,

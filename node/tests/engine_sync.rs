@@ -330,6 +330,14 @@ async fn a_replica_back_online_is_resynced_and_counts_again_without_reopening() 
     let st = e.status();
     assert_eq!(st.counters.resyncs, 1);
     assert_eq!(st.counters.resync_bytes, 33 * BS, "{:?}", st.counters);
+    // A member that missed writes is compared on the dirty regions (0 and 3) only.
+    assert_eq!(st.counters.full_resyncs, 0, "{:?}", st.counters);
+    assert_eq!(
+        st.counters.resync_compared_bytes,
+        2 * REGION_SIZE,
+        "{:?}",
+        st.counters
+    );
     assert!(!st.condition().0, "{:?}", st.condition());
     e.flush().await.unwrap();
     assert_copies_equal(&reps, blocks).await;

@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use crate::store::VersionedBlocks;
 use crate::sync_state::SyncState;
+use tessera_replica_protocol::data::ReplicaSet;
 
 pub use tessera_replica_protocol::block::BLOCK_SIZE;
 
@@ -60,6 +61,10 @@ pub enum BlockIoError {
     /// the write it guarded was not applied.
     #[error("sync state of the volume")]
     SyncState(#[from] crate::sync_state::SyncStateError),
+    /// The registry keeps no volume record, so it has no replica set to report
+    /// (REPLICA_SET); sent as INVALID_REQUEST.
+    #[error("this replica keeps no replica set for volume {0}")]
+    NoReplicaSet(String),
 }
 
 impl From<std::io::Error> for BlockIoError {
@@ -178,4 +183,12 @@ pub trait VolumeRegistry: Send + Sync + 'static {
     /// down when the controller raised the epoch learns it this way). Must be durable
     /// before it returns, and must never lower the stored epoch.
     fn adopt_epoch(&self, volume_id: &str, epoch: u64) -> Result<(), BlockIoError>;
+
+    /// The generation and replica set of the volume's record (REPLICA_SET), through
+    /// which an attached engine learns that the controller replaced a member. Called
+    /// on the connection's thread, so it must not block. Registries without records
+    /// (test backends) keep the default: [`BlockIoError::NoReplicaSet`].
+    fn replica_set(&self, volume_id: &str) -> Result<ReplicaSet, BlockIoError> {
+        Err(BlockIoError::NoReplicaSet(volume_id.to_owned()))
+    }
 }

@@ -11,6 +11,9 @@
 use std::io;
 use std::sync::Arc;
 
+use tessera_replica_protocol::data::ReplicaSet;
+use tessera_replica_protocol::publish_context::ReplicaEndpoint;
+
 use crate::block_io::{BlockIoError, OpenVolume, VolumeRegistry};
 use crate::catalog::{Catalog, CatalogError};
 use crate::store::StoreHandle;
@@ -73,6 +76,25 @@ impl VolumeRegistry for CatalogRegistry {
             .adopt_epoch(volume_id, epoch)
             .map(|_| ())
             .map_err(|e| to_block_io(volume_id, e))
+    }
+
+    /// From the in-memory record (a map lookup, like [`Self::open`]).
+    fn replica_set(&self, volume_id: &str) -> Result<ReplicaSet, BlockIoError> {
+        let record = self
+            .catalog
+            .get(volume_id)
+            .map_err(|e| to_block_io(volume_id, e))?;
+        Ok(ReplicaSet {
+            generation: record.generation,
+            members: record
+                .replicas
+                .into_iter()
+                .map(|r| ReplicaEndpoint {
+                    node_id: r.node_id,
+                    data_address: r.data_address,
+                })
+                .collect(),
+        })
     }
 }
 

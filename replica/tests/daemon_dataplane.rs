@@ -462,3 +462,92 @@ async fn conditional_writes_and_trims_apply_only_over_older_versions() {
         "the fenced trim changed nothing"
     );
 }
+
+/// REPLICA_SET (v4) answers the record's generation and replica set, and follows an
+/// UpdateVolume that replaces a member on the same open connection; an engine that
+/// negotiated version 3 is refused it locally and still works.
+#[tokio::test]
+async fn replica_set_reports_the_record_and_follows_an_update() {
+    let work = workdir();
+    let daemon = Daemon::start(work.path(), &work.path().join("data"), ARGS).await;
+    let member = |n: &str| proto::ReplicaRef {
+        node_id: n.into(),
+        zone: "z1".into(),
+        control_address: format!("{n}.ctl:7400"),
+        data_address: format!("{n}.data:7401"),
+    };
+    let mut ctl = daemon.client().await;
+    ctl.create_volume(proto::CreateVolumeRequest {
+        replicas: vec![member("a"), member("b"), member("c")],
+        ..create_req("v1", 4 * MIB)
+    })
+    .await
+    .expect("create");
+    let c = connect(&daemon, "v1", 1).await;
+    assert!(c.supports_replica_set());
+    let set = c.replica_set().await.expect("replica set");
+    let generation = ctl
+        .get_volume(get_req("v1"))
+        .await
+        .expect("get")
+        .into_inner()
+        .generation;
+    assert_eq!(set.generation, generation);
+    let nodes = |s: &tessera_replica_protocol::data::ReplicaSet| -> Vec<(String, String)> {
+        s.members
+            .iter()
+            .map(|m| (m.node_id.clone(), m.data_address.clone()))
+            .collect()
+    };
+    assert_eq!(
+        nodes(&set),
+        [
+            ("a", "a.data:7401"),
+            ("b", "b.data:7401"),
+            ("c", "c.data:7401")
+        ]
+        .map(|(n, a)| (n.to_owned(), a.to_owned()))
+    );
+
+    ctl.update_volume(proto::UpdateVolumeRequest {
+        volume_id: "v1".into(),
+        expected_generation: generation,
+        replicas: vec![member("a"), member("b"), member("d")],
+        ..Default::default()
+    })
+    .await
+    .expect("update");
+    let set = c.replica_set().await.expect("replica set after update");
+    assert_eq!(set.generation, generation + 1);
+    assert_eq!(
+        nodes(&set),
+        [
+            ("a", "a.data:7401"),
+            ("b", "b.data:7401"),
+            ("d", "d.data:7401")
+        ]
+        .map(|(n, a)| (n.to_owned(), a.to_owned()))
+    );
+
+    let v3 = ReplicaDataClient::connect_with(
+        &daemon.data,
+        "v1",
+        1,
+        tessera_replica_protocol::data::ClientConfig {
+            max_protocol_version: 3,
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("v3 connect");
+    assert_eq!(v3.info().protocol_version, 3);
+    assert!(!v3.supports_replica_set());
+    assert!(matches!(
+        v3.replica_set().await,
+        Err(ClientError::InvalidArgument(_))
+    ));
+    v3.write(0, pattern(0, 1), 1 << 40 | 1)
+        .await
+        .expect("v3 write");
+    assert_eq!(c.read(0, BS as u32).await.expect("read"), pattern(0, 1));
+}

@@ -981,7 +981,7 @@ async fn if_newer_is_refused_where_undefined_and_answers_blocks_applied() {
     let r = raw_call(&mut v2, request(Opcode::DirtyRegions, 6, 1, 0, 0), &[]).await;
     assert_eq!(r.header.status, 0);
 
-    let (mut v3, ok) = raw_connect(srv.addr, "v", 1, (1, PROTOCOL_VERSION)).await;
+    let (mut v3, ok) = raw_connect(srv.addr, "v", 1, (1, 3)).await;
     assert_eq!(HelloReply::decode(&ok.payload).unwrap().version, 3);
     for (i, (op, len)) in [
         (Opcode::Read, BLOCK_SIZE),
@@ -1079,4 +1079,88 @@ async fn if_newer_is_refused_where_undefined_and_answers_blocks_applied() {
     );
     let e = c.write_if_newer(1, pattern(0), seq(13)).await.unwrap_err();
     assert_eq!(e.code(), Some(ErrorCode::Unaligned), "{e}");
+}
+
+/// REPLICA_SET is a version-4 request: on a connection that negotiated 3 it is
+/// INVALID_REQUEST and the connection goes on; a registry that keeps no volume
+/// records (this one) answers INVALID_REQUEST on version 4 too, which the client
+/// reports as the replica's error, not as a broken connection.
+#[tokio::test]
+async fn replica_set_is_refused_before_version_4_and_where_no_record_is_kept() {
+    let reg = FileBackedVolumes::new();
+    reg.create("v", 16, 1);
+    let srv = start(&reg).await;
+    let invalid = ErrorCode::InvalidRequest as u16;
+    let (mut v3, _) = raw_connect(srv.addr, "v", 1, (1, 3)).await;
+    let r = raw_call(&mut v3, request(Opcode::ReplicaSet, 1, 1, 0, 0), &[]).await;
+    assert_eq!((r.header.request_id, r.header.status), (1, invalid));
+    let r = raw_call(&mut v3, request(Opcode::Read, 2, 1, 0, BLOCK_SIZE), &[]).await;
+    assert_eq!(r.header.status, 0, "the connection keeps working");
+
+    let c = ReplicaDataClient::connect(srv.addr, "v", 1).await.unwrap();
+    assert_eq!(c.info().protocol_version, PROTOCOL_VERSION);
+    assert!(c.supports_replica_set());
+    assert_eq!(
+        c.replica_set().await.unwrap_err().code(),
+        Some(ErrorCode::InvalidRequest)
+    );
+    assert!(!c.is_closed());
+}
+
+/// A replica that answers REPLICA_SET with a body that does not decode (here: one
+/// byte short) is a protocol error for that call, never a set the engine acts on.
+#[tokio::test]
+async fn a_malformed_replica_set_reply_is_a_protocol_error() {
+    use tessera_replica_protocol::data::ReplicaSet;
+    use tessera_replica_protocol::publish_context::ReplicaEndpoint;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let good = ReplicaSet {
+        generation: 3,
+        members: vec![ReplicaEndpoint {
+            node_id: "a".into(),
+            data_address: "h:1".into(),
+        }],
+    }
+    .encode()
+    .unwrap();
+    let bodies = vec![good.clone(), good[..good.len() - 1].to_vec()];
+    let fake = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let hello = read_frame(&mut s).await.unwrap().unwrap();
+        let reply = HelloReply {
+            version: PROTOCOL_VERSION,
+            block_size: BLOCK_SIZE as u32,
+            volume_size: 16 * BLOCK_SIZE,
+        };
+        let h = Header {
+            opcode: Opcode::Hello as u8 | RESPONSE_BIT,
+            epoch: hello.header.epoch,
+            ..Header::default()
+        };
+        s.write_all(&frame::encode(&h, &reply.encode()).unwrap())
+            .await
+            .unwrap();
+        for body in bodies {
+            let req = read_frame(&mut s).await.unwrap().unwrap();
+            assert_eq!(req.header.opcode, Opcode::ReplicaSet as u8);
+            let h = Header {
+                opcode: req.header.opcode | RESPONSE_BIT,
+                length: body.len() as u64,
+                ..req.header
+            };
+            s.write_all(&frame::encode(&h, &body).unwrap())
+                .await
+                .unwrap();
+        }
+        s
+    });
+    let c = ReplicaDataClient::connect(addr, "v", 1).await.unwrap();
+    let set = c.replica_set().await.unwrap();
+    assert_eq!((set.generation, set.members.len()), (3, 1));
+    match c.replica_set().await {
+        Err(ClientError::Protocol(m)) => assert!(m.contains("truncated"), "{m}"),
+        other => panic!("expected a protocol error, got {other:?}"),
+    }
+    drop(tokio::time::timeout(NO_HANG, fake).await.unwrap().unwrap());
 }

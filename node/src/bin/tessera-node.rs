@@ -101,6 +101,17 @@ struct EngineHostArgs {
     /// FUSE worker threads per volume.
     #[arg(long, default_value_t = FuseOptions::default().threads)]
     fuse_threads: usize,
+
+    /// How often each engine asks its replicas for the volume's replica set, to
+    /// learn that the controller replaced a lost replica (e.g. `10s`, `500ms`).
+    #[arg(long, default_value = "10s", value_parser = parse_interval)]
+    replica_set_poll: std::time::Duration,
+}
+
+fn parse_interval(s: &str) -> Result<std::time::Duration, String> {
+    tessera_replica_protocol::units::parse_duration(s)
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| format!("{s:?} is not a nonzero duration like 10s, 500ms or 1m"))
 }
 
 /// Turns a CSI endpoint into a socket path.
@@ -249,6 +260,7 @@ async fn run_engine_host(args: EngineHostArgs) -> anyhow::Result<()> {
     let state_dir = args.state_dir.clone();
     let (host, report) = tokio::task::block_in_place(|| EngineHost::new(&state_dir, fuse))
         .context("starting the engine-host")?;
+    let host = host.with_replica_set_poll(args.replica_set_poll);
     info!(
         ?report,
         "cleaned up what an earlier engine-host left behind"
@@ -360,7 +372,20 @@ mod tests {
         let eh = Cli::try_parse_from(["tessera-node", "engine-host", "--state-dir", "/x"])
             .expect("engine-host");
         assert!(
-            matches!(eh.command, Some(Command::EngineHost(ref a)) if a.state_dir == Path::new("/x"))
+            matches!(eh.command, Some(Command::EngineHost(ref a)) if a.state_dir == Path::new("/x")
+                && a.replica_set_poll == std::time::Duration::from_secs(10))
         );
+        let eh =
+            Cli::try_parse_from(["tessera-node", "engine-host", "--replica-set-poll", "250ms"])
+                .expect("engine-host with a poll");
+        assert!(matches!(eh.command, Some(Command::EngineHost(ref a))
+                if a.replica_set_poll == std::time::Duration::from_millis(250)));
+        for bad in ["0s", "often"] {
+            assert!(
+                Cli::try_parse_from(["tessera-node", "engine-host", "--replica-set-poll", bad])
+                    .is_err(),
+                "{bad}"
+            );
+        }
     }
 }

@@ -23,6 +23,10 @@ pub const MAX_RECONNECT_INTERVAL: Duration = Duration::from_secs(30);
 /// Default period of dirty-region cleaning while writes happen: what a new engine
 /// reconciles after a crash is roughly what was written in the last two periods.
 pub const DEFAULT_CLEAN_INTERVAL: Duration = Duration::from_secs(5);
+/// Default period of asking the in-sync replicas for the replica set: how long an
+/// attached engine may keep writing to a replica the controller already replaced
+/// (and without the replacement's redundancy) before it learns the change.
+pub const DEFAULT_REPLICA_SET_POLL: Duration = Duration::from_secs(10);
 
 /// Everything [`super::Engine::open`] needs.
 #[derive(Debug, Clone)]
@@ -50,6 +54,9 @@ pub struct EngineConfig {
     /// First wait before reconnecting a replica that dropped (then doubling, up to
     /// [`MAX_RECONNECT_INTERVAL`]).
     pub reconnect_interval: Duration,
+    /// How often the in-sync replicas are asked for the volume's replica set, so a
+    /// member the controller replaced is replaced in the engine too.
+    pub replica_set_poll: Duration,
 }
 
 impl EngineConfig {
@@ -69,6 +76,7 @@ impl EngineConfig {
             expected_size: None,
             clean_interval: DEFAULT_CLEAN_INTERVAL,
             reconnect_interval: DEFAULT_RECONNECT_INTERVAL,
+            replica_set_poll: DEFAULT_REPLICA_SET_POLL,
         }
     }
 
@@ -109,6 +117,7 @@ impl EngineConfig {
         if self.request_timeout.is_zero()
             || self.clean_interval.is_zero()
             || self.reconnect_interval.is_zero()
+            || self.replica_set_poll.is_zero()
         {
             return Err(ConfigError::ZeroTimeout);
         }
@@ -141,9 +150,9 @@ pub enum ConfigError {
         /// The repeated node id.
         node_id: String,
     },
-    /// `request_timeout` (which would fail every request), `clean_interval` or
-    /// `reconnect_interval` is zero.
-    #[error("request timeout, clean interval or reconnect interval is zero")]
+    /// `request_timeout` (which would fail every request), `clean_interval`,
+    /// `reconnect_interval` or `replica_set_poll` is zero.
+    #[error("request timeout, clean interval, reconnect interval or replica-set poll is zero")]
     ZeroTimeout,
 }
 
@@ -211,6 +220,9 @@ mod tests {
         c.replicas = vec![ep("a")];
         assert_eq!(c.validate(), Ok(()));
         c.request_timeout = Duration::ZERO;
+        assert_eq!(c.validate(), Err(ConfigError::ZeroTimeout));
+        c.request_timeout = DEFAULT_REQUEST_TIMEOUT;
+        c.replica_set_poll = Duration::ZERO;
         assert_eq!(c.validate(), Err(ConfigError::ZeroTimeout));
     }
 }

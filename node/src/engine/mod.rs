@@ -18,7 +18,8 @@
 //! * `sync`: bringing the replicas in sync at open, declaring the in-sync set on
 //!   the replicas, cleaning their dirty regions; `reconcile`: which version of a
 //!   block wins and where it goes (pure); `resync`: reconnecting a replica that
-//!   dropped and catching it up online.
+//!   dropped and catching it up online; `replica_set`: learning that the
+//!   controller replaced a member and giving its slot to the new one.
 //! * `replicate`: the write path; `read`: the read path and self-healing reads.
 //!
 //! # Behaviour
@@ -80,6 +81,12 @@
 //!   count and it serves no reads meanwhile), and is readmitted and declared in sync
 //!   again, all while the engine serves; so a rolling restart of the replica daemons
 //!   never takes the volume below quorum as long as one daemon is down at a time.
+//!   A replica that was never declared in sync is compared over the whole volume.
+//!
+//! * **Replica-set changes** (`replica_set` module): a slot is a position in the
+//!   set, its identity (node id, data address) can change. The set a majority of
+//!   the replicas report replaces the engine's; a slot whose member left it is taken
+//!   out, given to the new member and brought in by the resync above.
 //!
 //! # Expansion
 //!
@@ -106,6 +113,7 @@ pub mod error;
 mod inflight;
 mod read;
 mod reconcile;
+mod replica_set;
 mod replicate;
 mod resync;
 pub mod status;
@@ -144,10 +152,28 @@ use status::Counters;
 /// frame limit); [`EngineTarget`] splits larger requests.
 pub const MAX_IO_BYTES: usize = MAX_PAYLOAD;
 
-/// One replica from the engine's point of view.
-struct Replica {
+/// Which member of the replica set a slot stands for. Replaced as a whole (never
+/// edited in place) when the controller replaces the member (`replica_set`
+/// module), so a reader always sees a node id with its own address.
+#[derive(Debug, Clone)]
+struct Identity {
     node_id: String,
     address: String,
+    /// Bumped when the slot is given to another member, so a resync started for
+    /// the former member never installs its connection for the new one.
+    generation: u64,
+    /// The member was never declared in sync through this slot (it took over from
+    /// another one): its next catch-up compares the whole volume, because the
+    /// dirty maps only cover what a former member missed (`resync` module).
+    full_compare: bool,
+}
+
+/// One slot of the replica set from the engine's point of view: a connection to
+/// the member it currently stands for, and that connection's state.
+struct Replica {
+    /// Who the slot is; see [`Identity`]. Lock order: `stale_info`, then this, then
+    /// `client`.
+    identity: Mutex<Arc<Identity>>,
     /// `None` once the engine is closed, or if it never connected.
     client: Mutex<Option<ReplicaDataClient>>,
     /// [`IN_SYNC`], [`STALE`] or [`RESYNCING`]: a fast check on the hot path;
@@ -158,6 +184,10 @@ struct Replica {
     resyncing_since: Mutex<Option<SystemTime>>,
     /// Reads in flight, for least-loaded replica choice.
     reads_in_flight: AtomicUsize,
+    /// Progress of the catch-up under way: bytes compared so far, of the bytes
+    /// planned (0 until planned).
+    resync_done: AtomicU64,
+    resync_total: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -177,6 +207,50 @@ const STALE: u8 = 1;
 const RESYNCING: u8 = 2;
 
 impl Replica {
+    fn new(
+        node_id: &str,
+        address: &str,
+        client: Option<ReplicaDataClient>,
+        stale: Option<(String, SystemTime)>,
+    ) -> Replica {
+        Replica {
+            identity: Mutex::new(Arc::new(Identity {
+                node_id: node_id.to_owned(),
+                address: address.to_owned(),
+                generation: 0,
+                full_compare: false,
+            })),
+            client: Mutex::new(client),
+            state: AtomicU8::new(if stale.is_some() { STALE } else { IN_SYNC }),
+            stale_info: Mutex::new(stale),
+            resyncing_since: Mutex::new(None),
+            reads_in_flight: AtomicUsize::new(0),
+            resync_done: AtomicU64::new(0),
+            resync_total: AtomicU64::new(0),
+        }
+    }
+
+    /// Who the slot is now.
+    fn id(&self) -> Arc<Identity> {
+        Arc::clone(&lock(&self.identity))
+    }
+
+    /// The slot's current node id, looked up only when formatted (error paths).
+    fn node(&self) -> NodeOf<'_> {
+        NodeOf(self)
+    }
+
+    /// Makes the slot's next catch-up compare the whole volume.
+    fn flag_full_compare(&self) {
+        let mut id = lock(&self.identity);
+        if !id.full_compare {
+            *id = Arc::new(Identity {
+                full_compare: true,
+                ..(**id).clone()
+            });
+        }
+    }
+
     /// Whether the replica is not in sync (stale or still resyncing).
     fn is_stale(&self) -> bool {
         self.state.load(Ordering::SeqCst) != IN_SYNC
@@ -197,6 +271,18 @@ impl Replica {
     }
 }
 
+/// Formats a slot's current node id.
+struct NodeOf<'a>(&'a Replica);
+
+impl std::fmt::Display for NodeOf<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0.id().node_id)
+    }
+}
+
+/// No replica of the set is on this engine's node.
+const NO_LOCAL: usize = usize::MAX;
+
 /// Who fenced the engine.
 #[derive(Clone)]
 struct FenceInfo {
@@ -210,7 +296,9 @@ struct Inner {
     /// Grows only, through [`Engine::resize`]; read on every I/O's range check.
     size: AtomicU64,
     quorum: usize,
-    local: Option<usize>,
+    /// The slot on this node ([`NO_LOCAL`] if none); follows replica-set changes.
+    local: AtomicUsize,
+    local_node_id: String,
     replicas: Vec<Replica>,
     timeout: Duration,
     counter: AtomicU64,
@@ -229,6 +317,11 @@ struct Inner {
     clean_interval: Duration,
     /// First wait before reconnecting a dropped replica (`resync` module).
     reconnect_interval: Duration,
+    /// How often the in-sync replicas are asked for the replica set
+    /// (`replica_set` module).
+    replica_set_poll: Duration,
+    /// The last agreed set that could not be adopted (logged once).
+    rejected_set: Mutex<Vec<(String, String)>>,
     /// What reconciling at open did.
     reconciled: Mutex<ReconcileReport>,
     /// Where the latency of reads, writes, trims and flushes is recorded, once the
@@ -322,15 +415,12 @@ impl Engine {
             if let Some(reason) = &stale {
                 let _ = write!(failures, "{}{}: {reason}", sep(&failures), ep.node_id);
             }
-            replicas.push(Replica {
-                node_id: ep.node_id.clone(),
-                address: ep.data_address.clone(),
-                client: Mutex::new(client),
-                state: AtomicU8::new(if stale.is_some() { STALE } else { IN_SYNC }),
-                stale_info: Mutex::new(stale.map(|r| (r, now))),
-                resyncing_since: Mutex::new(None),
-                reads_in_flight: AtomicUsize::new(0),
-            });
+            replicas.push(Replica::new(
+                &ep.node_id,
+                &ep.data_address,
+                client,
+                stale.map(|r| (r, now)),
+            ));
         }
         let total = replicas.len();
         let quorum = tessera_replica_protocol::quorum::majority(total);
@@ -366,26 +456,29 @@ impl Engine {
         for (node, replica_size) in sizes.iter().filter(|(_, s)| *s < size) {
             let reason =
                 format!("holds {replica_size} bytes, the volume {size}: it missed an expansion");
-            if let Some(r) = replicas.iter().find(|r| &r.node_id == node) {
+            if let Some(r) = replicas.iter().find(|r| &r.id().node_id == node) {
                 r.state.store(STALE, Ordering::Release);
                 *lock(&r.stale_info) = Some((reason, now));
             }
         }
         for r in replicas.iter().filter(|r| r.is_stale()) {
             if let Some((reason, _)) = &*lock(&r.stale_info) {
-                tracing::warn!(volume = %config.volume_id, node = %r.node_id, address = %r.address, %reason, "replica stale at open");
+                let id = r.id();
+                tracing::warn!(volume = %config.volume_id, node = %id.node_id, address = %id.address, %reason, "replica stale at open");
             }
         }
         let local = replicas
             .iter()
-            .position(|r| r.node_id == config.local_node_id);
+            .position(|r| r.id().node_id == config.local_node_id)
+            .unwrap_or(NO_LOCAL);
         let engine = Engine {
             inner: Arc::new(Inner {
                 volume_id: config.volume_id,
                 epoch: config.epoch,
                 size: AtomicU64::new(size),
                 quorum,
-                local,
+                local: AtomicUsize::new(local),
+                local_node_id: config.local_node_id,
                 replicas,
                 timeout: config.request_timeout,
                 counter: AtomicU64::new(0),
@@ -399,6 +492,8 @@ impl Engine {
                 sync_changed: Arc::new(tokio::sync::Notify::new()),
                 clean_interval: config.clean_interval,
                 reconnect_interval: config.reconnect_interval,
+                replica_set_poll: config.replica_set_poll,
+                rejected_set: Mutex::new(Vec::new()),
                 reconciled: Mutex::new(ReconcileReport::default()),
                 op_latency: OnceLock::new(),
             }),
@@ -432,19 +527,20 @@ impl Engine {
         };
         let asks = inner.replicas.iter().map(|r| {
             let cfg = client_config.clone();
+            let id = r.id();
             async move {
                 if r.is_stale() {
-                    return Err(format!("{}: stale", r.node_id));
+                    return Err(format!("{}: stale", id.node_id));
                 }
                 ReplicaDataClient::connect_with(
-                    r.address.as_str(),
+                    id.address.as_str(),
                     &inner.volume_id,
                     inner.epoch.get(),
                     cfg,
                 )
                 .await
                 .map(|c| c.info().size)
-                .map_err(|e| format!("{}: {}", r.node_id, error_chain(&e)))
+                .map_err(|e| format!("{}: {}", id.node_id, error_chain(&e)))
             }
         });
         let answers = futures_util::future::join_all(asks).await;
@@ -461,7 +557,7 @@ impl Engine {
                 .iter()
                 .zip(&inner.replicas)
                 .map(|(a, r)| match a {
-                    Ok(s) => format!("{}={s}", r.node_id),
+                    Ok(s) => format!("{}={s}", r.node()),
                     Err(e) => e.clone(),
                 })
                 .collect::<Vec<_>>()
@@ -672,20 +768,26 @@ impl Engine {
             .replicas
             .iter()
             .enumerate()
-            .map(|(i, r)| ReplicaStatus {
-                node_id: r.node_id.clone(),
-                address: r.address.clone(),
-                local: inner.local == Some(i),
-                state: match (r.state.load(Ordering::SeqCst), &*lock(&r.stale_info)) {
-                    (STALE, Some((reason, since))) => ReplicaState::Stale {
-                        reason: reason.clone(),
-                        since: *since,
+            .map(|(i, r)| {
+                let id = r.id();
+                ReplicaStatus {
+                    node_id: id.node_id.clone(),
+                    address: id.address.clone(),
+                    local: inner.local() == Some(i),
+                    state: match (r.state.load(Ordering::SeqCst), &*lock(&r.stale_info)) {
+                        (STALE, Some((reason, since))) => ReplicaState::Stale {
+                            reason: reason.clone(),
+                            since: *since,
+                        },
+                        (RESYNCING, _) => ReplicaState::Resyncing {
+                            since: lock(&r.resyncing_since).unwrap_or(UNIX_EPOCH),
+                            done_bytes: r.resync_done.load(Ordering::Relaxed),
+                            total_bytes: r.resync_total.load(Ordering::Relaxed),
+                            full: id.full_compare,
+                        },
+                        _ => ReplicaState::InSync,
                     },
-                    (RESYNCING, _) => ReplicaState::Resyncing {
-                        since: lock(&r.resyncing_since).unwrap_or(UNIX_EPOCH),
-                    },
-                    _ => ReplicaState::InSync,
-                },
+                }
             })
             .collect();
         let in_sync = replicas
@@ -817,6 +919,11 @@ fn sep(s: &str) -> &'static str {
 
 impl Inner {
     /// Records that a `op` started at `started` has been answered (when measured).
+    /// The slot on this node, if any.
+    fn local(&self) -> Option<usize> {
+        Some(self.local.load(Ordering::Relaxed)).filter(|&l| l != NO_LOCAL)
+    }
+
     fn observe(&self, op: latency::Op, started: Instant) {
         if let Some(histograms) = self.op_latency.get() {
             histograms.observe(op, started.elapsed());
@@ -891,11 +998,12 @@ impl Inner {
         {
             let mut info = lock(&self.fence_info);
             if info.is_none() {
+                let node_id = self.replicas[r].id().node_id.clone();
+                tracing::error!(volume = %self.volume_id, epoch = self.epoch.get(), replica_epoch, node = %node_id, "engine fenced: the volume has a newer epoch; failing all I/O");
                 *info = Some(FenceInfo {
                     replica_epoch,
-                    node_id: self.replicas[r].node_id.clone(),
+                    node_id,
                 });
-                tracing::error!(volume = %self.volume_id, epoch = self.epoch.get(), replica_epoch, node = %self.replicas[r].node_id, "engine fenced: the volume has a newer epoch; failing all I/O");
             }
         }
         self.fenced.store(true, Ordering::SeqCst);
@@ -908,7 +1016,8 @@ impl Inner {
         let rep = &self.replicas[r];
         let mut info = lock(&rep.stale_info);
         if rep.state.swap(STALE, Ordering::SeqCst) != STALE {
-            tracing::warn!(volume = %self.volume_id, node = %rep.node_id, address = %rep.address, %reason, "replica marked stale");
+            let id = rep.id();
+            tracing::warn!(volume = %self.volume_id, node = %id.node_id, address = %id.address, %reason, "replica marked stale");
             *info = Some((reason, SystemTime::now()));
             self.sync_changed.notify_one();
         }
@@ -935,13 +1044,13 @@ impl Inner {
         let mut s = String::new();
         for r in self.replicas.iter().filter(|r| r.is_stale()) {
             if r.takes_writes() {
-                let _ = write!(s, "{}{}: resyncing", sep(&s), r.node_id);
+                let _ = write!(s, "{}{}: resyncing", sep(&s), r.node());
                 continue;
             }
             let reason = lock(&r.stale_info)
                 .as_ref()
                 .map_or_else(String::new, |(reason, _)| reason.clone());
-            let _ = write!(s, "{}{}: stale ({reason})", sep(&s), r.node_id);
+            let _ = write!(s, "{}{}: stale ({reason})", sep(&s), r.node());
         }
         s
     }

@@ -7,7 +7,7 @@ impl Inner {
     /// Chooses among `eligible` replicas: the local one if eligible, otherwise the one
     /// with the fewest reads in flight, ties broken round-robin.
     fn pick(&self, eligible: u32) -> usize {
-        if let Some(l) = self.local.filter(|l| eligible & (1 << l) != 0) {
+        if let Some(l) = self.local().filter(|l| eligible & (1 << l) != 0) {
             return l;
         }
         let n = self.replicas.len();
@@ -94,7 +94,7 @@ impl Inner {
             rep.reads_in_flight.fetch_add(1, Ordering::Relaxed);
             let result = tokio::time::timeout(self.timeout, client.read(offset, len)).await;
             rep.reads_in_flight.fetch_sub(1, Ordering::Relaxed);
-            let node = &rep.node_id;
+            let node = rep.node();
             match result {
                 Ok(Ok(data)) => return Ok((data, corrupt)),
                 Ok(Err(e)) if e.code() == Some(ErrorCode::StaleEpoch) => {
@@ -129,11 +129,11 @@ impl Inner {
         match self.try_repair(r, start, len).await {
             Ok(()) => {
                 Counters::add(&self.counters.repairs, 1);
-                tracing::info!(volume = %self.volume_id, node = %self.replicas[r].node_id, offset = start, len, "repaired corrupt copy from another replica");
+                tracing::info!(volume = %self.volume_id, node = %self.replicas[r].node(), offset = start, len, "repaired corrupt copy from another replica");
             }
             Err(reason) => {
                 Counters::add(&self.counters.repair_failures, 1);
-                tracing::warn!(volume = %self.volume_id, node = %self.replicas[r].node_id, offset = start, len, %reason, "could not repair corrupt copy");
+                tracing::warn!(volume = %self.volume_id, node = %self.replicas[r].node(), offset = start, len, %reason, "could not repair corrupt copy");
             }
         }
     }

@@ -48,7 +48,7 @@ impl Inner {
     /// the engine as needed. Returns whether the replica acknowledged (and counts).
     fn settle(&self, r: usize, outcome: Outcome, tally: &mut Tally) -> bool {
         tally.outstanding -= 1;
-        let node = &self.replicas[r].node_id;
+        let node = self.replicas[r].node();
         let acked = match outcome {
             Outcome::Acked if !self.replicas[r].is_stale() => true,
             // A resyncing replica takes the write but does not count yet.

@@ -16,6 +16,17 @@
 //!   so the in-sync replicas' dirty regions cover everything it missed; the
 //!   replica's own map adds what only it may hold (a write that never reached a
 //!   majority). Per block, the highest intact seq among the in-sync replicas wins.
+//! * **Full comparison** ([`Inner::resync_scope`]): that bound holds only for a
+//!   replica that was a member and has missed writes since. A replica that was
+//!   never declared in sync — a rebuilt copy that took over a lost member's slot
+//!   (`replica_set` module), one whose in-sync file was lost, one the controller
+//!   put in another's place — may lack writes that an engine whose set did not
+//!   include it has since cleaned from every map. So a slot taken over by a new
+//!   member, or a replica whose own in-sync record (GET_MEMBERSHIP on it) does not
+//!   name it while the engine's declarations exist, is caught up over the whole
+//!   volume: every range's versions are compared and only what differs is copied,
+//!   by the same conditional writes and leftover rule, never blindly. The engine's
+//!   status reports the progress (bytes compared of bytes planned) of either kind.
 //!   Where the returning replica holds an older version, the winner is copied with a
 //!   *conditional* write or trim (applied only where the replica still holds an older
 //!   seq), so a live write that reached it first is never overwritten; the copies run
@@ -30,7 +41,8 @@
 //! A catch-up that fails marks the replica stale again and is retried from the
 //! start; blocks already copied compare equal then, so a retry moves only what is
 //! still missing. An engine that crashes mid-resync leaves the replica out of the
-//! in-sync record: the next engine copies to it at open.
+//! in-sync record: the next engine copies to it at open (over the whole volume if
+//! it was never declared in sync, `sync` module).
 
 use std::time::Duration;
 
@@ -40,7 +52,7 @@ use tessera_replica_protocol::sync::DirtyMap;
 
 use super::config::MAX_RECONNECT_INTERVAL;
 use super::reconcile::{plan_region, runs, Run};
-use super::sync::dirty_ranges;
+use super::sync::{dirty_ranges, volume_ranges};
 use super::*;
 
 /// Ranges caught up at once: few, so a resync leaves the disks to the application.
@@ -51,8 +63,13 @@ const RANGE_ATTEMPTS: usize = 3;
 /// What one online resync did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct ResyncReport {
+    /// Whether the whole volume was compared (the replica was never declared in
+    /// sync), not only the dirty regions.
+    pub full: bool,
     /// Ranges (at most one VERSIONS request each) compared.
     pub ranges: u64,
+    /// Bytes of the volume those ranges cover.
+    pub compared_bytes: u64,
     /// Blocks copied to the returning replica.
     pub blocks_copied: u64,
     /// Bytes of data sent to it.
@@ -66,6 +83,7 @@ pub struct ResyncReport {
 impl ResyncReport {
     fn add(mut self, o: ResyncReport) -> ResyncReport {
         self.ranges += o.ranges;
+        self.compared_bytes += o.compared_bytes;
         self.blocks_copied += o.blocks_copied;
         self.bytes_copied += o.bytes_copied;
         self.leftovers_overwritten += o.leftovers_overwritten;
@@ -82,6 +100,7 @@ pub(super) fn spawn_reconnector(inner: &Arc<Inner>) {
     tokio::spawn(async move {
         let mut wait = vec![first; n];
         let mut next_try: Vec<Option<Instant>> = vec![None; n];
+        let mut generation = vec![0; n];
         loop {
             tokio::time::sleep(first.min(Duration::from_secs(1))).await;
             let Some(inner) = weak.upgrade() else { return };
@@ -89,6 +108,13 @@ pub(super) fn spawn_reconnector(inner: &Arc<Inner>) {
                 return;
             }
             for r in 0..n {
+                // A slot given to a new member starts its backoff afresh: the
+                // failures so far were the former member's.
+                let current = inner.replicas[r].id().generation;
+                if current != generation[r] {
+                    generation[r] = current;
+                    (wait[r], next_try[r]) = (first, None);
+                }
                 if inner.replicas[r].state.load(Ordering::SeqCst) != STALE {
                     (wait[r], next_try[r]) = (first, None);
                     continue;
@@ -99,7 +125,7 @@ pub(super) fn spawn_reconnector(inner: &Arc<Inner>) {
                     continue;
                 }
                 if let Err(reason) = inner.resync(r).await {
-                    tracing::debug!(volume = %inner.volume_id, node = %inner.replicas[r].node_id,
+                    tracing::debug!(volume = %inner.volume_id, node = %inner.replicas[r].node(),
                         %reason, retry_in_ms = wait[r].as_millis() as u64, "replica not brought back yet");
                     wait[r] = (wait[r] * 2).min(MAX_RECONNECT_INTERVAL);
                     next_try[r] = Some(Instant::now() + wait[r]);
@@ -113,13 +139,14 @@ impl Inner {
     /// Reconnects stale replica `r`, catches it up and readmits it (module doc).
     pub(super) async fn resync(&self, r: usize) -> Result<ResyncReport, String> {
         let rep = &self.replicas[r];
+        let id = rep.id();
         let config = ClientConfig {
             connect_timeout: self.timeout,
             request_timeout: Some(self.timeout),
             ..ClientConfig::default()
         };
         let client = match ReplicaDataClient::connect_with(
-            rep.address.as_str(),
+            id.address.as_str(),
             &self.volume_id,
             self.epoch.get(),
             config,
@@ -147,17 +174,37 @@ impl Inner {
         }
         self.check_usable().map_err(|e| error_chain(&e))?;
         let started = Instant::now();
-        *lock(&rep.client) = Some(client);
-        *lock(&rep.resyncing_since) = Some(SystemTime::now());
-        let earlier = self
-            .inflight
-            .snapshot_after(|| rep.state.store(RESYNCING, Ordering::SeqCst));
-        tracing::info!(volume = %self.volume_id, node = %rep.node_id, address = %rep.address,
+        let earlier = {
+            // Under the identity's lock: a replica-set change either happened before
+            // (the connection is to the former member: dropped) or comes after and
+            // marks the slot stale again, which ends this resync.
+            let current = lock(&rep.identity);
+            if current.generation != id.generation {
+                return Err(format!("the slot went to {} meanwhile", current.node_id));
+            }
+            *lock(&rep.client) = Some(client);
+            *lock(&rep.resyncing_since) = Some(SystemTime::now());
+            rep.resync_done.store(0, Ordering::Relaxed);
+            rep.resync_total.store(0, Ordering::Relaxed);
+            self.inflight
+                .snapshot_after(|| rep.state.store(RESYNCING, Ordering::SeqCst))
+        };
+        tracing::info!(volume = %self.volume_id, node = %id.node_id, address = %id.address,
             "replica reconnected; resyncing");
         for op in earlier {
             op.wait_done().await;
         }
-        let outcome = match self.catch_up(r).await {
+        let outcome = match self.resync_scope(r, &id).await {
+            Ok(full) => {
+                if full {
+                    // Kept until a full comparison succeeds; the status shows it.
+                    rep.flag_full_compare();
+                }
+                self.catch_up(r, full).await
+            }
+            Err(reason) => Err(reason),
+        };
+        let outcome = match outcome {
             Ok(report) => self
                 .ask(r, "flushing after the resync", |c| async move {
                     c.flush().await
@@ -182,20 +229,88 @@ impl Inner {
             return Err("went stale again while resyncing".to_owned());
         }
         Counters::add(&self.counters.resyncs, 1);
+        if report.full {
+            Counters::add(&self.counters.full_resyncs, 1);
+            let mut current = lock(&rep.identity);
+            if current.generation == id.generation && current.full_compare {
+                *current = Arc::new(Identity {
+                    full_compare: false,
+                    ..(**current).clone()
+                });
+            }
+        }
         self.sync_changed.notify_one();
-        tracing::info!(volume = %self.volume_id, node = %rep.node_id, ranges = report.ranges,
+        tracing::info!(volume = %self.volume_id, node = %id.node_id, full = report.full,
+            ranges = report.ranges, compared_bytes = report.compared_bytes,
             blocks_copied = report.blocks_copied, bytes_copied = report.bytes_copied,
             leftovers_overwritten = report.leftovers_overwritten, blocks_lost = report.blocks_lost,
             elapsed_ms = started.elapsed().as_millis() as u64, "replica resynced and back in sync");
         Ok(report)
     }
 
-    /// Copies to resyncing replica `r` every block it lacks (module doc).
-    async fn catch_up(&self, r: usize) -> Result<ResyncReport, String> {
+    /// Whether resyncing replica `r` (standing for `id`) must be compared over the
+    /// whole volume (module doc): it took its slot over from another member, or its
+    /// own in-sync record does not name it while the engine's declarations exist.
+    async fn resync_scope(&self, r: usize, id: &Identity) -> Result<bool, String> {
+        if id.full_compare {
+            return Ok(true);
+        }
+        let own = self
+            .ask(r, "reading its in-sync record", |c| async move {
+                c.membership().await
+            })
+            .await
+            .ok_or_else(|| "reading its in-sync record failed".to_owned())?;
+        let declared = !self.declared.lock().await.is_undeclared();
+        let named = own.members.contains(&id.node_id);
+        if declared && !named {
+            tracing::info!(volume = %self.volume_id, node = %id.node_id, epoch = own.epoch,
+                version = own.version, members = ?own.members,
+                "replica's own in-sync record does not name it: comparing the whole volume");
+        }
+        Ok(declared && !named)
+    }
+
+    /// Copies to resyncing replica `r` every block it lacks: in the dirty regions,
+    /// or with `full` over the whole volume (module doc).
+    async fn catch_up(&self, r: usize, full: bool) -> Result<ResyncReport, String> {
         let sources = self.in_sync_mask();
         if (sources.count_ones() as usize) < self.quorum {
             return Err(self.stale_summary());
         }
+        let size = self.size.load(Ordering::Acquire);
+        let ranges = if full {
+            volume_ranges(size)
+        } else {
+            match self.dirty_union(r, sources).await? {
+                Some(dirty) => dirty_ranges(&dirty, size),
+                None => return Ok(ResyncReport::default()),
+            }
+        };
+        let rep = &self.replicas[r];
+        rep.resync_total
+            .store(ranges.iter().map(|(_, len)| len).sum(), Ordering::Relaxed);
+        let report = stream::iter(ranges)
+            .map(|(offset, len)| async move {
+                let report = self.catch_up_range(r, offset, len).await?;
+                rep.resync_done.fetch_add(len, Ordering::Relaxed);
+                Counters::add(&self.counters.resync_compared_bytes, len);
+                Ok::<_, String>(ResyncReport {
+                    compared_bytes: len,
+                    ..report
+                })
+            })
+            .buffer_unordered(RANGES_IN_FLIGHT)
+            .try_fold(ResyncReport::default(), |all, one| async move {
+                Ok(all.add(one))
+            })
+            .await?;
+        Ok(ResyncReport { full, ..report })
+    }
+
+    /// The union of the dirty maps of the in-sync `sources` and of `r` itself
+    /// (`None` if none could be read but `r`'s).
+    async fn dirty_union(&self, r: usize, sources: u32) -> Result<Option<DirtyMap>, String> {
         let maps = futures_util::future::join_all(bits(sources | 1 << r).map(|i| async move {
             let map = self
                 .ask(i, "reading the dirty regions", |c| async move {
@@ -218,17 +333,7 @@ impl Inner {
                 (None, true) => return Err("reading its dirty regions failed".into()),
             }
         }
-        let Some(dirty) = dirty else {
-            return Ok(ResyncReport::default());
-        };
-        let ranges = dirty_ranges(&dirty, self.size.load(Ordering::Acquire));
-        stream::iter(ranges)
-            .map(|(offset, len)| self.catch_up_range(r, offset, len))
-            .buffer_unordered(RANGES_IN_FLIGHT)
-            .try_fold(ResyncReport::default(), |all, one| async move {
-                Ok(all.add(one))
-            })
-            .await
+        Ok(dirty)
     }
 
     /// One range of [`Self::catch_up`] (at most one VERSIONS request long).

@@ -15,6 +15,14 @@ pub enum ReplicaState {
     Resyncing {
         /// When the catch-up started.
         since: SystemTime,
+        /// Bytes of the volume compared so far.
+        done_bytes: u64,
+        /// Bytes the catch-up compares in all (0 until it has planned them): the
+        /// dirty regions, or the whole volume for a full comparison.
+        total_bytes: u64,
+        /// Whether it compares the whole volume: the replica was never declared in
+        /// sync, so the dirty regions do not bound what it lacks.
+        full: bool,
     },
     /// Failed, timed out or could not be reached; receives nothing, so it may miss
     /// writes. The engine records it out of sync on the others and keeps trying to
@@ -66,6 +74,14 @@ pub struct EngineCounters {
     pub resyncs: u64,
     /// Bytes of data copied to resyncing replicas.
     pub resync_bytes: u64,
+    /// Bytes of the volume compared by catch-ups (of which `resync_bytes` differed).
+    pub resync_compared_bytes: u64,
+    /// Catch-ups that compared the whole volume and readmitted their replica.
+    pub full_resyncs: u64,
+    /// Slots taken over by a new member after the controller replaced one.
+    pub replica_set_changes: u64,
+    /// REPLICA_SET answers received from in-sync replicas (each poll asks all).
+    pub replica_set_answers: u64,
 }
 
 /// A snapshot of an engine's state.
@@ -110,6 +126,15 @@ impl EngineStatus {
             .iter()
             .filter_map(|r| match r.state {
                 ReplicaState::InSync => None,
+                ReplicaState::Resyncing {
+                    done_bytes,
+                    total_bytes,
+                    ..
+                } if total_bytes > 0 => Some(format!(
+                    "{} resyncing {} %",
+                    r.node_id,
+                    percent(done_bytes, total_bytes)
+                )),
                 ReplicaState::Resyncing { .. } => Some(format!("{} resyncing", r.node_id)),
                 ReplicaState::Stale { .. } => Some(format!("{} stale", r.node_id)),
             })
@@ -141,6 +166,11 @@ impl EngineStatus {
     }
 }
 
+/// `done` of `total` in whole percent, rounded down (so 100 only when done).
+fn percent(done: u64, total: u64) -> u64 {
+    (u128::from(done.min(total)) * 100 / u128::from(total.max(1))) as u64
+}
+
 /// The live counters behind [`EngineCounters`]; relaxed atomics, one add per I/O.
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
@@ -155,6 +185,10 @@ pub(crate) struct Counters {
     pub(crate) failed_ops: AtomicU64,
     pub(crate) resyncs: AtomicU64,
     pub(crate) resync_bytes: AtomicU64,
+    pub(crate) resync_compared_bytes: AtomicU64,
+    pub(crate) full_resyncs: AtomicU64,
+    pub(crate) replica_set_changes: AtomicU64,
+    pub(crate) replica_set_answers: AtomicU64,
 }
 
 impl Counters {
@@ -176,6 +210,77 @@ impl Counters {
             failed_ops: g(&self.failed_ops),
             resyncs: g(&self.resyncs),
             resync_bytes: g(&self.resync_bytes),
+            resync_compared_bytes: g(&self.resync_compared_bytes),
+            full_resyncs: g(&self.full_resyncs),
+            replica_set_changes: g(&self.replica_set_changes),
+            replica_set_answers: g(&self.replica_set_answers),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn replica(node: &str, state: ReplicaState) -> ReplicaStatus {
+        ReplicaStatus {
+            node_id: node.to_owned(),
+            address: format!("{node}:7401"),
+            local: false,
+            state,
+        }
+    }
+
+    fn status(replicas: Vec<ReplicaStatus>) -> EngineStatus {
+        let in_sync = replicas
+            .iter()
+            .filter(|r| r.state == ReplicaState::InSync)
+            .count();
+        EngineStatus {
+            volume_id: "v".to_owned(),
+            epoch: 1,
+            size: 1 << 30,
+            quorum: 2,
+            in_sync,
+            below_quorum: in_sync < 2,
+            fenced: false,
+            closed: false,
+            reconciled_at_open: Default::default(),
+            inflight_ops: 0,
+            counters: EngineCounters::default(),
+            replicas,
+        }
+    }
+
+    #[test]
+    fn the_condition_says_how_far_a_resync_got() {
+        let resyncing = |done_bytes, total_bytes| ReplicaState::Resyncing {
+            since: SystemTime::UNIX_EPOCH,
+            done_bytes,
+            total_bytes,
+            full: true,
+        };
+        let st = status(vec![
+            replica("node-a", ReplicaState::InSync),
+            replica("node-b", ReplicaState::InSync),
+            replica("node-c", resyncing(43 << 20, 100 << 20)),
+        ]);
+        assert_eq!(
+            st.condition(),
+            (
+                true,
+                "degraded: 2 of 3 replicas in sync; node-c resyncing 43 %".to_owned()
+            )
+        );
+        // Not planned yet: no percentage; all of it compared is 100 %.
+        let st = status(vec![
+            replica("node-a", ReplicaState::InSync),
+            replica("node-b", resyncing(0, 0)),
+            replica("node-c", resyncing(7, 7)),
+        ]);
+        assert_eq!(
+            st.condition().1,
+            "below quorum: 1 of 3 replicas in sync, 2 needed (node-b resyncing, node-c resyncing 100 %)"
+        );
     }
 }

@@ -8,6 +8,16 @@
 //!   reached replicas in sync under this engine's epoch on a majority. Replicas
 //!   the record leaves out are copied to, never read from, until then; a replica
 //!   not reached stays out.
+//! * **Never declared in sync**: the dirty maps bound what a replica lacks only if
+//!   it was a member and missed writes since (nothing is cleaned while a member is
+//!   out). A reached replica whose own record does not name it while the newest
+//!   record is a declaration (a rebuilt copy, a lost in-sync file, a replacement)
+//!   may lack writes cleaned from every map before it joined. If the others reached
+//!   are a majority without it, it takes part in reconciling the dirty regions as
+//!   the newest record says (a source if named there: it may hold the only reached
+//!   copy of a write), then is left stale and compared over the whole volume online
+//!   (`resync`); otherwise the whole volume is reconciled at open, before the
+//!   engine serves.
 //! * **While serving**: a replica marked stale is declared out at once, in the
 //!   background ([`Inner::declare_in_sync`]); writes do not wait for it, because
 //!   the dirty regions of the replicas that took them already let the next engine
@@ -51,6 +61,13 @@ pub struct ReconcileReport {
     pub blocks_lost: u64,
     /// Replicas the in-sync record had left out that were brought back.
     pub readmitted: Vec<String>,
+    /// Replicas never declared in sync (their own in-sync record leaves them out)
+    /// that were compared over the whole volume at open, because without them a
+    /// majority was not in sync.
+    pub compared_in_full: Vec<String>,
+    /// Replicas never declared in sync that were left stale at open, to be compared
+    /// over the whole volume online (the rest were a majority without them).
+    pub left_for_full_resync: Vec<String>,
 }
 
 impl Inner {
@@ -126,13 +143,18 @@ impl Inner {
             .unwrap_or_default();
         let mut sources = 0u32;
         let mut out_of_sync = Vec::new();
+        let mut never_declared = 0u32;
         let mut dirty: Option<DirtyMap> = None;
         for (r, state) in states.iter().enumerate() {
-            let Some((_, map)) = state else { continue };
-            if newest.includes(&self.replicas[r].node_id) {
+            let Some((own, map)) = state else { continue };
+            let node_id = self.replicas[r].id().node_id.clone();
+            if newest.includes(&node_id) {
                 sources |= 1 << r;
             } else {
                 out_of_sync.push(r);
+            }
+            if !newest.is_undeclared() && !own.members.contains(&node_id) {
+                never_declared |= 1 << r;
             }
             match &mut dirty {
                 Some(all) => all.union(map),
@@ -157,26 +179,58 @@ impl Inner {
             ..newest.clone()
         };
         let mut report = ReconcileReport::default();
+        let size = self.size.load(Ordering::Acquire);
+        // See the module doc: the dirty maps do not bound what these lack.
+        let in_full = never_declared != 0
+            && ((self.in_sync_mask() & !never_declared).count_ones() as usize) < self.quorum;
+        let names = |mask: u32| -> Vec<String> {
+            bits(mask)
+                .map(|r| self.replicas[r].id().node_id.clone())
+                .collect()
+        };
+        if in_full {
+            report.compared_in_full = names(never_declared);
+        }
         let started = StdInstant::now();
-        if let Some(dirty) = dirty {
-            self.reconcile_regions(&dirty, sources, &mut report).await?;
+        let ranges = match (in_full, dirty) {
+            (true, _) => volume_ranges(size),
+            (false, Some(dirty)) => dirty_ranges(&dirty, size),
+            (false, None) => Vec::new(),
+        };
+        if !ranges.is_empty() {
+            self.reconcile_regions(ranges, sources, &mut report).await?;
         }
         // What was copied must be durable before anyone is declared in sync by it,
         // and before any region is cleared.
         self.flush_all("flushing after reconcile").await;
+        if !in_full && never_declared != 0 {
+            // Only now: one the newest record names was a source for the dirty
+            // regions (it may be the only replica reached holding a write there).
+            report.left_for_full_resync = names(never_declared);
+            for r in bits(never_declared) {
+                self.replicas[r].flag_full_compare();
+                self.mark_stale(
+                    r,
+                    "its own in-sync record does not name it: compared over the whole volume once the engine serves"
+                        .to_owned(),
+                );
+            }
+        }
         self.check_usable()?;
         report.readmitted = out_of_sync
             .iter()
             .filter(|&&r| !self.replicas[r].is_stale())
-            .map(|&r| self.replicas[r].node_id.clone())
+            .map(|&r| self.replicas[r].id().node_id.clone())
             .collect();
         self.declare_in_sync().await?;
         // Nothing was written since the flush above.
         self.clean_round(false).await;
-        if report.regions > 0 || !report.readmitted.is_empty() {
+        if report.regions > 0 || !report.readmitted.is_empty() || never_declared != 0 {
             tracing::info!(volume = %self.volume_id, epoch = self.epoch.get(), regions = report.regions,
                 blocks_fixed = report.blocks_fixed, bytes_copied = report.bytes_copied,
                 blocks_lost = report.blocks_lost, readmitted = ?report.readmitted,
+                compared_in_full = ?report.compared_in_full,
+                left_for_full_resync = ?report.left_for_full_resync,
                 elapsed_ms = started.elapsed().as_millis() as u64,
                 "replicas reconciled at open");
         }
@@ -207,11 +261,10 @@ impl Inner {
 
     async fn reconcile_regions(
         &self,
-        dirty: &DirtyMap,
+        ranges: Vec<(u64, u64)>,
         sources: u32,
         report: &mut ReconcileReport,
     ) -> Result<(), EngineError> {
-        let ranges = dirty_ranges(dirty, self.size.load(Ordering::Acquire));
         let results: Vec<Result<RegionOutcome, EngineError>> = stream::iter(ranges)
             .map(|(offset, len)| self.reconcile_region(offset, len, sources))
             .buffer_unordered(REGIONS_IN_FLIGHT)
@@ -289,7 +342,7 @@ impl Inner {
                     }
                     RunResult::SourceChanged { corrupt } => {
                         for b in corrupt {
-                            tracing::warn!(volume = %self.volume_id, node = %self.replicas[run.source].node_id, block = b,
+                            tracing::warn!(volume = %self.volume_id, node = %self.replicas[run.source].node(), block = b,
                                 "block failed its checksum while reconciling; taking another copy");
                             found_corrupt.push((run.source, b));
                         }
@@ -403,7 +456,7 @@ impl Inner {
         let mut last = self.declared.lock().await;
         let mask = self.in_sync_mask();
         let mut members: Vec<String> = bits(mask)
-            .map(|r| self.replicas[r].node_id.clone())
+            .map(|r| self.replicas[r].id().node_id.clone())
             .collect();
         members.sort();
         if last.epoch == self.epoch.get() && last.members == members {
@@ -514,6 +567,7 @@ pub(super) fn spawn_background(inner: &Arc<Inner>) {
     let weak: Weak<Inner> = Arc::downgrade(inner);
     let interval = inner.clean_interval;
     super::resync::spawn_reconnector(inner);
+    super::replica_set::spawn_poller(inner);
     tokio::spawn(async move {
         let mut seen = 0;
         loop {
@@ -550,6 +604,16 @@ pub(super) fn dirty_ranges(dirty: &DirtyMap, size: u64) -> Vec<(u64, u64)> {
                 .step_by(region as usize)
                 .map(move |s| (s, (s + region).min(end) - s))
         })
+        .collect()
+}
+
+/// The whole volume of `size` bytes, cut into requests the protocol allows: what a
+/// full comparison covers.
+pub(super) fn volume_ranges(size: u64) -> Vec<(u64, u64)> {
+    let step = tessera_replica_protocol::data::message::MAX_VERSIONS_LEN;
+    (0..size)
+        .step_by(step as usize)
+        .map(|s| (s, (s + step).min(size) - s))
         .collect()
 }
 

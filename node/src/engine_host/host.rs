@@ -89,6 +89,8 @@ pub struct EngineHost {
     shutting_down: AtomicBool,
     /// Per volume and op latency of the engines' requests, for `/metrics`.
     op_latency: VolumeLatency,
+    /// Given to every engine opened here ([`EngineConfig::replica_set_poll`]).
+    replica_set_poll: std::time::Duration,
 }
 
 impl std::fmt::Debug for EngineHost {
@@ -164,9 +166,17 @@ impl EngineHost {
                 listed: Mutex::new(BTreeMap::new()),
                 shutting_down: AtomicBool::new(false),
                 op_latency: VolumeLatency::default(),
+                replica_set_poll: crate::engine::config::DEFAULT_REPLICA_SET_POLL,
             },
             report,
         ))
+    }
+
+    /// Sets how often the engines opened from now on ask their replicas for the
+    /// replica set (default [`crate::engine::config::DEFAULT_REPLICA_SET_POLL`]).
+    pub fn with_replica_set_poll(mut self, every: std::time::Duration) -> Self {
+        self.replica_set_poll = every;
+        self
     }
 
     /// The state directory (absolute).
@@ -197,11 +207,14 @@ impl EngineHost {
         local_node_id: &str,
     ) -> Result<VolumeInfo, EngineHostError> {
         validate_volume_id(volume_id)?;
-        let config = EngineConfig::from_publish_context(volume_id, publish_context, local_node_id)
-            .map_err(|source| EngineHostError::PublishContext {
-                volume_id: volume_id.to_owned(),
-                source,
-            })?;
+        let mut config =
+            EngineConfig::from_publish_context(volume_id, publish_context, local_node_id).map_err(
+                |source| EngineHostError::PublishContext {
+                    volume_id: volume_id.to_owned(),
+                    source,
+                },
+            )?;
+        config.replica_set_poll = self.replica_set_poll;
         if self.shutting_down.load(Ordering::SeqCst) {
             return Err(EngineHostError::ShuttingDown);
         }

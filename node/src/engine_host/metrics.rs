@@ -64,7 +64,7 @@ impl Collector for HostProbe {
 /// Per-volume engine counters and replica gauges.
 fn encode_engines(statuses: &[EngineStatus], encoder: &mut DescriptorEncoder) -> fmt::Result {
     type Counter = (&'static str, &'static str, fn(&EngineCounters) -> u64);
-    let counter_series: [Counter; 11] = [
+    let counter_series: [Counter; 14] = [
         (
             "tessera_engine_writes",
             "Writes acknowledged by a majority.",
@@ -111,6 +111,21 @@ fn encode_engines(statuses: &[EngineStatus], encoder: &mut DescriptorEncoder) ->
             "tessera_engine_resync_bytes",
             "Bytes of data copied to resyncing replicas.",
             |c| c.resync_bytes,
+        ),
+        (
+            "tessera_engine_resync_compared_bytes",
+            "Bytes of the volume compared by resync catch-ups.",
+            |c| c.resync_compared_bytes,
+        ),
+        (
+            "tessera_engine_full_resyncs",
+            "Replicas never declared in sync, compared over the whole volume and readmitted.",
+            |c| c.full_resyncs,
+        ),
+        (
+            "tessera_engine_replica_set_changes",
+            "Replicas replaced by a new member of the volume's replica set.",
+            |c| c.replica_set_changes,
         ),
     ];
     for (name, help, get) in counter_series {
@@ -210,6 +225,9 @@ mod tests {
                     "b",
                     ReplicaState::Resyncing {
                         since: std::time::SystemTime::UNIX_EPOCH,
+                        done_bytes: 1 << 19,
+                        total_bytes: 1 << 20,
+                        full: true,
                     },
                 ),
                 replica(
@@ -230,6 +248,7 @@ mod tests {
             counters: EngineCounters {
                 writes: 7,
                 failed_ops: 1,
+                replica_set_changes: 1,
                 ..EngineCounters::default()
             },
         };
@@ -239,6 +258,7 @@ mod tests {
         for line in [
             "tessera_engine_writes_total{volume_id=\"tv-1\"} 7\n",
             "tessera_engine_failed_ops_total{volume_id=\"tv-1\"} 1\n",
+            "tessera_engine_replica_set_changes_total{volume_id=\"tv-1\"} 1\n",
             "tessera_engine_replicas{volume_id=\"tv-1\"} 3\n",
             "tessera_engine_replicas_in_sync{volume_id=\"tv-1\"} 1\n",
             "tessera_engine_replicas_resyncing{volume_id=\"tv-1\"} 1\n",

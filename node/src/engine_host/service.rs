@@ -124,6 +124,10 @@ impl EngineHostApi for EngineHostService {
             failed_ops: c.failed_ops,
             resyncs: c.resyncs,
             resync_bytes: c.resync_bytes,
+            resync_compared_bytes: c.resync_compared_bytes,
+            full_resyncs: c.full_resyncs,
+            replica_set_changes: c.replica_set_changes,
+            replica_set_answers: c.replica_set_answers,
         });
         out.replicas = st
             .replicas
@@ -134,9 +138,18 @@ impl EngineHostApi for EngineHostService {
                         .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
                         .unwrap_or(0)
                 };
+                let (done, total, full) = match r.state {
+                    ReplicaState::Resyncing {
+                        done_bytes,
+                        total_bytes,
+                        full,
+                        ..
+                    } => (done_bytes, total_bytes, full),
+                    _ => (0, 0, false),
+                };
                 let (in_sync, stale_reason, since) = match &r.state {
                     ReplicaState::InSync => (true, String::new(), 0),
-                    ReplicaState::Resyncing { since } => (false, String::new(), millis(since)),
+                    ReplicaState::Resyncing { since, .. } => (false, String::new(), millis(since)),
                     ReplicaState::Stale { reason, since } => (false, reason.clone(), millis(since)),
                 };
                 proto::ReplicaStatus {
@@ -145,6 +158,9 @@ impl EngineHostApi for EngineHostService {
                     local: r.local,
                     in_sync,
                     resyncing: matches!(r.state, ReplicaState::Resyncing { .. }),
+                    resync_done_bytes: done,
+                    resync_total_bytes: total,
+                    resync_full: full,
                     stale_reason,
                     stale_since_unix_ms: since,
                 }

@@ -14,6 +14,8 @@
 
 #![allow(dead_code)] // each test binary uses a different subset
 
+pub mod daemons;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::os::unix::fs::FileExt;

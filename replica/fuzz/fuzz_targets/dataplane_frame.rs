@@ -1,13 +1,15 @@
 //! Fuzzes the data-plane frame decoder and request validation with arbitrary bytes.
 //!
-//! Whatever arrives on a replica's data port passes through exactly these functions
-//! before anything else sees it; they must never panic, never allocate more than the
+//! Whatever arrives on a replica's data port (and, for the replies an engine decodes:
+//! HELLO's, errors, REPLICA_SET's, on the engine's) passes through exactly these
+//! functions before anything else sees it; they must never panic, never allocate more than the
 //! bytes present allow, and re-encode every frame they accept to the same bytes.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use tessera_replica_protocol::data::frame;
 use tessera_replica_protocol::data::message::{decode_error_payload, Hello, HelloReply, Request};
+use tessera_replica_protocol::data::ReplicaSet;
 
 fuzz_target!(|data: &[u8]| {
     // Random bytes almost never carry a valid crc, so half the inputs are turned into
@@ -35,6 +37,10 @@ fuzz_target!(|data: &[u8]| {
         let _ = Hello::decode(&f.payload);
         let _ = HelloReply::decode(&f.payload);
         let _ = decode_error_payload(&f.payload);
+        // A REPLICA_SET reply an engine accepts re-encodes to the same bytes.
+        if let Ok(set) = ReplicaSet::decode(&f.payload) {
+            assert_eq!(set.encode().expect("a decoded set encodes"), f.payload);
+        }
         let _ = Request::parse(&f.header, f.payload);
         rest = &rest[used..];
     }

@@ -17,6 +17,7 @@ pub fn remote_error(e: &BlockIoError) -> RemoteError {
         BlockIoError::Io(_) => (ErrorCode::IoError, 0),
         BlockIoError::SyncState(s) if is_no_space(s) => (ErrorCode::NoSpace, 0),
         BlockIoError::SyncState(_) => (ErrorCode::IoError, 0),
+        BlockIoError::NoReplicaSet(_) => (ErrorCode::InvalidRequest, 0),
     };
     let message = match e {
         BlockIoError::Io(io) => format!("{e}: {io}"),

@@ -272,8 +272,10 @@ async fn handle_connection<R: VolumeRegistry>(
     tracing::debug!(volume = %session.volume_id, epoch = session.epoch, "data plane: handshake done");
 
     let (tx, rx) = mpsc::unbounded_channel();
-    let (read_result, write_result) =
-        tokio::join!(read_loop(rd, session, tx, config, stop), write_loop(wr, rx));
+    let (read_result, write_result) = tokio::join!(
+        read_loop(rd, session, registry, tx, config, stop),
+        write_loop(wr, rx)
+    );
     read_result?;
     write_result?;
     Ok(())
@@ -528,8 +530,40 @@ async fn execute<V: VolumeBlocks>(
                 .map(|n| n.to_le_bytes().to_vec())
                 .map_err(|e| io(e.into()))
         }
+        // Needs the registry, so the read loop answers it (`replica_set_reply`).
+        Request::ReplicaSet => {
+            return Err(RemoteError::new(
+                ErrorCode::InvalidRequest,
+                0,
+                "REPLICA_SET is answered by the connection, not executed".to_owned(),
+            ))
+        }
     };
     r.map(|()| Vec::new()).map_err(|e| remote_error(&e))
+}
+
+/// The answer to REPLICA_SET: the record's generation and replica set.
+fn replica_set_reply<R: VolumeRegistry>(
+    registry: &R,
+    volume_id: &str,
+    h: &Header,
+    permits: InFlight,
+) -> Outgoing {
+    let encoded = registry
+        .replica_set(volume_id)
+        .map_err(|e| remote_error(&e))
+        .and_then(|set| {
+            set.encode()
+                .map_err(|e| RemoteError::new(ErrorCode::IoError, 0, e.to_string()))
+        });
+    match encoded {
+        Ok(payload) => Outgoing {
+            header: response_header(h, 0, payload.len()),
+            payload,
+            _permits: Some(permits),
+        },
+        Err(r) => error_reply(h, &r, Some(permits)),
+    }
 }
 
 /// Stops when the connection should stop reading: server shutdown or writer gone.
@@ -553,9 +587,10 @@ fn timed_op(req: &Request) -> Option<Op> {
     }
 }
 
-async fn read_loop<V: VolumeBlocks>(
+async fn read_loop<R: VolumeRegistry>(
     mut rd: BufReader<OwnedReadHalf>,
-    session: Session<V>,
+    session: Session<R::Blocks>,
+    registry: Arc<R>,
     tx: mpsc::UnboundedSender<Outgoing>,
     config: Arc<ServerConfig>,
     mut stop: watch::Receiver<bool>,
@@ -650,6 +685,16 @@ async fn read_loop<V: VolumeBlocks>(
         };
         if let Err(r) = precheck(&session, &h, &req) {
             let _ = tx.send(error_reply(&h, &r, Some(permits)));
+            continue;
+        }
+        if req == Request::ReplicaSet {
+            // A lookup in the catalog's memory: answered here, no task.
+            let _ = tx.send(replica_set_reply(
+                &*registry,
+                &session.volume_id,
+                &h,
+                permits,
+            ));
             continue;
         }
         let volume = session.volume.clone();

@@ -34,8 +34,9 @@ use super::frame::{Frame, Header, Opcode, MAX_PAYLOAD, RESPONSE_BIT};
 use super::message::{
     decode_error_payload, decode_versions, Hello, HelloReply, FLAG_IF_NEWER, FLAG_WITH_DATA,
     IF_NEWER_PROTOCOL_VERSION, MAX_VERSIONS_LEN, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
-    SYNC_PROTOCOL_VERSION,
+    REPLICA_SET_PROTOCOL_VERSION, SYNC_PROTOCOL_VERSION,
 };
+use super::replica_set::ReplicaSet;
 use super::stream::{read_frame, write_frame, write_frame_with_payload_crc, ReadError};
 use crate::block::VersionedBlocks;
 use crate::sync::{DirtyMap, Membership};
@@ -410,6 +411,26 @@ impl ReplicaDataClient {
             )
             .await?;
         u64_reply(&reply.payload)
+    }
+
+    /// Whether the replica answers [`Self::replica_set`] (protocol version 4).
+    pub fn supports_replica_set(&self) -> bool {
+        self.shared.info.protocol_version >= REPLICA_SET_PROTOCOL_VERSION
+    }
+
+    /// The replica set and generation of the volume record this replica holds.
+    /// Needs [`Self::supports_replica_set`]; refused locally otherwise.
+    pub async fn replica_set(&self) -> Result<ReplicaSet, ClientError> {
+        if !self.supports_replica_set() {
+            return Err(ClientError::InvalidArgument(format!(
+                "the replica speaks protocol version {}; REPLICA_SET needs {REPLICA_SET_PROTOCOL_VERSION}",
+                self.shared.info.protocol_version
+            )));
+        }
+        let reply = self
+            .call(Opcode::ReplicaSet, 0, 0, 0, 0, WritePayload::empty())
+            .await?;
+        ReplicaSet::decode(&reply.payload).map_err(|e| ClientError::Protocol(e.to_string()))
     }
 
     fn require_if_newer(&self) -> Result<(), ClientError> {

@@ -47,6 +47,8 @@ pub enum Opcode {
     MarkClean = 10,
     /// Clear the dirty regions the token covers (v2).
     Clean = 11,
+    /// The volume record's generation and replica set (v4).
+    ReplicaSet = 12,
 }
 
 impl Opcode {
@@ -66,6 +68,7 @@ impl Opcode {
             9 => Opcode::SetMembership,
             10 => Opcode::MarkClean,
             11 => Opcode::Clean,
+            12 => Opcode::ReplicaSet,
             _ => return None,
         })
     }
@@ -426,6 +429,7 @@ mod tests {
             Opcode::SetMembership,
             Opcode::MarkClean,
             Opcode::Clean,
+            Opcode::ReplicaSet,
         ] {
             assert_eq!(Opcode::from_u8(op as u8), Some(op));
             assert_eq!(Opcode::from_u8(op as u8 | RESPONSE_BIT), None);

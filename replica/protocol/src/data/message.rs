@@ -16,11 +16,15 @@ pub const HELLO_MAGIC: [u8; 4] = *b"TSDP";
 /// (VERSIONS, DIRTY_REGIONS, GET/SET_MEMBERSHIP, MARK_CLEAN, CLEAN) and marks dirty
 /// regions before every write and trim; an engine needs it to reconcile. Version 3
 /// adds conditional writes and trims ([`FLAG_IF_NEWER`]), which online resync needs.
-pub const PROTOCOL_VERSION: u16 = 3;
+/// Version 4 adds REPLICA_SET, through which an attached engine learns that the
+/// controller replaced a member of the volume's replica set.
+pub const PROTOCOL_VERSION: u16 = 4;
 /// The version that introduced the sync requests.
 pub const SYNC_PROTOCOL_VERSION: u16 = 2;
 /// The version that introduced [`FLAG_IF_NEWER`].
 pub const IF_NEWER_PROTOCOL_VERSION: u16 = 3;
+/// The version that introduced REPLICA_SET.
+pub const REPLICA_SET_PROTOCOL_VERSION: u16 = 4;
 /// VERSIONS flag: return the verified data of intact data blocks too.
 pub const FLAG_WITH_DATA: u8 = 1;
 /// WRITE and TRIM flag (version 3): apply each block only where the replica's current
@@ -47,6 +51,16 @@ pub enum InvalidMessage {
     /// The opcode is not one this version knows.
     #[error("unknown opcode {0:#04x}")]
     UnknownOpcode(u8),
+    /// The opcode came with a later protocol version than the connection's.
+    #[error("{op:?} needs protocol version {needs}; the connection speaks {version}")]
+    NotInVersion {
+        /// The operation.
+        op: Opcode,
+        /// The version that introduced it.
+        needs: u16,
+        /// The version the connection negotiated.
+        version: u16,
+    },
     /// The flags byte holds a flag the operation does not define.
     #[error("flags {0:#04x} are not defined in this protocol version")]
     Flags(u8),
@@ -289,6 +303,8 @@ pub enum Request {
         /// From MARK_CLEAN (travels in the header's `seq`).
         token: u64,
     },
+    /// The volume record's generation and replica set (v4).
+    ReplicaSet,
 }
 
 impl Request {
@@ -299,10 +315,18 @@ impl Request {
         Self::parse_at(PROTOCOL_VERSION, h, payload)
     }
 
-    /// [`Self::parse`] on a connection that negotiated `version`: flags the version
-    /// does not define are invalid ([`FLAG_IF_NEWER`] needs version 3).
+    /// [`Self::parse`] on a connection that negotiated `version`: flags and opcodes
+    /// the version does not define are invalid ([`FLAG_IF_NEWER`] needs version 3,
+    /// REPLICA_SET version 4).
     pub fn parse_at(version: u16, h: &Header, payload: Vec<u8>) -> Result<Request, InvalidMessage> {
         let op = Opcode::from_u8(h.opcode).ok_or(InvalidMessage::UnknownOpcode(h.opcode))?;
+        if op == Opcode::ReplicaSet && version < REPLICA_SET_PROTOCOL_VERSION {
+            return Err(InvalidMessage::NotInVersion {
+                op,
+                needs: REPLICA_SET_PROTOCOL_VERSION,
+                version,
+            });
+        }
         let allowed_flags = match op {
             Opcode::Versions => FLAG_WITH_DATA,
             Opcode::Write | Opcode::Trim if version >= IF_NEWER_PROTOCOL_VERSION => FLAG_IF_NEWER,
@@ -391,6 +415,7 @@ impl Request {
             }
             Opcode::MarkClean => Request::MarkClean,
             Opcode::Clean => Request::Clean { token: h.seq },
+            Opcode::ReplicaSet => Request::ReplicaSet,
         })
     }
 
@@ -424,7 +449,8 @@ impl Request {
             | Request::GetMembership
             | Request::SetMembership(_)
             | Request::MarkClean
-            | Request::Clean { .. } => None,
+            | Request::Clean { .. }
+            | Request::ReplicaSet => None,
         }
     }
 }
@@ -519,7 +545,13 @@ mod tests {
             volume_id: "pvc-1".into(),
         };
         assert_eq!(Hello::decode(&h.encode()), Ok(h.clone()));
-        assert_eq!(h.negotiate(), Some(PROTOCOL_VERSION));
+        // A version-3 engine gets version 3 from a version-4 replica.
+        assert_eq!(h.negotiate(), Some(3));
+        let newest = Hello {
+            max_version: PROTOCOL_VERSION,
+            ..h.clone()
+        };
+        assert_eq!(newest.negotiate(), Some(PROTOCOL_VERSION));
         let future = Hello {
             min_version: PROTOCOL_VERSION + 1,
             max_version: PROTOCOL_VERSION + 3,
@@ -795,6 +827,44 @@ mod tests {
         for flags in [FLAG_IF_NEWER | FLAG_WITH_DATA, FLAG_IF_NEWER | 4, 0x80] {
             assert_eq!(
                 Request::parse(&Header { flags, ..w }, vec![5; 4096]),
+                Err(InvalidMessage::Flags(flags))
+            );
+        }
+    }
+
+    #[test]
+    fn replica_set_is_a_version_4_request_without_payload_or_flags() {
+        let h = Header {
+            opcode: Opcode::ReplicaSet as u8,
+            ..Header::default()
+        };
+        assert_eq!(Request::parse(&h, vec![]), Ok(Request::ReplicaSet));
+        assert_eq!(
+            Request::parse_at(REPLICA_SET_PROTOCOL_VERSION, &h, vec![]),
+            Ok(Request::ReplicaSet)
+        );
+        let parsed = Request::parse(&h, vec![]).unwrap();
+        assert!(!parsed.mutates());
+        assert_eq!(parsed.range(), None);
+        // An engine that negotiated 3 or less never sends it; a peer that does is
+        // told which version it needs.
+        for version in [1, 2, 3] {
+            assert_eq!(
+                Request::parse_at(version, &h, vec![]),
+                Err(InvalidMessage::NotInVersion {
+                    op: Opcode::ReplicaSet,
+                    needs: REPLICA_SET_PROTOCOL_VERSION,
+                    version
+                })
+            );
+        }
+        assert!(matches!(
+            Request::parse(&h, vec![0]),
+            Err(InvalidMessage::Payload { .. })
+        ));
+        for flags in [FLAG_WITH_DATA, FLAG_IF_NEWER] {
+            assert_eq!(
+                Request::parse(&Header { flags, ..h }, vec![]),
                 Err(InvalidMessage::Flags(flags))
             );
         }

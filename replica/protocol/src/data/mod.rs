@@ -4,6 +4,7 @@
 //! Layout:
 //! * [`frame`]: byte layout, encode/decode, limits. Pure, no I/O; fuzzed.
 //! * [`message`]: HELLO, error payloads, request validation. Pure.
+//! * [`replica_set`]: the REPLICA_SET reply. Pure.
 //! * [`stream`]: frame reading/writing on async streams (shared by both sides).
 //! * [`client`]: [`ReplicaDataClient`] — pipelined, cloneable connection.
 //! * [`error`]: wire error codes and the client's error type.
@@ -11,13 +12,17 @@
 //! The server is the replica daemon's (`tessera_replica::dataplane`); this crate
 //! holds everything both ends must agree on.
 //!
-//! # Wire protocol, version 3
+//! # Wire protocol, version 4
 //!
 //! Version 2 adds the sync requests (opcodes 6–11 below); version 3 adds the
-//! IF_NEWER flag of WRITE and TRIM (conditional writes, for online resync).
-//! Everything else is as in version 1; a version-3 replica still speaks versions 1
-//! and 2 with older engines, and an engine sends IF_NEWER only on a connection that
-//! negotiated 3 or more (`ReplicaDataClient::supports_if_newer`).
+//! IF_NEWER flag of WRITE and TRIM (conditional writes, for online resync); version
+//! 4 adds REPLICA_SET (opcode 12: how an attached engine learns that the controller
+//! replaced a member of the replica set). Everything else is as in version 1; a
+//! version-4 replica still speaks versions 1 to 3 with older engines, and an engine
+//! sends IF_NEWER only on a connection that negotiated 3 or more
+//! (`ReplicaDataClient::supports_if_newer`), REPLICA_SET only on one that negotiated
+//! 4 (`ReplicaDataClient::supports_replica_set`; an engine simply learns no set
+//! from an older replica).
 //!
 //! TCP, `TCP_NODELAY` on both sides. All integers little endian. Every message in
 //! both directions is one frame:
@@ -27,7 +32,8 @@
 //!      0     4  length      bytes after this field: 44 + payload + 4
 //!      4     1  opcode      1 HELLO, 2 READ, 3 WRITE, 4 FLUSH, 5 TRIM, 6 VERSIONS,
 //!                           7 DIRTY_REGIONS, 8 GET_MEMBERSHIP, 9 SET_MEMBERSHIP,
-//!                           10 MARK_CLEAN, 11 CLEAN; | 0x80 in responses
+//!                           10 MARK_CLEAN, 11 CLEAN, 12 REPLICA_SET;
+//!                           | 0x80 in responses
 //!      5     1  flags       0, except VERSIONS: bit 0 = with data;
 //!                           WRITE and TRIM (v3): bit 1 (value 2) = IF_NEWER
 //!      6     2  status      0 = OK; error code in error responses; 0 in requests
@@ -77,6 +83,7 @@
 //! | SET_MEMBERSHIP | — | an in-sync record (its epoch must be the connection's) | the record stored afterwards (the newer of the two by (epoch, version)) |
 //! | MARK_CLEAN | — | none | token u64 |
 //! | CLEAN | seq = token | none | regions cleared u64 |
+//! | REPLICA_SET (v4) | — | none | the volume record's generation u64, count u16, per member: node id (u16 length + UTF-8, 1..=256 bytes), data address (u16 length + UTF-8, 1..=256 bytes) |
 //!
 //! A WRITE or TRIM is applied only after the regions it touches are marked in the
 //! replica's dirty-region map on disk (`tessera_replica::sync_state`); CLEAN clears the
@@ -98,6 +105,16 @@
 //! foreground requests), with the same epoch checks, dirty-region marking and
 //! ordering against epoch raises as WRITE and TRIM. IF_NEWER on any other opcode, or
 //! on a connection that negotiated version 1 or 2, is `INVALID_REQUEST`.
+//!
+//! **REPLICA_SET** (version 4). The replica answers from its volume record: the
+//! record's `generation` (its own compare-and-set token; replicas count theirs
+//! independently) and the replica set in the record's order, at most 32 members.
+//! The controller rewrites the set on a majority of the replicas when it replaces a
+//! lost one, so an engine trusts a set only when a majority of its replica set
+//! answers with the same members; what one replica says may be half of a change.
+//! A replica that keeps no record for the volume (a test registry) answers
+//! `INVALID_REQUEST`; on a connection that negotiated 3 or less the opcode is
+//! `INVALID_REQUEST` too.
 //!
 //! Offsets and lengths are multiples of the block size (4096) and nonzero. FLUSH
 //! completes once every write this replica answered OK before the FLUSH arrived is
@@ -146,7 +163,9 @@ mod crc_combine;
 pub mod error;
 pub mod frame;
 pub mod message;
+pub mod replica_set;
 pub mod stream;
 
 pub use client::{ClientConfig, ReplicaDataClient, VolumeInfo, WritePayload};
 pub use error::{ClientError, ErrorCode, RemoteError};
+pub use replica_set::ReplicaSet;
