@@ -23,6 +23,7 @@ use tessera_replica_protocol::control_proto::GetVolumeRequest;
 use tessera_tests::fixtures::{delete_request, holders_of};
 use tessera_tests::lifecycle::{
     self, attach, block_capability, controller_condition, create_volume, kubelet_paths,
+    node_condition,
 };
 use tessera_tests::privilege::privileged;
 use tessera_tests::random_writer::{read_back, RandomWriter, WriterBounds};
@@ -266,6 +267,105 @@ async fn a_lost_replica_is_rebuilt_elsewhere_and_a_second_loss_loses_nothing() {
     .await;
 
     // The replaced daemon comes back on its data: its copy is a leftover.
+    cluster
+        .start_replica(lost_index)
+        .await
+        .expect("the replaced daemon starts on its data");
+    wait_collected(&cluster, lost_index, &id).await;
+}
+
+/// (c) attached: a member is lost while a writer runs; after the replacement delay the
+/// spare node gets a copy, the engine learns the new set from its replicas, compares
+/// the copy with the others and brings it in sync, all without an I/O error; then a
+/// second original member is lost under the writer and no durable write is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attached_volume_gets_a_lost_replica_rebuilt_under_writes() {
+    if !privileged("healing test") {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let mut cluster = healing_cluster(4).await;
+    let mut controller = cluster.controller().await.expect("controller");
+    let mut n1 = cluster.node_client("n1").await.expect("n1 plugin");
+    let name = "rebuilt-attached";
+    let volume = create_volume(
+        &mut controller,
+        name,
+        64 * MIB,
+        &[("replicationFactor", "3")],
+        true,
+    )
+    .await;
+    let id = volume.volume_id.clone();
+    let (staging, target) = kubelet_paths(&cluster, "n1", name, true);
+    let a = attach(
+        &mut controller,
+        &mut n1,
+        &volume,
+        "n1",
+        block_capability(),
+        &staging,
+        &target,
+    )
+    .await
+    .unwrap_or_else(|e| panic!("attach on n1: {e:#}"));
+    let writer = RandomWriter::start(
+        target.clone(),
+        0xa77,
+        WriterBounds {
+            time: Duration::from_secs(300),
+            writes: 2_000_000,
+            after_kill: 1_000,
+            sync_every: 16,
+        },
+    );
+    writer.wait_for(500).await;
+    let original = holders_of(&cluster, &id).await.expect("holders");
+    let lost = original[0].clone();
+    let lost_index = cluster.replica_index(&lost).expect("lost daemon");
+    cluster.kill_replica(lost_index).expect("kill -9 a member");
+    let killed = (Instant::now(), writer.written());
+    wait_whole(&cluster, &id, &format!("{lost} was killed under writes")).await;
+    eprintln!(
+        "replica on {lost} lost under writes: replaced and in sync {:?} after the kill \
+         ({} writes meanwhile)",
+        killed.0.elapsed(),
+        writer.written() - killed.1
+    );
+    let mut n1_view = cluster.node_client("n1").await.expect("n1 plugin");
+    let engine = node_condition(&mut n1_view, &a).await;
+    assert!(
+        !engine.abnormal && !engine.message.contains(&lost),
+        "the engine still counts {lost}: {engine:?}"
+    );
+
+    let second = cluster.replica_index(&original[1]).expect("second member");
+    cluster
+        .kill_replica(second)
+        .expect("kill -9 a second member");
+    let now = writer.written();
+    writer.wait_for(now + 500).await;
+    writer.kill_done();
+    let log = writer
+        .finish()
+        .await
+        .unwrap_or_else(|e| panic!("the writer failed during the rebuild: {e}"));
+    let device = target.clone();
+    let read = tokio::task::spawn_blocking(move || read_back(&device, &log.last_durable))
+        .await
+        .expect("reader task")
+        .unwrap_or_else(|e| panic!("reading back: {e}"));
+    assert!(
+        read.all_current(),
+        "after the rebuild and a second loss: {} intact, zeros {:?}, older {:?}, other {:?}",
+        read.intact,
+        &read.zeros[..read.zeros.len().min(8)],
+        &read.older[..read.older.len().min(8)],
+        &read.other[..read.other.len().min(8)],
+    );
+    lifecycle::detach(&mut controller, &mut n1, &a)
+        .await
+        .unwrap_or_else(|e| panic!("detach: {e:#}"));
     cluster
         .start_replica(lost_index)
         .await
