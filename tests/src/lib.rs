@@ -13,7 +13,8 @@
 //! * [`process`]: [`Daemon`], one child process in its own process group, logging to
 //!   a file, killed (group-wide) on drop.
 //! * [`csi`]: gRPC clients over unix sockets and TCP.
-//! * [`metrics`]: a replica daemon's `/metrics` page, scraped and parsed.
+//! * [`metrics`]: a replica daemon's or an engine-host's `/metrics` page, scraped and
+//!   parsed.
 //! * [`direct_io`]: O_DIRECT reads/writes and reproducible data for byte checks.
 //! * [`fixtures`]: CSI request builders and list-everything helpers for tests.
 //! * [`lifecycle`]: ControllerPublish + NodeStage + NodePublish of a volume on a node,

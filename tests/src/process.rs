@@ -227,10 +227,109 @@ impl Daemon {
     }
 }
 
+/// The TCP addresses process `pid` listens on: its sockets (`/proc/<pid>/fd`) found
+/// in LISTEN state in its network namespace's `/proc/<pid>/net/tcp` and `tcp6`. How
+/// a test learns the port of a listener a daemon bound to port 0 without reporting it.
+pub fn listening_tcp_addrs(pid: u32) -> std::io::Result<Vec<std::net::SocketAddr>> {
+    let mut inodes = std::collections::HashSet::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fd"))? {
+        // An fd closed while listing is not one we want.
+        let Ok(target) = std::fs::read_link(entry?.path()) else {
+            continue;
+        };
+        let target = target.to_string_lossy();
+        if let Some(inode) = target
+            .strip_prefix("socket:[")
+            .and_then(|t| t.strip_suffix(']'))
+            .and_then(|t| t.parse::<u64>().ok())
+        {
+            inodes.insert(inode);
+        }
+    }
+    let mut addrs = Vec::new();
+    for table in ["tcp", "tcp6"] {
+        let text = match std::fs::read_to_string(format!("/proc/{pid}/net/{table}")) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        addrs.extend(
+            text.lines()
+                .skip(1)
+                .filter_map(parse_proc_net_tcp_listener)
+                .filter(|(_, inode)| inodes.contains(inode))
+                .map(|(addr, _)| addr),
+        );
+    }
+    Ok(addrs)
+}
+
+/// (local address, socket inode) of a `/proc/net/tcp{,6}` line in LISTEN state.
+fn parse_proc_net_tcp_listener(line: &str) -> Option<(std::net::SocketAddr, u64)> {
+    const LISTEN: &str = "0A";
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    let (local, state, inode) = (fields.get(1)?, fields.get(3)?, fields.get(9)?);
+    if *state != LISTEN {
+        return None;
+    }
+    let (ip_hex, port_hex) = local.split_once(':')?;
+    let port = u16::from_str_radix(port_hex, 16).ok()?;
+    // The kernel prints each 32-bit word of the address (network byte order in
+    // memory) as a native-endian number.
+    let mut bytes = Vec::with_capacity(16);
+    for word in 0..ip_hex.len() / 8 {
+        let w = u32::from_str_radix(ip_hex.get(word * 8..word * 8 + 8)?, 16).ok()?;
+        bytes.extend_from_slice(&w.to_ne_bytes());
+    }
+    let ip = match bytes.len() {
+        4 => std::net::IpAddr::from(<[u8; 4]>::try_from(bytes).ok()?),
+        16 => std::net::IpAddr::from(<[u8; 16]>::try_from(bytes).ok()?),
+        _ => return None,
+    };
+    Some((std::net::SocketAddr::new(ip, port), inode.parse().ok()?))
+}
+
 impl Drop for Daemon {
     fn drop(&mut self) {
         if let Err(e) = self.kill() {
             eprintln!("tessera-tests: {e:#}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proc_net_tcp_listeners_parse() {
+        let v4 = "   3: 0100007F:A1B2 00000000:0000 0A 00000000:00000000 00:00000000 \
+                  00000000     0        0 123456 1 0000000000000000 100 0 0 10 0";
+        let got = parse_proc_net_tcp_listener(v4).expect("a listener");
+        let ip =
+            std::net::Ipv4Addr::from(u32::from_str_radix("0100007F", 16).unwrap().to_ne_bytes());
+        assert_eq!(got, (std::net::SocketAddr::new(ip.into(), 0xA1B2), 123456));
+        if cfg!(target_endian = "little") {
+            assert_eq!(got.0.to_string(), "127.0.0.1:41394");
+        }
+        let established = v4.replace(" 0A ", " 01 ");
+        assert_eq!(parse_proc_net_tcp_listener(&established), None);
+        let v6 =
+            "   0: 00000000000000000000000001000000:1F90 00000000000000000000000000000000:0000 \
+                  0A 00000000:00000000 00:00000000 00000000     0        0 42 1 0 100 0 0 10 0";
+        let got = parse_proc_net_tcp_listener(v6).expect("a v6 listener");
+        assert_eq!(got.1, 42);
+        assert_eq!(got.0.port(), 8080);
+        if cfg!(target_endian = "little") {
+            assert_eq!(got.0.ip().to_string(), "::1");
+        }
+    }
+
+    #[test]
+    fn this_process_listening_on_port_0_is_found() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("local addr");
+        let found = listening_tcp_addrs(std::process::id()).expect("/proc readable");
+        assert!(found.contains(&addr), "{addr} not in {found:?}");
     }
 }

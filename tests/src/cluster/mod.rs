@@ -75,6 +75,7 @@ pub struct ClusterBuilder {
     replica_capacity: String,
     replica_args: Vec<String>,
     replica_metrics: bool,
+    engine_host_metrics: bool,
     controller: bool,
     node: bool,
     nodes: Vec<String>,
@@ -92,6 +93,7 @@ impl Default for ClusterBuilder {
             replica_capacity: "100Gi".to_owned(),
             replica_args: Vec::new(),
             replica_metrics: false,
+            engine_host_metrics: false,
             controller: true,
             node: true,
             nodes: vec!["n1".to_owned()],
@@ -142,6 +144,13 @@ impl ClusterBuilder {
     /// loopback port; default no). See [`Replica::metrics`].
     pub fn replica_metrics(mut self, enabled: bool) -> Self {
         self.replica_metrics = enabled;
+        self
+    }
+
+    /// Whether the engine-hosts serve /metrics (`--metrics-listen` on a free loopback
+    /// port; default no). See [`NodeHost::engine_host_metrics`].
+    pub fn engine_host_metrics(mut self, enabled: bool) -> Self {
+        self.engine_host_metrics = enabled;
         self
     }
 
@@ -320,7 +329,8 @@ impl ClusterBuilder {
 
         if let Some(bin) = node_bin {
             for (index, node_id) in self.nodes.iter().enumerate() {
-                let mut node = NodeHost::new(&root, &bin, node_id, index == 0)?;
+                let mut node =
+                    NodeHost::new(&root, &bin, node_id, index == 0, self.engine_host_metrics)?;
                 node.start_engine_host(self.startup_timeout).await?;
                 // Pushed before the plugin starts, so a failing start still tears the
                 // engine-host down gracefully in Drop.

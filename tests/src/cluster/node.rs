@@ -75,12 +75,22 @@ pub struct NodeHost {
     pub(super) state_dir: PathBuf,
     pub(super) engine_host: Daemon,
     pub(super) plugin: CsiPlugin,
+    /// Whether the engine-host serves /metrics (`--metrics-listen 127.0.0.1:0`).
+    pub(super) metrics_enabled: bool,
 }
 
 impl NodeHost {
     /// Prepares the node's daemons without starting them. The first node uses the
     /// short file names (see the module docs).
-    pub(super) fn new(root: &Path, bin: &Path, node_id: &str, first: bool) -> anyhow::Result<Self> {
+    /// With `metrics`, the engine-host also serves /metrics on a free loopback port
+    /// ([`NodeHost::engine_host_metrics`]).
+    pub(super) fn new(
+        root: &Path,
+        bin: &Path,
+        node_id: &str,
+        first: bool,
+        metrics: bool,
+    ) -> anyhow::Result<Self> {
         let suffix = if first {
             String::new()
         } else {
@@ -90,14 +100,18 @@ impl NodeHost {
         std::fs::create_dir_all(&state_dir)
             .with_context(|| format!("creating {}", state_dir.display()))?;
         let state_dir = canonical(&state_dir);
+        let mut engine_host_args: Vec<OsString> = vec![
+            "engine-host".into(),
+            "--state-dir".into(),
+            state_dir.clone().into_os_string(),
+        ];
+        if metrics {
+            engine_host_args.extend(["--metrics-listen".into(), ANY_LOOPBACK_PORT.into()]);
+        }
         let engine_host = Daemon::new(
             format!("engine-host{suffix}"),
             bin,
-            vec![
-                "engine-host".into(),
-                "--state-dir".into(),
-                state_dir.clone().into_os_string(),
-            ],
+            engine_host_args,
             root.join(format!("engine-host{suffix}.log")),
         );
         let socket = root.join(format!("node{suffix}.sock"));
@@ -123,6 +137,7 @@ impl NodeHost {
             state_dir,
             engine_host,
             plugin,
+            metrics_enabled: metrics,
         })
     }
 
@@ -149,6 +164,51 @@ impl NodeHost {
     /// Process id of the running engine-host.
     pub fn engine_host_pid(&self) -> Option<u32> {
         self.engine_host.pid()
+    }
+
+    /// The /metrics address of the running engine-host, when the cluster was built
+    /// with [`ClusterBuilder::engine_host_metrics`]. The engine-host binds port 0 and
+    /// does not report it, so this is its one listening TCP socket, found in `/proc`
+    /// ([`crate::process::listening_tcp_addrs`]); waits up to 10 s for it to be
+    /// bound (it is bound just after the API socket the start waits for). A restart
+    /// gets a new port.
+    pub async fn engine_host_metrics_addr(&self) -> anyhow::Result<SocketAddr> {
+        anyhow::ensure!(
+            self.metrics_enabled,
+            "the engine-host on {} serves no /metrics (ClusterBuilder::engine_host_metrics)",
+            self.node_id
+        );
+        let pid = self
+            .engine_host
+            .pid()
+            .ok_or_else(|| anyhow!("the engine-host on {} is not running", self.node_id))?;
+        let last = RefCell::new(Ok(Vec::new()));
+        let found = poll_until(Duration::from_secs(10), || {
+            let listening = crate::process::listening_tcp_addrs(pid);
+            let one = match &listening {
+                Ok(addrs) if addrs.len() == 1 => Some(addrs[0]),
+                _ => None,
+            };
+            *last.borrow_mut() = listening;
+            std::future::ready(one)
+        })
+        .await;
+        found.map_err(|timed_out| {
+            anyhow!(
+                "no single /metrics listener of the engine-host on {} (pid {pid}) {timed_out}: {:?}",
+                self.node_id,
+                last.borrow()
+            )
+        })
+    }
+
+    /// The engine-host's /metrics page, parsed (see [`crate::metrics`]); the cluster
+    /// must be built with [`ClusterBuilder::engine_host_metrics`].
+    pub async fn engine_host_metrics(&self) -> anyhow::Result<crate::metrics::Metrics> {
+        let addr = self.engine_host_metrics_addr().await?;
+        crate::metrics::scrape(addr)
+            .await
+            .with_context(|| format!("scraping /metrics of the engine-host on {}", self.node_id))
     }
 
     /// Process id of the running node plugin.
