@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use tessera_replica_protocol::control_proto::{
-    Attachment, ReplicaRef, UpdateVolumeRequest, VolumeRecord,
+    Attachment, CopySource, CreateVolumeRequest, ReplicaRef, UpdateVolumeRequest, VolumeRecord,
 };
 
 use crate::error::ControllerError;
@@ -26,6 +26,28 @@ pub fn now_nanos() -> i64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
         .unwrap_or(0)
+}
+
+/// The CreateVolume that makes a member of `rec` (its immutable fields and current
+/// set) with `copy_source`, starting at `epoch`: a create a crashed controller did not
+/// finish, or a rebuild.
+pub fn member_create_request(
+    rec: &VolumeRecord,
+    copy_source: Option<CopySource>,
+    epoch: u64,
+) -> CreateVolumeRequest {
+    CreateVolumeRequest {
+        volume_id: rec.volume_id.clone(),
+        name: rec.name.clone(),
+        size_bytes: rec.size_bytes,
+        replication_factor: rec.replication_factor,
+        replicas: rec.replicas.clone(),
+        parameters: rec.parameters.clone(),
+        created_unix_nanos: rec.created_unix_nanos,
+        access_type: rec.access_type.clone(),
+        copy_source,
+        epoch,
+    }
 }
 
 /// Loads every record from every live daemon into a fresh index (highest generation

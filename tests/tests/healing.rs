@@ -18,12 +18,12 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use tessera_csi_proto::v1::Volume;
+use tessera_csi_proto::v1::{CapacityRange, ControllerExpandVolumeRequest, Volume};
 use tessera_replica_protocol::control_proto::GetVolumeRequest;
 use tessera_tests::fixtures::{delete_request, holders_of};
 use tessera_tests::lifecycle::{
     self, attach, block_capability, controller_condition, create_volume, kubelet_paths,
-    node_condition,
+    node_condition, Attachment,
 };
 use tessera_tests::privilege::privileged;
 use tessera_tests::random_writer::{read_back, RandomWriter, WriterBounds};
@@ -100,6 +100,28 @@ async fn write_randomly(
         .last_durable
 }
 
+/// ControllerPublish + NodeStage + NodePublish of raw block `volume` on n1.
+async fn attach_on_n1(
+    cluster: &Cluster,
+    volume: &Volume,
+    staging: &std::path::Path,
+    target: &std::path::Path,
+) -> Attachment {
+    let mut controller = cluster.controller().await.expect("controller");
+    let mut n1 = cluster.node_client("n1").await.expect("n1 plugin");
+    attach(
+        &mut controller,
+        &mut n1,
+        volume,
+        "n1",
+        block_capability(),
+        staging,
+        target,
+    )
+    .await
+    .unwrap_or_else(|e| panic!("attach {} on n1: {e:#}", volume.volume_id))
+}
+
 /// A written, detached RF=3 raw block volume.
 struct Written {
     volume: Volume,
@@ -122,17 +144,7 @@ async fn written_volume(cluster: &Cluster, name: &str) -> Written {
     )
     .await;
     let (staging, target) = kubelet_paths(cluster, "n1", name, true);
-    let a = attach(
-        &mut controller,
-        &mut n1,
-        &volume,
-        "n1",
-        block_capability(),
-        &staging,
-        &target,
-    )
-    .await
-    .unwrap_or_else(|e| panic!("attach on n1: {e:#}"));
+    let a = attach_on_n1(cluster, &volume, &staging, &target).await;
     let expected = write_randomly(target.clone(), 0x5eed).await;
     lifecycle::detach(&mut controller, &mut n1, &a)
         .await
@@ -167,17 +179,7 @@ async fn wait_whole(cluster: &Cluster, id: &str, after: &str) {
 async fn assert_reads_back(cluster: &Cluster, w: &Written, when: &str) {
     let mut controller = cluster.controller().await.expect("controller");
     let mut n1 = cluster.node_client("n1").await.expect("n1 plugin");
-    let a = attach(
-        &mut controller,
-        &mut n1,
-        &w.volume,
-        "n1",
-        block_capability(),
-        &w.staging,
-        &w.target,
-    )
-    .await
-    .unwrap_or_else(|e| panic!("attach on n1 {when}: {e:#}"));
+    let a = attach_on_n1(cluster, &w.volume, &w.staging, &w.target).await;
     let (device, expected) = (w.target.clone(), w.expected.clone());
     let read = tokio::task::spawn_blocking(move || read_back(&device, &expected))
         .await
@@ -194,6 +196,28 @@ async fn assert_reads_back(cluster: &Cluster, w: &Written, when: &str) {
     lifecycle::detach(&mut controller, &mut n1, &a)
         .await
         .unwrap_or_else(|e| panic!("detach: {e:#}"));
+}
+
+/// Waits until the controller no longer counts any member of `id` as lost (a daemon
+/// that came back is seen; a detached volume's stale member stays out of sync until
+/// the next attach, so "whole" is not what to wait for).
+async fn wait_not_lost(cluster: &Cluster, id: &str) {
+    let controller = cluster.controller().await.expect("controller");
+    let seen = poll_until(HEALED_WITHIN, || {
+        let (mut ctl, id) = (controller.clone(), id.to_owned());
+        async move {
+            (!controller_condition(&mut ctl, &id)
+                .await
+                .message
+                .contains("lost"))
+            .then_some(())
+        }
+    })
+    .await;
+    assert!(
+        seen.is_ok(),
+        "the controller still counts a member of {id} lost"
+    );
 }
 
 /// Waits until the daemon at `index` holds nothing of `id` on disk.
@@ -266,7 +290,14 @@ async fn a_lost_replica_is_rebuilt_elsewhere_and_a_second_loss_loses_nothing() {
     )
     .await;
 
-    // The replaced daemon comes back on its data: its copy is a leftover.
+    // The second daemon back (before it too is replaced), then the replaced daemon
+    // on its old data: its copy is a leftover. (Started while a member is lost, it
+    // would rightly become that member's replacement.)
+    cluster
+        .start_replica(survivor)
+        .await
+        .expect("the second daemon starts again");
+    wait_not_lost(&cluster, &id).await;
     cluster
         .start_replica(lost_index)
         .await
@@ -298,17 +329,7 @@ async fn an_attached_volume_gets_a_lost_replica_rebuilt_under_writes() {
     .await;
     let id = volume.volume_id.clone();
     let (staging, target) = kubelet_paths(&cluster, "n1", name, true);
-    let a = attach(
-        &mut controller,
-        &mut n1,
-        &volume,
-        "n1",
-        block_capability(),
-        &staging,
-        &target,
-    )
-    .await
-    .unwrap_or_else(|e| panic!("attach on n1: {e:#}"));
+    let a = attach_on_n1(&cluster, &volume, &staging, &target).await;
     let writer = RandomWriter::start(
         target.clone(),
         0xa77,
@@ -366,6 +387,12 @@ async fn an_attached_volume_gets_a_lost_replica_rebuilt_under_writes() {
     lifecycle::detach(&mut controller, &mut n1, &a)
         .await
         .unwrap_or_else(|e| panic!("detach: {e:#}"));
+    // As in the detached test: the second daemon back first, then the replaced one.
+    cluster
+        .start_replica(second)
+        .await
+        .expect("the second daemon starts again");
+    wait_not_lost(&cluster, &id).await;
     cluster
         .start_replica(lost_index)
         .await
@@ -404,6 +431,64 @@ async fn a_member_back_without_its_copy_gets_it_rebuilt_in_place() {
     );
     cluster.kill_replica(2).expect("kill -9 n3");
     assert_reads_back(&cluster, &w, "with n3 down after n2's rebuild").await;
+}
+
+/// The size of `id` as the daemon at `index` records it (0 if it does not answer).
+async fn size_on(cluster: &Cluster, index: usize, id: &str) -> u64 {
+    let Ok(mut client) = cluster.replica(index).client().await else {
+        return 0;
+    };
+    client
+        .get_volume(GetVolumeRequest {
+            volume_id: id.to_owned(),
+        })
+        .await
+        .map(|r| r.into_inner().size_bytes)
+        .unwrap_or(0)
+}
+
+/// A member down while the volume is expanded gets the expansion when it returns,
+/// before anything else (its copy would otherwise stay smaller than the volume).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_that_missed_an_expansion_is_expanded_when_it_returns() {
+    if !privileged("healing test") {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let mut cluster = healing_cluster(3).await;
+    let mut controller = cluster.controller().await.expect("controller");
+    let volume = create_volume(&mut controller, "grown", 16 * MIB, &[], true).await;
+    let id = volume.volume_id.clone();
+    cluster.kill_replica(2).expect("kill -9 n3");
+    let grown = 32 * MIB as u64;
+    controller
+        .controller_expand_volume(ControllerExpandVolumeRequest {
+            volume_id: id.clone(),
+            capacity_range: Some(CapacityRange {
+                required_bytes: grown as i64,
+                limit_bytes: 0,
+            }),
+            volume_capability: Some(block_capability()),
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|s| panic!("ControllerExpandVolume with n3 down: {s}"));
+    assert_eq!(
+        size_on(&cluster, 0, &id).await,
+        grown,
+        "n1 holds the new size"
+    );
+    cluster.start_replica(2).await.expect("n3 starts again");
+    let expanded = poll_until(HEALED_WITHIN, || {
+        let size = size_on(&cluster, 2, &id);
+        async move { (size.await == grown).then_some(()) }
+    })
+    .await;
+    assert!(
+        expanded.is_ok(),
+        "n3 still holds {} bytes, the volume {grown}",
+        size_on(&cluster, 2, &id).await
+    );
 }
 
 /// Item 4: DeleteVolume of a volume whose daemon is down fails while the daemon may

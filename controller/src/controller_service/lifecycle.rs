@@ -17,7 +17,7 @@ use crate::placement::{self, Candidate, PlacementRequest};
 use crate::quorum::{self, majority};
 use crate::restore::{self, RequestedSource};
 use crate::volume_index::{newer, volume_id_for_name};
-use crate::volumes::now_nanos;
+use crate::volumes::{member_create_request, now_nanos};
 
 /// Topology constraints of a CreateVolume, reduced to what placement uses.
 #[derive(Debug, Default)]
@@ -227,20 +227,9 @@ impl ControllerService {
         if rec.epoch != 0 || !rec.attachments.is_empty() {
             return Ok(rec);
         }
-        let create = CreateVolumeRequest {
-            volume_id: rec.volume_id.clone(),
-            name: rec.name.clone(),
-            size_bytes: rec.size_bytes,
-            replication_factor: rec.replication_factor,
-            replicas: rec.replicas.clone(),
-            parameters: rec.parameters.clone(),
-            created_unix_nanos: rec.created_unix_nanos,
-            access_type: rec.access_type.clone(),
-            // The same source again: a replica that missed the first create starts
-            // its copy, the others answer with their record.
-            copy_source: rec.copy_source.clone(),
-            epoch: 0,
-        };
+        // The same source again: a replica that missed the first create starts its
+        // copy, the others answer with their record.
+        let create = member_create_request(&rec, rec.copy_source.clone(), 0);
         let created = self.create_on_replicas(&create, false).await?;
         Ok(if newer(&rec, &created) { rec } else { created })
     }

@@ -126,6 +126,7 @@ impl Healer {
             reads = self.volumes.read(&cur).await;
             cur = self.volumes.current(&cur, &reads)?;
         }
+        self.volumes.index().merge(cur.clone());
         let delay = self.cfg.replacement_delay;
         let pool = self.volumes.pool();
         let action = plan::decide(&cur, &reads, |r| pool.is_lost(r, delay));

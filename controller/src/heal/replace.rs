@@ -11,6 +11,7 @@ use super::{HealError, Healer};
 use crate::placement::{self, Candidate, PlacementRequest};
 use crate::publish::fencing;
 use crate::quorum::Reads;
+use crate::volumes::member_create_request;
 
 impl Healer {
     /// Replaces lost member `member` of `cur` (module doc of [`super`]).
@@ -53,7 +54,7 @@ impl Healer {
             // Never published: the create that missed this daemon, sent again.
             tracing::info!(volume = %cur.volume_id, node = %target.node_id,
                 "creating a replica the volume's create did not reach");
-            let create = create_request(cur, cur.copy_source.clone(), 0);
+            let create = member_create_request(cur, cur.copy_source.clone(), 0);
             return self.create_on(&target, create).await;
         }
         let fence_epoch = self.fence_if_detached(cur).await?;
@@ -181,7 +182,7 @@ impl Healer {
             fence_epoch,
         };
         let epoch = fence_epoch.max(reads.max_epoch()).max(rec.epoch);
-        self.create_on(target, create_request(rec, Some(source), epoch))
+        self.create_on(target, member_create_request(rec, Some(source), epoch))
             .await
     }
 
@@ -200,25 +201,5 @@ impl Healer {
             rebuild = created.copy_source.as_ref().is_some_and(|c| c.rebuild),
             "replica created");
         Ok(())
-    }
-}
-
-/// The CreateVolume of a member of `rec`: its immutable fields, its current set.
-fn create_request(
-    rec: &VolumeRecord,
-    copy_source: Option<CopySource>,
-    epoch: u64,
-) -> CreateVolumeRequest {
-    CreateVolumeRequest {
-        volume_id: rec.volume_id.clone(),
-        name: rec.name.clone(),
-        size_bytes: rec.size_bytes,
-        replication_factor: rec.replication_factor,
-        replicas: rec.replicas.clone(),
-        parameters: rec.parameters.clone(),
-        created_unix_nanos: rec.created_unix_nanos,
-        access_type: rec.access_type.clone(),
-        copy_source,
-        epoch,
     }
 }

@@ -234,6 +234,15 @@ impl LayeredStore {
         })
     }
 
+    /// The head layer and the blocks (first, count) of `len` bytes at `offset`,
+    /// checked against the volume's size.
+    fn head_range(&self, offset: u64, len: u64) -> Result<(Arc<Layer>, u64, u64), StoreError> {
+        let state = self.state_read();
+        let head = Arc::clone(state.head()?);
+        let (first, n) = check_range(offset, len, state.size)?;
+        Ok((head, first, n))
+    }
+
     /// Writes `data` at `offset` into the head, every block.
     async fn write_now(
         &self,
@@ -243,12 +252,7 @@ impl LayeredStore {
         seqs: Seqs<'_>,
     ) -> Result<(), StoreError> {
         let _gate = self.locks.gate_shared().await;
-        let (head, first, n) = {
-            let state = self.state_read();
-            let head = Arc::clone(state.head()?);
-            let (first, n) = check_range(offset, data.len() as u64, state.size)?;
-            (head, first, n)
-        };
+        let (head, first, n) = self.head_range(offset, data.len() as u64)?;
         // Checksums before the locks: they depend on nothing the locks protect.
         let entries = match seqs {
             Seqs::One(seq) => data_entries(first, data, seq),
@@ -405,12 +409,7 @@ impl LayeredStore {
         seq: u64,
     ) -> Result<(), StoreError> {
         let _gate = self.locks.gate_shared().await;
-        let (head, first, n) = {
-            let state = self.state_read();
-            let head = Arc::clone(state.head()?);
-            let (first, n) = check_range(offset, len, state.size)?;
-            (head, first, n)
-        };
+        let (head, first, n) = self.head_range(offset, len)?;
         if n == 0 {
             return Ok(());
         }
@@ -440,12 +439,7 @@ impl LayeredStore {
         len: u64,
     ) -> Result<(), StoreError> {
         let _gate = self.locks.gate_shared().await;
-        let (head, first, n) = {
-            let state = self.state_read();
-            let head = Arc::clone(state.head()?);
-            let (first, n) = check_range(offset, len, state.size)?;
-            (head, first, n)
-        };
+        let (head, first, n) = self.head_range(offset, len)?;
         if n == 0 {
             return Ok(());
         }
