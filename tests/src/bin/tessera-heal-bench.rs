@@ -40,7 +40,7 @@
 //! mounts, loop devices and the directory (`TESSERA_KEEP_TEST_DIR=1` keeps it).
 //! Progress goes to stderr, the markdown table to stdout (and `--table`).
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -235,6 +235,95 @@ async fn condition(controller: &mut ControllerClient, volume_id: &str) -> anyhow
         .and_then(|s| s.volume_condition)
         .ok_or_else(|| anyhow!("ControllerGetVolume {volume_id}: no condition"))?
         .message)
+}
+
+// --- CPU -----------------------------------------------------------------------------
+
+/// CPU time so far: the machine's (busy and all, `/proc/stat` ticks) and per daemon
+/// of the cluster that matters here (replica daemons by node id, the engine-host),
+/// keyed by pid so a restarted daemon is not compared with its former self.
+struct CpuSnapshot {
+    at: Instant,
+    busy: u64,
+    total: u64,
+    daemons: Vec<(String, u32, u64)>,
+}
+
+fn machine_ticks() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal (guest time is within user).
+    let at = |i: usize| fields.get(i).copied().unwrap_or(0);
+    let busy = at(0) + at(1) + at(2) + at(5) + at(6) + at(7);
+    Some((busy, busy + at(3) + at(4)))
+}
+
+/// utime + stime of every thread of `pid`, in ticks.
+fn process_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may contain spaces): state is field 3.
+    let rest: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    Some(rest.get(11)?.parse::<u64>().ok()? + rest.get(12)?.parse::<u64>().ok()?)
+}
+
+fn cpu_snapshot(cluster: &Cluster) -> CpuSnapshot {
+    let mut daemons: Vec<(String, Option<u32>)> = cluster
+        .replicas()
+        .iter()
+        .map(|r| (r.node_id().to_owned(), r.pid()))
+        .collect();
+    daemons.extend(
+        cluster
+            .nodes()
+            .iter()
+            .map(|n| ("engine-host".to_owned(), n.engine_host_pid())),
+    );
+    let (busy, total) = machine_ticks().unwrap_or((0, 0));
+    CpuSnapshot {
+        at: Instant::now(),
+        busy,
+        total,
+        daemons: daemons
+            .into_iter()
+            .filter_map(|(name, pid)| {
+                let pid = pid?;
+                Some((name, pid, process_ticks(pid)?))
+            })
+            .collect(),
+    }
+}
+
+/// "CPU 190 % of 200 % (n1 45 %, ..., engine-host 30 %)" between two snapshots.
+fn cpu_between(before: &CpuSnapshot, after: &CpuSnapshot) -> String {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let total = after.total.saturating_sub(before.total).max(1);
+    let busy = after.busy.saturating_sub(before.busy);
+    let machine = 100.0 * cpus as f64 * busy as f64 / total as f64;
+    let tick = match nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK) {
+        Ok(Some(t)) if t > 0 => t as f64,
+        _ => 100.0,
+    };
+    let wall = (after.at - before.at).as_secs_f64().max(1e-3);
+    let daemons: Vec<String> = after
+        .daemons
+        .iter()
+        .filter_map(|(name, pid, ticks)| {
+            let (_, _, was) = before.daemons.iter().find(|(_, p, _)| p == pid)?;
+            let share = 100.0 * ticks.saturating_sub(*was) as f64 / tick / wall;
+            Some(format!("{name} {share:.0} %"))
+        })
+        .collect();
+    format!(
+        "CPU {machine:.0} % of {} % ({})",
+        100 * cpus,
+        daemons.join(", ")
+    )
 }
 
 // --- volumes -------------------------------------------------------------------------
@@ -470,6 +559,8 @@ struct Round {
     reconnect_wait: Option<Duration>,
     /// Ready until every replica was in sync again.
     back_in_sync: Duration,
+    /// CPU use while it resynced.
+    cpu: String,
 }
 
 impl Round {
@@ -513,7 +604,8 @@ async fn resync_round(
     let asked = Instant::now();
     cluster.start_replica(victim).await?;
     let ready = Instant::now();
-    let resyncing_seen: Cell<Option<Instant>> = Cell::new(None);
+    // When the engine was first seen resyncing, and the CPU time then.
+    let resyncing_seen: RefCell<Option<CpuSnapshot>> = RefCell::new(None);
     let (shared, seen): (&Cluster, _) = (cluster, &resyncing_seen);
     let after = poll(
         &format!("{node} back in sync"),
@@ -521,15 +613,20 @@ async fn resync_round(
         STEP_TIMEOUT,
         || async move {
             let s = engine_sample(shared, id).await?;
-            if seen.get().is_none() && (s.resyncing > 0 || s.resyncs > before.resyncs) {
-                seen.set(Some(Instant::now()));
+            if seen.borrow().is_none() && (s.resyncing > 0 || s.resyncs > before.resyncs) {
+                *seen.borrow_mut() = Some(cpu_snapshot(shared));
             }
             Ok((s.in_sync == 3 && s.resyncs > before.resyncs).then_some(s))
         },
     )
     .await?;
     let back_in_sync = ready.elapsed();
-    let resyncing_seen = resyncing_seen.get();
+    let end = cpu_snapshot(cluster);
+    let resyncing_seen = resyncing_seen.into_inner();
+    let cpu = resyncing_seen
+        .as_ref()
+        .map_or_else(String::new, |start| cpu_between(start, &end));
+    let resyncing_seen = resyncing_seen.map(|snap| snap.at);
     let round = Round {
         written,
         copied: after.resync_bytes - before.resync_bytes,
@@ -538,6 +635,7 @@ async fn resync_round(
         // Seen only in the same poll that saw it in sync: shorter than one poll.
         reconnect_wait: resyncing_seen.map(|t| t - ready),
         back_in_sync,
+        cpu,
     };
     say(format!(
         "{node} back in sync {} after it was ready: resync copied {:.1} MiB for {:.1} MiB missed ({}), compared {:.0} MiB",
@@ -594,11 +692,12 @@ async fn part_a(args: &Args, rows: &mut Vec<Row>) -> anyhow::Result<()> {
             ratio: ratio(r.copied as f64, r.missed() as f64),
             goal: "≤ 1.20×".into(),
             note: format!(
-                "compared {:.0} MiB of the {} MiB volume; back in sync {} after the daemon was ready ({} of it resyncing)",
+                "compared {:.0} MiB of the {} MiB volume; back in sync {} after the daemon was ready ({} of it resyncing; {})",
                 mib(r.compared),
                 size / MIB,
                 secs(r.back_in_sync),
-                secs(r.resync_time())
+                secs(r.resync_time()),
+                r.cpu
             ),
         });
     }
@@ -623,13 +722,14 @@ async fn part_a(args: &Args, rows: &mut Vec<Row>) -> anyhow::Result<()> {
         ),
         goal: String::new(),
         note: format!(
-            "{wait} until the engine's next reconnect attempt (backoff while it was down), {} resyncing; copied {:.0} MiB for {:.0} MiB missed ({}), compared {:.0} MiB; the daemon took {} ms to start",
+            "{wait} until the engine's next reconnect attempt (backoff while it was down), {} resyncing; copied {:.0} MiB for {:.0} MiB missed ({}), compared {:.0} MiB; the daemon took {} ms to start; while resyncing: {}",
             secs(r.resync_time()),
             mib(r.copied),
             mib(r.missed()),
             ratio(r.copied as f64, r.missed() as f64),
             mib(r.compared),
-            r.daemon_start.as_millis()
+            r.daemon_start.as_millis(),
+            r.cpu
         ),
     });
     detach(&cluster, &a).await?;
@@ -820,7 +920,9 @@ async fn part_b(args: &Args, rows: &mut Vec<Row>) -> anyhow::Result<()> {
     ));
     let (seen, first) = wait_rebuilding(&controller, &id).await?;
     say(format!("{} after the kill: {first}", secs(seen - killed)));
+    let cpu_start = cpu_snapshot(&cluster);
     let t = wait_whole(&controller, &id, seen, first).await?;
+    let cpu = cpu_between(&cpu_start, &cpu_snapshot(&cluster));
     let took = t.whole - t.rebuilding_seen;
     let rate = size as f64 / took.as_secs_f64();
     say(format!(
@@ -842,7 +944,7 @@ async fn part_b(args: &Args, rows: &mut Vec<Row>) -> anyhow::Result<()> {
         ratio: ratio(rate, seq_write.bytes_per_sec),
         goal: String::new(),
         note: format!(
-            "timed from the condition's first \"{}\" ({} after the kill; delay 2 s) to \"{ALL_IN_SYNC}\"; the copy ended after {}, then the controller declared it in sync{size_note}",
+            "timed from the condition's first \"{}\" ({} after the kill; delay 2 s) to \"{ALL_IN_SYNC}\"; the copy ended after {}, then the controller declared it in sync; {cpu}{size_note}",
             t.first_message,
             secs(t.rebuilding_seen - killed),
             t.copied.map_or_else(|| "?".to_owned(), |c| secs(c - t.rebuilding_seen)),
@@ -870,11 +972,13 @@ async fn part_b(args: &Args, rows: &mut Vec<Row>) -> anyhow::Result<()> {
         "fio 4k randwrite QD1, {} s, idle",
         args.fio_runtime
     ));
+    let cpu_start = cpu_snapshot(&cluster);
     let idle = fio(
         &qd1_randwrite(&a.target, args.fio_runtime),
         &dir.join("qd1-idle.json"),
     )
     .await?;
+    let idle_cpu = cpu_between(&cpu_start, &cpu_snapshot(&cluster));
     say(format!(
         "idle: {:.0} IOPS, p50 {:.0} µs, p99 {:.0} µs",
         idle.iops, idle.p50_us, idle.p99_us
@@ -896,11 +1000,13 @@ async fn part_b(args: &Args, rows: &mut Vec<Row>) -> anyhow::Result<()> {
     let fio_started = Instant::now();
     let busy_args = qd1_randwrite(&a.target, args.fio_runtime);
     let busy_out = dir.join("qd1-rebuild.json");
+    let cpu_start = cpu_snapshot(&cluster);
     let busy_run = async {
         let result = fio(&busy_args, &busy_out).await?;
-        Ok::<_, anyhow::Error>((result, Instant::now()))
+        let cpu = cpu_between(&cpu_start, &cpu_snapshot(&cluster));
+        Ok::<_, anyhow::Error>((result, Instant::now(), cpu))
     };
-    let ((busy, busy_ended), t) =
+    let ((busy, busy_ended, busy_cpu), t) =
         tokio::try_join!(busy_run, wait_whole(&controller, &id, seen, first))?;
     let after = engine_sample(&cluster, &id).await?;
     let run = busy_ended - fio_started;
@@ -922,7 +1028,7 @@ async fn part_b(args: &Args, rows: &mut Vec<Row>) -> anyhow::Result<()> {
     ));
     let during = format!(
         "rebuild started {} after the kill; its copy lasted {} and the volume was whole {} after fio started, \
-         so the rebuild covered {:.0} % of the {} fio run (the copy {:.0} %); the engine compared {:.0} MiB and copied {:.1} MiB to the new member ({} full comparison(s), {} set change(s)){size_note}",
+         so the rebuild covered {:.0} % of the {} fio run (the copy {:.0} %); the engine compared {:.0} MiB and copied {:.1} MiB to the new member ({} full comparison(s), {} set change(s)); during the fio run {busy_cpu}, during the idle one {idle_cpu}{size_note}",
         secs(t.rebuilding_seen - killed),
         t.copied.map_or_else(|| "?".to_owned(), |c| secs(c - t.rebuilding_seen)),
         secs(t.whole.saturating_duration_since(fio_started)),

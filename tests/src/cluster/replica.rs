@@ -46,6 +46,11 @@ impl Replica {
         &self.node_id
     }
 
+    /// Process id of the running daemon (also its process group id).
+    pub fn pid(&self) -> Option<u32> {
+        self.daemon.pid()
+    }
+
     /// `--zone` of this daemon.
     pub fn zone(&self) -> &str {
         &self.zone
