@@ -14,8 +14,9 @@
 //!   runs; an attached volume's engine learns the new set from its replicas and
 //!   resyncs the copy once it is complete;
 //! * a member whose daemon answers without the volume is **made again** there (its
-//!   data was lost, or a create or replacement stopped before reaching it); one that
-//!   missed an expansion is **expanded**;
+//!   data was lost, or a create or replacement stopped before reaching it), or, after
+//!   [`MAX_CREATE_FAILURES`] failed attempts, replaced; one that missed an expansion is
+//!   **expanded**;
 //! * a rebuilt copy of a fenced, still detached volume is **declared** in sync
 //!   ([`declare`]): nothing was written since its copy began, so it holds every write;
 //! * daemons are swept for **leftovers** ([`leftovers`]): copies of volumes deleted
@@ -24,7 +25,8 @@
 //! Every step is idempotent and re-derived from the records at the next pass, so a
 //! controller that crashes anywhere in one leaves nothing a later pass cannot finish.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tessera_replica_protocol::control_proto::VolumeRecord;
@@ -46,6 +48,9 @@ pub use plan::{Action, InSyncView};
 pub const DEFAULT_REPLACEMENT_DELAY: Duration = Duration::from_secs(600);
 /// How often the healing pass runs.
 pub const DEFAULT_HEAL_INTERVAL: Duration = Duration::from_secs(10);
+/// Failed attempts at making a member's copy on its daemon after which the member is
+/// replaced by one on another daemon (a full disk, a daemon refusing the create).
+pub const MAX_CREATE_FAILURES: u32 = 3;
 
 /// Settings of the healing pass.
 #[derive(Debug, Clone, Copy)]
@@ -73,6 +78,8 @@ pub struct Healer {
     locks: Arc<KeyedLocks>,
     cfg: HealConfig,
     metrics: Arc<Metrics>,
+    /// Failed creates in a row, by (volume, node) ([`MAX_CREATE_FAILURES`]).
+    create_failures: Arc<Mutex<HashMap<(String, String), u32>>>,
 }
 
 impl Healer {
@@ -89,6 +96,7 @@ impl Healer {
             locks,
             cfg,
             metrics,
+            create_failures: Arc::default(),
         }
     }
 
@@ -129,14 +137,55 @@ impl Healer {
         self.volumes.index().merge(cur.clone());
         let delay = self.cfg.replacement_delay;
         let pool = self.volumes.pool();
-        let action = plan::decide(&cur, &reads, |r| pool.is_lost(r, delay));
-        match action {
-            Action::Nothing => {}
-            Action::Expand { member } => self.expand(&cur, &reads, member).await?,
-            Action::Recreate { member } => self.recreate(&cur, &reads, member).await?,
-            Action::Replace { member } => self.replace(&cur, &reads, member).await?,
-            Action::Declare { member, epoch } => self.declare(&cur, member, epoch).await?,
+        let action = plan::decide(&cur, &reads, |r| {
+            pool.is_lost(r, delay)
+                || self.create_failures(&cur.volume_id, &r.node_id) >= MAX_CREATE_FAILURES
+        });
+        let step = match action {
+            Action::Nothing => Ok(()),
+            Action::Expand { member } => self.expand(&cur, &reads, member).await,
+            Action::Recreate { member } => self.recreate(&cur, &reads, member).await,
+            Action::Replace { member } => self.replace(&cur, &reads, member).await,
+            Action::Declare { member, epoch } => self.declare(&cur, member, epoch).await,
+        };
+        match &step {
+            Err(HealError::Replica {
+                call: "CreateVolume",
+                node,
+                ..
+            }) => self.note_create(&cur.volume_id, node, false),
+            Ok(()) if matches!(action, Action::Recreate { .. } | Action::Replace { .. }) => {
+                for r in &cur.replicas {
+                    self.note_create(&cur.volume_id, &r.node_id, true);
+                }
+            }
+            _ => {}
         }
-        Ok(action)
+        step.map(|()| action)
+    }
+
+    fn create_failures(&self, volume: &str, node: &str) -> u32 {
+        let failures = self
+            .create_failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        failures
+            .get(&(volume.to_string(), node.to_string()))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Counts a failed create of `volume` on `node`, or forgets the count.
+    fn note_create(&self, volume: &str, node: &str, succeeded: bool) {
+        let mut failures = self
+            .create_failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let key = (volume.to_string(), node.to_string());
+        if succeeded {
+            failures.remove(&key);
+        } else {
+            *failures.entry(key).or_default() += 1;
+        }
     }
 }

@@ -99,8 +99,8 @@ fn members<'a>(cur: &VolumeRecord, reads: &'a Reads) -> Vec<(&'a ReplicaRef, Mem
 }
 
 /// The next step for the volume whose current (majority) record is `cur`, from the
-/// read of its members `reads`; `lost` says whether a member's node is past the
-/// replacement delay. Indexes are into `cur.replicas`.
+/// read of its members `reads`; `lost` says whether a member is to be given up: its
+/// node past the replacement delay, or its copy failing to be made again and again. Indexes are into `cur.replicas`.
 pub fn decide(cur: &VolumeRecord, reads: &Reads, lost: impl Fn(&ReplicaRef) -> bool) -> Action {
     let index = |r: &ReplicaRef| cur.replicas.iter().position(|m| m.node_id == r.node_id);
     let members = members(cur, reads);
@@ -114,6 +114,9 @@ pub fn decide(cur: &VolumeRecord, reads: &Reads, lost: impl Fn(&ReplicaRef) -> b
         first(&|_, m| matches!(m, Member::Holds(rec) if rec.size_bytes < cur.size_bytes))
     {
         return Action::Expand { member };
+    }
+    if let Some(member) = first(&|r, m| matches!(m, Member::Missing) && lost(r)) {
+        return Action::Replace { member };
     }
     if let Some(member) = first(&|_, m| matches!(m, Member::Missing)) {
         return Action::Recreate { member };
