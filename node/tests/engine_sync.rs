@@ -364,6 +364,51 @@ async fn a_replica_back_online_is_resynced_and_counts_again_without_reopening() 
     assert!(in_sync(&e, "node-2") && !in_sync(&e, "node-0"));
 }
 
+/// Two of three replicas gone at once (a rolling update faster than the engine
+/// noticed the first restart): I/O fails below quorum, and once both are back the
+/// engine catches them up from the one replica still in sync, one after the other,
+/// and serves again without being reopened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn below_quorum_the_engine_comes_back_by_resyncing_from_the_one_in_sync_replica() {
+    let mut reps = replicas(8 * MIB).await;
+    let blocks = 32;
+    let e = Engine::open(resyncing_config(&reps)).await.unwrap();
+    for b in 0..blocks {
+        e.write(b * BS, Bytes::from(pattern(b, BS as usize)))
+            .await
+            .unwrap();
+    }
+    e.flush().await.unwrap();
+    reps[1].stop().await;
+    reps[2].stop().await;
+    assert!(
+        e.write(0, Bytes::from(pattern(99, BS as usize)))
+            .await
+            .is_err(),
+        "a write below quorum fails"
+    );
+    wait_for("node-1 and node-2 stale", NO_HANG, || {
+        !in_sync(&e, "node-1") && !in_sync(&e, "node-2")
+    })
+    .await;
+
+    reps[1].resume().await;
+    reps[2].resume().await;
+    wait_for("both resynced from node-0", NO_HANG, || {
+        in_sync(&e, "node-1") && in_sync(&e, "node-2")
+    })
+    .await;
+    e.write(0, Bytes::from(pattern(100, BS as usize)))
+        .await
+        .unwrap();
+    e.flush().await.unwrap();
+    assert_eq!(
+        e.read(0, BS as u32).await.unwrap(),
+        pattern(100, BS as usize)
+    );
+    assert_copies_equal(&reps, blocks).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_during_a_resync_reach_the_returning_replica_and_are_never_undone() {
     let mut reps = replicas(8 * MIB).await;

@@ -1,7 +1,8 @@
 //! Bringing a replica that dropped back while the engine serves (DESIGN.md
 //! "Recovery"): reconnect it, catch it up on what it missed, readmit it.
 //!
-//! * **Reconnect** ([`spawn_reconnector`]): a replica marked stale is tried again
+//! * **Reconnect** ([`spawn_reconnector`]): a replica whose connection closed is
+//!   marked stale within a second, requests or not; a replica marked stale is tried again
 //!   after `reconnect_interval`, then with a doubling wait up to
 //!   [`MAX_RECONNECT_INTERVAL`], for as long as the engine lives. A HELLO that
 //!   answers `STALE_EPOCH` fences the engine; a replica smaller than the volume
@@ -34,6 +35,12 @@
 //!   in-sync copy (a leftover of a write that was never acknowledged), the range is
 //!   registered exclusively in the in-flight table, looked at again, and overwritten
 //!   only if the leftover is still there.
+//! * **One in-sync source is enough.** An in-sync replica holds every acknowledged
+//!   write (a write it failed made it stale; writes registered before the switch are
+//!   waited for), so a catch-up needs one, not a majority. This is what brings an
+//!   engine back from below quorum: two of three replicas restarted close together
+//!   (a rolling update faster than the engine noticed the first) are caught up from
+//!   the third one after the other, and I/O resumes with the first readmitted.
 //! * **Readmit**: the replica is flushed, becomes in sync and the in-sync set is
 //!   declared again (which also lets the dirty regions be cleaned once every replica
 //!   is back).
@@ -114,6 +121,15 @@ pub(super) fn spawn_reconnector(inner: &Arc<Inner>) {
                 if current != generation[r] {
                     generation[r] = current;
                     (wait[r], next_try[r]) = (first, None);
+                }
+                // A connection the replica closed (its daemon restarted) makes it
+                // stale now, not at the next request: an idle volume must not count a
+                // replica that is gone while another one restarts.
+                let closed = lock(&inner.replicas[r].client)
+                    .as_ref()
+                    .is_some_and(|c| c.is_closed());
+                if closed && inner.replicas[r].state.load(Ordering::SeqCst) == IN_SYNC {
+                    inner.mark_stale(r, "its connection closed".into());
                 }
                 if inner.replicas[r].state.load(Ordering::SeqCst) != STALE {
                     (wait[r], next_try[r]) = (first, None);
@@ -275,7 +291,7 @@ impl Inner {
     /// or with `full` over the whole volume (module doc).
     async fn catch_up(&self, r: usize, full: bool) -> Result<ResyncReport, String> {
         let sources = self.in_sync_mask();
-        if (sources.count_ones() as usize) < self.quorum {
+        if sources == 0 {
             return Err(self.stale_summary());
         }
         let size = self.size.load(Ordering::Acquire);
@@ -348,7 +364,7 @@ impl Inner {
         for _ in 0..RANGE_ATTEMPTS {
             self.check_usable().map_err(|e| error_chain(&e))?;
             let sources = self.in_sync_mask();
-            if (sources.count_ones() as usize) < self.quorum {
+            if sources == 0 {
                 return Err(self.stale_summary());
             }
             let mut versions = self.versions_of(sources | 1 << r, offset, len).await;
