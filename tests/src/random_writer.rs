@@ -231,6 +231,21 @@ impl ReadBack {
     pub fn all_current(&self) -> bool {
         self.zeros.is_empty() && self.older.is_empty() && self.other.is_empty()
     }
+
+    /// Panics, naming the first few blocks of each kind, unless every block held its
+    /// last durable write; `when` says at what point of the test.
+    pub fn assert_all_current(&self, when: &str) {
+        const FIRST_FEW: usize = 8;
+        let few = |v: &[u64]| v[..v.len().min(FIRST_FEW)].to_vec();
+        assert!(
+            self.all_current(),
+            "{when}: {} intact, zeros {:?}, older {:?}, other {:?}",
+            self.intact,
+            few(&self.zeros),
+            few(&self.older),
+            few(&self.other),
+        );
+    }
 }
 
 /// Reads every block of `expected` with O_DIRECT and sorts it into a [`ReadBack`].

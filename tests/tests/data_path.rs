@@ -1054,14 +1054,7 @@ async fn h_rolling_restart_of_every_replica_daemon_under_writes() {
         .await
         .expect("reader task")
         .unwrap_or_else(|e| panic!("reading back: {e}"));
-    assert!(
-        read.zeros.is_empty() && read.older.is_empty() && read.other.is_empty(),
-        "after the rolling restart: {} intact, zeros {:?}, older {:?}, other {:?}",
-        read.intact,
-        &read.zeros[..read.zeros.len().min(FIRST_FEW)],
-        &read.older[..read.older.len().min(FIRST_FEW)],
-        &read.other[..read.other.len().min(FIRST_FEW)],
-    );
+    read.assert_all_current("after the rolling restart");
     lifecycle::detach(&mut controller, &mut n1, &a)
         .await
         .unwrap_or_else(|e| panic!("detach: {e:#}"));

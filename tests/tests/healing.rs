@@ -185,14 +185,7 @@ async fn assert_reads_back(cluster: &Cluster, w: &Written, when: &str) {
         .await
         .expect("reader task")
         .unwrap_or_else(|e| panic!("reading back: {e}"));
-    assert!(
-        read.all_current(),
-        "{when}: {} intact, zeros {:?}, older {:?}, other {:?}",
-        read.intact,
-        &read.zeros[..read.zeros.len().min(8)],
-        &read.older[..read.older.len().min(8)],
-        &read.other[..read.other.len().min(8)],
-    );
+    read.assert_all_current(when);
     lifecycle::detach(&mut controller, &mut n1, &a)
         .await
         .unwrap_or_else(|e| panic!("detach: {e:#}"));
@@ -376,14 +369,7 @@ async fn an_attached_volume_gets_a_lost_replica_rebuilt_under_writes() {
         .await
         .expect("reader task")
         .unwrap_or_else(|e| panic!("reading back: {e}"));
-    assert!(
-        read.all_current(),
-        "after the rebuild and a second loss: {} intact, zeros {:?}, older {:?}, other {:?}",
-        read.intact,
-        &read.zeros[..read.zeros.len().min(8)],
-        &read.older[..read.older.len().min(8)],
-        &read.other[..read.other.len().min(8)],
-    );
+    read.assert_all_current("after the rebuild and a second loss");
     lifecycle::detach(&mut controller, &mut n1, &a)
         .await
         .unwrap_or_else(|e| panic!("detach: {e:#}"));
