@@ -18,8 +18,10 @@ pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default first wait before reconnecting a replica that dropped; it doubles after
 /// every failed attempt up to [`MAX_RECONNECT_INTERVAL`].
 pub const DEFAULT_RECONNECT_INTERVAL: Duration = Duration::from_secs(1);
-/// Longest wait between two reconnection attempts of one replica.
-pub const MAX_RECONNECT_INTERVAL: Duration = Duration::from_secs(30);
+/// Longest wait between two reconnection attempts of one replica: what a daemon that
+/// comes back may wait to be noticed (an attempt at a daemon that is down is one
+/// refused or timed-out connect, cheap next to a replica missing for longer).
+pub const MAX_RECONNECT_INTERVAL: Duration = Duration::from_secs(5);
 /// Default period of dirty-region cleaning while writes happen: what a new engine
 /// reconciles after a crash is roughly what was written in the last two periods.
 pub const DEFAULT_CLEAN_INTERVAL: Duration = Duration::from_secs(5);
