@@ -787,10 +787,13 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn retire_waits_for_async_writes_and_stops_later_ones() {
         let sched = scheduler(EngineKind::IoUring);
-        // One token per 100 ms: the second write waits in the scheduler.
+        // One token a second, a bucket of one: the second write waits in the
+        // scheduler even when the first takes a while on a loaded machine (with 10
+        // tokens a second, a first write slower than 100 ms left a token for the
+        // second, which then never queued).
         let qos = Qos {
-            max_iops: Some(10),
-            burst_duration: Duration::from_millis(100),
+            max_iops: Some(1),
+            burst_duration: Duration::from_secs(1),
             ..Qos::unlimited()
         };
         let vol = sched.register_volume("v", qos).expect("register");
