@@ -213,6 +213,22 @@ async fn wait_not_lost(cluster: &Cluster, id: &str) {
     );
 }
 
+/// The second lost daemon back first (before it too is replaced), then the replaced
+/// one on its old data, whose copy must be collected as a leftover. (Started while a
+/// member is lost, the replaced daemon would rightly become that member's replacement.)
+async fn return_both(cluster: &mut Cluster, second: usize, replaced: usize, id: &str) {
+    cluster
+        .start_replica(second)
+        .await
+        .expect("the second daemon starts again");
+    wait_not_lost(cluster, id).await;
+    cluster
+        .start_replica(replaced)
+        .await
+        .expect("the replaced daemon starts on its data");
+    wait_collected(cluster, replaced, id).await;
+}
+
 /// Waits until the daemon at `index` holds nothing of `id` on disk.
 async fn wait_collected(cluster: &Cluster, index: usize, id: &str) {
     let collected = poll_until(HEALED_WITHIN, || {
@@ -283,19 +299,7 @@ async fn a_lost_replica_is_rebuilt_elsewhere_and_a_second_loss_loses_nothing() {
     )
     .await;
 
-    // The second daemon back (before it too is replaced), then the replaced daemon
-    // on its old data: its copy is a leftover. (Started while a member is lost, it
-    // would rightly become that member's replacement.)
-    cluster
-        .start_replica(survivor)
-        .await
-        .expect("the second daemon starts again");
-    wait_not_lost(&cluster, &id).await;
-    cluster
-        .start_replica(lost_index)
-        .await
-        .expect("the replaced daemon starts on its data");
-    wait_collected(&cluster, lost_index, &id).await;
+    return_both(&mut cluster, survivor, lost_index, &id).await;
 }
 
 /// (c) attached: a member is lost while a writer runs; after the replacement delay the
@@ -373,17 +377,7 @@ async fn an_attached_volume_gets_a_lost_replica_rebuilt_under_writes() {
     lifecycle::detach(&mut controller, &mut n1, &a)
         .await
         .unwrap_or_else(|e| panic!("detach: {e:#}"));
-    // As in the detached test: the second daemon back first, then the replaced one.
-    cluster
-        .start_replica(second)
-        .await
-        .expect("the second daemon starts again");
-    wait_not_lost(&cluster, &id).await;
-    cluster
-        .start_replica(lost_index)
-        .await
-        .expect("the replaced daemon starts on its data");
-    wait_collected(&cluster, lost_index, &id).await;
+    return_both(&mut cluster, second, lost_index, &id).await;
 }
 
 /// A member whose disk was replaced (its daemon back with an empty data directory,
