@@ -15,6 +15,8 @@ pub const REPLICA: &str = "tessera-replica";
 pub const CONTROLLER: &str = "tessera-controller";
 /// Name of the CSI node plugin binary.
 pub const NODE: &str = "tessera-node";
+/// Name of the operator CLI (`tessera verify`, ...).
+pub const CLI: &str = "tessera";
 
 /// The directory holding the binaries: `$TESSERA_BIN_DIR`, else
 /// `$CARGO_TARGET_DIR/debug`, else `<workspace>/target/debug`.

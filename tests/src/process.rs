@@ -28,6 +28,8 @@ pub struct Daemon {
     log_path: PathBuf,
     child: Option<Child>,
     starts: u32,
+    /// Network namespace to run in (`nsenter --net=`), see [`crate::network`].
+    netns: Option<PathBuf>,
 }
 
 impl Daemon {
@@ -45,7 +47,15 @@ impl Daemon {
             log_path: log_path.into(),
             child: None,
             starts: 0,
+            netns: None,
         }
+    }
+
+    /// Runs the daemon in the network namespace bound at `netns` (through
+    /// `nsenter --net`, which execs it: the pid is still the daemon's).
+    pub fn in_netns(mut self, netns: impl Into<PathBuf>) -> Self {
+        self.netns = Some(netns.into());
+        self
     }
 
     /// Label used in logs and error messages.
@@ -95,7 +105,16 @@ impl Daemon {
         let stdout: File = log
             .try_clone()
             .with_context(|| format!("duplicating log {}", self.log_path.display()))?;
-        let mut command = Command::new(&self.program);
+        let mut command = match &self.netns {
+            Some(netns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net={}", netns.display()))
+                    .arg("--")
+                    .arg(&self.program);
+                c
+            }
+            None => Command::new(&self.program),
+        };
         command
             .args(&self.args)
             .stdin(Stdio::null())

@@ -2,6 +2,9 @@
 //! random blocks of a device, fdatasync every few writes, recording which write of
 //! each block was durable, and the read-back that sorts every block into current,
 //! zeros, older or other. A block read back "older" is a lost acknowledged write.
+//! While it runs, the writer also reads back a random block it wrote every few
+//! writes: a read must return that block's last completed write (one writer, so
+//! nothing newer can exist), so a stale replica serving a read fails it at once.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -42,13 +45,21 @@ pub struct RandomWriteLog {
     pub last_durable: BTreeMap<u64, u64>,
     /// Per block written, its first write number.
     pub first_write: BTreeMap<u64, u64>,
+    /// Per block, its last write issued (completed or not): after a failure, a block
+    /// may hold any write from its last durable one up to this one.
+    pub last_issued: BTreeMap<u64, u64>,
+    /// Why the writer stopped early (an I/O error, a stale read, its bounds), if it
+    /// did; everything above is still true up to that point.
+    pub failure: Option<String>,
     /// Writes done (all completed).
     pub writes: u64,
-    /// Writes done when the writer learnt of the kill: every later write was
-    /// issued after it.
+    /// Number of the last write done when the writer learnt of the kill: every later
+    /// write was issued after it.
     pub seen_kill_at: u64,
     /// fdatasyncs done.
     pub syncs: u64,
+    /// Reads done while writing (each checked).
+    pub reads: u64,
     /// How long it ran.
     pub elapsed: Duration,
 }
@@ -65,6 +76,23 @@ pub struct WriterBounds {
     pub after_kill: u64,
     /// An fdatasync after every this many writes.
     pub sync_every: u64,
+    /// A checked read of a random written block after every this many writes (0:
+    /// none).
+    pub read_every: u64,
+}
+
+impl WriterBounds {
+    /// Up to `time` and a million writes, `after_kill` writes after the kill, an
+    /// fdatasync every 16 writes and a checked read every 8.
+    pub fn for_faults(time: Duration, after_kill: u64) -> Self {
+        WriterBounds {
+            time,
+            writes: 1_000_000,
+            after_kill,
+            sync_every: 16,
+            read_every: 8,
+        }
+    }
 }
 
 /// A thread writing [`stamped_block`]s to random blocks of a device with O_DIRECT,
@@ -75,12 +103,23 @@ pub struct RandomWriter {
     written: Arc<AtomicU64>,
     killed: Arc<AtomicBool>,
     finished: Arc<AtomicBool>,
-    done: mpsc::Receiver<Result<RandomWriteLog, String>>,
+    done: mpsc::Receiver<RandomWriteLog>,
 }
 
 impl RandomWriter {
     /// Starts writing to `device`, blocks chosen by a xorshift seeded with `seed`.
     pub fn start(device: PathBuf, seed: u64, bounds: WriterBounds) -> RandomWriter {
+        Self::start_from(device, seed, bounds, 1)
+    }
+
+    /// [`RandomWriter::start`] numbering writes from `first` on (so writers run one
+    /// after another on a device never reuse a write number).
+    pub fn start_from(
+        device: PathBuf,
+        seed: u64,
+        bounds: WriterBounds,
+        first: u64,
+    ) -> RandomWriter {
         let written = Arc::new(AtomicU64::new(0));
         let killed = Arc::new(AtomicBool::new(false));
         let finished = Arc::new(AtomicBool::new(false));
@@ -91,7 +130,7 @@ impl RandomWriter {
             Arc::clone(&finished),
         );
         std::thread::spawn(move || {
-            let out = random_writes(&device, seed, &w, &k, bounds);
+            let out = random_writes(&device, seed, &w, &k, bounds, first.max(1));
             f.store(true, Ordering::SeqCst);
             let _ = tx.send(out);
         });
@@ -118,8 +157,10 @@ impl RandomWriter {
         .await;
         if reached.is_err() || self.written() < n {
             let why = match self.done.try_recv() {
-                Ok(Err(e)) => e,
-                Ok(Ok(log)) => format!("it ended after {} writes", log.writes),
+                Ok(RandomWriteLog {
+                    failure: Some(e), ..
+                }) => e,
+                Ok(log) => format!("it ended after {} writes", log.writes),
                 Err(_) => format!("it hung within {WRITER_IO_TIMEOUT:?}"),
             };
             panic!(
@@ -136,6 +177,16 @@ impl RandomWriter {
 
     /// The writer's outcome; panics if it did not end within its own bounds.
     pub async fn finish(self) -> Result<RandomWriteLog, String> {
+        let log = self.finish_log().await;
+        match log.failure {
+            Some(e) => Err(e),
+            None => Ok(log),
+        }
+    }
+
+    /// What the writer did, also when it stopped early ([`RandomWriteLog::failure`]);
+    /// panics if it did not end within its own bounds.
+    pub async fn finish_log(self) -> RandomWriteLog {
         let wait = self.bounds.time + WRITER_IO_TIMEOUT;
         poll_until(wait, || std::future::ready(self.done.try_recv().ok()))
             .await
@@ -154,7 +205,41 @@ fn random_writes(
     written: &AtomicU64,
     killed: &AtomicBool,
     bounds: WriterBounds,
-) -> Result<RandomWriteLog, String> {
+    first: u64,
+) -> RandomWriteLog {
+    let mut log = RandomWriteLog {
+        last_durable: BTreeMap::new(),
+        first_write: BTreeMap::new(),
+        last_issued: BTreeMap::new(),
+        failure: None,
+        writes: 0,
+        seen_kill_at: 0,
+        syncs: 0,
+        reads: 0,
+        elapsed: Duration::ZERO,
+    };
+    let started = Instant::now();
+    if let Err(e) = write_until_done(device, seed, written, killed, bounds, first, &mut log) {
+        log.failure = Some(e);
+    }
+    if !killed.load(Ordering::SeqCst) || log.seen_kill_at == 0 {
+        // Never told of a kill: every write counts as before it.
+        log.seen_kill_at = first - 1 + log.writes;
+    }
+    log.elapsed = started.elapsed();
+    log
+}
+
+/// The writer's loop, filling `log` as it goes; an error ends it.
+fn write_until_done(
+    device: &Path,
+    seed: u64,
+    written: &AtomicU64,
+    killed: &AtomicBool,
+    bounds: WriterBounds,
+    first: u64,
+    log: &mut RandomWriteLog,
+) -> Result<(), String> {
     let started = Instant::now();
     let file = DirectFile::open(device, true)
         .map_err(|e| format!("opening {} for O_DIRECT: {e}", device.display()))?;
@@ -163,19 +248,23 @@ fn random_writes(
         return Err("the device is empty".to_owned());
     }
     let mut rng = seed | 1;
-    let (mut first_write, mut last_durable) = (BTreeMap::new(), BTreeMap::new());
     let mut unsynced: Vec<(u64, u64)> = Vec::with_capacity(bounds.sync_every as usize);
-    let (mut n, mut syncs, mut seen_kill_at) = (0u64, 0u64, None);
+    // Per block its last completed write, and the blocks in first-write order (to
+    // pick one at random for a checked read).
+    let (mut last_completed, mut touched) = (BTreeMap::new(), Vec::new());
+    // `n` is the number of the last write; `done` counts this writer's writes.
+    let (mut n, mut done, mut seen_kill_at) = (first - 1, 0u64, None);
     loop {
         if seen_kill_at.is_none() && killed.load(Ordering::SeqCst) {
-            seen_kill_at = Some(n);
+            seen_kill_at = Some(done);
+            log.seen_kill_at = n;
         }
-        if seen_kill_at.is_some_and(|k| n >= k + bounds.after_kill) {
-            break;
+        if seen_kill_at.is_some_and(|k| done >= k + bounds.after_kill) {
+            return Ok(());
         }
-        if n >= bounds.writes || started.elapsed() > bounds.time {
+        if done >= bounds.writes || started.elapsed() > bounds.time {
             return Err(format!(
-                "stopped after {n} writes in {:?}, {} writes after the kill not done \
+                "stopped after {done} writes in {:?}, {} writes after the kill not done \
                  (kill seen at {seen_kill_at:?})",
                 started.elapsed(),
                 bounds.after_kill
@@ -187,30 +276,48 @@ fn random_writes(
         rng ^= rng << 17;
         let block = rng % blocks;
         n += 1;
+        done += 1;
+        log.last_issued.insert(block, n);
         file.write_at(block * ALIGN as u64, &stamped_block(block, n))
             .map_err(|e| {
                 format!("write {n} (block {block}; kill seen at {seen_kill_at:?}) failed: {e}")
             })?;
-        first_write.entry(block).or_insert(n);
+        log.first_write.entry(block).or_insert_with(|| {
+            touched.push(block);
+            n
+        });
+        last_completed.insert(block, n);
         unsynced.push((block, n));
-        written.store(n, Ordering::SeqCst);
-        if n % bounds.sync_every.max(1) == 0
-            || seen_kill_at.is_some_and(|k| n >= k + bounds.after_kill)
+        log.writes = done;
+        written.store(done, Ordering::SeqCst);
+        if bounds.read_every > 0 && done % bounds.read_every == 0 {
+            let pick = touched[(rng >> 32) as usize % touched.len()];
+            let want = last_completed[&pick];
+            let got = file
+                .read_at(pick * ALIGN as u64, ALIGN)
+                .map_err(|e| format!("read of block {pick} after write {n} failed: {e}"))?;
+            log.reads += 1;
+            if got != stamped_block(pick, want) {
+                let seen = match stamp_of(&got) {
+                    Some((b, w)) if b == pick => format!("write {w}"),
+                    _ if got.iter().all(|b| *b == 0) => "zeros".to_owned(),
+                    _ => "something else".to_owned(),
+                };
+                return Err(format!(
+                    "stale read after write {n}: block {pick} returned {seen}, \
+                     its last completed write is {want}"
+                ));
+            }
+        }
+        if done % bounds.sync_every.max(1) == 0
+            || seen_kill_at.is_some_and(|k| done >= k + bounds.after_kill)
         {
             file.sync()
                 .map_err(|e| format!("fdatasync after write {n} failed: {e}"))?;
-            syncs += 1;
-            last_durable.extend(unsynced.drain(..));
+            log.syncs += 1;
+            log.last_durable.extend(unsynced.drain(..));
         }
     }
-    Ok(RandomWriteLog {
-        last_durable,
-        first_write,
-        writes: n,
-        seen_kill_at: seen_kill_at.unwrap_or(n),
-        syncs,
-        elapsed: started.elapsed(),
-    })
 }
 
 /// Blocks read back against what they must hold.
@@ -218,6 +325,9 @@ fn random_writes(
 pub struct ReadBack {
     /// Blocks holding their last durable write.
     pub intact: u64,
+    /// Blocks holding a later write that was issued but not known durable (the
+    /// writer died before its fdatasync): allowed.
+    pub undurable: u64,
     /// Blocks that read as zeros.
     pub zeros: Vec<u64>,
     /// Blocks holding an earlier write of the same block.
@@ -250,6 +360,18 @@ impl ReadBack {
 
 /// Reads every block of `expected` with O_DIRECT and sorts it into a [`ReadBack`].
 pub fn read_back(device: &Path, expected: &BTreeMap<u64, u64>) -> Result<ReadBack, String> {
+    read_back_issued(device, expected, &BTreeMap::new())
+}
+
+/// [`read_back`], also accepting for a block any write after its expected one up to
+/// its entry in `issued` (writes a writer issued before it died, whose fdatasync
+/// never returned). Write numbers must be comparable: one writer, or writers started
+/// with increasing numbers ([`RandomWriter::start_from`]).
+pub fn read_back_issued(
+    device: &Path,
+    expected: &BTreeMap<u64, u64>,
+    issued: &BTreeMap<u64, u64>,
+) -> Result<ReadBack, String> {
     let file = DirectFile::open(device, false)
         .map_err(|e| format!("opening {} for O_DIRECT: {e}", device.display()))?;
     let mut out = ReadBack::default();
@@ -257,16 +379,15 @@ pub fn read_back(device: &Path, expected: &BTreeMap<u64, u64>) -> Result<ReadBac
         let got = file
             .read_at(block * ALIGN as u64, ALIGN)
             .map_err(|e| format!("reading block {block}: {e}"))?;
-        if got == stamped_block(block, write) {
-            out.intact += 1;
-        } else if got.iter().all(|b| *b == 0) {
-            out.zeros.push(block);
-        } else if matches!(stamp_of(&got), Some((b, w)) if b == block && w < write
-            && got == stamped_block(block, w))
-        {
-            out.older.push(block);
-        } else {
-            out.other.push(block);
+        let stamp = stamp_of(&got).filter(|&(b, w)| b == block && got == stamped_block(b, w));
+        match stamp {
+            Some((_, w)) if w == write => out.intact += 1,
+            Some((_, w)) if w > write && issued.get(&block).is_some_and(|&i| w <= i) => {
+                out.undurable += 1
+            }
+            Some((_, w)) if w < write => out.older.push(block),
+            _ if got.iter().all(|b| *b == 0) => out.zeros.push(block),
+            _ => out.other.push(block),
         }
     }
     Ok(out)

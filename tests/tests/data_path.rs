@@ -728,6 +728,7 @@ const G_BOUNDS: WriterBounds = WriterBounds {
     writes: G_MAX_WRITES,
     after_kill: G_AFTER_KILL,
     sync_every: G_SYNC_EVERY,
+    read_every: 0,
 };
 /// Block numbers named in a failure message, per kind.
 const FIRST_FEW: usize = 8;

@@ -89,6 +89,7 @@ async fn write_randomly(
             writes: 100_000,
             after_kill: 1_000,
             sync_every: 16,
+            read_every: 8,
         },
     );
     writer.wait_for(1_000).await;
@@ -335,6 +336,7 @@ async fn an_attached_volume_gets_a_lost_replica_rebuilt_under_writes() {
             writes: 2_000_000,
             after_kill: 1_000,
             sync_every: 16,
+            read_every: 8,
         },
     );
     writer.wait_for(500).await;

@@ -28,7 +28,7 @@
 
 use std::cell::RefCell;
 use std::ffi::OsString;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -41,6 +41,7 @@ use crate::csi::{
     connect_tcp, connect_unix, ControllerClient, IdentityClient, NodeClient, ReplicaClient,
 };
 use crate::mounts::{self, CleanupReport};
+use crate::network::{NetHost, TestNetwork};
 use crate::process::Daemon;
 use crate::wait::poll_until;
 use nix::sys::signal::Signal;
@@ -64,8 +65,8 @@ const LOG_TAIL_LINES: usize = 60;
 /// How long an engine-host gets to flush and tear its volumes down after SIGTERM.
 pub const ENGINE_HOST_STOP_GRACE: Duration = Duration::from_secs(30);
 
-/// Listen address for a daemon's first start: loopback, any free port.
-const ANY_LOOPBACK_PORT: &str = "127.0.0.1:0";
+/// Where daemons listen unless they run on [`ClusterBuilder::isolated_hosts`].
+const LOOPBACK: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
 
 /// Configures and starts a [`Cluster`].
 #[derive(Debug, Clone)]
@@ -83,6 +84,8 @@ pub struct ClusterBuilder {
     extra_controller_args: Vec<String>,
     dir: Option<PathBuf>,
     startup_timeout: Duration,
+    isolated_hosts: bool,
+    small_disks: Vec<(String, u64)>,
 }
 
 impl Default for ClusterBuilder {
@@ -101,6 +104,8 @@ impl Default for ClusterBuilder {
             extra_controller_args: Vec::new(),
             dir: None,
             startup_timeout: DEFAULT_STARTUP_TIMEOUT,
+            isolated_hosts: false,
+            small_disks: Vec::new(),
         }
     }
 }
@@ -210,6 +215,23 @@ impl ClusterBuilder {
         self
     }
 
+    /// Runs every node (its replica daemon, engine-host and node plugin, by node id)
+    /// in a network namespace of its own on a bridge ([`crate::network`]), so tests
+    /// can partition hosts and slow links down ([`Cluster::network`]). The controller
+    /// and the test stay in the root namespace. Default no (everything on loopback).
+    pub fn isolated_hosts(mut self, isolated: bool) -> Self {
+        self.isolated_hosts = isolated;
+        self
+    }
+
+    /// Gives the replica daemon on `node_id` a data directory on an ext4 filesystem
+    /// of `bytes` of its own (a loop device below the cluster directory), so a test
+    /// can fill it up.
+    pub fn replica_disk(mut self, node_id: impl Into<String>, bytes: u64) -> Self {
+        self.small_disks.push((node_id.into(), bytes));
+        self
+    }
+
     /// How long each daemon gets to become ready (default 30 s).
     pub fn startup_timeout(mut self, timeout: Duration) -> Self {
         self.startup_timeout = timeout;
@@ -257,11 +279,17 @@ impl ClusterBuilder {
             )),
         };
         let root = dir.path().to_path_buf();
+        let network = if self.isolated_hosts {
+            Some(TestNetwork::new().context("creating the test network")?)
+        } else {
+            None
+        };
         let mut cluster = Cluster {
             replicas: Vec::new(),
             controller: None,
             nodes: Vec::new(),
             startup_timeout: self.startup_timeout,
+            network,
             dir,
         };
 
@@ -272,13 +300,21 @@ impl ClusterBuilder {
             let data_dir = home.join("data");
             std::fs::create_dir_all(&data_dir)
                 .with_context(|| format!("creating {}", data_dir.display()))?;
+            if let Some((_, bytes)) = self.small_disks.iter().find(|(n, _)| *n == node_id) {
+                mount_small_disk(&home.join("disk.img"), &data_dir, *bytes)?;
+            }
+            let host = cluster.host(&node_id)?;
+            let mut daemon = Daemon::new(
+                format!("replica-{node_id}"),
+                &replica_bin,
+                Vec::new(),
+                root.join(format!("replica-{node_id}.log")),
+            );
+            if let Some(h) = &host {
+                daemon = daemon.in_netns(h.netns_path());
+            }
             let mut replica = Replica {
-                daemon: Daemon::new(
-                    format!("replica-{node_id}"),
-                    &replica_bin,
-                    Vec::new(),
-                    root.join(format!("replica-{node_id}.log")),
-                ),
+                daemon,
                 ready_file: home.join("ready.json"),
                 node_id,
                 zone,
@@ -286,6 +322,7 @@ impl ClusterBuilder {
                 capacity: self.replica_capacity.clone(),
                 extra_args: self.replica_args.clone(),
                 metrics_enabled: self.replica_metrics,
+                listen_ip: host.map_or(LOOPBACK, |h| IpAddr::V4(h.addr())),
                 addrs: None,
                 metrics_addr: None,
             };
@@ -329,8 +366,15 @@ impl ClusterBuilder {
 
         if let Some(bin) = node_bin {
             for (index, node_id) in self.nodes.iter().enumerate() {
-                let mut node =
-                    NodeHost::new(&root, &bin, node_id, index == 0, self.engine_host_metrics)?;
+                let host = cluster.host(node_id)?;
+                let mut node = NodeHost::new(
+                    &root,
+                    &bin,
+                    node_id,
+                    index == 0,
+                    self.engine_host_metrics,
+                    host.as_ref(),
+                )?;
                 node.start_engine_host(self.startup_timeout).await?;
                 // Pushed before the plugin starts, so a failing start still tears the
                 // engine-host down gracefully in Drop.
@@ -377,10 +421,30 @@ pub struct Cluster {
     controller: Option<CsiPlugin>,
     nodes: Vec<NodeHost>,
     startup_timeout: Duration,
+    /// The hosts' namespaces and bridge ([`ClusterBuilder::isolated_hosts`]); dropped
+    /// after every process in them stopped.
+    network: Option<TestNetwork>,
     dir: ClusterDir,
 }
 
 impl Cluster {
+    /// With [`ClusterBuilder::isolated_hosts`], host `node_id` (created at first use);
+    /// otherwise `None`.
+    fn host(&mut self, node_id: &str) -> anyhow::Result<Option<NetHost>> {
+        self.network
+            .as_mut()
+            .map(|net| net.add_host(node_id))
+            .transpose()
+    }
+
+    /// The test network of a cluster built with [`ClusterBuilder::isolated_hosts`]:
+    /// partitions and rate limits between its hosts (named by node id).
+    pub fn network(&self) -> anyhow::Result<&TestNetwork> {
+        self.network
+            .as_ref()
+            .ok_or_else(|| anyhow!("this cluster was built without isolated hosts"))
+    }
+
     /// Starts the default cluster: 3 replica daemons, controller, node `n1`.
     pub async fn start_default() -> anyhow::Result<Self> {
         ClusterBuilder::new().start().await
@@ -656,7 +720,9 @@ impl Cluster {
         self.nodes.clear();
         self.controller = None;
         self.replicas.clear();
-        // 4. Safety net.
+        // 4. The hosts' namespaces, now that nothing runs in them.
+        self.network = None;
+        // 5. Safety net.
         let net = mounts::cleanup_under(&root);
         if !net.is_empty() {
             eprintln!(
@@ -709,6 +775,32 @@ impl Drop for Cluster {
             }
         }
     }
+}
+
+/// Makes an ext4 filesystem of `bytes` in the file `image` and mounts it on
+/// `mountpoint` through a loop device (the cluster's teardown safety net unmounts
+/// and detaches it).
+fn mount_small_disk(image: &Path, mountpoint: &Path, bytes: u64) -> anyhow::Result<()> {
+    let file = std::fs::File::create(image)
+        .with_context(|| format!("creating disk image {}", image.display()))?;
+    file.set_len(bytes)
+        .with_context(|| format!("sizing disk image {}", image.display()))?;
+    let run = |cmd: &mut std::process::Command| -> anyhow::Result<()> {
+        let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+        anyhow::ensure!(
+            out.status.success(),
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        Ok(())
+    };
+    run(std::process::Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-m", "0"])
+        .arg(image))?;
+    run(std::process::Command::new("mount")
+        .args(["-o", "loop"])
+        .arg(image)
+        .arg(mountpoint))
 }
 
 /// Why a daemon did not become ready.

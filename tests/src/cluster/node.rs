@@ -82,14 +82,16 @@ pub struct NodeHost {
 impl NodeHost {
     /// Prepares the node's daemons without starting them. The first node uses the
     /// short file names (see the module docs).
-    /// With `metrics`, the engine-host also serves /metrics on a free loopback port
-    /// ([`NodeHost::engine_host_metrics`]).
+    /// With `metrics`, the engine-host also serves /metrics on a free port
+    /// ([`NodeHost::engine_host_metrics`]). With `host`, both daemons run in that
+    /// host's network namespace and /metrics listens on its address.
     pub(super) fn new(
         root: &Path,
         bin: &Path,
         node_id: &str,
         first: bool,
         metrics: bool,
+        host: Option<&NetHost>,
     ) -> anyhow::Result<Self> {
         let suffix = if first {
             String::new()
@@ -106,17 +108,25 @@ impl NodeHost {
             state_dir.clone().into_os_string(),
         ];
         if metrics {
-            engine_host_args.extend(["--metrics-listen".into(), ANY_LOOPBACK_PORT.into()]);
+            let ip = host.map_or(LOOPBACK, |h| IpAddr::V4(h.addr()));
+            engine_host_args.extend([
+                "--metrics-listen".into(),
+                SocketAddr::new(ip, 0).to_string().into(),
+            ]);
         }
-        let engine_host = Daemon::new(
+        let in_host = |daemon: Daemon| match host {
+            Some(h) => daemon.in_netns(h.netns_path()),
+            None => daemon,
+        };
+        let engine_host = in_host(Daemon::new(
             format!("engine-host{suffix}"),
             bin,
             engine_host_args,
             root.join(format!("engine-host{suffix}.log")),
-        );
+        ));
         let socket = root.join(format!("node{suffix}.sock"));
         let plugin = CsiPlugin {
-            daemon: Daemon::new(
+            daemon: in_host(Daemon::new(
                 format!("node{suffix}"),
                 bin,
                 vec![
@@ -129,7 +139,7 @@ impl NodeHost {
                     state_dir.clone().into_os_string(),
                 ],
                 root.join(format!("node{suffix}.log")),
-            ),
+            )),
             socket,
         };
         Ok(NodeHost {

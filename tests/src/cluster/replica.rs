@@ -34,6 +34,9 @@ pub struct Replica {
     pub(super) extra_args: Vec<String>,
     /// Whether `--metrics-listen` is passed.
     pub(super) metrics_enabled: bool,
+    /// Address the daemon listens on: loopback, or its host's address on the test
+    /// network ([`ClusterBuilder::isolated_hosts`]).
+    pub(super) listen_ip: std::net::IpAddr,
     /// Ports of the first start, reused by every restart.
     pub(super) addrs: Option<ReplicaAddrs>,
     /// /metrics address of the current run (a new port at every start).
@@ -129,9 +132,10 @@ impl Replica {
     }
 
     pub(super) fn args(&self) -> Vec<OsString> {
+        let any_port = SocketAddr::new(self.listen_ip, 0).to_string();
         let (listen, data_listen) = match self.addrs {
             Some(a) => (a.control.to_string(), a.data.to_string()),
-            None => (ANY_LOOPBACK_PORT.to_owned(), ANY_LOOPBACK_PORT.to_owned()),
+            None => (any_port.clone(), any_port.clone()),
         };
         [
             "--data-dir".into(),
@@ -152,7 +156,7 @@ impl Replica {
         .into_iter()
         .chain(
             self.metrics_enabled
-                .then(|| ["--metrics-listen".into(), ANY_LOOPBACK_PORT.into()])
+                .then(|| ["--metrics-listen".into(), any_port.into()])
                 .into_iter()
                 .flatten(),
         )
