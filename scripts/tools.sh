@@ -17,7 +17,7 @@
 #
 # Who installs what (and the guard, scripts/check-tools <group>, checks exactly this):
 #   setup   scripts/setup: Debian packages (fuse3 e2fsprogs xfsprogs fio util-linux mount
-#           build-essential), Rust through rustup when cargo is missing (>= the workspace's
+#           build-essential iproute2 iptables; the fault suite's test hosts), Rust through rustup when cargo is missing (>= the workspace's
 #           rust-version), csi-sanity $CSI_TEST_VERSION and helm $HELM_VERSION built with Go
 #           into $TESSERA_GO_BIN
 #   k8s     tests/k8s/up deps + build: Debian packages (etcd-server containerd runc
@@ -172,6 +172,7 @@ _tt_group_setup() {
   _tt_deb fusermount3 fuse3
   _tt_deb blkid util-linux; _tt_deb losetup mount; _tt_deb mount mount; _tt_deb umount mount
   _tt_deb gcc gcc; _tt_deb make make
+  _tt_deb ip iproute2; _tt_deb tc iproute2; _tt_deb iptables iptables; _tt_deb nsenter util-linux
 }
 
 _tt_python_yaml() {

@@ -150,8 +150,14 @@ impl TestNetwork {
         let index = self.hosts.len();
         anyhow::ensure!(index < 200, "a test network holds at most 200 hosts");
         let netns = format!("{NETNS_PREFIX}{}-{name}", self.tag);
-        let bridge_port = format!("{}h{index:x}", self.bridge.replacen(BRIDGE_PREFIX, "tsv", 1));
-        let inner = format!("{}n{index:x}", self.bridge.replacen(BRIDGE_PREFIX, "tsv", 1));
+        let bridge_port = format!(
+            "{}h{index:x}",
+            self.bridge.replacen(BRIDGE_PREFIX, "tsv", 1)
+        );
+        let inner = format!(
+            "{}n{index:x}",
+            self.bridge.replacen(BRIDGE_PREFIX, "tsv", 1)
+        );
         let addr = self.addr_of(2 + index as u8);
         run(ip(["netns", "add", &netns]))?;
         let host = NetHost {

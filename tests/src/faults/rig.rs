@@ -247,10 +247,11 @@ impl FaultRig {
     pub async fn check_reads_back(&self, when: &str) -> anyhow::Result<()> {
         let device = self.device()?;
         let (expected, issued) = (self.expected.clone(), self.issued.clone());
-        let read = tokio::task::spawn_blocking(move || read_back_issued(&device, &expected, &issued))
-            .await
-            .context("reader task")?
-            .map_err(|e| anyhow!("reading back {when}: {e}"))?;
+        let read =
+            tokio::task::spawn_blocking(move || read_back_issued(&device, &expected, &issued))
+                .await
+                .context("reader task")?
+                .map_err(|e| anyhow!("reading back {when}: {e}"))?;
         if !read.all_current() {
             const FEW: usize = 8;
             let few = |v: &[u64]| v[..v.len().min(FEW)].to_vec();

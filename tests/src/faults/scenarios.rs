@@ -86,10 +86,11 @@ pub async fn rolling_restart(rig: &mut FaultRig, seed: u64) -> anyhow::Result<Re
         let index = rig.cluster.replica_index(&member)?;
         rig.cluster.restart_replica(index).await?;
         let back = Instant::now();
-        let took = rig
-            .wait_in_sync(&format!("{member} was restarted"))
-            .await?;
-        report.add(format!("{member}_back_in_sync"), ms(took.max(back.elapsed())));
+        let took = rig.wait_in_sync(&format!("{member} was restarted")).await?;
+        report.add(
+            format!("{member}_back_in_sync"),
+            ms(took.max(back.elapsed())),
+        );
         let n = writer.written();
         writer.wait_for(n + 100).await;
     }
@@ -126,18 +127,17 @@ pub async fn partition(
     }
     rig.cluster.network()?.heal(&here, &victim)?;
     let written = writer.written() - written_before;
-    let healed = Instant::now();
+    let partitioned_for = partitioned.elapsed();
     let dropped = dropped?;
     let back = rig
         .wait_in_sync(&format!("the partition from {victim} healed"))
         .await?;
-    let _ = healed;
     let resynced = rig.engine_counter("tessera_engine_resync_bytes").await? - resynced_before;
     let log = rig.stop_writer(writer).await?;
     let written_bytes = written * ALIGN as u64;
     report.add("victim", &victim);
     report.add("dropped_after", ms(dropped));
-    report.add("partitioned_for", ms(partitioned.elapsed() - back));
+    report.add("partitioned_for", ms(partitioned_for));
     report.add("written_during_partition_bytes", written_bytes);
     report.add("resync_bytes", resynced);
     report.add(
@@ -161,6 +161,13 @@ pub async fn lost_for_good(rig: &mut FaultRig, seed: u64) -> anyhow::Result<Repo
         _ => bail!("lost-for-good needs two members off the attached node: {remote:?}"),
     };
     let original = rig.members().await?;
+    let spares: Vec<String> = rig
+        .cluster
+        .replicas()
+        .iter()
+        .map(|r| r.node_id().to_owned())
+        .filter(|n| !original.contains(n))
+        .collect();
     let writer = rig.start_writer(seed)?;
     writer.wait_for(300).await;
     let lost_index = rig.cluster.replica_index(&lost)?;
@@ -176,15 +183,13 @@ pub async fn lost_for_good(rig: &mut FaultRig, seed: u64) -> anyhow::Result<Repo
     .await
     .map_err(|_| anyhow!("{lost} was not replaced"))?;
     rig.wait_in_sync(&format!("{lost} was replaced")).await?;
-    report.add("lost", &lost);
-    report.add(
-        "replaced_by",
-        replaced
-            .iter()
-            .find(|m| !original.contains(m))
-            .cloned()
-            .unwrap_or_default(),
+    let new = replaced.iter().find(|m| !original.contains(m));
+    anyhow::ensure!(
+        new.is_some_and(|n| spares.contains(n)),
+        "{lost} was replaced by {new:?}, not by a spare ({spares:?})"
     );
+    report.add("lost", &lost);
+    report.add("replaced_by", new.map(String::as_str).unwrap_or_default());
     report.add("whole_again_after", ms(killed.elapsed()));
 
     let second_index = rig.cluster.replica_index(&second)?;
@@ -264,7 +269,9 @@ pub async fn slow_replica(
         .ok_or_else(|| anyhow!("no remote member to slow down"))?;
     let writer = rig.start_writer(seed)?;
     writer.wait_for(300).await;
-    let rate = |from: u64, since: Instant| (writer.written() - from) as f64 / since.elapsed().as_secs_f64();
+    let rate = |from: u64, since: Instant| {
+        (writer.written() - from) as f64 / since.elapsed().as_secs_f64()
+    };
     let (n0, t0) = (writer.written(), Instant::now());
     tokio::time::sleep(WINDOW).await; // a measurement window
     let before = rate(n0, t0);
@@ -287,17 +294,18 @@ pub async fn slow_replica(
     report.add("speed_ratio", format!("{:.2}", slow / before.max(1.0)));
     report.add("back_in_sync_after_lift", ms(back));
     report.add("writes", log.writes);
-    anyhow::ensure!(
-        slow > 0.0,
-        "no write completed while {victim} was slow"
-    );
+    anyhow::ensure!(slow > 0.0, "no write completed while {victim} was slow");
     Ok(report)
 }
 
 /// (f) The filesystem under `victim`'s data directory fills up (a file takes every
 /// free block): the replica fails writes and drops out, I/O goes on, and once the
 /// file is deleted it is resynced.
-pub async fn full_filesystem(rig: &mut FaultRig, seed: u64, victim: &str) -> anyhow::Result<Report> {
+pub async fn full_filesystem(
+    rig: &mut FaultRig,
+    seed: u64,
+    victim: &str,
+) -> anyhow::Result<Report> {
     let mut report = Report::new("full-filesystem");
     anyhow::ensure!(rig.node()? != victim, "fill a remote member, not {victim}");
     let index = rig.cluster.replica_index(victim)?;
@@ -307,8 +315,7 @@ pub async fn full_filesystem(rig: &mut FaultRig, seed: u64, victim: &str) -> any
     let filled = fill(&filler)?;
     let dropped = rig.wait_dropped(victim, DROPPED_WITHIN).await;
     let n = writer.written();
-    let on = writer.wait_for(n + 500);
-    on.await;
+    writer.wait_for(n + 500).await;
     std::fs::remove_file(&filler).with_context(|| format!("removing {}", filler.display()))?;
     let dropped = dropped?;
     let back = rig
@@ -326,8 +333,8 @@ pub async fn full_filesystem(rig: &mut FaultRig, seed: u64, victim: &str) -> any
 /// Writes `path` until its filesystem is full; returns the bytes it took.
 fn fill(path: &Path) -> anyhow::Result<u64> {
     use std::io::Write;
-    let mut file = std::fs::File::create(path)
-        .with_context(|| format!("creating {}", path.display()))?;
+    let mut file =
+        std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
     let chunk = vec![0xa5u8; 1 << 20];
     let mut total = 0u64;
     loop {
@@ -369,7 +376,10 @@ pub async fn scrub_repairs(rig: &mut FaultRig, seed: u64) -> anyhow::Result<Repo
         .await
         .map_err(|s| anyhow!("CreateSnapshot: {s}"))?
         .into_inner();
-    anyhow::ensure!(snapshot.snapshot.is_some(), "CreateSnapshot returned nothing");
+    anyhow::ensure!(
+        snapshot.snapshot.is_some(),
+        "CreateSnapshot returned nothing"
+    );
     let writer = rig.start_writer(seed ^ 0x5c)?;
     writer.wait_for(1_000).await;
     let second = rig.stop_writer(writer).await?;
@@ -410,7 +420,8 @@ pub async fn scrub_repairs(rig: &mut FaultRig, seed: u64) -> anyhow::Result<Repo
     report.add("repaired_within", ms(flipped.elapsed()));
     rig.verify().await?;
     rig.attach(&node).await?;
-    rig.wait_in_sync("the scrubbed volume was attached again").await?;
+    rig.wait_in_sync("the scrubbed volume was attached again")
+        .await?;
     Ok(report)
 }
 
