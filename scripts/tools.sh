@@ -173,6 +173,7 @@ _tt_group_setup() {
   _tt_deb blkid util-linux; _tt_deb losetup mount; _tt_deb mount mount; _tt_deb umount mount
   _tt_deb gcc gcc; _tt_deb make make
   _tt_deb ip iproute2; _tt_deb tc iproute2; _tt_deb iptables iptables; _tt_deb nsenter util-linux
+  _tt_deb blkdiscard util-linux
 }
 
 _tt_python_yaml() {

@@ -16,7 +16,7 @@ use crate::catalog::{Catalog, CatalogError, NewVolume, RecordUpdate};
 use crate::control_proto as proto;
 use crate::control_proto::replica_control_server::ReplicaControl;
 use crate::copy::CopyManager;
-use crate::snapshot_read::{self, BlockStream};
+use crate::snapshot_read::{self, BlockStream, StreamPacing};
 use crate::store::StoreError;
 
 /// Identity of this daemon as reported by GetInfo.
@@ -39,6 +39,9 @@ pub struct ControlService {
     /// Runs restore, clone and rebuild copies; `None` records copy sources without
     /// copying (tests of the catalog side).
     copies: Option<Arc<CopyManager>>,
+    /// How much of this daemon's time the copy streams it serves may take while
+    /// foreground I/O is active.
+    pacing: StreamPacing,
 }
 
 impl ControlService {
@@ -49,7 +52,15 @@ impl ControlService {
             info: Arc::new(info),
             requests: GrpcRequests::default(),
             copies: None,
+            pacing: StreamPacing::default(),
         }
+    }
+
+    /// Paces the copy streams this daemon serves with `pacing` (default:
+    /// [`StreamPacing::default`]).
+    pub fn with_stream_pacing(mut self, pacing: StreamPacing) -> Self {
+        self.pacing = pacing;
+        self
     }
 
     /// Runs the copies of volumes created with a copy source through `copies`.
@@ -89,7 +100,11 @@ impl ControlService {
                 )))
             }
         }
-        Ok(snapshot_read::stream_snapshot(source.store, req))
+        Ok(snapshot_read::stream_snapshot(
+            source.store,
+            req,
+            self.pacing,
+        ))
     }
 
     /// The request counters (shared with every clone), for [`crate::metrics`].

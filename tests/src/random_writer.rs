@@ -38,7 +38,7 @@ pub fn stamp_of(data: &[u8]) -> Option<(u64, u64)> {
 }
 
 /// What the random writer did.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct RandomWriteLog {
     /// Per block written, its last write number. Each of them completed and was
     /// followed by an fdatasync that returned, so it is durable.
@@ -124,13 +124,17 @@ impl RandomWriter {
         let killed = Arc::new(AtomicBool::new(false));
         let finished = Arc::new(AtomicBool::new(false));
         let (tx, done) = mpsc::channel();
-        let (w, k, f) = (
-            Arc::clone(&written),
-            Arc::clone(&killed),
-            Arc::clone(&finished),
-        );
+        let job = Job {
+            device,
+            seed,
+            bounds,
+            first: first.max(1),
+            written: Arc::clone(&written),
+            killed: Arc::clone(&killed),
+        };
+        let f = Arc::clone(&finished);
         std::thread::spawn(move || {
-            let out = random_writes(&device, seed, &w, &k, bounds, first.max(1));
+            let out = job.run();
             f.store(true, Ordering::SeqCst);
             let _ = tx.send(out);
         });
@@ -199,123 +203,113 @@ impl RandomWriter {
     }
 }
 
-fn random_writes(
-    device: &Path,
+/// The writer thread's work.
+struct Job {
+    device: PathBuf,
     seed: u64,
-    written: &AtomicU64,
-    killed: &AtomicBool,
     bounds: WriterBounds,
+    /// Number of its first write.
     first: u64,
-) -> RandomWriteLog {
-    let mut log = RandomWriteLog {
-        last_durable: BTreeMap::new(),
-        first_write: BTreeMap::new(),
-        last_issued: BTreeMap::new(),
-        failure: None,
-        writes: 0,
-        seen_kill_at: 0,
-        syncs: 0,
-        reads: 0,
-        elapsed: Duration::ZERO,
-    };
-    let started = Instant::now();
-    if let Err(e) = write_until_done(device, seed, written, killed, bounds, first, &mut log) {
-        log.failure = Some(e);
-    }
-    if !killed.load(Ordering::SeqCst) || log.seen_kill_at == 0 {
-        // Never told of a kill: every write counts as before it.
-        log.seen_kill_at = first - 1 + log.writes;
-    }
-    log.elapsed = started.elapsed();
-    log
+    written: Arc<AtomicU64>,
+    killed: Arc<AtomicBool>,
 }
 
-/// The writer's loop, filling `log` as it goes; an error ends it.
-fn write_until_done(
-    device: &Path,
-    seed: u64,
-    written: &AtomicU64,
-    killed: &AtomicBool,
-    bounds: WriterBounds,
-    first: u64,
-    log: &mut RandomWriteLog,
-) -> Result<(), String> {
-    let started = Instant::now();
-    let file = DirectFile::open(device, true)
-        .map_err(|e| format!("opening {} for O_DIRECT: {e}", device.display()))?;
-    let blocks = file.size().map_err(|e| format!("device size: {e}"))? / ALIGN as u64;
-    if blocks == 0 {
-        return Err("the device is empty".to_owned());
+impl Job {
+    fn run(&self) -> RandomWriteLog {
+        let started = Instant::now();
+        let mut log = RandomWriteLog::default();
+        if let Err(e) = self.write_until_done(&mut log) {
+            log.failure = Some(e);
+        }
+        if !self.killed.load(Ordering::SeqCst) || log.seen_kill_at == 0 {
+            // Never told of a kill: every write counts as before it.
+            log.seen_kill_at = self.first - 1 + log.writes;
+        }
+        log.elapsed = started.elapsed();
+        log
     }
-    let mut rng = seed | 1;
-    let mut unsynced: Vec<(u64, u64)> = Vec::with_capacity(bounds.sync_every as usize);
-    // Per block its last completed write, and the blocks in first-write order (to
-    // pick one at random for a checked read).
-    let (mut last_completed, mut touched) = (BTreeMap::new(), Vec::new());
-    // `n` is the number of the last write; `done` counts this writer's writes.
-    let (mut n, mut done, mut seen_kill_at) = (first - 1, 0u64, None);
-    loop {
-        if seen_kill_at.is_none() && killed.load(Ordering::SeqCst) {
-            seen_kill_at = Some(done);
-            log.seen_kill_at = n;
+
+    /// The writer's loop, filling `log` as it goes; an error ends it.
+    fn write_until_done(&self, log: &mut RandomWriteLog) -> Result<(), String> {
+        let (device, seed, bounds, first) = (&self.device, self.seed, self.bounds, self.first);
+        let (written, killed) = (&self.written, &self.killed);
+        let started = Instant::now();
+        let file = DirectFile::open(device, true)
+            .map_err(|e| format!("opening {} for O_DIRECT: {e}", device.display()))?;
+        let blocks = file.size().map_err(|e| format!("device size: {e}"))? / ALIGN as u64;
+        if blocks == 0 {
+            return Err("the device is empty".to_owned());
         }
-        if seen_kill_at.is_some_and(|k| done >= k + bounds.after_kill) {
-            return Ok(());
-        }
-        if done >= bounds.writes || started.elapsed() > bounds.time {
-            return Err(format!(
-                "stopped after {done} writes in {:?}, {} writes after the kill not done \
-                 (kill seen at {seen_kill_at:?})",
-                started.elapsed(),
-                bounds.after_kill
-            ));
-        }
-        // xorshift64
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        let block = rng % blocks;
-        n += 1;
-        done += 1;
-        log.last_issued.insert(block, n);
-        file.write_at(block * ALIGN as u64, &stamped_block(block, n))
-            .map_err(|e| {
-                format!("write {n} (block {block}; kill seen at {seen_kill_at:?}) failed: {e}")
-            })?;
-        log.first_write.entry(block).or_insert_with(|| {
-            touched.push(block);
-            n
-        });
-        last_completed.insert(block, n);
-        unsynced.push((block, n));
-        log.writes = done;
-        written.store(done, Ordering::SeqCst);
-        if bounds.read_every > 0 && done % bounds.read_every == 0 {
-            let pick = touched[(rng >> 32) as usize % touched.len()];
-            let want = last_completed[&pick];
-            let got = file
-                .read_at(pick * ALIGN as u64, ALIGN)
-                .map_err(|e| format!("read of block {pick} after write {n} failed: {e}"))?;
-            log.reads += 1;
-            if got != stamped_block(pick, want) {
-                let seen = match stamp_of(&got) {
-                    Some((b, w)) if b == pick => format!("write {w}"),
-                    _ if got.iter().all(|b| *b == 0) => "zeros".to_owned(),
-                    _ => "something else".to_owned(),
-                };
+        let mut rng = seed | 1;
+        let mut unsynced: Vec<(u64, u64)> = Vec::with_capacity(bounds.sync_every as usize);
+        // Per block its last completed write, and the blocks in first-write order (to
+        // pick one at random for a checked read).
+        let (mut last_completed, mut touched) = (BTreeMap::new(), Vec::new());
+        // `n` is the number of the last write; `done` counts this writer's writes.
+        let (mut n, mut done, mut seen_kill_at) = (first - 1, 0u64, None);
+        loop {
+            if seen_kill_at.is_none() && killed.load(Ordering::SeqCst) {
+                seen_kill_at = Some(done);
+                log.seen_kill_at = n;
+            }
+            if seen_kill_at.is_some_and(|k| done >= k + bounds.after_kill) {
+                return Ok(());
+            }
+            if done >= bounds.writes || started.elapsed() > bounds.time {
                 return Err(format!(
-                    "stale read after write {n}: block {pick} returned {seen}, \
-                     its last completed write is {want}"
+                    "stopped after {done} writes in {:?}, {} writes after the kill not done \
+                     (kill seen at {seen_kill_at:?})",
+                    started.elapsed(),
+                    bounds.after_kill
                 ));
             }
-        }
-        if done % bounds.sync_every.max(1) == 0
-            || seen_kill_at.is_some_and(|k| done >= k + bounds.after_kill)
-        {
-            file.sync()
-                .map_err(|e| format!("fdatasync after write {n} failed: {e}"))?;
-            log.syncs += 1;
-            log.last_durable.extend(unsynced.drain(..));
+            // xorshift64
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            let block = rng % blocks;
+            n += 1;
+            done += 1;
+            log.last_issued.insert(block, n);
+            file.write_at(block * ALIGN as u64, &stamped_block(block, n))
+                .map_err(|e| {
+                    format!("write {n} (block {block}; kill seen at {seen_kill_at:?}) failed: {e}")
+                })?;
+            log.first_write.entry(block).or_insert_with(|| {
+                touched.push(block);
+                n
+            });
+            last_completed.insert(block, n);
+            unsynced.push((block, n));
+            log.writes = done;
+            written.store(done, Ordering::SeqCst);
+            if bounds.read_every > 0 && done % bounds.read_every == 0 {
+                let pick = touched[(rng >> 32) as usize % touched.len()];
+                let want = last_completed[&pick];
+                let got = file
+                    .read_at(pick * ALIGN as u64, ALIGN)
+                    .map_err(|e| format!("read of block {pick} after write {n} failed: {e}"))?;
+                log.reads += 1;
+                if got != stamped_block(pick, want) {
+                    let seen = match stamp_of(&got) {
+                        Some((b, w)) if b == pick => format!("write {w}"),
+                        _ if got.iter().all(|b| *b == 0) => "zeros".to_owned(),
+                        _ => "something else".to_owned(),
+                    };
+                    return Err(format!(
+                        "stale read after write {n}: block {pick} returned {seen}, \
+                         its last completed write is {want}"
+                    ));
+                }
+            }
+            if done % bounds.sync_every.max(1) == 0
+                || seen_kill_at.is_some_and(|k| done >= k + bounds.after_kill)
+            {
+                file.sync()
+                    .map_err(|e| format!("fdatasync after write {n} failed: {e}"))?;
+                log.syncs += 1;
+                log.last_durable.extend(unsynced.drain(..));
+            }
         }
     }
 }

@@ -48,6 +48,7 @@ use tessera_replica::scheduler::{
     BackgroundLimits, DeadlineBudgets, EngineKind, Scheduler, SchedulerConfig, DEFAULT_QUEUE_DEPTH,
 };
 use tessera_replica::scrub::{ScrubConfig, Scrubber};
+use tessera_replica::snapshot_read::StreamPacing;
 use tessera_replica::volume_registry::CatalogRegistry;
 use tessera_replica_protocol::control_proto::replica_control_server::ReplicaControlServer;
 use tessera_replica_protocol::units::{parse_duration, parse_size};
@@ -96,6 +97,14 @@ struct Args {
     /// 0 = unlimited.
     #[arg(long, value_parser = parse_capacity, default_value = "0")]
     copy_max_bandwidth: u64,
+
+    /// Share of the time (0 < share <= 1) a copy stream this daemon serves to a
+    /// rebuilding, restoring or cloning replica may work while this daemon's disk has
+    /// foreground I/O; it pauses between chunks for the rest, so application I/O keeps
+    /// its latency. 1 = never pause.
+    #[arg(long, default_value_t = tessera_replica::snapshot_read::pace::DEFAULT_BUSY_SHARE,
+          value_parser = parse_share)]
+    copy_busy_share: f64,
 
     /// Time between the starts of two scrub passes, which read back and check every
     /// block of every volume and snapshot here and repair damaged ones from another
@@ -253,6 +262,13 @@ fn parse_period(s: &str) -> Result<Duration, String> {
     parse_duration(s).ok_or_else(|| format!("{s:?} is not a duration like 168h, 30m or 2s"))
 }
 
+fn parse_share(s: &str) -> Result<f64, String> {
+    let share: f64 = s.parse().map_err(|e| format!("not a number: {e}"))?;
+    StreamPacing::new(share)
+        .map(|_| share)
+        .map_err(|e| e.to_string())
+}
+
 fn parse_capacity(s: &str) -> Result<u64, String> {
     parse_size(s.trim()).map_err(|e| e.to_string())
 }
@@ -351,7 +367,8 @@ async fn run(args: Args) -> Result<()> {
             data_address: data_addr.clone(),
         },
     )
-    .with_copies(Arc::clone(&copies));
+    .with_copies(Arc::clone(&copies))
+    .with_stream_pacing(StreamPacing::new(args.copy_busy_share)?);
 
     // Shared so that both a signal and a failing control server can stop the rest.
     let (stop_tx, stop_rx) = watch::channel(false);

@@ -114,7 +114,7 @@ impl BackgroundGate {
         }
     }
 
-    fn foreground_active(&self, now: u64) -> bool {
+    pub(crate) fn foreground_active(&self, now: u64) -> bool {
         self.foreground_in_flight > 0
             || self
                 .foreground_seen_ns

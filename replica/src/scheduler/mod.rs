@@ -840,6 +840,16 @@ impl VolumeHandle {
         &self.shared.id
     }
 
+    /// Whether the scheduler (the whole disk, any volume) has foreground I/O in flight
+    /// or had some within the background limits' linger: background work that is not
+    /// disk I/O (a copy stream's checksums and encoding) uses it to stay out of the
+    /// CPU's way too.
+    pub fn foreground_active(&self) -> bool {
+        let inner = &self.shared.inner;
+        let now = inner.clock.now_ns();
+        inner.lock().background.foreground_active(now)
+    }
+
     /// Queues `request` now and returns a future of its outcome. Dropping the future
     /// before dispatch cancels the request; after dispatch it only detaches.
     pub fn submit(&self, class: IoClass, request: IoRequest) -> Submission {

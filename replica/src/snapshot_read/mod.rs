@@ -6,9 +6,13 @@
 //! * [`chunk`]: the wire form of a chunk of versioned blocks, encoded by the holder and
 //!   decoded and checked by the reader.
 //! * [`serve`]: the holder side: the chunk stream and the range query over a store.
+//! * [`pace`]: how much of the holder's time a stream may take while foreground I/O
+//!   is active.
 
 pub mod chunk;
+pub mod pace;
 pub mod serve;
 
 pub use chunk::{ChunkError, ChunkGrid, ChunkKind, CHUNK_BLOCKS};
+pub use pace::StreamPacing;
 pub use serve::{snapshot_ranges, stream_snapshot, BlockStream};

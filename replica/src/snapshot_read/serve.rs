@@ -8,7 +8,8 @@
 //! Each chunk is read on the blocking pool (store I/O parks its thread) at background
 //! priority and sent through a small channel, so a slow reader holds back the reads
 //! (at most [`PREFETCH`] chunks wait in memory) and a reader that goes away stops them.
-//! Chunks with no written block are not sent. A `seqs_only` request is served from
+//! Chunks with no written block are not sent. While the holder's disk has foreground
+//! I/O, the stream pauses between chunks ([`StreamPacing`]). A `seqs_only` request is served from
 //! the metadata entries alone ([`LayeredStore::read_versions_only`]): no data is read
 //! or sent, so comparing versions costs a fraction of a copy.
 
@@ -20,6 +21,7 @@ use tonic::Status;
 use tracing::warn;
 
 use super::chunk::{encode, ChunkGrid};
+use super::pace::StreamPacing;
 use crate::block_io::BLOCK_SIZE;
 use crate::control_proto as proto;
 use crate::store::{LayeredStore, StoreError};
@@ -34,10 +36,12 @@ pub type BlockStream = ReceiverStream<Result<proto::SnapshotBlocks, Status>>;
 /// range) from `store`: versioned blocks with their data, or versions only when the
 /// request says `seqs_only`, of the snapshot it names or of the head when it names
 /// none. A failure mid-way ends the stream with its status (a snapshot or volume
-/// deleted meanwhile is NOT_FOUND).
+/// deleted meanwhile is NOT_FOUND). `pacing` says how much of the holder's time the
+/// stream may take while foreground I/O is active.
 pub fn stream_snapshot(
     store: Arc<LayeredStore>,
     request: proto::ReadSnapshotBlocksRequest,
+    pacing: StreamPacing,
 ) -> BlockStream {
     let (tx, rx) = mpsc::channel(PREFETCH);
     tokio::spawn(async move {
@@ -52,14 +56,15 @@ pub fn stream_snapshot(
         // `None`: the head.
         let view = (!snapshot_id.is_empty()).then_some(snapshot_id);
         for (first, n) in grid.slots() {
-            let store = Arc::clone(&store);
+            let started = std::time::Instant::now();
+            let store_of_chunk = Arc::clone(&store);
             let view_of_chunk = view.clone();
             let read = tokio::task::spawn_blocking(move || {
                 let (at, len) = (first * BLOCK_SIZE, n * BLOCK_SIZE);
                 match (seqs_only, view_of_chunk.as_deref()) {
-                    (true, view) => store.read_versions_only(view, at, len),
-                    (false, Some(id)) => store.read_snapshot_versions(id, at, len),
-                    (false, None) => store.read_current_versions(at, len),
+                    (true, view) => store_of_chunk.read_versions_only(view, at, len),
+                    (false, Some(id)) => store_of_chunk.read_snapshot_versions(id, at, len),
+                    (false, None) => store_of_chunk.read_current_versions(at, len),
                 }
             })
             .await;
@@ -72,9 +77,13 @@ pub fn stream_snapshot(
                 ))),
             };
             let failed = item.is_err();
+            let pause = pacing.pause_after(started.elapsed(), store.foreground_active());
             if tx.send(item).await.is_err() || failed {
                 // The reader went away, or the stream ended with an error.
                 return;
+            }
+            if !pause.is_zero() {
+                tokio::time::sleep(pause).await;
             }
         }
     });

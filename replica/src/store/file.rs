@@ -175,6 +175,12 @@ impl Future for FileIo<'_> {
 pub trait BlockFileFactory: Send + Sync + Debug {
     /// Opens `path` for reading and writing, creating it (empty) when `create` is set.
     fn open(&self, path: &Path, create: bool) -> io::Result<Arc<dyn BlockFile>>;
+
+    /// Whether foreground I/O is active on the disk the files live on (see
+    /// [`VolumeHandle::foreground_active`]); false where nothing schedules I/O.
+    fn foreground_active(&self) -> bool {
+        false
+    }
 }
 
 /// [`BlockFile`] over a `std::fs::File` with `pread`/`pwrite`, `fdatasync` and
@@ -463,6 +469,10 @@ impl BlockFileFactory for ScheduledFileFactory {
             file: Arc::new(file),
             transfers,
         }))
+    }
+
+    fn foreground_active(&self) -> bool {
+        self.volume().is_some_and(|v| v.foreground_active())
     }
 }
 

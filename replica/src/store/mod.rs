@@ -784,6 +784,12 @@ impl LayeredStore {
         &self.sync
     }
 
+    /// Whether foreground I/O is active on this store's disk
+    /// ([`BlockFileFactory::foreground_active`]).
+    pub fn foreground_active(&self) -> bool {
+        self.factory.foreground_active()
+    }
+
     /// Directory holding the volume.
     pub fn dir(&self) -> &Path {
         &self.dir

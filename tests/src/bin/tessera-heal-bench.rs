@@ -107,6 +107,10 @@ struct Args {
     /// Also write the markdown table (with its header lines) to this file.
     #[arg(long)]
     table: Option<PathBuf>,
+    /// Further flags for every replica daemon, one `--replica-arg` each (e.g.
+    /// `--replica-arg=--copy-busy-share=1` to rebuild without pacing).
+    #[arg(long = "replica-arg", allow_hyphen_values = true)]
+    replica_args: Vec<String>,
 }
 
 fn say(msg: impl AsRef<str>) {
@@ -651,6 +655,7 @@ async fn resync_round(
 async fn part_a(args: &Args, rows: &mut Vec<Row>) -> anyhow::Result<()> {
     say("part A: resync (3 replica daemons, replacement delay 1h)");
     let mut cluster = ClusterBuilder::new()
+        .replica_args(args.replica_args.clone())
         .replicas(3)
         .nodes(["n1"])
         .engine_host_metrics(true)
@@ -812,6 +817,7 @@ async fn part_b(args: &Args, rows: &mut Vec<Row>) -> anyhow::Result<()> {
     say("part B: rebuild (4 replica daemons, replacement delay 2 s)");
     let mut cluster = ClusterBuilder::new()
         .replicas(4)
+        .replica_args(args.replica_args.clone())
         .nodes(["n1"])
         .engine_host_metrics(true)
         .controller_args([

@@ -237,6 +237,27 @@ impl FaultRig {
         }
     }
 
+    /// Discards the whole device (`blkdiscard`: the engine trims every block, the
+    /// replicas punch their files' holes), so the next writes need disk space again;
+    /// the volume reads zeros afterwards and nothing is expected of it any more.
+    pub async fn discard_all(&mut self) -> anyhow::Result<()> {
+        let device = self.device()?;
+        let out = tokio::process::Command::new("blkdiscard")
+            .arg(&device)
+            .output()
+            .await
+            .context("running blkdiscard")?;
+        anyhow::ensure!(
+            out.status.success(),
+            "blkdiscard {} failed: {}",
+            device.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        self.expected.clear();
+        self.issued.clear();
+        Ok(())
+    }
+
     /// Blocks with a durable write so far.
     pub fn durable_blocks(&self) -> usize {
         self.expected.len()

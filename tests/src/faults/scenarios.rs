@@ -71,6 +71,15 @@ async fn remote_members(rig: &FaultRig) -> anyhow::Result<Vec<String>> {
         .collect())
 }
 
+/// The first member off the attached node.
+async fn a_remote_member(rig: &FaultRig) -> anyhow::Result<String> {
+    remote_members(rig)
+        .await?
+        .into_iter()
+        .next()
+        .ok_or_else(|| anyhow!("every member is on the attached node"))
+}
+
 fn ms(d: Duration) -> String {
     format!("{}ms", d.as_millis())
 }
@@ -109,11 +118,7 @@ pub async fn partition(
     duration: Duration,
 ) -> anyhow::Result<Report> {
     let mut report = Report::new("partition");
-    let victim = remote_members(rig)
-        .await?
-        .into_iter()
-        .next()
-        .ok_or_else(|| anyhow!("no remote member to partition from"))?;
+    let victim = a_remote_member(rig).await?;
     let here = rig.node()?.to_owned();
     let writer = rig.start_writer(seed)?;
     writer.wait_for(300).await;
@@ -262,11 +267,7 @@ pub async fn slow_replica(
 ) -> anyhow::Result<Report> {
     const WINDOW: Duration = Duration::from_secs(3);
     let mut report = Report::new("slow-replica");
-    let victim = remote_members(rig)
-        .await?
-        .into_iter()
-        .next()
-        .ok_or_else(|| anyhow!("no remote member to slow down"))?;
+    let victim = a_remote_member(rig).await?;
     let writer = rig.start_writer(seed)?;
     writer.wait_for(300).await;
     let rate = |from: u64, since: Instant| {
@@ -300,7 +301,9 @@ pub async fn slow_replica(
 
 /// (f) The filesystem under `victim`'s data directory fills up (a file takes every
 /// free block): the replica fails writes and drops out, I/O goes on, and once the
-/// file is deleted it is resynced.
+/// file is deleted it is resynced. The volume is discarded first: a replica whose
+/// files already hold every block rewrites them in place and needs no space, so a
+/// full disk would not touch it (rightly).
 pub async fn full_filesystem(
     rig: &mut FaultRig,
     seed: u64,
@@ -310,6 +313,7 @@ pub async fn full_filesystem(
     anyhow::ensure!(rig.node()? != victim, "fill a remote member, not {victim}");
     let index = rig.cluster.replica_index(victim)?;
     let filler = rig.cluster.replica(index).data_dir().join("filler");
+    rig.discard_all().await?;
     let writer = rig.start_writer(seed)?;
     writer.wait_for(300).await;
     let filled = fill(&filler)?;
@@ -361,11 +365,7 @@ fn fill(path: &Path) -> anyhow::Result<u64> {
 /// attached again on the same node.
 pub async fn scrub_repairs(rig: &mut FaultRig, seed: u64) -> anyhow::Result<Report> {
     let mut report = Report::new("scrub");
-    let victim = remote_members(rig)
-        .await?
-        .into_iter()
-        .next()
-        .ok_or_else(|| anyhow!("no remote member"))?;
+    let victim = a_remote_member(rig).await?;
     let node = rig.node()?.to_owned();
     let writer = rig.start_writer(seed)?;
     writer.wait_for(1_000).await;
