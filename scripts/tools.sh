@@ -11,13 +11,15 @@
 #   TESSERA_GO_BIN       $TESSERA_CACHE/go-bin           csi-sanity, helm (scripts/setup)
 #   K8S_CACHE            $TESSERA_CACHE/k8s/v$K8S_VERSION Kubernetes binaries (tests/k8s/up build)
 #   TESSERA_IMAGE_CACHE  $TESSERA_CACHE                  rootfs/, sidecars/, src/, images/ (scripts/build-images)
+#   TESSERA_FUZZ_TARGET  $TESSERA_CACHE/fuzz-target      the fuzz targets' cargo target dir (scripts/fuzz)
 #   GOMODCACHE, GOCACHE  $TESSERA_CACHE/go/{mod,build}   Go's module and build caches for every Go
 #                                                        build of the scripts (unless set; the
 #                                                        Kubernetes build uses $K8S_CACHE/go-build)
 #
 # Who installs what (and the guard, scripts/check-tools <group>, checks exactly this):
 #   setup   scripts/setup: Debian packages (fuse3 e2fsprogs xfsprogs fio util-linux mount
-#           build-essential iproute2 iptables; the fault suite's test hosts), Rust through rustup when cargo is missing (>= the workspace's
+#           build-essential iproute2 iptables; the fault suite's test hosts), Rust through
+#           rustup when cargo is missing (>= the workspace's
 #           rust-version), csi-sanity $CSI_TEST_VERSION and helm $HELM_VERSION built with Go
 #           into $TESSERA_GO_BIN
 #   k8s     tests/k8s/up deps + build: Debian packages (etcd-server containerd runc

@@ -40,6 +40,8 @@ pub mod catalog;
 pub mod control_service;
 pub mod copy;
 pub mod dataplane;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod metrics;
 mod park;
 pub mod record;

@@ -83,6 +83,25 @@ async fn b_a_partition_is_healed_by_a_resync_of_what_was_missed() {
     );
 }
 
+/// (b), interrupted: the resynced replica's daemon killed and restarted mid-resync;
+/// the second resync does not start over: both together copy at most 1.2× what was
+/// missed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn b_a_resync_killed_midway_goes_on_instead_of_starting_over() {
+    let config = RigConfig {
+        volume_bytes: 1 << 30,
+        ..RigConfig::default()
+    };
+    let report = run_scenario!(config, "interrupted", |rig| {
+        scenarios::interrupted_resync(&mut rig, 0xb3, Duration::from_secs(20))
+    });
+    let ratio = figure(&report, "resync_ratio");
+    assert!(
+        ratio > 0.0 && ratio <= 1.2,
+        "the two resyncs copied {ratio}× the bytes missed: {report}"
+    );
+}
+
 /// (c) A daemon lost for good: after the replacement delay the spare holds the copy
 /// and RF is 3 again; a second original daemon lost then loses nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

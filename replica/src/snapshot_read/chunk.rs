@@ -191,7 +191,7 @@ pub fn decode(
     if first < previous_end {
         return Err(ChunkError::OutOfOrder {
             offset,
-            previous_end: previous_end * BLOCK_SIZE,
+            previous_end: previous_end.saturating_mul(BLOCK_SIZE),
         });
     }
     let n = chunk.seqs.len();
@@ -327,6 +327,20 @@ mod tests {
         assert!(matches!(
             decode(good, grid, 0, ChunkKind::VersionsOnly),
             Err(ChunkError::UnexpectedData { got, .. }) if got == 2 * BS
+        ));
+    }
+
+    /// Found by the `copy_chunk` fuzz target: the error for a chunk out of order
+    /// multiplied the previous end by the block size and overflowed.
+    #[test]
+    fn an_out_of_order_error_with_a_huge_previous_end_does_not_overflow() {
+        let grid = ChunkGrid::of_request(0, 512 * BLOCK_SIZE);
+        assert!(matches!(
+            decode(encode(sample(256, 256)), grid, u64::MAX, ChunkKind::Data),
+            Err(ChunkError::OutOfOrder {
+                previous_end: u64::MAX,
+                ..
+            })
         ));
     }
 

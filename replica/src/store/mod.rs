@@ -170,7 +170,7 @@
 mod data_path;
 mod error;
 mod file;
-mod format;
+pub(crate) mod format;
 mod handle;
 mod inspect;
 mod layer;

@@ -254,7 +254,7 @@ impl DirtyRegions {
     }
 }
 
-fn decode_file(bytes: &[u8]) -> Option<DirtyMap> {
+pub(crate) fn decode_file(bytes: &[u8]) -> Option<DirtyMap> {
     let (body, crc) = bytes.split_at_checked(bytes.len().checked_sub(4)?)?;
     if crc32c::crc32c(body).to_le_bytes() != crc || body.len() < HEADER_LEN || &body[..8] != MAGIC {
         return None;

@@ -67,7 +67,7 @@ impl MembershipFile {
     }
 }
 
-fn decode_file(bytes: &[u8]) -> Option<Membership> {
+pub(crate) fn decode_file(bytes: &[u8]) -> Option<Membership> {
     let (crc, body) = bytes.split_at_checked(4)?;
     if crc32c::crc32c(body).to_le_bytes() != crc {
         return None;

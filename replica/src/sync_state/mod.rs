@@ -27,7 +27,9 @@ mod membership;
 
 use std::path::Path;
 
+pub(crate) use dirty::decode_file as decode_dirty_file;
 pub use dirty::{DirtyRegions, REGION_SIZE};
+pub(crate) use membership::decode_file as decode_membership_file;
 pub use membership::MembershipFile;
 pub use tessera_replica_protocol::sync::{DirtyMap, Membership};
 

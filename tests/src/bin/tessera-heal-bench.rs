@@ -16,6 +16,9 @@
 //!    round, timed from the daemon being ready again to the engine reporting every
 //!    replica in sync, split into the wait for the engine's next reconnect attempt
 //!    (it backs off while the daemon is down) and the resync itself.
+//! 5. **Latency of a degraded volume** (the part of item 4 no rebuild causes): fio
+//!    4k randwrite QD1 on the same volume with all three replicas in sync, then with
+//!    n3 killed (nothing is rebuilt: the replacement delay is an hour).
 //!
 //! Part B, rebuild (four replica daemons, so one is spare; replacement delay 2 s, heal
 //! pass every 300 ms):
@@ -737,6 +740,52 @@ async fn part_a(args: &Args, rows: &mut Vec<Row>) -> anyhow::Result<()> {
             r.cpu
         ),
     });
+
+    // Item 5: the latency of a degraded volume alone (a member down, nothing rebuilt:
+    // the replacement delay is an hour), the part of item 4's figure no rebuild causes.
+    wait_engine_in_sync(&cluster, &a.volume_id).await?;
+    let dir = cluster.dir().to_path_buf();
+    say(format!(
+        "fio 4k randwrite QD1, {} s, all in sync",
+        args.fio_runtime
+    ));
+    let whole = fio(
+        &qd1_randwrite(&a.target, args.fio_runtime),
+        &dir.join("qd1-whole.json"),
+    )
+    .await?;
+    let down = cluster.replica_index("n3")?;
+    cluster.kill_replica(down)?;
+    say(format!(
+        "killed n3; fio 4k randwrite QD1, {} s, degraded",
+        args.fio_runtime
+    ));
+    let degraded = fio(
+        &qd1_randwrite(&a.target, args.fio_runtime),
+        &dir.join("qd1-degraded.json"),
+    )
+    .await?;
+    say(format!(
+        "degraded: p50 {:.0} µs, p99 {:.0} µs (whole: {:.0} / {:.0} µs)",
+        degraded.p50_us, degraded.p99_us, whole.p50_us, whole.p99_us
+    ));
+    rows.push(Row {
+        what: "5. 4 KiB randwrite QD1 p99, one member down, no rebuild".into(),
+        result: format!(
+            "{:.0} µs (p50 {:.0} µs, {:.0} IOPS)",
+            degraded.p99_us, degraded.p50_us, degraded.iops
+        ),
+        baseline: format!(
+            "{:.0} µs all in sync (p50 {:.0} µs, {:.0} IOPS)",
+            whole.p99_us, whole.p50_us, whole.iops
+        ),
+        ratio: ratio(degraded.p99_us, whole.p99_us),
+        goal: String::new(),
+        note: "every write waits for both survivors (2 of the 2 left) instead of the faster 2 of 3"
+            .into(),
+    });
+    cluster.start_replica(down).await?;
+    wait_engine_in_sync(&cluster, &a.volume_id).await?;
     detach(&cluster, &a).await?;
     drop(cluster);
     Ok(())

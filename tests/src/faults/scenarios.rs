@@ -154,6 +154,63 @@ pub async fn partition(
     Ok(report)
 }
 
+/// (b), interrupted: the engine cut off from one replica for `duration` while a writer
+/// runs, the writer stopped at the heal, and the replica's daemon killed (SIGKILL) and
+/// restarted once its resync has copied some of what it missed. The second resync
+/// goes on from where the first stopped: what both copied together stays about the
+/// bytes missed (each compares versions and copies only blocks that still differ).
+pub async fn interrupted_resync(
+    rig: &mut FaultRig,
+    seed: u64,
+    duration: Duration,
+) -> anyhow::Result<Report> {
+    let mut report = Report::new("interrupted-resync");
+    let victim = a_remote_member(rig).await?;
+    let here = rig.node()?.to_owned();
+    let writer = rig.start_writer(seed)?;
+    writer.wait_for(300).await;
+    let resynced_before = rig.engine_counter("tessera_engine_resync_bytes").await?;
+    let written_before = writer.written();
+    rig.cluster.network()?.partition(&here, &victim)?;
+    let partitioned = Instant::now();
+    let dropped = rig.wait_dropped(&victim, DROPPED_WITHIN).await;
+    if let Some(rest) = duration.checked_sub(partitioned.elapsed()) {
+        tokio::time::sleep(rest).await; // the fault's length, not a synchronisation
+    }
+    rig.cluster.network()?.heal(&here, &victim)?;
+    dropped?;
+    let log = rig.stop_writer(writer).await?;
+    let missed = (log.writes - written_before) * ALIGN as u64;
+    // Wait until the resync has copied a tenth of what was missed, then kill it.
+    let copied_some = crate::poll_until(super::IN_SYNC_WITHIN, || async {
+        let copied = rig
+            .engine_counter("tessera_engine_resync_bytes")
+            .await
+            .ok()?
+            - resynced_before;
+        (copied >= missed / 10).then_some(copied)
+    })
+    .await
+    .map_err(|_| anyhow!("the resync of {victim} never copied a tenth of {missed} bytes"))?;
+    let index = rig.cluster.replica_index(&victim)?;
+    rig.cluster.restart_replica(index).await?;
+    let back = rig
+        .wait_in_sync(&format!("{victim} was killed mid-resync and restarted"))
+        .await?;
+    let resynced = rig.engine_counter("tessera_engine_resync_bytes").await? - resynced_before;
+    report.add("victim", &victim);
+    report.add("missed_bytes", missed);
+    report.add("copied_before_the_kill", copied_some);
+    report.add("resync_bytes", resynced);
+    report.add(
+        "resync_ratio",
+        format!("{:.3}", resynced as f64 / missed.max(1) as f64),
+    );
+    report.add("back_in_sync_after_restart", ms(back));
+    report.add("writes", log.writes);
+    Ok(report)
+}
+
 /// (c) A member lost for good (killed, its data directory deleted): after the
 /// replacement delay a spare daemon holds the copy and all three are in sync; then a
 /// second original member is killed and writes go on. The second daemon comes back
