@@ -184,6 +184,10 @@ struct Replica {
     resyncing_since: Mutex<Option<SystemTime>>,
     /// Reads in flight, for least-loaded replica choice.
     reads_in_flight: AtomicUsize,
+    /// Writes and trims sent (or waiting for an earlier overlapping one) to it that it
+    /// has not answered: a replica behind on writes answers a read only after them,
+    /// so reads avoid it (a slow replica must not slow the reader down to its pace).
+    writes_in_flight: AtomicUsize,
     /// Progress of the catch-up under way: bytes compared so far, of the bytes
     /// planned (0 until planned).
     resync_done: AtomicU64,
@@ -225,6 +229,7 @@ impl Replica {
             stale_info: Mutex::new(stale),
             resyncing_since: Mutex::new(None),
             reads_in_flight: AtomicUsize::new(0),
+            writes_in_flight: AtomicUsize::new(0),
             resync_done: AtomicU64::new(0),
             resync_total: AtomicU64::new(0),
         }

@@ -1,15 +1,23 @@
 //! The read path: one replica in sync picked (the local one first), another tried
 //! on failure, and a block that is corrupt on one replica repaired from a good copy.
 
+use super::replicate::InFlight;
 use super::*;
 
+/// How many more unanswered requests than the least loaded replica the local replica
+/// may have and still serve a read (it saves a network round trip, not a queue).
+const LOCAL_READ_SLACK: usize = 8;
+
 impl Inner {
-    /// Chooses among `eligible` replicas: the local one if eligible, otherwise the one
-    /// with the fewest reads in flight, ties broken round-robin.
+    /// Chooses among `eligible` replicas: the least loaded one (reads and writes it
+    /// has not answered; ties broken round-robin), or the local one if it is eligible
+    /// and not more than [`LOCAL_READ_SLACK`] requests busier than that.
     fn pick(&self, eligible: u32) -> usize {
-        if let Some(l) = self.local().filter(|l| eligible & (1 << l) != 0) {
-            return l;
-        }
+        let load = |i: usize| {
+            let rep = &self.replicas[i];
+            rep.reads_in_flight.load(Ordering::Relaxed)
+                + rep.writes_in_flight.load(Ordering::Relaxed)
+        };
         let n = self.replicas.len();
         let start = self.round_robin.fetch_add(1, Ordering::Relaxed);
         let mut best = None;
@@ -18,13 +26,17 @@ impl Inner {
             if eligible & (1 << i) == 0 {
                 continue;
             }
-            let load = self.replicas[i].reads_in_flight.load(Ordering::Relaxed);
-            if best.is_none_or(|(_, l)| load < l) {
-                best = Some((i, load));
+            let l = load(i);
+            if best.is_none_or(|(_, b)| l < b) {
+                best = Some((i, l));
             }
         }
         // `eligible` is nonzero whenever this is called.
-        best.map_or(0, |(i, _)| i)
+        let (best, least) = best.unwrap_or((0, 0));
+        match self.local().filter(|l| eligible & (1 << l) != 0) {
+            Some(l) if load(l) <= least + LOCAL_READ_SLACK => l,
+            _ => best,
+        }
     }
 
     /// Reads the range from some in-sync replica not in `exclude` that has no
@@ -91,9 +103,9 @@ impl Inner {
             let Some(client) = rep.client() else {
                 continue;
             };
-            rep.reads_in_flight.fetch_add(1, Ordering::Relaxed);
+            let reading = InFlight::count(&rep.reads_in_flight);
             let result = tokio::time::timeout(self.timeout, client.read(offset, len)).await;
-            rep.reads_in_flight.fetch_sub(1, Ordering::Relaxed);
+            drop(reading);
             let node = rep.node();
             match result {
                 Ok(Ok(data)) => return Ok((data, corrupt)),

@@ -192,6 +192,8 @@ impl Inner {
         seq: u64,
     ) -> Outcome {
         let rep = &self.replicas[r];
+        // Counted until this future ends: answered, failed, or dropped at the timeout.
+        let _pending = InFlight::count(&rep.writes_in_flight);
         let work = async {
             for p in preds {
                 p.wait_done_on(r).await;
@@ -261,5 +263,21 @@ impl Inner {
             tally.failures,
             tally.no_space,
         ))
+    }
+}
+
+/// One unit of a per-replica in-flight counter, given back when dropped.
+pub(super) struct InFlight<'a>(&'a AtomicUsize);
+
+impl<'a> InFlight<'a> {
+    pub(super) fn count(counter: &'a AtomicUsize) -> Self {
+        counter.fetch_add(1, Ordering::Relaxed);
+        InFlight(counter)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
