@@ -17,6 +17,7 @@ use anyhow::{anyhow, bail, Context};
 use super::FaultRig;
 use crate::direct_io::ALIGN;
 use crate::fixtures::snapshot_request;
+use crate::random_writer::RandomWriter;
 
 /// Longest a scenario waits for the engine to drop a replica it cannot reach.
 pub const DROPPED_WITHIN: Duration = Duration::from_secs(60);
@@ -108,16 +109,26 @@ pub async fn rolling_restart(rig: &mut FaultRig, seed: u64) -> anyhow::Result<Re
     Ok(report)
 }
 
-/// (b) The engine partitioned from one replica for `duration`, then healed: the
-/// replica is dropped, resynced when reachable again, and the resync copies about
-/// what was written meanwhile. Figures: bytes written during the partition, bytes
-/// the resync copied, their ratio, time back in sync after the heal.
-pub async fn partition(
+/// A partition of the attached node from one remote member under a running writer,
+/// healed after `duration` (at least until the engine dropped the member).
+struct Partitioned {
+    victim: String,
+    /// Still running.
+    writer: RandomWriter,
+    /// The engine's resync bytes counter before the partition.
+    resynced_before: u64,
+    /// Writes done during the partition.
+    written: u64,
+    /// How long it lasted, and when in it the engine dropped the member.
+    lasted: Duration,
+    dropped_after: Duration,
+}
+
+async fn partitioned_under_writes(
     rig: &mut FaultRig,
     seed: u64,
     duration: Duration,
-) -> anyhow::Result<Report> {
-    let mut report = Report::new("partition");
+) -> anyhow::Result<Partitioned> {
     let victim = a_remote_member(rig).await?;
     let here = rig.node()?.to_owned();
     let writer = rig.start_writer(seed)?;
@@ -131,9 +142,29 @@ pub async fn partition(
         tokio::time::sleep(rest).await; // the fault's length, not a synchronisation
     }
     rig.cluster.network()?.heal(&here, &victim)?;
-    let written = writer.written() - written_before;
-    let partitioned_for = partitioned.elapsed();
-    let dropped = dropped?;
+    Ok(Partitioned {
+        written: writer.written() - written_before,
+        lasted: partitioned.elapsed(),
+        dropped_after: dropped?,
+        victim,
+        writer,
+        resynced_before,
+    })
+}
+
+/// (b) The engine partitioned from one replica for `duration`, then healed: the
+/// replica is dropped, resynced when reachable again, and the resync copies about
+/// what was written meanwhile. Figures: bytes written during the partition, bytes
+/// the resync copied, their ratio, time back in sync after the heal.
+pub async fn partition(
+    rig: &mut FaultRig,
+    seed: u64,
+    duration: Duration,
+) -> anyhow::Result<Report> {
+    let mut report = Report::new("partition");
+    let p = partitioned_under_writes(rig, seed, duration).await?;
+    let (victim, writer, resynced_before) = (p.victim, p.writer, p.resynced_before);
+    let (written, partitioned_for, dropped) = (p.written, p.lasted, p.dropped_after);
     let back = rig
         .wait_in_sync(&format!("the partition from {victim} healed"))
         .await?;
@@ -165,21 +196,10 @@ pub async fn interrupted_resync(
     duration: Duration,
 ) -> anyhow::Result<Report> {
     let mut report = Report::new("interrupted-resync");
-    let victim = a_remote_member(rig).await?;
-    let here = rig.node()?.to_owned();
-    let writer = rig.start_writer(seed)?;
-    writer.wait_for(300).await;
-    let resynced_before = rig.engine_counter("tessera_engine_resync_bytes").await?;
-    let written_before = writer.written();
-    rig.cluster.network()?.partition(&here, &victim)?;
-    let partitioned = Instant::now();
-    let dropped = rig.wait_dropped(&victim, DROPPED_WITHIN).await;
-    if let Some(rest) = duration.checked_sub(partitioned.elapsed()) {
-        tokio::time::sleep(rest).await; // the fault's length, not a synchronisation
-    }
-    rig.cluster.network()?.heal(&here, &victim)?;
-    dropped?;
-    let log = rig.stop_writer(writer).await?;
+    let p = partitioned_under_writes(rig, seed, duration).await?;
+    let (victim, resynced_before) = (p.victim, p.resynced_before);
+    let written_before = p.writer.written() - p.written;
+    let log = rig.stop_writer(p.writer).await?;
     let missed = (log.writes - written_before) * ALIGN as u64;
     // Wait until the resync has copied a tenth of what was missed, then kill it.
     let copied_some = crate::poll_until(super::IN_SYNC_WITHIN, || async {
