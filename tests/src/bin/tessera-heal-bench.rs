@@ -110,6 +110,10 @@ struct Args {
     /// Also write the markdown table (with its header lines) to this file.
     #[arg(long)]
     table: Option<PathBuf>,
+    /// The controller's `--heal-interval` in part B (its default is 10s; short makes
+    /// the rebuild start sooner after the replacement delay).
+    #[arg(long, default_value = "300ms")]
+    heal_interval: String,
     /// Further flags for every replica daemon, one `--replica-arg` each (e.g.
     /// `--replica-arg=--copy-busy-share=1` to rebuild without pacing).
     #[arg(long = "replica-arg", allow_hyphen_values = true)]
@@ -873,7 +877,7 @@ async fn part_b(args: &Args, rows: &mut Vec<Row>) -> anyhow::Result<()> {
             "--replacement-delay",
             "2s",
             "--heal-interval",
-            "300ms",
+            &args.heal_interval,
             "--refresh-interval-secs",
             "1",
         ])
