@@ -67,6 +67,14 @@ impl Metrics {
         found.next().is_none().then_some(first.value)
     }
 
+    /// The value of counter `name` with `labels` (exposed as `<name>_total`; a gauge of
+    /// that name also counts), as a whole number.
+    pub fn counter(&self, name: &str, labels: &[(&str, &str)]) -> Option<u64> {
+        self.value(&format!("{name}_total"), labels)
+            .or_else(|| self.value(name, labels))
+            .map(|v| v as u64)
+    }
+
     /// Names of all samples containing `part`, deduplicated and sorted (for error
     /// messages that say what the page offered instead).
     pub fn names_containing(&self, part: &str) -> Vec<String> {

@@ -4,8 +4,8 @@
 //! Fault tests (issue 15) need faults a loopback cluster cannot have: a partition
 //! between two hosts (iptables DROP inside a host's namespace) and a slow link (a
 //! `tc tbf` rate limit on both ends of a host's veth; this kernel has no netem).
-//! [`TestNetwork`] builds that world; [`crate::Daemon::in_netns`] and
-//! [`TestNetwork::in_host`] run a program inside a host's namespace. `nsenter --net` is used, not `ip netns exec`,
+//! [`TestNetwork`] builds that world; [`nsenter`] (and [`crate::Daemon::in_netns`])
+//! runs a program inside a host's namespace. `nsenter --net` is used, not `ip netns exec`,
 //! because the latter also unshares the mount namespace, and the engine-host's FUSE
 //! and loop mounts must be seen by the test and the node plugin.
 //!
@@ -46,7 +46,6 @@ static NETWORKS: AtomicU32 = AtomicU32::new(0);
 /// One host: a network namespace with one interface on the test's bridge.
 #[derive(Debug, Clone)]
 pub struct NetHost {
-    name: String,
     netns: String,
     addr: Ipv4Addr,
     /// The veth end on the bridge, in the root namespace.
@@ -54,11 +53,6 @@ pub struct NetHost {
 }
 
 impl NetHost {
-    /// The name the test gave the host (a node id).
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
     /// The host's address on the test network.
     pub fn addr(&self) -> Ipv4Addr {
         self.addr
@@ -135,12 +129,6 @@ impl TestNetwork {
         Ipv4Addr::new(self.prefix[0], self.prefix[1], self.prefix[2], host)
     }
 
-    /// The root namespace's address on the bridge (where the controller and the test
-    /// are reached from).
-    pub fn root_addr(&self) -> Ipv4Addr {
-        self.addr_of(1)
-    }
-
     /// Adds host `name` (a namespace with loopback up and `eth0` on the bridge at the
     /// next free address). Adding an existing host returns it.
     pub fn add_host(&mut self, name: &str) -> anyhow::Result<NetHost> {
@@ -161,7 +149,6 @@ impl TestNetwork {
         let addr = self.addr_of(2 + index as u8);
         run(ip(["netns", "add", &netns]))?;
         let host = NetHost {
-            name: name.to_owned(),
             netns: netns.clone(),
             addr,
             bridge_port: bridge_port.clone(),
@@ -181,13 +168,16 @@ impl TestNetwork {
         run(ip(["link", "set", &inner, "netns", &netns]))?;
         run(ip(["link", "set", &bridge_port, "master", &self.bridge]))?;
         run(ip(["link", "set", &bridge_port, "up"]))?;
-        run(self.in_host(&host, ip(["link", "set", &inner, "name", "eth0"])))?;
-        run(self.in_host(
+        run(Self::in_host(
+            &host,
+            ip(["link", "set", &inner, "name", "eth0"]),
+        ))?;
+        run(Self::in_host(
             &host,
             ip(["addr", "add", &format!("{addr}/24"), "dev", "eth0"]),
         ))?;
-        run(self.in_host(&host, ip(["link", "set", "eth0", "up"])))?;
-        run(self.in_host(&host, ip(["link", "set", "lo", "up"])))?;
+        run(Self::in_host(&host, ip(["link", "set", "eth0", "up"])))?;
+        run(Self::in_host(&host, ip(["link", "set", "lo", "up"])))?;
         Ok(host)
     }
 
@@ -198,39 +188,32 @@ impl TestNetwork {
             .ok_or_else(|| anyhow!("the test network has no host {name:?}"))
     }
 
-    /// `command` wrapped to run in `host`'s network namespace (and every other
-    /// namespace of the test).
-    pub fn in_host(&self, host: &NetHost, command: Command) -> Command {
-        let mut wrapped = Command::new("nsenter");
-        wrapped
-            .arg(format!("--net={}", host.netns_path().display()))
-            .arg("--")
-            .arg(command.get_program())
-            .args(command.get_args());
+    /// `command` wrapped to run in `host`'s network namespace.
+    fn in_host(host: &NetHost, command: Command) -> Command {
+        let mut wrapped = nsenter(&host.netns_path(), command.get_program());
+        wrapped.args(command.get_args());
         wrapped
     }
 
     /// Drops every packet between hosts `a` and `b` (both directions, in `a`'s
     /// namespace), established connections included.
     pub fn partition(&self, a: &str, b: &str) -> anyhow::Result<()> {
-        let (ha, hb) = (self.host(a)?, self.host(b)?);
-        let peer = hb.addr.to_string();
-        for (chain, dir) in [("INPUT", "-s"), ("OUTPUT", "-d")] {
-            let mut cmd = Command::new("iptables");
-            cmd.args(["-I", chain, dir, &peer, "-j", "DROP"]);
-            run(self.in_host(ha, cmd))?;
-        }
-        Ok(())
+        self.drop_rules(a, b, "-I")
     }
 
     /// Undoes [`TestNetwork::partition`] of `a` and `b`.
     pub fn heal(&self, a: &str, b: &str) -> anyhow::Result<()> {
+        self.drop_rules(a, b, "-D")
+    }
+
+    /// Inserts (`-I`) or deletes (`-D`) the DROP rules of a partition of `a` and `b`.
+    fn drop_rules(&self, a: &str, b: &str, action: &str) -> anyhow::Result<()> {
         let (ha, hb) = (self.host(a)?, self.host(b)?);
         let peer = hb.addr.to_string();
         for (chain, dir) in [("INPUT", "-s"), ("OUTPUT", "-d")] {
             let mut cmd = Command::new("iptables");
-            cmd.args(["-D", chain, dir, &peer, "-j", "DROP"]);
-            run(self.in_host(ha, cmd))?;
+            cmd.args([action, chain, dir, &peer, "-j", "DROP"]);
+            run(Self::in_host(ha, cmd))?;
         }
         Ok(())
     }
@@ -242,17 +225,15 @@ impl TestNetwork {
         let rate = format!("{}bit", bytes_per_sec * 8);
         // A bucket of 32 KiB and a queue of 200 ms at that rate: enough for one
         // frame burst, short enough that the link is as slow as it says.
-        let burst = "32kb".to_owned();
-        let latency = "200ms".to_owned();
         let tbf = |dev: &str| {
             let mut cmd = Command::new("tc");
             cmd.args([
-                "qdisc", "replace", "dev", dev, "root", "tbf", "rate", &rate, "burst", &burst,
-                "latency", &latency,
+                "qdisc", "replace", "dev", dev, "root", "tbf", "rate", &rate, "burst", "32kb",
+                "latency", "200ms",
             ]);
             cmd
         };
-        run(self.in_host(h, tbf("eth0")))?;
+        run(Self::in_host(h, tbf("eth0")))?;
         run(tbf(&h.bridge_port))?;
         Ok(())
     }
@@ -265,7 +246,7 @@ impl TestNetwork {
             cmd.args(["qdisc", "del", "dev", dev, "root"]);
             cmd
         };
-        run(self.in_host(h, del("eth0")))?;
+        run(Self::in_host(h, del("eth0")))?;
         run(del(&h.bridge_port))?;
         Ok(())
     }
@@ -290,6 +271,17 @@ impl Drop for TestNetwork {
             }
         }
     }
+}
+
+/// A command running `program` in the network namespace bound at `netns` (and in
+/// every other namespace of the caller). `nsenter` execs it, so the child's pid is the
+/// program's.
+pub fn nsenter(netns: &Path, program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net={}", netns.display()))
+        .arg("--")
+        .arg(program);
+    cmd
 }
 
 fn ip<const N: usize>(args: [&str; N]) -> Command {

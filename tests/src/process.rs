@@ -106,13 +106,7 @@ impl Daemon {
             .try_clone()
             .with_context(|| format!("duplicating log {}", self.log_path.display()))?;
         let mut command = match &self.netns {
-            Some(netns) => {
-                let mut c = Command::new("nsenter");
-                c.arg(format!("--net={}", netns.display()))
-                    .arg("--")
-                    .arg(&self.program);
-                c
-            }
+            Some(netns) => crate::network::nsenter(netns, &self.program),
             None => Command::new(&self.program),
         };
         command

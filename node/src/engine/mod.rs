@@ -55,7 +55,9 @@
 //!   majority flushed. So after a flush, every write acknowledged before it is durable
 //!   on a majority (DESIGN.md invariant 1).
 //! * **Reads** go to one in-sync replica with no unfinished overlapping write,
-//!   preferring the one on this node, otherwise the least loaded. A replica that
+//!   the least loaded (unanswered reads and writes: a replica behind on writes would
+//!   answer only after them), or the one on this node unless it is more than a few
+//!   requests busier. A replica that
 //!   errors or times out is marked stale and another is tried. Reads also require a
 //!   majority in sync: a minority could belong to an engine that has lost the volume
 //!   to a newer one, and reading it could return data older than that engine's writes
@@ -192,6 +194,22 @@ struct Replica {
     /// planned (0 until planned).
     resync_done: AtomicU64,
     resync_total: AtomicU64,
+}
+
+/// One unit of a per-replica in-flight counter, given back when dropped.
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl<'a> InFlight<'a> {
+    fn count(counter: &'a AtomicUsize) -> Self {
+        counter.fetch_add(1, Ordering::Relaxed);
+        InFlight(counter)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {

@@ -1,7 +1,6 @@
 //! The read path: one replica in sync picked (the local one first), another tried
 //! on failure, and a block that is corrupt on one replica repaired from a good copy.
 
-use super::replicate::InFlight;
 use super::*;
 
 /// How many more unanswered requests than the least loaded replica the local replica

@@ -102,9 +102,8 @@ struct Args {
     /// rebuilding, restoring or cloning replica may work while this daemon's disk has
     /// foreground I/O; it pauses between chunks for the rest, so application I/O keeps
     /// its latency. 1 = never pause.
-    #[arg(long, default_value_t = tessera_replica::snapshot_read::pace::DEFAULT_BUSY_SHARE,
-          value_parser = parse_share)]
-    copy_busy_share: f64,
+    #[arg(long, default_value_t = StreamPacing::default(), value_parser = parse_share)]
+    copy_busy_share: StreamPacing,
 
     /// Time between the starts of two scrub passes, which read back and check every
     /// block of every volume and snapshot here and repair damaged ones from another
@@ -262,11 +261,9 @@ fn parse_period(s: &str) -> Result<Duration, String> {
     parse_duration(s).ok_or_else(|| format!("{s:?} is not a duration like 168h, 30m or 2s"))
 }
 
-fn parse_share(s: &str) -> Result<f64, String> {
+fn parse_share(s: &str) -> Result<StreamPacing, String> {
     let share: f64 = s.parse().map_err(|e| format!("not a number: {e}"))?;
-    StreamPacing::new(share)
-        .map(|_| share)
-        .map_err(|e| e.to_string())
+    StreamPacing::new(share).map_err(|e| e.to_string())
 }
 
 fn parse_capacity(s: &str) -> Result<u64, String> {
@@ -368,7 +365,7 @@ async fn run(args: Args) -> Result<()> {
         },
     )
     .with_copies(Arc::clone(&copies))
-    .with_stream_pacing(StreamPacing::new(args.copy_busy_share)?);
+    .with_stream_pacing(args.copy_busy_share);
 
     // Shared so that both a signal and a failing control server can stop the rest.
     let (stop_tx, stop_rx) = watch::channel(false);

@@ -41,6 +41,13 @@ impl Default for StreamPacing {
     }
 }
 
+/// The share, as `--copy-busy-share` takes it.
+impl std::fmt::Display for StreamPacing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.share)
+    }
+}
+
 impl StreamPacing {
     /// Streams work at most `share` of the time while foreground I/O is active; 1
     /// never pauses.

@@ -9,9 +9,9 @@
 //! priority and sent through a small channel, so a slow reader holds back the reads
 //! (at most [`PREFETCH`] chunks wait in memory) and a reader that goes away stops them.
 //! Chunks with no written block are not sent. While the holder's disk has foreground
-//! I/O, the stream pauses between chunks ([`StreamPacing`]). A `seqs_only` request is served from
-//! the metadata entries alone ([`LayeredStore::read_versions_only`]): no data is read
-//! or sent, so comparing versions costs a fraction of a copy.
+//! I/O, the stream pauses between chunks ([`StreamPacing`]). A `seqs_only` request is
+//! served from the metadata entries alone ([`LayeredStore::read_versions_only`]): no
+//! data is read or sent, so comparing versions costs a fraction of a copy.
 
 use std::sync::Arc;
 

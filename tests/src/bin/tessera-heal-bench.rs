@@ -175,15 +175,12 @@ async fn engine_sample(cluster: &Cluster, volume_id: &str) -> anyhow::Result<Eng
     let page = cluster.node_host("n1")?.engine_host_metrics().await?;
     let labels = [("volume_id", volume_id)];
     let get = |name: &str| -> anyhow::Result<u64> {
-        page.value(&format!("{name}_total"), &labels)
-            .or_else(|| page.value(name, &labels))
-            .map(|v| v as u64)
-            .ok_or_else(|| {
-                anyhow!(
-                    "the engine-host's /metrics has no {name} for {volume_id}; engine series: {:?}",
-                    page.names_containing("tessera_engine")
-                )
-            })
+        page.counter(name, &labels).ok_or_else(|| {
+            anyhow!(
+                "the engine-host's /metrics has no {name} for {volume_id}; engine series: {:?}",
+                page.names_containing("tessera_engine")
+            )
+        })
     };
     Ok(EngineSample {
         resync_bytes: get("tessera_engine_resync_bytes")?,
@@ -755,26 +752,21 @@ async fn part_a(args: &Args, rows: &mut Vec<Row>) -> anyhow::Result<()> {
     // the replacement delay is an hour), the part of item 4's figure no rebuild causes.
     wait_engine_in_sync(&cluster, &a.volume_id).await?;
     let dir = cluster.dir().to_path_buf();
-    say(format!(
-        "fio 4k randwrite QD1, {} s, all in sync",
-        args.fio_runtime
-    ));
-    let whole = fio(
-        &qd1_randwrite(&a.target, args.fio_runtime),
-        &dir.join("qd1-whole.json"),
-    )
-    .await?;
+    let qd1 = |state: &'static str| {
+        say(format!(
+            "fio 4k randwrite QD1, {} s, {state}",
+            args.fio_runtime
+        ));
+        let (fio_args, out) = (
+            qd1_randwrite(&a.target, args.fio_runtime),
+            dir.join(format!("qd1-{state}.json")),
+        );
+        async move { fio(&fio_args, &out).await }
+    };
+    let whole = qd1("whole").await?;
     let down = cluster.replica_index("n3")?;
     cluster.kill_replica(down)?;
-    say(format!(
-        "killed n3; fio 4k randwrite QD1, {} s, degraded",
-        args.fio_runtime
-    ));
-    let degraded = fio(
-        &qd1_randwrite(&a.target, args.fio_runtime),
-        &dir.join("qd1-degraded.json"),
-    )
-    .await?;
+    let degraded = qd1("degraded").await?;
     say(format!(
         "degraded: p50 {:.0} µs, p99 {:.0} µs (whole: {:.0} / {:.0} µs)",
         degraded.p50_us, degraded.p99_us, whole.p50_us, whole.p99_us
@@ -791,7 +783,8 @@ async fn part_a(args: &Args, rows: &mut Vec<Row>) -> anyhow::Result<()> {
         ),
         ratio: ratio(degraded.p99_us, whole.p99_us),
         goal: String::new(),
-        note: "every write waits for both survivors (2 of the 2 left) instead of the faster 2 of 3"
+        note: "n3 killed: every write waits for both survivors (2 of the 2 left) instead of \
+               the faster 2 of 3"
             .into(),
     });
     cluster.start_replica(down).await?;

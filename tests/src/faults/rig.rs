@@ -231,7 +231,6 @@ impl FaultRig {
                 self.issued.insert(block, write);
             }
         }
-        self.next_write = self.next_write.max(log.seen_kill_at + 1);
         if let Some(&last) = log.last_issued.values().max() {
             self.next_write = self.next_write.max(last + 1);
         }
@@ -258,11 +257,6 @@ impl FaultRig {
         Ok(())
     }
 
-    /// Blocks with a durable write so far.
-    pub fn durable_blocks(&self) -> usize {
-        self.expected.len()
-    }
-
     /// Every durable block, read through the attachment, holds its last durable write
     /// (or a later one a dead writer issued).
     pub async fn check_reads_back(&self, when: &str) -> anyhow::Result<()> {
@@ -273,22 +267,7 @@ impl FaultRig {
                 .await
                 .context("reader task")?
                 .map_err(|e| anyhow!("reading back {when}: {e}"))?;
-        if !read.all_current() {
-            const FEW: usize = 8;
-            let few = |v: &[u64]| v[..v.len().min(FEW)].to_vec();
-            bail!(
-                "{when}: {} blocks intact, {} undurable, zeros {:?} ({}), older {:?} ({}), \
-                 other {:?} ({})",
-                read.intact,
-                read.undurable,
-                few(&read.zeros),
-                read.zeros.len(),
-                few(&read.older),
-                read.older.len(),
-                few(&read.other),
-                read.other.len()
-            );
-        }
+        read.check(when).map_err(|e| anyhow!(e))?;
         Ok(())
     }
 
@@ -426,9 +405,7 @@ impl FaultRig {
         let node = self.node()?;
         let page = self.cluster.node_host(node)?.engine_host_metrics().await?;
         let labels = [("volume_id", self.id())];
-        page.value(&format!("{name}_total"), &labels)
-            .or_else(|| page.value(name, &labels))
-            .map(|v| v as u64)
+        page.counter(name, &labels)
             .ok_or_else(|| anyhow!("the engine-host on {node} has no {name} for {}", self.id()))
     }
 

@@ -62,7 +62,7 @@ impl fmt::Display for Report {
 
 /// Members of the volume's set other than the node the volume is attached to
 /// (faults between hosts need two hosts).
-async fn remote_members(rig: &FaultRig) -> anyhow::Result<Vec<String>> {
+pub(super) async fn remote_members(rig: &FaultRig) -> anyhow::Result<Vec<String>> {
     let here = rig.node()?.to_owned();
     Ok(rig
         .members()
@@ -95,12 +95,8 @@ pub async fn rolling_restart(rig: &mut FaultRig, seed: u64) -> anyhow::Result<Re
     for member in rig.members().await? {
         let index = rig.cluster.replica_index(&member)?;
         rig.cluster.restart_replica(index).await?;
-        let back = Instant::now();
         let took = rig.wait_in_sync(&format!("{member} was restarted")).await?;
-        report.add(
-            format!("{member}_back_in_sync"),
-            ms(took.max(back.elapsed())),
-        );
+        report.add(format!("{member}_back_in_sync"), ms(took));
         let n = writer.written();
         writer.wait_for(n + 100).await;
     }
@@ -117,8 +113,9 @@ struct Partitioned {
     writer: RandomWriter,
     /// The engine's resync bytes counter before the partition.
     resynced_before: u64,
-    /// Writes done during the partition.
-    written: u64,
+    /// The writer's writes before the partition, and during it.
+    writes_before: u64,
+    writes_during: u64,
     /// How long it lasted, and when in it the engine dropped the member.
     lasted: Duration,
     dropped_after: Duration,
@@ -134,7 +131,7 @@ async fn partitioned_under_writes(
     let writer = rig.start_writer(seed)?;
     writer.wait_for(300).await;
     let resynced_before = rig.engine_counter("tessera_engine_resync_bytes").await?;
-    let written_before = writer.written();
+    let writes_before = writer.written();
     rig.cluster.network()?.partition(&here, &victim)?;
     let partitioned = Instant::now();
     let dropped = rig.wait_dropped(&victim, DROPPED_WITHIN).await;
@@ -143,7 +140,8 @@ async fn partitioned_under_writes(
     }
     rig.cluster.network()?.heal(&here, &victim)?;
     Ok(Partitioned {
-        written: writer.written() - written_before,
+        writes_during: writer.written() - writes_before,
+        writes_before,
         lasted: partitioned.elapsed(),
         dropped_after: dropped?,
         victim,
@@ -163,17 +161,15 @@ pub async fn partition(
 ) -> anyhow::Result<Report> {
     let mut report = Report::new("partition");
     let p = partitioned_under_writes(rig, seed, duration).await?;
-    let (victim, writer, resynced_before) = (p.victim, p.writer, p.resynced_before);
-    let (written, partitioned_for, dropped) = (p.written, p.lasted, p.dropped_after);
     let back = rig
-        .wait_in_sync(&format!("the partition from {victim} healed"))
+        .wait_in_sync(&format!("the partition from {} healed", p.victim))
         .await?;
-    let resynced = rig.engine_counter("tessera_engine_resync_bytes").await? - resynced_before;
-    let log = rig.stop_writer(writer).await?;
-    let written_bytes = written * ALIGN as u64;
-    report.add("victim", &victim);
-    report.add("dropped_after", ms(dropped));
-    report.add("partitioned_for", ms(partitioned_for));
+    let resynced = rig.engine_counter("tessera_engine_resync_bytes").await? - p.resynced_before;
+    let log = rig.stop_writer(p.writer).await?;
+    let written_bytes = p.writes_during * ALIGN as u64;
+    report.add("victim", &p.victim);
+    report.add("dropped_after", ms(p.dropped_after));
+    report.add("partitioned_for", ms(p.lasted));
     report.add("written_during_partition_bytes", written_bytes);
     report.add("resync_bytes", resynced);
     report.add(
@@ -198,9 +194,9 @@ pub async fn interrupted_resync(
     let mut report = Report::new("interrupted-resync");
     let p = partitioned_under_writes(rig, seed, duration).await?;
     let (victim, resynced_before) = (p.victim, p.resynced_before);
-    let written_before = p.writer.written() - p.written;
     let log = rig.stop_writer(p.writer).await?;
-    let missed = (log.writes - written_before) * ALIGN as u64;
+    // Everything written from the partition on: the writer stopped after the heal.
+    let missed = (log.writes - p.writes_before) * ALIGN as u64;
     // Wait until the resync has copied a tenth of what was missed, then kill it.
     let copied_some = crate::poll_until(super::IN_SYNC_WITHIN, || async {
         let copied = rig
@@ -359,6 +355,7 @@ pub async fn slow_replica(
     tokio::time::sleep(WINDOW).await; // a measurement window
     let slow = rate(n1, t1);
     rig.cluster.network()?.clear_rate_limit(&victim)?;
+    // Checked once the fault is undone, so a failure leaves no limit behind.
     let dropped = dropped?;
     let back = rig
         .wait_in_sync(&format!("the limit on {victim} was lifted"))
@@ -398,6 +395,7 @@ pub async fn full_filesystem(
     let n = writer.written();
     writer.wait_for(n + 500).await;
     std::fs::remove_file(&filler).with_context(|| format!("removing {}", filler.display()))?;
+    // Checked once the fault is undone, so a failure leaves no full disk behind.
     let dropped = dropped?;
     let back = rig
         .wait_in_sync(&format!("space was freed on {victim}"))
@@ -504,9 +502,7 @@ pub async fn scrub_repairs(rig: &mut FaultRig, seed: u64) -> anyhow::Result<Repo
 
 async fn scrub_counter(rig: &FaultRig, index: usize, name: &str) -> anyhow::Result<u64> {
     let page = rig.cluster.replica(index).metrics().await?;
-    page.value(&format!("{name}_total"), &[])
-        .or_else(|| page.value(name, &[]))
-        .map(|v| v as u64)
+    page.counter(name, &[])
         .ok_or_else(|| anyhow!("no {name} on /metrics"))
 }
 

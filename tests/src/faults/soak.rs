@@ -6,13 +6,11 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
-
 use super::scenarios::{self, Report};
 use super::{FaultRig, RigConfig};
 
 /// A fault a round can draw.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fault {
     /// (a) Every member's daemon killed and restarted in turn.
     RollingRestart,
@@ -95,6 +93,15 @@ impl Draw {
     fn below(&mut self, n: u64) -> u64 {
         self.next() % n.max(1)
     }
+
+    /// One of `items`, or an error naming `what` when there is none.
+    fn pick<T: Clone>(&mut self, items: &[T], what: &str) -> anyhow::Result<T> {
+        let i = self.below(items.len() as u64) as usize;
+        items
+            .get(i)
+            .cloned()
+            .ok_or_else(|| anyhow::anyhow!("no {what} to pick from"))
+    }
 }
 
 /// Runs the soak on a fresh rig; `progress` gets each round's report.
@@ -113,11 +120,18 @@ pub async fn soak(
         {
             break;
         }
-        let fault = Fault::ALL[draw.below(Fault::ALL.len() as u64) as usize];
+        let fault = draw.pick(&Fault::ALL, "fault")?;
         let seed = draw.next();
         let t = Instant::now();
-        let report = match run_round(&mut rig, fault, seed, &mut draw).await {
-            Ok(r) => r,
+        let outcome = async {
+            let report = run_round(&mut rig, fault, seed, &mut draw).await?;
+            rig.final_checks(&format!("after round {round} ({fault:?})"))
+                .await?;
+            anyhow::Ok(report)
+        }
+        .await;
+        let report = match outcome {
+            Ok(report) => report,
             Err(e) => {
                 return Err(e.context(format!(
                     "soak round {round} ({fault:?}) failed (seed {:#x}; condition: {})",
@@ -126,9 +140,6 @@ pub async fn soak(
                 )))
             }
         };
-        rig.final_checks(&format!("after round {round} ({fault:?})"))
-            .await
-            .with_context(|| format!("soak round {round} ({fault:?}), seed {:#x}", config.seed))?;
         let took = t.elapsed();
         summary.longest_round = summary.longest_round.max(took);
         summary.elapsed += took;
@@ -165,19 +176,12 @@ async fn run_round(
                 .map(|n| n.node_id().to_owned())
                 .filter(|n| *n != here)
                 .collect();
-            let to = others[draw.below(others.len() as u64) as usize].clone();
+            let to = draw.pick(&others, "other node")?;
             scenarios::engine_host_crash(rig, seed, &to).await
         }
         Fault::SlowReplica => scenarios::slow_replica(rig, seed, 1 << 20).await,
         Fault::FullFilesystem => {
-            let here = rig.node()?.to_owned();
-            let remote: Vec<String> = rig
-                .members()
-                .await?
-                .into_iter()
-                .filter(|m| *m != here)
-                .collect();
-            let victim = remote[draw.below(remote.len() as u64) as usize].clone();
+            let victim = draw.pick(&scenarios::remote_members(rig).await?, "remote member")?;
             scenarios::full_filesystem(rig, seed, &victim).await
         }
         Fault::StaleReplicaThenMove => scenarios::stale_replica_then_move(rig, seed).await,
