@@ -6,6 +6,7 @@
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use tessera_tls::metrics::TransportCollector;
 
 use tessera_telemetry::exposition::{counters, gauge, gauges};
 use tessera_telemetry::prometheus_client::collector::Collector;
@@ -66,6 +67,10 @@ impl Metrics {
             "tessera_controller_csi_requests",
             "CSI calls answered, by method and gRPC code.",
         );
+        registry.register_collector(Box::new(TransportCollector::new(
+            "tessera_controller",
+            pool.transport().clone(),
+        )));
         registry.register_collector(Box::new(PoolAndIndex {
             pool,
             index,
@@ -175,6 +180,7 @@ mod tests {
             static_addresses: vec!["127.0.0.1:1".into()],
             dns: None,
             rpc_timeout: Duration::from_secs(1),
+            transport: tessera_tls::Transport::plaintext(),
         }));
         pool.refresh().await;
         let index = Arc::new(VolumeIndex::default());

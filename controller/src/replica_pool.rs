@@ -18,7 +18,8 @@ use tessera_replica_protocol::control_proto::{
     ListVolumesRequest, RaiseEpochRequest, ReplicaInfo, ReplicaRef, SnapshotRangesRequest,
     SnapshotRangesResponse, SnapshotRecord, UpdateVolumeRequest, VolumeRecord,
 };
-use tonic::transport::{Channel, Endpoint};
+use tessera_tls::Transport;
+use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 /// Default deadline of one replica RPC.
@@ -35,6 +36,9 @@ pub struct PoolConfig {
     pub dns: Option<String>,
     /// Deadline of every replica RPC.
     pub rpc_timeout: Duration,
+    /// How daemons are dialled, on the control port here and on the data plane by
+    /// whoever asks [`ReplicaPool::transport`].
+    pub transport: Transport,
 }
 
 /// What the controller knows about one daemon.
@@ -455,18 +459,22 @@ impl ReplicaPool {
         result
     }
 
+    /// How daemons are dialled (for data-plane clients the controller opens).
+    pub fn transport(&self) -> &Transport {
+        &self.cfg.transport
+    }
+
     fn channel(&self, address: &str) -> Result<Channel, Status> {
         let mut ch = self.channels.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(c) = ch.get(address) {
             return Ok(c.clone());
         }
-        let endpoint = Endpoint::from_shared(format!("http://{address}"))
+        let endpoint = tessera_tls::grpc::endpoint(address)
             .map_err(|e| {
                 Status::unavailable(format!("invalid replica daemon address {address:?}: {e}"))
             })?
-            .connect_timeout(self.cfg.rpc_timeout)
-            .tcp_nodelay(true);
-        let c = endpoint.connect_lazy();
+            .connect_timeout(self.cfg.rpc_timeout);
+        let c = tessera_tls::grpc::lazy_channel(&endpoint, &self.cfg.transport);
         ch.insert(address.to_string(), c.clone());
         Ok(c)
     }
@@ -527,6 +535,7 @@ mod tests {
             static_addresses: vec!["127.0.0.1:9".into(), "http://127.0.0.1:9/".into()],
             dns: None,
             rpc_timeout: Duration::from_millis(500),
+            transport: tessera_tls::Transport::plaintext(),
         });
         assert_eq!(pool.daemons().len(), 1, "addresses are normalised");
         pool.refresh().await;
@@ -545,6 +554,7 @@ mod tests {
             static_addresses: vec![addr.clone()],
             dns: None,
             rpc_timeout: Duration::from_millis(300),
+            transport: tessera_tls::Transport::plaintext(),
         });
         let start = std::time::Instant::now();
         let err = pool.get_volume(&addr, "tv-x").await.unwrap_err();
@@ -564,6 +574,7 @@ mod tests {
             static_addresses: vec!["10.0.0.9:7000".into()],
             dns: None,
             rpc_timeout: DEFAULT_RPC_TIMEOUT,
+            transport: tessera_tls::Transport::plaintext(),
         });
         {
             let mut d = pool.write();

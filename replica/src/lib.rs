@@ -37,6 +37,7 @@ pub(crate) use tessera_replica_protocol::control_proto;
 pub mod block_io;
 pub mod capacity;
 pub mod catalog;
+pub mod control_auth;
 pub mod control_service;
 pub mod copy;
 pub mod dataplane;

@@ -173,6 +173,32 @@ impl ClusterCa {
     }
 }
 
+/// Where [`ClusterCa::write_all`] puts the directory of `identity` under `root`.
+pub fn identity_dir(root: &Path, identity: Identity) -> PathBuf {
+    root.join(identity.as_str())
+}
+
+impl ClusterCa {
+    /// Writes the CA (`root/ca.crt`, `root/ca.key`, mode 0600: keep it to issue
+    /// rotated certificates later) and a certificate directory per identity
+    /// ([`identity_dir`]: `root/controller`, `root/node`, `root/replica`).
+    pub fn write_all(&self, root: &Path, validity: Duration) -> Result<(), GenerateError> {
+        std::fs::create_dir_all(root).map_err(|source| GenerateError::Write {
+            path: root.to_path_buf(),
+            source,
+        })?;
+        write_file(&root.join(CA_FILE), self.cert_pem.as_bytes(), 0o644)?;
+        write_file(&root.join(CA_KEY_FILE), self.key_pem().as_bytes(), 0o600)?;
+        for identity in Identity::ALL {
+            self.write_dir(&identity_dir(root, identity), identity, validity)?;
+        }
+        Ok(())
+    }
+}
+
+/// The CA's private key next to its certificate in a [`ClusterCa::write_all`] root.
+pub const CA_KEY_FILE: &str = "ca.key";
+
 /// Writes `bytes` to `path` through a temporary file in the same directory, renamed
 /// over it.
 pub fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), GenerateError> {

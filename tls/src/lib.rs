@@ -30,6 +30,7 @@ pub mod generate;
 pub mod grpc;
 pub mod identity;
 pub mod material;
+pub mod metrics;
 pub mod transport;
 
 pub use args::TlsArgs;

@@ -24,6 +24,7 @@ use tessera_csi_proto::v1::controller_server::ControllerServer;
 use tessera_csi_proto::v1::identity_server::IdentityServer;
 use tessera_csi_proto::v1::snapshot_metadata_server::SnapshotMetadataServer;
 use tessera_replica_protocol::units::parse_duration;
+use tessera_tls::{Identity, TlsArgs};
 use tokio::sync::watch;
 
 /// Tessera CSI controller plugin (Identity, Controller and SnapshotMetadata services).
@@ -34,6 +35,9 @@ struct Args {
     /// or tcp://host:port for debugging.
     #[arg(long, env = "CSI_ENDPOINT")]
     endpoint: String,
+
+    #[command(flatten)]
+    tls: TlsArgs,
 
     /// Control addresses of replica daemons, comma-separated host:port.
     #[arg(long, value_delimiter = ',')]
@@ -113,10 +117,15 @@ async fn main() -> Result<()> {
         .filter(|s| !s.is_empty())
         .collect();
 
+    let transport = args
+        .tls
+        .start(Identity::Controller)
+        .context("loading the controller's certificates")?;
     let pool = Arc::new(ReplicaPool::new(PoolConfig {
         static_addresses: statics,
         dns: args.replicas_dns.clone(),
         rpc_timeout: Duration::from_millis(args.rpc_timeout_ms.max(1)),
+        transport: transport.clone(),
     }));
     pool.refresh().await;
     let live = pool.live().len();

@@ -12,7 +12,7 @@
 //! takes the epoch higher and declares again.
 
 use tessera_replica_protocol::control_proto::VolumeRecord;
-use tessera_replica_protocol::data::client::ReplicaDataClient;
+use tessera_replica_protocol::data::client::{ClientConfig, ReplicaDataClient};
 use tessera_replica_protocol::sync::Membership;
 
 use super::{HealError, Healer};
@@ -36,11 +36,18 @@ impl Healer {
             node: node.clone(),
             reason,
         };
-        let clients =
-            join_all(set.iter().map(|r| {
-                ReplicaDataClient::connect(r.data_address.clone(), &cur.volume_id, fence)
-            }))
-            .await;
+        let clients = join_all(set.iter().map(|r| {
+            ReplicaDataClient::connect_with(
+                r.data_address.clone(),
+                &cur.volume_id,
+                fence,
+                ClientConfig {
+                    transport: pool.transport().clone(),
+                    ..ClientConfig::default()
+                },
+            )
+        }))
+        .await;
         let connected: Vec<(&str, ReplicaDataClient)> = set
             .iter()
             .zip(clients)

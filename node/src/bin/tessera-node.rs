@@ -22,6 +22,8 @@ use tessera_node::plugin_registration::{self, PluginProbe, Registration, Registr
 use tessera_node::NodeConfig;
 use tessera_telemetry::prometheus_client::registry::Registry;
 use tessera_telemetry::LogFormat;
+use tessera_tls::metrics::TransportCollector;
+use tessera_tls::{Identity, TlsArgs};
 use tokio::net::UnixListener;
 use tracing::{error, info, warn};
 
@@ -106,6 +108,9 @@ struct EngineHostArgs {
     /// learn that the controller replaced a lost replica (e.g. `10s`, `500ms`).
     #[arg(long, default_value = "10s", value_parser = parse_interval)]
     replica_set_poll: std::time::Duration,
+
+    #[command(flatten)]
+    tls: TlsArgs,
 }
 
 fn parse_interval(s: &str) -> Result<std::time::Duration, String> {
@@ -260,7 +265,13 @@ async fn run_engine_host(args: EngineHostArgs) -> anyhow::Result<()> {
     let state_dir = args.state_dir.clone();
     let (host, report) = tokio::task::block_in_place(|| EngineHost::new(&state_dir, fuse))
         .context("starting the engine-host")?;
-    let host = host.with_replica_set_poll(args.replica_set_poll);
+    let transport = args
+        .tls
+        .start(Identity::Node)
+        .context("loading the node's certificates")?;
+    let host = host
+        .with_replica_set_poll(args.replica_set_poll)
+        .with_transport(transport.clone());
     info!(
         ?report,
         "cleaned up what an earlier engine-host left behind"
@@ -288,6 +299,10 @@ async fn run_engine_host(args: EngineHostArgs) -> anyhow::Result<()> {
                 "Requests of a volume's engine by op, from the frontend's call to its answer \
                  (a write: acknowledged by a majority).",
             );
+            registry.register_collector(Box::new(TransportCollector::new(
+                "tessera_engine",
+                transport.clone(),
+            )));
             let endpoints = HostProbe(Arc::clone(&host)).endpoints(registry);
             let mut rx = stop_rx.clone();
             Some(tokio::spawn(tessera_telemetry::serve(

@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::time::Duration;
+use tessera_tls::Transport;
 
 pub use tessera_replica_protocol::publish_context::ReplicaEndpoint;
 use tessera_replica_protocol::publish_context::{PublishContext, PublishContextError};
@@ -59,6 +60,10 @@ pub struct EngineConfig {
     /// How often the in-sync replicas are asked for the volume's replica set, so a
     /// member the controller replaced is replaced in the engine too.
     pub replica_set_poll: Duration,
+    /// How replicas are dialled: TLS with the node's certificate, or plain text (the
+    /// default of [`EngineConfig::new`], for in-process tests; the engine-host sets
+    /// what its flags chose).
+    pub transport: Transport,
 }
 
 impl EngineConfig {
@@ -79,6 +84,7 @@ impl EngineConfig {
             clean_interval: DEFAULT_CLEAN_INTERVAL,
             reconnect_interval: DEFAULT_RECONNECT_INTERVAL,
             replica_set_poll: DEFAULT_REPLICA_SET_POLL,
+            transport: Transport::plaintext(),
         }
     }
 

@@ -126,6 +126,7 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tessera_tls::Transport;
 
 use bytes::Bytes;
 use futures_util::stream::{FuturesUnordered, StreamExt};
@@ -324,6 +325,8 @@ struct Inner {
     local_node_id: String,
     replicas: Vec<Replica>,
     timeout: Duration,
+    /// How replicas are (re)connected.
+    transport: Transport,
     counter: AtomicU64,
     inflight: Inflight,
     fenced: AtomicBool,
@@ -389,6 +392,7 @@ impl Engine {
             // The engine bounds every request itself (including time spent waiting for
             // an earlier overlapping write), so the client waits for the reply.
             request_timeout: None,
+            transport: config.transport.clone(),
             ..ClientConfig::default()
         };
         let connects = config.replicas.iter().map(|r| {
@@ -504,6 +508,7 @@ impl Engine {
                 local_node_id: config.local_node_id,
                 replicas,
                 timeout: config.request_timeout,
+                transport: config.transport,
                 counter: AtomicU64::new(0),
                 inflight: Inflight::default(),
                 fenced: AtomicBool::new(false),
@@ -543,11 +548,7 @@ impl Engine {
     pub async fn resize(&self, wanted: Option<u64>) -> Result<u64, EngineError> {
         let inner = &*self.inner;
         inner.check_usable()?;
-        let client_config = ClientConfig {
-            connect_timeout: inner.timeout,
-            request_timeout: Some(inner.timeout),
-            ..ClientConfig::default()
-        };
+        let client_config = inner.client_config();
         let asks = inner.replicas.iter().map(|r| {
             let cfg = client_config.clone();
             let id = r.id();
@@ -937,6 +938,19 @@ fn sep(s: &str) -> &'static str {
         ""
     } else {
         "; "
+    }
+}
+
+impl Inner {
+    /// How the engine connects to a replica after open (resync, resize): every
+    /// request bounded by the engine's timeout.
+    fn client_config(&self) -> ClientConfig {
+        ClientConfig {
+            connect_timeout: self.timeout,
+            request_timeout: Some(self.timeout),
+            transport: self.transport.clone(),
+            ..ClientConfig::default()
+        }
     }
 }
 

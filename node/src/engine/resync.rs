@@ -156,11 +156,7 @@ impl Inner {
     pub(super) async fn resync(&self, r: usize) -> Result<ResyncReport, String> {
         let rep = &self.replicas[r];
         let id = rep.id();
-        let config = ClientConfig {
-            connect_timeout: self.timeout,
-            request_timeout: Some(self.timeout),
-            ..ClientConfig::default()
-        };
+        let config = self.client_config();
         let client = match ReplicaDataClient::connect_with(
             id.address.as_str(),
             &self.volume_id,

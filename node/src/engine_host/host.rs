@@ -91,6 +91,8 @@ pub struct EngineHost {
     op_latency: VolumeLatency,
     /// Given to every engine opened here ([`EngineConfig::replica_set_poll`]).
     replica_set_poll: std::time::Duration,
+    /// Given to every engine opened here ([`EngineConfig::transport`]).
+    transport: tessera_tls::Transport,
 }
 
 impl std::fmt::Debug for EngineHost {
@@ -167,6 +169,7 @@ impl EngineHost {
                 shutting_down: AtomicBool::new(false),
                 op_latency: VolumeLatency::default(),
                 replica_set_poll: crate::engine::config::DEFAULT_REPLICA_SET_POLL,
+                transport: tessera_tls::Transport::plaintext(),
             },
             report,
         ))
@@ -177,6 +180,18 @@ impl EngineHost {
     pub fn with_replica_set_poll(mut self, every: std::time::Duration) -> Self {
         self.replica_set_poll = every;
         self
+    }
+
+    /// Sets how the engines opened from now on dial their replicas (default: plain
+    /// text, for in-process tests; the binary passes what its flags chose).
+    pub fn with_transport(mut self, transport: tessera_tls::Transport) -> Self {
+        self.transport = transport;
+        self
+    }
+
+    /// How engines dial their replicas.
+    pub fn transport(&self) -> &tessera_tls::Transport {
+        &self.transport
     }
 
     /// The state directory (absolute).
@@ -215,6 +230,7 @@ impl EngineHost {
                 },
             )?;
         config.replica_set_poll = self.replica_set_poll;
+        config.transport = self.transport.clone();
         if self.shutting_down.load(Ordering::SeqCst) {
             return Err(EngineHostError::ShuttingDown);
         }

@@ -38,6 +38,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::Parser;
 use tessera_replica::catalog::{Catalog, CatalogConfig, CatalogIo};
+use tessera_replica::control_auth::AuthorizeLayer;
 use tessera_replica::control_service::{ControlService, NodeInfo};
 use tessera_replica::copy::{CopyConfig, CopyManager};
 use tessera_replica::dataplane;
@@ -53,9 +54,10 @@ use tessera_replica::volume_registry::CatalogRegistry;
 use tessera_replica_protocol::control_proto::replica_control_server::ReplicaControlServer;
 use tessera_replica_protocol::units::{parse_duration, parse_size};
 use tessera_telemetry::{Endpoints, LogFormat};
+use tessera_tls::metrics::TransportCollector;
+use tessera_tls::{Identity, TlsArgs};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_stream::wrappers::TcpListenerStream;
 use tracing::{error, info, warn};
 
 /// Longest a clean shutdown waits for data-plane requests in flight.
@@ -70,6 +72,9 @@ struct Args {
     /// use a directory at a time.
     #[arg(long, env = "TESSERA_DATA_DIR")]
     data_dir: PathBuf,
+
+    #[command(flatten)]
+    tls: TlsArgs,
 
     /// HOST:PORT for the control gRPC API.
     #[arg(long, default_value = "0.0.0.0:7400")]
@@ -349,10 +354,15 @@ async fn run(args: Args) -> Result<()> {
         );
     }
 
+    let transport = args
+        .tls
+        .start(Identity::Replica)
+        .context("loading the replica's certificates")?;
     let copies = CopyManager::new(
         Arc::clone(&catalog),
         CopyConfig {
             max_bandwidth: args.copy_max_bandwidth,
+            transport: transport.clone(),
             ..CopyConfig::default()
         },
     );
@@ -388,6 +398,7 @@ async fn run(args: Args) -> Result<()> {
             rate: args.scrub_rate,
             node_id: node_id.clone(),
             peer_timeout: Duration::from_secs(10),
+            transport: transport.clone(),
         },
     ));
     let mut metrics = DaemonMetrics::new(
@@ -399,6 +410,12 @@ async fn run(args: Args) -> Result<()> {
     metrics
         .registry
         .register_collector(Box::new(scrubber.collector()));
+    metrics
+        .registry
+        .register_collector(Box::new(TransportCollector::new(
+            "tessera_replica",
+            transport.clone(),
+        )));
     let metrics_task = metrics_listener.map(|listener| {
         let endpoints = Endpoints::new(
             Arc::new(CatalogHealth(Arc::clone(&catalog))),
@@ -430,6 +447,7 @@ async fn run(args: Args) -> Result<()> {
     let data_config = ServerConfig {
         shards,
         op_latency: Some(metrics.data_latency.clone()),
+        transport: transport.clone(),
         ..ServerConfig::default()
     };
     let data_task = tokio::spawn(dataplane::server::serve_with_config(
@@ -465,9 +483,10 @@ async fn run(args: Args) -> Result<()> {
     );
 
     let served = tonic::transport::Server::builder()
+        .layer(AuthorizeLayer::new(transport.clone()))
         .add_service(ReplicaControlServer::new(service))
         .serve_with_incoming_shutdown(
-            TcpListenerStream::new(control_listener),
+            tessera_tls::grpc::incoming(control_listener, transport.clone()),
             stopped(stop_rx.clone()),
         )
         .await;

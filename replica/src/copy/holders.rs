@@ -131,6 +131,7 @@ impl HolderSet {
                     request.clone(),
                     config.connect_timeout,
                     bandwidth.clone(),
+                    config.transport.clone(),
                 ))
             })
             .collect();

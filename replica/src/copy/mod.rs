@@ -85,6 +85,7 @@ use crate::store::LayeredStore;
 pub use error::CopyError;
 pub use merge::{Chosen, MergeError, SnapshotMerger};
 pub use ops::COPY_SEQ;
+use tessera_tls::Transport;
 pub use throttle::Bandwidth;
 
 /// Tunables of the copies of one daemon.
@@ -104,6 +105,9 @@ pub struct CopyConfig {
     pub backoff_min: Duration,
     /// Longest retry delay.
     pub backoff_max: Duration,
+    /// How holders are dialled: TLS with the daemon's replica certificate, or plain
+    /// text (the default, for tests; the daemon sets what its flags chose).
+    pub transport: Transport,
 }
 
 impl Default for CopyConfig {
@@ -116,6 +120,7 @@ impl Default for CopyConfig {
             idle_timeout: Duration::from_secs(60),
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(5),
+            transport: Transport::plaintext(),
         }
     }
 }

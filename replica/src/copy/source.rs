@@ -19,6 +19,7 @@ use crate::control_proto::replica_control_client::ReplicaControlClient;
 use crate::record::ReplicaRef;
 use crate::snapshot_read::{chunk, ChunkGrid, ChunkKind};
 use crate::store::VersionedBlocks;
+use tessera_tls::Transport;
 
 /// Chunks a holder's task reads ahead of the merge.
 const READ_AHEAD: usize = 2;
@@ -59,15 +60,9 @@ pub fn label(holder: &ReplicaRef) -> String {
 }
 
 fn endpoint(address: &str, connect_timeout: Duration) -> Result<Endpoint, String> {
-    let uri = if address.starts_with("http://") || address.starts_with("https://") {
-        address.to_string()
-    } else {
-        format!("http://{address}")
-    };
-    Endpoint::from_shared(uri)
+    tessera_tls::grpc::endpoint(address)
         .map(|e| {
             e.connect_timeout(connect_timeout)
-                .tcp_nodelay(true)
                 .initial_stream_window_size(STREAM_WINDOW)
         })
         .map_err(|e| format!("invalid control address {address:?}: {e}"))
@@ -81,14 +76,14 @@ pub async fn open(
     request: proto::ReadSnapshotBlocksRequest,
     timeout: Duration,
     bandwidth: Option<Arc<Bandwidth>>,
+    transport: Transport,
 ) -> Result<HolderReader, String> {
     let label = label(&holder);
     let grid = ChunkGrid::of_request(request.offset, request.length);
     let kind = ChunkKind::of_request(&request);
     let endpoint = endpoint(&holder.control_address, timeout)?;
     let opened = tokio::time::timeout(timeout, async {
-        let channel = endpoint
-            .connect()
+        let channel = tessera_tls::grpc::connect_channel(&endpoint, &transport)
             .await
             .map_err(|e| format!("cannot connect: {e}"))?;
         ReplicaControlClient::new(channel)

@@ -17,8 +17,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tessera_telemetry::{Op, VolumeLatency};
+use tessera_tls::transport::{ReadHalf, WriteHalf};
+use tessera_tls::{Identity, Refusal, Transport};
 use tokio::io::{AsyncWriteExt, BufReader, BufWriter};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
@@ -57,6 +58,9 @@ pub struct ServerConfig {
     /// Where the latency of foreground reads, writes, trims and flushes is recorded,
     /// per volume (the daemon's `/metrics`); `None` records nothing.
     pub op_latency: Option<VolumeLatency>,
+    /// TLS with the daemon's certificate, or plain text. The default is plain text,
+    /// for servers a test runs in-process; the daemon sets what its flags chose.
+    pub transport: Transport,
 }
 
 impl Default for ServerConfig {
@@ -68,9 +72,17 @@ impl Default for ServerConfig {
             handshake_timeout: Duration::from_secs(10),
             shards: None,
             op_latency: None,
+            transport: Transport::plaintext(),
         }
     }
 }
+
+/// The metric label of refusals on the data port.
+const DATA_PORT: &str = "data";
+
+/// Who may send HELLO: engines (nodes), and the controller, which declares rebuilt
+/// copies in sync and verifies volumes. Replicas copy over the control port.
+const DATA_PLANE_IDENTITIES: &[Identity] = &[Identity::Node, Identity::Controller];
 
 /// Why a connection ended abnormally (logged by the accept loop, never sent).
 #[derive(Debug, thiserror::Error)]
@@ -85,6 +97,8 @@ enum ConnectionError {
     Rejected(RemoteError),
     #[error("client sent a corrupt frame")]
     BadFrame(#[source] FrameError),
+    #[error("refused: {0}")]
+    Refused(Refusal),
 }
 
 /// Serves the data plane on `listener` with [`ServerConfig::default`] until `shutdown`
@@ -231,8 +245,25 @@ async fn handle_connection<R: VolumeRegistry>(
     config: Arc<ServerConfig>,
     stop: watch::Receiver<bool>,
 ) -> Result<(), ConnectionError> {
-    socket.set_nodelay(true)?;
-    let (rd, wr) = socket.into_split();
+    let addr = socket.peer_addr()?;
+    let accepted = tokio::time::timeout(
+        config.handshake_timeout,
+        config.transport.accept(socket, DATA_PORT),
+    )
+    .await;
+    let (stream, peer) = match accepted {
+        Ok(Ok(accepted)) => accepted,
+        Ok(Err(counted)) => return Err(ConnectionError::Refused(counted)),
+        Err(_) => {
+            let r = Refusal::handshake(format!(
+                "no TLS handshake within {:?}",
+                config.handshake_timeout
+            ));
+            config.transport.refused(DATA_PORT, addr, &r);
+            return Err(ConnectionError::Refused(r));
+        }
+    };
+    let (rd, wr) = stream.split();
     let mut rd = BufReader::with_capacity(64 * 1024, rd);
     let mut wr = BufWriter::with_capacity(64 * 1024, wr);
 
@@ -253,6 +284,15 @@ async fn handle_connection<R: VolumeRegistry>(
         }
         Ok(Err(e)) => return Err(e.into()),
     };
+    if !peer.identity.is_one_of(DATA_PLANE_IDENTITIES) {
+        let refusal = Refusal::wrong_identity(peer.identity, "use the data plane");
+        config.transport.refused(DATA_PORT, addr, &refusal);
+        let r = RemoteError::new(ErrorCode::PermissionDenied, 0, refusal.detail.clone());
+        let out = error_reply(&hello.header, &r, None);
+        write_frame(&mut wr, &out.header, &out.payload).await?;
+        wr.shutdown().await?;
+        return Err(ConnectionError::Refused(refusal));
+    }
     let session = match handshake(&registry, &hello.header, &hello.payload).await {
         Ok((session, reply)) => {
             let payload = reply.encode();
@@ -588,7 +628,7 @@ fn timed_op(req: &Request) -> Option<Op> {
 }
 
 async fn read_loop<R: VolumeRegistry>(
-    mut rd: BufReader<OwnedReadHalf>,
+    mut rd: BufReader<ReadHalf>,
     session: Session<R::Blocks>,
     registry: Arc<R>,
     tx: mpsc::UnboundedSender<Outgoing>,
@@ -727,7 +767,7 @@ async fn read_loop<R: VolumeRegistry>(
 }
 
 async fn write_loop(
-    mut wr: BufWriter<OwnedWriteHalf>,
+    mut wr: BufWriter<WriteHalf>,
     mut rx: mpsc::UnboundedReceiver<Outgoing>,
 ) -> Result<(), ConnectionError> {
     while let Some(out) = rx.recv().await {

@@ -49,6 +49,8 @@ pub struct ScrubConfig {
     pub node_id: String,
     /// Deadline of one request to a peer.
     pub peer_timeout: Duration,
+    /// How peers are dialled (the daemon's transport).
+    pub transport: tessera_tls::Transport,
 }
 
 /// What the scrubber did since the daemon started.

@@ -85,8 +85,14 @@ impl Scrubber {
         let mut found = Vec::new();
         for peer in peers {
             let timeout = self.cfg.peer_timeout;
-            let mut reader = match source::open(peer.clone(), request.clone(), timeout, None).await
-            {
+            let opened = source::open(
+                peer.clone(),
+                request.clone(),
+                timeout,
+                None,
+                self.cfg.transport.clone(),
+            );
+            let mut reader = match opened.await {
                 Ok(r) => r,
                 Err(e) => {
                     tracing::debug!(volume = %rec.volume_id, error = %e, "peer not asked for a repair");

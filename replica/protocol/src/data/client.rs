@@ -23,8 +23,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::Bytes;
+use tessera_tls::transport::{ReadHalf, WriteHalf};
+use tessera_tls::Transport;
 use tokio::io::{AsyncWriteExt, BufReader, BufWriter};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpStream, ToSocketAddrs};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
@@ -54,6 +55,10 @@ pub struct ClientConfig {
     /// Highest protocol version offered at HELLO: [`PROTOCOL_VERSION`] unless a test
     /// plays an older engine.
     pub max_protocol_version: u16,
+    /// TLS with the process's certificate, or plain text. The default is plain text,
+    /// for servers a test runs in-process; every binary sets the transport its
+    /// flags chose.
+    pub transport: Transport,
 }
 
 impl Default for ClientConfig {
@@ -63,6 +68,7 @@ impl Default for ClientConfig {
             request_timeout: None,
             max_queued: 1024,
             max_protocol_version: PROTOCOL_VERSION,
+            transport: Transport::plaintext(),
         }
     }
 }
@@ -226,8 +232,12 @@ impl ReplicaDataClient {
             let socket = TcpStream::connect(addr)
                 .await
                 .map_err(ClientError::Connect)?;
-            socket.set_nodelay(true).map_err(ClientError::Connect)?;
-            let (rd, wr) = socket.into_split();
+            let stream = config
+                .transport
+                .connect(socket)
+                .await
+                .map_err(ClientError::Connect)?;
+            let (rd, wr) = stream.split();
             let mut rd = BufReader::with_capacity(64 * 1024, rd);
             let mut wr = BufWriter::with_capacity(64 * 1024, wr);
             let info = handshake(
@@ -245,8 +255,8 @@ impl ReplicaDataClient {
     }
 
     fn start(
-        rd: BufReader<OwnedReadHalf>,
-        wr: BufWriter<OwnedWriteHalf>,
+        rd: BufReader<ReadHalf>,
+        wr: BufWriter<WriteHalf>,
         epoch: u64,
         info: VolumeInfo,
         config: ClientConfig,
@@ -601,8 +611,8 @@ fn u64_reply(p: &[u8]) -> Result<u64, ClientError> {
 }
 
 async fn handshake(
-    rd: &mut BufReader<OwnedReadHalf>,
-    wr: &mut BufWriter<OwnedWriteHalf>,
+    rd: &mut BufReader<ReadHalf>,
+    wr: &mut BufWriter<WriteHalf>,
     volume_id: &str,
     epoch: u64,
     max_version: u16,
@@ -677,7 +687,7 @@ fn remote_error(f: &Frame) -> Decoded {
     }
 }
 
-async fn reader_task(mut rd: BufReader<OwnedReadHalf>, shared: Arc<Shared>) {
+async fn reader_task(mut rd: BufReader<ReadHalf>, shared: Arc<Shared>) {
     let reason = loop {
         let frame = match read_frame(&mut rd).await {
             Ok(Some(f)) => f,
@@ -713,7 +723,7 @@ fn frame_id(r: &Result<Frame, ClientError>) -> u64 {
 }
 
 async fn writer_task(
-    mut wr: BufWriter<OwnedWriteHalf>,
+    mut wr: BufWriter<WriteHalf>,
     mut rx: mpsc::Receiver<(Header, WritePayload)>,
     shared: Arc<Shared>,
 ) {

@@ -37,6 +37,9 @@ pub enum ErrorCode {
     /// A well-formed frame whose contents make no sense (unknown opcode, flags set,
     /// empty range, payload where none belongs, a second HELLO, ...).
     InvalidRequest = 10,
+    /// The caller's certificate names an identity that may not use the data plane
+    /// (only nodes and the controller may); the connection is closed after this.
+    PermissionDenied = 11,
 }
 
 impl ErrorCode {
@@ -53,6 +56,7 @@ impl ErrorCode {
             8 => ErrorCode::UnknownVolume,
             9 => ErrorCode::UnsupportedVersion,
             10 => ErrorCode::InvalidRequest,
+            11 => ErrorCode::PermissionDenied,
             _ => return None,
         })
     }
@@ -70,6 +74,7 @@ impl ErrorCode {
             ErrorCode::UnknownVolume => "UNKNOWN_VOLUME",
             ErrorCode::UnsupportedVersion => "UNSUPPORTED_VERSION",
             ErrorCode::InvalidRequest => "INVALID_REQUEST",
+            ErrorCode::PermissionDenied => "PERMISSION_DENIED",
         }
     }
 }

@@ -49,6 +49,13 @@
 //! Limits: `length` must lie in 48 ..= 48 + 8 MiB ([`frame::MAX_PAYLOAD`]). A prefix
 //! outside that range is a protocol error detected before anything is allocated.
 //!
+//! ## Transport
+//!
+//! Frames travel over TCP inside mutual TLS (the `tessera-tls` crate: certificates
+//! from the cluster CA naming an identity), or over plain TCP when both ends were
+//! started with `--insecure-plaintext`. Only the node and controller identities may
+//! send HELLO; any other is answered `PERMISSION_DENIED` and the connection closed.
+//!
 //! ## Handshake
 //!
 //! The first frame a client sends is HELLO: header `epoch` = the engine's epoch,
@@ -59,8 +66,8 @@
 //! * OK: opcode `0x81`, header `epoch` = the replica's epoch for the volume, payload
 //!   (16 bytes) = `u16 version` (highest both speak), `u16` 0, `u32 block_size`,
 //!   `u64 volume_size`;
-//! * or an error reply (`UNSUPPORTED_VERSION`, `UNKNOWN_VOLUME`, `STALE_EPOCH`,
-//!   `INVALID_REQUEST`, `IO_ERROR`) and then closes the connection.
+//! * or an error reply (`PERMISSION_DENIED`, `UNSUPPORTED_VERSION`, `UNKNOWN_VOLUME`,
+//!   `STALE_EPOCH`, `INVALID_REQUEST`, `IO_ERROR`) and then closes the connection.
 //!
 //! Epochs at HELLO: lower than the replica's → `STALE_EPOCH`; higher → the replica
 //! adopts it durably (`VolumeRegistry::adopt_epoch`, then `fetch_max` on the shared
@@ -147,6 +154,7 @@
 //! | 8 | UNKNOWN_VOLUME | 0 | closed (HELLO) |
 //! | 9 | UNSUPPORTED_VERSION | replica's max version | closed (HELLO) |
 //! | 10 | INVALID_REQUEST | 0 (or the HELLO epoch) | stays open (closed at HELLO) |
+//! | 11 | PERMISSION_DENIED | 0 | closed (HELLO) |
 //!
 //! **Corrupt frames.** A frame whose crc fails, or whose length prefix is out of
 //! range, means the byte stream can't be trusted (we may be mid-frame). The server
