@@ -1,4 +1,5 @@
-//! Generates the CSI bindings from `proto/csi.proto` at build time.
+//! Generates the CSI bindings from `proto/csi.proto`, and those of the Kubernetes
+//! SnapshotMetadata API from `proto/k8s_snapshot_metadata.proto`, at build time.
 //!
 //! protoc comes from the `protoc-bin-vendored` crate, so building needs no system
 //! protobuf compiler.
@@ -9,6 +10,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     std::env::set_var("PROTOC", protoc);
     let include = protoc_bin_vendored::include_path()?;
     println!("cargo:rerun-if-changed=proto/csi.proto");
+    println!("cargo:rerun-if-changed=proto/k8s_snapshot_metadata.proto");
     let out_dir = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     tonic_prost_build::configure()
         // Kept so a test can prove the schema is wire-identical to CSI v1.12.0.
@@ -17,6 +19,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_client(true)
         .compile_protos(
             &[std::path::PathBuf::from("proto/csi.proto")],
+            &[std::path::PathBuf::from("proto"), include.clone()],
+        )?;
+    tonic_prost_build::configure()
+        .build_server(true)
+        .build_client(true)
+        .compile_protos(
+            &[std::path::PathBuf::from(
+                "proto/k8s_snapshot_metadata.proto",
+            )],
             &[std::path::PathBuf::from("proto"), include],
         )?;
     Ok(())

@@ -46,6 +46,8 @@ pub mod publish;
 pub mod quorum;
 pub mod replica_pool;
 pub mod restore;
+pub mod k8s_snapshot_metadata;
+pub mod kube_api;
 pub mod snapshot_metadata;
 pub mod snapshots;
 pub mod volume_index;

@@ -6,6 +6,9 @@
 //!
 //! Layout:
 //! * [`v1`]: the code generated from `proto/csi.proto` (package `csi.v1`), unchanged.
+//! * [`k8s_snapshot_metadata`]: the code generated from
+//!   `proto/k8s_snapshot_metadata.proto`, the Kubernetes-facing SnapshotMetadata API
+//!   the controller serves to backup applications.
 //! * [`endpoint`]: parsing of CSI `--endpoint` values (unix sockets, tcp for debugging).
 //! * [`identity`]: the CSI Identity service both plugins serve (the driver's name and
 //!   plugin capabilities are the same whichever process answers).
@@ -19,6 +22,13 @@
 #[allow(clippy::all, missing_docs)]
 pub mod v1 {
     tonic::include_proto!("csi.v1");
+}
+
+/// Generated messages, client and server of the Kubernetes SnapshotMetadata API
+/// (package `snapshotmetadata`: what backup applications call, with a token).
+#[allow(clippy::all, missing_docs)]
+pub mod k8s_snapshot_metadata {
+    tonic::include_proto!("snapshotmetadata");
 }
 
 pub mod endpoint;

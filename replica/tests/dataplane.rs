@@ -462,6 +462,35 @@ async fn an_epoch_beyond_the_seq_layout_is_refused_at_hello() {
     assert_eq!(c.info().epoch, MAX_EPOCH);
 }
 
+/// A write or trim whose seq carries a later epoch than its connection's is refused
+/// and changes nothing: it would outrank every write of the next engine.
+#[tokio::test]
+async fn a_seq_from_a_later_epoch_than_the_connection_is_refused() {
+    use tessera_replica_protocol::seq::{Epoch, Seq};
+    let reg = FileBackedVolumes::new();
+    reg.create("v", 16, 3);
+    let srv = start(&reg).await;
+    let c = ReplicaDataClient::connect(srv.addr, "v", 3).await.unwrap();
+    let own = Seq::of(Epoch::new(3).unwrap(), 1).unwrap().get();
+    c.write(0, pattern(0), own).await.unwrap();
+    let ahead = Seq::of(Epoch::new(4).unwrap(), 1).unwrap().get();
+    let refused = [
+        remote_code(c.write(0, vec![9u8; 4096], ahead).await),
+        remote_code(c.trim(0, 4096, ahead).await),
+        remote_code(c.write_if_newer(0, vec![9u8; 4096], ahead).await),
+        remote_code(c.trim_if_newer(0, 4096, ahead).await),
+        remote_code(c.write(0, vec![9u8; 4096], u64::MAX).await),
+    ];
+    for r in refused {
+        assert_eq!(r, (ErrorCode::InvalidRequest, 3));
+    }
+    assert_eq!(c.read(0, 4096).await.unwrap(), pattern(0));
+    // Older epochs' seqs are what resync and repair copy: still accepted.
+    let older = Seq::of(Epoch::new(2).unwrap(), 7).unwrap().get();
+    c.write(4096, pattern(1), older).await.unwrap();
+    assert_eq!(c.read(4096, 4096).await.unwrap(), pattern(1));
+}
+
 /// A write admitted under epoch 1 that is still on its way to the store when an
 /// engine of epoch 2 says HELLO (the replica adopts 2) lands before that HELLO is
 /// answered, never after; a write of epoch 1 sent afterwards is refused. (Before,

@@ -7,7 +7,9 @@
 //! that stalls mid-handshake holds up only itself, and each has a deadline.
 
 use std::io;
+use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -20,6 +22,7 @@ use tonic::transport::server::Connected;
 use tonic::transport::{Channel, Endpoint, Uri};
 use tower::service_fn;
 
+use crate::identity::PeerIdentity;
 use crate::transport::{Peer, Refusal, Stream, Transport};
 
 /// The metric label of refusals on a control (gRPC) port.
@@ -55,6 +58,67 @@ pub fn incoming(
     listener: TcpListener,
     transport: Transport,
 ) -> ReceiverStream<io::Result<ServerConn>> {
+    accept_loop(listener, move |tcp, addr| {
+        let transport = transport.clone();
+        async move {
+            let handshake = transport.accept(tcp, CONTROL_PORT);
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+                Ok(Ok((stream, peer))) => Some(ServerConn { stream, peer }),
+                Ok(Err(_counted)) => None,
+                Err(_) => {
+                    transport.refused(
+                        CONTROL_PORT,
+                        addr,
+                        &Refusal::handshake(format!(
+                            "no TLS handshake within {HANDSHAKE_TIMEOUT:?}"
+                        )),
+                    );
+                    None
+                }
+            }
+        }
+    })
+}
+
+/// The connections of `listener` through a TLS handshake that asks clients for no
+/// certificate (`config`, e.g. `material::server_without_client_auth`): for a port
+/// whose callers prove who they are otherwise (the SnapshotMetadata API's
+/// Kubernetes tokens). Their peer identity is [`PeerIdentity::Unverified`].
+pub fn incoming_without_client_auth(
+    listener: TcpListener,
+    config: Arc<rustls::ServerConfig>,
+) -> ReceiverStream<io::Result<ServerConn>> {
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    accept_loop(listener, move |tcp, addr| {
+        let acceptor = acceptor.clone();
+        async move {
+            let _ = tcp.set_nodelay(true);
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) => Some(ServerConn {
+                    stream: Stream::Server(Box::new(tls)),
+                    peer: Peer {
+                        addr,
+                        identity: PeerIdentity::Unverified,
+                    },
+                }),
+                Ok(Err(e)) => {
+                    tracing::debug!(%addr, error = %e, "TLS handshake failed");
+                    None
+                }
+                Err(_) => None,
+            }
+        }
+    })
+}
+
+/// Accepts on `listener` until the returned stream is dropped; each connection's
+/// `handshake` runs in a task of its own and yields the connection or nothing.
+fn accept_loop<C, F, Fut>(listener: TcpListener, handshake: F) -> ReceiverStream<io::Result<C>>
+where
+    C: Send + 'static,
+    F: Fn(TcpStream, SocketAddr) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Option<C>> + Send + 'static,
+{
     let (tx, rx) = mpsc::channel(64);
     tokio::spawn(async move {
         loop {
@@ -66,27 +130,16 @@ pub fn incoming(
                 Ok(a) => a,
                 Err(e) => {
                     // EMFILE and the like: wait a little instead of spinning.
-                    tracing::warn!(error = %e, "control port: accept failed");
+                    tracing::warn!(error = %e, "gRPC port: accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             };
             let tx = tx.clone();
-            let transport = transport.clone();
+            let handshake = handshake(tcp, addr);
             tokio::spawn(async move {
-                let handshake = transport.accept(tcp, CONTROL_PORT);
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
-                    Ok(Ok((stream, peer))) => {
-                        let _ = tx.send(Ok(ServerConn { stream, peer })).await;
-                    }
-                    Ok(Err(_counted)) => {}
-                    Err(_) => transport.refused(
-                        CONTROL_PORT,
-                        addr,
-                        &Refusal::handshake(format!(
-                            "no TLS handshake within {HANDSHAKE_TIMEOUT:?}"
-                        )),
-                    ),
+                if let Some(conn) = handshake.await {
+                    let _ = tx.send(Ok(conn)).await;
                 }
             });
         }

@@ -241,3 +241,65 @@ fn check_own_identity(
         )),
     }
 }
+
+/// A server configuration presenting `tls.crt`/`tls.key` from `dir` to clients that
+/// bring no certificate: for ports that authenticate callers otherwise (the
+/// SnapshotMetadata API checks a Kubernetes token).
+pub fn server_without_client_auth(dir: &Path) -> Result<Arc<ServerConfig>, TlsError> {
+    let cert_path = dir.join(CERT_FILE);
+    let key_path = dir.join(KEY_FILE);
+    let read = |path: &Path| {
+        std::fs::read(path).map_err(|source| TlsError::Read {
+            path: path.to_path_buf(),
+            source,
+        })
+    };
+    let chain = certificates(&cert_path, &read(&cert_path)?, "certificate")?;
+    let key = PrivateKeyDer::from_pem_slice(&read(&key_path)?).map_err(|source| TlsError::Pem {
+        path: key_path.clone(),
+        what: "private key",
+        source,
+    })?;
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|source| TlsError::Config {
+            dir: dir.to_path_buf(),
+            what: "protocol versions",
+            source,
+        })?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(|source| TlsError::Config {
+            dir: dir.to_path_buf(),
+            what: "certificate and key do not match",
+            source,
+        })?;
+    config.alpn_protocols = vec![H2.to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// A client configuration trusting the CA certificates in `ca_file` and presenting
+/// none: for HTTPS to a server of another CA (the Kubernetes API server).
+pub fn client_trusting(ca_file: &Path) -> Result<Arc<ClientConfig>, TlsError> {
+    let pem = std::fs::read(ca_file).map_err(|source| TlsError::Read {
+        path: ca_file.to_path_buf(),
+        source,
+    })?;
+    let mut roots = RootCertStore::empty();
+    for ca in certificates(ca_file, &pem, "CA certificate")? {
+        roots.add(ca).map_err(|source| TlsError::BadCa {
+            path: ca_file.to_path_buf(),
+            source,
+        })?;
+    }
+    let config = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|source| TlsError::Config {
+            dir: ca_file.to_path_buf(),
+            what: "protocol versions",
+            source,
+        })?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}

@@ -6,6 +6,7 @@
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,11 +16,15 @@ use clap::Parser;
 use tessera_controller::controller_service::DEFAULT_COPY_WAIT;
 use tessera_controller::endpoint::CsiEndpoint;
 use tessera_controller::heal::{self, HealConfig};
+use tessera_controller::k8s_snapshot_metadata::access::Access;
+use tessera_controller::k8s_snapshot_metadata::{KubeSnapshotMetadata, DEFAULT_AUDIENCE};
+use tessera_controller::kube_api::KubeApi;
 use tessera_controller::metrics::Metrics;
 use tessera_controller::{
     load_index, ControllerConfig, ControllerService, IdentityService, PoolConfig, ReplicaPool,
     SnapshotMetadataService,
 };
+use tessera_csi_proto::k8s_snapshot_metadata::snapshot_metadata_server::SnapshotMetadataServer as KubeSnapshotMetadataServer;
 use tessera_csi_proto::v1::controller_server::ControllerServer;
 use tessera_csi_proto::v1::identity_server::IdentityServer;
 use tessera_csi_proto::v1::snapshot_metadata_server::SnapshotMetadataServer;
@@ -85,6 +90,22 @@ struct Args {
     /// missed creates and expansions, leftover copies), e.g. `10s` [default: 10s].
     #[arg(long, value_parser = parse_wait)]
     heal_interval: Option<Duration>,
+
+    /// Serve the Kubernetes SnapshotMetadata API to backup applications on this
+    /// HOST:PORT (TLS with --snapshot-metadata-tls-dir; every call's token is
+    /// reviewed by the Kubernetes API server of this pod). Off unless given.
+    #[arg(long)]
+    snapshot_metadata_listen: Option<SocketAddr>,
+
+    /// Directory with the SnapshotMetadata API's serving certificate and key
+    /// (`tls.crt`, `tls.key`), for the name clients dial.
+    #[arg(long, default_value = "/etc/tessera/snapshot-metadata-tls")]
+    snapshot_metadata_tls_dir: PathBuf,
+
+    /// The audience SnapshotMetadata tokens must be issued for (`kubectl create
+    /// token SA --audience ...`).
+    #[arg(long, default_value = DEFAULT_AUDIENCE)]
+    snapshot_metadata_audience: String,
 }
 
 fn parse_wait(s: &str) -> Result<Duration, String> {
@@ -207,6 +228,34 @@ async fn main() -> Result<()> {
         let stop = shutdown_signal(stop_rx.clone());
         async move { healer.run(stop).await }
     });
+    if let Some(addr) = args.snapshot_metadata_listen {
+        let access = Access::new(
+            KubeApi::in_cluster().context("--snapshot-metadata-listen needs the Kubernetes API")?,
+            args.snapshot_metadata_audience.clone(),
+        );
+        let tls =
+            tessera_tls::material::server_without_client_auth(&args.snapshot_metadata_tls_dir)
+                .context("loading the SnapshotMetadata API's serving certificate")?;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding --snapshot-metadata-listen {addr}"))?;
+        tracing::info!(address = %listener.local_addr()?, audience = %args.snapshot_metadata_audience,
+            "serving the Kubernetes SnapshotMetadata API");
+        let service = KubeSnapshotMetadata::new(snapshot_metadata.clone(), access);
+        let stop = shutdown_signal(stop_rx.clone());
+        tokio::spawn(async move {
+            let served = tonic::transport::Server::builder()
+                .add_service(KubeSnapshotMetadataServer::new(service))
+                .serve_with_incoming_shutdown(
+                    tessera_tls::grpc::incoming_without_client_auth(listener, tls),
+                    stop,
+                )
+                .await;
+            if let Err(e) = served {
+                tracing::error!(error = %tessera_telemetry::error_chain(&e), "SnapshotMetadata API server failed");
+            }
+        });
+    }
     let router = tonic::transport::Server::builder()
         .add_service(IdentityServer::new(identity))
         .add_service(ControllerServer::new(controller))

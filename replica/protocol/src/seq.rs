@@ -27,6 +27,13 @@ impl Seq {
         (counter <= MAX_COUNTER).then_some(Seq(epoch.0 << COUNTER_BITS | counter))
     }
 
+    /// A seq read off the wire or a store: every `u64` is one (its high bits are
+    /// always an epoch that fits), which is why a replica compares that epoch with
+    /// the connection's rather than trusting it.
+    pub fn from_raw(seq: u64) -> Seq {
+        Seq(seq)
+    }
+
     /// The number as the wire and the store carry it.
     pub fn get(self) -> u64 {
         self.0

@@ -26,7 +26,7 @@ use tokio::task::JoinSet;
 
 use crate::block_io::{BlockIoError, OpenVolume, VolumeBlocks, VolumeRegistry, BLOCK_SIZE};
 
-use tessera_replica_protocol::seq::{Epoch, MAX_EPOCH};
+use tessera_replica_protocol::seq::{Epoch, Seq, MAX_EPOCH};
 
 use super::reply::remote_error;
 use super::shards::Shards;
@@ -411,7 +411,7 @@ fn stale(wanted: u64, current: u64) -> RemoteError {
 }
 
 /// Checks done before a request reaches the block store, in this order: fencing
-/// epoch, handshake epoch, alignment, bounds.
+/// epoch, handshake epoch, the seq's epoch, alignment, bounds.
 fn precheck<V: VolumeBlocks>(
     session: &Session<V>,
     h: &Header,
@@ -433,6 +433,22 @@ fn precheck<V: VolumeBlocks>(
                 h.epoch, session.epoch
             ),
         ));
+    }
+    // A seq from a later epoch than the connection's would outrank every write the
+    // next engine makes (resync and repair keep the higher seq): nothing legitimate
+    // sends one, since an engine writes with its own epoch and copies older seqs.
+    if let Some(seq) = req.seq() {
+        let seq_epoch = Seq::from_raw(seq).epoch().get();
+        if seq_epoch > session.epoch {
+            return Err(RemoteError::new(
+                ErrorCode::InvalidRequest,
+                session.epoch,
+                format!(
+                    "seq {seq:#x} is of epoch {seq_epoch}, above the connection's epoch {}",
+                    session.epoch
+                ),
+            ));
+        }
     }
     if let Some((offset, len)) = req.range() {
         // BLOCK_SIZE is a power of two; written with a mask to stay within the MSRV.

@@ -433,6 +433,17 @@ impl Request {
         )
     }
 
+    /// The sequence number a write or trim carries (its epoch in the high bits).
+    pub fn seq(&self) -> Option<u64> {
+        match self {
+            Request::Write { seq, .. }
+            | Request::WriteIfNewer { seq, .. }
+            | Request::Trim { seq, .. }
+            | Request::TrimIfNewer { seq, .. } => Some(*seq),
+            _ => None,
+        }
+    }
+
     /// Byte range the request touches, for alignment and bounds checks.
     pub fn range(&self) -> Option<(u64, u64)> {
         match self {

@@ -140,7 +140,9 @@
 //! ## Errors
 //!
 //! An error reply has `status` = code and payload = `u64 detail` + UTF-8 message
-//! (≤ 256 bytes). Checks run in this order: request validity, epoch, alignment, range.
+//! (≤ 256 bytes). Checks run in this order: request validity, epoch, the seq's epoch
+//! (a WRITE or TRIM whose seq carries an epoch above the connection's is
+//! `INVALID_REQUEST`: it would outrank the next engine's writes), alignment, range.
 //!
 //! | code | name | detail | connection |
 //! |---|---|---|---|
