@@ -40,22 +40,22 @@ pub enum KubeError {
     NotInCluster(&'static str),
     #[error("{0:?} is not a host name or address")]
     BadHost(String),
-    #[error("the API server's CA: {0}")]
+    #[error("the API server's CA")]
     Tls(#[from] TlsError),
-    #[error("reading the service-account token {path}: {source}")]
+    #[error("reading the service-account token {path}")]
     Token {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("{method} {path}: {source}")]
+    #[error("{method} {path}")]
     Io {
         method: Method,
         path: String,
         #[source]
         source: std::io::Error,
     },
-    #[error("{method} {path}: {source}")]
+    #[error("{method} {path}")]
     Http {
         method: Method,
         path: String,
@@ -71,7 +71,7 @@ pub enum KubeError {
         status: u16,
         body: String,
     },
-    #[error("{method} {path}: unexpected response: {source}")]
+    #[error("{method} {path}: unexpected response")]
     Decode {
         method: Method,
         path: String,

@@ -27,13 +27,13 @@ pub const DEFAULT_VALIDITY: Duration = Duration::from_secs(3650 * 24 * 3600);
 /// Why a certificate could not be made or written.
 #[derive(Debug, thiserror::Error)]
 pub enum GenerateError {
-    #[error("cannot {what}: {source}")]
+    #[error("cannot {what}")]
     Rcgen {
         what: &'static str,
         #[source]
         source: rcgen::Error,
     },
-    #[error("cannot write {path}: {source}")]
+    #[error("cannot write {path}")]
     Write {
         path: PathBuf,
         #[source]
@@ -41,6 +41,8 @@ pub enum GenerateError {
     },
     #[error("validity of {0:?} is out of range")]
     Validity(Duration),
+    #[error("the CA certificate is not a CA (its basic constraints do not say so)")]
+    NotACa,
 }
 
 fn rcgen(what: &'static str) -> impl FnOnce(rcgen::Error) -> GenerateError {
@@ -107,6 +109,19 @@ impl ClusterCa {
     /// certificates that chain to it: for rotating a leaf without touching the CA.
     pub fn load(cert_pem: &str, key_pem: &str) -> Result<ClusterCa, GenerateError> {
         let key = KeyPair::from_pem(key_pem).map_err(rcgen("parse the CA key"))?;
+        // Verifiers accept any trust anchor as an issuer, so a leaf passed here by
+        // mistake would mint certificates that verify: refuse it.
+        let der = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes())
+            .map_err(|_| GenerateError::NotACa)?
+            .1;
+        let is_ca = der
+            .parse_x509()
+            .ok()
+            .and_then(|c| c.basic_constraints().ok().flatten().map(|b| b.value.ca))
+            .unwrap_or(false);
+        if !is_ca {
+            return Err(GenerateError::NotACa);
+        }
         let issuer =
             Issuer::from_ca_cert_pem(cert_pem, key).map_err(rcgen("parse the CA certificate"))?;
         Ok(ClusterCa {

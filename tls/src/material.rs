@@ -26,7 +26,7 @@ const H2: &[u8] = b"h2";
 /// Why a certificate directory cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("cannot read {path}: {source} (give the certificate directory with --tls-dir, or run with --insecure-plaintext)")]
+    #[error("cannot read {path} (give the certificate directory with --tls-dir, or run with --insecure-plaintext)")]
     Read {
         path: PathBuf,
         #[source]
@@ -34,27 +34,27 @@ pub enum TlsError {
     },
     #[error("{path} holds no PEM {what}")]
     Missing { path: PathBuf, what: &'static str },
-    #[error("{path}: invalid PEM {what}: {source}")]
+    #[error("{path}: invalid PEM {what}")]
     Pem {
         path: PathBuf,
         what: &'static str,
         #[source]
         source: rustls::pki_types::pem::Error,
     },
-    #[error("{path}: CA certificate not usable: {source}")]
+    #[error("{path}: CA certificate not usable")]
     BadCa {
         path: PathBuf,
         #[source]
         source: rustls::Error,
     },
-    #[error("{dir}: {what}: {source}")]
+    #[error("{dir}: {what}")]
     Config {
         dir: PathBuf,
         what: &'static str,
         #[source]
         source: rustls::Error,
     },
-    #[error("{dir}: cannot build the client-certificate verifier: {source}")]
+    #[error("{dir}: cannot build the client-certificate verifier")]
     Verifier {
         dir: PathBuf,
         #[source]

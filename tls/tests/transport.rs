@@ -227,3 +227,20 @@ async fn rotated_files_are_taken_and_broken_ones_are_not() {
     .await
     .expect("still serving");
 }
+
+#[test]
+fn a_leaf_certificate_is_not_taken_for_a_ca() {
+    let ca = ClusterCa::generate(DEFAULT_VALIDITY).expect("CA");
+    let leaf = ca.issue(Identity::Replica, DEFAULT_VALIDITY).expect("leaf");
+    assert!(matches!(
+        ClusterCa::load(&leaf.cert_pem, &leaf.key_pem),
+        Err(tessera_tls::generate::GenerateError::NotACa)
+    ));
+    // The CA itself, loaded back, issues certificates that chain to it.
+    let again = ClusterCa::load(ca.cert_pem(), &ca.key_pem()).expect("the CA loads");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    again
+        .write_dir(tmp.path(), Identity::Node, DEFAULT_VALIDITY)
+        .expect("write");
+    TlsContext::load(tmp.path(), Identity::Node).expect("issued by the reloaded CA");
+}

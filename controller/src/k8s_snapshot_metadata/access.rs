@@ -103,9 +103,10 @@ pub struct Access {
 }
 
 fn unavailable(e: KubeError) -> Status {
-    tracing::warn!(error = %e, "SnapshotMetadata: the API server could not review a call");
+    tracing::warn!(error = %tessera_telemetry::error_chain(&e), "SnapshotMetadata: the API server could not review a call");
     Status::unavailable(format!(
-        "cannot review the call with the Kubernetes API: {e}"
+        "cannot review the call with the Kubernetes API: {}",
+        tessera_telemetry::error_chain(&e)
     ))
 }
 

@@ -64,7 +64,8 @@ struct ContentStatus {
 
 fn api_error(e: crate::kube_api::KubeError) -> Status {
     Status::unavailable(format!(
-        "cannot read the snapshot from the Kubernetes API: {e}"
+        "cannot read the snapshot from the Kubernetes API: {}",
+        tessera_telemetry::error_chain(&e)
     ))
 }
 
