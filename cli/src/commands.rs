@@ -13,9 +13,11 @@ use tessera_csi_proto::v1::{ControllerGetVolumeRequest, ListVolumesRequest};
 use tessera_replica_protocol::control_proto::{
     GetInfoRequest, ListVolumesRequest as RecordsRequest, VolumeRecord,
 };
+use tessera_tls::Transport;
 
 use crate::csi_client::{self, ControllerClient};
 use crate::demo::human_bytes;
+use crate::replica_tls::plaintext_hint;
 
 /// Deadline of one RPC of these commands.
 const RPC_TIMEOUT: Duration = Duration::from_secs(10);
@@ -49,6 +51,7 @@ fn print_table(header: &[&str], rows: &[Vec<String>]) {
 pub async fn watch_volumes(
     controller: &str,
     replicas: &[String],
+    transport: &Transport,
     every: Duration,
 ) -> anyhow::Result<()> {
     loop {
@@ -56,7 +59,7 @@ pub async fn watch_volumes(
         // controller may be restarting.
         print!("\x1b[2J\x1b[H");
         println!("every {every:?}, {} (Ctrl-C to stop)\n", clock_now());
-        if let Err(e) = volumes(controller, replicas).await {
+        if let Err(e) = volumes(controller, replicas, transport).await {
             println!("{e:#}");
         }
         tokio::select! {
@@ -76,8 +79,13 @@ fn clock_now() -> String {
     format!("{h:02}:{m:02}:{s:02} UTC")
 }
 
-/// `tessera volumes`: every volume the controller lists.
-pub async fn volumes(controller: &str, replicas: &[String]) -> anyhow::Result<()> {
+/// `tessera volumes`: every volume the controller lists, with what the replica
+/// daemons at `replicas` (dialled through `transport`) say about each.
+pub async fn volumes(
+    controller: &str,
+    replicas: &[String],
+    transport: &Transport,
+) -> anyhow::Result<()> {
     let socket = csi_client::socket_of(controller)?;
     let mut client = ControllerClient::new(csi_client::connect_unix(&socket, RPC_TIMEOUT).await?);
     let mut entries = Vec::new();
@@ -97,7 +105,7 @@ pub async fn volumes(controller: &str, replicas: &[String]) -> anyhow::Result<()
         }
         token = page.next_token;
     }
-    let (details, answered) = details_from_replicas(replicas).await;
+    let (details, answered) = details_from_replicas(replicas, transport).await;
     // ControllerGetVolume asks the replicas, so its condition says which are in sync
     // (ListVolumes' only says which daemons the controller reaches).
     let mut conditions = HashMap::new();
@@ -273,27 +281,40 @@ impl VolumeDetail {
 
 /// Names, copy progress and holders by volume id from the replica daemons' records
 /// (CSI has none of them in ListVolumes), and the daemons that answered. Daemons
-/// that do not answer are skipped here and shown as down in the REPLICAS column.
+/// that do not answer are shown as down in the REPLICAS column, and why on stderr
+/// (a refused certificate looks like a daemon down otherwise).
 async fn details_from_replicas(
     replicas: &[String],
+    transport: &Transport,
 ) -> (HashMap<String, VolumeDetail>, BTreeSet<String>) {
     let mut details: HashMap<String, VolumeDetail> = HashMap::new();
     let mut answered = BTreeSet::new();
     for addr in replicas {
-        let Ok(mut client) = csi_client::replica(addr, RPC_TIMEOUT).await else {
-            continue;
-        };
-        if let Ok(resp) = client.list_volumes(RecordsRequest {}).await {
-            answered.insert(addr.clone());
-            for rec in resp.into_inner().volumes {
-                details
-                    .entry(rec.volume_id.clone())
-                    .or_insert_with(|| VolumeDetail {
-                        complete: true,
-                        ..Default::default()
-                    })
-                    .add(addr, rec);
+        let records = async {
+            let mut client = csi_client::replica(addr, transport, RPC_TIMEOUT).await?;
+            client
+                .list_volumes(RecordsRequest {})
+                .await
+                .map_err(|s| anyhow!("ListVolumes: {:?}: {}", s.code(), s.message()))
+        }
+        .await;
+        match records {
+            Ok(resp) => {
+                answered.insert(addr.clone());
+                for rec in resp.into_inner().volumes {
+                    details
+                        .entry(rec.volume_id.clone())
+                        .or_insert_with(|| VolumeDetail {
+                            complete: true,
+                            ..Default::default()
+                        })
+                        .add(addr, rec);
+                }
             }
+            Err(e) => eprintln!(
+                "tessera volumes: replica daemon {addr}: {e:#}{}",
+                plaintext_hint(transport)
+            ),
         }
     }
     (details, answered)
@@ -301,12 +322,12 @@ async fn details_from_replicas(
 
 /// `tessera replicas`: GetInfo of each daemon; one that does not answer is listed
 /// with its error and makes the command fail.
-pub async fn replicas(replicas: &[String]) -> anyhow::Result<()> {
+pub async fn replicas(replicas: &[String], transport: &Transport) -> anyhow::Result<()> {
     let mut rows = Vec::new();
     let mut failed = 0;
     for addr in replicas {
         let info = async {
-            let mut client = csi_client::replica(addr, RPC_TIMEOUT).await?;
+            let mut client = csi_client::replica(addr, transport, RPC_TIMEOUT).await?;
             client
                 .get_info(GetInfoRequest {})
                 .await
@@ -341,8 +362,9 @@ pub async fn replicas(replicas: &[String]) -> anyhow::Result<()> {
     );
     if failed > 0 {
         return Err(anyhow!(
-            "{failed} of {} replica daemons did not answer",
-            replicas.len()
+            "{failed} of {} replica daemons did not answer{}",
+            replicas.len(),
+            plaintext_hint(transport)
         ))
         .context("tessera replicas");
     }

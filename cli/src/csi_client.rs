@@ -1,7 +1,8 @@
 //! gRPC channels to the Tessera daemons.
 //!
 //! CSI plugins serve on unix sockets (dialled through
-//! `tessera_csi_proto::unix_channel`); the replica control API is plain gRPC over TCP.
+//! `tessera_csi_proto::unix_channel`); the replica control API is gRPC over TCP,
+//! mutual TLS unless the operator asked for plain text (see [`crate::replica_tls`]).
 //!
 //! Every channel carries a per-RPC deadline, so a wedged daemon turns into an error
 //! the CLI can report instead of a hang.
@@ -12,7 +13,8 @@ use std::time::Duration;
 use anyhow::Context;
 use tessera_csi_proto::unix_channel::{self, unix_endpoint};
 use tessera_csi_proto::v1::ProbeRequest;
-use tonic::transport::{Channel, Endpoint};
+use tessera_tls::Transport;
+use tonic::transport::Channel;
 
 /// CSI Identity client.
 pub type IdentityClient = tessera_csi_proto::v1::identity_client::IdentityClient<Channel>;
@@ -48,20 +50,21 @@ pub async fn connect_unix(path: &Path, rpc_timeout: Duration) -> anyhow::Result<
         .with_context(|| format!("connecting to {}", path.display()))
 }
 
-/// Connects to `addr` (`host:port`) over TCP with the given per-RPC deadline.
-pub async fn connect_tcp(addr: &str, rpc_timeout: Duration) -> anyhow::Result<Channel> {
-    Endpoint::from_shared(format!("http://{addr}"))
+/// Replica control client for `addr` (`host:port`) through `transport` (TLS as the
+/// CLI's identity, or plain text), with the given per-RPC deadline.
+pub async fn replica(
+    addr: &str,
+    transport: &Transport,
+    rpc_timeout: Duration,
+) -> anyhow::Result<ReplicaClient> {
+    let endpoint = tessera_tls::grpc::endpoint(addr)
         .with_context(|| format!("invalid address {addr:?}"))?
         .connect_timeout(CONNECT_TIMEOUT)
-        .timeout(rpc_timeout)
-        .connect()
+        .timeout(rpc_timeout);
+    let channel = tessera_tls::grpc::connect_channel(&endpoint, transport)
         .await
-        .with_context(|| format!("connecting to {addr}"))
-}
-
-/// Replica control client for `addr`.
-pub async fn replica(addr: &str, rpc_timeout: Duration) -> anyhow::Result<ReplicaClient> {
-    Ok(ReplicaClient::new(connect_tcp(addr, rpc_timeout).await?))
+        .with_context(|| format!("connecting to {addr}"))?;
+    Ok(ReplicaClient::new(channel))
 }
 
 /// Whether the CSI plugin on `socket` answers Probe with ready (an unset `ready` means

@@ -120,7 +120,12 @@ impl Daemon {
             .stderr(stderr)
             .process_group(0)
             // Log files are read by people, not terminals.
-            .env("NO_COLOR", "1");
+            .env("NO_COLOR", "1")
+            // The transport is the command line's (`--tls-dir`): a plain-text switch
+            // inherited from the user's shell would leave the CLI and the daemons
+            // speaking different protocols.
+            .env_remove("TESSERA_INSECURE_PLAINTEXT")
+            .env_remove("TESSERA_TLS_DIR");
         if std::env::var_os("RUST_LOG").is_none() {
             command.env("RUST_LOG", "info");
         }

@@ -20,6 +20,7 @@ use tessera_csi_proto::v1::{
     NodeUnpublishVolumeRequest, NodeUnstageVolumeRequest, VolumeCapability,
 };
 use tessera_replica_protocol::control_proto::GetVolumeRequest;
+use tessera_tls::Transport;
 use tonic::Code;
 
 use crate::csi_client::{self, ControllerClient, NodeClient};
@@ -57,6 +58,8 @@ pub struct DemoSetup {
     pub target: PathBuf,
     /// Replica daemons, to show the placement.
     pub replicas: Vec<ReplicaEndpoint>,
+    /// How to dial them (the controller identity: only it may read volume records).
+    pub transport: Transport,
 }
 
 /// Which steps were attempted, so [`undo`] reverses exactly those.
@@ -448,8 +451,12 @@ async fn print_placement(setup: &DemoSetup, volume_id: &str) {
     );
     for r in &setup.replicas {
         let record = async {
-            let mut client =
-                csi_client::replica(&r.control.to_string(), Duration::from_secs(5)).await?;
+            let mut client = csi_client::replica(
+                &r.control.to_string(),
+                &setup.transport,
+                Duration::from_secs(5),
+            )
+            .await?;
             let rec = client
                 .get_volume(GetVolumeRequest {
                     volume_id: volume_id.to_owned(),

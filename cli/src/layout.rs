@@ -11,11 +11,17 @@
 //!   run/endpoints.json        what `tessera volumes|replicas --dir DIR` connect to
 //!   run/*.sock, run/*.ready.json
 //!   replicas/<node-id>/data   replica data (kept across runs)
+//!   tls/ca.crt, tls/ca.key    the local cluster's CA (kept across runs)
+//!   tls/<identity>/           ca.crt, tls.crt, tls.key of the controller, node
+//!                             and replica identities (the daemons' --tls-dir)
 //!   node/                     node plugin + engine-host state (engine-host.sock, FUSE)
 //!   staging/demo, mnt/demo    the demo volume's staging and publish paths
 //! ```
 
 use std::path::{Path, PathBuf};
+
+use tessera_tls::generate::identity_dir;
+use tessera_tls::Identity;
 
 /// Paths of one local cluster directory. `root` is absolute.
 #[derive(Debug, Clone)]
@@ -68,6 +74,17 @@ impl Layout {
     /// Data directory of the replica daemon on `node_id`.
     pub fn replica_data(&self, node_id: &str) -> PathBuf {
         self.root.join("replicas").join(node_id).join("data")
+    }
+
+    /// Certificates of the local cluster: its CA and a directory per identity, kept
+    /// across runs like the replica data so every run's daemons trust each other.
+    pub fn tls(&self) -> PathBuf {
+        self.root.join("tls")
+    }
+
+    /// Certificate directory of `identity` (a daemon's `--tls-dir`).
+    pub fn tls_dir(&self, identity: Identity) -> PathBuf {
+        identity_dir(&self.tls(), identity)
     }
 
     /// CSI socket of the controller.

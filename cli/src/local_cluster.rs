@@ -12,12 +12,17 @@
 //! controller their control addresses (`--replicas`). So a replica daemon's first
 //! start picks free ports (`127.0.0.1:0`) and its spec is then rewritten with the
 //! ports it got; every restart binds those again, on the same data directory.
+//!
+//! Every daemon that uses a replica port gets its identity's certificate directory
+//! under `DIR/tls` (see [`crate::certs::ensure_local`]); the node plugin dials no
+//! replica and takes none.
 
 use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{anyhow, Context};
+use tessera_tls::{Identity, Transport};
 
 use crate::binaries::{Binaries, NodeMode};
 use crate::csi_client::endpoint_of;
@@ -57,16 +62,20 @@ pub struct ReplicaEndpoint {
 pub struct LocalCluster {
     layout: Layout,
     binaries: Binaries,
+    /// How readiness checks dial the replica daemons (the controller identity).
+    transport: Transport,
     daemons: Vec<Daemon>,
     replicas: Vec<ReplicaEndpoint>,
 }
 
 impl LocalCluster {
-    /// A cluster with nothing started yet.
-    pub fn new(layout: Layout, binaries: Binaries) -> Self {
+    /// A cluster with nothing started yet, whose certificates are in
+    /// `layout.tls()` already; `transport` is the CLI's own (controller identity).
+    pub fn new(layout: Layout, binaries: Binaries, transport: Transport) -> Self {
         Self {
             layout,
             binaries,
+            transport,
             daemons: Vec::new(),
             replicas: Vec::new(),
         }
@@ -153,6 +162,7 @@ impl LocalCluster {
     async fn wait_ready(&mut self, index: usize) -> Result<Ready, PollError> {
         let daemon = &mut self.daemons[index];
         let readiness = daemon.spec().readiness.clone();
+        let transport = &self.transport;
         poll_until(STARTUP_TIMEOUT, || {
             let exited = daemon.exited();
             let readiness = &readiness;
@@ -160,7 +170,7 @@ impl LocalCluster {
                 if let Some(status) = exited {
                     return Poll::Failed(anyhow!("exited ({status}) before it was ready"));
                 }
-                match readiness.check().await {
+                match readiness.check(transport).await {
                     Some(v) => Poll::Ready(v),
                     None => Poll::Pending,
                 }
@@ -211,6 +221,8 @@ impl LocalCluster {
                 capacity.into(),
                 "--ready-file".into(),
                 ready_file.clone().into(),
+                "--tls-dir".into(),
+                self.layout.tls_dir(Identity::Replica).into(),
             ],
             endpoint,
             readiness: Readiness::ReplicaReadyFile(ready_file),
@@ -265,6 +277,8 @@ impl LocalCluster {
                 // volume condition) within this many seconds, not the default 10.
                 "--refresh-interval-secs".into(),
                 CONTROLLER_REFRESH_SECS.to_string().into(),
+                "--tls-dir".into(),
+                self.layout.tls_dir(Identity::Controller).into(),
             ],
             endpoint: endpoint_of(&socket),
             log: self.layout.log_of("controller"),
@@ -286,7 +300,13 @@ impl LocalCluster {
             name: "engine-host".to_owned(),
             role: Role::EngineHost,
             program: self.binaries.node.clone(),
-            args: vec!["engine-host".into(), "--state-dir".into(), state.into()],
+            args: vec![
+                "engine-host".into(),
+                "--state-dir".into(),
+                state.into(),
+                "--tls-dir".into(),
+                self.layout.tls_dir(Identity::Node).into(),
+            ],
             endpoint: socket.display().to_string(),
             log: self.layout.log_of("engine-host"),
             readiness: Readiness::SocketAccepts(socket),

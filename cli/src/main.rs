@@ -6,6 +6,11 @@
 //! * `tessera volumes`, `tessera replicas`: read-only views of a running cluster.
 //! * `tessera verify VOLUME`: compares a volume's blocks on its in-sync replicas
 //!   ([`verify`]).
+//! * `tessera certs`: a CA and the certificates of the controller, node and replica
+//!   identities, as files or Kubernetes Secrets ([`certs`]).
+//!
+//! The replica daemons speak mutual TLS; the commands that dial them present the
+//! controller identity, from the directory [`replica_tls`] picks.
 //!
 //! Modules: [`up`] orchestrates and [`teardown`] undoes it, [`local_cluster`]
 //! starts and stops the daemons (found by [`binaries`], placed by [`layout`], each a
@@ -17,6 +22,7 @@
 //! read-only subcommands.
 
 mod binaries;
+mod certs;
 mod commands;
 mod csi_client;
 mod daemon;
@@ -26,8 +32,10 @@ mod layout;
 mod leftovers;
 mod local_cluster;
 mod readiness;
+mod replica_tls;
 mod restart;
 mod signals;
+mod snapshot_metadata;
 mod supervise;
 mod teardown;
 mod up;
@@ -40,6 +48,9 @@ use std::time::Duration;
 
 use anyhow::bail;
 use clap::{Parser, Subcommand};
+use tessera_tls::Transport;
+
+use crate::replica_tls::ReplicaTlsArgs;
 
 /// Default directory of `tessera up`, relative to the current directory.
 const DEFAULT_DIR: &str = ".tessera-local";
@@ -57,7 +68,8 @@ enum Command {
     /// Run replica daemons, controller, engine-host and node plugin on this machine,
     /// demo a volume through CSI, and tear down on Ctrl-C.
     Up {
-        /// Directory for data, sockets and logs (kept across runs; replica data survives).
+        /// Directory for data, sockets, logs and certificates (kept across runs; replica
+        /// data and the CA in DIR/tls survive).
         #[arg(long, default_value = DEFAULT_DIR)]
         dir: PathBuf,
         /// Number of replica daemons.
@@ -96,6 +108,8 @@ enum Command {
         /// until Ctrl-C.
         #[arg(long)]
         watch: bool,
+        #[command(flatten)]
+        tls: ReplicaTlsArgs,
     },
     /// Compare every block of a volume on its in-sync replicas (versions, and data
     /// checksums unless --versions-only); exits 1 on any divergence.
@@ -112,6 +126,8 @@ enum Command {
         /// Directory of a running `tessera up`, for the defaults.
         #[arg(long, default_value = DEFAULT_DIR)]
         dir: PathBuf,
+        #[command(flatten)]
+        tls: ReplicaTlsArgs,
     },
     /// Show each replica daemon's node, zone, capacity and volumes (GetInfo).
     Replicas {
@@ -122,7 +138,17 @@ enum Command {
         /// Directory of a running `tessera up`, for the defaults.
         #[arg(long, default_value = DEFAULT_DIR)]
         dir: PathBuf,
+        #[command(flatten)]
+        tls: ReplicaTlsArgs,
     },
+    /// Issue the certificates of the mutual TLS between Tessera's processes: a CA and
+    /// one certificate each for the controller, node and replica identities, written
+    /// to a directory (--out) or printed as Kubernetes Secrets (--secrets-yaml).
+    Certs(certs::CertsArgs),
+    /// Call the controller's Kubernetes SnapshotMetadata API as a backup application
+    /// does (TLS, a service-account token for its audience): allocated or changed
+    /// ranges of VolumeSnapshots, one `offset length` line each.
+    SnapshotMetadata(snapshot_metadata::SnapshotMetadataArgs),
 }
 
 async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -152,6 +178,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             mut replicas,
             dir,
             watch,
+            tls,
         } => {
             let controller = match controller {
                 Some(c) => c,
@@ -163,10 +190,18 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                     endpoints.controller
                 }
             };
-            if watch {
-                commands::watch_volumes(&controller, &replicas, Duration::from_secs(1)).await?;
+            // Without replica daemons to ask there is nothing to dial, and no
+            // certificate needed.
+            let transport = if replicas.is_empty() {
+                Transport::plaintext()
             } else {
-                commands::volumes(&controller, &replicas).await?;
+                tls.transport(&dir)?
+            };
+            if watch {
+                let every = Duration::from_secs(1);
+                commands::watch_volumes(&controller, &replicas, &transport, every).await?;
+            } else {
+                commands::volumes(&controller, &replicas, &transport).await?;
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -175,25 +210,39 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             mut replicas,
             versions_only,
             dir,
+            tls,
         } => {
             if replicas.is_empty() {
                 replicas = up::Endpoints::read(&dir)?.replicas;
             }
-            let verdict = verify::verify(&volume_id, &replicas, versions_only).await?;
+            let transport = tls.transport(&dir)?;
+            let verdict = verify::verify(&volume_id, &replicas, &transport, versions_only).await?;
             Ok(if verify::report(&volume_id, &verdict) {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE
             })
         }
-        Command::Replicas { mut replicas, dir } => {
+        Command::Replicas {
+            mut replicas,
+            dir,
+            tls,
+        } => {
             if replicas.is_empty() {
                 replicas = up::Endpoints::read(&dir)?.replicas;
             }
             if replicas.is_empty() {
                 bail!("no replica daemons given: pass --replicas host:port,...");
             }
-            commands::replicas(&replicas).await?;
+            commands::replicas(&replicas, &tls.transport(&dir)?).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Certs(args) => {
+            certs::run(&args)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::SnapshotMetadata(args) => {
+            snapshot_metadata::run(args).await?;
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -13,6 +13,7 @@ use std::time::Duration;
 use anyhow::Context;
 use serde::Deserialize;
 use tessera_replica_protocol::control_proto::GetInfoRequest;
+use tessera_tls::Transport;
 
 use crate::csi_client;
 
@@ -57,16 +58,19 @@ impl Readiness {
     }
 
     /// One check; `None` while not (yet) ready. Errors count as not ready: callers
-    /// poll with a deadline.
-    pub async fn check(&self) -> Option<Ready> {
+    /// poll with a deadline. `transport` dials replica daemons (the CLI's identity).
+    pub async fn check(&self, transport: &Transport) -> Option<Ready> {
         match self {
             Readiness::ReplicaReadyFile(path) => {
                 let text = std::fs::read_to_string(path).ok()?;
                 let ready: ReplicaAddresses = serde_json::from_str(&text).ok()?;
-                let mut client =
-                    csi_client::replica(&ready.control.to_string(), Duration::from_secs(2))
-                        .await
-                        .ok()?;
+                let mut client = csi_client::replica(
+                    &ready.control.to_string(),
+                    transport,
+                    Duration::from_secs(2),
+                )
+                .await
+                .ok()?;
                 client.get_info(GetInfoRequest {}).await.ok()?;
                 Some(Ready::Replica(ready))
             }

@@ -2,7 +2,8 @@
 //! teardown on Ctrl-C.
 //!
 //! Order of events: take the directory's lock, remove what a crashed earlier run left
-//! (its daemons, mounts, loop devices, sockets; never replica data), start the replica
+//! (its daemons, mounts, loop devices, sockets; never replica data), make or check the
+//! certificates of the mutual TLS between the daemons (`DIR/tls`), start the replica
 //! daemons, controller, engine-host and node plugin one after the other (each must
 //! answer before the next starts), print where they are, run the demo, then wait for a
 //! signal while [`crate::supervise`] watches the daemons: a daemon that dies is
@@ -19,13 +20,16 @@ use std::process::ExitCode;
 use anyhow::{bail, Context};
 use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
+use tessera_tls::{TlsContext, Transport};
 
 use crate::binaries::{Binaries, NodeMode};
+use crate::certs::{self, LocalCerts};
 use crate::daemon::DaemonFailed;
 use crate::demo::{self, DemoSetup, Outcome, Progress};
 use crate::layout::Layout;
 use crate::leftovers;
 use crate::local_cluster::LocalCluster;
+use crate::replica_tls::CLI_IDENTITY;
 use crate::restart::RestartPolicy;
 use crate::signals::{is_interrupted, Stop};
 use crate::supervise::Supervisor;
@@ -77,7 +81,7 @@ impl Endpoints {
 
 /// `path` made absolute against the current directory (not resolving symlinks, so
 /// mount paths compare the way they were given).
-fn absolute(path: &Path) -> anyhow::Result<PathBuf> {
+pub fn absolute(path: &Path) -> anyhow::Result<PathBuf> {
     if path.is_absolute() {
         Ok(path.to_path_buf())
     } else {
@@ -111,8 +115,9 @@ pub async fn run(opts: UpOptions) -> anyhow::Result<ExitCode> {
     let _lock = lock(&layout)?;
     println!("tessera up: directory {}", layout.root.display());
     clean_leftovers(&layout).await?;
+    let transport = prepare_tls(&layout)?;
 
-    let mut cluster = LocalCluster::new(layout.clone(), binaries);
+    let mut cluster = LocalCluster::new(layout.clone(), binaries, transport.clone());
     let mut supervisor = Supervisor::new(RestartPolicy {
         enabled: !opts.no_restart,
     });
@@ -123,6 +128,7 @@ pub async fn run(opts: UpOptions) -> anyhow::Result<ExitCode> {
         staging: layout.demo_staging(),
         target: layout.demo_target(),
         replicas: Vec::new(),
+        transport,
     };
     let result = async {
         start(&mut cluster, &opts, &stop).await?;
@@ -246,6 +252,34 @@ pub fn indent(text: &str) -> String {
         .join("\n")
 }
 
+/// Makes (first run) or checks and repairs the certificates under `DIR/tls`, and
+/// returns the CLI's transport from them: the daemons refuse anything else.
+fn prepare_tls(layout: &Layout) -> anyhow::Result<Transport> {
+    let root = layout.tls();
+    let shown = root.display();
+    match certs::ensure_local(&root)? {
+        LocalCerts::Created => {
+            println!(
+                "tls: created a CA and the controller, node and replica certificates in {shown}"
+            )
+        }
+        LocalCerts::Kept => println!("tls: certificates in {shown}"),
+        LocalCerts::Reissued(ids) => {
+            for (id, why) in ids {
+                println!("tls: re-issued the {id} certificate from the CA in {shown} ({why})");
+            }
+        }
+    }
+    let dir = layout.tls_dir(CLI_IDENTITY);
+    let context = TlsContext::load(&dir, CLI_IDENTITY).with_context(|| {
+        format!(
+            "loading the {CLI_IDENTITY} certificate in {}",
+            dir.display()
+        )
+    })?;
+    Ok(Transport::tls(context))
+}
+
 /// Starts every daemon in dependency order, each interruptible by a stop request.
 async fn start(cluster: &mut LocalCluster, opts: &UpOptions, stop: &Stop) -> anyhow::Result<()> {
     for node_id in replica_node_ids(opts.replicas) {
@@ -319,11 +353,14 @@ fn print_endpoints(cluster: &LocalCluster, layout: &Layout) -> anyhow::Result<()
     let me = std::env::current_exe()
         .map(|p| p.display().to_string())
         .unwrap_or_else(|_| "tessera".to_owned());
+    let root = layout.root.display();
     println!("\nTalk to it:");
-    println!("  {me} volumes --controller {}", endpoints.controller);
+    println!("  {me} volumes --dir {root}");
+    println!("  {me} replicas --dir {root}");
     println!(
-        "  {me} replicas --replicas {}",
-        endpoints.replicas.join(",")
+        "  {me} replicas --replicas {} --tls-dir {}",
+        endpoints.replicas.join(","),
+        layout.tls_dir(CLI_IDENTITY).display()
     );
     println!(
         "  CSI_ENDPOINT={} (controller), {} (node)",

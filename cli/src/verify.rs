@@ -23,8 +23,10 @@ use tessera_replica_protocol::control_proto::{GetVolumeRequest, VolumeRecord};
 use tessera_replica_protocol::data::message::MAX_VERSIONS_LEN;
 use tessera_replica_protocol::data::{ClientConfig, ReplicaDataClient};
 use tessera_replica_protocol::sync::Membership;
+use tessera_tls::Transport;
 
 use crate::csi_client;
+use crate::replica_tls::plaintext_hint;
 
 /// Deadline of one request.
 const RPC_TIMEOUT: Duration = Duration::from_secs(30);
@@ -43,13 +45,15 @@ pub struct Verdict {
 }
 
 /// Runs the verification of `volume_id` with the replica daemons at `replicas`
-/// (control addresses); `versions_only` skips reading (and crc-checking) the data.
+/// (control addresses), dialled through `transport` on both ports; `versions_only`
+/// skips reading (and crc-checking) the data.
 pub async fn verify(
     volume_id: &str,
     replicas: &[String],
+    transport: &Transport,
     versions_only: bool,
 ) -> anyhow::Result<Verdict> {
-    let record = newest_record(volume_id, replicas).await?;
+    let record = newest_record(volume_id, replicas, transport).await?;
     let mut clients = Vec::new();
     let mut declared: Membership = Membership::default();
     for r in &record.replicas {
@@ -59,6 +63,7 @@ pub async fn verify(
             record.epoch,
             ClientConfig {
                 request_timeout: Some(RPC_TIMEOUT),
+                transport: transport.clone(),
                 ..ClientConfig::default()
             },
         )
@@ -140,25 +145,47 @@ async fn compare(
 }
 
 /// The record with the highest generation among the daemons that hold the volume.
-async fn newest_record(volume_id: &str, replicas: &[String]) -> anyhow::Result<VolumeRecord> {
+async fn newest_record(
+    volume_id: &str,
+    replicas: &[String],
+    transport: &Transport,
+) -> anyhow::Result<VolumeRecord> {
     let mut best: Option<VolumeRecord> = None;
+    // Why the others did not answer: shown when none did (refused certificates,
+    // daemons down), since "no answer" alone does not say what to fix.
+    let mut failures = Vec::new();
     for addr in replicas {
-        let Ok(mut client) = csi_client::replica(addr, RPC_TIMEOUT).await else {
-            continue;
-        };
-        if let Ok(rec) = client
-            .get_volume(GetVolumeRequest {
-                volume_id: volume_id.to_owned(),
-            })
-            .await
-        {
-            let rec = rec.into_inner();
-            if best.as_ref().is_none_or(|b| rec.generation > b.generation) {
-                best = Some(rec);
+        let mut client = match csi_client::replica(addr, transport, RPC_TIMEOUT).await {
+            Ok(c) => c,
+            Err(e) => {
+                failures.push(format!("{addr}: {e:#}"));
+                continue;
             }
+        };
+        let request = GetVolumeRequest {
+            volume_id: volume_id.to_owned(),
+        };
+        match client.get_volume(request).await {
+            Ok(rec) => {
+                let rec = rec.into_inner();
+                if best.as_ref().is_none_or(|b| rec.generation > b.generation) {
+                    best = Some(rec);
+                }
+            }
+            Err(s) => failures.push(format!(
+                "{addr}: GetVolume: {:?}: {}",
+                s.code(),
+                s.message()
+            )),
         }
     }
-    best.ok_or_else(|| anyhow!("no replica daemon answered with volume {volume_id}"))
+    best.ok_or_else(|| {
+        anyhow!(
+            "no replica daemon answered with volume {volume_id} ({}){}",
+            failures.join("; "),
+            plaintext_hint(transport)
+        )
+    })
 }
 
 /// Prints the verdict; returns whether the copies agree.

@@ -4,7 +4,9 @@
 //! demo reports its files verified, looks at the mounted volume from outside, asks the
 //! other subcommands about the running cluster, then sends SIGINT and checks the
 //! teardown: exit 0, nothing mounted or attached under the directory, no daemon left.
-//! A second test SIGKILLs `tessera` itself and checks that the next run cleans up.
+//! The replica ports refuse a plain-text client (the daemons run with the
+//! certificates `tessera up` made under the directory). A second test SIGKILLs
+//! `tessera` itself and checks that the next run cleans up and keeps the CA.
 //! The others kill one daemon under a running `tessera up`: a replica daemon is
 //! restarted while a writer keeps writing to the volume; with `--no-restart` it
 //! stays dead, the cluster runs on and the run ends with an error; the engine-host
@@ -567,6 +569,16 @@ fn up_runs_the_demo_and_tears_down_on_sigint() {
             "replicas lists {node}:\n{replicas}"
         );
     }
+    // The replica ports speak mutual TLS only: a plain-text client gets no answer.
+    let plain = Command::new(tessera())
+        .args(["replicas", "--dir", dir_arg, "--insecure-plaintext"])
+        .output()
+        .expect("running tessera replicas");
+    assert!(
+        !plain.status.success(),
+        "a plain-text GetInfo must be refused:\n{}",
+        String::from_utf8_lossy(&plain.stdout)
+    );
 
     let mnt = dir.join("mnt/demo");
     if reached == VERIFIED {
@@ -628,6 +640,7 @@ fn rerun_after_a_crash_cleans_leftovers_and_keeps_data() {
     let reached = first.wait_for(&[VERIFIED, NO_DATA_PATH], DEMO_TIMEOUT);
     first.wait_for(&[RUNNING], DEMO_TIMEOUT);
     let orphans = daemon_pids(&dir);
+    let ca = std::fs::read(dir.join("tls/ca.crt")).expect("the first run made a CA");
     // A crash of tessera itself: no teardown at all.
     killpg(Pid::from_raw(first.pid()), Signal::SIGKILL).expect("killing tessera up");
     let status = first.wait_exit(TEARDOWN_TIMEOUT);
@@ -646,6 +659,16 @@ fn rerun_after_a_crash_cleans_leftovers_and_keeps_data() {
     );
     let again = second.wait_for(&[VERIFIED, NO_DATA_PATH], DEMO_TIMEOUT);
     assert_eq!(again, reached, "the rerun gets as far as the first run");
+    assert_eq!(
+        std::fs::read(dir.join("tls/ca.crt")).expect("the CA"),
+        ca,
+        "the rerun keeps the CA"
+    );
+    assert!(
+        second.text().contains("tls: certificates in"),
+        "the rerun uses the certificates it found; output:\n{}",
+        second.text()
+    );
     let first_id = volume_id(&first.text());
     assert_eq!(
         volume_id(&second.text()),
