@@ -5,16 +5,24 @@
 //! Needs `target/debug/tessera-replica` (`cargo build -p tessera-replica`, which the
 //! test command runs first): without it the test fails saying so, it never passes
 //! without running. The full cross-process suite lives in the `tests/` crate.
+//!
+//! The replica ports use mutual TLS with a CA made for each test in its temp
+//! directory (`support::cluster_tls`): the daemons present the replica certificate,
+//! the controller the controller certificate.
+
+mod support;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use support::cluster_tls_dir;
 use tessera_csi_proto::v1::controller_client::ControllerClient;
 use tessera_csi_proto::v1::identity_client::IdentityClient;
 use tessera_csi_proto::v1::volume_capability::access_mode::Mode;
 use tessera_csi_proto::v1::volume_capability::{AccessMode, AccessType, MountVolume};
 use tessera_csi_proto::v1::*;
+use tessera_tls::Identity;
 use tokio::process::{Child, Command};
 use tonic::transport::Channel;
 use tonic::Code;
@@ -48,6 +56,8 @@ async fn start_replica(bin: &Path, dir: &Path, node: &str) -> (Child, String) {
     let ready = dir.join(format!("{node}.ready"));
     let child = Command::new(bin)
         .args(["--data-dir", data.to_str().unwrap_or_default()])
+        .arg("--tls-dir")
+        .arg(cluster_tls_dir(dir, Identity::Replica))
         .args([
             "--listen",
             "127.0.0.1:0",
@@ -81,10 +91,17 @@ async fn start_replica(bin: &Path, dir: &Path, node: &str) -> (Child, String) {
     (child, control)
 }
 
+/// The controller on `sock`, with the controller certificate of the cluster in the
+/// socket's directory.
 fn start_controller(sock: &Path, replicas: &[String]) -> Child {
+    let dir = sock
+        .parent()
+        .expect("the socket is in the test's directory");
     Command::new(env!("CARGO_BIN_EXE_tessera-controller"))
         .arg("--endpoint")
         .arg(format!("unix://{}", sock.display()))
+        .arg("--tls-dir")
+        .arg(cluster_tls_dir(dir, Identity::Controller))
         .arg("--replicas")
         .arg(replicas.join(","))
         .args(["--extra-nodes", "compute-1", "--rpc-timeout-ms", "2000"])

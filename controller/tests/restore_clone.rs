@@ -29,7 +29,6 @@ use tessera_csi_proto::v1::*;
 use tessera_replica_protocol::control_proto::{
     CreateSnapshotRequest as ReplicaSnapshotRequest, ListSnapshotsRequest as ReplicaListSnapshots,
 };
-use tessera_replica_protocol::data::ReplicaDataClient;
 use tessera_tests::direct_io::pattern;
 use tessera_tests::poll_until;
 use tonic::Code;
@@ -174,7 +173,8 @@ type Write = (u64, Vec<u8>);
 /// Writes on every replica of `volume_id`, with seqs from `first_seq` on, and flushes.
 async fn write_everywhere(c: &Cluster, volume_id: &str, writes: &[Write], first_seq: u64) {
     for r in replicas_of(c, volume_id).await {
-        let client = ReplicaDataClient::connect(r.data_addr(), volume_id, EPOCH)
+        let client = r
+            .data_client(volume_id, EPOCH)
             .await
             .unwrap_or_else(|e| panic!("data plane of {}: {e}", r.node_id()));
         for (i, (offset, data)) in writes.iter().enumerate() {
@@ -191,9 +191,7 @@ async fn write_everywhere(c: &Cluster, volume_id: &str, writes: &[Write], first_
 /// Trims `len` bytes at `offset` on every replica of `volume_id`.
 async fn trim_everywhere(c: &Cluster, volume_id: &str, offset: u64, len: u64, seq: u64) {
     for r in replicas_of(c, volume_id).await {
-        let client = ReplicaDataClient::connect(r.data_addr(), volume_id, EPOCH)
-            .await
-            .expect("data plane");
+        let client = r.data_client(volume_id, EPOCH).await.expect("data plane");
         client
             .trim(offset, len, (EPOCH << 40) | seq)
             .await
@@ -214,7 +212,8 @@ async fn replicas_of<'a>(c: &'a Cluster, volume_id: &str) -> Vec<&'a RealReplica
 
 /// The whole content of one replica of `volume_id`, read over the data plane.
 async fn read_image(r: &RealReplica, volume_id: &str, size: u64) -> Vec<u8> {
-    let client = ReplicaDataClient::connect(r.data_addr(), volume_id, EPOCH)
+    let client = r
+        .data_client(volume_id, EPOCH)
         .await
         .unwrap_or_else(|e| panic!("data plane of {} for {volume_id}: {e}", r.node_id()));
     let mut image = Vec::with_capacity(size as usize);

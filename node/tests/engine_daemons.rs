@@ -10,7 +10,6 @@ use tessera_replica_protocol::seq::Epoch;
 use bytes::Bytes;
 use engine_support::daemons::{poll, Daemon};
 use tessera_node::engine::{Engine, EngineConfig, EngineErrorKind, ReplicaEndpoint, ReplicaState};
-use tessera_replica_protocol::data::ReplicaDataClient;
 
 const BS: u64 = 4096;
 const MIB: u64 = 1 << 20;
@@ -60,6 +59,7 @@ impl Cluster {
         c.expected_size = Some(self.size);
         // A replica these tests kill stays out unless a test brings it back.
         c.reconnect_interval = Duration::from_secs(3600);
+        c.transport = self.daemons[0].engine_transport();
         c
     }
 }
@@ -153,9 +153,7 @@ async fn corrupt_byte_on_disk_is_healed_through_the_engine() {
     .await;
     let bad = &cluster.daemons[1];
     bad.corrupt_on_disk(&cluster.volume, 35);
-    let direct = ReplicaDataClient::connect(bad.data.as_str(), &cluster.volume, 1)
-        .await
-        .unwrap();
+    let direct = bad.data_client(&cluster.volume, 1).await.unwrap();
     assert!(
         direct.read(35 * BS, BS as u32).await.is_err(),
         "damage detected"

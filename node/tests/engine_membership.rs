@@ -75,6 +75,7 @@ fn config(epoch: u64, daemons: &[Daemon]) -> EngineConfig {
     c.clean_interval = Duration::from_millis(100);
     c.reconnect_interval = Duration::from_millis(100);
     c.replica_set_poll = Duration::from_millis(200);
+    c.transport = daemons[0].engine_transport();
     c
 }
 
@@ -89,7 +90,7 @@ fn in_sync(st: &EngineStatus, node: &str) -> bool {
 }
 
 async fn data_client(d: &Daemon, epoch: u64) -> ReplicaDataClient {
-    ReplicaDataClient::connect(d.data.as_str(), VOL, epoch)
+    d.data_client(VOL, epoch)
         .await
         .unwrap_or_else(|e| panic!("data plane of {}: {e}", d.node_id))
 }

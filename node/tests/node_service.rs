@@ -5,7 +5,10 @@
 //! engine-host` and `tessera-node plugin` in a directory of its own, and talks to
 //! them over their unix sockets, the way the kubelet and the node plugin do. Volumes
 //! are created and published through the controller, so every publish_context is a
-//! real one and every attached volume is a quorum engine on the replicas.
+//! real one and every attached volume is a quorum engine on the replicas. The replica
+//! ports use mutual TLS with the cluster's own CA: the harness gives the replicas and
+//! the controller their certificates, the engine-host here gets the node certificate
+//! of the same cluster (`Cluster::tls`).
 //!
 //! They need root, `/dev/fuse`, `/dev/loop-control`, `blkid`, `mkfs.ext4`,
 //! `mkfs.xfs` and the workspace's binaries (`cargo build --workspace`). Without root
@@ -47,6 +50,7 @@ use tessera_node::engine_host::proto::{AttachRequest, DetachRequest, ListRequest
 use tessera_node::frontend::cleanup::{parse_mountinfo, read_mountinfo};
 use tessera_node::frontend::{cleanup_stale, list_bound};
 use tessera_replica_protocol::volume_params::KEY_FS_TYPE;
+use tessera_tls::Identity;
 use tonic::transport::Channel;
 use tonic::Code;
 
@@ -216,11 +220,18 @@ impl Env {
             COUNTER_LOGS.fetch_add(1, Ordering::Relaxed)
         ));
         let _ = fs::remove_file(&self.host_socket);
-        self.engine_host = Some(Proc::spawn(
-            "engine-host",
-            &["engine-host", "--state-dir", path_str(&state)],
-            log,
-        ));
+        // The node certificate of the cluster's CA (the flags a harness engine-host
+        // gets).
+        let tls: Vec<String> = self
+            .cluster
+            .tls()
+            .daemon_args(Identity::Node)
+            .into_iter()
+            .map(|a| a.into_string().expect("test paths are UTF-8"))
+            .collect();
+        let mut args = vec!["engine-host", "--state-dir", path_str(&state)];
+        args.extend(tls.iter().map(String::as_str));
+        self.engine_host = Some(Proc::spawn("engine-host", &args, log));
         wait_for_socket(&self.host_socket).await;
     }
 

@@ -34,6 +34,11 @@
 //! ARG` (repeatable; e.g. `--daemon-arg --data-plane-shards --daemon-arg 0`),
 //! `--connections N` (default 2: extra (a) rows with the same QD32 spread over N
 //! connections to the volume, which the daemon serves on N shards; 1 = no extra rows).
+//!
+//! The daemon runs with mutual TLS, as users get it: a CA made in the work directory,
+//! the daemon with the replica certificate, this client with the controller's (to
+//! create volumes) and a node's (the data plane, like an engine). `--daemon-arg
+//! --insecure-plaintext` measures plain text instead (the client follows).
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -54,7 +59,10 @@ use tessera_replica::scheduler::{
 use tessera_replica::store::{BlockFileFactory, IoPriority, LayeredStore, ScheduledFileFactory};
 use tessera_replica_protocol::control_proto::replica_control_client::ReplicaControlClient;
 use tessera_replica_protocol::control_proto::CreateVolumeRequest;
+use tessera_replica_protocol::data::client::ClientConfig;
 use tessera_replica_protocol::data::{ClientError, ErrorCode, ReplicaDataClient};
+use tessera_tls::generate::{identity_dir, ClusterCa, DEFAULT_VALIDITY};
+use tessera_tls::{Identity, TlsContext, Transport};
 
 const BLOCK: u64 = 4096;
 const QD: usize = 32;
@@ -440,6 +448,22 @@ struct Daemon {
     data: String,
     metrics: String,
     command: String,
+    /// How this client acts as the controller (creating volumes).
+    control_transport: Transport,
+    /// How this client acts as an engine (the data plane).
+    data_transport: Transport,
+}
+
+/// The flag that turns TLS off on the daemon (and then on this client).
+const PLAINTEXT: &str = "--insecure-plaintext";
+
+/// TLS presenting `identity`, from the certificates [`ClusterCa::write_all`] put in
+/// `root`.
+fn tls_transport(root: &Path, identity: Identity) -> Result<Transport> {
+    let dir = identity_dir(root, identity);
+    let context = TlsContext::load(&dir, identity)
+        .with_context(|| format!("loading the {identity} certificate from {}", dir.display()))?;
+    Ok(Transport::tls(context))
 }
 
 impl Daemon {
@@ -472,6 +496,21 @@ impl Daemon {
             ready.display().to_string(),
         ];
         let mut argv = argv;
+        let (control_transport, data_transport) = if args.daemon_args.iter().any(|a| a == PLAINTEXT)
+        {
+            (Transport::plaintext(), Transport::plaintext())
+        } else {
+            let root = work.join("tls");
+            ClusterCa::generate(DEFAULT_VALIDITY)
+                .and_then(|ca| ca.write_all(&root, DEFAULT_VALIDITY))
+                .context("making the benchmark's certificates")?;
+            argv.push("--tls-dir".into());
+            argv.push(identity_dir(&root, Identity::Replica).display().to_string());
+            (
+                tls_transport(&root, Identity::Controller)?,
+                tls_transport(&root, Identity::Node)?,
+            )
+        };
         argv.extend(args.daemon_args.iter().cloned());
         let command = format!("{} {}", args.replica_bin.display(), argv.join(" "));
         let child = Command::new(&args.replica_bin)
@@ -488,6 +527,8 @@ impl Daemon {
             data: String::new(),
             metrics: String::new(),
             command,
+            control_transport,
+            data_transport,
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -552,7 +593,9 @@ impl Drop for Daemon {
 }
 
 async fn create_volume(daemon: &Daemon, id: &str, params: &[(&str, &str)]) -> Result<()> {
-    let mut c = ReplicaControlClient::connect(format!("http://{}", daemon.control)).await?;
+    let endpoint = tessera_tls::grpc::endpoint(&daemon.control)?;
+    let channel = tessera_tls::grpc::connect_channel(&endpoint, &daemon.control_transport).await?;
+    let mut c = ReplicaControlClient::new(channel);
     c.create_volume(CreateVolumeRequest {
         volume_id: id.into(),
         name: id.into(),
@@ -571,7 +614,11 @@ async fn create_volume(daemon: &Daemon, id: &str, params: &[(&str, &str)]) -> Re
 }
 
 async fn connect(daemon: &Daemon, id: &str) -> Result<ReplicaDataClient> {
-    ReplicaDataClient::connect(&daemon.data, id, 0)
+    let config = ClientConfig {
+        transport: daemon.data_transport.clone(),
+        ..ClientConfig::default()
+    };
+    ReplicaDataClient::connect_with(daemon.data.as_str(), id, 0, config)
         .await
         .map_err(|e| anyhow!("data-plane connect to {id}: {e:?}"))
 }

@@ -26,7 +26,8 @@ use daemon_support::{create_req, entries, get_req, workdir, Daemon, POLL};
 use tessera_replica::snapshot_read::chunk::ChunkKind;
 use tessera_replica_protocol::block::BlockVersion;
 use tessera_replica_protocol::control_proto as proto;
-use tessera_replica_protocol::data::{ClientError, ErrorCode, ReplicaDataClient};
+use tessera_replica_protocol::data::{ClientError, ErrorCode};
+use tessera_tls::Identity;
 use tonic::Code;
 
 /// Three holders of `volume` with `blocks` identical blocks each, sealed as "snap".
@@ -274,7 +275,9 @@ async fn killed_target_resumes_from_its_durable_progress() {
         .await;
     let before = rec.copy.expect("progress").done_bytes;
     // Not served while incomplete, and says why.
-    let err = ReplicaDataClient::connect(&d.daemon.data, "r", 1)
+    let err = d
+        .daemon
+        .data_client("r", 1)
         .await
         .expect_err("a volume being populated is not served");
     match &err {
@@ -402,6 +405,8 @@ async fn bad_requests_are_refused_and_leave_nothing() {
     h.snapshot("v", "s1").await;
     h.snapshot("v", "s2").await;
     let mut ctl = h.daemon.client().await;
+    // Snapshot blocks are read by replicas (copies and repairs) only.
+    let mut peer = h.daemon.client_as(Identity::Replica).await;
 
     let read = |volume: &str, snapshot: &str, offset, length| proto::ReadSnapshotBlocksRequest {
         volume_id: volume.into(),
@@ -419,7 +424,7 @@ async fn bad_requests_are_refused_and_leave_nothing() {
         (read("v", "s1", MIB, BS), Code::OutOfRange),
     ] {
         let what = format!("{req:?}");
-        let err = ctl.read_snapshot_blocks(req).await.expect_err(&what);
+        let err = peer.read_snapshot_blocks(req).await.expect_err(&what);
         assert_eq!(err.code(), code, "{what}: {}", err.message());
     }
     let ranges = |snapshot: &str, base: &str| proto::SnapshotRangesRequest {

@@ -595,7 +595,7 @@ async fn read_around_corrupt(
 }
 
 async fn connect(daemon: &Daemon, epoch: u64) -> ReplicaDataClient {
-    let client = match ReplicaDataClient::connect(&daemon.data, VOLUME, epoch).await {
+    let client = match daemon.data_client(VOLUME, epoch).await {
         Ok(c) => c,
         Err(e) => panic!("data-plane connect failed: {e}\n{}", daemon.log()),
     };

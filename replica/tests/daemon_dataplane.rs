@@ -39,7 +39,7 @@ fn remote(e: &ClientError) -> (ErrorCode, u64) {
 }
 
 async fn connect(daemon: &Daemon, volume: &str, epoch: u64) -> ReplicaDataClient {
-    match ReplicaDataClient::connect(&daemon.data, volume, epoch).await {
+    match daemon.data_client(volume, epoch).await {
         Ok(c) => c,
         Err(e) => panic!("data-plane connect failed: {e:?}\n{}", daemon.log()),
     }
@@ -69,7 +69,8 @@ async fn data_plane_round_trips_and_raise_epoch_fences_live_connections() {
     let daemon = Daemon::start(work.path(), &data_dir, ARGS).await;
     create(&daemon, "v1", 4 * MIB).await;
 
-    let err = ReplicaDataClient::connect(&daemon.data, "nope", 1)
+    let err = daemon
+        .data_client("nope", 1)
         .await
         .expect_err("unknown volume");
     assert_eq!(remote(&err).0, ErrorCode::UnknownVolume);
@@ -127,7 +128,8 @@ async fn data_plane_round_trips_and_raise_epoch_fences_live_connections() {
     assert_eq!(remote(&err), (ErrorCode::StaleEpoch, 2));
     let err = c.flush().await.expect_err("fenced flush");
     assert_eq!(remote(&err), (ErrorCode::StaleEpoch, 2));
-    let err = ReplicaDataClient::connect(&daemon.data, "v1", 1)
+    let err = daemon
+        .data_client("v1", 1)
         .await
         .expect_err("old epoch cannot reconnect");
     assert_eq!(remote(&err), (ErrorCode::StaleEpoch, 2));
@@ -275,7 +277,8 @@ async fn delete_while_connected_fails_further_requests() {
         "requests after delete recreated {:?}",
         entries(&volumes)
     );
-    let err = ReplicaDataClient::connect(&daemon.data, "v1", 1)
+    let err = daemon
+        .data_client("v1", 1)
         .await
         .expect_err("deleted volume");
     assert_eq!(remote(&err).0, ErrorCode::UnknownVolume);
@@ -535,7 +538,7 @@ async fn replica_set_reports_the_record_and_follows_an_update() {
         1,
         tessera_replica_protocol::data::ClientConfig {
             max_protocol_version: 3,
-            ..Default::default()
+            ..daemon.data_config()
         },
     )
     .await

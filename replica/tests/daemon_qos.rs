@@ -14,7 +14,6 @@ use std::time::Instant;
 
 use daemon_support::{create_req, http_get, workdir, Daemon};
 use tessera_replica_protocol::control_proto as proto;
-use tessera_replica_protocol::data::ReplicaDataClient;
 use tonic::Code;
 
 const BS: u64 = 4096;
@@ -64,7 +63,7 @@ async fn update_volume_changes_the_live_qos() {
         Some(1.0)
     );
 
-    let data = match ReplicaDataClient::connect(&daemon.data, "q1", 0).await {
+    let data = match daemon.data_client("q1", 0).await {
         Ok(d) => d,
         Err(e) => panic!("connect: {e:?}\n{}", daemon.log()),
     };
@@ -219,7 +218,7 @@ async fn sync_engine_serves_the_data_plane() {
         .create_volume(create_req("s1", 1 << 20))
         .await
         .expect("create");
-    let data = match ReplicaDataClient::connect(&daemon.data, "s1", 0).await {
+    let data = match daemon.data_client("s1", 0).await {
         Ok(d) => d,
         Err(e) => panic!("connect: {e:?}\n{}", daemon.log()),
     };

@@ -24,6 +24,7 @@ use tessera_replica_protocol::block::BlockVersion;
 use tessera_replica_protocol::control_proto as proto;
 use tessera_replica_protocol::data::{ClientError, ErrorCode, ReplicaDataClient};
 use tessera_replica_protocol::seq::MAX_EPOCH;
+use tessera_tls::Identity;
 use tonic::Code;
 
 /// One block as VERSIONS (or a stream) reports it: its version, and its bytes when it
@@ -170,7 +171,7 @@ fn assert_blocks(got: &[Block], want: &[Block], what: &str) {
 
 /// The error a data-plane connection at `epoch` gets.
 async fn refused(node: &Node, volume: &str, epoch: u64) -> (ErrorCode, String) {
-    match ReplicaDataClient::connect(&node.daemon.data, volume, epoch).await {
+    match node.daemon.data_client(volume, epoch).await {
         Err(ClientError::Remote(r)) => (r.code, r.message),
         Err(other) => panic!("expected an error reply, got {other:?}"),
         Ok(_) => panic!("{volume} on {} served a HELLO at epoch {epoch}", node.name),
@@ -582,6 +583,8 @@ async fn head_reads_serve_the_head_of_live_volumes_only() {
     );
 
     let mut ctl = h.daemon.client().await;
+    // Snapshot blocks (and heads) are read by replicas (rebuilds and repairs) only.
+    let mut peer = h.daemon.client_as(Identity::Replica).await;
     let read = |volume: &str, offset, length| proto::ReadSnapshotBlocksRequest {
         volume_id: volume.into(),
         snapshot_id: String::new(),
@@ -595,7 +598,7 @@ async fn head_reads_serve_the_head_of_live_volumes_only() {
         (read("v", 0, SIZE + BS), Code::OutOfRange),
     ] {
         let what = format!("{req:?}");
-        let err = ctl.read_snapshot_blocks(req).await.expect_err(&what);
+        let err = peer.read_snapshot_blocks(req).await.expect_err(&what);
         assert_eq!(err.code(), code, "{what}: {}", err.message());
     }
 
@@ -609,7 +612,7 @@ async fn head_reads_serve_the_head_of_live_volumes_only() {
         .await;
     let err = t
         .daemon
-        .client()
+        .client_as(Identity::Replica)
         .await
         .read_snapshot_blocks(read("p", 0, SIZE))
         .await
@@ -627,7 +630,7 @@ async fn head_reads_serve_the_head_of_live_volumes_only() {
     })
     .await
     .expect("delete");
-    let err = ctl
+    let err = peer
         .read_snapshot_blocks(read("v", 0, SIZE))
         .await
         .expect_err("deleted");

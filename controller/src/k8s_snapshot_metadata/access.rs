@@ -149,7 +149,7 @@ impl Access {
         // The API server answers with the audiences the token is valid for among
         // those asked; an empty list with authenticated=true would mean it ignored
         // the audience, which must not pass either.
-        if !status.authenticated || !status.audiences.iter().any(|a| *a == self.audience) {
+        if !status.authenticated || !status.audiences.contains(&self.audience) {
             let why = if status.error.is_empty() {
                 format!("not valid for the audience {:?}", self.audience)
             } else {

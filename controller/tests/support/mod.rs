@@ -17,6 +17,12 @@
 //! killed when its owner is dropped, also while a test panics; a panicking test
 //! prints the tail of every daemon's log.
 //!
+//! The replica ports use mutual TLS, as users get them: the cluster's directory
+//! holds one CA of its own ([`cluster_tls`]); every daemon gets the replica
+//! certificate, the controller the controller certificate, and the tests' own clients
+//! act as the controller on the control port ([`RealReplica::client`]) and as an
+//! engine (node identity) on the data plane ([`RealReplica::data_client`]).
+//!
 //! The replica binary is found by [`tessera_tests::binaries::locate`]; a missing
 //! binary fails the test with a message saying how to build it. The controller binary
 //! is built by cargo for this package's integration tests.
@@ -37,10 +43,14 @@ use tessera_csi_proto::v1::ProbeRequest;
 use tessera_replica_protocol::control_proto::{
     GetVolumeRequest, ListVolumesRequest, ReplicaRef, VolumeRecord,
 };
+use tessera_replica_protocol::data::client::ClientConfig;
+use tessera_replica_protocol::data::{ClientError, ReplicaDataClient};
 use tessera_tests::binaries;
 use tessera_tests::cluster::KEEP_DIR_ENV;
-use tessera_tests::csi::{connect_tcp, connect_unix, ControllerClient, IdentityClient};
+use tessera_tests::csi::{connect_unix, ControllerClient, IdentityClient};
 use tessera_tests::{poll_until, Daemon};
+use tessera_tls::generate::{identity_dir, ClusterCa, DEFAULT_VALIDITY};
+use tessera_tls::{Identity, TlsContext, Transport};
 use tonic::Code;
 
 pub use tessera_tests::csi::ReplicaClient;
@@ -65,6 +75,40 @@ pub const DEFAULT_RPC_TIMEOUT_MS: &str = "2000";
 
 /// One replica daemon to start: node id, zone, `--capacity` in bytes.
 pub type NodeSpec<'a> = (&'a str, &'a str, u64);
+
+/// Serialises making a cluster directory's CA.
+static CA_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// The certificates of the test cluster in `root` (`root/tls`), made on first use:
+/// one CA of this directory's own and a certificate directory per identity.
+pub fn cluster_tls(root: &Path) -> PathBuf {
+    let tls = root.join("tls");
+    let _made = CA_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    if !tls.exists() {
+        // Written aside and renamed: the directory is there whole or not at all.
+        let partial = root.join("tls.partial");
+        let _ = std::fs::remove_dir_all(&partial);
+        ClusterCa::generate(DEFAULT_VALIDITY)
+            .expect("generate the test cluster's CA")
+            .write_all(&partial, DEFAULT_VALIDITY)
+            .expect("write the test cluster's certificates");
+        std::fs::rename(&partial, &tls).expect("move the certificates in place");
+    }
+    tls
+}
+
+/// The certificate directory of `identity` in the test cluster in `root`.
+pub fn cluster_tls_dir(root: &Path, identity: Identity) -> PathBuf {
+    identity_dir(&cluster_tls(root), identity)
+}
+
+/// TLS presenting `identity`, with the certificates of the cluster in `root`.
+pub fn cluster_transport(root: &Path, identity: Identity) -> Transport {
+    let dir = cluster_tls_dir(root, identity);
+    let context = TlsContext::load(&dir, identity)
+        .unwrap_or_else(|e| panic!("loading {}: {e}", dir.display()));
+    Transport::tls(context)
+}
 
 /// The ready file written by `tessera-replica --ready-file`.
 #[derive(Debug, Deserialize)]
@@ -95,6 +139,8 @@ pub struct RealReplica {
     frozen: bool,
     /// Further command-line arguments (e.g. `--copy-max-bandwidth`).
     extra_args: Vec<OsString>,
+    /// The cluster's directory, which holds its certificates ([`cluster_tls`]).
+    root: PathBuf,
 }
 
 /// Why a daemon did not become ready.
@@ -137,6 +183,7 @@ impl RealReplica {
             addrs: None,
             frozen: false,
             extra_args: extra_args.iter().map(OsString::from).collect(),
+            root: root.to_path_buf(),
         };
         replica
             .run()
@@ -223,13 +270,28 @@ impl RealReplica {
             .unwrap_or_else(|e| panic!("sending {signal} to replica {}: {e}", self.node_id));
     }
 
-    /// A fresh control-API client.
+    /// A fresh control-API client acting as the controller.
     pub async fn client(&self) -> ReplicaClient {
         let addr = self.control_addr();
-        let channel = connect_tcp(addr)
+        let transport = cluster_transport(&self.root, Identity::Controller);
+        let endpoint = tessera_tls::grpc::endpoint(&addr.to_string()).expect("control address");
+        let channel = tessera_tls::grpc::connect_channel(&endpoint, &transport)
             .await
             .unwrap_or_else(|e| panic!("connecting to replica {} at {addr}: {e}", self.node_id));
         ReplicaClient::new(channel)
+    }
+
+    /// A data-plane connection to `volume_id` as an engine (node identity) of `epoch`.
+    pub async fn data_client(
+        &self,
+        volume_id: &str,
+        epoch: u64,
+    ) -> Result<ReplicaDataClient, ClientError> {
+        let config = ClientConfig {
+            transport: cluster_transport(&self.root, Identity::Node),
+            ..ClientConfig::default()
+        };
+        ReplicaDataClient::connect_with(self.data_addr(), volume_id, epoch, config).await
     }
 
     /// The record of `volume_id` on this daemon, `None` when it has none.
@@ -285,6 +347,8 @@ impl RealReplica {
             self.capacity_bytes.to_string().into(),
             "--ready-file".into(),
             self.ready_file.clone().into_os_string(),
+            "--tls-dir".into(),
+            cluster_tls_dir(&self.root, Identity::Replica).into_os_string(),
         ];
         args.extend(self.extra_args.iter().cloned());
         args
@@ -402,6 +466,8 @@ impl RealController {
             argv.push("--rpc-timeout-ms".into());
             argv.push(DEFAULT_RPC_TIMEOUT_MS.into());
         }
+        argv.push("--tls-dir".into());
+        argv.push(cluster_tls_dir(root, Identity::Controller).into_os_string());
         argv.extend(args.iter().map(OsString::from));
         Self {
             daemon: Daemon::new(

@@ -5,6 +5,11 @@
 //! (`cargo build -p tessera-replica`, or `cargo build --workspace`), or point
 //! `TESSERA_BIN_DIR` at the directory holding it. Each daemon runs in its own process
 //! group and is killed with SIGKILL in `Drop`; waits poll with deadlines.
+//!
+//! Mutual TLS as users get it: the work directory of a test holds one cluster CA
+//! ([`cluster_tls`]); daemons get its replica certificate, the test acts as the
+//! controller on the control port and as an engine (node identity) on the data
+//! plane ([`Daemon::data_client`], [`Daemon::engine_transport`]).
 
 use std::os::unix::fs::FileExt;
 use std::os::unix::process::CommandExt;
@@ -17,6 +22,10 @@ use nix::unistd::Pid;
 use tessera_node::engine::ReplicaEndpoint;
 use tessera_replica_protocol::control_proto as proto;
 use tessera_replica_protocol::control_proto::replica_control_client::ReplicaControlClient;
+use tessera_replica_protocol::data::client::ClientConfig;
+use tessera_replica_protocol::data::{ClientError, ReplicaDataClient};
+use tessera_tls::generate::{identity_dir, ClusterCa, DEFAULT_VALIDITY};
+use tessera_tls::{Identity, TlsContext, Transport};
 
 const BS: u64 = 4096;
 const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -43,6 +52,35 @@ fn replica_binary() -> PathBuf {
         bin.display()
     );
     bin
+}
+
+/// Serialises making a work directory's CA.
+static CA_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// The certificates of the test cluster in `work` (`work/tls`), made on first use:
+/// one CA of this work directory's own and a certificate directory per identity.
+pub fn cluster_tls(work: &Path) -> PathBuf {
+    let root = work.join("tls");
+    let _made = CA_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    if !root.exists() {
+        // Written aside and renamed: the directory is there whole or not at all.
+        let partial = work.join("tls.partial");
+        let _ = std::fs::remove_dir_all(&partial);
+        ClusterCa::generate(DEFAULT_VALIDITY)
+            .expect("generate the test cluster's CA")
+            .write_all(&partial, DEFAULT_VALIDITY)
+            .expect("write the test cluster's certificates");
+        std::fs::rename(&partial, &root).expect("move the certificates in place");
+    }
+    root
+}
+
+/// TLS presenting `identity`, with the certificates of the cluster in `work`.
+pub fn cluster_transport(work: &Path, identity: Identity) -> Transport {
+    let dir = identity_dir(&cluster_tls(work), identity);
+    let context = TlsContext::load(&dir, identity)
+        .unwrap_or_else(|e| panic!("loading {}: {e}", dir.display()));
+    Transport::tls(context)
 }
 
 /// Polls `f` until it returns `Some`; panics with `what` after `limit`.
@@ -85,9 +123,12 @@ impl Daemon {
             .open(&log)
             .unwrap();
         let err = out.try_clone().unwrap();
+        let tls = identity_dir(&cluster_tls(work), Identity::Replica);
         let mut child = Command::new(replica_binary())
             .arg("--data-dir")
             .arg(&data_dir)
+            .arg("--tls-dir")
+            .arg(&tls)
             .args(["--listen", control, "--data-listen", data])
             .args(["--node-id", node_id, "--zone", "z1", "--capacity", "1Gi"])
             .arg("--ready-file")
@@ -150,10 +191,32 @@ impl Daemon {
         }
     }
 
+    /// How an engine dials this daemon's cluster: TLS with the node certificate.
+    pub fn engine_transport(&self) -> Transport {
+        cluster_transport(&self.work, Identity::Node)
+    }
+
+    /// A data-plane connection as an engine (node identity) of `epoch`.
+    pub async fn data_client(
+        &self,
+        volume: &str,
+        epoch: u64,
+    ) -> Result<ReplicaDataClient, ClientError> {
+        let config = ClientConfig {
+            transport: self.engine_transport(),
+            ..ClientConfig::default()
+        };
+        ReplicaDataClient::connect_with(self.data.as_str(), volume, epoch, config).await
+    }
+
+    /// A control-API client acting as the controller.
     pub async fn client(&self) -> ReplicaControlClient<tonic::transport::Channel> {
-        ReplicaControlClient::connect(format!("http://{}", self.control))
+        let transport = cluster_transport(&self.work, Identity::Controller);
+        let endpoint = tessera_tls::grpc::endpoint(&self.control).expect("control address");
+        let channel = tessera_tls::grpc::connect_channel(&endpoint, &transport)
             .await
-            .expect("control connect")
+            .expect("control connect");
+        ReplicaControlClient::new(channel)
     }
 
     /// Creates a plain (empty) volume with no recorded replica set.

@@ -17,6 +17,7 @@ use tessera_replica::snapshot_read::chunk::{decode, ChunkGrid, ChunkKind};
 use tessera_replica_protocol::block::BlockVersion;
 use tessera_replica_protocol::control_proto as proto;
 use tessera_replica_protocol::data::ReplicaDataClient;
+use tessera_tls::Identity;
 
 pub const BS: u64 = 4096;
 pub const MIB: u64 = 1 << 20;
@@ -100,7 +101,7 @@ impl Node {
 
     /// A data-plane connection as an engine of `epoch`.
     pub async fn data_at(&self, volume: &str, epoch: u64) -> ReplicaDataClient {
-        match ReplicaDataClient::connect(&self.daemon.data, volume, epoch).await {
+        match self.daemon.data_client(volume, epoch).await {
             Ok(c) => c,
             Err(e) => panic!("data-plane connect failed: {e:?}\n{}", self.daemon.log()),
         }
@@ -284,9 +285,10 @@ pub async fn stream_blocks(
     size: u64,
     kind: ChunkKind,
 ) -> (Vec<(BlockVersion, Option<Vec<u8>>)>, Vec<u64>) {
+    // Snapshot blocks are read by replicas (copies and repairs) only.
     let mut stream = node
         .daemon
-        .client()
+        .client_as(Identity::Replica)
         .await
         .read_snapshot_blocks(proto::ReadSnapshotBlocksRequest {
             volume_id: volume.into(),
