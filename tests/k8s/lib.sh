@@ -29,6 +29,8 @@ CONTAINERD_SOCK=$K8S_SOCK_DIR/containerd.sock
 PAUSE_IMAGE=tessera.e2e/pause:1
 SNAPSHOT_CRDS=(volumesnapshotclasses.snapshot.storage.k8s.io volumesnapshotcontents.snapshot.storage.k8s.io
   volumesnapshots.snapshot.storage.k8s.io)
+# The mutual-TLS Secrets every install mounts (deploy/README.md, "Mutual TLS").
+TLS_SECRETS=(tessera-tls-controller tessera-tls-node tessera-tls-replica)
 export KUBECONFIG=$K8S_RUN/admin.kubeconfig
 # The same fixed PATH as scripts/test: $TESSERA_GO_BIN (helm), $K8S_CACHE/bin (kubectl and
 # the cluster's binaries), the toolchains and the system dirs; nothing inherited, so a
@@ -101,4 +103,22 @@ tk_wait_tessera_ready() {
     tk_poll "$w: all pods Ready" 240 bash -c "s=\$(kubectl -n tessera-system get $w -o jsonpath='{.status.desiredNumberScheduled} {.status.numberReady} {.status.updatedNumberScheduled}'); set -- \$s; [ \"\${1:-0}\" -gt 0 ] && [ \"\$1\" = \"\$2\" ] && [ \"\$1\" = \"\${3:-\$1}\" ]" || return 1
   done
   kubectl -n tessera-system wait --for=condition=Ready pod --all --timeout=120s >&2
+}
+
+# tk_tessera_cli: prints the path of the operator CLI `tessera` (cli/, for `tessera certs`):
+# $TESSERA_BIN_DIR/tessera when TESSERA_BIN_DIR is set (scripts/test: target/debug, which
+# its build stage made), else target/release/tessera, built (or brought up to date) here
+# with cargo under nice, like scripts/build-images builds the daemons.
+tk_tessera_cli() {
+  local bin
+  if [ -n "${TESSERA_BIN_DIR:-}" ]; then
+    bin=$(realpath -m "$TESSERA_BIN_DIR")/tessera
+  else
+    bin=$TK_ROOT/target/release/tessera
+    tk_log "cargo build --release -p tessera-cli (nice 19)"
+    (cd "$TK_ROOT" && nice -n 19 cargo build --release --locked -p tessera-cli --bin tessera) >&2 ||
+      { tk_log "cargo build --release -p tessera-cli failed"; return 1; }
+  fi
+  [ -x "$bin" ] || { tk_log "no tessera CLI at $bin"; return 1; }
+  echo "$bin"
 }

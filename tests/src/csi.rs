@@ -2,14 +2,17 @@
 //!
 //! CSI is served on unix sockets, which tonic does not dial by itself: the channel
 //! gets a connector that opens the socket and wraps it for hyper. The replica
-//! control API is plain gRPC over TCP.
+//! control API is gRPC over TCP through a [`Transport`]: mutual TLS with the
+//! certificate of the identity the client acts as, or plain text for daemons started
+//! with `--insecure-plaintext`.
 
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
 use tessera_csi_proto::unix_channel::{self, unix_endpoint};
-use tonic::transport::{Channel, Endpoint};
+use tessera_tls::Transport;
+use tonic::transport::Channel;
 
 /// CSI Identity client.
 pub type IdentityClient = tessera_csi_proto::v1::identity_client::IdentityClient<Channel>;
@@ -32,10 +35,13 @@ pub async fn connect_unix(path: &Path) -> Result<Channel, tonic::transport::Erro
     unix_channel::connect_unix(unix_endpoint().connect_timeout(CONNECT_TIMEOUT), path).await
 }
 
-/// Opens a gRPC channel to `addr` over TCP.
-pub async fn connect_tcp(addr: SocketAddr) -> Result<Channel, tonic::transport::Error> {
-    Endpoint::from_shared(format!("http://{addr}"))?
-        .connect_timeout(CONNECT_TIMEOUT)
-        .connect()
-        .await
+/// Opens a gRPC channel to the replica daemon's control port at `addr` through
+/// `transport` (its handshake included: an error means the daemon does not answer
+/// or refused the certificate).
+pub async fn connect_tcp(
+    addr: SocketAddr,
+    transport: &Transport,
+) -> Result<Channel, tonic::transport::Error> {
+    let endpoint = tessera_tls::grpc::endpoint(&addr.to_string())?.connect_timeout(CONNECT_TIMEOUT);
+    tessera_tls::grpc::connect_channel(&endpoint, transport).await
 }

@@ -8,11 +8,13 @@
 //! * [`cluster`]: [`ClusterBuilder`] / [`Cluster`]: a directory of its own, N replica
 //!   daemons, a controller and one or more nodes (engine-host + node plugin); kill -9
 //!   and restart any of them; nothing (processes, mounts, loop devices) outlives it.
+//!   Mutual TLS with a CA of the cluster's own ([`cluster::tls`]), or plain text.
 //! * [`mounts`]: mounts and loop devices below a directory, and the safety net that
 //!   removes them.
 //! * [`process`]: [`Daemon`], one child process in its own process group, logging to
 //!   a file, killed (group-wide) on drop.
-//! * [`csi`]: gRPC clients over unix sockets and TCP.
+//! * [`csi`]: gRPC clients over unix sockets and TCP (through a
+//!   [`tessera_tls::Transport`]).
 //! * [`metrics`]: a replica daemon's or an engine-host's `/metrics` page, scraped and
 //!   parsed.
 //! * [`direct_io`]: O_DIRECT reads/writes and reproducible data for byte checks.
@@ -27,8 +29,8 @@
 //!   tests never sleep to synchronise.
 //!
 //! The harness depends only on the public protocol crates (`tessera-csi-proto`,
-//! `tessera-replica`'s generated client), never on daemon internals, so what it
-//! tests is what a real client sees.
+//! `tessera-replica`'s generated client, `tessera-tls`), never on daemon internals,
+//! so what it tests is what a real client sees.
 
 pub mod binaries;
 pub mod cluster;

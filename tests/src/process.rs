@@ -121,6 +121,10 @@ impl Daemon {
         }
         // Logs are files people read, not terminals.
         command.env("NO_COLOR", "1");
+        // The transport is what the command line says, never the caller's environment.
+        for var in crate::cluster::tls::TRANSPORT_ENV {
+            command.env_remove(var);
+        }
         let child = command
             .spawn()
             .with_context(|| format!("starting {} ({})", self.name, self.program.display()))?;

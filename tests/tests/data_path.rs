@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 use tessera_tests::privilege::privileged;
 
 use sha2::{Digest, Sha256};
-use tessera_replica_protocol::data::ReplicaDataClient;
+use tessera_replica_protocol::data::{ClientConfig, ReplicaDataClient};
 use tessera_replica_protocol::sync::Membership;
 use tessera_tests::direct_io::{direct_read, direct_write, pattern};
 use tessera_tests::lifecycle::{
@@ -40,6 +40,7 @@ use tessera_tests::lifecycle::{
 };
 use tessera_tests::random_writer::{read_back, RandomWriter, WriterBounds};
 use tessera_tests::{mounts, poll_until, wait_until, Cluster, ClusterBuilder};
+use tessera_tls::Identity;
 
 const KIB: usize = 1 << 10;
 const MIB: usize = 1 << 20;
@@ -734,7 +735,8 @@ const G_BOUNDS: WriterBounds = WriterBounds {
 const FIRST_FEW: usize = 8;
 
 /// Replica `index`'s in-sync record of `volume_id`, asked over the data plane as a
-/// client of `epoch` (the volume's current one, so nothing is raised or fenced).
+/// client of `epoch` (the volume's current one, so nothing is raised or fenced),
+/// with the controller's certificate.
 async fn in_sync_record(
     cluster: &Cluster,
     index: usize,
@@ -743,7 +745,11 @@ async fn in_sync_record(
 ) -> Result<Membership, String> {
     let replica = cluster.replica(index);
     let ask = async {
-        let client = ReplicaDataClient::connect(replica.data_addr(), volume_id, epoch)
+        let config = ClientConfig {
+            transport: cluster.transport(Identity::Controller),
+            ..ClientConfig::default()
+        };
+        let client = ReplicaDataClient::connect_with(replica.data_addr(), volume_id, epoch, config)
             .await
             .map_err(|e| format!("connecting: {e}"))?;
         client

@@ -129,11 +129,13 @@ async fn d_an_engine_host_killed_mid_write_loses_no_durable_write() {
     });
 }
 
-/// (e) One replica limited to 1 MB/s: writes go on, the slow replica leaves the
-/// in-sync set, and it is resynced once the limit is lifted. The volume is attached
-/// on a node without a replica of its own, so reads are spread over all three: a
-/// reader sent to the slow one would wait behind its backlog of writes, and its
-/// checked reads would hold the writer to the slow replica's pace (found by the soak).
+/// (e) One replica's link limited to 256 KiB/s, below the writer's pace
+/// ([`scenarios::SLOW_LINK_BYTES_PER_SEC`]): writes go on, the slow replica leaves
+/// the in-sync set, and it is resynced once the limit is lifted. The volume is
+/// attached on a node without a replica of its own, so reads are spread over all
+/// three: a reader sent to the slow one would wait behind its backlog of writes, and
+/// its checked reads would hold the writer to the slow replica's pace (found by the
+/// soak).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn e_a_slow_replica_leaves_the_in_sync_set_and_comes_back() {
     let config = RigConfig {
@@ -141,7 +143,7 @@ async fn e_a_slow_replica_leaves_the_in_sync_set_and_comes_back() {
         ..RigConfig::default()
     };
     let report = run_scenario!(config, "slow", |rig| {
-        scenarios::slow_replica(&mut rig, 0xe5, 1 << 20)
+        scenarios::slow_replica(&mut rig, 0xe5, scenarios::SLOW_LINK_BYTES_PER_SEC)
     });
     assert!(
         figure(&report, "writes_per_sec_while_slow") > 0.0,

@@ -18,7 +18,10 @@
 //!   to the volume; prints `VOLUME_ID`, `SECONDS` and `ABORTED` (answers seen).
 //! * `delete-volume`: DeleteVolume.
 //! * `placement`: node ids of the replica daemons holding a volume (from their
-//!   records), comma-separated.
+//!   records), comma-separated. It reads records as the controller: `--tls-dir` the
+//!   controller's certificate directory (`CONTROLLER_TLS_DIR` of
+//!   `tessera-test-cluster`'s env file), or `--plaintext` for a cluster started with
+//!   `tessera-test-cluster --plaintext`.
 
 use std::collections::HashMap;
 use std::os::unix::fs::FileTypeExt;
@@ -39,6 +42,7 @@ use tessera_tests::fixtures::{
     create_volume_waiting, from_snapshot, from_volume, snapshot_request,
 };
 use tessera_tests::lifecycle::{attach, block_capability, filesystem_capability, Attachment};
+use tessera_tls::{Identity, TlsContext, Transport};
 
 #[derive(Debug, Parser)]
 #[command(about = "CSI and fio helpers for bench/data-path-fio")]
@@ -161,6 +165,8 @@ enum Command {
         /// The volume.
         #[arg(long)]
         volume_id: String,
+        #[command(flatten)]
+        transport: TransportArgs,
     },
     /// Markdown table from fio JSON results.
     FioTable {
@@ -177,6 +183,31 @@ enum Command {
         #[arg(long, default_value = "loop on local file")]
         second: String,
     },
+}
+
+/// How to reach the replica daemons' control ports, acting as the controller.
+#[derive(Debug, clap::Args)]
+struct TransportArgs {
+    /// The controller's certificate directory (`ca.crt`, `tls.crt`, `tls.key`).
+    #[arg(long, required_unless_present = "plaintext")]
+    tls_dir: Option<PathBuf>,
+    /// The daemons run with `--insecure-plaintext` (`tessera-test-cluster --plaintext`).
+    #[arg(long, conflicts_with = "tls_dir")]
+    plaintext: bool,
+}
+
+impl TransportArgs {
+    fn transport(&self) -> anyhow::Result<Transport> {
+        match &self.tls_dir {
+            Some(dir) if !self.plaintext => {
+                let context = TlsContext::load(dir, Identity::Controller).with_context(|| {
+                    format!("loading the controller certificate in {}", dir.display())
+                })?;
+                Ok(Transport::tls(context))
+            }
+            _ => Ok(Transport::plaintext()),
+        }
+    }
 }
 
 fn socket_of(endpoint: &str) -> anyhow::Result<PathBuf> {
@@ -405,10 +436,11 @@ async fn run_delete_volume(controller: String, volume_id: String) -> anyhow::Res
 async fn run_placement(
     replicas: Vec<std::net::SocketAddr>,
     volume_id: String,
+    transport: Transport,
 ) -> anyhow::Result<()> {
     let mut holders = Vec::new();
     for addr in replicas {
-        let channel = connect_tcp(addr)
+        let channel = connect_tcp(addr, &transport)
             .await
             .with_context(|| format!("connecting to the replica daemon at {addr}"))?;
         let mut client = ReplicaClient::new(channel);
@@ -584,7 +616,8 @@ async fn main() -> anyhow::Result<()> {
         Command::Placement {
             replicas,
             volume_id,
-        } => run_placement(replicas, volume_id).await,
+            transport,
+        } => run_placement(replicas, volume_id, transport.transport()?).await,
         Command::FioTable {
             pairs,
             latency,

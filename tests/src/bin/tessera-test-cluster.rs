@@ -13,6 +13,14 @@
 //! The env file also lists `TESSERA_CLUSTER_PIDS` (each a process group id) and,
 //! among them, `ENGINE_HOST_PIDS`, so a caller can still clean up (engine-hosts
 //! first, with SIGTERM) should this process itself be killed with SIGKILL.
+//!
+//! Transport: mutual TLS by default, with a CA of the cluster's own written under
+//! `<dir>/tls` (each daemon gets its identity's directory). The env file says
+//! `TRANSPORT` (`tls` or `plaintext`), `TLS_ROOT` (the certificate root: `ca.crt`,
+//! `ca.key`, `controller/`, `node/`, `replica/`) and `CONTROLLER_TLS_DIR` (what a
+//! client acting as the controller passes as `--tls-dir`, e.g. `tessera verify`);
+//! both empty with `--plaintext`, which starts every daemon with
+//! `--insecure-plaintext` (for benchmarks comparing TLS on and off).
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -20,6 +28,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Parser;
 use tessera_tests::ClusterBuilder;
+use tessera_tls::Identity;
 use tokio::signal::unix::{signal, SignalKind};
 
 /// Runs replica daemons, controller, engine-hosts and node plugins until SIGTERM/SIGINT.
@@ -65,6 +74,16 @@ struct Args {
     /// Where to write the endpoints once ready (default `<dir>/cluster.env`).
     #[arg(long)]
     env_file: Option<PathBuf>,
+
+    /// Run every daemon without TLS (`--insecure-plaintext`): INSECURE, for
+    /// comparing the data path with TLS on and off.
+    #[arg(long)]
+    plaintext: bool,
+
+    /// How often the daemons look for rotated certificate files, in seconds
+    /// (`--tls-reload-secs`; the daemons' default when not given).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    tls_reload_secs: Option<u64>,
 }
 
 /// Quotes `value` for a POSIX shell.
@@ -79,7 +98,11 @@ async fn main() -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate()).context("watching SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("watching SIGINT")?;
 
-    let start = ClusterBuilder::new()
+    let mut builder = ClusterBuilder::new().plaintext(args.plaintext);
+    if let Some(secs) = args.tls_reload_secs {
+        builder = builder.tls_reload_secs(secs);
+    }
+    let start = builder
         .replicas(args.replicas)
         .zones(args.zones)
         .replica_args(args.replica_args.iter().cloned())
@@ -118,6 +141,21 @@ async fn main() -> anyhow::Result<()> {
         .map(ToString::to_string)
         .collect();
     var("REPLICA_CONTROL_ADDRS", &replicas.join(","));
+    let tls = cluster.tls();
+    let path_or_empty = |p: Option<&std::path::Path>| p.map(|p| p.display().to_string());
+    var(
+        "TRANSPORT",
+        if tls.is_plaintext() {
+            "plaintext"
+        } else {
+            "tls"
+        },
+    );
+    var("TLS_ROOT", &path_or_empty(tls.root()).unwrap_or_default());
+    var(
+        "CONTROLLER_TLS_DIR",
+        &path_or_empty(tls.dir(Identity::Controller).as_deref()).unwrap_or_default(),
+    );
     let pids: Vec<String> = cluster.pids().iter().map(ToString::to_string).collect();
     var("TESSERA_CLUSTER_PIDS", &pids.join(" "));
     let engine_hosts: Vec<String> = cluster

@@ -15,6 +15,13 @@
 //! (`node.sock`, `node-state/`, `node.log`, `engine-host.log`); further nodes add
 //! `-<node id>` (`node-n2.sock`, `node-n2-state/`, ...).
 //!
+//! Transport security: every cluster gets a CA of its own under `<dir>/tls` and every
+//! daemon the certificate of its identity (`--tls-dir`); tests' own clients use
+//! [`Cluster::transport`]. [`ClusterBuilder::plaintext`] runs everything without TLS
+//! instead (`--insecure-plaintext`), and [`ClusterBuilder::tls_reload_secs`] sets how
+//! often the daemons look for rotated certificates ([`Cluster::rotate_certificate`]).
+//! See [`tls`].
+//!
 //! Dropping the [`Cluster`] tears everything down in the order a drained node does:
 //! mounts a test (the "kubelet") left outside the node state directories are lazily
 //! unmounted, the engine-hosts get SIGTERM (they flush their engines and detach their
@@ -35,6 +42,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, Context};
 use serde::Deserialize;
 use tessera_csi_proto::v1::ProbeRequest;
+use tessera_tls::{Identity, Transport};
 
 use crate::binaries;
 use crate::csi::{
@@ -48,10 +56,12 @@ use nix::sys::signal::Signal;
 
 mod node;
 mod replica;
+pub mod tls;
 
 use node::{canonical, CsiPlugin};
 pub use node::{NodeHost, ENGINE_HOST_SOCKET_NAME};
 pub use replica::{Replica, ReplicaAddrs};
+pub use tls::ClusterTls;
 
 /// Keeps the cluster directory after the test when set (to any value).
 pub const KEEP_DIR_ENV: &str = "TESSERA_KEEP_TEST_DIR";
@@ -78,6 +88,7 @@ pub struct ClusterBuilder {
     replica_metrics: bool,
     engine_host_metrics: bool,
     controller: bool,
+    controller_metrics: bool,
     node: bool,
     nodes: Vec<String>,
     extra_nodes: Vec<String>,
@@ -86,6 +97,8 @@ pub struct ClusterBuilder {
     startup_timeout: Duration,
     isolated_hosts: bool,
     small_disks: Vec<(String, u64)>,
+    plaintext: bool,
+    tls_reload_secs: Option<u64>,
 }
 
 impl Default for ClusterBuilder {
@@ -98,6 +111,7 @@ impl Default for ClusterBuilder {
             replica_metrics: false,
             engine_host_metrics: false,
             controller: true,
+            controller_metrics: false,
             node: true,
             nodes: vec!["n1".to_owned()],
             extra_nodes: Vec::new(),
@@ -106,6 +120,8 @@ impl Default for ClusterBuilder {
             startup_timeout: DEFAULT_STARTUP_TIMEOUT,
             isolated_hosts: false,
             small_disks: Vec::new(),
+            plaintext: false,
+            tls_reload_secs: None,
         }
     }
 }
@@ -162,6 +178,28 @@ impl ClusterBuilder {
     /// Whether to start the controller (default yes).
     pub fn controller(mut self, start: bool) -> Self {
         self.controller = start;
+        self
+    }
+
+    /// Whether the controller serves /metrics (`--metrics-listen` on a free loopback
+    /// port; default no). See [`Cluster::controller_metrics`].
+    pub fn controller_metrics(mut self, enabled: bool) -> Self {
+        self.controller_metrics = enabled;
+        self
+    }
+
+    /// Runs every daemon without TLS (`--insecure-plaintext`) and gives the test's
+    /// clients plain-text transports; no certificates are written. Default no: a CA
+    /// of the cluster's own and mutual TLS everywhere (see [`tls`]).
+    pub fn plaintext(mut self, plaintext: bool) -> Self {
+        self.plaintext = plaintext;
+        self
+    }
+
+    /// `--tls-reload-secs` of every daemon: how often it looks for rotated
+    /// certificate files (the daemons' default, 10 s, when not given).
+    pub fn tls_reload_secs(mut self, secs: u64) -> Self {
+        self.tls_reload_secs = Some(secs);
         self
     }
 
@@ -279,6 +317,11 @@ impl ClusterBuilder {
             )),
         };
         let root = dir.path().to_path_buf();
+        let tls = if self.plaintext {
+            ClusterTls::plaintext()
+        } else {
+            ClusterTls::generate(root.join(tls::TLS_DIR_NAME), self.tls_reload_secs)?
+        };
         let network = if self.isolated_hosts {
             Some(TestNetwork::new().context("creating the test network")?)
         } else {
@@ -290,6 +333,7 @@ impl ClusterBuilder {
             nodes: Vec::new(),
             startup_timeout: self.startup_timeout,
             network,
+            tls,
             dir,
         };
 
@@ -323,6 +367,8 @@ impl ClusterBuilder {
                 extra_args: self.replica_args.clone(),
                 metrics_enabled: self.replica_metrics,
                 listen_ip: host.map_or(LOOPBACK, |h| IpAddr::V4(h.addr())),
+                tls_args: cluster.tls.daemon_args(Identity::Replica),
+                transport: cluster.tls.transport(Identity::Controller),
                 addrs: None,
                 metrics_addr: None,
             };
@@ -358,6 +404,11 @@ impl ClusterBuilder {
                 args.push("--extra-nodes".into());
                 args.push(extra_nodes.join(",").into());
             }
+            args.extend(cluster.tls.daemon_args(Identity::Controller));
+            if self.controller_metrics {
+                args.push("--metrics-listen".into());
+                args.push(SocketAddr::new(LOOPBACK, 0).to_string().into());
+            }
             args.extend(self.extra_controller_args.iter().map(OsString::from));
             let daemon = Daemon::new("controller", bin, args, root.join("controller.log"));
             let plugin = cluster.controller.insert(CsiPlugin { daemon, socket });
@@ -373,6 +424,7 @@ impl ClusterBuilder {
                     node_id,
                     index == 0,
                     self.engine_host_metrics,
+                    cluster.tls.daemon_args(Identity::Node),
                     host.as_ref(),
                 )?;
                 node.start_engine_host(self.startup_timeout).await?;
@@ -424,6 +476,8 @@ pub struct Cluster {
     /// The hosts' namespaces and bridge ([`ClusterBuilder::isolated_hosts`]); dropped
     /// after every process in them stopped.
     network: Option<TestNetwork>,
+    /// The CA and certificates, or plain text.
+    tls: ClusterTls,
     dir: ClusterDir,
 }
 
@@ -453,6 +507,66 @@ impl Cluster {
     /// The cluster's directory (sockets, logs, replica data).
     pub fn dir(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// The cluster's transport security: its certificate directories, the daemons'
+    /// flags, the test's transports.
+    pub fn tls(&self) -> &ClusterTls {
+        &self.tls
+    }
+
+    /// The certificate root (`<dir>/tls`: `ca.crt`, `ca.key`, and `controller/`,
+    /// `node/`, `replica/`), or `None` for a [`ClusterBuilder::plaintext`] cluster.
+    pub fn tls_root(&self) -> Option<&Path> {
+        self.tls.root()
+    }
+
+    /// The transport for a test's own client presenting `identity` (the
+    /// certificates as of the start; plain text in a plain-text cluster). Control
+    /// calls other than GetInfo need [`Identity::Controller`]; the data plane takes
+    /// the controller or a node.
+    pub fn transport(&self, identity: Identity) -> Transport {
+        self.tls.transport(identity)
+    }
+
+    /// Issues `identity` a new certificate and key from the cluster's CA and replaces
+    /// its directory's files; every daemon of that identity takes them at its next
+    /// reload check ([`ClusterBuilder::tls_reload_secs`]).
+    pub fn rotate_certificate(&self, identity: Identity) -> anyhow::Result<()> {
+        self.tls.rotate(identity)
+    }
+
+    /// `tessera verify` of `volume_id` against every running replica daemon, as the
+    /// controller (`--tls-dir <root>/controller`, or `--insecure-plaintext`): Ok when
+    /// it exits 0 (the in-sync replicas hold the same version and intact data of
+    /// every block); otherwise its output.
+    pub async fn verify(&self, volume_id: &str) -> anyhow::Result<()> {
+        let cli = binaries::locate(binaries::CLI)?;
+        let addrs: Vec<String> = self
+            .replicas
+            .iter()
+            .filter(|r| r.pid().is_some())
+            .map(|r| r.control_addr().to_string())
+            .collect();
+        let mut command = tokio::process::Command::new(&cli);
+        command
+            .args(["verify", volume_id, "--replicas", &addrs.join(",")])
+            .args(self.tls.cli_args());
+        for var in tls::TRANSPORT_ENV {
+            command.env_remove(var);
+        }
+        let out = command
+            .output()
+            .await
+            .with_context(|| format!("running {}", cli.display()))?;
+        anyhow::ensure!(
+            out.status.success(),
+            "tessera verify {volume_id} failed ({}):\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
     }
 
     /// All replica daemons, in start order (`n1` first).
@@ -596,6 +710,22 @@ impl Cluster {
             .iter()
             .filter_map(|n| n.engine_host.pid())
             .collect()
+    }
+
+    /// The controller's /metrics page, parsed (see [`crate::metrics`]); the cluster
+    /// must be built with [`ClusterBuilder::controller_metrics`]. Like the
+    /// engine-host's, its port is found in `/proc`
+    /// ([`crate::process::listening_tcp_addrs`]).
+    pub async fn controller_metrics(&self) -> anyhow::Result<crate::metrics::Metrics> {
+        let pid = self
+            .controller_plugin()?
+            .daemon
+            .pid()
+            .ok_or_else(|| anyhow!("the controller is not running"))?;
+        let addr = only_tcp_listener(pid, "the controller's /metrics").await?;
+        crate::metrics::scrape(addr)
+            .await
+            .context("scraping the controller's /metrics")
     }
 
     /// SIGKILLs the controller.
@@ -775,6 +905,29 @@ impl Drop for Cluster {
             }
         }
     }
+}
+
+/// The one TCP socket process `pid` listens on (a daemon that binds port 0 for
+/// /metrics and reports it nowhere), found in `/proc`
+/// ([`crate::process::listening_tcp_addrs`]); waits up to 10 s for it to be bound.
+pub(crate) async fn only_tcp_listener(pid: u32, what: &str) -> anyhow::Result<SocketAddr> {
+    let last = RefCell::new(Ok(Vec::new()));
+    let found = poll_until(Duration::from_secs(10), || {
+        let listening = crate::process::listening_tcp_addrs(pid);
+        let one = match &listening {
+            Ok(addrs) if addrs.len() == 1 => Some(addrs[0]),
+            _ => None,
+        };
+        *last.borrow_mut() = listening;
+        std::future::ready(one)
+    })
+    .await;
+    found.map_err(|timed_out| {
+        anyhow!(
+            "no single listener for {what} (pid {pid}) {timed_out}: {:?}",
+            last.borrow()
+        )
+    })
 }
 
 /// Makes an ext4 filesystem of `bytes` in the file `image` and mounts it on

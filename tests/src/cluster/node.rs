@@ -83,14 +83,16 @@ impl NodeHost {
     /// Prepares the node's daemons without starting them. The first node uses the
     /// short file names (see the module docs).
     /// With `metrics`, the engine-host also serves /metrics on a free port
-    /// ([`NodeHost::engine_host_metrics`]). With `host`, both daemons run in that
-    /// host's network namespace and /metrics listens on its address.
+    /// ([`NodeHost::engine_host_metrics`]). `tls_args` are the engine-host's
+    /// transport flags (the plugin dials no replica). With `host`, both daemons run in
+    /// that host's network namespace and /metrics listens on its address.
     pub(super) fn new(
         root: &Path,
         bin: &Path,
         node_id: &str,
         first: bool,
         metrics: bool,
+        tls_args: Vec<OsString>,
         host: Option<&NetHost>,
     ) -> anyhow::Result<Self> {
         let suffix = if first {
@@ -107,6 +109,7 @@ impl NodeHost {
             "--state-dir".into(),
             state_dir.clone().into_os_string(),
         ];
+        engine_host_args.extend(tls_args);
         if metrics {
             let ip = host.map_or(LOOPBACK, |h| IpAddr::V4(h.addr()));
             engine_host_args.extend([
@@ -192,24 +195,11 @@ impl NodeHost {
             .engine_host
             .pid()
             .ok_or_else(|| anyhow!("the engine-host on {} is not running", self.node_id))?;
-        let last = RefCell::new(Ok(Vec::new()));
-        let found = poll_until(Duration::from_secs(10), || {
-            let listening = crate::process::listening_tcp_addrs(pid);
-            let one = match &listening {
-                Ok(addrs) if addrs.len() == 1 => Some(addrs[0]),
-                _ => None,
-            };
-            *last.borrow_mut() = listening;
-            std::future::ready(one)
-        })
-        .await;
-        found.map_err(|timed_out| {
-            anyhow!(
-                "no single /metrics listener of the engine-host on {} (pid {pid}) {timed_out}: {:?}",
-                self.node_id,
-                last.borrow()
-            )
-        })
+        only_tcp_listener(
+            pid,
+            &format!("/metrics of the engine-host on {}", self.node_id),
+        )
+        .await
     }
 
     /// The engine-host's /metrics page, parsed (see [`crate::metrics`]); the cluster

@@ -37,6 +37,10 @@ pub struct Replica {
     /// Address the daemon listens on: loopback, or its host's address on the test
     /// network ([`ClusterBuilder::isolated_hosts`]).
     pub(super) listen_ip: std::net::IpAddr,
+    /// `--tls-dir` (and `--tls-reload-secs`), or `--insecure-plaintext`.
+    pub(super) tls_args: Vec<OsString>,
+    /// What [`Replica::client`] dials with: the controller's identity.
+    pub(super) transport: Transport,
     /// Ports of the first start, reused by every restart.
     pub(super) addrs: Option<ReplicaAddrs>,
     /// /metrics address of the current run (a new port at every start).
@@ -78,10 +82,11 @@ impl Replica {
             .expect("a Replica is only handed out after its first start reported its ports")
     }
 
-    /// A fresh control-API client.
+    /// A fresh control-API client, acting as the controller (the only identity
+    /// allowed to read records and change anything).
     pub async fn client(&self) -> anyhow::Result<ReplicaClient> {
         let addr = self.control_addr();
-        let channel = connect_tcp(addr)
+        let channel = connect_tcp(addr, &self.transport)
             .await
             .with_context(|| format!("connecting to replica {} at {addr}", self.node_id))?;
         Ok(ReplicaClient::new(channel))
@@ -160,6 +165,7 @@ impl Replica {
                 .into_iter()
                 .flatten(),
         )
+        .chain(self.tls_args.iter().cloned())
         .chain(self.extra_args.iter().map(OsString::from))
         .collect()
     }

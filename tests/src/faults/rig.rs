@@ -14,7 +14,7 @@ use crate::lifecycle::{
     node_condition, Attachment,
 };
 use crate::random_writer::{read_back_issued, RandomWriteLog, RandomWriter, WriterBounds};
-use crate::{binaries, poll_until, Cluster, ClusterBuilder};
+use crate::{poll_until, Cluster, ClusterBuilder};
 
 /// What the controller says of a whole RF=3 volume.
 pub const ALL_IN_SYNC: &str = "all 3 replicas reachable and in sync";
@@ -372,32 +372,11 @@ impl FaultRig {
         bail!("no running daemon knows {}", self.id())
     }
 
-    /// `tessera verify` of the volume against every running daemon: exits 0 when the
-    /// in-sync replicas hold the same version and intact data of every block.
+    /// `tessera verify` of the volume against every running daemon, as the
+    /// controller ([`Cluster::verify`]): exits 0 when the in-sync replicas hold the
+    /// same version and intact data of every block.
     pub async fn verify(&self) -> anyhow::Result<()> {
-        let cli = binaries::locate(binaries::CLI)?;
-        let addrs: Vec<String> = self
-            .cluster
-            .replicas()
-            .iter()
-            .filter(|r| r.pid().is_some())
-            .map(|r| r.control_addr().to_string())
-            .collect();
-        let out = tokio::process::Command::new(&cli)
-            .args(["verify", self.id(), "--replicas", &addrs.join(",")])
-            .output()
-            .await
-            .with_context(|| format!("running {}", cli.display()))?;
-        if !out.status.success() {
-            bail!(
-                "tessera verify {} failed ({}):\n{}{}",
-                self.id(),
-                out.status,
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ok(())
+        self.cluster.verify(self.id()).await
     }
 
     /// A counter of the engine-host serving the volume, for this volume.

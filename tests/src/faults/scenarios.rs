@@ -329,6 +329,13 @@ pub async fn engine_host_crash(rig: &mut FaultRig, seed: u64, to: &str) -> anyho
     Ok(report)
 }
 
+/// The link speed [`slow_replica`] limits a replica to in the suite and the soak:
+/// well below the random writer's pace (4 KiB writes: 256 KiB/s is 64 writes a
+/// second), so the replica falls behind and its requests time out. At 1 MB/s it did
+/// not always: the writer of a debug build with TLS on every replica port, on two
+/// busy cores, managed about that (285 writes a second in plain text).
+pub const SLOW_LINK_BYTES_PER_SEC: u64 = 256 << 10;
+
 /// (e) One remote replica's link limited to `bytes_per_sec`: writes go on at the
 /// speed of the other two, the slow replica leaves the in-sync set, and once the
 /// limit is lifted it is resynced. Figures: writes per second before and while slow,

@@ -179,7 +179,9 @@ async fn run_round(
             let to = draw.pick(&others, "other node")?;
             scenarios::engine_host_crash(rig, seed, &to).await
         }
-        Fault::SlowReplica => scenarios::slow_replica(rig, seed, 1 << 20).await,
+        Fault::SlowReplica => {
+            scenarios::slow_replica(rig, seed, scenarios::SLOW_LINK_BYTES_PER_SEC).await
+        }
         Fault::FullFilesystem => {
             let victim = draw.pick(&scenarios::remote_members(rig).await?, "remote member")?;
             scenarios::full_filesystem(rig, seed, &victim).await
