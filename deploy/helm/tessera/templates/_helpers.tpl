@@ -61,3 +61,35 @@ securityContext:
 {{- define "tessera.pluginDir" -}}
 {{ .Values.kubeletDir }}/plugins/{{ .Values.driverName }}
 {{- end -}}
+
+{{/* The Secret with the certificate of one identity (controller, node, replica): fixed
+names, the ones `tessera certs --secrets-yaml` prints. */}}
+{{- define "tessera.tlsSecretName" -}}
+tessera-tls-{{ . }}
+{{- end -}}
+
+{{/* Args of a daemon that talks to replica ports: --insecure-plaintext when TLS is off. */}}
+{{- define "tessera.tlsArgs" -}}
+{{- if not .Values.tls.enabled }}
+- --insecure-plaintext
+{{- end }}
+{{- end -}}
+
+{{/* The certificate directory's mount (where --tls-dir looks by default). */}}
+{{- define "tessera.tlsMount" -}}
+{{- if .Values.tls.enabled }}
+- name: tls
+  mountPath: /etc/tessera/tls
+  readOnly: true
+{{- end }}
+{{- end -}}
+
+{{/* The certificate directory's volume: (dict "ctx" $ "identity" "replica") */}}
+{{- define "tessera.tlsVolume" -}}
+{{- if .ctx.Values.tls.enabled }}
+- name: tls
+  secret:
+    secretName: {{ include "tessera.tlsSecretName" .identity }}
+    defaultMode: 256  # = 0400
+{{- end }}
+{{- end -}}
