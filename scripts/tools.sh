@@ -216,6 +216,7 @@ _tt_group_deploy() {
   elif tessera_go_pinned "$TESSERA_KUBECTL" k8s.io/kubernetes "v$K8S_VERSION"; then _tt_ok kubectl "$TESSERA_KUBECTL (k8s.io/kubernetes v$K8S_VERSION)"
   else _tt_bad kubectl "$TESSERA_KUBECTL is not k8s.io/kubernetes v$K8S_VERSION by its Go build info"; fi
   _tt_python_yaml
+  _tt_deb openssl openssl
 }
 
 # tessera_check_tools <group>...: checks every tool of the groups (setup, k8s, deploy);
