@@ -527,7 +527,7 @@ fn run_fio_table(
     first: String,
     second: String,
 ) -> anyhow::Result<()> {
-    println!("| test | {first} | {second} | ratio (Tessera / baseline) |");
+    println!("| test | {first} | {second} | ratio (first / second) |");
     println!("|---|---:|---:|---:|");
     for pair in pairs {
         let (label, files) = pair
