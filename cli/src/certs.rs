@@ -29,6 +29,11 @@ const DAY_SECS: u64 = 24 * 3600;
 pub const DEFAULT_NAMESPACE: &str = "tessera-system";
 /// The Secret of identity `x` is `tessera-tls-x`: the names the manifests mount.
 pub const SECRET_PREFIX: &str = "tessera-tls-";
+/// The Service in front of the controller's Kubernetes SnapshotMetadata API
+/// (deploy/), whose names its serving certificate carries.
+pub const SNAPSHOT_METADATA_SERVICE: &str = "tessera-snapshot-metadata";
+/// The Secret with that serving certificate, mounted by the controller.
+pub const SNAPSHOT_METADATA_SECRET: &str = "tessera-snapshot-metadata-tls";
 
 /// `tessera certs`.
 #[derive(Debug, Clone, clap::Args)]
@@ -45,7 +50,9 @@ pub struct CertsArgs {
     pub out: Option<PathBuf>,
     /// Print the Secrets tessera-tls-controller, tessera-tls-node and
     /// tessera-tls-replica (type kubernetes.io/tls, with ca.crt) as YAML on stdout,
-    /// for `kubectl apply -f -`. The CA's key is in none of them: see --out-ca.
+    /// for `kubectl apply -f -`, and tessera-snapshot-metadata-tls, the serving
+    /// certificate of the SnapshotMetadata API for the names of its Service in the
+    /// namespace. The CA's key is in none of them: see --out-ca.
     #[arg(long)]
     pub secrets_yaml: bool,
     /// Namespace of the Secrets.
@@ -209,8 +216,22 @@ fn print_secrets(
             .issue(identity, validity)
             .with_context(|| format!("issuing the {identity} certificate"))?;
         check_issued(ca, &issued, identity)?;
-        docs.push(secret_yaml(identity, namespace, ca.cert_pem(), &issued));
+        docs.push(secret_yaml(
+            &secret_name(identity),
+            namespace,
+            ca.cert_pem(),
+            &issued,
+        ));
     }
+    let serving = ca
+        .issue_server(&snapshot_metadata_names(namespace), validity)
+        .context("issuing the SnapshotMetadata API's serving certificate")?;
+    docs.push(secret_yaml(
+        SNAPSHOT_METADATA_SECRET,
+        namespace,
+        ca.cert_pem(),
+        &serving,
+    ));
     if let Some(dir) = &args.out_ca {
         write_ca(dir, ca)?;
     }
@@ -312,9 +333,20 @@ pub fn secret_name(identity: Identity) -> String {
     format!("{SECRET_PREFIX}{identity}")
 }
 
+/// The names clients in the cluster dial the SnapshotMetadata API's Service by.
+pub fn snapshot_metadata_names(namespace: &str) -> Vec<String> {
+    let service = SNAPSHOT_METADATA_SERVICE;
+    vec![
+        format!("{service}.{namespace}.svc"),
+        format!("{service}.{namespace}.svc.cluster.local"),
+        format!("{service}.{namespace}"),
+        service.to_string(),
+    ]
+}
+
 /// One Secret as a YAML document: what a mounted TLS Secret must hold to be a
 /// certificate directory (`ca.crt`, `tls.crt`, `tls.key`).
-fn secret_yaml(identity: Identity, namespace: &str, ca_pem: &str, issued: &Issued) -> String {
+fn secret_yaml(name: &str, namespace: &str, ca_pem: &str, issued: &Issued) -> String {
     let b64 = |text: &str| base64::engine::general_purpose::STANDARD.encode(text);
     format!(
         "apiVersion: v1\n\
@@ -330,7 +362,6 @@ fn secret_yaml(identity: Identity, namespace: &str, ca_pem: &str, issued: &Issue
          \x20 {CA_FILE}: {ca}\n\
          \x20 {CERT_FILE}: {cert}\n\
          \x20 {KEY_FILE}: {key}\n",
-        name = secret_name(identity),
         ca = b64(ca_pem),
         cert = b64(&issued.cert_pem),
         key = b64(&issued.key_pem),

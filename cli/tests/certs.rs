@@ -346,13 +346,23 @@ fn parse_stream(text: &str) -> Vec<Yaml> {
     docs.iter().map(|d| parse_document(d)).collect()
 }
 
-/// Checks the three Secrets in `yaml` (names, type, namespace, labels, exactly the
-/// three data keys) and writes each one's decoded data to `root/<identity>`, as a
-/// mounted Secret would appear.
-fn unpack_secrets(yaml: &str, namespace: &str, root: &Path) -> BTreeMap<Identity, PathBuf> {
+/// The Secrets `--secrets-yaml` printed, each written out as it would be mounted.
+struct Unpacked {
+    /// `root/<identity>` per identity.
+    identities: BTreeMap<Identity, PathBuf>,
+    /// `root/snapshot-metadata`: the SnapshotMetadata API's serving certificate.
+    serving: PathBuf,
+}
+
+/// Checks the four Secrets in `yaml` (names, type, namespace, labels, exactly the
+/// three data keys) and writes each one's decoded data to `root/<identity>` (the
+/// serving certificate's to `root/snapshot-metadata`), as a mounted Secret would
+/// appear.
+fn unpack_secrets(yaml: &str, namespace: &str, root: &Path) -> Unpacked {
     let docs = parse_stream(yaml);
-    assert_eq!(docs.len(), 3, "three Secrets:\n{yaml}");
+    assert_eq!(docs.len(), 4, "four Secrets:\n{yaml}");
     let mut dirs = BTreeMap::new();
+    let mut serving = None;
     for doc in &docs {
         assert_eq!(doc.str_at(&["apiVersion"]), "v1");
         assert_eq!(doc.str_at(&["kind"]), "Secret");
@@ -373,12 +383,17 @@ fn unpack_secrets(yaml: &str, namespace: &str, root: &Path) -> BTreeMap<Identity
             "exactly ca.crt, tls.crt, tls.key: never the CA key"
         );
         let name = doc.str_at(&["metadata", "name"]);
-        let identity: Identity = name
-            .strip_prefix("tessera-tls-")
-            .unwrap_or_else(|| panic!("unexpected Secret name {name}"))
-            .parse()
-            .unwrap_or_else(|e| panic!("{name}: {e}"));
-        let dir = root.join(identity.as_str());
+        let identity = if name == "tessera-snapshot-metadata-tls" {
+            None
+        } else {
+            let identity: Identity = name
+                .strip_prefix("tessera-tls-")
+                .unwrap_or_else(|| panic!("unexpected Secret name {name}"))
+                .parse()
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            Some(identity)
+        };
+        let dir = root.join(identity.map_or("snapshot-metadata", |i| i.as_str()));
         std::fs::create_dir_all(&dir).expect("creating a Secret's directory");
         for file in [CA_FILE, CERT_FILE, KEY_FILE] {
             let bytes = base64::engine::general_purpose::STANDARD
@@ -386,14 +401,66 @@ fn unpack_secrets(yaml: &str, namespace: &str, root: &Path) -> BTreeMap<Identity
                 .unwrap_or_else(|e| panic!("{name} {file} is not base64: {e}"));
             std::fs::write(dir.join(file), bytes).expect("writing a decoded file");
         }
-        assert!(dirs.insert(identity, dir).is_none(), "{name} printed twice");
+        match identity {
+            Some(identity) => {
+                assert!(dirs.insert(identity, dir).is_none(), "{name} printed twice")
+            }
+            None => assert!(serving.replace(dir).is_none(), "{name} printed twice"),
+        }
     }
     assert_eq!(dirs.len(), 3, "one Secret per identity");
-    dirs
+    Unpacked {
+        identities: dirs,
+        serving: serving.expect("the SnapshotMetadata API's serving certificate"),
+    }
+}
+
+/// A TLS handshake with the server config of the serving certificate in `serving`
+/// and a client that trusts `ca_file` and dials `name`; Err says which side failed.
+async fn serves_as(serving: &Path, ca_file: &Path, name: &str) -> Result<(), String> {
+    let server = tessera_tls::material::server_without_client_auth(serving)
+        .map_err(|e| format!("server config: {e}"))?;
+    let client = tessera_tls::material::client_trusting(ca_file)
+        .map_err(|e| format!("client config: {e}"))?;
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(|e| e.to_string())?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let accept = async {
+        let (tcp, _) = listener.accept().await.map_err(|e| e.to_string())?;
+        let mut stream = tokio_rustls::TlsAcceptor::from(server)
+            .accept(tcp)
+            .await
+            .map_err(|e| format!("server: {e}"))?;
+        stream.write_all(b"!").await.map_err(|e| e.to_string())?;
+        stream.flush().await.map_err(|e| e.to_string())
+    };
+    let connect = async {
+        let server_name =
+            rustls::pki_types::ServerName::try_from(name.to_string()).map_err(|e| e.to_string())?;
+        let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+        let mut stream = tokio_rustls::TlsConnector::from(client)
+            .connect(server_name, tcp)
+            .await
+            .map_err(|e| format!("client: {e}"))?;
+        let mut byte = [0u8];
+        stream
+            .read_exact(&mut byte)
+            .await
+            .map_err(|e| format!("client read: {e}"))
+    };
+    let both = async { tokio::join!(accept, connect) };
+    let (accepted, connected) = tokio::time::timeout(HANDSHAKE_TIMEOUT, both)
+        .await
+        .map_err(|_| format!("no handshake within {HANDSHAKE_TIMEOUT:?}"))?;
+    // The client's verdict is the one that matters; the server then sees a closed
+    // connection.
+    connected?;
+    accepted
 }
 
 #[tokio::test]
-async fn secrets_yaml_prints_three_tls_secrets_that_mount_as_working_directories() {
+async fn secrets_yaml_prints_tls_secrets_that_mount_as_working_directories() {
     let tmp = temp_dir();
     let ca_dir = tmp.path().join("ca");
     let (yaml, stderr) = certs_ok(&[
@@ -407,11 +474,12 @@ async fn secrets_yaml_prints_three_tls_secrets_that_mount_as_working_directories
         stderr.contains(s(&ca_dir)),
         "says where the CA went:\n{stderr}"
     );
-    let dirs = unpack_secrets(&yaml, "storage-test", &tmp.path().join("mounted"));
+    let unpacked = unpack_secrets(&yaml, "storage-test", &tmp.path().join("mounted"));
+    let dirs = &unpacked.identities;
     let ca = read(&ca_dir.join(CA_FILE));
     assert_eq!(mode(&ca_dir.join(CA_KEY_FILE)), 0o600);
     let ca_key = read(&ca_dir.join(CA_KEY_FILE));
-    for (identity, dir) in &dirs {
+    for (identity, dir) in dirs {
         TlsContext::load(dir, *identity)
             .unwrap_or_else(|e| panic!("Secret of {identity} does not load: {e}"));
         assert_eq!(read(&dir.join(CA_FILE)), ca, "{identity} carries the CA");
@@ -421,6 +489,39 @@ async fn secrets_yaml_prints_three_tls_secrets_that_mount_as_working_directories
         handshake(&dirs[&Identity::Replica], &dirs[&Identity::Controller]).await,
         Ok(PeerIdentity::Verified(Identity::Controller))
     );
+
+    // The SnapshotMetadata API's certificate: from the same CA, valid for its
+    // Service's names in the namespace and nothing else, and no identity.
+    let serving = &unpacked.serving;
+    assert_eq!(
+        read(&serving.join(CA_FILE)),
+        ca,
+        "serving Secret carries the CA"
+    );
+    for name in [
+        "tessera-snapshot-metadata.storage-test.svc",
+        "tessera-snapshot-metadata.storage-test.svc.cluster.local",
+        "tessera-snapshot-metadata.storage-test",
+        "tessera-snapshot-metadata",
+    ] {
+        serves_as(serving, &ca_dir.join(CA_FILE), name)
+            .await
+            .unwrap_or_else(|e| panic!("serving certificate for {name}: {e}"));
+    }
+    let wrong = serves_as(
+        serving,
+        &ca_dir.join(CA_FILE),
+        "tessera-snapshot-metadata.tessera-system.svc",
+    )
+    .await
+    .expect_err("another namespace's name");
+    assert!(wrong.contains("client"), "the client refuses: {wrong}");
+    for identity in Identity::ALL {
+        assert!(
+            TlsContext::load(serving, identity).is_err(),
+            "the serving certificate loads as the {identity} identity"
+        );
+    }
 
     // The kept CA issues a rotation: same ca.crt in every Secret.
     let ca_cert = ca_dir.join(CA_FILE);
@@ -433,7 +534,7 @@ async fn secrets_yaml_prints_three_tls_secrets_that_mount_as_working_directories
         s(&ca_key_path),
     ]);
     assert!(stderr.contains(s(&ca_cert)), "names the CA used:\n{stderr}");
-    let again = unpack_secrets(&rotated, "tessera-system", &tmp.path().join("rotated"));
+    let again = unpack_secrets(&rotated, "tessera-system", &tmp.path().join("rotated")).identities;
     for (identity, dir) in &again {
         assert_eq!(read(&dir.join(CA_FILE)), ca, "{identity} keeps the CA");
         assert_ne!(
@@ -454,7 +555,7 @@ fn secrets_yaml_without_out_ca_says_the_key_was_discarded() {
     let tmp = temp_dir();
     let (yaml, stderr) = certs_ok(&["--secrets-yaml"]);
     assert!(stderr.contains("discarded"), "{stderr}");
-    let dirs = unpack_secrets(&yaml, "tessera-system", tmp.path());
+    let dirs = unpack_secrets(&yaml, "tessera-system", tmp.path()).identities;
     TlsContext::load(&dirs[&Identity::Node], Identity::Node).expect("node Secret loads");
 }
 

@@ -142,20 +142,51 @@ impl ClusterCa {
 
     /// A new key and a certificate for `identity`.
     pub fn issue(&self, identity: Identity, validity: Duration) -> Result<Issued, GenerateError> {
+        self.sign(
+            &[identity.dns_name().to_string()],
+            vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ],
+            validity,
+        )
+    }
+
+    /// A new key and a TLS server certificate for `dns_names` (the first is its CN):
+    /// for a service that clients outside Tessera dial by name, such as the
+    /// SnapshotMetadata API behind its Kubernetes Service. Server usage only, so it
+    /// can never pass as one of the identities.
+    pub fn issue_server(
+        &self,
+        dns_names: &[String],
+        validity: Duration,
+    ) -> Result<Issued, GenerateError> {
+        self.sign(
+            dns_names,
+            vec![ExtendedKeyUsagePurpose::ServerAuth],
+            validity,
+        )
+    }
+
+    fn sign(
+        &self,
+        dns_names: &[String],
+        usages: Vec<ExtendedKeyUsagePurpose>,
+        validity: Duration,
+    ) -> Result<Issued, GenerateError> {
         let key = KeyPair::generate().map_err(rcgen("generate a key"))?;
-        let mut params = CertificateParams::new(vec![identity.dns_name().to_string()])
-            .map_err(rcgen("name the certificate"))?;
-        params
-            .distinguished_name
-            .push(DnType::CommonName, identity.dns_name());
+        let mut params =
+            CertificateParams::new(dns_names.to_vec()).map_err(rcgen("name the certificate"))?;
+        if let Some(first) = dns_names.first() {
+            params
+                .distinguished_name
+                .push(DnType::CommonName, first.as_str());
+        }
         params.key_usages = vec![
             KeyUsagePurpose::DigitalSignature,
             KeyUsagePurpose::KeyEncipherment,
         ];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
+        params.extended_key_usages = usages;
         params.use_authority_key_identifier_extension = true;
         validity_window(&mut params, validity)?;
         let cert = params
