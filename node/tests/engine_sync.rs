@@ -10,6 +10,7 @@ use std::time::Duration;
 use tessera_replica_protocol::seq::Epoch;
 
 use bytes::Bytes;
+use engine_support::holding_link::HoldingLink;
 use engine_support::{pattern, wait_for, StoreReplica};
 use tessera_node::engine::{Engine, EngineConfig, ReplicaState};
 use tessera_replica::sync_state::REGION_SIZE;
@@ -479,4 +480,56 @@ async fn a_block_only_the_returning_replica_holds_is_replaced_by_the_in_sync_ver
     let on_2 = versions_of(&reps[2], 8).await;
     assert_eq!(on_2[5].1, pattern(5, BS as usize));
     assert_eq!(on_2[0].1, pattern(100, BS as usize));
+}
+
+/// The fault of the first long soak with release binaries: the engine gives up a
+/// connection to node-2 (no answer: a partition) while a write to block 3 is still
+/// on its way; the block is written again, node-2 is reconnected and caught up; only
+/// then does the old connection deliver that first write (a healed partition's TCP
+/// retransmission). It carries the engine's own epoch, so no fence stops it: the new
+/// connection's CLAIM must, or node-2 goes back to the older version of block 3
+/// while the engine counts it in sync. The late delivery is a fake link
+/// (`HoldingLink`): loopback cannot delay bytes on demand.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_an_abandoned_connection_delivers_late_never_undoes_a_resync() {
+    let reps = replicas(8 * MIB).await;
+    let blocks = 16;
+    let link = HoldingLink::start(reps[2].addr).await;
+    let mut c = resyncing_config(&reps);
+    c.replicas[2].data_address = link.addr().to_string();
+    let e = Engine::open(c).await.unwrap();
+    for b in 0..blocks {
+        e.write(b * BS, Bytes::from(pattern(b, BS as usize)))
+            .await
+            .unwrap();
+    }
+    e.flush().await.unwrap();
+
+    link.cut();
+    // Acknowledged by node-0 and node-1; node-2's copy is held in the link.
+    e.write(3 * BS, Bytes::from(pattern(100, BS as usize)))
+        .await
+        .unwrap();
+    wait_for("node-2 dropped", NO_HANG, || !in_sync(&e, "node-2")).await;
+    assert!(link.held_bytes() > BS as usize, "the write is held");
+    e.write(3 * BS, Bytes::from(pattern(200, BS as usize)))
+        .await
+        .unwrap();
+    e.flush().await.unwrap();
+    wait_for("node-2 resynced", NO_HANG, || in_sync(&e, "node-2")).await;
+
+    let late = link.deliver().await;
+    assert!(late >= 1, "the held write reached node-2");
+    e.flush().await.unwrap();
+    let (on_0, on_2) = (
+        versions_of(&reps[0], blocks).await,
+        versions_of(&reps[2], blocks).await,
+    );
+    assert_eq!(on_2[3].0, on_0[3].0, "seq of block 3 on node-2 and node-0");
+    assert!(
+        on_2[3].1 == pattern(200, BS as usize),
+        "node-2 does not hold the last write of block 3"
+    );
+    assert_copies_equal(&reps, blocks).await;
+    assert!(in_sync(&e, "node-2"));
 }

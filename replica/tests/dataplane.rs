@@ -491,6 +491,85 @@ async fn a_seq_from_a_later_epoch_than_the_connection_is_refused() {
     assert_eq!(c.read(4096, 4096).await.unwrap(), pattern(1));
 }
 
+/// After a CLAIM only the claiming connection may write or trim: connections opened
+/// before it, and unclaimed ones opened after it, get SUPERSEDED and change nothing,
+/// but still read; a later CLAIM passes the right on.
+#[tokio::test]
+async fn a_claim_shuts_out_writes_of_every_other_connection() {
+    let reg = FileBackedVolumes::new();
+    reg.create("v", 16, 1);
+    let srv = start(&reg).await;
+    let seq = |n: u64| 1 << 40 | n;
+    let old = ReplicaDataClient::connect(srv.addr, "v", 1).await.unwrap();
+    assert!(old.supports_claim());
+    old.write(0, pattern(0), seq(1)).await.unwrap();
+    let claimed = ReplicaDataClient::connect(srv.addr, "v", 1).await.unwrap();
+    claimed.claim().await.unwrap();
+    let late = ReplicaDataClient::connect(srv.addr, "v", 1).await.unwrap();
+    for c in [&old, &late] {
+        let refused = [
+            remote_code(c.write(0, pattern(9), seq(2)).await),
+            remote_code(c.trim(0, 4096, seq(3)).await),
+            remote_code(c.write_if_newer(0, pattern(9), seq(4)).await),
+            remote_code(c.trim_if_newer(0, 4096, seq(5)).await),
+        ];
+        for r in refused {
+            assert_eq!(r, (ErrorCode::Superseded, 0));
+        }
+        assert_eq!(c.read(0, 4096).await.unwrap(), pattern(0), "still reads");
+        c.flush().await.unwrap();
+    }
+    claimed.write(4096, pattern(1), seq(6)).await.unwrap();
+    // The next claim moves the right on.
+    late.claim().await.unwrap();
+    assert_eq!(
+        remote_code(claimed.write(4096, pattern(9), seq(7)).await),
+        (ErrorCode::Superseded, 0)
+    );
+    late.write(4096, pattern(2), seq(8)).await.unwrap();
+    assert_eq!(
+        late.read(0, 8192).await.unwrap(),
+        [pattern(0), pattern(2)].concat()
+    );
+}
+
+/// A write admitted on a connection that is still on its way to the store when
+/// another connection claims the volume lands before the CLAIM is answered, never
+/// after; what that connection sends afterwards is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_admitted_before_a_claim_lands_before_the_claim_is_answered() {
+    let reg = FileBackedVolumes::new();
+    let vol = reg.create("v", 16, 1);
+    let srv = start(&reg).await;
+    let old = ReplicaDataClient::connect(srv.addr, "v", 1).await.unwrap();
+    let new = ReplicaDataClient::connect(srv.addr, "v", 1).await.unwrap();
+    let held_at = 3 * BLOCK_SIZE;
+    let (entered, release) = vol.blocks.set_gate(held_at);
+    let held = {
+        let old = old.clone();
+        tokio::spawn(async move { old.write(held_at, pattern(1), 1 << 40 | 1).await })
+    };
+    entered.notified().await;
+    let mut claim = {
+        let new = new.clone();
+        tokio::spawn(async move { new.claim().await })
+    };
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), &mut claim)
+            .await
+            .is_err(),
+        "the CLAIM was answered while a write of the older connection was still on its way"
+    );
+    release.notify_one();
+    held.await.unwrap().expect("the admitted write completes");
+    claim.await.unwrap().expect("CLAIM");
+    // (Reads at the gated offset itself would wait at the gate again.)
+    let around = new.read(held_at - BLOCK_SIZE, 8192).await.unwrap();
+    assert_eq!(&around[4096..], &pattern(1)[..]);
+    let e = old.write(0, pattern(2), 1 << 40 | 2).await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::Superseded), "{e}");
+}
+
 /// A write admitted under epoch 1 that is still on its way to the store when an
 /// engine of epoch 2 says HELLO (the replica adopts 2) lands before that HELLO is
 /// answered, never after; a write of epoch 1 sent afterwards is refused. (Before,

@@ -381,6 +381,24 @@ fn bits(mask: u32) -> impl Iterator<Item = usize> {
     (0..32).filter(move |i| mask & (1 << i) != 0)
 }
 
+/// Connects to a replica and claims the volume on the new connection (protocol
+/// version 5; an older replica is used unclaimed): whatever an earlier connection of
+/// this engine, or of an engine at the same epoch that died, still carries to it is
+/// applied before this returns or refused after, so it cannot land behind what the
+/// engine compares and copies next.
+async fn connect_claimed(
+    address: &str,
+    volume_id: &str,
+    epoch: u64,
+    config: ClientConfig,
+) -> Result<ReplicaDataClient, ClientError> {
+    let client = ReplicaDataClient::connect_with(address, volume_id, epoch, config).await?;
+    if client.supports_claim() {
+        client.claim().await?;
+    }
+    Ok(client)
+}
+
 impl Engine {
     /// Connects to the volume's replicas and returns a ready engine, or fails if a
     /// majority cannot be reached, a replica holds a newer epoch, or no majority holds
@@ -396,7 +414,7 @@ impl Engine {
             ..ClientConfig::default()
         };
         let connects = config.replicas.iter().map(|r| {
-            ReplicaDataClient::connect_with(
+            connect_claimed(
                 r.data_address.as_str(),
                 &config.volume_id,
                 config.epoch.get(),

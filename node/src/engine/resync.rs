@@ -58,6 +58,7 @@ use tessera_replica_protocol::block::BlockVersion;
 use tessera_replica_protocol::sync::DirtyMap;
 
 use super::config::MAX_RECONNECT_INTERVAL;
+use super::connect_claimed;
 use super::reconcile::{plan_region, runs, Run};
 use super::sync::{dirty_ranges, volume_ranges};
 use super::*;
@@ -157,7 +158,7 @@ impl Inner {
         let rep = &self.replicas[r];
         let id = rep.id();
         let config = self.client_config();
-        let client = match ReplicaDataClient::connect_with(
+        let client = match connect_claimed(
             id.address.as_str(),
             &self.volume_id,
             self.epoch.get(),
@@ -171,7 +172,9 @@ impl Inner {
             }
             Err(e) => return Err(format!("connecting failed: {}", error_chain(&e))),
         };
-        if !client.supports_if_newer() {
+        // Without CLAIM, writes the old connection still carried could land after
+        // the catch-up compared their blocks.
+        if !client.supports_if_newer() || !client.supports_claim() {
             return Err(format!(
                 "replica speaks data-plane protocol {}, which cannot be resynced online; it is reconciled at the next open",
                 client.info().protocol_version

@@ -15,6 +15,7 @@
 #![allow(dead_code)] // each test binary uses a different subset
 
 pub mod daemons;
+pub mod holding_link;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

@@ -13,6 +13,7 @@
 //! once all are answered.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -331,6 +332,8 @@ struct Session<V> {
     /// The protocol version negotiated at HELLO; requests are parsed as it defines
     /// them.
     version: u16,
+    /// The CLAIM this connection holds (0: none); shared with its request tasks.
+    claim: Arc<AtomicU64>,
 }
 
 async fn handshake<R: VolumeRegistry>(
@@ -397,6 +400,7 @@ async fn handshake<R: VolumeRegistry>(
             volume,
             epoch: wanted,
             version,
+            claim: Arc::new(AtomicU64::new(0)),
         },
         reply,
     ))
@@ -471,14 +475,16 @@ fn precheck<V: VolumeBlocks>(
     Ok(())
 }
 
-/// Runs one request. Writes and trims (reconcile and resync copies included) first
-/// mark their regions dirty durably (`sync_state`): nothing lands on this replica that
-/// a new engine could not find by the dirty-region maps. Conditional ones (IF_NEWER)
-/// run at background priority (the store handle's choice) and answer the number of
-/// blocks they applied.
+/// Runs one request of a connection at `epoch` holding `claim`. Writes and trims
+/// (reconcile and resync copies included) first mark their regions dirty durably
+/// (`sync_state`): nothing lands on this replica that a new engine could not find by
+/// the dirty-region maps. Conditional ones (IF_NEWER) run at background priority (the
+/// store handle's choice) and answer the number of blocks they applied. Writes and
+/// trims of a connection another one has claimed the volume from are refused.
 async fn execute<V: VolumeBlocks>(
     volume: &OpenVolume<V>,
     epoch: u64,
+    claim: &AtomicU64,
     req: Request,
 ) -> Result<Vec<u8>, RemoteError> {
     let blocks = &*volume.blocks;
@@ -492,6 +498,13 @@ async fn execute<V: VolumeBlocks>(
         let current = volume.epoch.load(std::sync::atomic::Ordering::Acquire);
         if epoch < current {
             return Err(stale(epoch, current));
+        }
+        if req.writes_blocks() && sync.superseded(claim.load(Ordering::SeqCst)) {
+            return Err(RemoteError::new(
+                ErrorCode::Superseded,
+                0,
+                "another connection claimed the volume since this one was opened or claimed",
+            ));
         }
         if let (
             Request::Write { .. }
@@ -550,6 +563,10 @@ async fn execute<V: VolumeBlocks>(
                 .await
                 .map(|v| encode_versions(&v))
                 .map_err(io)
+        }
+        Request::Claim => {
+            claim.store(sync.claim().await, Ordering::SeqCst);
+            return Ok(Vec::new());
         }
         Request::DirtyRegions => return Ok(sync.dirty.snapshot().encode()),
         Request::GetMembership => return Ok(sync.membership.get().encode()),
@@ -755,13 +772,14 @@ async fn read_loop<R: VolumeRegistry>(
         }
         let volume = session.volume.clone();
         let epoch = session.epoch;
+        let claim = Arc::clone(&session.claim);
         let tx = tx.clone();
         let timed = latency
             .as_ref()
             .zip(timed_op(&req))
             .map(|(histograms, op)| (Arc::clone(histograms), op, Instant::now()));
         tasks.spawn(async move {
-            let out = match execute(&volume, epoch, req).await {
+            let out = match execute(&volume, epoch, &claim, req).await {
                 Ok(payload) => Outgoing {
                     header: response_header(&h, 0, payload.len()),
                     payload,

@@ -26,6 +26,7 @@ mod dirty;
 mod membership;
 
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 pub(crate) use dirty::decode_file as decode_dirty_file;
 pub use dirty::{DirtyRegions, REGION_SIZE};
@@ -77,6 +78,10 @@ pub struct SyncState {
     /// publishing it: so when a raise returns, no write of an older epoch is still on
     /// its way to the store (it either finished first or is refused).
     pub epoch_fence: tokio::sync::RwLock<()>,
+    /// CLAIMs so far (in memory: a restart ends every connection anyway). A write or
+    /// trim is admitted only on the connection holding the latest one, or on any
+    /// connection while there was none (the data-plane protocol's CLAIM).
+    claims: AtomicU64,
 }
 
 impl SyncState {
@@ -90,7 +95,25 @@ impl SyncState {
             dirty: DirtyRegions::load(&dir.join(DIRTY_FILE), size),
             membership: MembershipFile::load(&dir.join(MEMBERSHIP_FILE)),
             epoch_fence: tokio::sync::RwLock::new(()),
+            claims: AtomicU64::new(0),
         }
+    }
+
+    /// Takes a new claim for a connection and returns its number, once every write
+    /// admitted under an earlier claim (or none) has been applied: from then on only
+    /// the holder of this number may write ([`Self::superseded`]).
+    pub async fn claim(&self) -> u64 {
+        let claim = self.claims.fetch_add(1, Ordering::SeqCst) + 1;
+        // Writes check the count under the fence, so every one that saw the old
+        // count still holds it shared: taking it exclusively waits for them.
+        drop(self.epoch_fence.write().await);
+        claim
+    }
+
+    /// Whether a connection holding claim `held` (0: it never claimed) has been
+    /// superseded by a later claim. Check under the fence, like the epoch.
+    pub fn superseded(&self, held: u64) -> bool {
+        self.claims.load(Ordering::SeqCst) > held
     }
 
     /// Waits until every mutation admitted under an older epoch has been applied.

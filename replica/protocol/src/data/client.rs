@@ -33,9 +33,9 @@ use tokio::task::JoinHandle;
 use super::error::{ClientError, ErrorCode, RemoteError};
 use super::frame::{Frame, Header, Opcode, MAX_PAYLOAD, RESPONSE_BIT};
 use super::message::{
-    decode_error_payload, decode_versions, Hello, HelloReply, FLAG_IF_NEWER, FLAG_WITH_DATA,
-    IF_NEWER_PROTOCOL_VERSION, MAX_VERSIONS_LEN, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
-    REPLICA_SET_PROTOCOL_VERSION, SYNC_PROTOCOL_VERSION,
+    decode_error_payload, decode_versions, Hello, HelloReply, CLAIM_PROTOCOL_VERSION,
+    FLAG_IF_NEWER, FLAG_WITH_DATA, IF_NEWER_PROTOCOL_VERSION, MAX_VERSIONS_LEN,
+    MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, REPLICA_SET_PROTOCOL_VERSION, SYNC_PROTOCOL_VERSION,
 };
 use super::replica_set::ReplicaSet;
 use super::stream::{read_frame, write_frame, write_frame_with_payload_crc, ReadError};
@@ -441,6 +441,30 @@ impl ReplicaDataClient {
             .call(Opcode::ReplicaSet, 0, 0, 0, 0, WritePayload::empty())
             .await?;
         ReplicaSet::decode(&reply.payload).map_err(|e| ClientError::Protocol(e.to_string()))
+    }
+
+    /// Whether the replica understands CLAIM (protocol version 5 or later).
+    pub fn supports_claim(&self) -> bool {
+        self.shared.info.protocol_version >= CLAIM_PROTOCOL_VERSION
+    }
+
+    /// Makes this connection the volume's writer on the replica: once this returns,
+    /// every write and trim that arrived on the volume's earlier connections has
+    /// been applied, and later ones from them are refused (`SUPERSEDED`). An engine
+    /// claims each connection it opens before it reads or copies anything, so
+    /// nothing left in an abandoned connection (a partition's retransmissions, a
+    /// queue in the replica) can land after its catch-up. Needs
+    /// [`Self::supports_claim`]; refused locally otherwise.
+    pub async fn claim(&self) -> Result<(), ClientError> {
+        if !self.supports_claim() {
+            return Err(ClientError::InvalidArgument(format!(
+                "the replica speaks protocol version {}; CLAIM needs {CLAIM_PROTOCOL_VERSION}",
+                self.shared.info.protocol_version
+            )));
+        }
+        self.call(Opcode::Claim, 0, 0, 0, 0, WritePayload::empty())
+            .await?;
+        Ok(())
     }
 
     fn require_if_newer(&self) -> Result<(), ClientError> {

@@ -40,6 +40,10 @@ pub enum ErrorCode {
     /// The caller's certificate names an identity that may not use the data plane
     /// (only nodes and the controller may); the connection is closed after this.
     PermissionDenied = 11,
+    /// A write or trim on a connection that another connection to the volume has
+    /// since claimed (CLAIM): the sender gave this connection up, and what it still
+    /// carried must not land after the newer connection's catch-up. Detail: 0.
+    Superseded = 12,
 }
 
 impl ErrorCode {
@@ -57,6 +61,7 @@ impl ErrorCode {
             9 => ErrorCode::UnsupportedVersion,
             10 => ErrorCode::InvalidRequest,
             11 => ErrorCode::PermissionDenied,
+            12 => ErrorCode::Superseded,
             _ => return None,
         })
     }
@@ -75,6 +80,7 @@ impl ErrorCode {
             ErrorCode::UnsupportedVersion => "UNSUPPORTED_VERSION",
             ErrorCode::InvalidRequest => "INVALID_REQUEST",
             ErrorCode::PermissionDenied => "PERMISSION_DENIED",
+            ErrorCode::Superseded => "SUPERSEDED",
         }
     }
 }

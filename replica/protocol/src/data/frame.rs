@@ -49,6 +49,9 @@ pub enum Opcode {
     Clean = 11,
     /// The volume record's generation and replica set (v4).
     ReplicaSet = 12,
+    /// Make this connection the volume's writer: writes of connections opened
+    /// before it are refused from now on (v5).
+    Claim = 13,
 }
 
 impl Opcode {
@@ -69,6 +72,7 @@ impl Opcode {
             10 => Opcode::MarkClean,
             11 => Opcode::Clean,
             12 => Opcode::ReplicaSet,
+            13 => Opcode::Claim,
             _ => return None,
         })
     }
@@ -430,6 +434,7 @@ mod tests {
             Opcode::MarkClean,
             Opcode::Clean,
             Opcode::ReplicaSet,
+            Opcode::Claim,
         ] {
             assert_eq!(Opcode::from_u8(op as u8), Some(op));
             assert_eq!(Opcode::from_u8(op as u8 | RESPONSE_BIT), None);

@@ -17,14 +17,18 @@ pub const HELLO_MAGIC: [u8; 4] = *b"TSDP";
 /// regions before every write and trim; an engine needs it to reconcile. Version 3
 /// adds conditional writes and trims ([`FLAG_IF_NEWER`]), which online resync needs.
 /// Version 4 adds REPLICA_SET, through which an attached engine learns that the
-/// controller replaced a member of the volume's replica set.
-pub const PROTOCOL_VERSION: u16 = 4;
+/// controller replaced a member of the volume's replica set. Version 5 adds CLAIM,
+/// with which an engine's new connection to a replica shuts out what its earlier,
+/// abandoned connections still carry.
+pub const PROTOCOL_VERSION: u16 = 5;
 /// The version that introduced the sync requests.
 pub const SYNC_PROTOCOL_VERSION: u16 = 2;
 /// The version that introduced [`FLAG_IF_NEWER`].
 pub const IF_NEWER_PROTOCOL_VERSION: u16 = 3;
 /// The version that introduced REPLICA_SET.
 pub const REPLICA_SET_PROTOCOL_VERSION: u16 = 4;
+/// The version that introduced CLAIM.
+pub const CLAIM_PROTOCOL_VERSION: u16 = 5;
 /// VERSIONS flag: return the verified data of intact data blocks too.
 pub const FLAG_WITH_DATA: u8 = 1;
 /// WRITE and TRIM flag (version 3): apply each block only where the replica's current
@@ -305,6 +309,8 @@ pub enum Request {
     },
     /// The volume record's generation and replica set (v4).
     ReplicaSet,
+    /// Make this connection the volume's writer (v5).
+    Claim,
 }
 
 impl Request {
@@ -317,15 +323,16 @@ impl Request {
 
     /// [`Self::parse`] on a connection that negotiated `version`: flags and opcodes
     /// the version does not define are invalid ([`FLAG_IF_NEWER`] needs version 3,
-    /// REPLICA_SET version 4).
+    /// REPLICA_SET version 4, CLAIM version 5).
     pub fn parse_at(version: u16, h: &Header, payload: Vec<u8>) -> Result<Request, InvalidMessage> {
         let op = Opcode::from_u8(h.opcode).ok_or(InvalidMessage::UnknownOpcode(h.opcode))?;
-        if op == Opcode::ReplicaSet && version < REPLICA_SET_PROTOCOL_VERSION {
-            return Err(InvalidMessage::NotInVersion {
-                op,
-                needs: REPLICA_SET_PROTOCOL_VERSION,
-                version,
-            });
+        let needs = match op {
+            Opcode::ReplicaSet => REPLICA_SET_PROTOCOL_VERSION,
+            Opcode::Claim => CLAIM_PROTOCOL_VERSION,
+            _ => MIN_PROTOCOL_VERSION,
+        };
+        if version < needs {
+            return Err(InvalidMessage::NotInVersion { op, needs, version });
         }
         let allowed_flags = match op {
             Opcode::Versions => FLAG_WITH_DATA,
@@ -416,6 +423,7 @@ impl Request {
             Opcode::MarkClean => Request::MarkClean,
             Opcode::Clean => Request::Clean { token: h.seq },
             Opcode::ReplicaSet => Request::ReplicaSet,
+            Opcode::Claim => Request::Claim,
         })
     }
 
@@ -461,8 +469,21 @@ impl Request {
             | Request::SetMembership(_)
             | Request::MarkClean
             | Request::Clean { .. }
-            | Request::ReplicaSet => None,
+            | Request::ReplicaSet
+            | Request::Claim => None,
         }
+    }
+
+    /// Whether the request changes blocks: what a connection that was superseded by
+    /// a CLAIM may no longer send.
+    pub fn writes_blocks(&self) -> bool {
+        matches!(
+            self,
+            Request::Write { .. }
+                | Request::WriteIfNewer { .. }
+                | Request::Trim { .. }
+                | Request::TrimIfNewer { .. }
+        )
     }
 }
 
@@ -841,6 +862,66 @@ mod tests {
                 Err(InvalidMessage::Flags(flags))
             );
         }
+    }
+
+    #[test]
+    fn claim_is_a_version_5_request_without_payload_or_flags() {
+        let h = Header {
+            opcode: Opcode::Claim as u8,
+            ..Header::default()
+        };
+        assert_eq!(Request::parse(&h, vec![]), Ok(Request::Claim));
+        let parsed = Request::parse(&h, vec![]).unwrap();
+        assert!(
+            !parsed.mutates(),
+            "takes the fence itself, not as a mutation"
+        );
+        assert!(!parsed.writes_blocks());
+        assert_eq!(parsed.range(), None);
+        assert_eq!(parsed.seq(), None);
+        for version in 1..CLAIM_PROTOCOL_VERSION {
+            assert_eq!(
+                Request::parse_at(version, &h, vec![]),
+                Err(InvalidMessage::NotInVersion {
+                    op: Opcode::Claim,
+                    needs: CLAIM_PROTOCOL_VERSION,
+                    version
+                })
+            );
+        }
+        assert_eq!(
+            Request::parse(&h, vec![1]),
+            Err(InvalidMessage::Payload {
+                op: Opcode::Claim,
+                len: 1
+            })
+        );
+        assert_eq!(
+            Request::parse(&Header { flags: 1, ..h }, vec![]),
+            Err(InvalidMessage::Flags(1))
+        );
+    }
+
+    #[test]
+    fn only_writes_and_trims_write_blocks() {
+        let req = |opcode: Opcode, flags: u8, len: usize| {
+            let h = Header {
+                opcode: opcode as u8,
+                flags,
+                offset: 0,
+                length: 4096,
+                ..Header::default()
+            };
+            Request::parse(&h, vec![0; len]).unwrap()
+        };
+        assert!(req(Opcode::Write, 0, 4096).writes_blocks());
+        assert!(req(Opcode::Write, FLAG_IF_NEWER, 4096).writes_blocks());
+        assert!(req(Opcode::Trim, 0, 0).writes_blocks());
+        assert!(req(Opcode::Trim, FLAG_IF_NEWER, 0).writes_blocks());
+        assert!(!req(Opcode::Read, 0, 0).writes_blocks());
+        assert!(!req(Opcode::Flush, 0, 0).writes_blocks());
+        assert!(!req(Opcode::Versions, 0, 0).writes_blocks());
+        assert!(!req(Opcode::MarkClean, 0, 0).writes_blocks());
     }
 
     #[test]

@@ -12,17 +12,21 @@
 //! The server is the replica daemon's (`tessera_replica::dataplane`); this crate
 //! holds everything both ends must agree on.
 //!
-//! # Wire protocol, version 4
+//! # Wire protocol, version 5
 //!
 //! Version 2 adds the sync requests (opcodes 6–11 below); version 3 adds the
 //! IF_NEWER flag of WRITE and TRIM (conditional writes, for online resync); version
 //! 4 adds REPLICA_SET (opcode 12: how an attached engine learns that the controller
-//! replaced a member of the replica set). Everything else is as in version 1; a
-//! version-4 replica still speaks versions 1 to 3 with older engines, and an engine
-//! sends IF_NEWER only on a connection that negotiated 3 or more
+//! replaced a member of the replica set); version 5 adds CLAIM (opcode 13: a new
+//! connection shuts out the writes its abandoned predecessors still carry) and the
+//! error `SUPERSEDED`. Everything else is as in version 1; a version-5 replica
+//! still speaks versions 1 to 4 with older engines, and an engine sends IF_NEWER
+//! only on a connection that negotiated 3 or more
 //! (`ReplicaDataClient::supports_if_newer`), REPLICA_SET only on one that negotiated
 //! 4 (`ReplicaDataClient::supports_replica_set`; an engine simply learns no set
-//! from an older replica).
+//! from an older replica), CLAIM only on one that negotiated 5
+//! (`ReplicaDataClient::supports_claim`; an engine does not resync a replica online
+//! that cannot be claimed).
 //!
 //! TCP, `TCP_NODELAY` on both sides. All integers little endian. Every message in
 //! both directions is one frame:
@@ -32,7 +36,7 @@
 //!      0     4  length      bytes after this field: 44 + payload + 4
 //!      4     1  opcode      1 HELLO, 2 READ, 3 WRITE, 4 FLUSH, 5 TRIM, 6 VERSIONS,
 //!                           7 DIRTY_REGIONS, 8 GET_MEMBERSHIP, 9 SET_MEMBERSHIP,
-//!                           10 MARK_CLEAN, 11 CLEAN, 12 REPLICA_SET;
+//!                           10 MARK_CLEAN, 11 CLEAN, 12 REPLICA_SET, 13 CLAIM;
 //!                           | 0x80 in responses
 //!      5     1  flags       0, except VERSIONS: bit 0 = with data;
 //!                           WRITE and TRIM (v3): bit 1 (value 2) = IF_NEWER
@@ -91,6 +95,7 @@
 //! | MARK_CLEAN | — | none | token u64 |
 //! | CLEAN | seq = token | none | regions cleared u64 |
 //! | REPLICA_SET (v4) | — | none | the volume record's generation u64, count u16, per member: node id (u16 length + UTF-8, 1..=256 bytes), data address (u16 length + UTF-8, 1..=256 bytes) |
+//! | CLAIM (v5) | — | none | none |
 //!
 //! A WRITE or TRIM is applied only after the regions it touches are marked in the
 //! replica's dirty-region map on disk (`tessera_replica::sync_state`); CLEAN clears the
@@ -122,6 +127,21 @@
 //! A replica that keeps no record for the volume (a test registry) answers
 //! `INVALID_REQUEST`; on a connection that negotiated 3 or less the opcode is
 //! `INVALID_REQUEST` too.
+//!
+//! **CLAIM** (version 5). Makes the connection the volume's writer on this replica:
+//! the replica counts a claim, waits until every WRITE and TRIM already admitted on
+//! any connection of the volume has been applied (as after an epoch raise), and
+//! answers OK. From then on a WRITE or TRIM (conditional or not) arriving on a
+//! connection of the volume opened or claimed before is answered `SUPERSEDED` and
+//! changes nothing; reads and the sync requests stay allowed there. Connections
+//! that never claimed may write until the first CLAIM (engines of version 4 or
+//! less). Why: an engine that gives up a connection (a timeout, a partition) cannot
+//! take back what the network or the replica's queues still hold of it; with the
+//! epoch unchanged, those writes would land whenever they arrive — possibly after
+//! the engine's new connection compared and copied the same blocks, putting an
+//! older version back under a replica the engine then counts as in sync. An engine
+//! claims every connection it opens before it reads or copies anything. On a
+//! connection that negotiated 4 or less the opcode is `INVALID_REQUEST`.
 //!
 //! Offsets and lengths are multiples of the block size (4096) and nonzero. FLUSH
 //! completes once every write this replica answered OK before the FLUSH arrived is
@@ -157,6 +177,7 @@
 //! | 9 | UNSUPPORTED_VERSION | replica's max version | closed (HELLO) |
 //! | 10 | INVALID_REQUEST | 0 (or the HELLO epoch) | stays open (closed at HELLO) |
 //! | 11 | PERMISSION_DENIED | 0 | closed (HELLO) |
+//! | 12 | SUPERSEDED | 0 | stays open |
 //!
 //! **Corrupt frames.** A frame whose crc fails, or whose length prefix is out of
 //! range, means the byte stream can't be trusted (we may be mid-frame). The server
