@@ -31,6 +31,8 @@ SNAPSHOT_CRDS=(volumesnapshotclasses.snapshot.storage.k8s.io volumesnapshotconte
   volumesnapshots.snapshot.storage.k8s.io)
 # The mutual-TLS Secrets every install mounts (deploy/README.md, "Mutual TLS").
 TLS_SECRETS=(tessera-tls-controller tessera-tls-node tessera-tls-replica)
+# The SnapshotMetadata API's serving certificate (no identity: kept apart from those).
+SNAPSHOT_METADATA_SECRET=tessera-snapshot-metadata-tls
 export KUBECONFIG=$K8S_RUN/admin.kubeconfig
 # The same fixed PATH as scripts/test: $TESSERA_GO_BIN (helm), $K8S_CACHE/bin (kubectl and
 # the cluster's binaries), the toolchains and the system dirs; nothing inherited, so a

@@ -93,3 +93,13 @@ tessera-tls-{{ . }}
     defaultMode: 256  # = 0400
 {{- end }}
 {{- end -}}
+
+{{/* The SnapshotMetadata API's Service (its serving certificate names it), and the Secret
+with that certificate: a fixed name, the one `tessera certs --secrets-yaml` prints. */}}
+{{- define "tessera.snapshotMetadataService" -}}
+{{ include "tessera.fullname" . }}-snapshot-metadata
+{{- end -}}
+
+{{- define "tessera.snapshotMetadataSecretName" -}}
+tessera-snapshot-metadata-tls
+{{- end -}}
