@@ -60,7 +60,7 @@ async fn serve() -> Served {
     }));
     let csi = SnapshotMetadataService::new(pool, Arc::new(Metrics::default()));
     let service = KubeSnapshotMetadata::new(csi, Access::new(api, "tessera-snapshot-metadata"));
-    let tls = tessera_tls::material::server_without_client_auth(&serving).expect("tls");
+    let tls = tessera_tls::ServingCert::load(&serving).expect("tls");
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

@@ -39,7 +39,7 @@ impl TlsArgs {
             Transport::plaintext()
         } else {
             let context = TlsContext::load(&self.tls_dir, identity)?;
-            context.spawn_reloader(Duration::from_secs(self.tls_reload_secs));
+            context.spawn_reloader(self.reload_period());
             Transport::tls(context)
         };
         if transport.is_plaintext() {
@@ -48,5 +48,10 @@ impl TlsArgs {
             tracing::info!("replica ports: {}", transport.describe());
         }
         Ok(transport)
+    }
+
+    /// `--tls-reload-secs`: how often certificate files are checked for a rotation.
+    pub fn reload_period(&self) -> Duration {
+        Duration::from_secs(self.tls_reload_secs)
     }
 }

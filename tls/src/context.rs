@@ -123,27 +123,24 @@ impl TlsContext {
     /// for as long as any clone of this context lives.
     pub fn spawn_reloader(&self, period: Duration) -> tokio::task::JoinHandle<()> {
         let weak: Weak<Inner> = Arc::downgrade(&self.inner);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(period);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            tick.tick().await;
-            loop {
-                tick.tick().await;
-                let Some(inner) = weak.upgrade() else { return };
-                let context = TlsContext { inner };
-                match context.reload() {
-                    Ok(true) => tracing::info!(
-                        dir = %context.dir().display(),
-                        identity = %context.identity(),
-                        "TLS: certificates changed, new connections use them"
-                    ),
-                    Ok(false) => {}
-                    Err(e) => tracing::warn!(
-                        error = %e,
-                        "TLS: certificates changed but cannot be used; keeping the previous ones"
-                    ),
-                }
+        every(period, move || {
+            let Some(inner) = weak.upgrade() else {
+                return false;
+            };
+            let context = TlsContext { inner };
+            match context.reload() {
+                Ok(true) => tracing::info!(
+                    dir = %context.dir().display(),
+                    identity = %context.identity(),
+                    "TLS: certificates changed, new connections use them"
+                ),
+                Ok(false) => {}
+                Err(e) => tracing::warn!(
+                    error = %e,
+                    "TLS: certificates changed but cannot be used; keeping the previous ones"
+                ),
             }
+            true
         })
     }
 
@@ -151,4 +148,24 @@ impl TlsContext {
         // Replaced whole under the lock: a poisoned state is still a consistent one.
         self.inner.state.read().unwrap_or_else(|e| e.into_inner())
     }
+}
+
+/// Runs `step` every `period` on the current tokio runtime (the first time one
+/// period from now) until it returns false: the reload loop of [`TlsContext`] and
+/// [`crate::ServingCert`].
+pub(crate) fn every(
+    period: Duration,
+    mut step: impl FnMut() -> bool + Send + 'static,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            if !step() {
+                return;
+            }
+        }
+    })
 }

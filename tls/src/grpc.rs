@@ -9,7 +9,6 @@
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -23,6 +22,7 @@ use tonic::transport::{Channel, Endpoint, Uri};
 use tower::service_fn;
 
 use crate::identity::PeerIdentity;
+use crate::serving::ServingCert;
 use crate::transport::{Peer, Refusal, Stream, Transport};
 
 /// The metric label of refusals on a control (gRPC) port.
@@ -81,16 +81,15 @@ pub fn incoming(
 }
 
 /// The connections of `listener` through a TLS handshake that asks clients for no
-/// certificate (`config`, e.g. `material::server_without_client_auth`): for a port
-/// whose callers prove who they are otherwise (the SnapshotMetadata API's
-/// Kubernetes tokens). Their peer identity is [`PeerIdentity::Unverified`].
+/// certificate and presents `serving`'s current one: for a port whose callers prove
+/// who they are otherwise (the SnapshotMetadata API's Kubernetes tokens). Their peer
+/// identity is [`PeerIdentity::Unverified`].
 pub fn incoming_without_client_auth(
     listener: TcpListener,
-    config: Arc<rustls::ServerConfig>,
+    serving: ServingCert,
 ) -> ReceiverStream<io::Result<ServerConn>> {
-    let acceptor = tokio_rustls::TlsAcceptor::from(config);
     accept_loop(listener, move |tcp, addr| {
-        let acceptor = acceptor.clone();
+        let acceptor = tokio_rustls::TlsAcceptor::from(serving.server_config());
         async move {
             let _ = tcp.set_nodelay(true);
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {

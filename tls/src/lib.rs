@@ -15,6 +15,8 @@
 //! * [`context`]: a loaded directory that reloads itself when the files change, so a
 //!   rotated Secret takes effect without a restart: connections already open keep the
 //!   configuration they were made with, new ones use the new one;
+//! * [`serving`]: the same for the server certificate of a port whose callers bring
+//!   none (the SnapshotMetadata API);
 //! * [`transport`]: TLS or, only when the operator asks for it, plain text, on a TCP
 //!   stream in either direction; why a connection was refused;
 //! * [`grpc`]: the same for tonic servers (an incoming stream whose connections carry
@@ -31,10 +33,12 @@ pub mod grpc;
 pub mod identity;
 pub mod material;
 pub mod metrics;
+pub mod serving;
 pub mod transport;
 
 pub use args::TlsArgs;
 pub use context::TlsContext;
 pub use identity::{Identity, PeerIdentity};
 pub use material::TlsError;
+pub use serving::ServingCert;
 pub use transport::{Peer, Refusal, RefusalCounts, Stream, Transport};

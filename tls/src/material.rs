@@ -244,19 +244,41 @@ fn check_own_identity(
 
 /// A server configuration presenting `tls.crt`/`tls.key` from `dir` to clients that
 /// bring no certificate: for ports that authenticate callers otherwise (the
-/// SnapshotMetadata API checks a Kubernetes token).
+/// SnapshotMetadata API checks a Kubernetes token). [`crate::ServingCert`] keeps one
+/// up to date with its files.
 pub fn server_without_client_auth(dir: &Path) -> Result<Arc<ServerConfig>, TlsError> {
-    let cert_path = dir.join(CERT_FILE);
-    let key_path = dir.join(KEY_FILE);
-    let read = |path: &Path| {
-        std::fs::read(path).map_err(|source| TlsError::Read {
-            path: path.to_path_buf(),
-            source,
+    let files = ServingFiles::read(dir)?;
+    serving_config(dir, &files)
+}
+
+/// The certificate and key of a serving directory, as read.
+#[derive(PartialEq, Eq)]
+pub(crate) struct ServingFiles {
+    cert: Vec<u8>,
+    key: Vec<u8>,
+}
+
+impl ServingFiles {
+    pub(crate) fn read(dir: &Path) -> Result<ServingFiles, TlsError> {
+        let read = |name: &str| {
+            let path = dir.join(name);
+            std::fs::read(&path).map_err(|source| TlsError::Read { path, source })
+        };
+        Ok(ServingFiles {
+            cert: read(CERT_FILE)?,
+            key: read(KEY_FILE)?,
         })
-    };
-    let chain = certificates(&cert_path, &read(&cert_path)?, "certificate")?;
-    let key = PrivateKeyDer::from_pem_slice(&read(&key_path)?).map_err(|source| TlsError::Pem {
-        path: key_path.clone(),
+    }
+}
+
+/// [`server_without_client_auth`] from files already read from `dir`.
+pub(crate) fn serving_config(
+    dir: &Path,
+    files: &ServingFiles,
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let chain = certificates(&dir.join(CERT_FILE), &files.cert, "certificate")?;
+    let key = PrivateKeyDer::from_pem_slice(&files.key).map_err(|source| TlsError::Pem {
+        path: dir.join(KEY_FILE),
         what: "private key",
         source,
     })?;

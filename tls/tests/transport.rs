@@ -8,7 +8,7 @@ use std::time::Duration;
 use rustls::pki_types::pem::PemObject;
 use tessera_tls::generate::{ClusterCa, DEFAULT_VALIDITY};
 use tessera_tls::transport::RefusalReason;
-use tessera_tls::{Identity, PeerIdentity, TlsContext, TlsError, Transport};
+use tessera_tls::{Identity, PeerIdentity, ServingCert, TlsContext, TlsError, Transport};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -243,4 +243,96 @@ fn a_leaf_certificate_is_not_taken_for_a_ca() {
         .write_dir(tmp.path(), Identity::Node, DEFAULT_VALIDITY)
         .expect("write");
     TlsContext::load(tmp.path(), Identity::Node).expect("issued by the reloaded CA");
+}
+
+/// The certificate a client sees from a server presenting `serving`'s current one,
+/// dialled as `name` with `ca_file` trusted (DER), or why the handshake failed.
+async fn presented(serving: &ServingCert, ca_file: &Path, name: &str) -> Result<Vec<u8>, String> {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let acceptor = tokio_rustls::TlsAcceptor::from(serving.server_config());
+    let accept = async move {
+        let (tcp, _) = listener.accept().await.map_err(|e| e.to_string())?;
+        let mut s = acceptor.accept(tcp).await.map_err(|e| e.to_string())?;
+        s.write_all(b"!").await.map_err(|e| e.to_string())?;
+        s.flush().await.map_err(|e| e.to_string())
+    };
+    let client = tessera_tls::material::client_trusting(ca_file).map_err(|e| e.to_string())?;
+    let name = rustls::pki_types::ServerName::try_from(name.to_string()).expect("name");
+    let connect = async move {
+        let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+        let mut s = tokio_rustls::TlsConnector::from(client)
+            .connect(name, tcp)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut byte = [0u8];
+        s.read_exact(&mut byte).await.map_err(|e| e.to_string())?;
+        let der = s.get_ref().1.peer_certificates().expect("a certificate")[0].to_vec();
+        Ok::<_, String>(der)
+    };
+    let (accepted, connected) = tokio::time::timeout(Duration::from_secs(10), async {
+        tokio::join!(accept, connect)
+    })
+    .await
+    .expect("no hang");
+    let der = connected?;
+    accepted?;
+    Ok(der)
+}
+
+fn der_of(pem: &str) -> Vec<u8> {
+    rustls::pki_types::CertificateDer::pem_slice_iter(pem.as_bytes())
+        .next()
+        .expect("a certificate")
+        .expect("PEM")
+        .to_vec()
+}
+
+/// The SnapshotMetadata API's serving certificate: a rotation is taken without a
+/// restart (new connections see the new certificate), a broken key is refused and
+/// the rotated certificate stays in use.
+#[tokio::test]
+async fn a_serving_certificate_is_reloaded_and_a_broken_one_is_not() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let ca = ClusterCa::generate(DEFAULT_VALIDITY).expect("CA");
+    let ca_file = tmp.path().join("ca.crt");
+    std::fs::write(&ca_file, ca.cert_pem()).expect("ca");
+    let dir = tmp.path().join("serving");
+    std::fs::create_dir(&dir).expect("dir");
+    let names = ["svc.ns.svc".to_string()];
+    let write = |issued: &tessera_tls::generate::Issued| {
+        std::fs::write(dir.join("tls.crt"), &issued.cert_pem).expect("cert");
+        std::fs::write(dir.join("tls.key"), &issued.key_pem).expect("key");
+    };
+    let first = ca.issue_server(&names, DEFAULT_VALIDITY).expect("first");
+    write(&first);
+    let serving = ServingCert::load(&dir).expect("load");
+    assert!(!serving.reload().expect("unchanged"));
+    assert_eq!(
+        presented(&serving, &ca_file, "svc.ns.svc").await,
+        Ok(der_of(&first.cert_pem))
+    );
+    assert!(
+        presented(&serving, &ca_file, "other.ns.svc").await.is_err(),
+        "valid for its names only"
+    );
+
+    let second = ca.issue_server(&names, DEFAULT_VALIDITY).expect("second");
+    write(&second);
+    assert!(serving.reload().expect("rotated"));
+    assert_eq!(
+        presented(&serving, &ca_file, "svc.ns.svc").await,
+        Ok(der_of(&second.cert_pem))
+    );
+
+    std::fs::write(dir.join("tls.key"), b"-----BEGIN PRIVATE KEY-----\ngarbage").expect("break");
+    assert!(serving.reload().is_err());
+    // A key of another certificate: the pair does not match.
+    std::fs::write(dir.join("tls.key"), &first.key_pem).expect("mismatch");
+    assert!(serving.reload().is_err());
+    assert_eq!(
+        presented(&serving, &ca_file, "svc.ns.svc").await,
+        Ok(der_of(&second.cert_pem)),
+        "the rotated certificate stays in use"
+    );
 }

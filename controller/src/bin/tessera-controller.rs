@@ -233,9 +233,10 @@ async fn main() -> Result<()> {
             KubeApi::in_cluster().context("--snapshot-metadata-listen needs the Kubernetes API")?,
             args.snapshot_metadata_audience.clone(),
         );
-        let tls =
-            tessera_tls::material::server_without_client_auth(&args.snapshot_metadata_tls_dir)
-                .context("loading the SnapshotMetadata API's serving certificate")?;
+        let serving = tessera_tls::ServingCert::load(&args.snapshot_metadata_tls_dir)
+            .context("loading the SnapshotMetadata API's serving certificate")?;
+        // A rotated Secret is taken like the replica certificates: no restart.
+        serving.spawn_reloader(args.tls.reload_period());
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("binding --snapshot-metadata-listen {addr}"))?;
@@ -247,7 +248,7 @@ async fn main() -> Result<()> {
             let served = tonic::transport::Server::builder()
                 .add_service(KubeSnapshotMetadataServer::new(service))
                 .serve_with_incoming_shutdown(
-                    tessera_tls::grpc::incoming_without_client_auth(listener, tls),
+                    tessera_tls::grpc::incoming_without_client_auth(listener, serving),
                     stop,
                 )
                 .await;
