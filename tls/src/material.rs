@@ -77,16 +77,18 @@ pub(crate) struct Files {
     key: Vec<u8>,
 }
 
+/// The bytes of file `name` in `dir`.
+fn read_in(dir: &Path, name: &str) -> Result<Vec<u8>, TlsError> {
+    let path = dir.join(name);
+    std::fs::read(&path).map_err(|source| TlsError::Read { path, source })
+}
+
 impl Files {
     pub(crate) fn read(dir: &Path) -> Result<Files, TlsError> {
-        let read = |name: &str| {
-            let path = dir.join(name);
-            std::fs::read(&path).map_err(|source| TlsError::Read { path, source })
-        };
         Ok(Files {
-            ca: read(CA_FILE)?,
-            cert: read(CERT_FILE)?,
-            key: read(KEY_FILE)?,
+            ca: read_in(dir, CA_FILE)?,
+            cert: read_in(dir, CERT_FILE)?,
+            key: read_in(dir, KEY_FILE)?,
         })
     }
 }
@@ -260,13 +262,9 @@ pub(crate) struct ServingFiles {
 
 impl ServingFiles {
     pub(crate) fn read(dir: &Path) -> Result<ServingFiles, TlsError> {
-        let read = |name: &str| {
-            let path = dir.join(name);
-            std::fs::read(&path).map_err(|source| TlsError::Read { path, source })
-        };
         Ok(ServingFiles {
-            cert: read(CERT_FILE)?,
-            key: read(KEY_FILE)?,
+            cert: read_in(dir, CERT_FILE)?,
+            key: read_in(dir, KEY_FILE)?,
         })
     }
 }

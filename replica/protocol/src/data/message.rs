@@ -430,15 +430,7 @@ impl Request {
     /// Whether the request changes the replica (blocks or sync state), so it must be
     /// ordered against epoch raises.
     pub fn mutates(&self) -> bool {
-        matches!(
-            self,
-            Request::Write { .. }
-                | Request::WriteIfNewer { .. }
-                | Request::Trim { .. }
-                | Request::TrimIfNewer { .. }
-                | Request::SetMembership(_)
-                | Request::Clean { .. }
-        )
+        self.writes_blocks() || matches!(self, Request::SetMembership(_) | Request::Clean { .. })
     }
 
     /// The sequence number a write or trim carries (its epoch in the high bits).
