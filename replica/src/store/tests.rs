@@ -10,6 +10,7 @@ use std::sync::Arc;
 use proptest::prelude::*;
 
 use super::format::{self, Entry, ENTRY_SIZE, META_HEADER_SIZE};
+use super::locks::STRIPES;
 use super::*;
 use crate::block_io::{BlockIoError, VolumeBlocks};
 
@@ -210,6 +211,8 @@ struct Faults {
     gate: WriteGate,
     /// Data-file syncs wait here while it is closed.
     sync_gate: WriteGate,
+    /// Data-file reads wait here while it is closed.
+    read_gate: WriteGate,
 }
 
 /// Data writes wait here while it is closed; `held` counts the writes waiting.
@@ -260,6 +263,9 @@ struct FaultyFile {
 
 impl BlockFile for FaultyFile {
     fn read_at<'a>(&self, priority: IoPriority, buf: &'a mut [u8], offset: u64) -> FileIo<'a> {
+        if !self.is_meta {
+            self.faults.read_gate.pass();
+        }
         self.inner.read_at(priority, buf, offset)
     }
     fn write_at(&self, priority: IoPriority, buf: &[u8], offset: u64) -> FileIo<'static> {
@@ -301,6 +307,57 @@ impl BlockFileFactory for FaultyFactory {
             faults: Arc::clone(&self.0),
         }))
     }
+}
+
+/// A versioned read of a long range (a copy stream's chunk, a resync's comparison)
+/// holds its blocks' stripes a piece at a time: a foreground write to a block of
+/// another piece goes ahead while the read waits for the disk. (Block b's stripe is
+/// b mod STRIPES, so a 4 MiB range under one lock held every stripe, and every write
+/// to the volume waited for the whole background read.)
+#[test]
+fn a_long_versioned_read_does_not_hold_every_stripe() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let faults = Arc::new(Faults::default());
+    let blocks = STRIPES as u64;
+    let s = Arc::new(
+        LayeredStore::create_with(
+            &tmp.path().join("vol"),
+            blocks * B,
+            Arc::new(FaultyFactory(Arc::clone(&faults))),
+        )
+        .expect("create"),
+    );
+    for b in 0..blocks {
+        s.write(b * B, &pattern(b, 1), 1).expect("write");
+    }
+    faults.read_gate.set(true);
+    let versions = {
+        let s = Arc::clone(&s);
+        std::thread::spawn(move || s.read_current_versions(0, blocks * B))
+    };
+    faults.read_gate.wait_for_a_held_write();
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let writer = {
+        let s = Arc::clone(&s);
+        std::thread::spawn(move || {
+            let r = s.write((blocks / 2) * B, &pattern(7, 1), 2);
+            let _ = done_tx.send(r.is_ok());
+        })
+    };
+    let done = done_rx.recv_timeout(std::time::Duration::from_secs(20));
+    faults.read_gate.set(false);
+    assert_eq!(
+        done,
+        Ok(true),
+        "a write to a block far from the read's current piece waited for the read"
+    );
+    writer.join().expect("writer");
+    let read = versions.join().expect("reader").expect("versions");
+    assert_eq!(read.versions().len() as u64, blocks);
+    assert!(matches!(
+        read.versions()[(blocks / 2) as usize],
+        BlockVersion::Data { seq: 1 | 2 }
+    ));
 }
 
 /// A flush that arrives while another flush's sync is still running must not return

@@ -25,6 +25,14 @@ use crate::park::block_on;
 /// Versioned reads serve copies and reconciles: nobody's application waits on them.
 const PRIORITY: IoPriority = IoPriority::Background;
 
+/// Blocks a versioned read holds locked at once (256 KiB). Block b's stripe is
+/// b mod [`super::locks::STRIPES`], so a whole range under one lock — a copy stream's
+/// 1 MiB chunk, a resync's 4 MiB comparison — held a quarter or all of the stripes
+/// for its background I/O, and every foreground write to *any* block of the volume
+/// on those stripes waited behind it: the tail latency of writes during a rebuild.
+/// A piece this size holds 1/16 of them.
+const LOCKED_PIECE_BLOCKS: u64 = 64;
+
 impl LayeredStore {
     /// Reads `len` bytes at `offset` of snapshot `snapshot_id` as versions: per block
     /// its seq, trim or damage, plus the data of intact blocks (see the module doc).
@@ -78,12 +86,20 @@ impl LayeredStore {
         let (layers, size) = self.view_layers(snapshot)?;
         let (first, n) = check_range(offset, len, size)?;
         let count = usize::try_from(n).map_err(|_| StoreError::OutOfRange { offset, len, size })?;
-        let _stripes = self.locks.shared(first, n).await;
         let end = first + n;
         let mut versions = vec![BlockVersion::Unwritten; count];
         let mut data = Vec::new();
         let mut b = first;
+        let mut piece_end = first;
+        let mut _stripes = None;
         while b < end {
+            if b >= piece_end {
+                // Locked a piece at a time (see LOCKED_PIECE_BLOCKS); each block's entry
+                // and data are still read under its stripe, which is all a version needs.
+                _stripes = None;
+                piece_end = (b + LOCKED_PIECE_BLOCKS).min(end);
+                _stripes = Some(self.locks.shared(b, piece_end - b).await);
+            }
             // Memory-only skip of whole bitmap words no layer of the view touches, so
             // a sparse snapshot is scanned at bitmap speed.
             let word = usize::try_from(b / 64).unwrap_or(usize::MAX);
@@ -91,14 +107,14 @@ impl LayeredStore {
                 .iter()
                 .fold(0u64, |acc, l| acc | l.present_bits().word(word));
             if touched == 0 {
-                b = ((b / 64 + 1) * 64).min(end);
+                b = ((b / 64 + 1) * 64).min(piece_end);
                 continue;
             }
             let here = owner(&layers, b);
             // An unowned run stops at the word's end so the next word can be skipped.
             let limit = match here {
-                Some(_) => end,
-                None => ((b / 64 + 1) * 64).min(end),
+                Some(_) => piece_end,
+                None => ((b / 64 + 1) * 64).min(piece_end),
             };
             let mut run_end = b + 1;
             while run_end < limit && owner(&layers, run_end) == here {
