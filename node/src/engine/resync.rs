@@ -8,6 +8,10 @@
 //!   answers `STALE_EPOCH` fences the engine; a replica smaller than the volume
 //!   (it missed an expansion) or one that cannot take conditional writes stays out
 //!   (the next engine reconciles it at open).
+//! * **Claim**: the new connection claims the volume on the replica first (data-plane
+//!   CLAIM, `connect_claimed`): what the abandoned connection still carried — a write
+//!   a healed partition retransmits, requests queued in the replica — is applied
+//!   before the catch-up reads anything, or refused after, never lands behind it.
 //! * **Switch** ([`Inner::resync`]): the new connection is installed and the replica
 //!   becomes *resyncing* under the in-flight table's lock, so every write registered
 //!   afterwards is sent to it too (its acknowledgements do not count toward the
