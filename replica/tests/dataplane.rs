@@ -570,6 +570,53 @@ async fn a_write_admitted_before_a_claim_lands_before_the_claim_is_answered() {
     assert_eq!(e.code(), Some(ErrorCode::Superseded), "{e}");
 }
 
+/// A CLAIM that passed its epoch check but waited for an admitted write while a newer
+/// engine raised the epoch is refused (STALE_EPOCH) and claims nothing: a fenced
+/// engine never shuts out its successor's connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_overtaken_by_an_epoch_raise_claims_nothing() {
+    let reg = FileBackedVolumes::new();
+    let vol = reg.create("v", 16, 1);
+    let srv = start(&reg).await;
+    let old = ReplicaDataClient::connect(srv.addr, "v", 1).await.unwrap();
+    let held_at = 3 * BLOCK_SIZE;
+    let (entered, release) = vol.blocks.set_gate(held_at);
+    let held = {
+        let old = old.clone();
+        tokio::spawn(async move { old.write(held_at, pattern(1), 1 << 40 | 1).await })
+    };
+    entered.notified().await;
+    // The claim passes its epoch check now and waits behind the held write (were it
+    // refused at dispatch, it would be answered at once).
+    let mut late_claim = {
+        let old = old.clone();
+        tokio::spawn(async move { old.claim().await })
+    };
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), &mut late_claim)
+            .await
+            .is_err(),
+        "the CLAIM was answered while a write was still on its way"
+    );
+    let deadline = tokio::time::Instant::now() + NO_HANG;
+    let hello = tokio::spawn(ReplicaDataClient::connect(srv.addr, "v", 2));
+    while vol.epoch.load(Ordering::SeqCst) != 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "epoch 2 never adopted"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    release.notify_one();
+    held.await.unwrap().expect("the admitted write completes");
+    let e = late_claim.await.unwrap().unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::StaleEpoch), "{e}");
+    let new = hello.await.unwrap().expect("HELLO of epoch 2");
+    new.claim().await.unwrap();
+    new.write(0, pattern(2), 2 << 40 | 1).await.unwrap();
+    assert_eq!(new.read(0, 4096).await.unwrap(), pattern(2));
+}
+
 /// A write admitted under epoch 1 that is still on its way to the store when an
 /// engine of epoch 2 says HELLO (the replica adopts 2) lands before that HELLO is
 /// answered, never after; a write of epoch 1 sent afterwards is refused. (Before,

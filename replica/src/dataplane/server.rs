@@ -565,8 +565,14 @@ async fn execute<V: VolumeBlocks>(
                 .map_err(io)
         }
         Request::Claim => {
-            claim.store(sync.claim().await, Ordering::SeqCst);
-            return Ok(Vec::new());
+            let epoch_now = || volume.epoch.load(Ordering::Acquire);
+            return match sync.claim(|| epoch_now() <= epoch).await {
+                Some(n) => {
+                    claim.store(n, Ordering::SeqCst);
+                    Ok(Vec::new())
+                }
+                None => Err(stale(epoch, epoch_now())),
+            };
         }
         Request::DirtyRegions => return Ok(sync.dirty.snapshot().encode()),
         Request::GetMembership => return Ok(sync.membership.get().encode()),

@@ -101,13 +101,14 @@ impl SyncState {
 
     /// Takes a new claim for a connection and returns its number, once every write
     /// admitted under an earlier claim (or none) has been applied: from then on only
-    /// the holder of this number may write ([`Self::superseded`]).
-    pub async fn claim(&self) -> u64 {
-        let claim = self.claims.fetch_add(1, Ordering::SeqCst) + 1;
-        // Writes check the count under the fence, so every one that saw the old
-        // count still holds it shared: taking it exclusively waits for them.
-        drop(self.epoch_fence.write().await);
-        claim
+    /// the holder of this number may write ([`Self::superseded`]). `None`, and no
+    /// claim, if `current` (checked once those writes are done) says the connection's
+    /// epoch was raised meanwhile: a fenced engine must not shut out its successor.
+    pub async fn claim(&self, current: impl FnOnce() -> bool) -> Option<u64> {
+        // Writes check the count under the fence, so taking it exclusively waits for
+        // every one admitted so far, and those after it see the new count.
+        let _fence = self.epoch_fence.write().await;
+        current().then(|| self.claims.fetch_add(1, Ordering::SeqCst) + 1)
     }
 
     /// Whether a connection holding claim `held` (0: it never claimed) has been
