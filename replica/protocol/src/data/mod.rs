@@ -131,9 +131,11 @@
 //! **CLAIM** (version 5). Makes the connection the volume's writer on this replica:
 //! the replica counts a claim, waits until every WRITE and TRIM already admitted on
 //! any connection of the volume has been applied (as after an epoch raise), and
-//! answers OK. From then on a WRITE or TRIM (conditional or not) arriving on a
-//! connection of the volume opened or claimed before is answered `SUPERSEDED` and
-//! changes nothing; reads and the sync requests stay allowed there. Connections
+//! answers OK. From then on a WRITE or TRIM (conditional or not) arriving on any
+//! other connection of the volume (opened before it, or after it without claiming)
+//! is answered `SUPERSEDED` and changes nothing; reads and the sync requests stay allowed there. A CLAIM whose
+//! connection's epoch was raised while it waited is `STALE_EPOCH` and claims
+//! nothing (a fenced engine never shuts out its successor). Connections
 //! that never claimed may write until the first CLAIM (engines of version 4 or
 //! less). Why: an engine that gives up a connection (a timeout, a partition) cannot
 //! take back what the network or the replica's queues still hold of it; with the
