@@ -491,6 +491,43 @@ async fn a_seq_from_a_later_epoch_than_the_connection_is_refused() {
     assert_eq!(c.read(4096, 4096).await.unwrap(), pattern(1));
 }
 
+/// A write of epoch 1 admitted (past its epoch and claim checks, holding the fence)
+/// and held at the store's gate, for the tests of what must wait for it.
+struct HeldWrite {
+    _reg: Arc<FileBackedVolumes>,
+    vol: OpenVolume<FileBlocks>,
+    srv: Server,
+    /// The connection that sent it.
+    old: ReplicaDataClient,
+    /// Where it writes (reads there wait at the gate too).
+    held_at: u64,
+    held: JoinHandle<Result<(), ClientError>>,
+    release: Arc<Notify>,
+}
+
+async fn hold_a_write() -> HeldWrite {
+    let reg = FileBackedVolumes::new();
+    let vol = reg.create("v", 16, 1);
+    let srv = start(&reg).await;
+    let old = ReplicaDataClient::connect(srv.addr, "v", 1).await.unwrap();
+    let held_at = 3 * BLOCK_SIZE;
+    let (entered, release) = vol.blocks.set_gate(held_at);
+    let held = {
+        let old = old.clone();
+        tokio::spawn(async move { old.write(held_at, pattern(1), 1 << 40 | 1).await })
+    };
+    entered.notified().await;
+    HeldWrite {
+        _reg: reg,
+        vol,
+        srv,
+        old,
+        held_at,
+        held,
+        release,
+    }
+}
+
 /// After a CLAIM only the claiming connection may write or trim: connections opened
 /// before it, and unclaimed ones opened after it, get SUPERSEDED and change nothing,
 /// but still read; a later CLAIM passes the right on.
@@ -538,18 +575,16 @@ async fn a_claim_shuts_out_writes_of_every_other_connection() {
 /// after; what that connection sends afterwards is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_admitted_before_a_claim_lands_before_the_claim_is_answered() {
-    let reg = FileBackedVolumes::new();
-    let vol = reg.create("v", 16, 1);
-    let srv = start(&reg).await;
-    let old = ReplicaDataClient::connect(srv.addr, "v", 1).await.unwrap();
+    let HeldWrite {
+        _reg,
+        srv,
+        old,
+        held_at,
+        held,
+        release,
+        ..
+    } = hold_a_write().await;
     let new = ReplicaDataClient::connect(srv.addr, "v", 1).await.unwrap();
-    let held_at = 3 * BLOCK_SIZE;
-    let (entered, release) = vol.blocks.set_gate(held_at);
-    let held = {
-        let old = old.clone();
-        tokio::spawn(async move { old.write(held_at, pattern(1), 1 << 40 | 1).await })
-    };
-    entered.notified().await;
     let mut claim = {
         let new = new.clone();
         tokio::spawn(async move { new.claim().await })
@@ -575,17 +610,15 @@ async fn a_write_admitted_before_a_claim_lands_before_the_claim_is_answered() {
 /// engine never shuts out its successor's connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_claim_overtaken_by_an_epoch_raise_claims_nothing() {
-    let reg = FileBackedVolumes::new();
-    let vol = reg.create("v", 16, 1);
-    let srv = start(&reg).await;
-    let old = ReplicaDataClient::connect(srv.addr, "v", 1).await.unwrap();
-    let held_at = 3 * BLOCK_SIZE;
-    let (entered, release) = vol.blocks.set_gate(held_at);
-    let held = {
-        let old = old.clone();
-        tokio::spawn(async move { old.write(held_at, pattern(1), 1 << 40 | 1).await })
-    };
-    entered.notified().await;
+    let HeldWrite {
+        _reg,
+        vol,
+        srv,
+        old,
+        held,
+        release,
+        ..
+    } = hold_a_write().await;
     // The claim passes its epoch check now and waits behind the held write (were it
     // refused at dispatch, it would be answered at once).
     let mut late_claim = {
@@ -623,17 +656,15 @@ async fn a_claim_overtaken_by_an_epoch_raise_claims_nothing() {
 /// the epoch was checked only at dispatch, so the held write landed after the raise.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_admitted_before_a_raise_lands_before_the_raise_is_answered() {
-    let reg = FileBackedVolumes::new();
-    let vol = reg.create("v", 16, 1);
-    let srv = start(&reg).await;
-    let old = ReplicaDataClient::connect(srv.addr, "v", 1).await.unwrap();
-    let held_at = 3 * BLOCK_SIZE;
-    let (entered, release) = vol.blocks.set_gate(held_at);
-    let held = {
-        let old = old.clone();
-        tokio::spawn(async move { old.write(held_at, pattern(1), 1 << 40 | 1).await })
-    };
-    entered.notified().await;
+    let HeldWrite {
+        _reg,
+        vol,
+        srv,
+        old,
+        held,
+        release,
+        ..
+    } = hold_a_write().await;
     let mut hello = tokio::spawn(ReplicaDataClient::connect(srv.addr, "v", 2));
     let deadline = tokio::time::Instant::now() + NO_HANG;
     while vol.epoch.load(Ordering::SeqCst) != 2 {
