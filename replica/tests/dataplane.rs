@@ -491,6 +491,16 @@ async fn a_seq_from_a_later_epoch_than_the_connection_is_refused() {
     assert_eq!(c.read(4096, 4096).await.unwrap(), pattern(1));
 }
 
+/// Fails if `task` finishes within 300 ms: it must be waiting (for a held write).
+async fn assert_still_waiting<T>(task: &mut JoinHandle<T>, what: &str) {
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), task)
+            .await
+            .is_err(),
+        "{what}"
+    );
+}
+
 /// A write of epoch 1 admitted (past its epoch and claim checks, holding the fence)
 /// and held at the store's gate, for the tests of what must wait for it.
 struct HeldWrite {
@@ -589,12 +599,11 @@ async fn a_write_admitted_before_a_claim_lands_before_the_claim_is_answered() {
         let new = new.clone();
         tokio::spawn(async move { new.claim().await })
     };
-    assert!(
-        tokio::time::timeout(Duration::from_millis(300), &mut claim)
-            .await
-            .is_err(),
-        "the CLAIM was answered while a write of the older connection was still on its way"
-    );
+    assert_still_waiting(
+        &mut claim,
+        "the CLAIM was answered while a write of the older connection was still on its way",
+    )
+    .await;
     release.notify_one();
     held.await.unwrap().expect("the admitted write completes");
     claim.await.unwrap().expect("CLAIM");
@@ -625,12 +634,11 @@ async fn a_claim_overtaken_by_an_epoch_raise_claims_nothing() {
         let old = old.clone();
         tokio::spawn(async move { old.claim().await })
     };
-    assert!(
-        tokio::time::timeout(Duration::from_millis(300), &mut late_claim)
-            .await
-            .is_err(),
-        "the CLAIM was answered while a write was still on its way"
-    );
+    assert_still_waiting(
+        &mut late_claim,
+        "the CLAIM was answered while a write was still on its way",
+    )
+    .await;
     let deadline = tokio::time::Instant::now() + NO_HANG;
     let hello = tokio::spawn(ReplicaDataClient::connect(srv.addr, "v", 2));
     while vol.epoch.load(Ordering::SeqCst) != 2 {
@@ -675,12 +683,11 @@ async fn a_write_admitted_before_a_raise_lands_before_the_raise_is_answered() {
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     // The new engine's HELLO is not answered while the old write is still held.
-    assert!(
-        tokio::time::timeout(Duration::from_millis(300), &mut hello)
-            .await
-            .is_err(),
-        "HELLO of epoch 2 was answered while a write of epoch 1 was still on its way"
-    );
+    assert_still_waiting(
+        &mut hello,
+        "HELLO of epoch 2 was answered while a write of epoch 1 was still on its way",
+    )
+    .await;
     release.notify_one();
     held.await.unwrap().expect("the admitted write completes");
     let new = hello.await.unwrap().expect("HELLO of epoch 2");
